@@ -1,0 +1,518 @@
+//! Configuration: defaults, then `cluster.toml`, then environment variables.
+//!
+//! The layers apply in that order, each overriding the one before:
+//! 1. the defaults written on each field below;
+//! 2. the TOML file (`cluster.toml`);
+//! 3. variables named `TALLY__<SECTION>__<KEY>`, such as
+//!    `TALLY__LIVE__INTERVAL=500ms`. A value is read as TOML when it parses as
+//!    TOML (`8`, `true`, `["a"]`) and as a string otherwise.
+//!
+//! Validation does not stop at the first problem: [`Config::load`] returns
+//! every error it found, each with the key it belongs to, so one failed
+//! start-up shows everything to fix. Unknown keys are errors too, since a
+//! misspelt key would otherwise be silently ignored.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::aggregate::{AggregateKind, Field};
+use crate::event::Millis;
+use crate::window::{pane_width, parse_duration, parse_millis, WindowSpec};
+
+/// The whole configuration of a tally deployment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `[server]`: the HTTP and WebSocket listener.
+    pub server: ServerConfig,
+    /// `[storage]`: where embedded state lives.
+    pub storage: StorageConfig,
+    /// `[log]`: the embedded event log.
+    pub log: LogConfig,
+    /// `[dataflow]`: the timely job and its event-time rules.
+    pub dataflow: DataflowConfig,
+    /// `[live]`: pushing values to WebSocket subscribers.
+    pub live: LiveConfig,
+    /// `[[metric]]`: what to compute.
+    pub metrics: Vec<MetricSpec>,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Largest request body accepted by `POST /v1/events`. Default `10MB`.
+    pub max_body_bytes: u64,
+}
+
+/// `[storage]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StorageConfig {
+    /// Directory for the event log and the result store. Default `./data`.
+    pub data_dir: PathBuf,
+}
+
+/// When the embedded log forces appends to disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// Before every `202`, with appends that arrive together sharing one fsync.
+    Always,
+    /// In the background at this interval; a power loss can lose that much.
+    Interval(Duration),
+    /// Left to the operating system.
+    Never,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    /// Partitions of the event log, fixed when the log is created. Default 8.
+    pub partitions: u32,
+    /// Size at which a segment file is closed and a new one begun. Default `128MB`.
+    pub segment_bytes: u64,
+    /// `always`, `never`, or an interval such as `100ms`. Default `always`.
+    pub fsync: Fsync,
+    /// How long events are kept. Default `7d`.
+    pub retention: Duration,
+}
+
+/// `[dataflow]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataflowConfig {
+    /// Timely worker threads; 0 means one per core. Default 0.
+    pub workers: usize,
+    /// How far behind the newest event time the watermark trails. Default `2s`.
+    pub out_of_orderness: Millis,
+    /// After this long without new events, a partition stops holding the
+    /// watermark back. Default `5s`.
+    pub idle_timeout: Duration,
+    /// How long a window's state is kept after it closes, for late events.
+    /// Default `30s`.
+    pub allowed_lateness: Millis,
+}
+
+/// `[live]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveConfig {
+    /// Most frequent partial update of an open window. Default `1s`.
+    pub interval: Duration,
+    /// Messages a WebSocket client may have queued before it is dropped. Default 50.
+    pub queue: usize,
+}
+
+/// One `[[metric]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricSpec {
+    /// The name queries and topics use.
+    pub name: String,
+    /// Only events of this type count; `None` takes every event.
+    pub event_type: Option<String>,
+    /// What to compute.
+    pub aggregate: AggregateKind,
+    /// The field `sum`, `avg` and `uniq` read.
+    pub field: Option<Field>,
+    /// Dimensions results are kept by, so they can be filtered and grouped.
+    pub dimensions: Vec<String>,
+    /// Windows to compute; at least one is tumbling.
+    pub windows: Vec<WindowSpec>,
+    /// The pane width: the gcd of the windows' sizes and slides.
+    pub pane: Millis,
+}
+
+impl MetricSpec {
+    /// Whether an event of type `event_type` counts toward this metric.
+    pub fn accepts(&self, event_type: &str) -> bool {
+        self.event_type.as_deref().is_none_or(|t| t == event_type)
+    }
+}
+
+impl Config {
+    /// Builds the configuration from the file's text (if any) and the
+    /// environment's `(name, value)` pairs, or returns every error found.
+    pub fn load(
+        file: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut root = match file.map(str::parse::<Table>) {
+            None => Table::new(),
+            Some(Ok(table)) => table,
+            Some(Err(e)) => return Err(vec![format!("cluster.toml is not valid TOML: {e}")]),
+        };
+        overlay_env(&mut root, env, &mut errors);
+        let mut reader = Reader { errors };
+        let config = reader.config(root);
+        if reader.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(reader.errors)
+        }
+    }
+
+    /// The metric called `name`.
+    pub fn metric(&self, name: &str) -> Option<&MetricSpec> {
+        self.metrics.iter().find(|m| m.name == name)
+    }
+
+    /// The number of worker threads to run.
+    pub fn workers(&self) -> usize {
+        match self.dataflow.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// Applies `TALLY__SECTION__KEY` variables on top of the file.
+fn overlay_env(root: &mut Table, env: impl IntoIterator<Item = (String, String)>, errors: &mut Vec<String>) {
+    for (name, raw) in env {
+        let Some(path) = name.strip_prefix("TALLY__") else { continue };
+        let parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+        let [section, key] = parts.as_slice() else {
+            errors.push(format!("{name}: expected TALLY__<SECTION>__<KEY>"));
+            continue;
+        };
+        let value = format!("v = {raw}")
+            .parse::<Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| Value::String(raw.clone()));
+        match root.entry(section.clone()).or_insert_with(|| Value::Table(Table::new())) {
+            Value::Table(table) => {
+                table.insert(key.clone(), value);
+            }
+            _ => errors.push(format!("{name}: [{section}] is not a section")),
+        }
+    }
+}
+
+/// Reads typed values out of TOML tables, collecting errors as it goes.
+struct Reader {
+    errors: Vec<String>,
+}
+
+/// One TOML table being read, with the keys not yet consumed.
+struct Section {
+    path: String,
+    table: Table,
+}
+
+impl Section {
+    fn take(&mut self, key: &str) -> Option<(String, Value)> {
+        self.table.remove(key).map(|v| (format!("{}{key}", self.path), v))
+    }
+}
+
+impl Reader {
+    fn config(&mut self, mut root: Table) -> Config {
+        let metrics = match root.remove("metric") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => self.metrics(items),
+            Some(_) => {
+                self.errors.push("metric: must be an array of tables, written [[metric]]".into());
+                Vec::new()
+            }
+        };
+        if metrics.is_empty() {
+            self.errors.push("metric: declare at least one [[metric]]".into());
+        }
+        let mut section = |name: &str| {
+            let table = match root.remove(name) {
+                None => Table::new(),
+                Some(Value::Table(t)) => t,
+                Some(_) => {
+                    self.errors.push(format!("{name}: must be a table, written [{name}]"));
+                    Table::new()
+                }
+            };
+            Section { path: format!("{name}."), table }
+        };
+        let (mut server, mut storage, mut log, mut dataflow, mut live) =
+            (section("server"), section("storage"), section("log"), section("dataflow"), section("live"));
+        for (key, _) in root {
+            self.errors.push(format!("{key}: unknown section"));
+        }
+        let config = Config {
+            server: ServerConfig {
+                listen: self.parsed(&mut server, "listen", "127.0.0.1:8080".parse().expect("literal")),
+                max_body_bytes: self.bytes(&mut server, "max_body", 10_000_000),
+            },
+            storage: StorageConfig { data_dir: PathBuf::from(self.string(&mut storage, "data_dir", "./data")) },
+            log: LogConfig {
+                partitions: self.integer(&mut log, "partitions", 8, 1..=1024) as u32,
+                segment_bytes: self.bytes(&mut log, "segment_size", 128 << 20),
+                fsync: self.fsync(&mut log),
+                retention: self.duration(&mut log, "retention", Duration::from_secs(7 * 86_400)),
+            },
+            dataflow: DataflowConfig {
+                workers: self.integer(&mut dataflow, "workers", 0, 0..=1024) as usize,
+                out_of_orderness: self.millis(&mut dataflow, "out_of_orderness", 2_000),
+                idle_timeout: self.duration(&mut dataflow, "idle_timeout", Duration::from_secs(5)),
+                allowed_lateness: self.millis(&mut dataflow, "allowed_lateness", 30_000),
+            },
+            live: LiveConfig {
+                interval: self.duration(&mut live, "interval", Duration::from_secs(1)),
+                queue: self.integer(&mut live, "queue", 50, 1..=100_000) as usize,
+            },
+            metrics,
+        };
+        for section in [server, storage, log, dataflow, live] {
+            self.unknown_keys(section);
+        }
+        config
+    }
+
+    fn metrics(&mut self, items: Vec<Value>) -> Vec<MetricSpec> {
+        let mut names = BTreeSet::new();
+        let mut metrics = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let Value::Table(table) = item else {
+                self.errors.push(format!("metric[{i}]: must be a table"));
+                continue;
+            };
+            let mut m = Section { path: format!("metric[{i}]."), table };
+            let name = self.string(&mut m, "name", "");
+            if !is_identifier(&name) {
+                self.errors.push(format!("metric[{i}].name: '{name}' must be letters, digits and '_'"));
+            } else if !names.insert(name.clone()) {
+                self.errors.push(format!("metric[{i}].name: '{name}' is declared twice"));
+            }
+            let event_type = m.take("event_type").and_then(|(path, v)| self.as_string(&path, v));
+            let aggregate = m
+                .take("aggregate")
+                .and_then(|(path, v)| {
+                    let text = self.as_string(&path, v)?;
+                    AggregateKind::parse(&text).map_err(|e| self.errors.push(format!("{path}: {e}"))).ok()
+                })
+                .unwrap_or(AggregateKind::Count);
+            let field = m.take("field").and_then(|(path, v)| {
+                let text = self.as_string(&path, v)?;
+                Field::parse(&text).map_err(|e| self.errors.push(format!("{path}: {e}"))).ok()
+            });
+            if aggregate.needs_field() && field.is_none() {
+                self.errors.push(format!("metric[{i}].field: '{aggregate}' needs a field, such as 'values.amount'"));
+            }
+            let dimensions = self.strings(&mut m, "dimensions");
+            for d in &dimensions {
+                if !is_identifier(d) {
+                    self.errors.push(format!("metric[{i}].dimensions: '{d}' must be letters, digits and '_'"));
+                }
+            }
+            let windows: Vec<WindowSpec> = self
+                .strings(&mut m, "windows")
+                .iter()
+                .filter_map(|w| WindowSpec::parse(w).map_err(|e| self.errors.push(format!("metric[{i}].windows: {e}"))).ok())
+                .collect();
+            if !windows.iter().any(WindowSpec::is_tumbling) {
+                self.errors.push(format!("metric[{i}].windows: at least one tumbling window is needed for history"));
+            }
+            self.unknown_keys(m);
+            let pane = pane_width(&windows).max(1);
+            metrics.push(MetricSpec { name, event_type, aggregate, field, dimensions, windows, pane });
+        }
+        metrics
+    }
+
+    fn unknown_keys(&mut self, section: Section) {
+        for key in section.table.keys() {
+            self.errors.push(format!("{}{key}: unknown key", section.path));
+        }
+    }
+
+    fn as_string(&mut self, path: &str, value: Value) -> Option<String> {
+        match value {
+            Value::String(s) => Some(s),
+            other => {
+                self.errors.push(format!("{path}: must be a string, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, s: &mut Section, key: &str, default: &str) -> String {
+        s.take(key).and_then(|(path, v)| self.as_string(&path, v)).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn strings(&mut self, s: &mut Section, key: &str) -> Vec<String> {
+        match s.take(key) {
+            None => Vec::new(),
+            Some((path, Value::Array(items))) => items.into_iter().filter_map(|v| self.as_string(&path, v)).collect(),
+            Some((path, other)) => {
+                self.errors.push(format!("{path}: must be an array of strings, found {}", other.type_str()));
+                Vec::new()
+            }
+        }
+    }
+
+    fn integer(&mut self, s: &mut Section, key: &str, default: i64, range: std::ops::RangeInclusive<i64>) -> i64 {
+        match s.take(key) {
+            None => default,
+            Some((_, Value::Integer(n))) if range.contains(&n) => n,
+            Some((path, Value::Integer(n))) => {
+                self.errors.push(format!("{path}: {n} is outside {}..={}", range.start(), range.end()));
+                default
+            }
+            Some((path, other)) => {
+                self.errors.push(format!("{path}: must be an integer, found {}", other.type_str()));
+                default
+            }
+        }
+    }
+
+    fn parsed<T: std::str::FromStr>(&mut self, s: &mut Section, key: &str, default: T) -> T
+    where
+        T::Err: std::fmt::Display,
+    {
+        let Some((path, value)) = s.take(key) else { return default };
+        let Some(text) = self.as_string(&path, value) else { return default };
+        text.parse().unwrap_or_else(|e| {
+            self.errors.push(format!("{path}: '{text}': {e}"));
+            default
+        })
+    }
+
+    fn duration(&mut self, s: &mut Section, key: &str, default: Duration) -> Duration {
+        let Some((path, value)) = s.take(key) else { return default };
+        let Some(text) = self.as_string(&path, value) else { return default };
+        parse_duration(&text).unwrap_or_else(|e| {
+            self.errors.push(format!("{path}: {e}"));
+            default
+        })
+    }
+
+    fn millis(&mut self, s: &mut Section, key: &str, default: Millis) -> Millis {
+        let Some((path, value)) = s.take(key) else { return default };
+        let Some(text) = self.as_string(&path, value) else { return default };
+        if text.trim() == "0s" || text.trim() == "0" {
+            return 0;
+        }
+        parse_millis(&text).unwrap_or_else(|e| {
+            self.errors.push(format!("{path}: {e}"));
+            default
+        })
+    }
+
+    fn bytes(&mut self, s: &mut Section, key: &str, default: u64) -> u64 {
+        match s.take(key) {
+            None => default,
+            Some((_, Value::Integer(n))) if n > 0 => n as u64,
+            Some((path, Value::String(text))) => parse_bytes(&text).unwrap_or_else(|e| {
+                self.errors.push(format!("{path}: {e}"));
+                default
+            }),
+            Some((path, other)) => {
+                self.errors.push(format!("{path}: must be a size such as '10MB', found {}", other.type_str()));
+                default
+            }
+        }
+    }
+
+    fn fsync(&mut self, s: &mut Section) -> Fsync {
+        let Some((path, value)) = s.take("fsync") else { return Fsync::Always };
+        let Some(text) = self.as_string(&path, value) else { return Fsync::Always };
+        match text.as_str() {
+            "always" => Fsync::Always,
+            "never" => Fsync::Never,
+            interval => match parse_duration(interval) {
+                Ok(d) if !d.is_zero() => Fsync::Interval(d),
+                _ => {
+                    self.errors.push(format!("{path}: '{text}' must be 'always', 'never' or an interval such as '100ms'"));
+                    Fsync::Always
+                }
+            },
+        }
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses `10MB`, `512KiB`, `1GB` or a plain number of bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("'{text}' is not a size such as '10MB'"))?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("'{other}' is not a size unit: use B, KB, MB, GB, KiB, MiB or GiB")),
+    };
+    match n.checked_mul(scale) {
+        Some(0) | None => Err(format!("'{text}' must be a positive size")),
+        Some(bytes) => Ok(bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[server]
+listen = "127.0.0.1:9000"
+
+[[metric]]
+name = "ad_clicks"
+event_type = "ad_click"
+aggregate = "count"
+dimensions = ["campaignId", "country"]
+windows = ["tumbling 10s", "sliding 5m every 10s"]
+"#;
+
+    #[test]
+    fn layers_apply_in_order() {
+        let env = [("TALLY__SERVER__LISTEN".to_string(), "127.0.0.1:9100".to_string()),
+                   ("TALLY__LIVE__INTERVAL".to_string(), "250ms".to_string()),
+                   ("TALLY__LOG__PARTITIONS".to_string(), "3".to_string()),
+                   ("PATH".to_string(), "/bin".to_string())];
+        let config = Config::load(Some(FILE), env).unwrap();
+        assert_eq!(config.server.listen.port(), 9100);
+        assert_eq!(config.live.interval, Duration::from_millis(250));
+        assert_eq!(config.log.partitions, 3);
+        assert_eq!(config.dataflow.allowed_lateness, 30_000);
+        assert_eq!(config.metrics[0].pane, 10_000);
+    }
+
+    #[test]
+    fn every_error_is_listed() {
+        let file = r#"
+[server]
+listen = "nowhere"
+max_body = "ten"
+
+[dataflow]
+out_of_orderness = "soon"
+workres = 2
+
+[[metric]]
+name = "revenue"
+aggregate = "sum"
+windows = ["sliding 5m every 7s"]
+"#;
+        let errors = Config::load(Some(file), []).unwrap_err();
+        let joined = errors.join("\n");
+        for needle in ["server.listen", "server.max_body", "dataflow.out_of_orderness", "dataflow.workres: unknown key",
+                       "metric[0].field", "metric[0].windows: in 'sliding 5m every 7s'", "at least one tumbling"] {
+            assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("10MB").unwrap(), 10_000_000);
+        assert_eq!(parse_bytes("1KiB").unwrap(), 1024);
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! The whole job: source, exchange, windows, and the three sinks.
+//!
+//! ```text
+//! log partitions ─▶ LogSource ─┬─▶ Windows (exchanged by metric, group) ─┬─▶ finals  ─▶ store
+//!                              │                                         └─▶ all     ─▶ live bus
+//!                              └─▶ dead letters ─────────────────────────────────────▶ dead-letter sink
+//! ```
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use timely::dataflow::operators::core::{Filter, OkErr};
+use timely::dataflow::Scope;
+
+use crate::config::{Config, MetricSpec};
+use crate::operators::deliver::{Backpressure, Deliver, Sink};
+use crate::operators::source::{log_source, BatchSource, Contribution, DeadLetter, SourceSettings};
+use crate::operators::windows::{WindowSettings, WindowUpdate, Windows};
+use crate::stats::JobStats;
+
+/// Everything the job needs to know, taken from the configuration.
+#[derive(Clone, Debug)]
+pub struct JobSettings {
+    /// The metrics to compute, in configuration order.
+    pub metrics: Vec<MetricSpec>,
+    /// Event-time rules of the source.
+    pub source: SourceSettings,
+    /// Timing rules of the window operator.
+    pub windows: WindowSettings,
+}
+
+impl JobSettings {
+    /// Takes the job's settings from a loaded configuration.
+    pub fn from_config(config: &Config) -> JobSettings {
+        JobSettings {
+            metrics: config.metrics.clone(),
+            source: SourceSettings {
+                out_of_orderness: config.dataflow.out_of_orderness,
+                idle_timeout: config.dataflow.idle_timeout,
+                allowed_lateness: config.dataflow.allowed_lateness,
+            },
+            windows: WindowSettings {
+                allowed_lateness: config.dataflow.allowed_lateness,
+                live_interval: config.live.interval,
+            },
+        }
+    }
+}
+
+/// The sinks of one worker.
+pub struct Sinks<St, Li, De> {
+    /// Receives final window values and revisions; may push back.
+    pub store: St,
+    /// Receives partial and final values; best effort, drops when full.
+    pub live: Li,
+    /// Receives events too late to count.
+    pub dead_letters: De,
+}
+
+/// Builds the job in `scope`, reading from `input` and writing to `sinks`.
+pub fn build<'scope, S, St, Li, De>(
+    scope: Scope<'scope, u64>,
+    input: S,
+    settings: &JobSettings,
+    stats: Arc<JobStats>,
+    sinks: Sinks<St, Li, De>,
+) where
+    S: BatchSource,
+    St: Sink<WindowUpdate>,
+    Li: Sink<WindowUpdate>,
+    De: Sink<DeadLetter>,
+{
+    let metrics = Rc::new(settings.metrics.clone());
+    let backpressure = Backpressure::default();
+    let stalled = backpressure.clone();
+    let records = log_source(scope, input, Rc::clone(&metrics), settings.source.clone(), Arc::clone(&stats), stalled);
+    let (contributions, dead) = records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
+    let updates = contributions.windows(metrics, settings.windows.clone(), stats);
+    updates.clone().deliver("LiveSink", sinks.live, &backpressure);
+    updates.filter(|u: &WindowUpdate| u.is_final).deliver("StoreSink", sinks.store, &backpressure);
+    dead.deliver("DeadLetterSink", sinks.dead_letters, &backpressure);
+}
+
+#[cfg(test)]
+mod tests {
+    //! The job's semantics on small, hand-checked inputs: windows, panes,
+    //! watermarks, late revisions and dead letters.
+
+    use std::collections::VecDeque;
+
+    use timely::dataflow::operators::vec::Map;
+    use timely::dataflow::operators::Capture;
+    use timely::dataflow::operators::capture::Extract;
+
+    use super::*;
+    use crate::aggregate::AggregateKind;
+    use crate::event::Event;
+    use crate::operators::source::{log_source, Poll, SourceBatch, Waker};
+    use crate::window::WindowSpec;
+
+    /// A bounded source: one batch per poll, then the end.
+    struct VecSource {
+        batches: VecDeque<SourceBatch>,
+        waker: Option<Waker>,
+    }
+
+    impl BatchSource for VecSource {
+        fn partitions(&self) -> Vec<u32> {
+            let mut p: Vec<u32> = self.batches.iter().map(|b| b.partition).collect();
+            p.sort_unstable();
+            p.dedup();
+            p
+        }
+        fn start(&mut self, waker: Waker) {
+            self.waker = Some(waker);
+        }
+        fn poll(&mut self) -> Poll {
+            match self.batches.pop_front() {
+                None => Poll::Finished,
+                Some(batch) => {
+                    if let Some(wake) = &self.waker {
+                        wake();
+                    }
+                    Poll::Ready(vec![batch])
+                }
+            }
+        }
+    }
+
+    fn event(seconds: i64) -> Vec<u8> {
+        Event {
+            event_id: None,
+            event_type: "ad_click".into(),
+            timestamp: seconds * 1000,
+            dimensions: [("country".to_string(), "US".to_string())].into(),
+            values: Default::default(),
+        }
+        .to_json()
+    }
+
+    fn batches(times: &[&[i64]]) -> VecDeque<SourceBatch> {
+        let mut offset = 0;
+        times
+            .iter()
+            .map(|ts| {
+                let batch = SourceBatch { partition: 0, offset, records: ts.iter().map(|&t| event(t)).collect() };
+                offset += ts.len() as u64;
+                batch
+            })
+            .collect()
+    }
+
+    fn settings() -> JobSettings {
+        let windows = ["tumbling 10s", "sliding 30s every 10s"].map(|w| WindowSpec::parse(w).unwrap()).to_vec();
+        JobSettings {
+            metrics: vec![MetricSpec {
+                name: "ad_clicks".into(),
+                event_type: Some("ad_click".into()),
+                aggregate: AggregateKind::Count,
+                field: None,
+                dimensions: vec!["country".into()],
+                pane: crate::window::pane_width(&windows),
+                windows,
+            }],
+            source: SourceSettings { out_of_orderness: 2_000, idle_timeout: std::time::Duration::from_secs(60), allowed_lateness: 30_000 },
+            windows: WindowSettings { allowed_lateness: 30_000, live_interval: std::time::Duration::from_secs(3600) },
+        }
+    }
+
+    /// (window, start s, end s, count, revision) for each final, and the
+    /// offsets of the dead letters.
+    type Finals = Vec<(u8, i64, i64, u64, u32)>;
+
+    fn run(input: VecDeque<SourceBatch>) -> (Finals, Vec<u64>) {
+        let settings = settings();
+        let (updates, dead) = timely::example(move |scope| {
+            let metrics = Rc::new(settings.metrics.clone());
+            let stats = Arc::new(JobStats::new(1));
+            let source = VecSource { batches: input, waker: None };
+            let records = log_source(scope, source, Rc::clone(&metrics), settings.source.clone(), Arc::clone(&stats), Backpressure::default());
+            let (contributions, dead) = records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
+            let finals = contributions
+                .windows(metrics, settings.windows.clone(), stats)
+                .filter(|u: &WindowUpdate| u.is_final)
+                .map(|u| (u.window, u.span.start / 1000, u.span.end / 1000, u.state.count, u.revision))
+                .capture();
+            (finals, dead.map(|d| d.offset).capture())
+        });
+        let mut finals: Finals = updates.extract().into_iter().flat_map(|(_, data)| data).collect();
+        finals.sort_by_key(|&(w, start, _, _, rev)| (w, start, rev));
+        (finals, dead.extract().into_iter().flat_map(|(_, data)| data).collect())
+    }
+
+    #[test]
+    fn windows_close_on_the_watermark_and_late_events_revise_them() {
+        // Batch by batch: the watermark before each batch is the newest time
+        // of the batches before it, minus the 2 s out-of-orderness.
+        let (finals, dead) = run(batches(&[
+            &[1, 5, 12], // travels at 0; watermark becomes 10 s
+            &[25],       // at 10 s: closes [0,10); watermark 23 s
+            &[8],        // at 23 s: late for [0,10) and [-10,20), within the lateness
+            &[40],       // at 23 s; watermark 38 s
+            &[1],        // at 38 s: 37 s late, past the 30 s allowed: dead letter
+        ]));
+        let tumbling: Vec<_> = finals.iter().filter(|f| f.0 == 0).map(|f| (f.1, f.3, f.4)).collect();
+        assert_eq!(tumbling, [(0, 2, 0), (0, 3, 1), (10, 1, 0), (20, 1, 0), (40, 1, 0)]);
+        let sliding: Vec<_> = finals.iter().filter(|f| f.0 == 1).map(|f| (f.1, f.2, f.3, f.4)).collect();
+        assert_eq!(
+            sliding,
+            [
+                (-20, 10, 2, 0),
+                (-20, 10, 3, 1),
+                (-10, 20, 3, 0),
+                (-10, 20, 4, 1),
+                (0, 30, 5, 0),
+                (10, 40, 2, 0),
+                (20, 50, 2, 0),
+                (30, 60, 1, 0),
+                (40, 70, 1, 0),
+            ]
+        );
+        assert_eq!(dead, [6]);
+    }
+
+    #[test]
+    fn order_inside_a_batch_does_not_matter() {
+        let forward = run(batches(&[&[1, 5, 12, 14], &[30]]));
+        let backward = run(batches(&[&[14, 12, 5, 1], &[30]]));
+        assert_eq!(forward, backward);
+        assert!(forward.1.is_empty());
+    }
+
+    #[test]
+    fn a_window_that_closed_empty_takes_late_data_as_a_revision() {
+        let (finals, _) = run(batches(&[&[30], &[5]]));
+        // [0,10) had no data when the watermark (28 s) passed it; the late
+        // event makes it a correction of an empty window.
+        assert!(finals.contains(&(0, 0, 10, 1, 1)));
+    }
+}

@@ -1,0 +1,69 @@
+//! The `deliver` operator: hands a stream to a [`Sink`] without blocking.
+//!
+//! A sink takes what it can. What it cannot take stays buffered in the
+//! operator, which raises [`Backpressure`] until the sink has caught up; the
+//! sources stop reading while any sink is behind, so a slow store leaves the
+//! backlog in the log rather than in memory.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::Stream;
+
+/// Where a stream's records leave the dataflow.
+pub trait Sink<T>: 'static {
+    /// Takes records from the front of `items`, as many as it can without
+    /// blocking. What it leaves is offered again later, in order.
+    fn offer(&mut self, items: &mut Vec<T>);
+}
+
+/// The number of sinks that are behind, shared by a worker's operators.
+#[derive(Clone, Default)]
+pub struct Backpressure(Rc<Cell<usize>>);
+
+impl Backpressure {
+    /// True while any sink of this worker is behind.
+    pub fn stalled(&self) -> bool {
+        self.0.get() > 0
+    }
+
+    fn set(&self, behind: bool, was_behind: &mut bool) {
+        if behind != *was_behind {
+            self.0.set(if behind { self.0.get() + 1 } else { self.0.get() - 1 });
+            *was_behind = behind;
+        }
+    }
+}
+
+/// Extension trait for the `deliver` operator.
+pub trait Deliver<T> {
+    /// Sends every record of the stream to `sink`.
+    fn deliver(self, name: &str, sink: impl Sink<T>, backpressure: &Backpressure);
+}
+
+impl<'scope, T: Clone + 'static> Deliver<T> for Stream<'scope, u64, Vec<T>> {
+    fn deliver(self, name: &str, mut sink: impl Sink<T>, backpressure: &Backpressure) {
+        let backpressure = backpressure.clone();
+        let scope = self.scope();
+        let mut pending = Vec::new();
+        let mut behind = false;
+        // The output is unused: a sink ends its stream.
+        self.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, name, move |_cap, info| {
+            let activator = scope.activator_for(Rc::clone(&info.address));
+            move |(input, _frontier), _output| {
+                input.for_each(|_time, data| pending.append(data));
+                if !pending.is_empty() {
+                    sink.offer(&mut pending);
+                }
+                backpressure.set(!pending.is_empty(), &mut behind);
+                if behind {
+                    activator.activate_after(Duration::from_millis(5));
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,5 @@
+//! The job's timely operators, one per file.
+
+pub mod deliver;
+pub mod source;
+pub mod windows;

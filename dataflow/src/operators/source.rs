@@ -1,0 +1,283 @@
+//! The log source: reads a worker's partitions, stamps records with event-time
+//! watermarks, and pre-aggregates each batch.
+//!
+//! Each partition has its own watermark: the largest event time seen in it,
+//! minus `out_of_orderness`. A batch is sent at its partition's watermark from
+//! *before* the batch, so the order of events inside one batch never matters,
+//! and the time a batch travels at depends only on the partition's content.
+//! That is what makes results independent of the number of workers.
+//!
+//! The source holds a capability at the least watermark of its active
+//! partitions; that is timely's frontier, and windows close when it passes
+//! their end. A partition without new data for `idle_timeout` stops holding the
+//! capability back. When every partition of a worker is idle, its capability
+//! moves up to the highest watermark any worker of the process has reached, so
+//! an idle worker does not stall the others either.
+//!
+//! An event earlier than its batch's watermark minus `allowed_lateness` can no
+//! longer reach window state that is kept; it leaves as a [`DeadLetter`].
+//! Every other event is folded, per batch, into one [`Contribution`] per
+//! (metric, group, pane), which is what crosses the exchange.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::{Scope, Stream};
+
+use crate::aggregate::AggState;
+use crate::config::MetricSpec;
+use crate::event::{Event, Millis};
+use crate::operators::deliver::Backpressure;
+use crate::stats::JobStats;
+use crate::window::align;
+
+/// A group: the values of a metric's dimensions, in declaration order. A
+/// dimension an event lacks has the empty string.
+pub type Group = Vec<String>;
+
+/// Records read from one partition of the log, in order.
+#[derive(Clone, Debug)]
+pub struct SourceBatch {
+    /// The partition read.
+    pub partition: u32,
+    /// Log offset of the first record.
+    pub offset: u64,
+    /// Events in canonical JSON, as the gateway wrote them.
+    pub records: Vec<Vec<u8>>,
+}
+
+/// What a [`BatchSource`] has now.
+pub enum Poll {
+    /// Batches, in log order per partition.
+    Ready(Vec<SourceBatch>),
+    /// Nothing yet; the source will call its waker when there is.
+    Pending,
+    /// The input has ended: only bounded inputs, as in tests, say this.
+    Finished,
+}
+
+/// Wakes a source operator from any thread.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// A worker's view of the log: the partitions it owns.
+///
+/// Implementations never block in `poll`: I/O happens elsewhere, behind a
+/// bounded buffer, and `poll` takes what is there.
+pub trait BatchSource: 'static {
+    /// The partitions this source reads.
+    fn partitions(&self) -> Vec<u32>;
+    /// Called once, before the first poll, with a waker to call when data arrives.
+    fn start(&mut self, waker: Waker);
+    /// Takes the batches available now.
+    fn poll(&mut self) -> Poll;
+}
+
+/// One batch's worth of one (metric, group, pane).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Contribution {
+    /// Index of the metric in the configuration.
+    pub metric: u16,
+    /// The group's dimension values.
+    pub group: Group,
+    /// Start of the pane.
+    pub pane: Millis,
+    /// The aggregate of the batch's events in this pane.
+    pub state: AggState,
+}
+
+/// An event that arrived too late for any window that still has state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Partition of the log it was read from.
+    pub partition: u32,
+    /// Its offset there, which identifies it across replays.
+    pub offset: u64,
+    /// Why it was not counted.
+    pub reason: String,
+    /// The watermark it was judged against.
+    pub watermark: Millis,
+    /// The event, in canonical JSON.
+    pub record: Vec<u8>,
+}
+
+/// Event-time rules the source applies.
+#[derive(Clone, Debug)]
+pub struct SourceSettings {
+    /// The watermark trails the newest event time by this much.
+    pub out_of_orderness: Millis,
+    /// A partition without data for this long stops holding the watermark.
+    pub idle_timeout: Duration,
+    /// Window state is kept this long after the window closes.
+    pub allowed_lateness: Millis,
+}
+
+/// Per-partition watermark tracking.
+struct PartitionClock {
+    partition: u32,
+    watermark: Option<u64>,
+    last_data: Instant,
+}
+
+/// Either half of the source's output, split by the caller.
+pub type SourceRecord = Result<Contribution, DeadLetter>;
+
+/// Builds the source operator over `input`.
+///
+/// `backpressure` is raised by a sink that cannot keep up; the source stops reading
+/// while it is up, which leaves the backlog in the log.
+pub fn log_source<'scope, S: BatchSource>(
+    scope: Scope<'scope, u64>,
+    mut input: S,
+    metrics: Rc<Vec<MetricSpec>>,
+    settings: SourceSettings,
+    stats: Arc<JobStats>,
+    backpressure: Backpressure,
+) -> Stream<'scope, u64, Vec<SourceRecord>> {
+    let worker = scope.index();
+    source(scope, "LogSource", move |capability, info| {
+        let activator = scope.activator_for(Rc::clone(&info.address));
+        let sync = scope.worker().sync_activator_for(info.address.to_vec());
+        input.start(Arc::new(move || {
+            // The worker may be gone at shutdown; nothing is lost by not waking it.
+            let _ = sync.activate();
+        }));
+        let started = Instant::now();
+        let mut clocks: Vec<PartitionClock> = input
+            .partitions()
+            .into_iter()
+            .map(|partition| PartitionClock { partition, watermark: None, last_data: started })
+            .collect();
+        let mut capability = Some(capability);
+        let heartbeat = settings.idle_timeout.min(Duration::from_millis(100)).max(Duration::from_millis(1));
+        if clocks.is_empty() {
+            // A worker without partitions never produces data.
+            capability = None;
+        }
+        move |output| {
+            let Some(cap) = capability.as_mut() else { return };
+            if backpressure.stalled() {
+                activator.activate_after(Duration::from_millis(10));
+                return;
+            }
+            let batches = match input.poll() {
+                Poll::Finished => {
+                    capability = None;
+                    return;
+                }
+                Poll::Pending => Vec::new(),
+                Poll::Ready(batches) => batches,
+            };
+            let now = Instant::now();
+            let mut dead = 0;
+            for batch in batches {
+                let Some(clock) = clocks.iter_mut().find(|c| c.partition == batch.partition) else { continue };
+                let stamp = clock.watermark.unwrap_or(0).max(*cap.time());
+                let (records, newest) = fold_batch(&batch, &metrics, stamp as Millis, settings.allowed_lateness);
+                dead += records.iter().filter(|r| r.is_err()).count();
+                if !records.is_empty() {
+                    let time = cap.delayed(&stamp);
+                    output.session(&time).give_iterator(records.into_iter());
+                }
+                if let Some(newest) = newest {
+                    let mark = (newest - settings.out_of_orderness).max(0) as u64;
+                    clock.watermark = Some(clock.watermark.map_or(mark, |w| w.max(mark)));
+                }
+                clock.last_data = now;
+            }
+            if dead > 0 {
+                stats.dead_letters.fetch_add(dead as u64, Ordering::Relaxed);
+            }
+
+            let idle = |c: &&PartitionClock| now.duration_since(c.last_data) >= settings.idle_timeout;
+            let active_min = clocks.iter().filter(|c| !idle(c)).map(|c| c.watermark.unwrap_or(*cap.time())).min();
+            let own_max = clocks.iter().filter_map(|c| c.watermark).max().unwrap_or(0);
+            stats.raise_high_watermark(own_max);
+            let target = active_min.unwrap_or_else(|| own_max.max(stats.high_watermark()));
+            if target > *cap.time() {
+                cap.downgrade(&target);
+            }
+            stats.set_watermark(worker, *cap.time());
+            activator.activate_after(heartbeat);
+        }
+    })
+}
+
+/// Splits a batch into dead letters and per-(metric, group, pane)
+/// contributions, and returns the newest event time in it.
+///
+/// Output order is deterministic: contributions sorted by key, so the same
+/// batch always produces the same records.
+pub fn fold_batch(
+    batch: &SourceBatch,
+    metrics: &[MetricSpec],
+    watermark: Millis,
+    allowed_lateness: Millis,
+) -> (Vec<SourceRecord>, Option<Millis>) {
+    let mut out = Vec::new();
+    let mut newest = None;
+    let mut folded: HashMap<(u16, Millis, Group), AggState> = HashMap::new();
+    for (i, record) in batch.records.iter().enumerate() {
+        let offset = batch.offset + i as u64;
+        let event = match Event::from_json(record) {
+            Ok(event) => event,
+            Err(e) => {
+                out.push(Err(DeadLetter {
+                    partition: batch.partition,
+                    offset,
+                    reason: format!("unreadable record: {e}"),
+                    watermark,
+                    record: record.clone(),
+                }));
+                continue;
+            }
+        };
+        newest = Some(newest.map_or(event.timestamp, |n: Millis| n.max(event.timestamp)));
+        if event.timestamp < watermark - allowed_lateness {
+            out.push(Err(DeadLetter {
+                partition: batch.partition,
+                offset,
+                reason: format!(
+                    "{} ms behind the watermark, past the allowed lateness of {} ms",
+                    watermark - event.timestamp,
+                    allowed_lateness
+                ),
+                watermark,
+                record: record.clone(),
+            }));
+            continue;
+        }
+        fold_event(&event, metrics, &mut folded);
+    }
+    let mut contributions: Vec<_> = folded.into_iter().collect();
+    contributions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    out.extend(
+        contributions
+            .into_iter()
+            .map(|((metric, pane, group), state)| Ok(Contribution { metric, group, pane, state })),
+    );
+    (out, newest)
+}
+
+/// Adds one event to every metric it counts toward.
+pub fn fold_event(event: &Event, metrics: &[MetricSpec], folded: &mut HashMap<(u16, Millis, Group), AggState>) {
+    for (index, metric) in metrics.iter().enumerate() {
+        if !metric.accepts(&event.event_type) {
+            continue;
+        }
+        let group: Group = metric
+            .dimensions
+            .iter()
+            .map(|d| event.dimensions.get(d).cloned().unwrap_or_default())
+            .collect();
+        let pane = align(event.timestamp, metric.pane);
+        folded
+            .entry((index as u16, pane, group))
+            .or_default()
+            .observe(metric.aggregate, metric.field.as_ref(), event);
+    }
+}

@@ -1,0 +1,211 @@
+//! Window specifications and the pane arithmetic behind them.
+//!
+//! Windows are aligned to the epoch. A metric's events are kept in *panes*:
+//! consecutive slices of event time whose width divides every window size and
+//! slide of the metric. An event updates exactly one pane, whatever windows
+//! the metric declares; a window's value is the merge of the panes it covers.
+//! A sliding window of width W every S therefore costs one pane update per
+//! event, the same as a tumbling window, plus W/S pane merges when it closes.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::Millis;
+
+/// One window declaration of a metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum WindowSpec {
+    /// Back-to-back windows of `size` milliseconds.
+    Tumbling {
+        /// Width of each window.
+        size: Millis,
+    },
+    /// Windows of `size` milliseconds, one ending every `slide` milliseconds.
+    Sliding {
+        /// Width of each window.
+        size: Millis,
+        /// Distance between the ends of consecutive windows; divides `size`.
+        slide: Millis,
+    },
+}
+
+/// A window instance: `[start, end)` in event time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Span {
+    /// First millisecond in the window.
+    pub start: Millis,
+    /// First millisecond after the window.
+    pub end: Millis,
+}
+
+impl WindowSpec {
+    /// Parses `tumbling 10s` or `sliding 5m every 10s`.
+    pub fn parse(text: &str) -> Result<WindowSpec, String> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let spec = match words.as_slice() {
+            ["tumbling", size] => WindowSpec::Tumbling { size: parse_millis(size)? },
+            ["sliding", size, "every", slide] => {
+                let (size, slide) = (parse_millis(size)?, parse_millis(slide)?);
+                if size % slide != 0 {
+                    return Err(format!("in '{text}', the width must be a multiple of the slide"));
+                }
+                if size == slide {
+                    return Err(format!("'{text}' slides by its own width: declare it as 'tumbling'"));
+                }
+                WindowSpec::Sliding { size, slide }
+            }
+            _ => {
+                return Err(format!(
+                    "'{text}' is not a window: write 'tumbling <duration>' or 'sliding <duration> every <duration>'"
+                ))
+            }
+        };
+        Ok(spec)
+    }
+
+    /// The width of each window.
+    pub fn size(&self) -> Millis {
+        match *self {
+            WindowSpec::Tumbling { size } | WindowSpec::Sliding { size, .. } => size,
+        }
+    }
+
+    /// The distance between consecutive window ends.
+    pub fn slide(&self) -> Millis {
+        match *self {
+            WindowSpec::Tumbling { size } => size,
+            WindowSpec::Sliding { slide, .. } => slide,
+        }
+    }
+
+    /// True for tumbling windows, the ones history is answered from.
+    pub fn is_tumbling(&self) -> bool {
+        matches!(self, WindowSpec::Tumbling { .. })
+    }
+
+    /// The windows that contain the pane starting at `pane`, oldest first.
+    /// The pane width must divide this spec's size and slide.
+    pub fn windows_of_pane(&self, pane: Millis) -> impl Iterator<Item = Span> {
+        let (size, slide) = (self.size(), self.slide());
+        // Window ends are the multiples of `slide` in (pane, pane + size].
+        let first_end = (pane.div_euclid(slide) + 1) * slide;
+        (0..size / slide).map(move |k| {
+            let end = first_end + k * slide;
+            Span { start: end - size, end }
+        })
+    }
+
+    /// The panes of width `pane_width` that make up `span`.
+    pub fn panes_of(span: Span, pane_width: Millis) -> impl Iterator<Item = Millis> {
+        (span.start..span.end).step_by(pane_width as usize)
+    }
+}
+
+impl fmt::Display for WindowSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            WindowSpec::Tumbling { size } => write!(f, "tumbling {}", format_millis(size)),
+            WindowSpec::Sliding { size, slide } => {
+                write!(f, "sliding {} every {}", format_millis(size), format_millis(slide))
+            }
+        }
+    }
+}
+
+/// The pane width for a set of windows: the greatest common divisor of their
+/// sizes and slides.
+pub fn pane_width(specs: &[WindowSpec]) -> Millis {
+    specs.iter().flat_map(|s| [s.size(), s.slide()]).fold(0, gcd)
+}
+
+fn gcd(a: Millis, b: Millis) -> Millis {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The start of the bucket of width `width` that contains `t`.
+pub fn align(t: Millis, width: Millis) -> Millis {
+    t.div_euclid(width) * width
+}
+
+/// Parses a positive duration such as `500ms`, `10s`, `1m`, `1h` or `7d` into
+/// milliseconds.
+pub fn parse_millis(text: &str) -> Result<Millis, String> {
+    let d = parse_duration(text)?;
+    if d.is_zero() || d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("'{text}' must be a positive whole number of milliseconds"));
+    }
+    Ok(d.as_millis() as Millis)
+}
+
+/// Parses a duration such as `500ms`, `10s`, `1m`, `1h` or `7d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("'{text}' is not a duration ({e})"))
+}
+
+/// Formats milliseconds in the largest unit that divides them: `10s`, `1m`.
+pub fn format_millis(ms: Millis) -> String {
+    const UNITS: [(Millis, &str); 5] = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s"), (1, "ms")];
+    UNITS
+        .iter()
+        .find(|(unit, _)| ms % unit == 0)
+        .map(|(unit, suffix)| format!("{}{suffix}", ms / unit))
+        .unwrap_or_else(|| format!("{ms}ms"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_specs() {
+        for text in ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s", "tumbling 1h"] {
+            assert_eq!(WindowSpec::parse(text).unwrap().to_string(), text);
+        }
+        assert!(WindowSpec::parse("sliding 5m every 7s").is_err());
+        assert!(WindowSpec::parse("hopping 5m").is_err());
+        assert!(WindowSpec::parse("tumbling 0s").is_err());
+    }
+
+    #[test]
+    fn tumbling_pane_lies_in_one_window() {
+        let spec = WindowSpec::parse("tumbling 1m").unwrap();
+        let spans: Vec<_> = spec.windows_of_pane(130_000).collect();
+        assert_eq!(spans, [Span { start: 120_000, end: 180_000 }]);
+    }
+
+    #[test]
+    fn sliding_pane_lies_in_width_over_slide_windows() {
+        let spec = WindowSpec::parse("sliding 30s every 10s").unwrap();
+        let spans: Vec<_> = spec.windows_of_pane(20_000).collect();
+        assert_eq!(
+            spans,
+            [
+                Span { start: 0, end: 30_000 },
+                Span { start: 10_000, end: 40_000 },
+                Span { start: 20_000, end: 50_000 }
+            ]
+        );
+        for span in spans {
+            assert!(WindowSpec::panes_of(span, 10_000).any(|p| p == 20_000));
+        }
+    }
+
+    #[test]
+    fn negative_times_align_down() {
+        assert_eq!(align(-1, 10), -10);
+        let spec = WindowSpec::parse("tumbling 10s").unwrap();
+        assert_eq!(spec.windows_of_pane(-10_000).next().unwrap(), Span { start: -10_000, end: 0 });
+    }
+
+    #[test]
+    fn pane_width_divides_everything() {
+        let specs: Vec<_> = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
+            .iter()
+            .map(|s| WindowSpec::parse(s).unwrap())
+            .collect();
+        assert_eq!(pane_width(&specs), 10_000);
+        assert_eq!(pane_width(&[WindowSpec::parse("sliding 1m every 15s").unwrap(), specs[0]]), 5_000);
+    }
+}
