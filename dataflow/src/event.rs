@@ -92,6 +92,104 @@ pub fn validate_value(value: &serde_json::Value, received_at: Millis) -> Result<
     raw.validate(received_at)
 }
 
+/// Why a request's events were not accepted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BatchError {
+    /// The body is not JSON (or NDJSON) at all.
+    Malformed(String),
+    /// The body held no events.
+    Empty,
+    /// Some events are invalid: `(index, problems)` for each of them.
+    Invalid(Vec<(usize, Vec<FieldError>)>),
+}
+
+/// Parses a request body: one event, a JSON array of events, or, when
+/// `ndjson` is set, one event per line. The batch is all or nothing: any
+/// invalid event fails it, and every invalid event is reported.
+pub fn parse_batch(body: &[u8], ndjson: bool, received_at: Millis) -> Result<Vec<Event>, BatchError> {
+    let results: Vec<Result<Event, Vec<FieldError>>> = if ndjson {
+        body.split(|&b| b == b'\n')
+            .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
+            .map(|line| parse_event(line, received_at))
+            .collect()
+    } else {
+        match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => return Err(BatchError::Empty),
+            Some(b'[') => {
+                let elements: Vec<Element> =
+                    serde_json::from_slice(body).map_err(|e| BatchError::Malformed(e.to_string()))?;
+                elements.into_iter().map(|e| e.0.and_then(|raw| raw.validate(received_at))).collect()
+            }
+            Some(_) => {
+                let element: Element = serde_json::from_slice(body).map_err(|e| BatchError::Malformed(e.to_string()))?;
+                vec![element.0.and_then(|raw| raw.validate(received_at))]
+            }
+        }
+    };
+    if results.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    let mut events = Vec::with_capacity(results.len());
+    let mut invalid = Vec::new();
+    for (index, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(event) => events.push(event),
+            Err(errors) => invalid.push((index, errors)),
+        }
+    }
+    if invalid.is_empty() {
+        Ok(events)
+    } else {
+        Err(BatchError::Invalid(invalid))
+    }
+}
+
+/// One element of a JSON array of events: an object read leniently, or the
+/// reason it is not an event at all.
+struct Element<'a>(Result<RawEvent<'a>, Vec<FieldError>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Element<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Element<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                RawEvent::deserialize(de::value::MapAccessDeserializer::new(map)).map(|raw| Element(Ok(raw)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(not_an_object("an array"))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(not_an_object("a string"))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(not_an_object("a number"))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(not_an_object("a number"))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(not_an_object("a number"))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(not_an_object("a boolean"))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(not_an_object("null"))
+            }
+        }
+        deserializer.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+fn not_an_object<'a>(found: &str) -> Element<'a> {
+    Element(Err(vec![FieldError::new("", format!("must be an event object, found {found}"))]))
+}
+
 /// The event as sent. Every field is lenient: a wrong type is recorded, not
 /// raised, so that all problems of an event are reported together.
 #[derive(Deserialize)]
@@ -487,6 +585,22 @@ mod tests {
         assert_eq!(parse_event(b"5", 0).unwrap_err().len(), 1);
         assert_eq!(parse_event(br#""x""#, 0).unwrap_err().len(), 1);
         assert_eq!(parse_event(b"{", 0).unwrap_err().len(), 1);
+    }
+
+    #[test]
+    fn batches_are_all_or_nothing_and_name_each_bad_index() {
+        let ok = parse_batch(br#"[{"eventType":"a"},{"eventType":"b","timestamp":1780821960}]"#, false, 0).unwrap();
+        assert_eq!(ok.len(), 2);
+        let Err(BatchError::Invalid(bad)) = parse_batch(br#"[{"eventType":"a"},{"timestamp":"x"},7,{"eventType":"c"}]"#, false, 0) else {
+            panic!("expected invalid");
+        };
+        assert_eq!(bad.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(bad[0].1.len(), 2);
+        let nd = parse_batch(b"{\"eventType\":\"a\"}\n\n{\"eventType\":\"b\"}\n", true, 0).unwrap();
+        assert_eq!(nd.len(), 2);
+        assert!(matches!(parse_batch(b"[{]", false, 0), Err(BatchError::Malformed(_))));
+        assert_eq!(parse_batch(b"[]", false, 0), Err(BatchError::Empty));
+        assert_eq!(parse_batch(SEED.as_bytes(), false, 0).unwrap().len(), 1);
     }
 
     #[test]

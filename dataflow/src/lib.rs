@@ -26,6 +26,7 @@
 //! - [`aggregate`]: aggregate state and merging.
 //! - [`operators`]: the source, window and sink operators.
 //! - [`job`]: the operators wired together.
+//! - [`query`]: history queries and how stored windows answer them.
 //! - [`stats`]: counters for operators.
 
 pub mod aggregate;
@@ -33,5 +34,6 @@ pub mod config;
 pub mod event;
 pub mod job;
 pub mod operators;
+pub mod query;
 pub mod stats;
 pub mod window;

@@ -1,1 +1,155 @@
-//! placeholder
+//! tally's HTTP and WebSocket front.
+//!
+//! The gateway validates and accepts events (`POST /v1/events`), answers
+//! history (`GET /v1/metrics`), fans live values out to WebSocket clients
+//! (`GET /v1/live`), lists dead letters (`GET /v1/deadletters`), and serves
+//! operations endpoints (`/metrics`, `/healthz`, `/readyz`). It reaches the
+//! rest of tally only through the traits in [`backend`], so the same handlers
+//! serve the embedded mode and a cluster.
+//!
+//! # Layout
+//!
+//! - [`backend`]: the event sink and history traits, and their embedded forms.
+//! - [`ingest`]: `POST /v1/events`.
+//! - [`history`]: `GET /v1/metrics` and `GET /v1/deadletters`.
+//! - [`live`]: the WebSocket fan-out hub.
+//! - [`ops`]: Prometheus metrics and health.
+//! - [`reply`]: JSON errors.
+
+pub mod backend;
+pub mod history;
+pub mod ingest;
+pub mod live;
+pub mod ops;
+pub mod reply;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde_json::json;
+use tally_dataflow::config::Config;
+use tokio::net::TcpListener;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::backend::{EventSink, History};
+use crate::live::Hub;
+use crate::ops::Ops;
+use crate::reply::{render, ApiError};
+
+/// Everything a request handler can reach.
+pub struct Gateway {
+    /// The loaded configuration.
+    pub config: Arc<Config>,
+    /// Where accepted events go.
+    pub events: Arc<dyn EventSink>,
+    /// Where history comes from.
+    pub history: Arc<dyn History>,
+    /// The live fan-out.
+    pub hub: Hub,
+    /// Metrics and readiness.
+    pub ops: Arc<Ops>,
+}
+
+/// The current wall-clock time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// All routes.
+pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
+    let with = {
+        let gateway = Arc::clone(&gateway);
+        warp::any().map(move || Arc::clone(&gateway))
+    };
+    let raw_query = warp::query::raw().or(warp::any().map(String::new)).unify();
+
+    let events = warp::path!("v1" / "events")
+        .and(warp::post())
+        .and(with.clone())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .then(|gw, ct, len, body| async move { render(ingest::ingest(gw, ct, len, Box::pin(body)).await) });
+    let metrics = warp::path!("v1" / "metrics")
+        .and(warp::get())
+        .and(with.clone())
+        .and(raw_query.clone())
+        .then(|gw, q| async move { render(history::metrics(gw, q).await) });
+    let dead = warp::path!("v1" / "deadletters")
+        .and(warp::get())
+        .and(with.clone())
+        .and(raw_query)
+        .then(|gw, q| async move { render(history::dead_letters(gw, q).await) });
+    let live = warp::path!("v1" / "live").and(warp::ws()).and(with.clone()).map(|ws: warp::ws::Ws, gw: Arc<Gateway>| {
+        let (hub, queue, ops) = (gw.hub.clone(), gw.config.live.queue, Arc::clone(&gw.ops));
+        ws.on_upgrade(move |socket| hub.serve(socket, queue, ops)).into_response()
+    });
+    let prometheus = warp::path!("metrics").and(warp::get()).and(with.clone()).map(|gw: Arc<Gateway>| {
+        warp::reply::with_header(gw.ops.render(now_ms()), "content-type", "text/plain; version=0.0.4").into_response()
+    });
+    let healthz = warp::path!("healthz").and(warp::get()).map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
+    let readyz = warp::path!("readyz").and(warp::get()).and(with).map(|gw: Arc<Gateway>| {
+        if gw.ops.is_ready() {
+            warp::reply::json(&json!({"status": "ready"})).into_response()
+        } else {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+        }
+    });
+    let index = warp::path::end().and(warp::get()).map(|| {
+        warp::reply::json(&json!({
+            "name": "tally",
+            "endpoints": {
+                "POST /v1/events": "ingest one event, a JSON array, or NDJSON",
+                "GET /v1/metrics": "history: ?metric=&start=&end=&resolution=&<dimension>=<value>&groupBy=",
+                "GET /v1/live": "WebSocket: {\"action\":\"subscribe\",\"topic\":\"metrics:<metric>[:<dimension>:<value>]\"}",
+                "GET /v1/deadletters": "events too late to count: ?limit=",
+                "GET /metrics": "Prometheus text",
+                "GET /healthz": "liveness",
+                "GET /readyz": "readiness",
+            }
+        }))
+        .into_response()
+    });
+
+    events
+        .or(metrics)
+        .unify()
+        .or(dead)
+        .unify()
+        .or(live)
+        .unify()
+        .or(prometheus)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(index)
+        .unify()
+        .recover(rejection)
+        .unify()
+        .boxed()
+}
+
+/// Turns warp's rejections into JSON errors.
+async fn rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
+    let error = if rejection.is_not_found() {
+        ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
+        ApiError::bad_request(e.to_string())
+    } else {
+        ApiError::bad_request(format!("{rejection:?}"))
+    };
+    Ok(error.into_response())
+}
+
+/// Serves the routes on a bound listener until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()> + Send + 'static) {
+    warp::serve(routes(gateway)).incoming(listener).graceful(shutdown).run().await;
+}

@@ -1,0 +1,39 @@
+//! The in-process live bus: a bounded tokio channel.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tally_dataflow::operators::deliver::Sink;
+use tally_dataflow::operators::windows::WindowUpdate;
+use tokio::sync::mpsc::{self, error::TrySendError, Receiver, Sender};
+
+/// The publishing end, cloned once per worker.
+#[derive(Clone)]
+pub struct LivePublisher {
+    tx: Sender<Vec<WindowUpdate>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl LivePublisher {
+    /// Updates dropped because the subscriber was behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// A bus holding at most `capacity` batches in flight.
+pub fn channel(capacity: usize) -> (LivePublisher, Receiver<Vec<WindowUpdate>>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (LivePublisher { tx, dropped: Arc::default() }, rx)
+}
+
+impl Sink<WindowUpdate> for LivePublisher {
+    fn offer(&mut self, items: &mut Vec<WindowUpdate>) {
+        match self.tx.try_send(std::mem::take(items)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(lost) | TrySendError::Closed(lost)) => {
+                self.dropped.fetch_add(lost.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! `POST /v1/events`: validate, make durable, then answer 202.
+//!
+//! A request is one event, a JSON array of events, or NDJSON
+//! (`Content-Type: application/x-ndjson`). It is all or nothing: if any event
+//! is invalid, nothing is written and the 400 names every bad index and
+//! field. Accepted events are written as one batch, and the 202 is sent only
+//! once the event sink says they are durable.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde_json::json;
+use tally_dataflow::event::{format_rfc3339, parse_batch, BatchError};
+use warp::http::StatusCode;
+use warp::reply::{json, with_status};
+use warp::Reply;
+
+use crate::reply::{ApiError, ApiResult};
+use crate::{now_ms, Gateway};
+
+/// Bodies larger than this are parsed on the blocking pool, so one large
+/// request does not hold up the connections sharing its runtime thread.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+
+/// Handles one ingest request.
+pub async fn ingest<S, B>(
+    gateway: Arc<Gateway>,
+    content_type: Option<String>,
+    content_length: Option<u64>,
+    body: S,
+) -> ApiResult
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let limit = gateway.config.server.max_body_bytes;
+    let ops = &gateway.ops;
+    if content_length.is_some_and(|len| len > limit) {
+        ops.rejected("too_large", 0);
+        return Err(too_large(limit));
+    }
+    let body = read_limited(body, limit).await.inspect_err(|_| ops.rejected("too_large", 0))?;
+    let ndjson = content_type.is_some_and(|t| t.contains("ndjson") || t.contains("jsonlines"));
+    let received_at = now_ms();
+    let parsed = if body.len() <= INLINE_PARSE_BYTES {
+        parse_batch(&body, ndjson, received_at)
+    } else {
+        tokio::task::spawn_blocking(move || parse_batch(&body, ndjson, received_at))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    };
+    let events = match parsed {
+        Ok(events) => events,
+        Err(BatchError::Malformed(e)) => {
+            ops.rejected("malformed", 0);
+            return Err(ApiError::bad_request(format!("malformed JSON: {e}")));
+        }
+        Err(BatchError::Empty) => {
+            ops.rejected("empty", 0);
+            return Err(ApiError::bad_request("the request holds no events"));
+        }
+        Err(BatchError::Invalid(invalid)) => {
+            ops.rejected("invalid", invalid.len() as u64);
+            let details: Vec<_> = invalid
+                .iter()
+                .flat_map(|(index, errors)| {
+                    errors.iter().map(move |e| json!({"index": index, "field": e.field, "problem": e.problem}))
+                })
+                .collect();
+            let mut error = ApiError::bad_request(format!(
+                "{} invalid event(s); nothing was accepted",
+                invalid.len()
+            ));
+            error.details = Some(details.into());
+            return Err(error);
+        }
+    };
+    let accepted = events.len();
+    let records: Vec<Vec<u8>> = events.iter().map(|e| e.to_json()).collect();
+    if let Err(e) = gateway.events.append(records).await {
+        tracing::error!(error = %e, events = accepted, "cannot append to the event log");
+        ops.rejected("unavailable", 0);
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the event log is unavailable; retry"));
+    }
+    ops.events_accepted.inc_by(accepted as u64);
+    let body = json!({"status": "ACCEPTED", "receivedAt": format_rfc3339(received_at), "accepted": accepted});
+    Ok(with_status(json(&body), StatusCode::ACCEPTED).into_response())
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds the limit of {limit} bytes"))
+}
+
+/// Reads the body, failing as soon as it passes `limit` bytes.
+async fn read_limited<S, B>(mut body: S, limit: u64) -> Result<Vec<u8>, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
+        if (buf.len() + chunk.remaining()) as u64 > limit {
+            return Err(too_large(limit));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.to_vec())
+}

@@ -1,0 +1,395 @@
+//! `GET /v1/live`: WebSocket fan-out of live window values.
+//!
+//! The workers publish per-group window values (partials, finals and
+//! revisions) on the live bus. The [`Hub`], one task, keeps the recent
+//! windows of every metric and the subscriptions of every client. For each
+//! batch from the bus it recomputes the topics that batch touched, by merging
+//! the matching groups' states, and queues one message per topic and window
+//! for each subscribed client.
+//!
+//! A topic is `metrics:<metric>[:<dimension>:<value>]…`; a subscription may
+//! add a `window` (default: the metric's first) and a `groupBy` dimension, in
+//! which case each group's value is a message of its own.
+//!
+//! **Slow consumers.** Each client has a bounded queue (`live.queue`, 50 by
+//! default). The hub never waits on a client: when a queue is full the client
+//! is disconnected, and nobody else is delayed.
+//!
+//! **Revisions.** A topic's open window is sent with `final: false`. Its first
+//! final value has revision 0, and every later change to a final value
+//! (a late event) raises the revision, so `(window, revision)` tells a repeat
+//! from a correction.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tally_dataflow::aggregate::AggState;
+use tally_dataflow::config::MetricSpec;
+use tally_dataflow::event::{format_rfc3339, Millis};
+use tally_dataflow::operators::source::Group;
+use tally_dataflow::operators::windows::WindowUpdate;
+use tally_dataflow::window::WindowSpec;
+use tokio::sync::mpsc;
+use warp::ws::{Message, WebSocket};
+
+use crate::now_ms;
+use crate::ops::Ops;
+
+/// How often the server pings a client.
+const PING_EVERY: Duration = Duration::from_secs(15);
+/// A client silent for this long (no pong, no message) is disconnected.
+const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+
+/// A handle to the fan-out task.
+#[derive(Clone)]
+pub struct Hub {
+    commands: mpsc::Sender<Command>,
+    next_client: Arc<AtomicU64>,
+}
+
+enum Command {
+    Join { client: u64, queue: mpsc::Sender<Arc<str>> },
+    Subscribe { client: u64, request: Request },
+    Unsubscribe { client: u64, request: Request },
+    Leave { client: u64 },
+}
+
+/// A client's message.
+#[derive(Clone, Debug, Deserialize)]
+struct Request {
+    action: String,
+    topic: String,
+    window: Option<String>,
+    #[serde(rename = "groupBy")]
+    group_by: Option<String>,
+}
+
+impl Hub {
+    /// Starts the fan-out task, fed by the live bus.
+    pub fn start(metrics: Arc<Vec<MetricSpec>>, bus: mpsc::Receiver<Vec<WindowUpdate>>, ops: Arc<Ops>) -> Hub {
+        let (commands, rx) = mpsc::channel(4096);
+        tokio::spawn(HubState::new(metrics, ops).run(rx, bus));
+        Hub { commands, next_client: Arc::new(AtomicU64::new(1)) }
+    }
+
+    /// Serves one WebSocket client until it leaves or falls behind.
+    pub async fn serve(self, ws: WebSocket, queue: usize, ops: Arc<Ops>) {
+        let client = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<Arc<str>>(queue);
+        if self.commands.send(Command::Join { client, queue: tx }).await.is_err() {
+            return;
+        }
+        ops.ws_clients.inc();
+        let (mut sink, mut stream) = ws.split();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                message = rx.recv() => match message {
+                    Some(text) => {
+                        if sink.send(Message::text(&*text)).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => {
+                        // The hub dropped us: our queue overflowed.
+                        let _ = sink.send(Message::close_with(1008u16, "too slow: the message queue overflowed")).await;
+                        break;
+                    }
+                },
+                frame = stream.next() => {
+                    let Some(Ok(frame)) = frame else { break };
+                    last_heard = Instant::now();
+                    if frame.is_close() {
+                        break;
+                    }
+                    let Ok(text) = frame.to_str() else { continue };
+                    match serde_json::from_str::<Request>(text) {
+                        Ok(request) if request.action == "subscribe" => {
+                            let _ = self.commands.send(Command::Subscribe { client, request }).await;
+                        }
+                        Ok(request) if request.action == "unsubscribe" => {
+                            let _ = self.commands.send(Command::Unsubscribe { client, request }).await;
+                        }
+                        Ok(request) => {
+                            let error = json!({"error": format!("unknown action '{}': use subscribe or unsubscribe", request.action)});
+                            let _ = sink.send(Message::text(error.to_string())).await;
+                        }
+                        Err(e) => {
+                            let error = json!({"error": format!("cannot read the message: {e}")});
+                            let _ = sink.send(Message::text(error.to_string())).await;
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > SILENCE_LIMIT || sink.send(Message::ping(Vec::new())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = self.commands.send(Command::Leave { client }).await;
+        ops.ws_clients.dec();
+    }
+}
+
+/// A subscription's identity: its topic, window and grouping.
+type SubKey = (String, u8, Option<usize>);
+
+struct Subscription {
+    metric: u16,
+    window: u8,
+    filters: Vec<(usize, String)>,
+    group_by: Option<usize>,
+    clients: HashSet<u64>,
+    /// The revision of the last final value sent, per window and group.
+    finals: HashMap<(Millis, Option<String>), u32>,
+}
+
+/// The latest value of every group in one window.
+struct Slot {
+    end: Millis,
+    groups: HashMap<Group, (AggState, bool)>,
+}
+
+struct HubState {
+    metrics: Arc<Vec<MetricSpec>>,
+    ops: Arc<Ops>,
+    windows: HashMap<(u16, u8), BTreeMap<Millis, Slot>>,
+    subs: HashMap<SubKey, Subscription>,
+    clients: HashMap<u64, (mpsc::Sender<Arc<str>>, HashSet<SubKey>)>,
+}
+
+impl HubState {
+    fn new(metrics: Arc<Vec<MetricSpec>>, ops: Arc<Ops>) -> HubState {
+        HubState { metrics, ops, windows: HashMap::new(), subs: HashMap::new(), clients: HashMap::new() }
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut bus: mpsc::Receiver<Vec<WindowUpdate>>) {
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => break,
+                },
+                updates = bus.recv() => match updates {
+                    Some(updates) => self.updates(updates),
+                    None => break,
+                },
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Join { client, queue } => {
+                self.clients.insert(client, (queue, HashSet::new()));
+            }
+            Command::Leave { client } => self.drop_client(client),
+            Command::Subscribe { client, request } => match self.parse(&request) {
+                Ok(key) => self.subscribe(client, key),
+                Err(error) => self.send_to(client, json!({"error": error, "topic": request.topic}).to_string().into()),
+            },
+            Command::Unsubscribe { client, request } => {
+                let Some((_, keys)) = self.clients.get_mut(&client) else { return };
+                let gone: Vec<SubKey> = keys.iter().filter(|k| k.0 == request.topic).cloned().collect();
+                for key in &gone {
+                    keys.remove(key);
+                }
+                for key in gone {
+                    self.release(client, &key);
+                }
+            }
+        }
+    }
+
+    /// Checks a subscription against the configuration.
+    fn parse(&self, request: &Request) -> Result<SubKey, String> {
+        let mut parts = request.topic.split(':');
+        if parts.next() != Some("metrics") {
+            return Err("a topic is metrics:<metric>[:<dimension>:<value>]…".into());
+        }
+        let name = parts.next().unwrap_or_default();
+        let metric = self.metrics.iter().find(|m| m.name == name).ok_or_else(|| format!("unknown metric '{name}'"))?;
+        let rest: Vec<&str> = parts.collect();
+        if rest.len() % 2 != 0 {
+            return Err("filters come in pairs: <dimension>:<value>".into());
+        }
+        let dimension = |d: &str| {
+            metric.dimensions.iter().position(|x| x == d).ok_or_else(|| format!("'{d}' is not a dimension of {name}"))
+        };
+        for pair in rest.chunks(2) {
+            dimension(pair[0])?;
+        }
+        let window = match &request.window {
+            None => 0,
+            Some(text) => {
+                let spec = WindowSpec::parse(text)?;
+                metric.windows.iter().position(|w| *w == spec).ok_or_else(|| format!("{name} has no window '{text}'"))?
+            }
+        };
+        let group_by = request.group_by.as_deref().map(dimension).transpose()?;
+        Ok((request.topic.clone(), window as u8, group_by))
+    }
+
+    fn subscribe(&mut self, client: u64, key: SubKey) {
+        let Some((_, keys)) = self.clients.get_mut(&client) else { return };
+        if !keys.insert(key.clone()) {
+            return;
+        }
+        let sub = self.subs.entry(key.clone()).or_insert_with(|| {
+            let mut parts = key.0.split(':').skip(1);
+            let name = parts.next().unwrap_or_default();
+            let (metric, spec) = self.metrics.iter().enumerate().find(|(_, m)| m.name == name).expect("checked by parse");
+            let rest: Vec<&str> = parts.collect();
+            let filters = rest
+                .chunks(2)
+                .map(|p| (spec.dimensions.iter().position(|d| d == p[0]).expect("checked by parse"), p[1].to_owned()))
+                .collect();
+            Subscription {
+                metric: metric as u16,
+                window: key.1,
+                filters,
+                group_by: key.2,
+                clients: HashSet::new(),
+                finals: HashMap::new(),
+            }
+        });
+        sub.clients.insert(client);
+        // A new subscriber first gets the current value: the newest window.
+        let current = self
+            .windows
+            .get(&(sub.metric, sub.window))
+            .and_then(|slots| slots.iter().next_back())
+            .map(|(start, slot)| messages(&self.metrics, &key, sub, *start, slot, false));
+        for message in current.into_iter().flatten() {
+            self.send_to(client, message);
+        }
+    }
+
+    fn release(&mut self, client: u64, key: &SubKey) {
+        if let Some(sub) = self.subs.get_mut(key) {
+            sub.clients.remove(&client);
+            if sub.clients.is_empty() {
+                self.subs.remove(key);
+            }
+        }
+    }
+
+    fn drop_client(&mut self, client: u64) {
+        if let Some((_, keys)) = self.clients.remove(&client) {
+            for key in keys {
+                self.release(client, &key);
+            }
+        }
+    }
+
+    fn send_to(&mut self, client: u64, message: Arc<str>) {
+        let full = match self.clients.get(&client) {
+            Some((queue, _)) => queue.try_send(message).is_err(),
+            None => false,
+        };
+        if full {
+            self.ops.ws_slow_dropped.inc();
+            self.drop_client(client);
+        }
+    }
+
+    fn updates(&mut self, updates: Vec<WindowUpdate>) {
+        let mut touched = BTreeSet::new();
+        for u in updates {
+            let slots = self.windows.entry((u.metric, u.window)).or_default();
+            let slot = slots.entry(u.span.start).or_insert_with(|| Slot { end: u.span.end, groups: HashMap::new() });
+            slot.groups.insert(u.group, (u.state, u.is_final));
+            touched.insert((u.metric, u.window, u.span.start));
+        }
+        for (&(metric, window), slots) in self.windows.iter_mut() {
+            // Keep the windows that can still change: as many as overlap,
+            // and a few closed ones for late revisions.
+            let spec = self.metrics[metric as usize].windows[window as usize];
+            let keep = (spec.size() / spec.slide()) as usize + 4;
+            while slots.len() > keep {
+                slots.pop_first();
+            }
+        }
+        let mut outbox: Vec<(Vec<u64>, Arc<str>)> = Vec::new();
+        for (key, sub) in self.subs.iter_mut() {
+            for &(_, _, start) in touched.range((sub.metric, sub.window, Millis::MIN)..=(sub.metric, sub.window, Millis::MAX)) {
+                let Some(slot) = self.windows.get(&(sub.metric, sub.window)).and_then(|s| s.get(&start)) else { continue };
+                let clients: Vec<u64> = sub.clients.iter().copied().collect();
+                for message in messages(&self.metrics, key, sub, start, slot, true) {
+                    outbox.push((clients.clone(), message));
+                }
+            }
+        }
+        for (clients, message) in outbox {
+            for client in clients {
+                self.send_to(client, Arc::clone(&message));
+            }
+        }
+    }
+}
+
+/// The messages a subscription gets for one window: one, or one per group.
+/// With `advance`, a final value that changed takes the next revision.
+fn messages(
+    metrics: &[MetricSpec],
+    key: &SubKey,
+    sub: &mut Subscription,
+    start: Millis,
+    slot: &Slot,
+    advance: bool,
+) -> Vec<Arc<str>> {
+    let metric = &metrics[sub.metric as usize];
+    let spec = metric.windows[sub.window as usize];
+    let mut merged: BTreeMap<Option<String>, (AggState, bool)> = BTreeMap::new();
+    for (group, (state, is_final)) in &slot.groups {
+        if !sub.filters.iter().all(|(d, v)| group.get(*d) == Some(v)) {
+            continue;
+        }
+        let entry = merged.entry(sub.group_by.map(|d| group[d].clone())).or_insert((AggState::default(), true));
+        entry.0.merge(state);
+        entry.1 &= *is_final;
+    }
+    let now = format_rfc3339(now_ms());
+    merged
+        .into_iter()
+        .map(|(group, (state, is_final))| {
+            let revision = if is_final {
+                let entry = sub.finals.entry((start, group.clone()));
+                match entry {
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        if advance {
+                            *e.get_mut() += 1;
+                        }
+                        *e.get()
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => *e.insert(0),
+                }
+            } else {
+                0
+            };
+            let mut body = json!({
+                "topic": key.0,
+                "window": spec.to_string(),
+                "windowStart": format_rfc3339(start),
+                "windowEnd": format_rfc3339(slot.end),
+                "value": state.value(metric.aggregate),
+                "timestamp": now,
+                "revision": revision,
+                "final": is_final,
+            });
+            if let (Some(d), Some(value)) = (sub.group_by, group) {
+                let mut g = Map::new();
+                g.insert(metric.dimensions[d].clone(), Value::String(value));
+                body["group"] = Value::Object(g);
+            }
+            Arc::from(body.to_string())
+        })
+        .collect()
+}

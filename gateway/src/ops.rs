@@ -1,0 +1,135 @@
+//! Operations: Prometheus text at `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Request counters are updated by the handlers, once per request. Values
+//! owned elsewhere (log size, watermarks, the job's counters) are read when
+//! Prometheus scrapes, through the [`Observe`] callback, so nothing is
+//! counted per record.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Values read at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// Bytes held by the event log.
+    pub log_bytes: u64,
+    /// Each worker's watermark, in Unix milliseconds.
+    pub watermarks: Vec<Option<i64>>,
+    /// Final window results emitted, revisions included.
+    pub windows_emitted: u64,
+    /// Late contributions that revised a closed window.
+    pub late_updates: u64,
+    /// Events sent to the dead letters.
+    pub dead_letters: u64,
+    /// Live updates dropped because the gateway was behind.
+    pub live_dropped: u64,
+}
+
+/// Reads the values owned outside the gateway.
+pub type Observe = Box<dyn Fn() -> Observed + Send + Sync>;
+
+/// The gateway's metrics.
+pub struct Ops {
+    registry: Registry,
+    /// Events accepted into the log.
+    pub events_accepted: IntCounter,
+    events_rejected: IntCounter,
+    requests_rejected: IntCounterVec,
+    /// Connected WebSocket clients.
+    pub ws_clients: IntGauge,
+    /// WebSocket clients dropped for falling behind.
+    pub ws_slow_dropped: IntCounter,
+    log_bytes: IntGauge,
+    watermark_lag: IntGaugeVec,
+    windows_emitted: IntCounter,
+    late_updates: IntCounter,
+    dead_letters: IntCounter,
+    live_dropped: IntCounter,
+    observe: Observe,
+    ready: AtomicBool,
+}
+
+impl Ops {
+    /// Registers every metric.
+    pub fn new(observe: Observe) -> Ops {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric name");
+            registry.register(Box::new(c.clone())).expect("registered once");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric name");
+            registry.register(Box::new(g.clone())).expect("registered once");
+            g
+        };
+        let requests_rejected = IntCounterVec::new(
+            Opts::new("tally_ingest_requests_rejected_total", "Ingest requests rejected, by reason."),
+            &["reason"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(requests_rejected.clone())).expect("registered once");
+        let watermark_lag = IntGaugeVec::new(
+            Opts::new("tally_watermark_lag_seconds", "Wall-clock time minus the worker's event-time watermark."),
+            &["worker"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(watermark_lag.clone())).expect("registered once");
+        Ops {
+            events_accepted: counter("tally_events_accepted_total", "Events accepted into the log."),
+            events_rejected: counter("tally_events_rejected_total", "Invalid events in rejected batches."),
+            requests_rejected,
+            ws_clients: gauge("tally_ws_clients", "Connected WebSocket clients."),
+            ws_slow_dropped: counter("tally_ws_slow_clients_dropped_total", "WebSocket clients disconnected for a full queue."),
+            log_bytes: gauge("tally_log_bytes", "Bytes held by the event log."),
+            watermark_lag,
+            windows_emitted: counter("tally_windows_emitted_total", "Final window results emitted, revisions included."),
+            late_updates: counter("tally_late_updates_total", "Late contributions that revised a closed window."),
+            dead_letters: counter("tally_dead_letters_total", "Events too late for any kept window."),
+            live_dropped: counter("tally_live_updates_dropped_total", "Live updates dropped because the fan-out was behind."),
+            registry,
+            observe,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a rejected request, and the invalid events in it.
+    pub fn rejected(&self, reason: &str, events: u64) {
+        self.requests_rejected.with_label_values(&[reason]).inc();
+        self.events_rejected.inc_by(events);
+    }
+
+    /// Marks the node ready (or not) for `/readyz`.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the node is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, now_ms: i64) -> String {
+        let o = (self.observe)();
+        self.log_bytes.set(o.log_bytes as i64);
+        for (worker, watermark) in o.watermarks.iter().enumerate() {
+            if let Some(w) = watermark {
+                self.watermark_lag.with_label_values(&[&worker.to_string()]).set((now_ms - w) / 1000);
+            }
+        }
+        for (counter, value) in [
+            (&self.windows_emitted, o.windows_emitted),
+            (&self.late_updates, o.late_updates),
+            (&self.dead_letters, o.dead_letters),
+            (&self.live_dropped, o.live_dropped),
+        ] {
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail.
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}

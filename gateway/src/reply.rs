@@ -1,0 +1,54 @@
+//! JSON replies and errors.
+
+use serde::Serialize;
+use warp::http::StatusCode;
+use warp::reply::{json, with_status, Response};
+use warp::Reply;
+
+/// An error a client sees: a status and a JSON body `{"error": …}` with
+/// optional details.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// What went wrong, in one sentence.
+    pub message: String,
+    /// Structured details, such as the invalid fields of a batch.
+    pub details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    /// An error with no details.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into(), details: None }
+    }
+
+    /// A 400 Bad Request.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<&'a serde_json::Value>,
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        with_status(json(&ErrorBody { error: &self.message, details: self.details.as_ref() }), self.status).into_response()
+    }
+}
+
+/// A handler's result: a reply or an error, both rendered as JSON.
+pub type ApiResult = Result<Response, ApiError>;
+
+/// Renders a handler's result.
+pub fn render(result: ApiResult) -> Response {
+    match result {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}

@@ -1,0 +1,76 @@
+//! `--demo`: a synthetic clickstream, so a new user sees numbers move at once.
+//!
+//! About 200 events a second: ad clicks across 12 campaigns, 7 countries and
+//! 3 device types by a pool of users, and some purchases with an amount. A
+//! few events are out of order (up to 3 s old), a few are late but within
+//! the allowed lateness (10 to 25 s old, so windows get revisions), and a
+//! very few are too late (1 to 2 minutes old, so they go to the dead letters).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_dataflow::event::Event;
+use tally_gateway::backend::EventSink;
+use tally_gateway::now_ms;
+
+const CAMPAIGNS: usize = 12;
+const COUNTRIES: [&str; 7] = ["US", "GB", "DE", "FR", "IN", "BR", "JP"];
+const DEVICES: [&str; 3] = ["MOBILE", "DESKTOP", "TABLET"];
+const USERS: u32 = 5_000;
+/// Events per tick, ten ticks a second.
+const PER_TICK: usize = 20;
+
+/// Appends synthetic events until the task is aborted.
+pub async fn feed(sink: Arc<dyn EventSink>) {
+    let mut rng = fastrand::Rng::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut serial: u64 = 0;
+    loop {
+        tick.tick().await;
+        let now = now_ms();
+        let records: Vec<Vec<u8>> = (0..PER_TICK)
+            .map(|_| {
+                serial += 1;
+                event(&mut rng, now, serial).to_json()
+            })
+            .collect();
+        if let Err(e) = sink.append(records).await {
+            tracing::warn!(error = %e, "the demo feed cannot append");
+        }
+    }
+}
+
+fn event(rng: &mut fastrand::Rng, now: i64, serial: u64) -> Event {
+    // Skewed choices, so some campaigns and countries lead.
+    let campaign = 1000 + (rng.usize(..CAMPAIGNS) * rng.usize(..CAMPAIGNS)) / CAMPAIGNS;
+    let country = COUNTRIES[rng.usize(..COUNTRIES.len()).min(rng.usize(..COUNTRIES.len()))];
+    let device = DEVICES[rng.usize(..DEVICES.len())];
+    let user = rng.u32(..USERS);
+    let lateness = match rng.u32(..1000) {
+        0..=1 => rng.i64(60_000..120_000),
+        2..=11 => rng.i64(10_000..25_000),
+        12..=61 => rng.i64(0..3_000),
+        _ => 0,
+    };
+    let purchase = rng.u32(..100) < 4;
+    let mut values = BTreeMap::new();
+    if purchase {
+        values.insert("amount".to_string(), (rng.u32(500..20_000) as f64) / 100.0);
+    }
+    Event {
+        event_id: Some(format!("demo_{serial}")),
+        event_type: if purchase { "purchase" } else { "ad_click" }.to_string(),
+        timestamp: now - lateness,
+        dimensions: [
+            ("campaignId", format!("camp_{campaign}")),
+            ("country", country.to_string()),
+            ("deviceType", device.to_string()),
+            ("userId", format!("usr_{user:05}")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        values,
+    }
+}

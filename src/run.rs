@@ -1,0 +1,206 @@
+//! `tally run`: the embedded pipeline in one process.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tally_connectors::bus::inprocess;
+use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig, LogSource};
+use tally_connectors::store::sqlite::SqliteStore;
+use tally_dataflow::config::{Config, Fsync};
+use tally_dataflow::job::{self, JobSettings, Sinks};
+use tally_dataflow::stats::JobStats;
+use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
+use tally_gateway::live::Hub;
+use tally_gateway::ops::{Observed, Ops};
+use tally_gateway::Gateway;
+use tracing::info;
+
+use crate::RunArgs;
+
+/// Batches of live updates in flight between the workers and the fan-out.
+const LIVE_BUS_BATCHES: usize = 1024;
+
+/// Loads the configuration: defaults, then the file, then `TALLY__*`
+/// variables, then the command-line flags.
+pub fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
+    let path = args.config.clone().or_else(|| Some(PathBuf::from("cluster.toml")).filter(|p| p.exists()));
+    let text = match &path {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    let mut env: Vec<(String, String)> = std::env::vars().collect();
+    if let Some(listen) = args.listen {
+        env.push(("TALLY__SERVER__LISTEN".into(), toml_string(&listen.to_string())));
+    }
+    if let Some(dir) = &args.data_dir {
+        env.push(("TALLY__STORAGE__DATA_DIR".into(), toml_string(&dir.to_string_lossy())));
+    }
+    if let Some(workers) = args.workers {
+        env.push(("TALLY__DATAFLOW__WORKERS".into(), workers.to_string()));
+    }
+    match Config::load(text.as_deref(), env) {
+        Ok(config) => Ok(config),
+        Err(errors) => {
+            let source = path.map_or("the defaults".to_string(), |p| p.display().to_string());
+            bail!("invalid configuration ({source}):\n  - {}", errors.join("\n  - "))
+        }
+    }
+}
+
+/// A TOML string literal.
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Runs until SIGTERM or Ctrl-C.
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = Arc::new(load_config(&args)?);
+    let data_dir = config.storage.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let log = open_log(&config, &data_dir.join("log"))?;
+    let (store, writer) =
+        SqliteStore::open(&data_dir.join("results.db"), config.metrics.clone()).context("opening the result store")?;
+    let workers = config.workers();
+    let stats = Arc::new(JobStats::new(workers));
+    let (live, bus) = inprocess::channel(LIVE_BUS_BATCHES);
+
+    // The timely workers, one thread each, reading their share of partitions.
+    let stop = Arc::new(AtomicBool::new(false));
+    let settings = JobSettings::from_config(&config);
+    let guards = {
+        let (log, stats, stop, live) = (log.clone(), Arc::clone(&stats), Arc::clone(&stop), live.clone());
+        let (store_sink, dead_sink) = (writer.window_sink(), writer.dead_letter_sink());
+        let partitions = log.partitions();
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let index = worker.index();
+            let mine: Vec<u32> = (0..partitions).filter(|p| *p as usize % workers == index).collect();
+            let source = LogSource::new(log.clone(), mine.clone());
+            let sinks = Sinks {
+                store: store_sink.clone(),
+                live: live.clone(),
+                dead_letters: dead_sink.clone(),
+            };
+            worker.dataflow::<u64, _, _>(|scope| job::build(scope, source, &settings, Arc::clone(&stats), sinks));
+            info!(worker = index, partitions = ?mine, "worker started");
+            while !stop.load(Ordering::Relaxed) {
+                worker.step_or_park(Some(Duration::from_millis(100)));
+            }
+            // The sources never finish, so stop the dataflow rather than wait
+            // for it; what it held is recomputed from the log on restart.
+            for dataflow in worker.installed_dataflows() {
+                worker.drop_dataflow(dataflow);
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("gateway").build()?;
+    let events = Arc::new(EmbeddedLog::new(log.clone()));
+    let observe = {
+        let (events, stats, live) = (Arc::clone(&events), Arc::clone(&stats), live.clone());
+        Box::new(move || Observed {
+            log_bytes: events.log_bytes(),
+            watermarks: stats.watermarks(),
+            windows_emitted: stats.windows_emitted.load(Ordering::Relaxed),
+            late_updates: stats.late_updates.load(Ordering::Relaxed),
+            dead_letters: stats.dead_letters.load(Ordering::Relaxed),
+            live_dropped: live.dropped(),
+        })
+    };
+    drop(live);
+    let ops = Arc::new(Ops::new(observe));
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding {}", config.server.listen))?;
+        let address = listener.local_addr()?;
+        let hub = Hub::start(Arc::new(config.metrics.clone()), bus, Arc::clone(&ops));
+        let gateway = Arc::new(Gateway {
+            config: Arc::clone(&config),
+            events: Arc::clone(&events) as Arc<dyn EventSink>,
+            history: Arc::new(EmbeddedStore(Arc::new(store))),
+            hub,
+            ops: Arc::clone(&ops),
+        });
+        let retention = tokio::spawn(enforce_retention(log.clone()));
+        let demo = args.demo.then(|| tokio::spawn(crate::demo::feed(Arc::clone(&events) as Arc<dyn EventSink>)));
+        ops.set_ready(true);
+        info!(%address, workers, data_dir = %data_dir.display(), "tally is listening");
+        // A line for scripts and tests that start tally on port 0.
+        println!("listening on http://{address}");
+        tally_gateway::serve(listener, gateway, shutdown_signal()).await;
+        info!("shutting down");
+        retention.abort();
+        if let Some(demo) = demo {
+            demo.abort();
+        }
+        anyhow::Ok(())
+    })?;
+    drop(runtime);
+
+    stop.store(true, Ordering::Relaxed);
+    for result in guards.join() {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "a worker panicked");
+        }
+    }
+    drop(events);
+    writer.close();
+    log.close().context("closing the event log")?;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+fn open_log(config: &Config, dir: &Path) -> anyhow::Result<EventLog> {
+    let fsync = match config.log.fsync {
+        Fsync::Always => FsyncPolicy::Always,
+        Fsync::Interval(d) => FsyncPolicy::Interval(d),
+        Fsync::Never => FsyncPolicy::Never,
+    };
+    EventLog::open(LogConfig {
+        dir: dir.to_owned(),
+        partitions: config.log.partitions,
+        segment_bytes: config.log.segment_bytes,
+        fsync,
+        retention: config.log.retention,
+    })
+    .with_context(|| format!("opening the event log in {}", dir.display()))
+}
+
+/// Deletes log segments older than the retention, once a minute.
+async fn enforce_retention(log: EventLog) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let log = log.clone();
+        let now = tally_gateway::now_ms();
+        match tokio::task::spawn_blocking(move || log.enforce_retention(now)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(deleted)) => info!(deleted, "deleted log segments past retention"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot enforce log retention"),
+            Err(e) => tracing::warn!(error = %e, "the retention task failed"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => info!("received SIGTERM"),
+        _ = tokio::signal::ctrl_c() => info!("received Ctrl-C"),
+    }
+}
