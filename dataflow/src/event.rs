@@ -190,6 +190,9 @@ fn not_an_object<'a>(found: &str) -> Element<'a> {
     Element(Err(vec![FieldError::new("", format!("must be an event object, found {found}"))]))
 }
 
+/// An object's entries, each value read leniently.
+type LenientMap<'a, V> = Lenient<Vec<(Cow<'a, str>, Lenient<V>)>>;
+
 /// The event as sent. Every field is lenient: a wrong type is recorded, not
 /// raised, so that all problems of an event are reported together.
 #[derive(Deserialize)]
@@ -201,9 +204,9 @@ struct RawEvent<'a> {
     #[serde(default)]
     timestamp: Option<Lenient<Timestamp>>,
     #[serde(borrow = "'a", default)]
-    dimensions: Option<Lenient<Vec<(Cow<'a, str>, Lenient<DimValue>)>>>,
+    dimensions: Option<LenientMap<'a, DimValue>>,
     #[serde(borrow = "'a", default)]
-    values: Option<Lenient<Vec<(Cow<'a, str>, Lenient<f64>)>>>,
+    values: Option<LenientMap<'a, f64>>,
 }
 
 impl RawEvent<'_> {

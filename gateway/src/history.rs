@@ -9,7 +9,7 @@ use warp::http::StatusCode;
 use warp::reply::json;
 use warp::Reply;
 
-use crate::reply::{ApiError, ApiResult};
+use crate::reply::{number, ApiError, ApiResult};
 use crate::{now_ms, Gateway};
 
 /// Answers a history query.
@@ -69,15 +69,6 @@ pub async fn dead_letters(gateway: Arc<Gateway>, raw_query: String) -> ApiResult
         })
         .collect();
     Ok(json(&json!({"deadLetters": items})).into_response())
-}
-
-/// Whole numbers print without a fraction, as counts should.
-fn number(v: f64) -> Value {
-    if v.fract() == 0.0 && v.abs() < 9e15 {
-        json!(v as i64)
-    } else {
-        json!(v)
-    }
 }
 
 fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ApiError> {

@@ -77,7 +77,7 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
     let metrics = warp::path!("v1" / "metrics")
         .and(warp::get())
         .and(with.clone())
-        .and(raw_query.clone())
+        .and(raw_query)
         .then(|gw, q| async move { render(history::metrics(gw, q).await) });
     let dead = warp::path!("v1" / "deadletters")
         .and(warp::get())

@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use warp::ws::{Message, WebSocket};
 
 use crate::now_ms;
+use crate::reply::number;
 use crate::ops::Ops;
 
 /// How often the server pings a client.
@@ -147,8 +148,16 @@ struct Subscription {
     filters: Vec<(usize, String)>,
     group_by: Option<usize>,
     clients: HashSet<u64>,
-    /// The revision of the last final value sent, per window and group.
-    finals: HashMap<(Millis, Option<String>), u32>,
+    /// What was last sent, per window and group.
+    sent: HashMap<(Millis, Option<String>), Sent>,
+}
+
+/// The last message of a subscription for one window and group.
+#[derive(Clone, Copy, PartialEq)]
+struct Sent {
+    value: Option<f64>,
+    is_final: bool,
+    revision: u32,
 }
 
 /// The latest value of every group in one window.
@@ -217,7 +226,7 @@ impl HubState {
         let name = parts.next().unwrap_or_default();
         let metric = self.metrics.iter().find(|m| m.name == name).ok_or_else(|| format!("unknown metric '{name}'"))?;
         let rest: Vec<&str> = parts.collect();
-        if rest.len() % 2 != 0 {
+        if !rest.len().is_multiple_of(2) {
             return Err("filters come in pairs: <dimension>:<value>".into());
         }
         let dimension = |d: &str| {
@@ -257,7 +266,7 @@ impl HubState {
                 filters,
                 group_by: key.2,
                 clients: HashSet::new(),
-                finals: HashMap::new(),
+                sent: HashMap::new(),
             }
         });
         sub.clients.insert(client);
@@ -319,6 +328,9 @@ impl HubState {
         }
         let mut outbox: Vec<(Vec<u64>, Arc<str>)> = Vec::new();
         for (key, sub) in self.subs.iter_mut() {
+            if let Some(oldest) = self.windows.get(&(sub.metric, sub.window)).and_then(|s| s.keys().next()) {
+                sub.sent.retain(|(start, _), _| start >= oldest);
+            }
             for &(_, _, start) in touched.range((sub.metric, sub.window, Millis::MIN)..=(sub.metric, sub.window, Millis::MAX)) {
                 let Some(slot) = self.windows.get(&(sub.metric, sub.window)).and_then(|s| s.get(&start)) else { continue };
                 let clients: Vec<u64> = sub.clients.iter().copied().collect();
@@ -336,14 +348,17 @@ impl HubState {
 }
 
 /// The messages a subscription gets for one window: one, or one per group.
-/// With `advance`, a final value that changed takes the next revision.
+///
+/// With `changes_only`, values equal to the last one sent are left out, as
+/// a batch may touch a window without changing what this topic sees. A final
+/// value that differs from the last final sent takes the next revision.
 fn messages(
     metrics: &[MetricSpec],
     key: &SubKey,
     sub: &mut Subscription,
     start: Millis,
     slot: &Slot,
-    advance: bool,
+    changes_only: bool,
 ) -> Vec<Arc<str>> {
     let metric = &metrics[sub.metric as usize];
     let spec = metric.windows[sub.window as usize];
@@ -359,27 +374,26 @@ fn messages(
     let now = format_rfc3339(now_ms());
     merged
         .into_iter()
-        .map(|(group, (state, is_final))| {
-            let revision = if is_final {
-                let entry = sub.finals.entry((start, group.clone()));
-                match entry {
-                    std::collections::hash_map::Entry::Occupied(mut e) => {
-                        if advance {
-                            *e.get_mut() += 1;
-                        }
-                        *e.get()
+        .filter_map(|(group, (state, is_final))| {
+            let value = state.value(metric.aggregate);
+            let last = sub.sent.get(&(start, group.clone())).copied();
+            let revision = match last {
+                Some(last) if last.value == value && last.is_final == is_final => {
+                    if changes_only {
+                        return None;
                     }
-                    std::collections::hash_map::Entry::Vacant(e) => *e.insert(0),
+                    last.revision
                 }
-            } else {
-                0
+                Some(last) if last.is_final && is_final => last.revision + 1,
+                _ => 0,
             };
+            sub.sent.insert((start, group.clone()), Sent { value, is_final, revision });
             let mut body = json!({
                 "topic": key.0,
                 "window": spec.to_string(),
                 "windowStart": format_rfc3339(start),
                 "windowEnd": format_rfc3339(slot.end),
-                "value": state.value(metric.aggregate),
+                "value": value.map(number),
                 "timestamp": now,
                 "revision": revision,
                 "final": is_final,
@@ -389,7 +403,86 @@ fn messages(
                 g.insert(metric.dimensions[d].clone(), Value::String(value));
                 body["group"] = Value::Object(g);
             }
-            Arc::from(body.to_string())
+            Some(Arc::from(body.to_string()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_dataflow::config::Config;
+    use tally_dataflow::window::Span;
+    use tokio::sync::mpsc::error::TryRecvError;
+
+    use super::*;
+    use crate::ops::Observed;
+
+    fn hub() -> (HubState, Arc<Ops>) {
+        let config = Config::load(
+            Some("[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"country\"]\nwindows = [\"tumbling 10s\"]\n"),
+            [],
+        )
+        .unwrap();
+        let ops = Arc::new(Ops::new(Box::new(Observed::default)));
+        (HubState::new(Arc::new(config.metrics), Arc::clone(&ops)), ops)
+    }
+
+    fn update(count: u64, is_final: bool) -> WindowUpdate {
+        WindowUpdate {
+            metric: 0,
+            window: 0,
+            span: Span { start: 0, end: 10_000 },
+            group: vec!["US".into()],
+            state: AggState { count, ..Default::default() },
+            revision: 0,
+            is_final,
+        }
+    }
+
+    fn subscribe(hub: &mut HubState, client: u64, queue: usize) -> mpsc::Receiver<Arc<str>> {
+        let (tx, rx) = mpsc::channel(queue);
+        hub.command(Command::Join { client, queue: tx });
+        let request = Request { action: "subscribe".into(), topic: "metrics:ad_clicks".into(), window: None, group_by: None };
+        hub.command(Command::Subscribe { client, request });
+        rx
+    }
+
+    #[test]
+    fn a_slow_client_is_dropped_and_the_others_get_everything() {
+        let (mut hub, ops) = hub();
+        let mut healthy = subscribe(&mut hub, 1, 50);
+        let mut stalled = subscribe(&mut hub, 2, 50);
+        let mut received = 0;
+        for count in 1..=200 {
+            hub.updates(vec![update(count, false)]);
+            while healthy.try_recv().is_ok() {
+                received += 1;
+            }
+        }
+        assert_eq!(received, 200);
+        let mut queued = 0;
+        while stalled.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, 50);
+        assert_eq!(stalled.try_recv(), Err(TryRecvError::Disconnected));
+        assert_eq!(ops.ws_slow_dropped.get(), 1);
+    }
+
+    #[test]
+    fn finals_are_revised_only_when_they_change() {
+        let (mut hub, _) = hub();
+        let mut rx = subscribe(&mut hub, 1, 50);
+        hub.updates(vec![update(3, false)]);
+        hub.updates(vec![update(3, false)]);
+        hub.updates(vec![update(3, true)]);
+        hub.updates(vec![update(3, true)]);
+        hub.updates(vec![update(4, true)]);
+        let mut got = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            let m: Value = serde_json::from_str(&m).unwrap();
+            got.push((m["value"].as_u64().unwrap(), m["final"].as_bool().unwrap(), m["revision"].as_u64().unwrap()));
+        }
+        assert_eq!(got, [(3, false, 0), (3, true, 0), (4, true, 1)]);
+    }
 }

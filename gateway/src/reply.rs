@@ -52,3 +52,13 @@ pub fn render(result: ApiResult) -> Response {
         Err(error) => error.into_response(),
     }
 }
+
+/// A metric value as JSON: whole numbers print without a fraction, as counts
+/// should.
+pub fn number(v: f64) -> serde_json::Value {
+    if v.fract() == 0.0 && v.abs() < 9e15 {
+        serde_json::json!(v as i64)
+    } else {
+        serde_json::json!(v)
+    }
+}

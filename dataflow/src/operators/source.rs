@@ -11,8 +11,9 @@
 //! partitions; that is timely's frontier, and windows close when it passes
 //! their end. A partition without new data for `idle_timeout` stops holding the
 //! capability back. When every partition of a worker is idle, its capability
-//! moves up to the highest watermark any worker of the process has reached, so
-//! an idle worker does not stall the others either.
+//! moves just past the highest watermark any worker of the process has
+//! reached, so an idle worker does not stall the others, and data waiting at
+//! the last watermark is released once the whole input has gone quiet.
 //!
 //! An event earlier than its batch's watermark minus `allowed_lateness` can no
 //! longer reach window state that is kept; it leaves as a [`DeadLetter`].
@@ -197,7 +198,9 @@ pub fn log_source<'scope, S: BatchSource>(
             let active_min = clocks.iter().filter(|c| !idle(c)).map(|c| c.watermark.unwrap_or(*cap.time())).min();
             let own_max = clocks.iter().filter_map(|c| c.watermark).max().unwrap_or(0);
             stats.raise_high_watermark(own_max);
-            let target = active_min.unwrap_or_else(|| own_max.max(stats.high_watermark()));
+            // With every partition idle, step just past the highest watermark,
+            // so data waiting at exactly that time is released too.
+            let target = active_min.unwrap_or_else(|| own_max.max(stats.high_watermark()) + 1);
             if target > *cap.time() {
                 cap.downgrade(&target);
             }

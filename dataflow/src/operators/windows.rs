@@ -16,7 +16,9 @@
 //!
 //! Between those points, windows touched since the last tick are emitted as
 //! partials (`is_final: false`), at most once per `live_interval` of
-//! processing time. Partials are for live views only and are not stored.
+//! processing time. Partials also count data still waiting for the frontier,
+//! so a live view is as fresh as the data that has arrived. They are for live
+//! views only and are not stored.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -107,6 +109,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     let Some(&time) = cap.least() else { return };
                     let batch = stash.entry(time).or_default();
                     for container in data {
+                        state.note_arrival(time as Millis, container);
                         batch.append(container);
                     }
                 });
@@ -126,7 +129,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     None => state.close_until(Millis::MAX, &mut emitted),
                 }
                 if last_partials.elapsed() >= settings.live_interval {
-                    state.partials(&mut emitted);
+                    state.partials(&stash, &mut emitted);
                     last_partials = Instant::now();
                 }
                 if state.has_partials() {
@@ -236,7 +239,7 @@ impl WindowState {
                         late.insert(key);
                     } else if span.end <= time {
                         // A window that closed empty gets its first data late.
-                        self.closed.insert(key, 0);
+                        self.closed.entry(key).or_insert(0);
                         self.closed_by_end.insert((span.end, g, w as u8));
                         late.insert(key);
                     } else {
@@ -279,11 +282,47 @@ impl WindowState {
     }
 
     /// Emits partial values of the open windows changed since the last call.
-    fn partials(&mut self, out: &mut Vec<WindowUpdate>) {
+    ///
+    /// Partials include the stashed data the frontier has not released yet,
+    /// when it is on time for its window, so live views do not wait for the
+    /// slowest partition. They are never stored, so this does not touch the
+    /// determinism of finals.
+    fn partials(&mut self, stash: &BTreeMap<u64, Vec<Contribution>>, out: &mut Vec<WindowUpdate>) {
+        if self.partial_dirty.is_empty() {
+            return;
+        }
+        let mut pending: HashMap<usize, BTreeMap<Millis, AggState>> = HashMap::new();
+        for c in stash.values().flatten() {
+            let g = self.intern(c.metric, c.group.clone());
+            pending.entry(g).or_default().entry(c.pane).or_default().merge(&c.state);
+        }
         let mut dirty: Vec<WindowKey> = self.partial_dirty.drain().collect();
         dirty.sort_unstable();
         for key in dirty {
-            out.push(self.update(key, 0, false));
+            let mut update = self.update(key, 0, false);
+            if let Some(panes) = pending.get(&key.0) {
+                for (_, state) in panes.range(update.span.start..update.span.end) {
+                    update.state.merge(state);
+                }
+            }
+            out.push(update);
+        }
+    }
+
+    /// Marks the open windows that data arriving at `time` will change, so
+    /// the next partials show it.
+    fn note_arrival(&mut self, time: Millis, batch: &[Contribution]) {
+        let metrics = Rc::clone(&self.metrics);
+        for c in batch {
+            let g = self.intern(c.metric, c.group.clone());
+            for (w, window) in metrics[c.metric as usize].windows.iter().enumerate() {
+                for span in window.windows_of_pane(c.pane) {
+                    let key = (g, w as u8, span.end);
+                    if span.end > time && !self.closed.contains_key(&key) {
+                        self.partial_dirty.insert(key);
+                    }
+                }
+            }
         }
     }
 

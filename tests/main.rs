@@ -1,0 +1,10 @@
+//! Integration tests: each starts the real `tally run` on port 0 in a
+//! temporary directory and checks what a user would.
+
+mod util;
+
+mod determinism;
+mod history;
+mod ingest;
+mod live;
+mod restart;

@@ -1,0 +1,213 @@
+//! Helpers shared by the integration tests: a `tally run` process on port 0
+//! in a temporary directory, an HTTP client, and a deterministic event set.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The repository's default configuration, which the tests run with.
+pub fn default_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.toml")
+}
+
+/// A running `tally run`.
+pub struct Tally {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its data directory.
+    pub dir: PathBuf,
+    agent: ureq::Agent,
+}
+
+impl Tally {
+    /// Starts `tally run` on port 0 in `dir`, with `TALLY__*` overrides and
+    /// extra flags, and waits until it listens.
+    pub fn start(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Tally {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
+            .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .arg("--config")
+            .arg(default_config())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start tally");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read tally's first line");
+        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line: {line:?}")).to_string();
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        Tally { child: Some(child), url, dir: dir.to_owned(), agent }
+    }
+
+    /// POSTs a body; returns the status and the JSON answer.
+    pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        let mut response = self
+            .agent
+            .post(format!("{}{path}", self.url))
+            .header("content-type", content_type)
+            .send(body)
+            .expect("POST");
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// POSTs events as a JSON array and insists on a 202.
+    pub fn post_events(&self, events: &[Value]) {
+        let body = serde_json::to_vec(events).expect("serialise");
+        let (status, answer) = self.post("/v1/events", "application/json", &body);
+        assert_eq!(status, 202, "POST /v1/events answered {answer}");
+        assert_eq!(answer["accepted"], events.len());
+    }
+
+    /// GETs a path; returns the status and the body, as JSON when it is.
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let mut response = self.agent.get(format!("{}{path}", self.url)).call().expect("GET");
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Posts one event at `at_ms` to every partition, so that every
+    /// partition's watermark passes everything before it.
+    pub fn flush(&self, at_ms: i64) {
+        for _ in 0..PARTITIONS {
+            self.post_events(&[json!({"eventType": "flush", "timestamp": at_ms})]);
+        }
+    }
+
+    /// The `/v1/metrics` answer for a query string, insisting on a 200.
+    pub fn metrics(&self, query: &str) -> Value {
+        let (status, body) = self.get(&format!("/v1/metrics?{query}"));
+        assert_eq!(status, 200, "GET /v1/metrics?{query} answered {body}");
+        body
+    }
+
+    /// Kills the process with SIGKILL.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    /// Stops the process with SIGTERM and insists on a clean exit.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+        assert!(status.success());
+        let exit = wait_with_timeout(&mut child, Duration::from_secs(20));
+        assert!(exit.success(), "tally exited with {exit}");
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "tally did not stop within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Log partitions in the default configuration.
+pub const PARTITIONS: usize = 8;
+
+/// Retries `check` until it passes or `timeout` runs out, then returns its
+/// last failure.
+pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(e) if Instant::now() >= deadline => panic!("not within {timeout:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// 2026-06-07T10:00:00Z, where the generated events start.
+pub const BASE_MS: i64 = 1_780_826_400_000;
+
+/// One generated event, kept in plain fields for the expectations.
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub event_type: &'static str,
+    pub time_ms: i64,
+    pub campaign: String,
+    pub country: &'static str,
+    pub device: &'static str,
+    pub user: String,
+    pub amount: Option<f64>,
+}
+
+impl Generated {
+    /// The event as a client sends it, in seconds with a fraction.
+    pub fn json(&self) -> Value {
+        let mut event = json!({
+            "eventType": self.event_type,
+            "timestamp": self.time_ms as f64 / 1000.0,
+            "dimensions": {
+                "campaignId": self.campaign, "country": self.country,
+                "deviceType": self.device, "userId": self.user,
+            },
+        });
+        if let Some(amount) = self.amount {
+            event["values"] = json!({"amount": amount});
+        }
+        event
+    }
+}
+
+/// `count` events over five minutes from [`BASE_MS`], in time order with a
+/// jitter well under the 2 s out-of-orderness, so none is late.
+pub fn clickstream(seed: u64, count: usize) -> Vec<Generated> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let span = 300_000;
+    (0..count)
+        .map(|i| {
+            let purchase = rng.u32(..10) == 0;
+            Generated {
+                event_type: if purchase { "purchase" } else { "ad_click" },
+                time_ms: BASE_MS + ((i as i64 * span) / count as i64 + rng.i64(0..800)).min(span - 1),
+                campaign: format!("camp_{}", rng.u32(..4)),
+                country: ["US", "DE", "IN"][rng.usize(..3)],
+                device: ["MOBILE", "DESKTOP"][rng.usize(..2)],
+                user: format!("usr_{}", rng.u32(..300)),
+                amount: purchase.then(|| rng.u32(100..10_000) as f64 / 100.0),
+            }
+        })
+        .collect()
+}
+
+/// Posts events in requests of `batch`.
+pub fn post_all(tally: &Tally, events: &[Generated], batch: usize) {
+    for chunk in events.chunks(batch) {
+        tally.post_events(&chunk.iter().map(Generated::json).collect::<Vec<_>>());
+    }
+}
+
+/// The values of a `/v1/metrics` answer's data points.
+pub fn values(answer: &Value) -> Vec<Value> {
+    answer["dataPoints"].as_array().expect("dataPoints").iter().map(|p| p["value"].clone()).collect()
+}
