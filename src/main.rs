@@ -7,6 +7,11 @@
 mod demo;
 mod run;
 
+// Events turn into many short-lived strings and maps on every thread;
+// mimalloc serves that pattern far better than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

@@ -66,8 +66,8 @@ pub fn build<'scope, S, St, Li, De>(
     sinks: Sinks<St, Li, De>,
 ) where
     S: BatchSource,
-    St: Sink<WindowUpdate>,
-    Li: Sink<WindowUpdate>,
+    St: Sink<Arc<WindowUpdate>>,
+    Li: Sink<Arc<WindowUpdate>>,
     De: Sink<DeadLetter>,
 {
     let metrics = Rc::new(settings.metrics.clone());
@@ -77,7 +77,7 @@ pub fn build<'scope, S, St, Li, De>(
     let (contributions, dead) = records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
     let updates = contributions.windows(metrics, settings.windows.clone(), stats);
     updates.clone().deliver("LiveSink", sinks.live, &backpressure);
-    updates.filter(|u: &WindowUpdate| u.is_final).deliver("StoreSink", sinks.store, &backpressure);
+    updates.filter(|u: &Arc<WindowUpdate>| u.is_final).deliver("StoreSink", sinks.store, &backpressure);
     dead.deliver("DeadLetterSink", sinks.dead_letters, &backpressure);
 }
 
@@ -181,7 +181,7 @@ mod tests {
             let (contributions, dead) = records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
             let finals = contributions
                 .windows(metrics, settings.windows.clone(), stats)
-                .filter(|u: &WindowUpdate| u.is_final)
+                .filter(|u: &Arc<WindowUpdate>| u.is_final)
                 .map(|u| (u.window, u.span.start / 1000, u.span.end / 1000, u.state.count, u.revision))
                 .capture();
             (finals, dead.map(|d| d.offset).capture())

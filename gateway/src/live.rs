@@ -72,7 +72,7 @@ struct Request {
 
 impl Hub {
     /// Starts the fan-out task, fed by the live bus.
-    pub fn start(metrics: Arc<Vec<MetricSpec>>, bus: mpsc::Receiver<Vec<WindowUpdate>>, ops: Arc<Ops>) -> Hub {
+    pub fn start(metrics: Arc<Vec<MetricSpec>>, bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>, ops: Arc<Ops>) -> Hub {
         let (commands, rx) = mpsc::channel(4096);
         tokio::spawn(HubState::new(metrics, ops).run(rx, bus));
         Hub { commands, next_client: Arc::new(AtomicU64::new(1)) }
@@ -179,7 +179,7 @@ impl HubState {
         HubState { metrics, ops, windows: HashMap::new(), subs: HashMap::new(), clients: HashMap::new() }
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut bus: mpsc::Receiver<Vec<WindowUpdate>>) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>) {
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -309,12 +309,12 @@ impl HubState {
         }
     }
 
-    fn updates(&mut self, updates: Vec<WindowUpdate>) {
+    fn updates(&mut self, updates: Vec<Arc<WindowUpdate>>) {
         let mut touched = BTreeSet::new();
         for u in updates {
             let slots = self.windows.entry((u.metric, u.window)).or_default();
             let slot = slots.entry(u.span.start).or_insert_with(|| Slot { end: u.span.end, groups: HashMap::new() });
-            slot.groups.insert(u.group, (u.state, u.is_final));
+            slot.groups.insert(u.group.clone(), (u.state.clone(), u.is_final));
             touched.insert((u.metric, u.window, u.span.start));
         }
         for (&(metric, window), slots) in self.windows.iter_mut() {
@@ -427,8 +427,8 @@ mod tests {
         (HubState::new(Arc::new(config.metrics), Arc::clone(&ops)), ops)
     }
 
-    fn update(count: u64, is_final: bool) -> WindowUpdate {
-        WindowUpdate {
+    fn update(count: u64, is_final: bool) -> Arc<WindowUpdate> {
+        Arc::new(WindowUpdate {
             metric: 0,
             window: 0,
             span: Span { start: 0, end: 10_000 },
@@ -436,7 +436,7 @@ mod tests {
             state: AggState { count, ..Default::default() },
             revision: 0,
             is_final,
-        }
+        })
     }
 
     fn subscribe(hub: &mut HubState, client: u64, queue: usize) -> mpsc::Receiver<Arc<str>> {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::{self, error::TrySendError, Receiver, Sender};
 /// The publishing end, cloned once per worker.
 #[derive(Clone)]
 pub struct LivePublisher {
-    tx: Sender<Vec<WindowUpdate>>,
+    tx: Sender<Vec<Arc<WindowUpdate>>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -22,13 +22,13 @@ impl LivePublisher {
 }
 
 /// A bus holding at most `capacity` batches in flight.
-pub fn channel(capacity: usize) -> (LivePublisher, Receiver<Vec<WindowUpdate>>) {
+pub fn channel(capacity: usize) -> (LivePublisher, Receiver<Vec<Arc<WindowUpdate>>>) {
     let (tx, rx) = mpsc::channel(capacity);
     (LivePublisher { tx, dropped: Arc::default() }, rx)
 }
 
-impl Sink<WindowUpdate> for LivePublisher {
-    fn offer(&mut self, items: &mut Vec<WindowUpdate>) {
+impl Sink<Arc<WindowUpdate>> for LivePublisher {
+    fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
         match self.tx.try_send(std::mem::take(items)) {
             Ok(()) => {}
             Err(TrySendError::Full(lost) | TrySendError::Closed(lost)) => {

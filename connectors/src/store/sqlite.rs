@@ -62,7 +62,7 @@ pub enum StoreError {
 
 /// What the writer thread is asked to do.
 enum Write {
-    Windows(Vec<WindowUpdate>),
+    Windows(Vec<Arc<WindowUpdate>>),
     DeadLetters(Vec<DeadLetter>),
 }
 
@@ -196,8 +196,8 @@ impl SqliteStore {
 #[derive(Clone)]
 pub struct WindowSink(Sender<Write>);
 
-impl Sink<WindowUpdate> for WindowSink {
-    fn offer(&mut self, items: &mut Vec<WindowUpdate>) {
+impl Sink<Arc<WindowUpdate>> for WindowSink {
+    fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
         offer(&self.0, items, Write::Windows, |w| match w {
             Write::Windows(v) => v,
             Write::DeadLetters(_) => unreachable!("only windows are offered here"),
@@ -357,10 +357,10 @@ windows = ["tumbling 10s"]
         let config = config();
         let (store, writer) = SqliteStore::open(&dir.path().join("results.db"), config.metrics.clone()).unwrap();
         let mut sink = writer.window_sink();
-        let mut batch = vec![update(0, "US", 2, 0), update(0, "US", 3, 1), update(0, "DE", 1, 0)];
+        let mut batch = vec![update(0, "US", 2, 0), update(0, "US", 3, 1), update(0, "DE", 1, 0)].into_iter().map(Arc::new).collect();
         sink.offer(&mut batch);
         // A replay re-emits revision 0 with the same key: it must not win.
-        sink.offer(&mut vec![update(0, "US", 2, 0)]);
+        sink.offer(&mut vec![Arc::new(update(0, "US", 2, 0))]);
         drop(sink);
         let params: Vec<(String, String)> =
             [("metric", "ad_clicks"), ("start", "0"), ("end", "10"), ("country", "US")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

@@ -20,12 +20,12 @@
 //! Every other event is folded, per batch, into one [`Contribution`] per
 //! (metric, group, pane), which is what crosses the exchange.
 
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap as HashMap;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::{Scope, Stream};
@@ -34,6 +34,7 @@ use crate::aggregate::AggState;
 use crate::config::MetricSpec;
 use crate::event::{Event, Millis};
 use crate::operators::deliver::Backpressure;
+use crate::operators::windows::group_hash;
 use crate::stats::JobStats;
 use crate::window::align;
 
@@ -85,6 +86,9 @@ pub struct Contribution {
     pub metric: u16,
     /// The group's dimension values.
     pub group: Group,
+    /// [`group_hash`] of (metric, group), computed once at the source: it
+    /// routes the exchange and keys the window operator's group index.
+    pub hash: u64,
     /// Start of the pane.
     pub pane: Millis,
     /// The aggregate of the batch's events in this pane.
@@ -223,7 +227,7 @@ pub fn fold_batch(
 ) -> (Vec<SourceRecord>, Option<Millis>) {
     let mut out = Vec::new();
     let mut newest = None;
-    let mut folded: HashMap<(u16, Millis, Group), AggState> = HashMap::new();
+    let mut folded: HashMap<(u16, Millis, Group), AggState> = HashMap::default();
     for (i, record) in batch.records.iter().enumerate() {
         let offset = batch.offset + i as u64;
         let event = match Event::from_json(record) {
@@ -261,7 +265,7 @@ pub fn fold_batch(
     out.extend(
         contributions
             .into_iter()
-            .map(|((metric, pane, group), state)| Ok(Contribution { metric, group, pane, state })),
+            .map(|((metric, pane, group), state)| Ok(Contribution { metric, hash: group_hash(metric, &group), group, pane, state })),
     );
     (out, newest)
 }

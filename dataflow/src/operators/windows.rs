@@ -16,17 +16,18 @@
 //!
 //! Between those points, windows touched since the last tick are emitted as
 //! partials (`is_final: false`), at most once per `live_interval` of
-//! processing time. Partials also count data still waiting for the frontier,
+//! processing time; of the sliding windows over a pane, only the newest. Partials also count data still waiting for the frontier,
 //! so a live view is as fresh as the data that has arrived. They are for live
 //! views only and are not stored.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -40,7 +41,8 @@ use crate::operators::source::{Contribution, Group};
 use crate::stats::JobStats;
 use crate::window::{Span, WindowSpec};
 
-/// The value of one window of one group, as emitted.
+/// The value of one window of one group, as emitted. The operator emits
+/// them in an `Arc`, so the store and the live bus share one copy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WindowUpdate {
     /// Index of the metric in the configuration.
@@ -76,13 +78,14 @@ pub trait Windows<'scope> {
         metrics: Rc<Vec<MetricSpec>>,
         settings: WindowSettings,
         stats: Arc<JobStats>,
-    ) -> Stream<'scope, u64, Vec<WindowUpdate>>;
+    ) -> Stream<'scope, u64, Vec<Arc<WindowUpdate>>>;
 }
 
 /// The routing hash of a (metric, group): the same on every worker and
-/// process, so each group's state lives in exactly one place.
+/// process (FxHash has no random seed), so each group's state lives in
+/// exactly one place.
 pub fn group_hash(metric: u16, group: &Group) -> u64 {
-    let mut hasher = DefaultHasher::new();
+    let mut hasher = FxHasher::default();
     metric.hash(&mut hasher);
     group.hash(&mut hasher);
     hasher.finish()
@@ -94,13 +97,13 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
         metrics: Rc<Vec<MetricSpec>>,
         settings: WindowSettings,
         stats: Arc<JobStats>,
-    ) -> Stream<'scope, u64, Vec<WindowUpdate>> {
-        let exchange = Exchange::new(|c: &Contribution| group_hash(c.metric, &c.group));
+    ) -> Stream<'scope, u64, Vec<Arc<WindowUpdate>>> {
+        let exchange = Exchange::new(|c: &Contribution| c.hash);
         let scope = self.scope();
         self.unary_frontier(exchange, "Windows", move |capability, info| {
             let activator = scope.activator_for(Rc::clone(&info.address));
             let mut held: Option<Capability<u64>> = Some(capability);
-            let mut stash: BTreeMap<u64, Vec<Contribution>> = BTreeMap::new();
+            let mut stash: BTreeMap<u64, Vec<Staged>> = BTreeMap::new();
             let mut state = WindowState::new(metrics, settings.allowed_lateness);
             let mut last_partials = Instant::now();
             move |(input, frontier), output| {
@@ -109,8 +112,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     let Some(&time) = cap.least() else { return };
                     let batch = stash.entry(time).or_default();
                     for container in data {
-                        state.note_arrival(time as Millis, container);
-                        batch.append(container);
+                        batch.extend(container.drain(..).map(|c| state.stage(c)));
                     }
                 });
                 let frontier = frontier.frontier().iter().next().copied();
@@ -141,7 +143,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                         stats.windows_emitted.fetch_add(finals as u64, Ordering::Relaxed);
                     }
                     if !emitted.is_empty() {
-                        output.session(&*cap).give_iterator(emitted.into_iter());
+                        output.session(&*cap).give_iterator(emitted.into_iter().map(Arc::new));
                     }
                     match frontier {
                         Some(f) if f > *cap.time() => cap.downgrade(&f),
@@ -163,8 +165,8 @@ struct WindowState {
     allowed_lateness: Millis,
     /// The widest window of each metric.
     widest: Vec<Millis>,
-    /// Interned (metric, group) keys.
-    index: HashMap<(u16, Group), usize>,
+    /// Interned (metric, group) keys, by their routing hash.
+    index: HashMap<u64, Vec<usize>>,
     groups: Vec<GroupState>,
     /// Windows with data that have not closed, by end.
     open: BTreeSet<(Millis, usize, u8)>,
@@ -174,8 +176,16 @@ struct WindowState {
     closed_by_end: BTreeSet<(Millis, usize, u8)>,
     /// Panes by the time after which no kept window needs them.
     pane_expiry: BTreeSet<(Millis, usize, Millis)>,
-    /// Open windows changed since the last partial emission.
-    partial_dirty: HashSet<WindowKey>,
+    /// Panes (group, pane start) changed or awaiting data since the last
+    /// partial emission; their open windows get partials.
+    dirty_panes: HashSet<(usize, Millis)>,
+}
+
+/// A contribution waiting for the frontier, its group interned.
+struct Staged {
+    group: usize,
+    pane: Millis,
+    state: AggState,
 }
 
 struct GroupState {
@@ -191,13 +201,13 @@ impl WindowState {
             metrics,
             allowed_lateness,
             widest,
-            index: HashMap::new(),
+            index: HashMap::default(),
             groups: Vec::new(),
             open: BTreeSet::new(),
-            closed: HashMap::new(),
+            closed: HashMap::default(),
             closed_by_end: BTreeSet::new(),
             pane_expiry: BTreeSet::new(),
-            partial_dirty: HashSet::new(),
+            dirty_panes: HashSet::default(),
         }
     }
 
@@ -209,7 +219,6 @@ impl WindowState {
             }
             self.open.pop_first();
             let key = (group, window, end);
-            self.partial_dirty.remove(&key);
             self.closed.insert(key, 0);
             self.closed_by_end.insert((end, group, window));
             out.push(self.update(key, 0, true));
@@ -217,21 +226,30 @@ impl WindowState {
     }
 
     /// Applies the contributions that travelled at `time`.
-    fn apply(&mut self, time: Millis, mut batch: Vec<Contribution>, out: &mut Vec<WindowUpdate>, stats: &JobStats) {
-        // Apply in a fixed order, so emission order does not depend on how
-        // the exchange interleaved senders.
-        batch.sort_unstable_by(|a, b| (a.metric, &a.group, a.pane).cmp(&(b.metric, &b.group, b.pane)));
+    fn apply(&mut self, time: Millis, batch: Vec<Staged>, out: &mut Vec<WindowUpdate>, stats: &JobStats) {
+        // Merges commute, and late windows are emitted in key order, so the
+        // order contributions arrive in does not matter.
         let mut late = BTreeSet::new();
         for c in batch {
-            let metric = Rc::clone(&self.metrics);
-            let spec = &metric[c.metric as usize];
-            let g = self.intern(c.metric, c.group);
+            let g = c.group;
+            let metric = self.groups[g].metric as usize;
+            let metrics = Rc::clone(&self.metrics);
+            let spec = &metrics[metric];
             let panes = &mut self.groups[g].panes;
-            if !panes.contains_key(&c.pane) {
-                let expiry = c.pane + self.widest[c.metric as usize] + self.allowed_lateness;
+            let new_pane = !panes.contains_key(&c.pane);
+            panes.entry(c.pane).or_default().merge(&c.state);
+            // The earliest window containing a pane ends at or after the
+            // pane's end. Before that time, none of its windows can have
+            // closed, and an existing pane's windows are registered already:
+            // the common case costs one merge.
+            if !new_pane && time < c.pane + spec.pane {
+                self.dirty_panes.insert((g, c.pane));
+                continue;
+            }
+            if new_pane {
+                let expiry = c.pane + self.widest[metric] + self.allowed_lateness;
                 self.pane_expiry.insert((expiry, g, c.pane));
             }
-            panes.entry(c.pane).or_default().merge(&c.state);
             for (w, window) in spec.windows.iter().enumerate() {
                 for span in window.windows_of_pane(c.pane) {
                     let key = (g, w as u8, span.end);
@@ -244,7 +262,7 @@ impl WindowState {
                         late.insert(key);
                     } else {
                         self.open.insert((span.end, g, w as u8));
-                        self.partial_dirty.insert(key);
+                        self.dirty_panes.insert((g, c.pane));
                     }
                 }
             }
@@ -287,17 +305,27 @@ impl WindowState {
     /// when it is on time for its window, so live views do not wait for the
     /// slowest partition. They are never stored, so this does not touch the
     /// determinism of finals.
-    fn partials(&mut self, stash: &BTreeMap<u64, Vec<Contribution>>, out: &mut Vec<WindowUpdate>) {
-        if self.partial_dirty.is_empty() {
+    fn partials(&mut self, stash: &BTreeMap<u64, Vec<Staged>>, out: &mut Vec<WindowUpdate>) {
+        if self.dirty_panes.is_empty() {
             return;
         }
-        let mut pending: HashMap<usize, BTreeMap<Millis, AggState>> = HashMap::new();
+        let mut pending: HashMap<usize, BTreeMap<Millis, AggState>> = HashMap::default();
         for c in stash.values().flatten() {
-            let g = self.intern(c.metric, c.group.clone());
-            pending.entry(g).or_default().entry(c.pane).or_default().merge(&c.state);
+            pending.entry(c.group).or_default().entry(c.pane).or_default().merge(&c.state);
         }
-        let mut dirty: Vec<WindowKey> = self.partial_dirty.drain().collect();
-        dirty.sort_unstable();
+        let mut dirty = BTreeSet::new();
+        for (g, pane) in self.dirty_panes.drain() {
+            let metric = self.groups[g].metric as usize;
+            for (w, window) in self.metrics[metric].windows.iter().enumerate() {
+                // Of the sliding windows over a pane, a live view shows the
+                // newest; the others get their value when they close.
+                if let Some(span) = window.windows_of_pane(pane).last() {
+                    if !self.closed.contains_key(&(g, w as u8, span.end)) {
+                        dirty.insert((g, w as u8, span.end));
+                    }
+                }
+            }
+        }
         for key in dirty {
             let mut update = self.update(key, 0, false);
             if let Some(panes) = pending.get(&key.0) {
@@ -309,34 +337,26 @@ impl WindowState {
         }
     }
 
-    /// Marks the open windows that data arriving at `time` will change, so
-    /// the next partials show it.
-    fn note_arrival(&mut self, time: Millis, batch: &[Contribution]) {
-        let metrics = Rc::clone(&self.metrics);
-        for c in batch {
-            let g = self.intern(c.metric, c.group.clone());
-            for (w, window) in metrics[c.metric as usize].windows.iter().enumerate() {
-                for span in window.windows_of_pane(c.pane) {
-                    let key = (g, w as u8, span.end);
-                    if span.end > time && !self.closed.contains_key(&key) {
-                        self.partial_dirty.insert(key);
-                    }
-                }
-            }
-        }
+    /// Interns an arriving contribution's group, and marks its pane so the
+    /// next partials show it.
+    fn stage(&mut self, c: Contribution) -> Staged {
+        let group = self.intern(c.metric, &c.group, c.hash);
+        self.dirty_panes.insert((group, c.pane));
+        Staged { group, pane: c.pane, state: c.state }
     }
 
     fn has_partials(&self) -> bool {
-        !self.partial_dirty.is_empty()
+        !self.dirty_panes.is_empty()
     }
 
-    fn intern(&mut self, metric: u16, group: Group) -> usize {
-        if let Some(&g) = self.index.get(&(metric, group.clone())) {
+    fn intern(&mut self, metric: u16, group: &Group, hash: u64) -> usize {
+        let candidates = self.index.entry(hash).or_default();
+        if let Some(&g) = candidates.iter().find(|&&g| self.groups[g].metric == metric && self.groups[g].group == *group) {
             return g;
         }
         let g = self.groups.len();
         self.groups.push(GroupState { metric, group: group.clone(), panes: BTreeMap::new() });
-        self.index.insert((metric, group), g);
+        candidates.push(g);
         g
     }
 

@@ -1,0 +1,108 @@
+//! (c) Freshness: the time from sending a POST to the first WebSocket frame
+//! whose value includes its events, at a fixed offered rate.
+//!
+//! One sender posts batches of 1000 events stamped with the current time, on
+//! a fixed schedule (an open loop: a late send does not push the schedule
+//! back). A subscriber follows `metrics:events` in 10 s windows. A batch is
+//! seen when a frame for its window carries a count at least the number of
+//! events posted to that window up to and including the batch. The baseline
+//! is the same POST's own round trip to its `202`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::Message;
+
+use tally_dataflow::event::format_rfc3339;
+
+use crate::support::{event, quantile, Tally};
+
+const RATE: usize = 100_000;
+const BATCH: usize = 1000;
+const SECONDS: u64 = 20;
+const LIVE_INTERVAL: &str = "100ms";
+
+pub fn run() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[("TALLY__LIVE__INTERVAL", LIVE_INTERVAL)]);
+    let (mut socket, _) = tungstenite::connect(format!("{}/v1/live", tally.url.replace("http://", "ws://"))).unwrap();
+    if let MaybeTlsStream::Plain(s) = socket.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    }
+    let subscribe = json!({"action": "subscribe", "topic": "metrics:events", "window": "tumbling 10s"});
+    socket.send(Message::text(subscribe.to_string())).unwrap();
+
+    let epoch = Instant::now();
+    let frames: Arc<Mutex<Vec<(Duration, String, u64)>>> = Arc::default();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (frames, done) = (Arc::clone(&frames), Arc::clone(&done));
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                match socket.read() {
+                    Ok(Message::Text(text)) => {
+                        let m: Value = serde_json::from_str(&text).unwrap();
+                        if let (Some(start), Some(value)) = (m["windowStart"].as_str(), m["value"].as_u64()) {
+                            frames.lock().unwrap().push((epoch.elapsed(), start.to_string(), value));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(e) => panic!("WebSocket: {e}"),
+                }
+            }
+        })
+    };
+
+    // The sender: (sent at, window start, events posted to that window so far).
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut rng = fastrand::Rng::with_seed(3);
+    let mut posted: HashMap<i64, u64> = HashMap::new();
+    let mut sends = Vec::new();
+    let mut acks = Vec::new();
+    let interval = Duration::from_secs_f64(BATCH as f64 / RATE as f64);
+    let total = (RATE as u64 * SECONDS) as usize / BATCH;
+    let mut late_sends = 0;
+    for i in 0..total {
+        let due = interval * i as u32;
+        match due.checked_sub(epoch.elapsed()) {
+            Some(wait) => std::thread::sleep(wait),
+            None => late_sends += 1,
+        }
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let body: Vec<Value> = (0..BATCH).map(|_| event(&mut rng, now_ms)).collect();
+        let sent = epoch.elapsed();
+        let response = agent.post(format!("{}/v1/events", tally.url)).send_json(&body).unwrap();
+        assert_eq!(response.status(), 202);
+        acks.push((epoch.elapsed() - sent).as_secs_f64() * 1000.0);
+        let window = now_ms - now_ms.rem_euclid(10_000);
+        let count = posted.entry(window).or_default();
+        *count += BATCH as u64;
+        sends.push((sent, window, *count));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+
+    let frames = frames.lock().unwrap();
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut unseen = 0;
+    for (sent, window, count) in &sends {
+        let start = format_rfc3339(*window);
+        match frames.iter().find(|(at, s, v)| at >= sent && *s == start && v >= count) {
+            Some((at, _, _)) => latencies.push((*at - *sent).as_secs_f64() * 1000.0),
+            None => unseen += 1,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let achieved = (total * BATCH) as f64 / sends.last().unwrap().0.as_secs_f64();
+    println!("(c) freshness, POST to the first WebSocket frame that includes it, live.interval = {LIVE_INTERVAL}");
+    println!("    offered {RATE} events/s in batches of {BATCH} for {SECONDS} s (achieved {achieved:.0}/s, {late_sends} sends behind schedule), {unseen} batches never seen");
+    acks.sort_by(f64::total_cmp);
+    println!("    baseline, POST to its 202 (durable):  p50 {:>6.1} ms, p99 {:>6.1} ms", quantile(&acks, 0.5), quantile(&acks, 0.99));
+    println!("    POST to the first frame with it:      p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms",
+        quantile(&latencies, 0.5), quantile(&latencies, 0.99), latencies.last().unwrap());
+}

@@ -1,0 +1,32 @@
+//! tally's benchmarks. Each prints its figure beside a baseline measured in
+//! the same run, so a noisy machine still gives a fair ratio.
+//!
+//! ```text
+//! cargo bench --bench tally                 # all three
+//! cargo bench --bench tally -- ingest       # (a) HTTP ingest vs raw serde_json parsing
+//! cargo bench --bench tally -- dataflow     # (b) the timely job vs a hand-written HashMap loop
+//! cargo bench --bench tally -- freshness    # (c) POST to WebSocket frame, p50 and p99
+//! ```
+
+mod dataflow;
+mod freshness;
+mod ingest;
+mod support;
+
+// The allocator of the `tally` binary, so the figures are its figures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
+    if run("ingest") {
+        ingest::run();
+    }
+    if run("dataflow") {
+        dataflow::run();
+    }
+    if run("freshness") {
+        freshness::run();
+    }
+}
