@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tally_dataflow::aggregate::AggState;
-use tally_dataflow::event::{Event, Millis};
+use tally_dataflow::event::Fields;
+use tally_dataflow::event::{parse_event_ref, Millis};
 use tally_dataflow::job::{self, JobSettings, Sinks};
 use tally_dataflow::operators::deliver::Sink;
 use tally_dataflow::operators::source::{BatchSource, Group, Poll, SourceBatch, Waker};
@@ -68,9 +69,8 @@ fn batches() -> Vec<SourceBatch> {
     let records: Vec<Vec<u8>> = (0..EVENTS)
         .map(|i| {
             let t = base + (i as i64 * SPAN_MS) / EVENTS as i64 + rng.i64(0..1000);
-            let value = event(&mut rng, t);
-            // The canonical form the gateway writes to the log.
-            tally_dataflow::event::validate_value(&value, 0).unwrap().to_json()
+            // What the gateway writes to the log: the event as sent.
+            serde_json::to_vec(&event(&mut rng, t)).unwrap()
         })
         .collect();
     let mut offsets = vec![0u64; PARTITIONS as usize];
@@ -92,14 +92,15 @@ fn hand_written(batches: &[SourceBatch], settings: &JobSettings) -> usize {
     let mut panes: HashMap<(u16, Group, Millis), AggState> = HashMap::new();
     for batch in batches {
         for record in &batch.records {
-            let event = Event::from_json(record).unwrap();
+            let event = parse_event_ref(record).unwrap();
+            let timestamp = event.timestamp.unwrap();
             for (m, metric) in metrics.iter().enumerate() {
                 if !metric.accepts(&event.event_type) {
                     continue;
                 }
-                let group: Group = metric.dimensions.iter().map(|d| event.dimensions.get(d).cloned().unwrap_or_default()).collect();
+                let group: Group = metric.dimensions.iter().map(|d| event.dimension(d).unwrap_or_default().to_owned()).collect();
                 panes
-                    .entry((m as u16, group, align(event.timestamp, metric.pane)))
+                    .entry((m as u16, group, align(timestamp, metric.pane)))
                     .or_default()
                     .observe(metric.aggregate, metric.field.as_ref(), &event);
             }

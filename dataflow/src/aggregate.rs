@@ -13,7 +13,7 @@ use std::fmt;
 use datasketches::hll::{HllSketch, HllType, HllUnion};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::event::Event;
+use crate::event::Fields;
 
 /// log2 of the number of HLL registers.
 const LG_K: u8 = 12;
@@ -106,28 +106,27 @@ pub struct AggState {
 impl AggState {
     /// Adds one event. Events without the field still count, but add nothing
     /// to a sum or a sketch.
-    pub fn observe(&mut self, kind: AggregateKind, field: Option<&Field>, event: &Event) {
+    pub fn observe(&mut self, kind: AggregateKind, field: Option<&Field>, event: &impl Fields) {
         self.count += 1;
         match (kind, field) {
             (AggregateKind::Sum | AggregateKind::Avg, Some(Field::Value(name))) => {
-                if let Some(v) = event.values.get(name) {
+                if let Some(v) = event.value(name) {
                     self.sum += (v * SUM_SCALE).round() as i128;
                 }
             }
             (AggregateKind::Uniq, Some(field)) => {
-                let item = match field {
-                    Field::Dimension(name) => event.dimensions.get(name).map(String::as_str),
-                    Field::Value(_) => None,
-                };
                 let sketch = self.sketch.get_or_insert_with(Sketch::new);
-                match (field, item) {
-                    (_, Some(item)) => sketch.0.update(item),
-                    (Field::Value(name), None) => {
-                        if let Some(v) = event.values.get(name) {
+                match field {
+                    Field::Dimension(name) => {
+                        if let Some(item) = event.dimension(name) {
+                            sketch.0.update(item);
+                        }
+                    }
+                    Field::Value(name) => {
+                        if let Some(v) = event.value(name) {
                             sketch.0.update(v.to_bits());
                         }
                     }
-                    _ => {}
                 }
             }
             _ => {}
@@ -231,6 +230,7 @@ impl<'de> Deserialize<'de> for Sketch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Event;
 
     fn event(user: &str, amount: f64) -> Event {
         Event {

@@ -1,10 +1,15 @@
 //! The event model, and the one parser every path uses.
 //!
-//! An event arrives as JSON in the seed's shape. [`parse_event`] validates it
-//! without failing on the first problem: each field that is wrong becomes a
-//! [`FieldError`], so a client learns everything that is wrong with a batch in
-//! one answer. Accepted events are normalised ([`Event`]) and written to the log
-//! in canonical JSON ([`Event::to_json`]), which the same parser reads back.
+//! An event arrives as JSON in the seed's shape. [`parse_event_ref`]
+//! validates it without failing on the first problem: each field that is
+//! wrong becomes a [`FieldError`], so a client learns everything that is
+//! wrong with a batch in one answer. The result, [`EventRef`], borrows from
+//! the input, so reading an event costs little more than scanning it.
+//!
+//! The log keeps each accepted event as the client sent it
+//! ([`parse_batch`]), which is what users see when they read the log or the
+//! dead letters. Only an event without a `timestamp` is rewritten, with the
+//! time it was received, so that every replay reads the same time.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -36,17 +41,13 @@ pub struct Event {
 }
 
 impl Event {
-    /// The canonical JSON form written to the event log. Unlike client
-    /// input, its `timestamp` is always milliseconds.
+    /// The event as JSON, its `timestamp` in milliseconds, which the parser
+    /// reads back as it was.
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising a struct of strings, integers and finite floats cannot fail.
         serde_json::to_vec(self).expect("an event always serialises")
     }
 
-    /// Reads the canonical form written by [`Event::to_json`].
-    pub fn from_json(bytes: &[u8]) -> Result<Event, serde_json::Error> {
-        serde_json::from_slice(bytes)
-    }
 }
 
 /// One problem with one field of one event.
@@ -70,26 +71,79 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// A validated event that borrows its strings from the JSON it was read from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRef<'a> {
+    /// The client's id for the event, if it sent one.
+    pub event_id: Option<Cow<'a, str>>,
+    /// The kind of event.
+    pub event_type: Cow<'a, str>,
+    /// Event time in Unix milliseconds, if the event has one.
+    pub timestamp: Option<Millis>,
+    /// Dimensions, in the order sent.
+    pub dimensions: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// Numeric values, in the order sent.
+    pub values: Vec<(Cow<'a, str>, f64)>,
+}
+
+impl EventRef<'_> {
+    /// An owned copy, with `received_at` for a missing timestamp.
+    pub fn to_owned(&self, received_at: Millis) -> Event {
+        Event {
+            event_id: self.event_id.as_deref().map(str::to_owned),
+            event_type: self.event_type.to_string(),
+            timestamp: self.timestamp.unwrap_or(received_at),
+            dimensions: self.dimensions.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            values: self.values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+}
+
+/// The fields an aggregate reads, for owned and borrowed events alike.
+pub trait Fields {
+    /// The value of dimension `name`.
+    fn dimension(&self, name: &str) -> Option<&str>;
+    /// The value of numeric field `name`.
+    fn value(&self, name: &str) -> Option<f64>;
+}
+
+impl Fields for Event {
+    fn dimension(&self, name: &str) -> Option<&str> {
+        self.dimensions.get(name).map(String::as_str)
+    }
+    fn value(&self, name: &str) -> Option<f64> {
+        self.values.get(name).copied()
+    }
+}
+
+impl Fields for EventRef<'_> {
+    fn dimension(&self, name: &str) -> Option<&str> {
+        // Later duplicates win, as they would in a map.
+        self.dimensions.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_ref())
+    }
+    fn value(&self, name: &str) -> Option<f64> {
+        self.values.iter().rev().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+}
+
 /// Unix timestamps below this are seconds; at or above it, milliseconds.
 /// 10^11 seconds is the year 5138, and 10^11 milliseconds is March 1973.
 const MILLIS_THRESHOLD: f64 = 1e11;
 
-/// Parses and validates one event from JSON bytes.
+/// Parses and validates one event from JSON bytes, borrowing from them.
 ///
-/// `received_at` stands in for a missing `timestamp`. On failure, every field
-/// error found is returned, or one error for the whole value when it is not a
-/// JSON object at all.
-pub fn parse_event(json: &[u8], received_at: Millis) -> Result<Event, Vec<FieldError>> {
+/// On failure, every field error found is returned, or one error for the
+/// whole value when it is not a JSON object at all.
+pub fn parse_event_ref(json: &[u8]) -> Result<EventRef<'_>, Vec<FieldError>> {
     let raw: RawEvent = serde_json::from_slice(json)
         .map_err(|e| vec![FieldError::new("", format!("not a valid event object: {e}"))])?;
-    raw.validate(received_at)
+    raw.validate()
 }
 
-/// Validates one event that is already a parsed JSON value.
-pub fn validate_value(value: &serde_json::Value, received_at: Millis) -> Result<Event, Vec<FieldError>> {
-    let raw = RawEvent::deserialize(value)
-        .map_err(|e| vec![FieldError::new("", format!("not a valid event object: {e}"))])?;
-    raw.validate(received_at)
+/// Parses and validates one event, with `received_at` for a missing
+/// `timestamp`.
+pub fn parse_event(json: &[u8], received_at: Millis) -> Result<Event, Vec<FieldError>> {
+    parse_event_ref(json).map(|e| e.to_owned(received_at))
 }
 
 /// Why a request's events were not accepted.
@@ -103,91 +157,45 @@ pub enum BatchError {
     Invalid(Vec<(usize, Vec<FieldError>)>),
 }
 
-/// Parses a request body: one event, a JSON array of events, or, when
-/// `ndjson` is set, one event per line. The batch is all or nothing: any
-/// invalid event fails it, and every invalid event is reported.
-pub fn parse_batch(body: &[u8], ndjson: bool, received_at: Millis) -> Result<Vec<Event>, BatchError> {
-    let results: Vec<Result<Event, Vec<FieldError>>> = if ndjson {
-        body.split(|&b| b == b'\n')
-            .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
-            .map(|line| parse_event(line, received_at))
-            .collect()
+/// Parses a request body (one event, a JSON array of events, or, when
+/// `ndjson` is set, one event per line) into log records, one per event.
+///
+/// The batch is all or nothing: any invalid event fails it, and every invalid
+/// event is reported. A record is the event's JSON as sent; an event without
+/// a `timestamp` is written out again with `received_at` as its time.
+pub fn parse_batch(body: &[u8], ndjson: bool, received_at: Millis) -> Result<Vec<Vec<u8>>, BatchError> {
+    let raws: Vec<&[u8]> = if ndjson {
+        body.split(|&b| b == b'\n').filter(|line| line.iter().any(|b| !b.is_ascii_whitespace())).collect()
     } else {
         match body.iter().find(|b| !b.is_ascii_whitespace()) {
             None => return Err(BatchError::Empty),
             Some(b'[') => {
-                let elements: Vec<Element> =
+                let elements: Vec<&serde_json::value::RawValue> =
                     serde_json::from_slice(body).map_err(|e| BatchError::Malformed(e.to_string()))?;
-                elements.into_iter().map(|e| e.0.and_then(|raw| raw.validate(received_at))).collect()
+                elements.into_iter().map(|e| e.get().as_bytes()).collect()
             }
             Some(_) => {
-                let element: Element = serde_json::from_slice(body).map_err(|e| BatchError::Malformed(e.to_string()))?;
-                vec![element.0.and_then(|raw| raw.validate(received_at))]
+                serde_json::from_slice::<IgnoredAny>(body).map_err(|e| BatchError::Malformed(e.to_string()))?;
+                vec![body]
             }
         }
     };
-    if results.is_empty() {
+    if raws.is_empty() {
         return Err(BatchError::Empty);
     }
-    let mut events = Vec::with_capacity(results.len());
+    let mut records = Vec::with_capacity(raws.len());
     let mut invalid = Vec::new();
-    for (index, result) in results.into_iter().enumerate() {
-        match result {
-            Ok(event) => events.push(event),
+    for (index, raw) in raws.into_iter().enumerate() {
+        match parse_event_ref(raw) {
+            Ok(event) if event.timestamp.is_some() => records.push(raw.to_vec()),
+            Ok(event) => records.push(event.to_owned(received_at).to_json()),
             Err(errors) => invalid.push((index, errors)),
         }
     }
-    if invalid.is_empty() {
-        Ok(events)
-    } else {
-        Err(BatchError::Invalid(invalid))
+    if !invalid.is_empty() {
+        return Err(BatchError::Invalid(invalid));
     }
-}
-
-/// One element of a JSON array of events: an object read leniently, or the
-/// reason it is not an event at all.
-struct Element<'a>(Result<RawEvent<'a>, Vec<FieldError>>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Element<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Element<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an event object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                RawEvent::deserialize(de::value::MapAccessDeserializer::new(map)).map(|raw| Element(Ok(raw)))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(not_an_object("an array"))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(not_an_object("a string"))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(not_an_object("a number"))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(not_an_object("a number"))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(not_an_object("a number"))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(not_an_object("a boolean"))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(not_an_object("null"))
-            }
-        }
-        deserializer.deserialize_any(V(std::marker::PhantomData))
-    }
-}
-
-fn not_an_object<'a>(found: &str) -> Element<'a> {
-    Element(Err(vec![FieldError::new("", format!("must be an event object, found {found}"))]))
+    Ok(records)
 }
 
 /// An object's entries, each value read leniently.
@@ -204,13 +212,13 @@ struct RawEvent<'a> {
     #[serde(default)]
     timestamp: Option<Lenient<Timestamp>>,
     #[serde(borrow = "'a", default)]
-    dimensions: Option<LenientMap<'a, DimValue>>,
+    dimensions: Option<LenientMap<'a, DimValue<'a>>>,
     #[serde(borrow = "'a", default)]
     values: Option<LenientMap<'a, f64>>,
 }
 
-impl RawEvent<'_> {
-    fn validate(self, received_at: Millis) -> Result<Event, Vec<FieldError>> {
+impl<'a> RawEvent<'a> {
+    fn validate(self) -> Result<EventRef<'a>, Vec<FieldError>> {
         let mut errors = Vec::new();
         let event_id = match self.event_id {
             None => None,
@@ -218,7 +226,7 @@ impl RawEvent<'_> {
                 errors.push(FieldError::new("eventId", "must not be empty"));
                 None
             }
-            Some(Lenient::Ok(id)) => Some(id.into_owned()),
+            Some(Lenient::Ok(id)) => Some(id),
             Some(Lenient::Wrong(found)) => {
                 errors.push(FieldError::new("eventId", format!("must be a string, found {found}")));
                 None
@@ -227,34 +235,34 @@ impl RawEvent<'_> {
         let event_type = match self.event_type {
             None => {
                 errors.push(FieldError::new("eventType", "is required"));
-                String::new()
+                Cow::Borrowed("")
             }
             Some(Lenient::Ok(t)) if t.is_empty() => {
                 errors.push(FieldError::new("eventType", "must not be empty"));
-                String::new()
+                t
             }
-            Some(Lenient::Ok(t)) => t.into_owned(),
+            Some(Lenient::Ok(t)) => t,
             Some(Lenient::Wrong(found)) => {
                 errors.push(FieldError::new("eventType", format!("must be a string, found {found}")));
-                String::new()
+                Cow::Borrowed("")
             }
         };
         let timestamp = match self.timestamp {
-            None => received_at,
-            Some(Lenient::Ok(Timestamp(Ok(ms)))) => ms,
+            None => None,
+            Some(Lenient::Ok(Timestamp(Ok(ms)))) => Some(ms),
             Some(Lenient::Ok(Timestamp(Err(problem)))) => {
                 errors.push(FieldError::new("timestamp", problem));
-                received_at
+                None
             }
             Some(Lenient::Wrong(found)) => {
                 errors.push(FieldError::new(
                     "timestamp",
                     format!("must be Unix seconds, Unix milliseconds or an RFC 3339 string, found {found}"),
                 ));
-                received_at
+                None
             }
         };
-        let mut dimensions = BTreeMap::new();
+        let mut dimensions = Vec::new();
         match self.dimensions {
             None => {}
             Some(Lenient::Wrong(found)) => {
@@ -263,9 +271,7 @@ impl RawEvent<'_> {
             Some(Lenient::Ok(entries)) => {
                 for (name, value) in entries {
                     match value {
-                        Lenient::Ok(DimValue(v)) => {
-                            dimensions.insert(name.into_owned(), v);
-                        }
+                        Lenient::Ok(DimValue(v)) => dimensions.push((name, v)),
                         Lenient::Wrong(found) => errors.push(FieldError::new(
                             format!("dimensions.{name}"),
                             format!("must be a string, number or boolean, found {found}"),
@@ -274,7 +280,7 @@ impl RawEvent<'_> {
                 }
             }
         }
-        let mut values = BTreeMap::new();
+        let mut values = Vec::new();
         match self.values {
             None => {}
             Some(Lenient::Wrong(found)) => {
@@ -283,9 +289,7 @@ impl RawEvent<'_> {
             Some(Lenient::Ok(entries)) => {
                 for (name, value) in entries {
                     match value {
-                        Lenient::Ok(v) if v.is_finite() => {
-                            values.insert(name.into_owned(), v);
-                        }
+                        Lenient::Ok(v) if v.is_finite() => values.push((name, v)),
                         Lenient::Ok(_) => errors.push(FieldError::new(format!("values.{name}"), "must be finite")),
                         Lenient::Wrong(found) => errors.push(FieldError::new(
                             format!("values.{name}"),
@@ -296,7 +300,7 @@ impl RawEvent<'_> {
             }
         }
         if errors.is_empty() {
-            Ok(Event { event_id, event_type, timestamp, dimensions, values })
+            Ok(EventRef { event_id, event_type, timestamp, dimensions, values })
         } else {
             Err(errors)
         }
@@ -411,23 +415,23 @@ impl LenientVisit<'_> for f64 {
 }
 
 /// A dimension value: strings are kept, numbers and booleans become their text.
-struct DimValue(String);
+struct DimValue<'a>(Cow<'a, str>);
 
-impl<'de> LenientVisit<'de> for DimValue {
+impl<'de: 'a, 'a> LenientVisit<'de> for DimValue<'a> {
     fn visit_str(v: Cow<'de, str>) -> Option<Self> {
-        Some(DimValue(v.into_owned()))
+        Some(DimValue(v))
     }
     fn visit_i64(v: i64) -> Option<Self> {
-        Some(DimValue(v.to_string()))
+        Some(DimValue(Cow::Owned(v.to_string())))
     }
     fn visit_u64(v: u64) -> Option<Self> {
-        Some(DimValue(v.to_string()))
+        Some(DimValue(Cow::Owned(v.to_string())))
     }
     fn visit_f64(v: f64) -> Option<Self> {
-        Some(DimValue(v.to_string()))
+        Some(DimValue(Cow::Owned(v.to_string())))
     }
     fn visit_bool(v: bool) -> Option<Self> {
-        Some(DimValue(v.to_string()))
+        Some(DimValue(Cow::Owned(v.to_string())))
     }
 }
 
@@ -462,7 +466,7 @@ impl<'de> LenientVisit<'de> for Timestamp {
     }
 }
 
-impl<'de: 'a, 'a> LenientVisit<'de> for Vec<(Cow<'a, str>, Lenient<DimValue>)> {
+impl<'de: 'a, 'a> LenientVisit<'de> for Vec<(Cow<'a, str>, Lenient<DimValue<'a>>)> {
     fn visit_map<A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
         collect_map(map).map(Some)
     }
@@ -578,9 +582,7 @@ mod tests {
     fn canonical_form_round_trips() {
         let mut e = parse_event(SEED.as_bytes(), 0).unwrap();
         e.values.insert("amount".into(), 12.5);
-        assert_eq!(Event::from_json(&e.to_json()).unwrap(), e);
-        let early = Event { timestamp: 5_000, ..e };
-        assert_eq!(Event::from_json(&early.to_json()).unwrap().timestamp, 5_000);
+        assert_eq!(parse_event(&e.to_json(), 0).unwrap(), e);
     }
 
     #[test]
@@ -592,8 +594,11 @@ mod tests {
 
     #[test]
     fn batches_are_all_or_nothing_and_name_each_bad_index() {
-        let ok = parse_batch(br#"[{"eventType":"a"},{"eventType":"b","timestamp":1780821960}]"#, false, 0).unwrap();
-        assert_eq!(ok.len(), 2);
+        let now = 1_780_821_960_123;
+        let ok = parse_batch(br#"[{"eventType":"a"}, {"eventType":"b","timestamp":1780821960}]"#, false, now).unwrap();
+        // Sent as is, unless the time had to be filled in.
+        assert_eq!(ok[1], br#"{"eventType":"b","timestamp":1780821960}"#);
+        assert_eq!(parse_event(&ok[0], 0).unwrap().timestamp, now);
         let Err(BatchError::Invalid(bad)) = parse_batch(br#"[{"eventType":"a"},{"timestamp":"x"},7,{"eventType":"c"}]"#, false, 0) else {
             panic!("expected invalid");
         };

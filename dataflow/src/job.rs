@@ -94,7 +94,6 @@ mod tests {
 
     use super::*;
     use crate::aggregate::AggregateKind;
-    use crate::event::Event;
     use crate::operators::source::{log_source, Poll, SourceBatch, Waker};
     use crate::window::WindowSpec;
 
@@ -128,14 +127,9 @@ mod tests {
     }
 
     fn event(seconds: i64) -> Vec<u8> {
-        Event {
-            event_id: None,
-            event_type: "ad_click".into(),
-            timestamp: seconds * 1000,
-            dimensions: [("country".to_string(), "US".to_string())].into(),
-            values: Default::default(),
-        }
-        .to_json()
+        serde_json::json!({"eventType": "ad_click", "timestamp": seconds, "dimensions": {"country": "US"}})
+            .to_string()
+            .into_bytes()
     }
 
     fn batches(times: &[&[i64]]) -> VecDeque<SourceBatch> {

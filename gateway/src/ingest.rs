@@ -50,8 +50,8 @@ where
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     };
-    let events = match parsed {
-        Ok(events) => events,
+    let records = match parsed {
+        Ok(records) => records,
         Err(BatchError::Malformed(e)) => {
             ops.rejected("malformed", 0);
             return Err(ApiError::bad_request(format!("malformed JSON: {e}")));
@@ -76,8 +76,7 @@ where
             return Err(error);
         }
     };
-    let accepted = events.len();
-    let records: Vec<Vec<u8>> = events.iter().map(|e| e.to_json()).collect();
+    let accepted = records.len();
     if let Err(e) = gateway.events.append(records).await {
         tracing::error!(error = %e, events = accepted, "cannot append to the event log");
         ops.rejected("unavailable", 0);

@@ -32,7 +32,7 @@ use timely::dataflow::{Scope, Stream};
 
 use crate::aggregate::AggState;
 use crate::config::MetricSpec;
-use crate::event::{Event, Millis};
+use crate::event::{parse_event_ref, EventRef, Fields, Millis};
 use crate::operators::deliver::Backpressure;
 use crate::operators::windows::group_hash;
 use crate::stats::JobStats;
@@ -230,8 +230,24 @@ pub fn fold_batch(
     let mut folded: HashMap<(u16, Millis, Group), AggState> = HashMap::default();
     for (i, record) in batch.records.iter().enumerate() {
         let offset = batch.offset + i as u64;
-        let event = match Event::from_json(record) {
-            Ok(event) => event,
+        let parsed = parse_event_ref(record).map_err(|errors| {
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        });
+        let (event, timestamp) = match parsed {
+            Ok(event) => match event.timestamp {
+                Some(t) => (event, t),
+                None => {
+                    // The gateway gives every record a time; this one is damaged.
+                    out.push(Err(DeadLetter {
+                        partition: batch.partition,
+                        offset,
+                        reason: "unreadable record: no timestamp".into(),
+                        watermark,
+                        record: record.clone(),
+                    }));
+                    continue;
+                }
+            },
             Err(e) => {
                 out.push(Err(DeadLetter {
                     partition: batch.partition,
@@ -243,14 +259,14 @@ pub fn fold_batch(
                 continue;
             }
         };
-        newest = Some(newest.map_or(event.timestamp, |n: Millis| n.max(event.timestamp)));
-        if event.timestamp < watermark - allowed_lateness {
+        newest = Some(newest.map_or(timestamp, |n: Millis| n.max(timestamp)));
+        if timestamp < watermark - allowed_lateness {
             out.push(Err(DeadLetter {
                 partition: batch.partition,
                 offset,
                 reason: format!(
                     "{} ms behind the watermark, past the allowed lateness of {} ms",
-                    watermark - event.timestamp,
+                    watermark - timestamp,
                     allowed_lateness
                 ),
                 watermark,
@@ -258,7 +274,7 @@ pub fn fold_batch(
             }));
             continue;
         }
-        fold_event(&event, metrics, &mut folded);
+        fold_event(&event, timestamp, metrics, &mut folded);
     }
     let mut contributions: Vec<_> = folded.into_iter().collect();
     contributions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -270,8 +286,13 @@ pub fn fold_batch(
     (out, newest)
 }
 
-/// Adds one event to every metric it counts toward.
-pub fn fold_event(event: &Event, metrics: &[MetricSpec], folded: &mut HashMap<(u16, Millis, Group), AggState>) {
+/// Adds one event, at `timestamp`, to every metric it counts toward.
+pub fn fold_event(
+    event: &EventRef<'_>,
+    timestamp: Millis,
+    metrics: &[MetricSpec],
+    folded: &mut HashMap<(u16, Millis, Group), AggState>,
+) {
     for (index, metric) in metrics.iter().enumerate() {
         if !metric.accepts(&event.event_type) {
             continue;
@@ -279,9 +300,9 @@ pub fn fold_event(event: &Event, metrics: &[MetricSpec], folded: &mut HashMap<(u
         let group: Group = metric
             .dimensions
             .iter()
-            .map(|d| event.dimensions.get(d).cloned().unwrap_or_default())
+            .map(|d| event.dimension(d).unwrap_or_default().to_owned())
             .collect();
-        let pane = align(event.timestamp, metric.pane);
+        let pane = align(timestamp, metric.pane);
         folded
             .entry((index as u16, pane, group))
             .or_default()
