@@ -1,8 +1,8 @@
 //! (c) Freshness: the time from sending a POST to the first WebSocket frame
 //! whose value includes its events, at a fixed offered rate.
 //!
-//! One sender posts batches of 1000 events stamped with the current time, on
-//! a fixed schedule (an open loop: a late send does not push the schedule
+//! Senders post batches of 1000 events stamped with the current time, on a
+//! fixed schedule (an open loop: a late send does not push the schedule
 //! back). A subscriber follows `metrics:events` in 10 s windows. A batch is
 //! seen when a frame for its window carries a count at least the number of
 //! events posted to that window up to and including the batch. The baseline
@@ -24,8 +24,16 @@ const RATE: usize = 100_000;
 const BATCH: usize = 1000;
 const SECONDS: u64 = 20;
 const LIVE_INTERVAL: &str = "100ms";
+const SENDERS: usize = 4;
 
 pub fn run() {
+    // The target rate, and half of it, to show where the knee is.
+    for rate in [RATE, RATE / 2] {
+        run_at(rate);
+    }
+}
+
+fn run_at(rate: usize) {
     let dir = tempfile::tempdir().unwrap();
     let tally = Tally::start(dir.path(), &[("TALLY__LIVE__INTERVAL", LIVE_INTERVAL)]);
     let (mut socket, _) = tungstenite::connect(format!("{}/v1/live", tally.url.replace("http://", "ws://"))).unwrap();
@@ -57,32 +65,62 @@ pub fn run() {
         })
     };
 
-    // The sender: (sent at, window start, events posted to that window so far).
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    // Bodies are made before the clock starts, with a placeholder time that
+    // each send overwrites, so the senders spend little CPU of their own.
     let mut rng = fastrand::Rng::with_seed(3);
-    let mut posted: HashMap<i64, u64> = HashMap::new();
-    let mut sends = Vec::new();
-    let mut acks = Vec::new();
-    let interval = Duration::from_secs_f64(BATCH as f64 / RATE as f64);
-    let total = (RATE as u64 * SECONDS) as usize / BATCH;
-    let mut late_sends = 0;
-    for i in 0..total {
-        let due = interval * i as u32;
-        match due.checked_sub(epoch.elapsed()) {
-            Some(wait) => std::thread::sleep(wait),
-            None => late_sends += 1,
-        }
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-        let body: Vec<Value> = (0..BATCH).map(|_| event(&mut rng, now_ms)).collect();
-        let sent = epoch.elapsed();
-        let response = agent.post(format!("{}/v1/events", tally.url)).send_json(&body).unwrap();
-        assert_eq!(response.status(), 202);
-        acks.push((epoch.elapsed() - sent).as_secs_f64() * 1000.0);
-        let window = now_ms - now_ms.rem_euclid(10_000);
-        let count = posted.entry(window).or_default();
-        *count += BATCH as u64;
-        sends.push((sent, window, *count));
+    let templates: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..50).map(|_| serde_json::to_vec(&(0..BATCH).map(|_| event(&mut rng, PLACEHOLDER)).collect::<Vec<_>>()).unwrap()).collect(),
+    );
+
+    // Senders on a shared open-loop schedule: request i is due at i * interval,
+    // whoever sends it. Each request is noted as (sent at, window start, the
+    // events posted to that window by requests sent up to and including it);
+    // a request sent later but finished sooner can only make this estimate
+    // later, never earlier.
+    let interval = Duration::from_secs_f64(BATCH as f64 / rate as f64);
+    let total = (rate as u64 * SECONDS) as usize / BATCH;
+    let ledger: Arc<Mutex<(usize, HashMap<i64, u64>, Vec<(Duration, i64, u64)>, Vec<f64>, usize)>> = Arc::default();
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            let (ledger, url, templates) = (Arc::clone(&ledger), tally.url.clone(), Arc::clone(&templates));
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                loop {
+                    let i = {
+                        let mut l = ledger.lock().unwrap();
+                        l.0 += 1;
+                        l.0 - 1
+                    };
+                    if i >= total {
+                        break;
+                    }
+                    match (interval * i as u32).checked_sub(epoch.elapsed()) {
+                        Some(wait) => std::thread::sleep(wait),
+                        None => ledger.lock().unwrap().4 += 1,
+                    }
+                    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+                    let body = stamp(&templates[i % templates.len()], now_ms);
+                    let window = now_ms - now_ms.rem_euclid(10_000);
+                    let sent = {
+                        let mut l = ledger.lock().unwrap();
+                        let count = l.1.entry(window).or_default();
+                        *count += BATCH as u64;
+                        let count = *count;
+                        let sent = epoch.elapsed();
+                        l.2.push((sent, window, count));
+                        sent
+                    };
+                    let response = agent.post(format!("{url}/v1/events")).header("content-type", "application/json").send(&body[..]).unwrap();
+                    assert_eq!(response.status(), 202);
+                    ledger.lock().unwrap().3.push((epoch.elapsed() - sent).as_secs_f64() * 1000.0);
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
     }
+    let (_, _, sends, mut acks, late_sends) = std::mem::take(&mut *ledger.lock().unwrap());
     std::thread::sleep(Duration::from_secs(2));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();
@@ -98,11 +136,32 @@ pub fn run() {
         }
     }
     latencies.sort_by(f64::total_cmp);
-    let achieved = (total * BATCH) as f64 / sends.last().unwrap().0.as_secs_f64();
+    let last_sent = sends.iter().map(|s| s.0).max().unwrap();
+    let achieved = (total * BATCH) as f64 / last_sent.as_secs_f64();
     println!("(c) freshness, POST to the first WebSocket frame that includes it, live.interval = {LIVE_INTERVAL}");
-    println!("    offered {RATE} events/s in batches of {BATCH} for {SECONDS} s (achieved {achieved:.0}/s, {late_sends} sends behind schedule), {unseen} batches never seen");
+    println!("    offered {rate} events/s in batches of {BATCH} for {SECONDS} s from {SENDERS} senders (achieved {achieved:.0}/s, {late_sends} sends behind schedule), {unseen} batches never seen");
     acks.sort_by(f64::total_cmp);
     println!("    baseline, POST to its 202 (durable):  p50 {:>6.1} ms, p99 {:>6.1} ms", quantile(&acks, 0.5), quantile(&acks, 0.99));
     println!("    POST to the first frame with it:      p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms",
         quantile(&latencies, 0.5), quantile(&latencies, 0.99), latencies.last().unwrap());
+}
+
+/// A 13-digit time that [`stamp`] replaces.
+const PLACEHOLDER: i64 = 1_000_000_000_000;
+
+/// The template with every placeholder time set to `now_ms`.
+fn stamp(template: &[u8], now_ms: i64) -> Vec<u8> {
+    let (from, to) = (PLACEHOLDER.to_string().into_bytes(), now_ms.to_string().into_bytes());
+    assert_eq!(from.len(), to.len());
+    let mut body = template.to_vec();
+    let mut i = 0;
+    while i + from.len() <= body.len() {
+        if body[i..i + from.len()] == from[..] {
+            body[i..i + from.len()].copy_from_slice(&to);
+            i += from.len();
+        } else {
+            i += 1;
+        }
+    }
+    body
 }

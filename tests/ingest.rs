@@ -90,3 +90,23 @@ fn refuses_bad_input_whole_and_says_why() {
     let (status, _) = tally.get("/readyz");
     assert_eq!(status, 200);
 }
+
+#[test]
+fn a_bad_configuration_stops_start_up_and_lists_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(crate::util::default_config())
+        .env("TALLY__LIVE__INTERVAL", "soon")
+        .env("TALLY__DATAFLOW__ALLOWED_LATENESS", "-3")
+        .env("TALLY__LOG__FSYNC", "sometimes")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in ["live.interval", "dataflow.allowed_lateness", "log.fsync"] {
+        assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
+    }
+}

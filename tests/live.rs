@@ -87,3 +87,27 @@ fn partials_then_final_then_revision() {
     let stored = tally.metrics("metric=ad_clicks&country=US&resolution=10s&start=2026-06-07T10:00:30Z&end=2026-06-07T10:00:40Z");
     assert_eq!(stored["dataPoints"][0]["value"], 4);
 }
+
+#[test]
+fn too_late_events_go_to_the_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    tally.flush(BASE_MS + 120_000);
+    // Every partition's watermark is at 1:58; 30 s of lateness reaches back
+    // to 1:28. An event at 0:10 is far past that.
+    let late = json!({"eventId": "late_1", "eventType": "ad_click", "timestamp": BASE_MS / 1000 + 10});
+    tally.post_events(&[late]);
+    let letters = crate::util::eventually(Duration::from_secs(10), || {
+        let (status, body) = tally.get("/v1/deadletters?limit=5");
+        assert_eq!(status, 200, "{body}");
+        let letters = body["deadLetters"].as_array().unwrap().clone();
+        if letters.is_empty() { Err("no dead letters yet".to_string()) } else { Ok(letters) }
+    });
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["event"]["eventId"], "late_1");
+    assert!(letters[0]["reason"].as_str().unwrap().contains("allowed lateness"), "{}", letters[0]);
+    let (_, metrics) = tally.get("/metrics");
+    assert!(metrics.as_str().unwrap().contains("tally_dead_letters_total 1"), "{metrics}");
+    let (status, body) = tally.get("/v1/deadletters?limit=0");
+    assert_eq!(status, 400, "{body}");
+}

@@ -187,7 +187,14 @@ impl HubState {
                     None => break,
                 },
                 updates = bus.recv() => match updates {
-                    Some(updates) => self.updates(updates),
+                    Some(mut updates) => {
+                        // Take whatever else is queued too, so a topic is
+                        // recomputed once for all of it.
+                        while let Ok(more) = bus.try_recv() {
+                            updates.extend(more);
+                        }
+                        self.updates(updates)
+                    }
                     None => break,
                 },
             }
