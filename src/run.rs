@@ -117,7 +117,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
         let address = listener.local_addr()?;
-        let hub = Hub::start(Arc::new(config.metrics.clone()), bus, Arc::clone(&ops));
+        let lateness = config.dataflow.allowed_lateness + config.dataflow.out_of_orderness;
+        let hub = Hub::start(Arc::new(config.metrics.clone()), lateness, bus, Arc::clone(&ops));
         let gateway = Arc::new(Gateway {
             config: Arc::clone(&config),
             events: Arc::clone(&events) as Arc<dyn EventSink>,

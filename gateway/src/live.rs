@@ -71,10 +71,17 @@ struct Request {
 }
 
 impl Hub {
-    /// Starts the fan-out task, fed by the live bus.
-    pub fn start(metrics: Arc<Vec<MetricSpec>>, bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>, ops: Arc<Ops>) -> Hub {
+    /// Starts the fan-out task, fed by the live bus. Windows are kept while
+    /// a late event can still revise them: `lateness` is the allowed
+    /// lateness plus the out-of-orderness.
+    pub fn start(
+        metrics: Arc<Vec<MetricSpec>>,
+        lateness: Millis,
+        bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>,
+        ops: Arc<Ops>,
+    ) -> Hub {
         let (commands, rx) = mpsc::channel(4096);
-        tokio::spawn(HubState::new(metrics, ops).run(rx, bus));
+        tokio::spawn(HubState::new(metrics, lateness, ops).run(rx, bus));
         Hub { commands, next_client: Arc::new(AtomicU64::new(1)) }
     }
 
@@ -168,6 +175,7 @@ struct Slot {
 
 struct HubState {
     metrics: Arc<Vec<MetricSpec>>,
+    lateness: Millis,
     ops: Arc<Ops>,
     windows: HashMap<(u16, u8), BTreeMap<Millis, Slot>>,
     subs: HashMap<SubKey, Subscription>,
@@ -175,8 +183,8 @@ struct HubState {
 }
 
 impl HubState {
-    fn new(metrics: Arc<Vec<MetricSpec>>, ops: Arc<Ops>) -> HubState {
-        HubState { metrics, ops, windows: HashMap::new(), subs: HashMap::new(), clients: HashMap::new() }
+    fn new(metrics: Arc<Vec<MetricSpec>>, lateness: Millis, ops: Arc<Ops>) -> HubState {
+        HubState { metrics, lateness, ops, windows: HashMap::new(), subs: HashMap::new(), clients: HashMap::new() }
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>) {
@@ -324,12 +332,11 @@ impl HubState {
             slot.groups.insert(u.group.clone(), (u.state.clone(), u.is_final));
             touched.insert((u.metric, u.window, u.span.start));
         }
-        for (&(metric, window), slots) in self.windows.iter_mut() {
-            // Keep the windows that can still change: as many as overlap,
-            // and a few closed ones for late revisions.
-            let spec = self.metrics[metric as usize].windows[window as usize];
-            let keep = (spec.size() / spec.slide()) as usize + 4;
-            while slots.len() > keep {
+        for slots in self.windows.values_mut() {
+            // Keep the windows a late event can still revise: those ending
+            // within the lateness of the newest window's start.
+            let Some(newest) = slots.keys().next_back().copied() else { continue };
+            while slots.first_key_value().is_some_and(|(_, slot)| slot.end + self.lateness < newest) {
                 slots.pop_first();
             }
         }
@@ -431,7 +438,7 @@ mod tests {
         )
         .unwrap();
         let ops = Arc::new(Ops::new(Box::new(Observed::default)));
-        (HubState::new(Arc::new(config.metrics), Arc::clone(&ops)), ops)
+        (HubState::new(Arc::new(config.metrics), 32_000, Arc::clone(&ops)), ops)
     }
 
     fn update(count: u64, is_final: bool) -> Arc<WindowUpdate> {
