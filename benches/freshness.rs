@@ -79,7 +79,7 @@ fn run_at(rate: usize) {
     // later, never earlier.
     let interval = Duration::from_secs_f64(BATCH as f64 / rate as f64);
     let total = (rate as u64 * SECONDS) as usize / BATCH;
-    let ledger: Arc<Mutex<(usize, HashMap<i64, u64>, Vec<(Duration, i64, u64)>, Vec<f64>, usize)>> = Arc::default();
+    let ledger: Arc<Mutex<Ledger>> = Arc::default();
     let senders: Vec<_> = (0..SENDERS)
         .map(|_| {
             let (ledger, url, templates) = (Arc::clone(&ledger), tally.url.clone(), Arc::clone(&templates));
@@ -88,31 +88,31 @@ fn run_at(rate: usize) {
                 loop {
                     let i = {
                         let mut l = ledger.lock().unwrap();
-                        l.0 += 1;
-                        l.0 - 1
+                        l.next += 1;
+                        l.next - 1
                     };
                     if i >= total {
                         break;
                     }
                     match (interval * i as u32).checked_sub(epoch.elapsed()) {
                         Some(wait) => std::thread::sleep(wait),
-                        None => ledger.lock().unwrap().4 += 1,
+                        None => ledger.lock().unwrap().behind += 1,
                     }
                     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
                     let body = stamp(&templates[i % templates.len()], now_ms);
                     let window = now_ms - now_ms.rem_euclid(10_000);
                     let sent = {
                         let mut l = ledger.lock().unwrap();
-                        let count = l.1.entry(window).or_default();
+                        let count = l.posted.entry(window).or_default();
                         *count += BATCH as u64;
                         let count = *count;
                         let sent = epoch.elapsed();
-                        l.2.push((sent, window, count));
+                        l.sends.push((sent, window, count));
                         sent
                     };
                     let response = agent.post(format!("{url}/v1/events")).header("content-type", "application/json").send(&body[..]).unwrap();
                     assert_eq!(response.status(), 202);
-                    ledger.lock().unwrap().3.push((epoch.elapsed() - sent).as_secs_f64() * 1000.0);
+                    ledger.lock().unwrap().acks.push((epoch.elapsed() - sent).as_secs_f64() * 1000.0);
                 }
             })
         })
@@ -120,7 +120,7 @@ fn run_at(rate: usize) {
     for s in senders {
         s.join().unwrap();
     }
-    let (_, _, sends, mut acks, late_sends) = std::mem::take(&mut *ledger.lock().unwrap());
+    let Ledger { sends, mut acks, behind: late_sends, .. } = std::mem::take(&mut *ledger.lock().unwrap());
     std::thread::sleep(Duration::from_secs(2));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();
@@ -164,4 +164,19 @@ fn stamp(template: &[u8], now_ms: i64) -> Vec<u8> {
         }
     }
     body
+}
+
+/// What the senders share.
+#[derive(Default)]
+struct Ledger {
+    /// The next request to send.
+    next: usize,
+    /// Events posted so far, per 10 s window.
+    posted: HashMap<i64, u64>,
+    /// (sent at, window start, events posted to that window up to this request).
+    sends: Vec<(Duration, i64, u64)>,
+    /// Each request's round trip to its 202, in milliseconds.
+    acks: Vec<f64>,
+    /// Requests sent later than their schedule.
+    behind: usize,
 }
