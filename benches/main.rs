@@ -6,10 +6,12 @@
 //! cargo bench --bench tally -- ingest       # (a) HTTP ingest vs raw serde_json parsing
 //! cargo bench --bench tally -- dataflow     # (b) the timely job vs a hand-written HashMap loop
 //! cargo bench --bench tally -- freshness    # (c) POST to WebSocket frame, p50 and p99
+//! cargo bench --bench tally -- history      # (d) GET /v1/metrics over a day vs SQLite's own sum
 //! ```
 
 mod dataflow;
 mod freshness;
+mod history;
 mod ingest;
 mod support;
 
@@ -28,5 +30,8 @@ fn main() {
     }
     if run("freshness") {
         freshness::run();
+    }
+    if run("history") {
+        history::run();
     }
 }

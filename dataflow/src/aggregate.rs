@@ -93,7 +93,7 @@ impl fmt::Display for Field {
 }
 
 /// The mergeable state of one aggregate over some set of events.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AggState {
     /// Events seen.
     pub count: u64,
@@ -119,12 +119,12 @@ impl AggState {
                 match field {
                     Field::Dimension(name) => {
                         if let Some(item) = event.dimension(name) {
-                            sketch.0.update(item);
+                            sketch.update(item);
                         }
                     }
                     Field::Value(name) => {
                         if let Some(v) = event.value(name) {
-                            sketch.0.update(v.to_bits());
+                            sketch.update(v.to_bits());
                         }
                     }
                 }
@@ -168,37 +168,77 @@ impl AggState {
 
 /// A HyperLogLog sketch of distinct values. Its estimate depends only on the
 /// set of values, never on the order they arrived in.
-#[derive(Clone, PartialEq)]
-pub struct Sketch(HllSketch);
+///
+/// A sketch that takes values or other sketches is kept as a DataSketches
+/// union, so folding many sketches into one (a pane taking contributions, a
+/// query merging rows) costs one pass over each incoming sketch, never a copy
+/// of the accumulated one. A sketch read from storage stays as it was read
+/// until something is folded into it.
+#[derive(Clone)]
+pub struct Sketch(Form);
+
+#[derive(Clone)]
+enum Form {
+    Union(HllUnion),
+    Read(HllSketch),
+}
 
 impl Sketch {
     /// An empty sketch.
     pub fn new() -> Sketch {
         // LG_K is in the library's valid range [4, 21].
-        Sketch(HllSketch::new(LG_K, HllType::Hll8).expect("valid lg_k"))
+        Sketch(Form::Union(HllUnion::new(LG_K).expect("valid lg_k")))
+    }
+
+    /// The union form, converting a sketch read from storage on first use.
+    fn union(&mut self) -> &mut HllUnion {
+        if let Form::Read(sketch) = &self.0 {
+            let mut union = HllUnion::new(LG_K).expect("valid lg_k");
+            union.update(sketch);
+            self.0 = Form::Union(union);
+        }
+        match &mut self.0 {
+            Form::Union(union) => union,
+            Form::Read(_) => unreachable!("converted above"),
+        }
+    }
+
+    /// Adds one value.
+    fn update(&mut self, value: impl std::hash::Hash) {
+        self.union().update_value(value);
     }
 
     /// Folds `other` into this sketch.
     pub fn merge(&mut self, other: &Sketch) {
-        let mut union = HllUnion::new(LG_K).expect("valid lg_k");
-        union.update(&self.0);
-        union.update(&other.0);
-        self.0 = union.to_sketch(HllType::Hll8);
+        match &other.0 {
+            Form::Read(sketch) => self.union().update(sketch),
+            Form::Union(union) => {
+                let sketch = union.to_sketch(HllType::Hll8);
+                self.union().update(&sketch);
+            }
+        }
     }
 
     /// The estimated number of distinct values, rounded to a whole number.
     pub fn estimate(&self) -> f64 {
-        self.0.composite_estimate().round()
+        match &self.0 {
+            Form::Union(union) => union.composite_estimate(),
+            Form::Read(sketch) => sketch.composite_estimate(),
+        }
+        .round()
     }
 
-    /// The sketch in DataSketches' portable binary form.
+    /// The sketch in DataSketches' portable binary form (HLL_8).
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.0.serialize()
+        match &self.0 {
+            Form::Union(union) => union.to_sketch(HllType::Hll8).serialize(),
+            Form::Read(sketch) => sketch.serialize(),
+        }
     }
 
     /// Reads a sketch written by [`Sketch::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Sketch, String> {
-        HllSketch::deserialize(bytes).map(Sketch).map_err(|e| e.to_string())
+        HllSketch::deserialize(bytes).map(|s| Sketch(Form::Read(s))).map_err(|e| e.to_string())
     }
 }
 
@@ -279,7 +319,7 @@ mod tests {
     fn sketches_round_trip_through_bytes() {
         let mut s = Sketch::new();
         for i in 0..100 {
-            s.0.update(i);
+            s.update(i);
         }
         let back = Sketch::from_bytes(&s.to_bytes()).unwrap();
         assert_eq!(back.estimate(), s.estimate());

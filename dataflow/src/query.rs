@@ -62,8 +62,8 @@ fn bad(parameter: &str, problem: impl Into<String>) -> QueryError {
 pub struct StoredWindow {
     /// Window start.
     pub start: Millis,
-    /// The group's dimension values, in the metric's dimension order.
-    pub group: Vec<String>,
+    /// The value of the query's `groupBy` dimension, if it has one.
+    pub group_value: Option<String>,
     /// The aggregate state.
     pub state: AggState,
 }
@@ -144,13 +144,18 @@ impl Query {
         self.filters.iter().map(|(d, v)| (self.dimensions[*d].clone(), v.clone())).collect()
     }
 
-    /// Whether a stored group passes the filters.
-    pub fn matches(&self, group: &[String]) -> bool {
-        self.filters.iter().all(|(d, v)| group.get(*d) == Some(v))
+    /// Whether a stored group, given as its dimension values, passes the
+    /// filters; if so, its value of the `groupBy` dimension.
+    pub fn select(&self, group: &[&str]) -> Option<Option<String>> {
+        if !self.filters.iter().all(|(d, v)| group.get(*d) == Some(&v.as_str())) {
+            return None;
+        }
+        Some(self.group_by.map(|d| group.get(d).copied().unwrap_or_default().to_owned()))
     }
 
-    /// Merges stored windows into the answer's series. Rows outside the
-    /// range or the filters are ignored; every bucket is present.
+    /// Merges stored windows, already filtered by [`Query::select`], into the
+    /// answer's series. Rows outside the range are ignored; every bucket is
+    /// present.
     pub fn assemble(&self, rows: impl IntoIterator<Item = StoredWindow>) -> Vec<Series> {
         let buckets = ((self.end - self.start) + self.resolution - 1) / self.resolution;
         let mut groups: BTreeMap<Option<String>, Vec<AggState>> = BTreeMap::new();
@@ -158,11 +163,10 @@ impl Query {
             groups.insert(None, vec![AggState::default(); buckets as usize]);
         }
         for row in rows {
-            if row.start < self.start || row.start >= self.end || !self.matches(&row.group) {
+            if row.start < self.start || row.start >= self.end {
                 continue;
             }
-            let key = self.group_by.map(|d| row.group[d].clone());
-            let series = groups.entry(key).or_insert_with(|| vec![AggState::default(); buckets as usize]);
+            let series = groups.entry(row.group_value).or_insert_with(|| vec![AggState::default(); buckets as usize]);
             series[((row.start - self.start) / self.resolution) as usize].merge(&row.state);
         }
         groups
@@ -242,7 +246,7 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
         .unwrap();
         let row = |offset: Millis, country: &str, count| StoredWindow {
             start: q.start + offset,
-            group: vec!["c1".into(), country.into()],
+            group_value: q.select(&["c1", country]).unwrap(),
             state: AggState { count, ..Default::default() },
         };
         let series = q.assemble([row(0, "US", 2), row(0, "DE", 1), row(120_000, "US", 5)]);

@@ -138,12 +138,9 @@ impl SqliteStore {
             let mut out = Vec::new();
             for row in rows {
                 let (start, grp, count, sum, sketch) = row?;
-                let group = split_group(&grp);
-                if !query.matches(&group) {
-                    continue;
-                }
+                let Some(group_value) = query.select(&grp.split(SEP).collect::<Vec<_>>()) else { continue };
                 let sketch = sketch.map(|b| Sketch::from_bytes(&b)).transpose().map_err(StoreError::CorruptSketch)?;
-                out.push(StoredWindow { start, group, state: AggState::from_parts(count as u64, sum, sketch) });
+                out.push(StoredWindow { start, group_value, state: AggState::from_parts(count as u64, sum, sketch) });
             }
             Ok(out)
         })
@@ -314,9 +311,6 @@ fn join_group(group: &[String]) -> String {
     key
 }
 
-fn split_group(key: &str) -> Vec<String> {
-    key.split(SEP).map(str::to_owned).collect()
-}
 
 #[cfg(test)]
 mod tests {

@@ -80,7 +80,7 @@ pub trait BatchSource: 'static {
 }
 
 /// One batch's worth of one (metric, group, pane).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Contribution {
     /// Index of the metric in the configuration.
     pub metric: u16,

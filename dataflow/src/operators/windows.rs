@@ -43,7 +43,7 @@ use crate::window::{Span, WindowSpec};
 
 /// The value of one window of one group, as emitted. The operator emits
 /// them in an `Arc`, so the store and the live bus share one copy.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WindowUpdate {
     /// Index of the metric in the configuration.
     pub metric: u16,
