@@ -111,7 +111,7 @@ impl AggState {
         match (kind, field) {
             (AggregateKind::Sum | AggregateKind::Avg, Some(Field::Value(name))) => {
                 if let Some(v) = event.value(name) {
-                    self.sum += (v * SUM_SCALE).round() as i128;
+                    self.sum = self.sum.saturating_add((v * SUM_SCALE).round() as i128);
                 }
             }
             (AggregateKind::Uniq, Some(field)) => {
@@ -136,7 +136,7 @@ impl AggState {
     /// Folds `other` into this state.
     pub fn merge(&mut self, other: &AggState) {
         self.count += other.count;
-        self.sum += other.sum;
+        self.sum = self.sum.saturating_add(other.sum);
         if let Some(theirs) = &other.sketch {
             match &mut self.sketch {
                 Some(mine) => mine.merge(theirs),

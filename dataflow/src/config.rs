@@ -47,6 +47,11 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted by `POST /v1/events`. Default `10MB`.
     pub max_body_bytes: u64,
+    /// How far past the receive time an event's timestamp may be. Later
+    /// ones are refused: one event from a wrong clock would otherwise pull
+    /// the watermark ahead and turn everything after it into late data.
+    /// Default `5m`.
+    pub max_future: Millis,
 }
 
 /// `[storage]`.
@@ -240,6 +245,7 @@ impl Reader {
             server: ServerConfig {
                 listen: self.parsed(&mut server, "listen", "127.0.0.1:8080".parse().expect("literal")),
                 max_body_bytes: self.bytes(&mut server, "max_body", 10_000_000),
+                max_future: self.millis(&mut server, "max_future", 300_000),
             },
             storage: StorageConfig { data_dir: PathBuf::from(self.string(&mut storage, "data_dir", "./data")) },
             log: LogConfig {

@@ -126,6 +126,11 @@ impl Fields for EventRef<'_> {
     }
 }
 
+/// The largest magnitude of a numeric value. Sums are kept exactly to a
+/// billionth in 128 bits, which holds about 1.7e29: this leaves room for
+/// a hundred billion such values in one window.
+pub const MAX_VALUE: f64 = 1e18;
+
 /// Unix timestamps below this are seconds; at or above it, milliseconds.
 /// 10^11 seconds is the year 5138, and 10^11 milliseconds is March 1973.
 const MILLIS_THRESHOLD: f64 = 1e11;
@@ -163,7 +168,10 @@ pub enum BatchError {
 /// The batch is all or nothing: any invalid event fails it, and every invalid
 /// event is reported. A record is the event's JSON as sent; an event without
 /// a `timestamp` is written out again with `received_at` as its time.
-pub fn parse_batch(body: &[u8], ndjson: bool, received_at: Millis) -> Result<Vec<Vec<u8>>, BatchError> {
+///
+/// An event whose timestamp is more than `max_future` past `received_at`
+/// is invalid.
+pub fn parse_batch(body: &[u8], ndjson: bool, received_at: Millis, max_future: Millis) -> Result<Vec<Vec<u8>>, BatchError> {
     let raws: Vec<&[u8]> = if ndjson {
         body.split(|&b| b == b'\n').filter(|line| line.iter().any(|b| !b.is_ascii_whitespace())).collect()
     } else {
@@ -187,6 +195,13 @@ pub fn parse_batch(body: &[u8], ndjson: bool, received_at: Millis) -> Result<Vec
     let mut invalid = Vec::new();
     for (index, raw) in raws.into_iter().enumerate() {
         match parse_event_ref(raw) {
+            Ok(EventRef { timestamp: Some(t), .. }) if t > received_at + max_future => invalid.push((
+                index,
+                vec![FieldError::new(
+                    "timestamp",
+                    format!("is {} s after the time it was received; at most {} s is allowed", (t - received_at) / 1000, max_future / 1000),
+                )],
+            )),
             Ok(event) if event.timestamp.is_some() => records.push(raw.to_vec()),
             Ok(event) => records.push(event.to_owned(received_at).to_json()),
             Err(errors) => invalid.push((index, errors)),
@@ -271,6 +286,10 @@ impl<'a> RawEvent<'a> {
             Some(Lenient::Ok(entries)) => {
                 for (name, value) in entries {
                     match value {
+                        Lenient::Ok(DimValue(v)) if v.chars().any(char::is_control) => errors.push(FieldError::new(
+                            format!("dimensions.{name}"),
+                            "must not contain control characters",
+                        )),
                         Lenient::Ok(DimValue(v)) => dimensions.push((name, v)),
                         Lenient::Wrong(found) => errors.push(FieldError::new(
                             format!("dimensions.{name}"),
@@ -289,8 +308,11 @@ impl<'a> RawEvent<'a> {
             Some(Lenient::Ok(entries)) => {
                 for (name, value) in entries {
                     match value {
-                        Lenient::Ok(v) if v.is_finite() => values.push((name, v)),
-                        Lenient::Ok(_) => errors.push(FieldError::new(format!("values.{name}"), "must be finite")),
+                        Lenient::Ok(v) if v.is_finite() && v.abs() <= MAX_VALUE => values.push((name, v)),
+                        Lenient::Ok(_) => errors.push(FieldError::new(
+                            format!("values.{name}"),
+                            format!("must be a finite number of magnitude at most {MAX_VALUE:e}"),
+                        )),
                         Lenient::Wrong(found) => errors.push(FieldError::new(
                             format!("values.{name}"),
                             format!("must be a number, found {found}"),
@@ -595,20 +617,24 @@ mod tests {
     #[test]
     fn batches_are_all_or_nothing_and_name_each_bad_index() {
         let now = 1_780_821_960_123;
-        let ok = parse_batch(br#"[{"eventType":"a"}, {"eventType":"b","timestamp":1780821960}]"#, false, now).unwrap();
+        let ok = parse_batch(br#"[{"eventType":"a"}, {"eventType":"b","timestamp":1780821960}]"#, false, now, 300_000).unwrap();
+        let Err(BatchError::Invalid(future)) = parse_batch(br#"{"eventType":"a","timestamp":1780822960}"#, false, now, 300_000) else {
+            panic!("an event from the future must be refused");
+        };
+        assert_eq!(future[0].1[0].field, "timestamp");
         // Sent as is, unless the time had to be filled in.
         assert_eq!(ok[1], br#"{"eventType":"b","timestamp":1780821960}"#);
         assert_eq!(parse_event(&ok[0], 0).unwrap().timestamp, now);
-        let Err(BatchError::Invalid(bad)) = parse_batch(br#"[{"eventType":"a"},{"timestamp":"x"},7,{"eventType":"c"}]"#, false, 0) else {
+        let Err(BatchError::Invalid(bad)) = parse_batch(br#"[{"eventType":"a"},{"timestamp":"x"},7,{"eventType":"c"}]"#, false, 0, 0) else {
             panic!("expected invalid");
         };
         assert_eq!(bad.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(bad[0].1.len(), 2);
-        let nd = parse_batch(b"{\"eventType\":\"a\"}\n\n{\"eventType\":\"b\"}\n", true, 0).unwrap();
+        let nd = parse_batch(b"{\"eventType\":\"a\"}\n\n{\"eventType\":\"b\"}\n", true, 0, i64::MAX / 2).unwrap();
         assert_eq!(nd.len(), 2);
-        assert!(matches!(parse_batch(b"[{]", false, 0), Err(BatchError::Malformed(_))));
-        assert_eq!(parse_batch(b"[]", false, 0), Err(BatchError::Empty));
-        assert_eq!(parse_batch(SEED.as_bytes(), false, 0).unwrap().len(), 1);
+        assert!(matches!(parse_batch(b"[{]", false, 0, i64::MAX / 2), Err(BatchError::Malformed(_))));
+        assert_eq!(parse_batch(b"[]", false, 0, i64::MAX / 2), Err(BatchError::Empty));
+        assert_eq!(parse_batch(SEED.as_bytes(), false, 1_780_821_960_000, 300_000).unwrap().len(), 1);
     }
 
     #[test]

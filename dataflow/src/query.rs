@@ -92,7 +92,7 @@ impl Query {
             bad("metric", format!("unknown metric '{name}'; known: {}", known.join(", ")))
         })?;
         let end = get("end").map(|v| parse_time("end", v)).transpose()?.unwrap_or(now);
-        let start = get("start").map(|v| parse_time("start", v)).transpose()?.unwrap_or(end - 3_600_000);
+        let start = get("start").map(|v| parse_time("start", v)).transpose()?.unwrap_or((end - 3_600_000).max(0));
         if start >= end {
             return Err(bad("start", "must be before end"));
         }
@@ -111,7 +111,7 @@ impl Query {
                 bad("resolution", format!("must be a multiple of one of the metric's windows: {}", sizes.join(", ")))
             })?;
         let start = align(start, resolution);
-        if (end - start) / resolution > MAX_BUCKETS {
+        if (end - start + resolution - 1) / resolution > MAX_BUCKETS {
             return Err(bad("resolution", format!("the range would hold more than {MAX_BUCKETS} buckets")));
         }
         let dimension = |parameter: &str, dim: &str| {
@@ -183,14 +183,20 @@ impl Query {
     }
 }
 
-/// Parses RFC 3339 or Unix seconds.
+/// The latest time a query may name: the end of the year 9999, as for events.
+const LAST_MS: Millis = 253_402_300_799_999;
+
+/// Parses RFC 3339 or Unix seconds, between 1970 and 9999.
 fn parse_time(parameter: &str, value: &str) -> Result<Millis, QueryError> {
-    if let Ok(seconds) = value.parse::<f64>() {
-        if seconds.is_finite() {
-            return Ok((seconds * 1000.0).round() as Millis);
-        }
+    let ms = match value.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() => Some((seconds * 1000.0).round() as Millis),
+        _ => parse_rfc3339(value),
     }
-    parse_rfc3339(value).ok_or_else(|| bad(parameter, format!("'{value}' is neither RFC 3339 nor Unix seconds")))
+    .ok_or_else(|| bad(parameter, format!("'{value}' is neither RFC 3339 nor Unix seconds")))?;
+    if !(0..=LAST_MS).contains(&ms) {
+        return Err(bad(parameter, format!("'{value}' is outside 1970 to 9999")));
+    }
+    Ok(ms)
 }
 
 #[cfg(test)]
@@ -231,6 +237,8 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
         let err = |p: &[(&str, &str)]| Query::parse(&params(p), &c, 0).unwrap_err().parameter;
         assert_eq!(err(&[("metric", "nope")]), "metric");
         assert_eq!(err(&[("metric", "ad_clicks"), ("start", "yesterday")]), "start");
+        assert_eq!(err(&[("metric", "ad_clicks"), ("start", "-9e15"), ("end", "9e15")]), "end");
+        assert_eq!(err(&[("metric", "ad_clicks"), ("start", "0"), ("end", "9e12"), ("resolution", "1m")]), "resolution");
         assert_eq!(err(&[("metric", "ad_clicks"), ("start", "0"), ("end", "60"), ("resolution", "15s")]), "resolution");
         assert_eq!(err(&[("metric", "ad_clicks"), ("start", "0"), ("end", "60"), ("planet", "mars")]), "planet");
         assert_eq!(err(&[("metric", "ad_clicks"), ("start", "0"), ("end", "60"), ("groupBy", "planet")]), "groupBy");

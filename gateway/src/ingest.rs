@@ -43,10 +43,11 @@ where
     let body = read_limited(body, limit).await.inspect_err(|_| ops.rejected("too_large", 0))?;
     let ndjson = content_type.is_some_and(|t| t.contains("ndjson") || t.contains("jsonlines"));
     let received_at = now_ms();
+    let max_future = gateway.config.server.max_future;
     let parsed = if body.len() <= INLINE_PARSE_BYTES {
-        parse_batch(&body, ndjson, received_at)
+        parse_batch(&body, ndjson, received_at, max_future)
     } else {
-        tokio::task::spawn_blocking(move || parse_batch(&body, ndjson, received_at))
+        tokio::task::spawn_blocking(move || parse_batch(&body, ndjson, received_at, max_future))
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     };

@@ -45,6 +45,9 @@ use crate::ops::Ops;
 const PING_EVERY: Duration = Duration::from_secs(15);
 /// A client silent for this long (no pong, no message) is disconnected.
 const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+/// A client that takes this long to accept one frame is disconnected, so a
+/// stalled socket never holds its task.
+const SEND_LIMIT: Duration = Duration::from_secs(10);
 
 /// A handle to the fan-out task.
 #[derive(Clone)]
@@ -100,7 +103,7 @@ impl Hub {
             tokio::select! {
                 message = rx.recv() => match message {
                     Some(text) => {
-                        if sink.send(Message::text(&*text)).await.is_err() {
+                        if !matches!(tokio::time::timeout(SEND_LIMIT, sink.send(Message::text(&*text))).await, Ok(Ok(()))) {
                             break;
                         }
                     }
@@ -135,7 +138,9 @@ impl Hub {
                     }
                 }
                 _ = ping.tick() => {
-                    if last_heard.elapsed() > SILENCE_LIMIT || sink.send(Message::ping(Vec::new())).await.is_err() {
+                    if last_heard.elapsed() > SILENCE_LIMIT
+                        || !matches!(tokio::time::timeout(SEND_LIMIT, sink.send(Message::ping(Vec::new()))).await, Ok(Ok(())))
+                    {
                         break;
                     }
                 }

@@ -75,8 +75,8 @@ impl BatchSource for LogSource {
             match rx.try_recv() {
                 Ok(batch) => batches.push(batch),
                 Err(TryRecvError::Empty) => break,
-                // The reader has stopped and said why; keep holding the
-                // watermark rather than pretend the input ended.
+                // The reader has stopped and logged why, at ERROR. Its
+                // partitions go idle and stop holding the watermark back.
                 Err(TryRecvError::Disconnected) => break,
             }
         }

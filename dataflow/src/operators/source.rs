@@ -166,6 +166,12 @@ pub fn log_source<'scope, S: BatchSource>(
         move |output| {
             let Some(cap) = capability.as_mut() else { return };
             if backpressure.stalled() {
+                // Time spent waiting on a sink is not idleness: the backlog
+                // is in the log, and must not be stamped as late when it moves.
+                let now = Instant::now();
+                for clock in &mut clocks {
+                    clock.last_data = now;
+                }
                 activator.activate_after(Duration::from_millis(10));
                 return;
             }

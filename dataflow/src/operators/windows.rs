@@ -16,7 +16,8 @@
 //!
 //! Between those points, windows touched since the last tick are emitted as
 //! partials (`is_final: false`), at most once per `live_interval` of
-//! processing time; of the sliding windows over a pane, only the newest. Partials also count data still waiting for the frontier,
+//! processing time; of the sliding windows over a pane, only the one closing
+//! next. Partials also count data still waiting for the frontier,
 //! so a live view is as fresh as the data that has arrived. They are for live
 //! views only and are not stored.
 
@@ -302,8 +303,7 @@ impl WindowState {
     /// Emits partial values of the open windows changed since the last call.
     ///
     /// Partials include the stashed data the frontier has not released yet,
-    /// when it is on time for its window, so live views do not wait for the
-    /// slowest partition. They are never stored, so this does not touch the
+    /// so live views do not wait for the slowest partition. They are never stored, so this does not touch the
     /// determinism of finals.
     fn partials(&mut self, stash: &BTreeMap<u64, Vec<Staged>>, out: &mut Vec<WindowUpdate>) {
         if self.dirty_panes.is_empty() {
@@ -318,8 +318,9 @@ impl WindowState {
             let metric = self.groups[g].metric as usize;
             for (w, window) in self.metrics[metric].windows.iter().enumerate() {
                 // Of the sliding windows over a pane, a live view shows the
-                // newest; the others get their value when they close.
-                if let Some(span) = window.windows_of_pane(pane).last() {
+                // one closing next, which holds the most recent full width;
+                // the others get their value when they close.
+                if let Some(span) = window.windows_of_pane(pane).next() {
                     if !self.closed.contains_key(&(g, w as u8, span.end)) {
                         dirty.insert((g, w as u8, span.end));
                     }
