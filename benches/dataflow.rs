@@ -12,7 +12,7 @@ use tally_dataflow::aggregate::AggState;
 use tally_dataflow::event::Fields;
 use tally_dataflow::event::{parse_event_ref, Millis};
 use tally_dataflow::job::{self, JobSettings, Sinks};
-use tally_dataflow::operators::deliver::Sink;
+use tally_dataflow::operators::deliver::{Backpressure, Sink};
 use tally_dataflow::operators::source::{BatchSource, Group, Poll, SourceBatch, Waker};
 use tally_dataflow::stats::JobStats;
 use tally_dataflow::window::{align, WindowSpec};
@@ -129,10 +129,11 @@ fn timely_job(batches: &[SourceBatch], settings: &JobSettings, workers: usize) -
         .collect();
     let (settings, count) = (settings.clone(), Count(Arc::clone(&finals)));
     let stats = Arc::new(JobStats::new(workers));
+    let backpressure = Backpressure::default();
     timely::execute(timely::Config::process(workers), move |worker| {
         let source = per_worker[worker.index()].lock().unwrap().take().unwrap();
         let sinks = Sinks { store: count.clone(), live: Count(Arc::default()), dead_letters: Count(Arc::default()) };
-        worker.dataflow::<u64, _, _>(|scope| job::build(scope, source, &settings, Arc::clone(&stats), sinks));
+        worker.dataflow::<u64, _, _>(|scope| job::build(scope, source, &settings, Arc::clone(&stats), sinks, &backpressure));
     })
     .unwrap()
     .join();

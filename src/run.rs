@@ -11,6 +11,7 @@ use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig, LogSource};
 use tally_connectors::store::sqlite::SqliteStore;
 use tally_dataflow::config::{Config, Fsync};
 use tally_dataflow::job::{self, JobSettings, Sinks};
+use tally_dataflow::operators::deliver::Backpressure;
 use tally_dataflow::stats::JobStats;
 use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
 use tally_gateway::live::Hub;
@@ -73,6 +74,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let guards = {
         let (log, stats, stop, live) = (log.clone(), Arc::clone(&stats), Arc::clone(&stop), live.clone());
         let (store_sink, dead_sink) = (writer.window_sink(), writer.dead_letter_sink());
+        let backpressure = Backpressure::default();
         let partitions = log.partitions();
         timely::execute(timely::Config::process(workers), move |worker| {
             let index = worker.index();
@@ -83,7 +85,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 live: live.clone(),
                 dead_letters: dead_sink.clone(),
             };
-            worker.dataflow::<u64, _, _>(|scope| job::build(scope, source, &settings, Arc::clone(&stats), sinks));
+            worker.dataflow::<u64, _, _>(|scope| {
+                job::build(scope, source, &settings, Arc::clone(&stats), sinks, &backpressure)
+            });
             info!(worker = index, partitions = ?mine, "worker started");
             while !stop.load(Ordering::Relaxed) {
                 worker.step_or_park(Some(Duration::from_millis(100)));

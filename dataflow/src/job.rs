@@ -58,12 +58,14 @@ pub struct Sinks<St, Li, De> {
 }
 
 /// Builds the job in `scope`, reading from `input` and writing to `sinks`.
+/// `backpressure` is shared by all the workers of the process.
 pub fn build<'scope, S, St, Li, De>(
     scope: Scope<'scope, u64>,
     input: S,
     settings: &JobSettings,
     stats: Arc<JobStats>,
     sinks: Sinks<St, Li, De>,
+    backpressure: &Backpressure,
 ) where
     S: BatchSource,
     St: Sink<Arc<WindowUpdate>>,
@@ -71,14 +73,13 @@ pub fn build<'scope, S, St, Li, De>(
     De: Sink<DeadLetter>,
 {
     let metrics = Rc::new(settings.metrics.clone());
-    let backpressure = Backpressure::default();
-    let stalled = backpressure.clone();
-    let records = log_source(scope, input, Rc::clone(&metrics), settings.source.clone(), Arc::clone(&stats), stalled);
+    let records =
+        log_source(scope, input, Rc::clone(&metrics), settings.source.clone(), Arc::clone(&stats), backpressure.clone());
     let (contributions, dead) = records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
     let updates = contributions.windows(metrics, settings.windows.clone(), stats);
-    updates.clone().deliver("LiveSink", sinks.live, &backpressure);
-    updates.filter(|u: &Arc<WindowUpdate>| u.is_final).deliver("StoreSink", sinks.store, &backpressure);
-    dead.deliver("DeadLetterSink", sinks.dead_letters, &backpressure);
+    updates.clone().deliver("LiveSink", sinks.live, backpressure);
+    updates.filter(|u: &Arc<WindowUpdate>| u.is_final).deliver("StoreSink", sinks.store, backpressure);
+    dead.deliver("DeadLetterSink", sinks.dead_letters, backpressure);
 }
 
 #[cfg(test)]

@@ -1,12 +1,15 @@
 //! The `deliver` operator: hands a stream to a [`Sink`] without blocking.
 //!
 //! A sink takes what it can. What it cannot take stays buffered in the
-//! operator, which raises [`Backpressure`] until the sink has caught up; the
-//! sources stop reading while any sink is behind, so a slow store leaves the
-//! backlog in the log rather than in memory.
+//! operator, which raises [`Backpressure`] until the sink has caught up. The
+//! sources of every worker in the process stop reading while any sink is
+//! behind, so a slow store leaves the backlog in the log rather than in
+//! memory: a worker that stalls holds the frontier, and the others must not
+//! go on stashing what they read.
 
-use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use timely::container::CapacityContainerBuilder;
@@ -21,19 +24,23 @@ pub trait Sink<T>: 'static {
     fn offer(&mut self, items: &mut Vec<T>);
 }
 
-/// The number of sinks that are behind, shared by a worker's operators.
+/// The number of sinks that are behind, shared by every worker of a process.
 #[derive(Clone, Default)]
-pub struct Backpressure(Rc<Cell<usize>>);
+pub struct Backpressure(Arc<AtomicUsize>);
 
 impl Backpressure {
-    /// True while any sink of this worker is behind.
+    /// True while any sink of the process is behind.
     pub fn stalled(&self) -> bool {
-        self.0.get() > 0
+        self.0.load(Ordering::Relaxed) > 0
     }
 
     fn set(&self, behind: bool, was_behind: &mut bool) {
         if behind != *was_behind {
-            self.0.set(if behind { self.0.get() + 1 } else { self.0.get() - 1 });
+            if behind {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
             *was_behind = behind;
         }
     }
