@@ -145,11 +145,6 @@ pub fn parse_event_ref(json: &[u8]) -> Result<EventRef<'_>, Vec<FieldError>> {
     raw.validate()
 }
 
-/// Parses and validates one event, with `received_at` for a missing
-/// `timestamp`.
-pub fn parse_event(json: &[u8], received_at: Millis) -> Result<Event, Vec<FieldError>> {
-    parse_event_ref(json).map(|e| e.to_owned(received_at))
-}
 
 /// Why a request's events were not accepted.
 #[derive(Clone, Debug, PartialEq)]
@@ -555,6 +550,10 @@ pub fn format_rfc3339(ms: Millis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_event(json: &[u8], received_at: Millis) -> Result<Event, Vec<FieldError>> {
+        parse_event_ref(json).map(|e| e.to_owned(received_at))
+    }
 
     const SEED: &str = r#"{
   "eventId": "evt_uuid_00981a",

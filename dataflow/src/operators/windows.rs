@@ -231,10 +231,10 @@ impl WindowState {
         // Merges commute, and late windows are emitted in key order, so the
         // order contributions arrive in does not matter.
         let mut late = BTreeSet::new();
+        let metrics = Rc::clone(&self.metrics);
         for c in batch {
             let g = c.group;
             let metric = self.groups[g].metric as usize;
-            let metrics = Rc::clone(&self.metrics);
             let spec = &metrics[metric];
             let panes = &mut self.groups[g].panes;
             let new_pane = !panes.contains_key(&c.pane);
@@ -242,9 +242,10 @@ impl WindowState {
             // The earliest window containing a pane ends at or after the
             // pane's end. Before that time, none of its windows can have
             // closed, and an existing pane's windows are registered already:
-            // the common case costs one merge.
+            // the common case costs one merge. The pane was marked for
+            // partials when the contribution arrived (`stage`), and applying
+            // it does not change the value a partial shows.
             if !new_pane && time < c.pane + spec.pane {
-                self.dirty_panes.insert((g, c.pane));
                 continue;
             }
             if new_pane {
@@ -263,7 +264,6 @@ impl WindowState {
                         late.insert(key);
                     } else {
                         self.open.insert((span.end, g, w as u8));
-                        self.dirty_panes.insert((g, c.pane));
                     }
                 }
             }
