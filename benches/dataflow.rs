@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tally_dataflow::aggregate::AggState;
+use tally_dataflow::checkpoint::Restore;
 use tally_dataflow::event::Fields;
 use tally_dataflow::event::{parse_event_ref, Millis};
 use tally_dataflow::job::{self, JobSettings, Sinks};
@@ -81,7 +82,11 @@ fn batches() -> Vec<SourceBatch> {
             let partition = i as u32 % PARTITIONS;
             let offset = offsets[partition as usize];
             offsets[partition as usize] += chunk.len() as u64;
-            SourceBatch { partition, offset, records: chunk.to_vec() }
+            SourceBatch {
+                partition,
+                offset,
+                records: chunk.to_vec(),
+            }
         })
         .collect()
 }
@@ -98,7 +103,11 @@ fn hand_written(batches: &[SourceBatch], settings: &JobSettings) -> usize {
                 if !metric.accepts(&event.event_type) {
                     continue;
                 }
-                let group: Group = metric.dimensions.iter().map(|d| event.dimension(d).unwrap_or_default().to_owned()).collect();
+                let group: Group = metric
+                    .dimensions
+                    .iter()
+                    .map(|d| event.dimension(d).unwrap_or_default().to_owned())
+                    .collect();
                 panes
                     .entry((m as u16, group, align(timestamp, metric.pane)))
                     .or_default()
@@ -110,7 +119,10 @@ fn hand_written(batches: &[SourceBatch], settings: &JobSettings) -> usize {
     for ((m, group, pane), state) in &panes {
         for (w, spec) in metrics[*m as usize].windows.iter().enumerate() {
             for span in WindowSpec::windows_of_pane(spec, *pane) {
-                windows.entry((*m, w, span.end, group)).or_default().merge(state);
+                windows
+                    .entry((*m, w, span.end, group))
+                    .or_default()
+                    .merge(state);
             }
         }
     }
@@ -121,10 +133,19 @@ fn timely_job(batches: &[SourceBatch], settings: &JobSettings, workers: usize) -
     let finals = Arc::new(AtomicUsize::new(0));
     let per_worker: Vec<std::sync::Mutex<Option<Batches>>> = (0..workers)
         .map(|w| {
-            let mine: VecDeque<SourceBatch> =
-                batches.iter().filter(|b| b.partition as usize % workers == w).cloned().collect();
-            let partitions = (0..PARTITIONS).filter(|p| *p as usize % workers == w).collect();
-            std::sync::Mutex::new(Some(Batches { batches: mine, partitions, waker: None }))
+            let mine: VecDeque<SourceBatch> = batches
+                .iter()
+                .filter(|b| b.partition as usize % workers == w)
+                .cloned()
+                .collect();
+            let partitions = (0..PARTITIONS)
+                .filter(|p| *p as usize % workers == w)
+                .collect();
+            std::sync::Mutex::new(Some(Batches {
+                batches: mine,
+                partitions,
+                waker: None,
+            }))
         })
         .collect();
     let (settings, count) = (settings.clone(), Count(Arc::clone(&finals)));
@@ -132,8 +153,23 @@ fn timely_job(batches: &[SourceBatch], settings: &JobSettings, workers: usize) -
     let backpressure = Backpressure::default();
     timely::execute(timely::Config::process(workers), move |worker| {
         let source = per_worker[worker.index()].lock().unwrap().take().unwrap();
-        let sinks = Sinks { store: count.clone(), live: Count(Arc::default()), dead_letters: Count(Arc::default()) };
-        worker.dataflow::<u64, _, _>(|scope| job::build(scope, source, &settings, Arc::clone(&stats), sinks, &backpressure));
+        let sinks = Sinks {
+            store: count.clone(),
+            live: Count(Arc::default()),
+            dead_letters: Count(Arc::default()),
+        };
+        worker.dataflow::<u64, _, _>(|scope| {
+            job::build(
+                scope,
+                source,
+                &settings,
+                Arc::clone(&stats),
+                sinks,
+                &backpressure,
+                Restore::default(),
+                None,
+            )
+        });
     })
     .unwrap()
     .join();
@@ -160,12 +196,18 @@ pub fn run() {
         windows = w;
         let (r, finals) = rate(&mut || timely_job(&batches, &settings, 1));
         one.push(r);
-        assert_eq!(finals, windows, "the job and the baseline must compute the same windows");
+        assert_eq!(
+            finals, windows,
+            "the job and the baseline must compute the same windows"
+        );
         two.push(rate(&mut || timely_job(&batches, &settings, 2)).0);
     }
     let (baseline, one, two) = (median(baseline), median(one), median(two));
     println!("(b) aggregation of the default metrics (5 metrics, 12 windows), {EVENTS} events, {windows} window results, median of {ROUNDS}");
-    println!("    baseline hand-written HashMap loop, 1 thread: {:>10.0} events/s", baseline);
+    println!(
+        "    baseline hand-written HashMap loop, 1 thread: {:>10.0} events/s",
+        baseline
+    );
     println!("    timely job, 1 worker:                         {:>10.0} events/s  ({:.2}x the baseline)", one, one / baseline);
     println!("    timely job, 2 workers:                        {:>10.0} events/s  ({:.2}x the baseline)", two, two / baseline);
 }

@@ -36,11 +36,14 @@ pub fn run() {
 fn run_at(rate: usize) {
     let dir = tempfile::tempdir().unwrap();
     let tally = Tally::start(dir.path(), &[("TALLY__LIVE__INTERVAL", LIVE_INTERVAL)]);
-    let (mut socket, _) = tungstenite::connect(format!("{}/v1/live", tally.url.replace("http://", "ws://"))).unwrap();
+    let (mut socket, _) =
+        tungstenite::connect(format!("{}/v1/live", tally.url.replace("http://", "ws://"))).unwrap();
     if let MaybeTlsStream::Plain(s) = socket.get_ref() {
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
     }
-    let subscribe = json!({"action": "subscribe", "topic": "metrics:events", "window": "tumbling 10s"});
+    let subscribe =
+        json!({"action": "subscribe", "topic": "metrics:events", "window": "tumbling 10s"});
     socket.send(Message::text(subscribe.to_string())).unwrap();
 
     let epoch = Instant::now();
@@ -53,12 +56,22 @@ fn run_at(rate: usize) {
                 match socket.read() {
                     Ok(Message::Text(text)) => {
                         let m: Value = serde_json::from_str(&text).unwrap();
-                        if let (Some(start), Some(value)) = (m["windowStart"].as_str(), m["value"].as_u64()) {
-                            frames.lock().unwrap().push((epoch.elapsed(), start.to_string(), value));
+                        if let (Some(start), Some(value)) =
+                            (m["windowStart"].as_str(), m["value"].as_u64())
+                        {
+                            frames.lock().unwrap().push((
+                                epoch.elapsed(),
+                                start.to_string(),
+                                value,
+                            ));
                         }
                     }
                     Ok(_) => {}
-                    Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
                     Err(e) => panic!("WebSocket: {e}"),
                 }
             }
@@ -69,7 +82,16 @@ fn run_at(rate: usize) {
     // each send overwrites, so the senders spend little CPU of their own.
     let mut rng = fastrand::Rng::with_seed(3);
     let templates: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..50).map(|_| serde_json::to_vec(&(0..BATCH).map(|_| event(&mut rng, PLACEHOLDER)).collect::<Vec<_>>()).unwrap()).collect(),
+        (0..50)
+            .map(|_| {
+                serde_json::to_vec(
+                    &(0..BATCH)
+                        .map(|_| event(&mut rng, PLACEHOLDER))
+                        .collect::<Vec<_>>(),
+                )
+                .unwrap()
+            })
+            .collect(),
     );
 
     // Senders on a shared open-loop schedule: request i is due at i * interval,
@@ -82,9 +104,16 @@ fn run_at(rate: usize) {
     let ledger: Arc<Mutex<Ledger>> = Arc::default();
     let senders: Vec<_> = (0..SENDERS)
         .map(|_| {
-            let (ledger, url, templates) = (Arc::clone(&ledger), tally.url.clone(), Arc::clone(&templates));
+            let (ledger, url, templates) = (
+                Arc::clone(&ledger),
+                tally.url.clone(),
+                Arc::clone(&templates),
+            );
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
                 loop {
                     let i = {
                         let mut l = ledger.lock().unwrap();
@@ -98,7 +127,10 @@ fn run_at(rate: usize) {
                         Some(wait) => std::thread::sleep(wait),
                         None => ledger.lock().unwrap().behind += 1,
                     }
-                    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis() as i64;
                     let body = stamp(&templates[i % templates.len()], now_ms);
                     let window = now_ms - now_ms.rem_euclid(10_000);
                     let sent = {
@@ -110,9 +142,17 @@ fn run_at(rate: usize) {
                         l.sends.push((sent, window, count));
                         sent
                     };
-                    let response = agent.post(format!("{url}/v1/events")).header("content-type", "application/json").send(&body[..]).unwrap();
+                    let response = agent
+                        .post(format!("{url}/v1/events"))
+                        .header("content-type", "application/json")
+                        .send(&body[..])
+                        .unwrap();
                     assert_eq!(response.status(), 202);
-                    ledger.lock().unwrap().acks.push((epoch.elapsed() - sent).as_secs_f64() * 1000.0);
+                    ledger
+                        .lock()
+                        .unwrap()
+                        .acks
+                        .push((epoch.elapsed() - sent).as_secs_f64() * 1000.0);
                 }
             })
         })
@@ -120,7 +160,12 @@ fn run_at(rate: usize) {
     for s in senders {
         s.join().unwrap();
     }
-    let Ledger { sends, mut acks, behind: late_sends, .. } = std::mem::take(&mut *ledger.lock().unwrap());
+    let Ledger {
+        sends,
+        mut acks,
+        behind: late_sends,
+        ..
+    } = std::mem::take(&mut *ledger.lock().unwrap());
     std::thread::sleep(Duration::from_secs(2));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();
@@ -130,7 +175,10 @@ fn run_at(rate: usize) {
     let mut unseen = 0;
     for (sent, window, count) in &sends {
         let start = format_rfc3339(*window);
-        match frames.iter().find(|(at, s, v)| at >= sent && *s == start && v >= count) {
+        match frames
+            .iter()
+            .find(|(at, s, v)| at >= sent && *s == start && v >= count)
+        {
             Some((at, _, _)) => latencies.push((*at - *sent).as_secs_f64() * 1000.0),
             None => unseen += 1,
         }
@@ -141,9 +189,17 @@ fn run_at(rate: usize) {
     println!("(c) freshness, POST to the first WebSocket frame that includes it, live.interval = {LIVE_INTERVAL}");
     println!("    offered {rate} events/s in batches of {BATCH} for {SECONDS} s from {SENDERS} senders (achieved {achieved:.0}/s, {late_sends} sends behind schedule), {unseen} batches never seen");
     acks.sort_by(f64::total_cmp);
-    println!("    baseline, POST to its 202 (durable):  p50 {:>6.1} ms, p99 {:>6.1} ms", quantile(&acks, 0.5), quantile(&acks, 0.99));
-    println!("    POST to the first frame with it:      p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms",
-        quantile(&latencies, 0.5), quantile(&latencies, 0.99), latencies.last().unwrap());
+    println!(
+        "    baseline, POST to its 202 (durable):  p50 {:>6.1} ms, p99 {:>6.1} ms",
+        quantile(&acks, 0.5),
+        quantile(&acks, 0.99)
+    );
+    println!(
+        "    POST to the first frame with it:      p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms",
+        quantile(&latencies, 0.5),
+        quantile(&latencies, 0.99),
+        latencies.last().unwrap()
+    );
 }
 
 /// A 13-digit time that [`stamp`] replaces.
@@ -151,7 +207,10 @@ const PLACEHOLDER: i64 = 1_000_000_000_000;
 
 /// The template with every placeholder time set to `now_ms`.
 fn stamp(template: &[u8], now_ms: i64) -> Vec<u8> {
-    let (from, to) = (PLACEHOLDER.to_string().into_bytes(), now_ms.to_string().into_bytes());
+    let (from, to) = (
+        PLACEHOLDER.to_string().into_bytes(),
+        now_ms.to_string().into_bytes(),
+    );
     assert_eq!(from.len(), to.len());
     let mut body = template.to_vec();
     let mut i = 0;

@@ -24,7 +24,13 @@ pub fn run() {
     let path = dir.path().join("results.db");
     let (store, writer) = SqliteStore::open(&path, config.metrics.clone()).unwrap();
     let (ad_clicks, unique_users) = (index(&config, "ad_clicks"), index(&config, "unique_users"));
-    let one_minute = |m: usize| config.metrics[m].windows.iter().position(|w| w.to_string() == "tumbling 1m").unwrap() as u8;
+    let one_minute = |m: usize| {
+        config.metrics[m]
+            .windows
+            .iter()
+            .position(|w| w.to_string() == "tumbling 1m")
+            .unwrap() as u8
+    };
     let mut sink = writer.window_sink();
     let mut rng = fastrand::Rng::with_seed(4);
     let mut rows = 0;
@@ -33,20 +39,52 @@ pub fn run() {
         for campaign in 0..12 {
             for country in ["US", "GB", "DE", "FR", "IN", "BR", "JP"] {
                 for device in ["MOBILE", "DESKTOP", "TABLET"] {
-                    let group = vec![format!("camp_{}", 1000 + campaign), country.to_string(), device.to_string()];
-                    let span = Span { start: DAY_START + minute * 60_000, end: DAY_START + (minute + 1) * 60_000 };
+                    let group = vec![
+                        format!("camp_{}", 1000 + campaign),
+                        country.to_string(),
+                        device.to_string(),
+                    ];
+                    let span = Span {
+                        start: DAY_START + minute * 60_000,
+                        end: DAY_START + (minute + 1) * 60_000,
+                    };
                     let count = rng.u64(1..50);
                     let mut sketch = Sketch::new();
                     for _ in 0..count {
                         let mut one = AggState::default();
-                        one.observe(tally_dataflow::aggregate::AggregateKind::Uniq, config.metrics[unique_users].field.as_ref(), &user(rng.u32(..5000)));
+                        one.observe(
+                            tally_dataflow::aggregate::AggregateKind::Uniq,
+                            config.metrics[unique_users].field.as_ref(),
+                            &user(rng.u32(..5000)),
+                        );
                         sketch.merge(one.sketch.as_ref().unwrap());
                     }
                     for (metric, state) in [
-                        (ad_clicks, AggState { count, ..Default::default() }),
-                        (unique_users, AggState { count, sum: 0, sketch: Some(sketch.clone()) }),
+                        (
+                            ad_clicks,
+                            AggState {
+                                count,
+                                ..Default::default()
+                            },
+                        ),
+                        (
+                            unique_users,
+                            AggState {
+                                count,
+                                sum: 0,
+                                sketch: Some(sketch.clone()),
+                            },
+                        ),
                     ] {
-                        batch.push(Arc::new(WindowUpdate { metric: metric as u16, window: one_minute(metric), span, group: group.clone(), state, revision: 0, is_final: true }));
+                        batch.push(Arc::new(WindowUpdate {
+                            metric: metric as u16,
+                            window: one_minute(metric),
+                            span,
+                            group: group.clone(),
+                            state,
+                            revision: 0,
+                            is_final: true,
+                        }));
                         rows += 1;
                     }
                 }
@@ -60,7 +98,11 @@ pub fn run() {
     writer.close();
 
     let params = |extra: &str, metric: &str| -> Vec<(String, String)> {
-        let q = format!("metric={metric}&start={}&end={}&resolution=1h{extra}", DAY_START / 1000, (DAY_START + MINUTES * 60_000) / 1000);
+        let q = format!(
+            "metric={metric}&start={}&end={}&resolution=1h{extra}",
+            DAY_START / 1000,
+            (DAY_START + MINUTES * 60_000) / 1000
+        );
         serde_urlencoded::from_str(&q).unwrap()
     };
     println!("(d) history queries, SQLite, a day of 1 m windows for 252 groups ({rows} rows), answered at 1 h resolution, median of 5");
@@ -77,8 +119,16 @@ pub fn run() {
     println!("    baseline, SQLite sums the same rows itself:        {baseline:>7.1} ms");
     for (label, metric, extra) in [
         ("ad_clicks, all groups", "ad_clicks", ""),
-        ("ad_clicks, campaignId filter", "ad_clicks", "&campaignId=camp_1003"),
-        ("ad_clicks, groupBy country", "ad_clicks", "&groupBy=country"),
+        (
+            "ad_clicks, campaignId filter",
+            "ad_clicks",
+            "&campaignId=camp_1003",
+        ),
+        (
+            "ad_clicks, groupBy country",
+            "ad_clicks",
+            "&groupBy=country",
+        ),
         ("unique_users (HLL merge), all groups", "unique_users", ""),
     ] {
         let query = Query::parse(&params(extra, metric), &config, 0).unwrap();
@@ -86,7 +136,10 @@ pub fn run() {
             let series = query.assemble(store.windows(&query).unwrap());
             assert_eq!(series[0].points.len(), 24);
         });
-        println!("    {label:<38} {ms:>7.1} ms  ({:.1}x the baseline)", ms / baseline);
+        println!(
+            "    {label:<38} {ms:>7.1} ms  ({:.1}x the baseline)",
+            ms / baseline
+        );
     }
 }
 

@@ -18,7 +18,9 @@ pub fn run() {
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..BATCHES)
             .map(|b| {
-                let events: Vec<_> = (0..BATCH).map(|i| event(&mut rng, now + (b * BATCH + i) as i64 / 100)).collect();
+                let events: Vec<_> = (0..BATCH)
+                    .map(|i| event(&mut rng, now + (b * BATCH + i) as i64 / 100))
+                    .collect();
                 serde_json::to_vec(&events).unwrap()
             })
             .collect(),
@@ -44,7 +46,10 @@ pub fn run() {
         .map(|_| {
             let (bodies, next, url) = (Arc::clone(&bodies), Arc::clone(&next), tally.url.clone());
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(body) = bodies.get(i) else { break };
@@ -64,10 +69,16 @@ pub fn run() {
     let ingest_rate = events as f64 / started.elapsed().as_secs_f64();
 
     println!("(a) HTTP ingest, batches of {BATCH}, {CONNECTIONS} connections, fsync always, {events} events, {:.0} bytes/event", bytes as f64 / events as f64);
-    println!("    baseline serde_json parse to Value, 1 thread: {:>10.0} events/s", parse_rate);
+    println!(
+        "    baseline serde_json parse to Value, 1 thread: {:>10.0} events/s",
+        parse_rate
+    );
     println!("    tally run, POST until durable:                {:>10.0} events/s  ({:.2}x the parse rate)", ingest_rate, ingest_rate / parse_rate);
 }
 
 fn chrono_now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }

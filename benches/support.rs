@@ -10,7 +10,8 @@ use tally_dataflow::config::Config;
 
 /// The repository's default configuration.
 pub fn default_config() -> Config {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.toml")).unwrap();
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.toml"))
+        .unwrap();
     Config::load(Some(&text), []).unwrap()
 }
 
@@ -59,8 +60,14 @@ impl Tally {
         }
         let mut child = command.spawn().expect("start tally");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let url = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("listening line")
+            .to_string();
         Tally { child, url }
     }
 }

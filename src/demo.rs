@@ -44,7 +44,9 @@ pub async fn feed(sink: Arc<dyn EventSink>) {
 fn event(rng: &mut fastrand::Rng, now: i64, serial: u64) -> Event {
     // Skewed choices, so some campaigns and countries lead.
     let campaign = 1000 + (rng.usize(..CAMPAIGNS) * rng.usize(..CAMPAIGNS)) / CAMPAIGNS;
-    let country = COUNTRIES[rng.usize(..COUNTRIES.len()).min(rng.usize(..COUNTRIES.len()))];
+    let country = COUNTRIES[rng
+        .usize(..COUNTRIES.len())
+        .min(rng.usize(..COUNTRIES.len()))];
     let device = DEVICES[rng.usize(..DEVICES.len())];
     let user = rng.u32(..USERS);
     let lateness = match rng.u32(..1000) {

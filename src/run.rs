@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tally_connectors::bus::inprocess;
+use tally_connectors::checkpoint::{CheckpointStore, Committer};
 use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig, LogSource};
 use tally_connectors::store::sqlite::SqliteStore;
+use tally_dataflow::checkpoint::{Restore, Schedule};
 use tally_dataflow::config::{Config, Fsync};
 use tally_dataflow::job::{self, JobSettings, Sinks};
 use tally_dataflow::operators::deliver::Backpressure;
@@ -27,17 +29,28 @@ const LIVE_BUS_BATCHES: usize = 1024;
 /// Loads the configuration: defaults, then the file, then `TALLY__*`
 /// variables, then the command-line flags.
 pub fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
-    let path = args.config.clone().or_else(|| Some(PathBuf::from("cluster.toml")).filter(|p| p.exists()));
+    let path = args
+        .config
+        .clone()
+        .or_else(|| Some(PathBuf::from("cluster.toml")).filter(|p| p.exists()));
     let text = match &path {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
         None => None,
     };
     let mut env: Vec<(String, String)> = std::env::vars().collect();
     if let Some(listen) = args.listen {
-        env.push(("TALLY__SERVER__LISTEN".into(), toml_string(&listen.to_string())));
+        env.push((
+            "TALLY__SERVER__LISTEN".into(),
+            toml_string(&listen.to_string()),
+        ));
     }
     if let Some(dir) = &args.data_dir {
-        env.push(("TALLY__STORAGE__DATA_DIR".into(), toml_string(&dir.to_string_lossy())));
+        env.push((
+            "TALLY__STORAGE__DATA_DIR".into(),
+            toml_string(&dir.to_string_lossy()),
+        ));
     }
     if let Some(workers) = args.workers {
         env.push(("TALLY__DATAFLOW__WORKERS".into(), workers.to_string()));
@@ -46,7 +59,10 @@ pub fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
         Ok(config) => Ok(config),
         Err(errors) => {
             let source = path.map_or("the defaults".to_string(), |p| p.display().to_string());
-            bail!("invalid configuration ({source}):\n  - {}", errors.join("\n  - "))
+            bail!(
+                "invalid configuration ({source}):\n  - {}",
+                errors.join("\n  - ")
+            )
         }
     }
 }
@@ -60,33 +76,97 @@ fn toml_string(s: &str) -> String {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Arc::new(load_config(&args)?);
     let data_dir = config.storage.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let log = open_log(&config, &data_dir.join("log"))?;
-    let (store, writer) =
-        SqliteStore::open(&data_dir.join("results.db"), config.metrics.clone()).context("opening the result store")?;
+    let (store, writer) = SqliteStore::open(&data_dir.join("results.db"), config.metrics.clone())
+        .context("opening the result store")?;
     let workers = config.workers();
     let stats = Arc::new(JobStats::new(workers));
     let (live, bus) = inprocess::channel(LIVE_BUS_BATCHES);
+
+    // The last committed checkpoint, if any, and the thread that commits
+    // the next ones.
+    let checkpoints = CheckpointStore::open(
+        config.checkpoint.url.as_deref(),
+        &data_dir.join("checkpoints"),
+        format!("{:?}", config.metrics),
+    )
+    .context("opening the checkpoint store")?;
+    let restored = checkpoints
+        .latest()
+        .context("reading the last checkpoint")?;
+    let boundary = restored.as_ref().map_or(0, |c| c.boundary);
+    match &restored {
+        Some(c) => info!(
+            boundary,
+            workers = c.workers,
+            groups = c.groups.len(),
+            "restoring the last checkpoint"
+        ),
+        None => info!("no checkpoint to restore; reading the log from the start"),
+    }
+    let interval = config.checkpoint.interval;
+    let schedule = Arc::new(Schedule::new(interval, interval / 2, boundary));
+    let durable = writer.durable();
+    let (committer, part_sinks) = Committer::start(
+        checkpoints,
+        workers,
+        config.checkpoint.keep,
+        Arc::clone(&schedule),
+        move || durable.through(),
+    )
+    .context("starting the checkpoint thread")?;
 
     // The timely workers, one thread each, reading their share of partitions.
     let stop = Arc::new(AtomicBool::new(false));
     let settings = JobSettings::from_config(&config);
     let guards = {
-        let (log, stats, stop, live) = (log.clone(), Arc::clone(&stats), Arc::clone(&stop), live.clone());
-        let (store_sink, dead_sink) = (writer.window_sink(), writer.dead_letter_sink());
+        let (log, stats, stop, live) = (
+            log.clone(),
+            Arc::clone(&stats),
+            Arc::clone(&stop),
+            live.clone(),
+        );
+        // One store sink of each kind per worker: checkpoints wait for all of them.
+        let store_sinks: Vec<_> = (0..workers).map(|_| writer.window_sink()).collect();
+        let dead_sinks: Vec<_> = (0..workers).map(|_| writer.dead_letter_sink()).collect();
         let backpressure = Backpressure::default();
         let partitions = log.partitions();
         timely::execute(timely::Config::process(workers), move |worker| {
             let index = worker.index();
-            let mine: Vec<u32> = (0..partitions).filter(|p| *p as usize % workers == index).collect();
-            let source = LogSource::new(log.clone(), mine.clone());
+            let mine: Vec<u32> = (0..partitions)
+                .filter(|p| *p as usize % workers == index)
+                .collect();
+            let restore = restored.as_ref().map_or_else(Restore::default, |c| {
+                Restore::share(c.boundary, &c.cuts, &c.groups, &mine, index, workers)
+            });
+            let starts: Vec<(u32, u64)> = restore
+                .cuts
+                .iter()
+                .map(|c| (c.partition, c.next_offset))
+                .collect();
+            let source = LogSource::new(log.clone(), mine.clone(), &starts);
             let sinks = Sinks {
-                store: store_sink.clone(),
+                store: store_sinks[index].clone(),
                 live: live.clone(),
-                dead_letters: dead_sink.clone(),
+                dead_letters: dead_sinks[index].clone(),
             };
+            let target = (
+                Arc::clone(&schedule),
+                Box::new(part_sinks[index].clone()) as Box<_>,
+            );
             worker.dataflow::<u64, _, _>(|scope| {
-                job::build(scope, source, &settings, Arc::clone(&stats), sinks, &backpressure)
+                job::build(
+                    scope,
+                    source,
+                    &settings,
+                    Arc::clone(&stats),
+                    sinks,
+                    &backpressure,
+                    restore,
+                    Some(target),
+                )
             });
             info!(worker = index, partitions = ?mine, "worker started");
             while !stop.load(Ordering::Relaxed) {
@@ -101,11 +181,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("gateway").build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gateway")
+        .build()?;
     let events = Arc::new(EmbeddedLog::new(log.clone()));
     let observe = {
         let (events, stats, live) = (Arc::clone(&events), Arc::clone(&stats), live.clone());
+        let checkpoints = Arc::clone(&committer.stats);
         Box::new(move || Observed {
+            checkpoints: checkpoints.committed.load(Ordering::Relaxed),
+            checkpoint_failures: checkpoints.failures.load(Ordering::Relaxed),
+            checkpoint_boundary: checkpoints.boundary.load(Ordering::Relaxed),
+            checkpoint_bytes: checkpoints.bytes.load(Ordering::Relaxed),
+            checkpoint_duration_ms: checkpoints.duration_ms.load(Ordering::Relaxed),
             log_bytes: events.log_bytes(),
             watermarks: stats.watermarks(),
             windows_emitted: stats.windows_emitted.load(Ordering::Relaxed),
@@ -122,7 +211,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", config.server.listen))?;
         let address = listener.local_addr()?;
         let lateness = config.dataflow.allowed_lateness + config.dataflow.out_of_orderness;
-        let hub = Hub::start(Arc::new(config.metrics.clone()), lateness, bus, Arc::clone(&ops));
+        let hub = Hub::start(
+            Arc::new(config.metrics.clone()),
+            lateness,
+            bus,
+            Arc::clone(&ops),
+        );
         let gateway = Arc::new(Gateway {
             config: Arc::clone(&config),
             events: Arc::clone(&events) as Arc<dyn EventSink>,
@@ -131,7 +225,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             ops: Arc::clone(&ops),
         });
         let retention = tokio::spawn(enforce_retention(log.clone()));
-        let demo = args.demo.then(|| tokio::spawn(crate::demo::feed(Arc::clone(&events) as Arc<dyn EventSink>)));
+        let demo = args
+            .demo
+            .then(|| tokio::spawn(crate::demo::feed(Arc::clone(&events) as Arc<dyn EventSink>)));
         ops.set_ready(true);
         info!(%address, workers, data_dir = %data_dir.display(), "tally is listening");
         // A line for scripts and tests that start tally on port 0.
@@ -153,6 +249,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     drop(events);
+    committer.join();
     writer.close();
     log.close().context("closing the event log")?;
     info!("stopped cleanly");

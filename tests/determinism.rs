@@ -20,16 +20,29 @@ fn stored(dir: &std::path::Path) -> Vec<Row> {
     let mut stmt = conn
         .prepare("SELECT metric, window, start, grp, count, sum, sketch, revision FROM windows ORDER BY metric, window, start, grp")
         .unwrap();
-    let estimate = |bytes: Option<Vec<u8>>| bytes.map(|b| Sketch::from_bytes(&b).unwrap().estimate());
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, estimate(r.get(6)?), r.get(7)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    let estimate =
+        |bytes: Option<Vec<u8>>| bytes.map(|b| Sketch::from_bytes(&b).unwrap().estimate());
+    stmt.query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            estimate(r.get(6)?),
+            r.get(7)?,
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
 }
 
 fn dead_letters(dir: &std::path::Path) -> i64 {
     let conn = Connection::open(dir.join("results.db")).unwrap();
-    conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0)).unwrap()
+    conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))
+        .unwrap()
 }
 
 /// Waits until the store stops changing and holds the flush windows.
@@ -37,10 +50,16 @@ fn settle(tally: &Tally) {
     let mut last = None;
     eventually(Duration::from_secs(60), || {
         let rows = stored(&tally.dir);
-        let closed_last = rows.iter().any(|r| r.0 == "events" && r.2 == BASE_MS + 290_000);
+        let closed_last = rows
+            .iter()
+            .any(|r| r.0 == "events" && r.2 == BASE_MS + 290_000);
         let same = last.as_ref() == Some(&rows);
         last = Some(rows);
-        if closed_last && same { Ok(()) } else { Err("the store is still changing".into()) }
+        if closed_last && same {
+            Ok(())
+        } else {
+            Err("the store is still changing".into())
+        }
     });
 }
 
@@ -75,8 +94,14 @@ fn one_worker_and_four_store_the_same_results() {
     settle(&tally);
     tally.stop();
     let four = stored(first.path());
-    assert!(four.iter().any(|r| r.7 > 0), "the input should cause revisions");
-    assert!(dead_letters(first.path()) > 0, "the input should cause dead letters");
+    assert!(
+        four.iter().any(|r| r.7 > 0),
+        "the input should cause revisions"
+    );
+    assert!(
+        dead_letters(first.path()) > 0,
+        "the input should cause dead letters"
+    );
 
     // The same log, replayed by one worker into a fresh store.
     let second = tempfile::tempdir().unwrap();
@@ -85,8 +110,16 @@ fn one_worker_and_four_store_the_same_results() {
     settle(&tally);
     tally.stop();
     let one = stored(second.path());
-    let differing: Vec<_> = four.iter().zip(&one).filter(|(a, b)| a != b).take(5).collect();
-    assert!(differing.is_empty(), "one worker and four stored different results, first: {differing:#?}");
+    let differing: Vec<_> = four
+        .iter()
+        .zip(&one)
+        .filter(|(a, b)| a != b)
+        .take(5)
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "one worker and four stored different results, first: {differing:#?}"
+    );
     assert_eq!(one.len(), four.len());
     assert_eq!(dead_letters(second.path()), dead_letters(first.path()));
 }

@@ -27,16 +27,28 @@ fn accepts_one_event_an_array_and_ndjson() {
     assert_eq!(answer["accepted"], 1);
     assert!(answer["receivedAt"].as_str().unwrap().ends_with('Z'));
 
-    let array = json!([{"eventType": "ad_click"}, {"eventType": "purchase", "values": {"amount": 3}}]);
-    let (status, answer) = tally.post("/v1/events", "application/json", array.to_string().as_bytes());
+    let array =
+        json!([{"eventType": "ad_click"}, {"eventType": "purchase", "values": {"amount": 3}}]);
+    let (status, answer) = tally.post(
+        "/v1/events",
+        "application/json",
+        array.to_string().as_bytes(),
+    );
     assert_eq!((status, answer["accepted"].as_u64()), (202, Some(2)));
 
-    let ndjson = "{\"eventType\":\"a\"}\n{\"eventType\":\"b\",\"timestamp\":\"2026-06-07T10:00:00Z\"}\n";
+    let ndjson =
+        "{\"eventType\":\"a\"}\n{\"eventType\":\"b\",\"timestamp\":\"2026-06-07T10:00:00Z\"}\n";
     let (status, answer) = tally.post("/v1/events", "application/x-ndjson", ndjson.as_bytes());
     assert_eq!((status, answer["accepted"].as_u64()), (202, Some(2)));
 
     let (_, metrics) = tally.get("/metrics");
-    assert!(metrics.as_str().unwrap().contains("tally_events_accepted_total 5"), "{metrics}");
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("tally_events_accepted_total 5"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -51,13 +63,22 @@ fn refuses_bad_input_whole_and_says_why() {
         {"timestamp": 5, "dimensions": {"country": ["US"]}},
         "not an event"
     ]);
-    let (status, answer) = tally.post("/v1/events", "application/json", batch.to_string().as_bytes());
+    let (status, answer) = tally.post(
+        "/v1/events",
+        "application/json",
+        batch.to_string().as_bytes(),
+    );
     assert_eq!(status, 400, "{answer}");
     let details: Vec<(u64, String)> = answer["details"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| (d["index"].as_u64().unwrap(), d["field"].as_str().unwrap().to_string()))
+        .map(|d| {
+            (
+                d["index"].as_u64().unwrap(),
+                d["field"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         details,
@@ -71,7 +92,13 @@ fn refuses_bad_input_whole_and_says_why() {
 
     let (status, answer) = tally.post("/v1/events", "application/json", b"{\"eventType\": ");
     assert_eq!(status, 400);
-    assert!(answer["error"].as_str().unwrap().starts_with("malformed JSON"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed JSON"),
+        "{answer}"
+    );
 
     let big = format!("[{}]", vec![r#"{"eventType":"ad_click"}"#; 200].join(","));
     let (status, answer) = tally.post("/v1/events", "application/json", big.as_bytes());
@@ -83,8 +110,14 @@ fn refuses_bad_input_whole_and_says_why() {
     // Nothing of the refused requests was accepted, and the server still serves.
     let (_, metrics) = tally.get("/metrics");
     let metrics = metrics.as_str().unwrap().to_string();
-    assert!(metrics.contains("tally_events_accepted_total 0"), "{metrics}");
-    assert!(metrics.contains("tally_ingest_requests_rejected_total{reason=\"invalid\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tally_events_accepted_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tally_ingest_requests_rejected_total{reason=\"invalid\"} 1"),
+        "{metrics}"
+    );
     let (status, _) = tally.post("/v1/events", "application/json", br#"{"eventType":"ok"}"#);
     assert_eq!(status, 202);
     let (status, _) = tally.get("/readyz");

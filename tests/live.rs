@@ -16,7 +16,9 @@ fn connect(tally: &Tally) -> Socket {
     let url = format!("{}/v1/live", tally.url.replace("http://", "ws://"));
     let (socket, _) = tungstenite::connect(url).expect("WebSocket handshake");
     if let MaybeTlsStream::Plain(stream) = socket.get_ref() {
-        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
     }
     socket
 }
@@ -36,7 +38,9 @@ fn wait_for(socket: &mut Socket, timeout: Duration, mut want: impl FnMut(&Value)
                 seen.push(message);
             }
             Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(e) => panic!("WebSocket failed: {e}"),
         }
     }
@@ -51,38 +55,64 @@ fn partials_then_final_then_revision() {
     let subscribe = json!({"action": "subscribe", "topic": "metrics:ad_clicks:country:US", "window": "tumbling 10s"});
     socket.send(Message::text(subscribe.to_string())).unwrap();
 
-    let at = |seconds: i64, country: &str| {
-        json!({"eventType": "ad_click", "timestamp": (BASE_MS / 1000 + seconds), "dimensions": {"country": country, "campaignId": "c"}})
-    };
+    let at = |seconds: i64, country: &str| json!({"eventType": "ad_click", "timestamp": (BASE_MS / 1000 + seconds), "dimensions": {"country": country, "campaignId": "c"}});
     let window_start = "2026-06-07T10:00:30Z";
     tally.post_events(&[at(31, "US"), at(32, "US"), at(33, "DE"), at(34, "US")]);
-    let partial = wait_for(&mut socket, Duration::from_secs(10), |m| m["windowStart"] == window_start && m["value"] == 3);
+    let partial = wait_for(&mut socket, Duration::from_secs(10), |m| {
+        m["windowStart"] == window_start && m["value"] == 3
+    });
     assert_eq!(partial["final"], false, "{partial}");
     assert_eq!(partial["topic"], "metrics:ad_clicks:country:US");
     assert_eq!(partial["windowEnd"], "2026-06-07T10:00:40Z");
 
     // Every partition's watermark passes 10:00:43: the window closes.
     tally.flush(BASE_MS + 45_000);
-    let fin = wait_for(&mut socket, Duration::from_secs(10), |m| m["windowStart"] == window_start && m["final"] == true);
-    assert_eq!((fin["value"].as_u64(), fin["revision"].as_u64()), (Some(3), Some(0)), "{fin}");
+    let fin = wait_for(&mut socket, Duration::from_secs(10), |m| {
+        m["windowStart"] == window_start && m["final"] == true
+    });
+    assert_eq!(
+        (fin["value"].as_u64(), fin["revision"].as_u64()),
+        (Some(3), Some(0)),
+        "{fin}"
+    );
 
     // A late event within the allowed lateness revises it, once event time
     // moves on or, as here, every partition has been idle for 5 s.
     tally.post_events(&[at(35, "US")]);
-    let revised = wait_for(&mut socket, Duration::from_secs(15), |m| m["windowStart"] == window_start && m["revision"] == 1);
-    assert_eq!((revised["value"].as_u64(), revised["final"].as_bool()), (Some(4), Some(true)), "{revised}");
+    let revised = wait_for(&mut socket, Duration::from_secs(15), |m| {
+        m["windowStart"] == window_start && m["revision"] == 1
+    });
+    assert_eq!(
+        (revised["value"].as_u64(), revised["final"].as_bool()),
+        (Some(4), Some(true)),
+        "{revised}"
+    );
 
     // A new subscriber first gets the current value.
     let mut late_comer = connect(&tally);
-    let subscribe = json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 10s"});
-    late_comer.send(Message::text(subscribe.to_string())).unwrap();
-    let current = wait_for(&mut late_comer, Duration::from_secs(5), |m| m["topic"] == "metrics:ad_clicks");
+    let subscribe =
+        json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 10s"});
+    late_comer
+        .send(Message::text(subscribe.to_string()))
+        .unwrap();
+    let current = wait_for(&mut late_comer, Duration::from_secs(5), |m| {
+        m["topic"] == "metrics:ad_clicks"
+    });
     assert!(current["value"].is_number(), "{current}");
 
     // A bad topic gets an error, and the connection stays usable.
-    late_comer.send(Message::text(json!({"action": "subscribe", "topic": "metrics:nope"}).to_string())).unwrap();
-    let error = wait_for(&mut late_comer, Duration::from_secs(5), |m| m.get("error").is_some());
-    assert!(error["error"].as_str().unwrap().contains("unknown metric"), "{error}");
+    late_comer
+        .send(Message::text(
+            json!({"action": "subscribe", "topic": "metrics:nope"}).to_string(),
+        ))
+        .unwrap();
+    let error = wait_for(&mut late_comer, Duration::from_secs(5), |m| {
+        m.get("error").is_some()
+    });
+    assert!(
+        error["error"].as_str().unwrap().contains("unknown metric"),
+        "{error}"
+    );
 
     let stored = tally.metrics("metric=ad_clicks&country=US&resolution=10s&start=2026-06-07T10:00:30Z&end=2026-06-07T10:00:40Z");
     assert_eq!(stored["dataPoints"][0]["value"], 4);
@@ -95,19 +125,37 @@ fn too_late_events_go_to_the_dead_letters() {
     tally.flush(BASE_MS + 120_000);
     // Every partition's watermark is at 1:58; 30 s of lateness reaches back
     // to 1:28. An event at 0:10 is far past that.
-    let late = json!({"eventId": "late_1", "eventType": "ad_click", "timestamp": BASE_MS / 1000 + 10});
+    let late =
+        json!({"eventId": "late_1", "eventType": "ad_click", "timestamp": BASE_MS / 1000 + 10});
     tally.post_events(&[late]);
     let letters = crate::util::eventually(Duration::from_secs(10), || {
         let (status, body) = tally.get("/v1/deadletters?limit=5");
         assert_eq!(status, 200, "{body}");
         let letters = body["deadLetters"].as_array().unwrap().clone();
-        if letters.is_empty() { Err("no dead letters yet".to_string()) } else { Ok(letters) }
+        if letters.is_empty() {
+            Err("no dead letters yet".to_string())
+        } else {
+            Ok(letters)
+        }
     });
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0]["event"]["eventId"], "late_1");
-    assert!(letters[0]["reason"].as_str().unwrap().contains("allowed lateness"), "{}", letters[0]);
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("allowed lateness"),
+        "{}",
+        letters[0]
+    );
     let (_, metrics) = tally.get("/metrics");
-    assert!(metrics.as_str().unwrap().contains("tally_dead_letters_total 1"), "{metrics}");
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("tally_dead_letters_total 1"),
+        "{metrics}"
+    );
     let (status, body) = tally.get("/v1/deadletters?limit=0");
     assert_eq!(status, 400, "{body}");
 }

@@ -34,7 +34,11 @@ fn kill_9_and_sigterm_lose_nothing_and_double_nothing() {
     // Some windows are final now; a clean stop must not disturb them.
     eventually(Duration::from_secs(30), || {
         let got = values(&tally.metrics(&format!("metric=ad_clicks&resolution=1m&{RANGE}")));
-        if got[0].as_u64() > Some(0) { Ok(()) } else { Err(format!("{got:?}")) }
+        if got[0].as_u64() > Some(0) {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
     });
     tally.stop();
 
@@ -43,10 +47,15 @@ fn kill_9_and_sigterm_lose_nothing_and_double_nothing() {
     tally.flush(BASE_MS + 3_600_000);
     let expected = per_minute_clicks(&events);
     eventually(Duration::from_secs(60), || {
-        let got: Vec<u64> = values(&tally.metrics(&format!("metric=ad_clicks&resolution=1m&{RANGE}")))
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        if got == expected { Ok(()) } else { Err(format!("got {got:?}, expected {expected:?}")) }
+        let got: Vec<u64> =
+            values(&tally.metrics(&format!("metric=ad_clicks&resolution=1m&{RANGE}")))
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!("got {got:?}, expected {expected:?}"))
+        }
     });
 }

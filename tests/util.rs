@@ -43,10 +43,24 @@ impl Tally {
         let mut child = command.spawn().expect("start tally");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read tally's first line");
-        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line: {line:?}")).to_string();
-        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        Tally { child: Some(child), url, dir: dir.to_owned(), agent }
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read tally's first line");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_string();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Tally {
+            child: Some(child),
+            url,
+            dir: dir.to_owned(),
+            agent,
+        }
     }
 
     /// POSTs a body; returns the status and the JSON answer.
@@ -59,7 +73,10 @@ impl Tally {
             .expect("POST");
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// POSTs events as a JSON array and insists on a 202.
@@ -72,10 +89,17 @@ impl Tally {
 
     /// GETs a path; returns the status and the body, as JSON when it is.
     pub fn get(&self, path: &str) -> (u16, Value) {
-        let mut response = self.agent.get(format!("{}{path}", self.url)).call().expect("GET");
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", self.url))
+            .call()
+            .expect("GET");
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Posts one event at `at_ms` to every partition, so that every
@@ -103,7 +127,10 @@ impl Tally {
     /// Stops the process with SIGTERM and insists on a clean exit.
     pub fn stop(mut self) {
         let mut child = self.child.take().expect("running");
-        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
         assert!(status.success());
         let exit = wait_with_timeout(&mut child, Duration::from_secs(20));
         assert!(exit.success(), "tally exited with {exit}");
@@ -125,7 +152,10 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::Exit
         if let Some(status) = child.try_wait().expect("wait") {
             return status;
         }
-        assert!(Instant::now() < deadline, "tally did not stop within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "tally did not stop within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -189,7 +219,8 @@ pub fn clickstream(seed: u64, count: usize) -> Vec<Generated> {
             let purchase = rng.u32(..10) == 0;
             Generated {
                 event_type: if purchase { "purchase" } else { "ad_click" },
-                time_ms: BASE_MS + ((i as i64 * span) / count as i64 + rng.i64(0..800)).min(span - 1),
+                time_ms: BASE_MS
+                    + ((i as i64 * span) / count as i64 + rng.i64(0..800)).min(span - 1),
                 campaign: format!("camp_{}", rng.u32(..4)),
                 country: ["US", "DE", "IN"][rng.usize(..3)],
                 device: ["MOBILE", "DESKTOP"][rng.usize(..2)],
@@ -209,5 +240,10 @@ pub fn post_all(tally: &Tally, events: &[Generated], batch: usize) {
 
 /// The values of a `/v1/metrics` answer's data points.
 pub fn values(answer: &Value) -> Vec<Value> {
-    answer["dataPoints"].as_array().expect("dataPoints").iter().map(|p| p["value"].clone()).collect()
+    answer["dataPoints"]
+        .as_array()
+        .expect("dataPoints")
+        .iter()
+        .map(|p| p["value"].clone())
+        .collect()
 }

@@ -10,5 +10,6 @@
 //! or any network service other than the gateway's own listener.
 
 pub mod bus;
+pub mod checkpoint;
 pub mod log;
 pub mod store;

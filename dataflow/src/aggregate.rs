@@ -42,7 +42,9 @@ impl AggregateKind {
             "sum" => Ok(AggregateKind::Sum),
             "avg" => Ok(AggregateKind::Avg),
             "uniq" => Ok(AggregateKind::Uniq),
-            other => Err(format!("unknown aggregate '{other}': use count, sum, avg or uniq")),
+            other => Err(format!(
+                "unknown aggregate '{other}': use count, sum, avg or uniq"
+            )),
         }
     }
 
@@ -78,7 +80,9 @@ impl Field {
         match text.split_once('.') {
             Some(("values", name)) if !name.is_empty() => Ok(Field::Value(name.to_owned())),
             Some(("dimensions", name)) if !name.is_empty() => Ok(Field::Dimension(name.to_owned())),
-            _ => Err(format!("field '{text}' must be 'values.<name>' or 'dimensions.<name>'")),
+            _ => Err(format!(
+                "field '{text}' must be 'values.<name>' or 'dimensions.<name>'"
+            )),
         }
     }
 }
@@ -150,7 +154,9 @@ impl AggState {
         match kind {
             AggregateKind::Count => Some(self.count as f64),
             AggregateKind::Sum => Some(self.sum as f64 / SUM_SCALE),
-            AggregateKind::Avg => (self.count > 0).then(|| self.sum as f64 / SUM_SCALE / self.count as f64),
+            AggregateKind::Avg => {
+                (self.count > 0).then(|| self.sum as f64 / SUM_SCALE / self.count as f64)
+            }
             AggregateKind::Uniq => Some(self.sketch.as_ref().map_or(0.0, Sketch::estimate)),
         }
     }
@@ -162,7 +168,11 @@ impl AggState {
 
     /// Rebuilds a state from stored parts.
     pub fn from_parts(count: u64, sum: f64, sketch: Option<Sketch>) -> AggState {
-        AggState { count, sum: (sum * SUM_SCALE).round() as i128, sketch }
+        AggState {
+            count,
+            sum: (sum * SUM_SCALE).round() as i128,
+            sketch,
+        }
     }
 }
 
@@ -238,7 +248,9 @@ impl Sketch {
 
     /// Reads a sketch written by [`Sketch::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Sketch, String> {
-        HllSketch::deserialize(bytes).map(|s| Sketch(Form::Read(s))).map_err(|e| e.to_string())
+        HllSketch::deserialize(bytes)
+            .map(|s| Sketch(Form::Read(s)))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -286,7 +298,9 @@ mod tests {
     fn merge_is_order_independent() {
         let amount = Some(Field::Value("amount".into()));
         let user = Some(Field::Dimension("userId".into()));
-        let events: Vec<_> = (0..1000).map(|i| event(&format!("u{}", i % 300), 0.1 * i as f64)).collect();
+        let events: Vec<_> = (0..1000)
+            .map(|i| event(&format!("u{}", i % 300), 0.1 * i as f64))
+            .collect();
         let fold = |chunks: &[&[Event]]| {
             let mut total = AggState::default();
             let mut users = AggState::default();
@@ -299,7 +313,10 @@ mod tests {
                 total.merge(&a);
                 users.merge(&u);
             }
-            (total.value(AggregateKind::Sum), users.value(AggregateKind::Uniq))
+            (
+                total.value(AggregateKind::Sum),
+                users.value(AggregateKind::Uniq),
+            )
         };
         let (head, tail) = events.split_at(377);
         let one = fold(&[&events]);

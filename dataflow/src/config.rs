@@ -36,6 +36,8 @@ pub struct Config {
     pub dataflow: DataflowConfig,
     /// `[live]`: pushing values to WebSocket subscribers.
     pub live: LiveConfig,
+    /// `[checkpoint]`: snapshots of the job, for restarts without replay.
+    pub checkpoint: CheckpointConfig,
     /// `[[metric]]`: what to compute.
     pub metrics: Vec<MetricSpec>,
 }
@@ -109,6 +111,20 @@ pub struct LiveConfig {
     pub queue: usize,
 }
 
+/// `[checkpoint]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointConfig {
+    /// A checkpoint is taken every this much event time, and at most about
+    /// once per half of it in processing time. Default `10s`.
+    pub interval: Duration,
+    /// Where checkpoints go: an object store URL such as `s3://bucket/tally`
+    /// (credentials from the `AWS_*` variables) or `file:///dir`. Default:
+    /// `<data_dir>/checkpoints`.
+    pub url: Option<String>,
+    /// Committed checkpoints kept; older ones are deleted. Default 2.
+    pub keep: usize,
+}
+
 /// One `[[metric]]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricSpec {
@@ -173,9 +189,15 @@ impl Config {
 }
 
 /// Applies `TALLY__SECTION__KEY` variables on top of the file.
-fn overlay_env(root: &mut Table, env: impl IntoIterator<Item = (String, String)>, errors: &mut Vec<String>) {
+fn overlay_env(
+    root: &mut Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    errors: &mut Vec<String>,
+) {
     for (name, raw) in env {
-        let Some(path) = name.strip_prefix("TALLY__") else { continue };
+        let Some(path) = name.strip_prefix("TALLY__") else {
+            continue;
+        };
         let parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
         let [section, key] = parts.as_slice() else {
             errors.push(format!("{name}: expected TALLY__<SECTION>__<KEY>"));
@@ -186,7 +208,10 @@ fn overlay_env(root: &mut Table, env: impl IntoIterator<Item = (String, String)>
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| Value::String(raw.clone()));
-        match root.entry(section.clone()).or_insert_with(|| Value::Table(Table::new())) {
+        match root
+            .entry(section.clone())
+            .or_insert_with(|| Value::Table(Table::new()))
+        {
             Value::Table(table) => {
                 table.insert(key.clone(), value);
             }
@@ -208,7 +233,9 @@ struct Section {
 
 impl Section {
     fn take(&mut self, key: &str) -> Option<(String, Value)> {
-        self.table.remove(key).map(|v| (format!("{}{key}", self.path), v))
+        self.table
+            .remove(key)
+            .map(|v| (format!("{}{key}", self.path), v))
     }
 }
 
@@ -218,36 +245,54 @@ impl Reader {
             None => Vec::new(),
             Some(Value::Array(items)) => self.metrics(items),
             Some(_) => {
-                self.errors.push("metric: must be an array of tables, written [[metric]]".into());
+                self.errors
+                    .push("metric: must be an array of tables, written [[metric]]".into());
                 Vec::new()
             }
         };
         if metrics.is_empty() {
-            self.errors.push("metric: declare at least one [[metric]]".into());
+            self.errors
+                .push("metric: declare at least one [[metric]]".into());
         }
         let mut section = |name: &str| {
             let table = match root.remove(name) {
                 None => Table::new(),
                 Some(Value::Table(t)) => t,
                 Some(_) => {
-                    self.errors.push(format!("{name}: must be a table, written [{name}]"));
+                    self.errors
+                        .push(format!("{name}: must be a table, written [{name}]"));
                     Table::new()
                 }
             };
-            Section { path: format!("{name}."), table }
+            Section {
+                path: format!("{name}."),
+                table,
+            }
         };
-        let (mut server, mut storage, mut log, mut dataflow, mut live) =
-            (section("server"), section("storage"), section("log"), section("dataflow"), section("live"));
+        let (mut server, mut storage, mut log, mut dataflow, mut live) = (
+            section("server"),
+            section("storage"),
+            section("log"),
+            section("dataflow"),
+            section("live"),
+        );
+        let mut checkpoint = section("checkpoint");
         for (key, _) in root {
             self.errors.push(format!("{key}: unknown section"));
         }
         let config = Config {
             server: ServerConfig {
-                listen: self.parsed(&mut server, "listen", "127.0.0.1:8080".parse().expect("literal")),
+                listen: self.parsed(
+                    &mut server,
+                    "listen",
+                    "127.0.0.1:8080".parse().expect("literal"),
+                ),
                 max_body_bytes: self.bytes(&mut server, "max_body", 10_000_000),
                 max_future: self.millis(&mut server, "max_future", 300_000),
             },
-            storage: StorageConfig { data_dir: PathBuf::from(self.string(&mut storage, "data_dir", "./data")) },
+            storage: StorageConfig {
+                data_dir: PathBuf::from(self.string(&mut storage, "data_dir", "./data")),
+            },
             log: LogConfig {
                 partitions: self.integer(&mut log, "partitions", 8, 1..=1024) as u32,
                 segment_bytes: self.bytes(&mut log, "segment_size", 128 << 20),
@@ -264,9 +309,21 @@ impl Reader {
                 interval: self.duration(&mut live, "interval", Duration::from_secs(1)),
                 queue: self.integer(&mut live, "queue", 50, 1..=100_000) as usize,
             },
+            checkpoint: CheckpointConfig {
+                interval: self.duration(&mut checkpoint, "interval", Duration::from_secs(10)),
+                url: checkpoint
+                    .take("url")
+                    .and_then(|(path, v)| self.as_string(&path, v))
+                    .filter(|u| !u.is_empty()),
+                keep: self.integer(&mut checkpoint, "keep", 2, 1..=1000) as usize,
+            },
             metrics,
         };
-        for section in [server, storage, log, dataflow, live] {
+        if config.checkpoint.interval < Duration::from_millis(100) {
+            self.errors
+                .push("checkpoint.interval: must be at least 100ms".into());
+        }
+        for section in [server, storage, log, dataflow, live, checkpoint] {
             self.unknown_keys(section);
         }
         config
@@ -280,52 +337,83 @@ impl Reader {
                 self.errors.push(format!("metric[{i}]: must be a table"));
                 continue;
             };
-            let mut m = Section { path: format!("metric[{i}]."), table };
+            let mut m = Section {
+                path: format!("metric[{i}]."),
+                table,
+            };
             let name = self.string(&mut m, "name", "");
             if !is_identifier(&name) {
-                self.errors.push(format!("metric[{i}].name: '{name}' must be letters, digits and '_'"));
+                self.errors.push(format!(
+                    "metric[{i}].name: '{name}' must be letters, digits and '_'"
+                ));
             } else if !names.insert(name.clone()) {
-                self.errors.push(format!("metric[{i}].name: '{name}' is declared twice"));
+                self.errors
+                    .push(format!("metric[{i}].name: '{name}' is declared twice"));
             }
-            let event_type = m.take("event_type").and_then(|(path, v)| self.as_string(&path, v));
+            let event_type = m
+                .take("event_type")
+                .and_then(|(path, v)| self.as_string(&path, v));
             let aggregate = m
                 .take("aggregate")
                 .and_then(|(path, v)| {
                     let text = self.as_string(&path, v)?;
-                    AggregateKind::parse(&text).map_err(|e| self.errors.push(format!("{path}: {e}"))).ok()
+                    AggregateKind::parse(&text)
+                        .map_err(|e| self.errors.push(format!("{path}: {e}")))
+                        .ok()
                 })
                 .unwrap_or(AggregateKind::Count);
             let field = m.take("field").and_then(|(path, v)| {
                 let text = self.as_string(&path, v)?;
-                Field::parse(&text).map_err(|e| self.errors.push(format!("{path}: {e}"))).ok()
+                Field::parse(&text)
+                    .map_err(|e| self.errors.push(format!("{path}: {e}")))
+                    .ok()
             });
             if aggregate.needs_field() && field.is_none() {
-                self.errors.push(format!("metric[{i}].field: '{aggregate}' needs a field, such as 'values.amount'"));
+                self.errors.push(format!(
+                    "metric[{i}].field: '{aggregate}' needs a field, such as 'values.amount'"
+                ));
             }
             let dimensions = self.strings(&mut m, "dimensions");
             for d in &dimensions {
                 if !is_identifier(d) {
-                    self.errors.push(format!("metric[{i}].dimensions: '{d}' must be letters, digits and '_'"));
+                    self.errors.push(format!(
+                        "metric[{i}].dimensions: '{d}' must be letters, digits and '_'"
+                    ));
                 }
             }
             let windows: Vec<WindowSpec> = self
                 .strings(&mut m, "windows")
                 .iter()
-                .filter_map(|w| WindowSpec::parse(w).map_err(|e| self.errors.push(format!("metric[{i}].windows: {e}"))).ok())
+                .filter_map(|w| {
+                    WindowSpec::parse(w)
+                        .map_err(|e| self.errors.push(format!("metric[{i}].windows: {e}")))
+                        .ok()
+                })
                 .collect();
             if !windows.iter().any(WindowSpec::is_tumbling) {
-                self.errors.push(format!("metric[{i}].windows: at least one tumbling window is needed for history"));
+                self.errors.push(format!(
+                    "metric[{i}].windows: at least one tumbling window is needed for history"
+                ));
             }
             self.unknown_keys(m);
             let pane = pane_width(&windows).max(1);
-            metrics.push(MetricSpec { name, event_type, aggregate, field, dimensions, windows, pane });
+            metrics.push(MetricSpec {
+                name,
+                event_type,
+                aggregate,
+                field,
+                dimensions,
+                windows,
+                pane,
+            });
         }
         metrics
     }
 
     fn unknown_keys(&mut self, section: Section) {
         for key in section.table.keys() {
-            self.errors.push(format!("{}{key}: unknown key", section.path));
+            self.errors
+                .push(format!("{}{key}: unknown key", section.path));
         }
     }
 
@@ -333,37 +421,61 @@ impl Reader {
         match value {
             Value::String(s) => Some(s),
             other => {
-                self.errors.push(format!("{path}: must be a string, found {}", other.type_str()));
+                self.errors.push(format!(
+                    "{path}: must be a string, found {}",
+                    other.type_str()
+                ));
                 None
             }
         }
     }
 
     fn string(&mut self, s: &mut Section, key: &str, default: &str) -> String {
-        s.take(key).and_then(|(path, v)| self.as_string(&path, v)).unwrap_or_else(|| default.to_owned())
+        s.take(key)
+            .and_then(|(path, v)| self.as_string(&path, v))
+            .unwrap_or_else(|| default.to_owned())
     }
 
     fn strings(&mut self, s: &mut Section, key: &str) -> Vec<String> {
         match s.take(key) {
             None => Vec::new(),
-            Some((path, Value::Array(items))) => items.into_iter().filter_map(|v| self.as_string(&path, v)).collect(),
+            Some((path, Value::Array(items))) => items
+                .into_iter()
+                .filter_map(|v| self.as_string(&path, v))
+                .collect(),
             Some((path, other)) => {
-                self.errors.push(format!("{path}: must be an array of strings, found {}", other.type_str()));
+                self.errors.push(format!(
+                    "{path}: must be an array of strings, found {}",
+                    other.type_str()
+                ));
                 Vec::new()
             }
         }
     }
 
-    fn integer(&mut self, s: &mut Section, key: &str, default: i64, range: std::ops::RangeInclusive<i64>) -> i64 {
+    fn integer(
+        &mut self,
+        s: &mut Section,
+        key: &str,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> i64 {
         match s.take(key) {
             None => default,
             Some((_, Value::Integer(n))) if range.contains(&n) => n,
             Some((path, Value::Integer(n))) => {
-                self.errors.push(format!("{path}: {n} is outside {}..={}", range.start(), range.end()));
+                self.errors.push(format!(
+                    "{path}: {n} is outside {}..={}",
+                    range.start(),
+                    range.end()
+                ));
                 default
             }
             Some((path, other)) => {
-                self.errors.push(format!("{path}: must be an integer, found {}", other.type_str()));
+                self.errors.push(format!(
+                    "{path}: must be an integer, found {}",
+                    other.type_str()
+                ));
                 default
             }
         }
@@ -373,8 +485,12 @@ impl Reader {
     where
         T::Err: std::fmt::Display,
     {
-        let Some((path, value)) = s.take(key) else { return default };
-        let Some(text) = self.as_string(&path, value) else { return default };
+        let Some((path, value)) = s.take(key) else {
+            return default;
+        };
+        let Some(text) = self.as_string(&path, value) else {
+            return default;
+        };
         text.parse().unwrap_or_else(|e| {
             self.errors.push(format!("{path}: '{text}': {e}"));
             default
@@ -382,8 +498,12 @@ impl Reader {
     }
 
     fn duration(&mut self, s: &mut Section, key: &str, default: Duration) -> Duration {
-        let Some((path, value)) = s.take(key) else { return default };
-        let Some(text) = self.as_string(&path, value) else { return default };
+        let Some((path, value)) = s.take(key) else {
+            return default;
+        };
+        let Some(text) = self.as_string(&path, value) else {
+            return default;
+        };
         parse_duration(&text).unwrap_or_else(|e| {
             self.errors.push(format!("{path}: {e}"));
             default
@@ -391,8 +511,12 @@ impl Reader {
     }
 
     fn millis(&mut self, s: &mut Section, key: &str, default: Millis) -> Millis {
-        let Some((path, value)) = s.take(key) else { return default };
-        let Some(text) = self.as_string(&path, value) else { return default };
+        let Some((path, value)) = s.take(key) else {
+            return default;
+        };
+        let Some(text) = self.as_string(&path, value) else {
+            return default;
+        };
         if text.trim() == "0s" || text.trim() == "0" {
             return 0;
         }
@@ -411,25 +535,34 @@ impl Reader {
                 default
             }),
             Some((path, other)) => {
-                self.errors.push(format!("{path}: must be a size such as '10MB', found {}", other.type_str()));
+                self.errors.push(format!(
+                    "{path}: must be a size such as '10MB', found {}",
+                    other.type_str()
+                ));
                 default
             }
         }
     }
 
     fn fsync(&mut self, s: &mut Section) -> Fsync {
-        let Some((path, value)) = s.take("fsync") else { return Fsync::Always };
-        let Some(text) = self.as_string(&path, value) else { return Fsync::Always };
+        let Some((path, value)) = s.take("fsync") else {
+            return Fsync::Always;
+        };
+        let Some(text) = self.as_string(&path, value) else {
+            return Fsync::Always;
+        };
         match text.as_str() {
             "always" => Fsync::Always,
             "never" => Fsync::Never,
-            interval => match parse_duration(interval) {
-                Ok(d) if !d.is_zero() => Fsync::Interval(d),
-                _ => {
-                    self.errors.push(format!("{path}: '{text}' must be 'always', 'never' or an interval such as '100ms'"));
-                    Fsync::Always
+            interval => {
+                match parse_duration(interval) {
+                    Ok(d) if !d.is_zero() => Fsync::Interval(d),
+                    _ => {
+                        self.errors.push(format!("{path}: '{text}' must be 'always', 'never' or an interval such as '100ms'"));
+                        Fsync::Always
+                    }
                 }
-            },
+            }
         }
     }
 }
@@ -441,9 +574,13 @@ fn is_identifier(s: &str) -> bool {
 /// Parses `10MB`, `512KiB`, `1GB` or a plain number of bytes.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("'{text}' is not a size such as '10MB'"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size such as '10MB'"))?;
     let scale = match unit.trim() {
         "" | "B" => 1,
         "KB" => 1_000,
@@ -452,7 +589,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
-        other => return Err(format!("'{other}' is not a size unit: use B, KB, MB, GB, KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "'{other}' is not a size unit: use B, KB, MB, GB, KiB, MiB or GiB"
+            ))
+        }
     };
     match n.checked_mul(scale) {
         Some(0) | None => Err(format!("'{text}' must be a positive size")),
@@ -478,10 +619,15 @@ windows = ["tumbling 10s", "sliding 5m every 10s"]
 
     #[test]
     fn layers_apply_in_order() {
-        let env = [("TALLY__SERVER__LISTEN".to_string(), "127.0.0.1:9100".to_string()),
-                   ("TALLY__LIVE__INTERVAL".to_string(), "250ms".to_string()),
-                   ("TALLY__LOG__PARTITIONS".to_string(), "3".to_string()),
-                   ("PATH".to_string(), "/bin".to_string())];
+        let env = [
+            (
+                "TALLY__SERVER__LISTEN".to_string(),
+                "127.0.0.1:9100".to_string(),
+            ),
+            ("TALLY__LIVE__INTERVAL".to_string(), "250ms".to_string()),
+            ("TALLY__LOG__PARTITIONS".to_string(), "3".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
         let config = Config::load(Some(FILE), env).unwrap();
         assert_eq!(config.server.listen.port(), 9100);
         assert_eq!(config.live.interval, Duration::from_millis(250));
@@ -508,8 +654,15 @@ windows = ["sliding 5m every 7s"]
 "#;
         let errors = Config::load(Some(file), []).unwrap_err();
         let joined = errors.join("\n");
-        for needle in ["server.listen", "server.max_body", "dataflow.out_of_orderness", "dataflow.workres: unknown key",
-                       "metric[0].field", "metric[0].windows: in 'sliding 5m every 7s'", "at least one tumbling"] {
+        for needle in [
+            "server.listen",
+            "server.max_body",
+            "dataflow.out_of_orderness",
+            "dataflow.workres: unknown key",
+            "metric[0].field",
+            "metric[0].windows: in 'sliding 5m every 7s'",
+            "at least one tumbling",
+        ] {
             assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
         }
     }

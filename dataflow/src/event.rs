@@ -47,7 +47,6 @@ impl Event {
         // Serialising a struct of strings, integers and finite floats cannot fail.
         serde_json::to_vec(self).expect("an event always serialises")
     }
-
 }
 
 /// One problem with one field of one event.
@@ -61,7 +60,10 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        FieldError { field: field.into(), problem: problem.into() }
+        FieldError {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -93,8 +95,16 @@ impl EventRef<'_> {
             event_id: self.event_id.as_deref().map(str::to_owned),
             event_type: self.event_type.to_string(),
             timestamp: self.timestamp.unwrap_or(received_at),
-            dimensions: self.dimensions.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            values: self.values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            dimensions: self
+                .dimensions
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            values: self
+                .values
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
         }
     }
 }
@@ -119,10 +129,18 @@ impl Fields for Event {
 impl Fields for EventRef<'_> {
     fn dimension(&self, name: &str) -> Option<&str> {
         // Later duplicates win, as they would in a map.
-        self.dimensions.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_ref())
+        self.dimensions
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
     }
     fn value(&self, name: &str) -> Option<f64> {
-        self.values.iter().rev().find(|(k, _)| k == name).map(|(_, v)| *v)
+        self.values
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
     }
 }
 
@@ -140,11 +158,14 @@ const MILLIS_THRESHOLD: f64 = 1e11;
 /// On failure, every field error found is returned, or one error for the
 /// whole value when it is not a JSON object at all.
 pub fn parse_event_ref(json: &[u8]) -> Result<EventRef<'_>, Vec<FieldError>> {
-    let raw: RawEvent = serde_json::from_slice(json)
-        .map_err(|e| vec![FieldError::new("", format!("not a valid event object: {e}"))])?;
+    let raw: RawEvent = serde_json::from_slice(json).map_err(|e| {
+        vec![FieldError::new(
+            "",
+            format!("not a valid event object: {e}"),
+        )]
+    })?;
     raw.validate()
 }
-
 
 /// Why a request's events were not accepted.
 #[derive(Clone, Debug, PartialEq)]
@@ -166,19 +187,27 @@ pub enum BatchError {
 ///
 /// An event whose timestamp is more than `max_future` past `received_at`
 /// is invalid.
-pub fn parse_batch(body: &[u8], ndjson: bool, received_at: Millis, max_future: Millis) -> Result<Vec<Vec<u8>>, BatchError> {
+pub fn parse_batch(
+    body: &[u8],
+    ndjson: bool,
+    received_at: Millis,
+    max_future: Millis,
+) -> Result<Vec<Vec<u8>>, BatchError> {
     let raws: Vec<&[u8]> = if ndjson {
-        body.split(|&b| b == b'\n').filter(|line| line.iter().any(|b| !b.is_ascii_whitespace())).collect()
+        body.split(|&b| b == b'\n')
+            .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
+            .collect()
     } else {
         match body.iter().find(|b| !b.is_ascii_whitespace()) {
             None => return Err(BatchError::Empty),
             Some(b'[') => {
-                let elements: Vec<&serde_json::value::RawValue> =
-                    serde_json::from_slice(body).map_err(|e| BatchError::Malformed(e.to_string()))?;
+                let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
+                    .map_err(|e| BatchError::Malformed(e.to_string()))?;
                 elements.into_iter().map(|e| e.get().as_bytes()).collect()
             }
             Some(_) => {
-                serde_json::from_slice::<IgnoredAny>(body).map_err(|e| BatchError::Malformed(e.to_string()))?;
+                serde_json::from_slice::<IgnoredAny>(body)
+                    .map_err(|e| BatchError::Malformed(e.to_string()))?;
                 vec![body]
             }
         }
@@ -190,11 +219,17 @@ pub fn parse_batch(body: &[u8], ndjson: bool, received_at: Millis, max_future: M
     let mut invalid = Vec::new();
     for (index, raw) in raws.into_iter().enumerate() {
         match parse_event_ref(raw) {
-            Ok(EventRef { timestamp: Some(t), .. }) if t > received_at + max_future => invalid.push((
+            Ok(EventRef {
+                timestamp: Some(t), ..
+            }) if t > received_at + max_future => invalid.push((
                 index,
                 vec![FieldError::new(
                     "timestamp",
-                    format!("is {} s after the time it was received; at most {} s is allowed", (t - received_at) / 1000, max_future / 1000),
+                    format!(
+                        "is {} s after the time it was received; at most {} s is allowed",
+                        (t - received_at) / 1000,
+                        max_future / 1000
+                    ),
                 )],
             )),
             Ok(event) if event.timestamp.is_some() => records.push(raw.to_vec()),
@@ -238,7 +273,10 @@ impl<'a> RawEvent<'a> {
             }
             Some(Lenient::Ok(id)) => Some(id),
             Some(Lenient::Wrong(found)) => {
-                errors.push(FieldError::new("eventId", format!("must be a string, found {found}")));
+                errors.push(FieldError::new(
+                    "eventId",
+                    format!("must be a string, found {found}"),
+                ));
                 None
             }
         };
@@ -253,7 +291,10 @@ impl<'a> RawEvent<'a> {
             }
             Some(Lenient::Ok(t)) => t,
             Some(Lenient::Wrong(found)) => {
-                errors.push(FieldError::new("eventType", format!("must be a string, found {found}")));
+                errors.push(FieldError::new(
+                    "eventType",
+                    format!("must be a string, found {found}"),
+                ));
                 Cow::Borrowed("")
             }
         };
@@ -275,16 +316,19 @@ impl<'a> RawEvent<'a> {
         let mut dimensions = Vec::new();
         match self.dimensions {
             None => {}
-            Some(Lenient::Wrong(found)) => {
-                errors.push(FieldError::new("dimensions", format!("must be an object, found {found}")))
-            }
+            Some(Lenient::Wrong(found)) => errors.push(FieldError::new(
+                "dimensions",
+                format!("must be an object, found {found}"),
+            )),
             Some(Lenient::Ok(entries)) => {
                 for (name, value) in entries {
                     match value {
-                        Lenient::Ok(DimValue(v)) if v.chars().any(char::is_control) => errors.push(FieldError::new(
-                            format!("dimensions.{name}"),
-                            "must not contain control characters",
-                        )),
+                        Lenient::Ok(DimValue(v)) if v.chars().any(char::is_control) => {
+                            errors.push(FieldError::new(
+                                format!("dimensions.{name}"),
+                                "must not contain control characters",
+                            ))
+                        }
                         Lenient::Ok(DimValue(v)) => dimensions.push((name, v)),
                         Lenient::Wrong(found) => errors.push(FieldError::new(
                             format!("dimensions.{name}"),
@@ -297,13 +341,16 @@ impl<'a> RawEvent<'a> {
         let mut values = Vec::new();
         match self.values {
             None => {}
-            Some(Lenient::Wrong(found)) => {
-                errors.push(FieldError::new("values", format!("must be an object, found {found}")))
-            }
+            Some(Lenient::Wrong(found)) => errors.push(FieldError::new(
+                "values",
+                format!("must be an object, found {found}"),
+            )),
             Some(Lenient::Ok(entries)) => {
                 for (name, value) in entries {
                     match value {
-                        Lenient::Ok(v) if v.is_finite() && v.abs() <= MAX_VALUE => values.push((name, v)),
+                        Lenient::Ok(v) if v.is_finite() && v.abs() <= MAX_VALUE => {
+                            values.push((name, v))
+                        }
                         Lenient::Ok(_) => errors.push(FieldError::new(
                             format!("values.{name}"),
                             format!("must be a finite number of magnitude at most {MAX_VALUE:e}"),
@@ -317,7 +364,13 @@ impl<'a> RawEvent<'a> {
             }
         }
         if errors.is_empty() {
-            Ok(EventRef { event_id, event_type, timestamp, dimensions, values })
+            Ok(EventRef {
+                event_id,
+                event_type,
+                timestamp,
+                dimensions,
+                values,
+            })
         } else {
             Err(errors)
         }
@@ -378,7 +431,8 @@ impl<'de, T: LenientVisit<'de>> Deserialize<'de> for Lenient<T> {
                 Ok(T::visit_str(Cow::Borrowed(v)).map_or(Lenient::Wrong("a string"), Lenient::Ok))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(T::visit_str(Cow::Owned(v.to_owned())).map_or(Lenient::Wrong("a string"), Lenient::Ok))
+                Ok(T::visit_str(Cow::Owned(v.to_owned()))
+                    .map_or(Lenient::Wrong("a string"), Lenient::Ok))
             }
             fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
                 Ok(T::visit_str(Cow::Owned(v)).map_or(Lenient::Wrong("a string"), Lenient::Ok))
@@ -470,7 +524,9 @@ impl Timestamp {
 
 impl<'de> LenientVisit<'de> for Timestamp {
     fn visit_str(v: Cow<'de, str>) -> Option<Self> {
-        Some(Timestamp(parse_rfc3339(&v).ok_or_else(|| format!("'{v}' is not an RFC 3339 time"))))
+        Some(Timestamp(
+            parse_rfc3339(&v).ok_or_else(|| format!("'{v}' is not an RFC 3339 time")),
+        ))
     }
     fn visit_i64(v: i64) -> Option<Self> {
         Some(Timestamp::from_number(v as f64))
@@ -531,7 +587,9 @@ impl<'de> Deserialize<'de> for BorrowedKey<'de> {
 
 /// Parses an RFC 3339 time into Unix milliseconds.
 pub fn parse_rfc3339(s: &str) -> Option<Millis> {
-    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 /// Formats Unix milliseconds as RFC 3339 in UTC, with milliseconds only when
@@ -578,7 +636,14 @@ mod tests {
 
     #[test]
     fn timestamps_in_every_form_agree() {
-        let at = |ts: &str| parse_event(format!(r#"{{"eventType":"x","timestamp":{ts}}}"#).as_bytes(), 7).unwrap().timestamp;
+        let at = |ts: &str| {
+            parse_event(
+                format!(r#"{{"eventType":"x","timestamp":{ts}}}"#).as_bytes(),
+                7,
+            )
+            .unwrap()
+            .timestamp
+        };
         assert_eq!(at("1780821960"), 1_780_821_960_000);
         assert_eq!(at("1780821960.5"), 1_780_821_960_500);
         assert_eq!(at("1780821960500"), 1_780_821_960_500);
@@ -596,7 +661,16 @@ mod tests {
         )
         .unwrap_err();
         let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["eventId", "eventType", "timestamp", "dimensions.b", "values.amount"]);
+        assert_eq!(
+            fields,
+            [
+                "eventId",
+                "eventType",
+                "timestamp",
+                "dimensions.b",
+                "values.amount"
+            ]
+        );
     }
 
     #[test]
@@ -616,29 +690,65 @@ mod tests {
     #[test]
     fn batches_are_all_or_nothing_and_name_each_bad_index() {
         let now = 1_780_821_960_123;
-        let ok = parse_batch(br#"[{"eventType":"a"}, {"eventType":"b","timestamp":1780821960}]"#, false, now, 300_000).unwrap();
-        let Err(BatchError::Invalid(future)) = parse_batch(br#"{"eventType":"a","timestamp":1780822960}"#, false, now, 300_000) else {
+        let ok = parse_batch(
+            br#"[{"eventType":"a"}, {"eventType":"b","timestamp":1780821960}]"#,
+            false,
+            now,
+            300_000,
+        )
+        .unwrap();
+        let Err(BatchError::Invalid(future)) = parse_batch(
+            br#"{"eventType":"a","timestamp":1780822960}"#,
+            false,
+            now,
+            300_000,
+        ) else {
             panic!("an event from the future must be refused");
         };
         assert_eq!(future[0].1[0].field, "timestamp");
         // Sent as is, unless the time had to be filled in.
         assert_eq!(ok[1], br#"{"eventType":"b","timestamp":1780821960}"#);
         assert_eq!(parse_event(&ok[0], 0).unwrap().timestamp, now);
-        let Err(BatchError::Invalid(bad)) = parse_batch(br#"[{"eventType":"a"},{"timestamp":"x"},7,{"eventType":"c"}]"#, false, 0, 0) else {
+        let Err(BatchError::Invalid(bad)) = parse_batch(
+            br#"[{"eventType":"a"},{"timestamp":"x"},7,{"eventType":"c"}]"#,
+            false,
+            0,
+            0,
+        ) else {
             panic!("expected invalid");
         };
         assert_eq!(bad.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(bad[0].1.len(), 2);
-        let nd = parse_batch(b"{\"eventType\":\"a\"}\n\n{\"eventType\":\"b\"}\n", true, 0, i64::MAX / 2).unwrap();
+        let nd = parse_batch(
+            b"{\"eventType\":\"a\"}\n\n{\"eventType\":\"b\"}\n",
+            true,
+            0,
+            i64::MAX / 2,
+        )
+        .unwrap();
         assert_eq!(nd.len(), 2);
-        assert!(matches!(parse_batch(b"[{]", false, 0, i64::MAX / 2), Err(BatchError::Malformed(_))));
-        assert_eq!(parse_batch(b"[]", false, 0, i64::MAX / 2), Err(BatchError::Empty));
-        assert_eq!(parse_batch(SEED.as_bytes(), false, 1_780_821_960_000, 300_000).unwrap().len(), 1);
+        assert!(matches!(
+            parse_batch(b"[{]", false, 0, i64::MAX / 2),
+            Err(BatchError::Malformed(_))
+        ));
+        assert_eq!(
+            parse_batch(b"[]", false, 0, i64::MAX / 2),
+            Err(BatchError::Empty)
+        );
+        assert_eq!(
+            parse_batch(SEED.as_bytes(), false, 1_780_821_960_000, 300_000)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
     fn formats_rfc3339() {
         assert_eq!(format_rfc3339(1_780_826_760_000), "2026-06-07T10:06:00Z");
-        assert_eq!(format_rfc3339(1_780_826_760_102), "2026-06-07T10:06:00.102Z");
+        assert_eq!(
+            format_rfc3339(1_780_826_760_102),
+            "2026-06-07T10:06:00.102Z"
+        );
     }
 }

@@ -6,16 +6,18 @@
 //!                              └─▶ dead letters ─────────────────────────────────────▶ dead-letter sink
 //! ```
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use timely::dataflow::operators::core::{Filter, OkErr};
 use timely::dataflow::Scope;
 
+use crate::checkpoint::{CheckpointSink, Progress, Restore, Schedule};
 use crate::config::{Config, MetricSpec};
 use crate::operators::deliver::{Backpressure, Deliver, Sink};
 use crate::operators::source::{log_source, BatchSource, Contribution, DeadLetter, SourceSettings};
-use crate::operators::windows::{WindowSettings, WindowUpdate, Windows};
+use crate::operators::windows::{Checkpointing, WindowSettings, WindowUpdate, Windows};
 use crate::stats::JobStats;
 
 /// Everything the job needs to know, taken from the configuration.
@@ -57,8 +59,15 @@ pub struct Sinks<St, Li, De> {
     pub dead_letters: De,
 }
 
+/// Where a worker's checkpoint parts go, and which boundaries to take.
+pub type CheckpointTarget = (Arc<Schedule>, Box<dyn CheckpointSink>);
+
 /// Builds the job in `scope`, reading from `input` and writing to `sinks`.
 /// `backpressure` is shared by all the workers of the process.
+///
+/// The job resumes from `restore`, with `input` positioned at its offsets,
+/// and takes checkpoints into `checkpoints` if given.
+#[allow(clippy::too_many_arguments)]
 pub fn build<'scope, S, St, Li, De>(
     scope: Scope<'scope, u64>,
     input: S,
@@ -66,6 +75,8 @@ pub fn build<'scope, S, St, Li, De>(
     stats: Arc<JobStats>,
     sinks: Sinks<St, Li, De>,
     backpressure: &Backpressure,
+    restore: Restore,
+    checkpoints: Option<CheckpointTarget>,
 ) where
     S: BatchSource,
     St: Sink<Arc<WindowUpdate>>,
@@ -73,12 +84,35 @@ pub fn build<'scope, S, St, Li, De>(
     De: Sink<DeadLetter>,
 {
     let metrics = Rc::new(settings.metrics.clone());
-    let records =
-        log_source(scope, input, Rc::clone(&metrics), settings.source.clone(), Arc::clone(&stats), backpressure.clone());
-    let (contributions, dead) = records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
-    let updates = contributions.windows(metrics, settings.windows.clone(), stats);
-    updates.clone().deliver("LiveSink", sinks.live, backpressure);
-    updates.filter(|u: &Arc<WindowUpdate>| u.is_final).deliver("StoreSink", sinks.store, backpressure);
+    let progress = Rc::new(RefCell::new(Progress::new(&restore.cuts)));
+    let partitions = input.partitions();
+    let records = log_source(
+        scope,
+        input,
+        Rc::clone(&metrics),
+        settings.source.clone(),
+        Arc::clone(&stats),
+        backpressure.clone(),
+        &restore,
+        Rc::clone(&progress),
+    );
+    let (contributions, dead) =
+        records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
+    let checkpointing = Checkpointing {
+        progress,
+        partitions,
+        resume: (restore.boundary, restore.groups),
+        target: checkpoints,
+    };
+    let updates = contributions.windows(metrics, settings.windows.clone(), stats, checkpointing);
+    updates
+        .clone()
+        .deliver("LiveSink", sinks.live, backpressure);
+    updates.filter(|u: &Arc<WindowUpdate>| u.is_final).deliver(
+        "StoreSink",
+        sinks.store,
+        backpressure,
+    );
     dead.deliver("DeadLetterSink", sinks.dead_letters, backpressure);
 }
 
@@ -87,14 +121,17 @@ mod tests {
     //! The job's semantics on small, hand-checked inputs: windows, panes,
     //! watermarks, late revisions and dead letters.
 
-    use std::collections::VecDeque;
+    use std::collections::{BTreeMap, VecDeque};
+    use std::sync::Mutex;
+    use std::time::Duration;
 
+    use timely::dataflow::operators::capture::Extract;
     use timely::dataflow::operators::vec::Map;
     use timely::dataflow::operators::Capture;
-    use timely::dataflow::operators::capture::Extract;
 
     use super::*;
     use crate::aggregate::AggregateKind;
+    use crate::checkpoint::WorkerPart;
     use crate::operators::source::{log_source, Poll, SourceBatch, Waker};
     use crate::window::WindowSpec;
 
@@ -138,7 +175,11 @@ mod tests {
         times
             .iter()
             .map(|ts| {
-                let batch = SourceBatch { partition: 0, offset, records: ts.iter().map(|&t| event(t)).collect() };
+                let batch = SourceBatch {
+                    partition: 0,
+                    offset,
+                    records: ts.iter().map(|&t| event(t)).collect(),
+                };
                 offset += ts.len() as u64;
                 batch
             })
@@ -146,7 +187,9 @@ mod tests {
     }
 
     fn settings() -> JobSettings {
-        let windows = ["tumbling 10s", "sliding 30s every 10s"].map(|w| WindowSpec::parse(w).unwrap()).to_vec();
+        let windows = ["tumbling 10s", "sliding 30s every 10s"]
+            .map(|w| WindowSpec::parse(w).unwrap())
+            .to_vec();
         JobSettings {
             metrics: vec![MetricSpec {
                 name: "ad_clicks".into(),
@@ -157,33 +200,187 @@ mod tests {
                 pane: crate::window::pane_width(&windows),
                 windows,
             }],
-            source: SourceSettings { out_of_orderness: 2_000, idle_timeout: std::time::Duration::from_secs(60), allowed_lateness: 30_000 },
-            windows: WindowSettings { allowed_lateness: 30_000, live_interval: std::time::Duration::from_secs(3600) },
+            source: SourceSettings {
+                out_of_orderness: 2_000,
+                idle_timeout: std::time::Duration::from_secs(60),
+                allowed_lateness: 30_000,
+            },
+            windows: WindowSettings {
+                allowed_lateness: 30_000,
+                live_interval: std::time::Duration::from_secs(3600),
+            },
         }
     }
 
     /// (window, start s, end s, count, revision) for each final, and the
     /// offsets of the dead letters.
     type Finals = Vec<(u8, i64, i64, u64, u32)>;
+    /// Finals with the time they were emitted at.
+    type Timed = Vec<(u64, (u8, i64, i64, u64, u32))>;
 
-    fn run(input: VecDeque<SourceBatch>) -> (Finals, Vec<u64>) {
+    /// A checkpoint sink that keeps parts in memory.
+    #[derive(Clone, Default)]
+    struct Parts(Arc<Mutex<Vec<WorkerPart>>>);
+
+    impl CheckpointSink for Parts {
+        fn submit(&mut self, part: WorkerPart) {
+            self.0.lock().unwrap().push(part);
+        }
+    }
+
+    /// Runs the job from `restore` over `input`, taking a checkpoint at
+    /// every 10 s boundary into `parts`.
+    fn run_from(input: VecDeque<SourceBatch>, restore: Restore, parts: Parts) -> (Timed, Vec<u64>) {
         let settings = settings();
         let (updates, dead) = timely::example(move |scope| {
             let metrics = Rc::new(settings.metrics.clone());
             let stats = Arc::new(JobStats::new(1));
-            let source = VecSource { batches: input, waker: None };
-            let records = log_source(scope, source, Rc::clone(&metrics), settings.source.clone(), Arc::clone(&stats), Backpressure::default());
-            let (contributions, dead) = records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
+            let source = VecSource {
+                batches: input,
+                waker: None,
+            };
+            let progress = Rc::new(RefCell::new(Progress::new(&restore.cuts)));
+            let records = log_source(
+                scope,
+                source,
+                Rc::clone(&metrics),
+                settings.source.clone(),
+                Arc::clone(&stats),
+                Backpressure::default(),
+                &restore,
+                Rc::clone(&progress),
+            );
+            let schedule = Arc::new(Schedule::new(
+                Duration::from_secs(10),
+                Duration::ZERO,
+                restore.boundary,
+            ));
+            let checkpointing = Checkpointing {
+                progress,
+                partitions: vec![0],
+                resume: (restore.boundary, restore.groups),
+                target: Some((schedule, Box::new(parts))),
+            };
+            let (contributions, dead) =
+                records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
             let finals = contributions
-                .windows(metrics, settings.windows.clone(), stats)
+                .windows(metrics, settings.windows.clone(), stats, checkpointing)
                 .filter(|u: &Arc<WindowUpdate>| u.is_final)
-                .map(|u| (u.window, u.span.start / 1000, u.span.end / 1000, u.state.count, u.revision))
+                .map(|u| {
+                    (
+                        u.window,
+                        u.span.start / 1000,
+                        u.span.end / 1000,
+                        u.state.count,
+                        u.revision,
+                    )
+                })
                 .capture();
             (finals, dead.map(|d| d.offset).capture())
         });
-        let mut finals: Finals = updates.extract().into_iter().flat_map(|(_, data)| data).collect();
+        let timed = updates
+            .extract()
+            .into_iter()
+            .flat_map(|(time, data)| data.into_iter().map(move |f| (time, f)))
+            .collect();
+        (
+            timed,
+            dead.extract()
+                .into_iter()
+                .flat_map(|(_, data)| data)
+                .collect(),
+        )
+    }
+
+    fn run(input: VecDeque<SourceBatch>) -> (Finals, Vec<u64>) {
+        let (timed, dead) = run_from(input, Restore::default(), Parts::default());
+        let mut finals: Finals = timed.into_iter().map(|(_, f)| f).collect();
         finals.sort_by_key(|&(w, start, _, _, rev)| (w, start, rev));
-        (finals, dead.extract().into_iter().flat_map(|(_, data)| data).collect())
+        (finals, dead)
+    }
+
+    /// What the store holds after taking `finals` in order: per window, the
+    /// value of the highest revision.
+    fn store(
+        finals: impl IntoIterator<Item = (u8, i64, i64, u64, u32)>,
+    ) -> BTreeMap<(u8, i64), (u32, u64)> {
+        let mut table = BTreeMap::new();
+        for (w, start, _, count, revision) in finals {
+            let row = table.entry((w, start)).or_insert((revision, count));
+            if revision > row.0 {
+                *row = (revision, count);
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn restoring_any_checkpoint_stores_what_a_run_without_failure_stores() {
+        // Two minutes of events, out of order within a batch, with late ones
+        // (within the lateness) and too-late ones mixed in.
+        let times: Vec<Vec<i64>> = (0..40)
+            .map(|i| {
+                let t = i * 3;
+                let mut batch = vec![t + 2, t, t + 1];
+                if i % 2 == 1 {
+                    batch.push(t - 15);
+                }
+                if i % 11 == 5 {
+                    batch.push(t - 60);
+                }
+                batch
+            })
+            .collect();
+        let refs: Vec<&[i64]> = times.iter().map(Vec::as_slice).collect();
+        let input = batches(&refs);
+        let parts = Parts::default();
+        let (full, full_dead) = run_from(input.clone(), Restore::default(), parts.clone());
+        let parts = parts.0.lock().unwrap().clone();
+        assert!(parts.len() >= 8, "{} checkpoints", parts.len());
+        let expected = store(full.iter().map(|&(_, f)| f));
+        assert!(
+            expected.values().any(|&(revision, _)| revision > 1),
+            "the input revises windows more than once"
+        );
+        assert!(!full_dead.is_empty(), "the input has too-late events");
+        for part in parts {
+            let resume_at = part.cuts[0].next_offset;
+            let rest: VecDeque<SourceBatch> = input
+                .iter()
+                .filter(|b| b.offset >= resume_at)
+                .cloned()
+                .collect();
+            assert!(
+                input.iter().any(|b| b.offset == resume_at) || rest.is_empty(),
+                "cuts fall between batches"
+            );
+            let restore = Restore {
+                boundary: part.boundary,
+                cuts: part.cuts,
+                groups: part.groups,
+            };
+            let (after, dead_after) = run_from(rest, restore, Parts::default());
+            // What the sinks held at the checkpoint, then what the restored
+            // run emits on top of it.
+            let before = full
+                .iter()
+                .filter(|(time, _)| *time < part.boundary)
+                .map(|&(_, f)| f);
+            let stored = store(before.chain(after.into_iter().map(|(_, f)| f)));
+            assert_eq!(stored, expected, "restored at boundary {}", part.boundary);
+            let mut dead: Vec<u64> = full_dead
+                .iter()
+                .copied()
+                .filter(|&o| o < resume_at)
+                .chain(dead_after)
+                .collect();
+            dead.sort_unstable();
+            assert_eq!(
+                dead, full_dead,
+                "dead letters restored at boundary {}",
+                part.boundary
+            );
+        }
     }
 
     #[test]
@@ -197,9 +394,20 @@ mod tests {
             &[40],       // at 23 s; watermark 38 s
             &[1],        // at 38 s: 37 s late, past the 30 s allowed: dead letter
         ]));
-        let tumbling: Vec<_> = finals.iter().filter(|f| f.0 == 0).map(|f| (f.1, f.3, f.4)).collect();
-        assert_eq!(tumbling, [(0, 2, 0), (0, 3, 1), (10, 1, 0), (20, 1, 0), (40, 1, 0)]);
-        let sliding: Vec<_> = finals.iter().filter(|f| f.0 == 1).map(|f| (f.1, f.2, f.3, f.4)).collect();
+        let tumbling: Vec<_> = finals
+            .iter()
+            .filter(|f| f.0 == 0)
+            .map(|f| (f.1, f.3, f.4))
+            .collect();
+        assert_eq!(
+            tumbling,
+            [(0, 2, 0), (0, 3, 1), (10, 1, 0), (20, 1, 0), (40, 1, 0)]
+        );
+        let sliding: Vec<_> = finals
+            .iter()
+            .filter(|f| f.0 == 1)
+            .map(|f| (f.1, f.2, f.3, f.4))
+            .collect();
         assert_eq!(
             sliding,
             [

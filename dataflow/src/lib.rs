@@ -30,6 +30,7 @@
 //! - [`stats`]: counters for operators.
 
 pub mod aggregate;
+pub mod checkpoint;
 pub mod config;
 pub mod event;
 pub mod job;

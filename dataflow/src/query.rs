@@ -54,7 +54,10 @@ pub struct QueryError {
 }
 
 fn bad(parameter: &str, problem: impl Into<String>) -> QueryError {
-    QueryError { parameter: parameter.to_owned(), problem: problem.into() }
+    QueryError {
+        parameter: parameter.to_owned(),
+        problem: problem.into(),
+    }
 }
 
 /// A stored window as the store returns it.
@@ -84,21 +87,48 @@ impl Query {
     /// `now` stands in for a missing `end`; a missing `start` means one hour
     /// before `end`; a missing `resolution` means the metric's narrowest
     /// tumbling window.
-    pub fn parse(params: &[(String, String)], config: &Config, now: Millis) -> Result<Query, QueryError> {
-        let get = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    pub fn parse(
+        params: &[(String, String)],
+        config: &Config,
+        now: Millis,
+    ) -> Result<Query, QueryError> {
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
         let name = get("metric").ok_or_else(|| bad("metric", "is required"))?;
         let metric = config.metric(name).ok_or_else(|| {
             let known: Vec<&str> = config.metrics.iter().map(|m| m.name.as_str()).collect();
-            bad("metric", format!("unknown metric '{name}'; known: {}", known.join(", ")))
+            bad(
+                "metric",
+                format!("unknown metric '{name}'; known: {}", known.join(", ")),
+            )
         })?;
-        let end = get("end").map(|v| parse_time("end", v)).transpose()?.unwrap_or(now);
-        let start = get("start").map(|v| parse_time("start", v)).transpose()?.unwrap_or((end - 3_600_000).max(0));
+        let end = get("end")
+            .map(|v| parse_time("end", v))
+            .transpose()?
+            .unwrap_or(now);
+        let start = get("start")
+            .map(|v| parse_time("start", v))
+            .transpose()?
+            .unwrap_or((end - 3_600_000).max(0));
         if start >= end {
             return Err(bad("start", "must be before end"));
         }
-        let tumbling: Vec<WindowSpec> = metric.windows.iter().copied().filter(WindowSpec::is_tumbling).collect();
+        let tumbling: Vec<WindowSpec> = metric
+            .windows
+            .iter()
+            .copied()
+            .filter(WindowSpec::is_tumbling)
+            .collect();
         let resolution = match get("resolution") {
-            None => tumbling.iter().map(WindowSpec::size).min().unwrap_or(60_000),
+            None => tumbling
+                .iter()
+                .map(WindowSpec::size)
+                .min()
+                .unwrap_or(60_000),
             Some(v) => parse_millis(v).map_err(|e| bad("resolution", e))?,
         };
         let window = tumbling
@@ -108,21 +138,46 @@ impl Query {
             .copied()
             .ok_or_else(|| {
                 let sizes: Vec<String> = tumbling.iter().map(|w| w.to_string()).collect();
-                bad("resolution", format!("must be a multiple of one of the metric's windows: {}", sizes.join(", ")))
+                bad(
+                    "resolution",
+                    format!(
+                        "must be a multiple of one of the metric's windows: {}",
+                        sizes.join(", ")
+                    ),
+                )
             })?;
         let start = align(start, resolution);
         if (end - start + resolution - 1) / resolution > MAX_BUCKETS {
-            return Err(bad("resolution", format!("the range would hold more than {MAX_BUCKETS} buckets")));
+            return Err(bad(
+                "resolution",
+                format!("the range would hold more than {MAX_BUCKETS} buckets"),
+            ));
         }
         let dimension = |parameter: &str, dim: &str| {
-            metric.dimensions.iter().position(|d| d == dim).ok_or_else(|| {
-                bad(parameter, format!("'{dim}' is not a dimension of {}; it has: {}", metric.name, metric.dimensions.join(", ")))
-            })
+            metric
+                .dimensions
+                .iter()
+                .position(|d| d == dim)
+                .ok_or_else(|| {
+                    bad(
+                        parameter,
+                        format!(
+                            "'{dim}' is not a dimension of {}; it has: {}",
+                            metric.name,
+                            metric.dimensions.join(", ")
+                        ),
+                    )
+                })
         };
-        let group_by = get("groupBy").map(|d| dimension("groupBy", d)).transpose()?;
+        let group_by = get("groupBy")
+            .map(|d| dimension("groupBy", d))
+            .transpose()?;
         let mut filters = Vec::new();
         for (key, value) in params {
-            if !matches!(key.as_str(), "metric" | "start" | "end" | "resolution" | "groupBy") {
+            if !matches!(
+                key.as_str(),
+                "metric" | "start" | "end" | "resolution" | "groupBy"
+            ) {
                 filters.push((dimension(key, key)?, value.clone()));
             }
         }
@@ -141,16 +196,26 @@ impl Query {
 
     /// The filters as `(dimension, value)` names.
     pub fn filter_names(&self) -> Vec<(String, String)> {
-        self.filters.iter().map(|(d, v)| (self.dimensions[*d].clone(), v.clone())).collect()
+        self.filters
+            .iter()
+            .map(|(d, v)| (self.dimensions[*d].clone(), v.clone()))
+            .collect()
     }
 
     /// Whether a stored group, given as its dimension values, passes the
     /// filters; if so, its value of the `groupBy` dimension.
     pub fn select(&self, group: &[&str]) -> Option<Option<String>> {
-        if !self.filters.iter().all(|(d, v)| group.get(*d) == Some(&v.as_str())) {
+        if !self
+            .filters
+            .iter()
+            .all(|(d, v)| group.get(*d) == Some(&v.as_str()))
+        {
             return None;
         }
-        Some(self.group_by.map(|d| group.get(d).copied().unwrap_or_default().to_owned()))
+        Some(
+            self.group_by
+                .map(|d| group.get(d).copied().unwrap_or_default().to_owned()),
+        )
     }
 
     /// Merges stored windows, already filtered by [`Query::select`], into the
@@ -166,17 +231,26 @@ impl Query {
             if row.start < self.start || row.start >= self.end {
                 continue;
             }
-            let series = groups.entry(row.group_value).or_insert_with(|| vec![AggState::default(); buckets as usize]);
+            let series = groups
+                .entry(row.group_value)
+                .or_insert_with(|| vec![AggState::default(); buckets as usize]);
             series[((row.start - self.start) / self.resolution) as usize].merge(&row.state);
         }
         groups
             .into_iter()
             .map(|(key, states)| Series {
-                group: key.map(|v| vec![(self.dimensions[self.group_by.unwrap_or(0)].clone(), v)]).unwrap_or_default(),
+                group: key
+                    .map(|v| vec![(self.dimensions[self.group_by.unwrap_or(0)].clone(), v)])
+                    .unwrap_or_default(),
                 points: states
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| (self.start + i as Millis * self.resolution, s.value(self.aggregate)))
+                    .map(|(i, s)| {
+                        (
+                            self.start + i as Millis * self.resolution,
+                            s.value(self.aggregate),
+                        )
+                    })
                     .collect(),
             })
             .collect()
@@ -192,7 +266,12 @@ fn parse_time(parameter: &str, value: &str) -> Result<Millis, QueryError> {
         Ok(seconds) if seconds.is_finite() => Some((seconds * 1000.0).round() as Millis),
         _ => parse_rfc3339(value),
     }
-    .ok_or_else(|| bad(parameter, format!("'{value}' is neither RFC 3339 nor Unix seconds")))?;
+    .ok_or_else(|| {
+        bad(
+            parameter,
+            format!("'{value}' is neither RFC 3339 nor Unix seconds"),
+        )
+    })?;
     if !(0..=LAST_MS).contains(&ms) {
         return Err(bad(parameter, format!("'{value}' is outside 1970 to 9999")));
     }
@@ -220,14 +299,37 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
     }
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn picks_the_widest_dividing_window() {
-        let q = Query::parse(&params(&[("metric", "ad_clicks"), ("start", "0"), ("end", "3600"), ("resolution", "5m")]), &config(), 0).unwrap();
+        let q = Query::parse(
+            &params(&[
+                ("metric", "ad_clicks"),
+                ("start", "0"),
+                ("end", "3600"),
+                ("resolution", "5m"),
+            ]),
+            &config(),
+            0,
+        )
+        .unwrap();
         assert_eq!(q.window.to_string(), "tumbling 1m");
-        let q = Query::parse(&params(&[("metric", "ad_clicks"), ("start", "0"), ("end", "60"), ("resolution", "30s")]), &config(), 0).unwrap();
+        let q = Query::parse(
+            &params(&[
+                ("metric", "ad_clicks"),
+                ("start", "0"),
+                ("end", "60"),
+                ("resolution", "30s"),
+            ]),
+            &config(),
+            0,
+        )
+        .unwrap();
         assert_eq!(q.window.to_string(), "tumbling 10s");
     }
 
@@ -236,18 +338,62 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
         let c = config();
         let err = |p: &[(&str, &str)]| Query::parse(&params(p), &c, 0).unwrap_err().parameter;
         assert_eq!(err(&[("metric", "nope")]), "metric");
-        assert_eq!(err(&[("metric", "ad_clicks"), ("start", "yesterday")]), "start");
-        assert_eq!(err(&[("metric", "ad_clicks"), ("start", "-9e15"), ("end", "9e15")]), "end");
-        assert_eq!(err(&[("metric", "ad_clicks"), ("start", "0"), ("end", "9e9"), ("resolution", "1m")]), "resolution");
-        assert_eq!(err(&[("metric", "ad_clicks"), ("start", "0"), ("end", "60"), ("resolution", "15s")]), "resolution");
-        assert_eq!(err(&[("metric", "ad_clicks"), ("start", "0"), ("end", "60"), ("planet", "mars")]), "planet");
-        assert_eq!(err(&[("metric", "ad_clicks"), ("start", "0"), ("end", "60"), ("groupBy", "planet")]), "groupBy");
+        assert_eq!(
+            err(&[("metric", "ad_clicks"), ("start", "yesterday")]),
+            "start"
+        );
+        assert_eq!(
+            err(&[("metric", "ad_clicks"), ("start", "-9e15"), ("end", "9e15")]),
+            "end"
+        );
+        assert_eq!(
+            err(&[
+                ("metric", "ad_clicks"),
+                ("start", "0"),
+                ("end", "9e9"),
+                ("resolution", "1m")
+            ]),
+            "resolution"
+        );
+        assert_eq!(
+            err(&[
+                ("metric", "ad_clicks"),
+                ("start", "0"),
+                ("end", "60"),
+                ("resolution", "15s")
+            ]),
+            "resolution"
+        );
+        assert_eq!(
+            err(&[
+                ("metric", "ad_clicks"),
+                ("start", "0"),
+                ("end", "60"),
+                ("planet", "mars")
+            ]),
+            "planet"
+        );
+        assert_eq!(
+            err(&[
+                ("metric", "ad_clicks"),
+                ("start", "0"),
+                ("end", "60"),
+                ("groupBy", "planet")
+            ]),
+            "groupBy"
+        );
     }
 
     #[test]
     fn every_bucket_is_present_and_groups_split() {
         let q = Query::parse(
-            &params(&[("metric", "ad_clicks"), ("start", "2026-06-07T10:00:00Z"), ("end", "2026-06-07T10:03:00Z"), ("resolution", "1m"), ("groupBy", "country")]),
+            &params(&[
+                ("metric", "ad_clicks"),
+                ("start", "2026-06-07T10:00:00Z"),
+                ("end", "2026-06-07T10:03:00Z"),
+                ("resolution", "1m"),
+                ("groupBy", "country"),
+            ]),
             &config(),
             0,
         )
@@ -255,12 +401,21 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
         let row = |offset: Millis, country: &str, count| StoredWindow {
             start: q.start + offset,
             group_value: q.select(&["c1", country]).unwrap(),
-            state: AggState { count, ..Default::default() },
+            state: AggState {
+                count,
+                ..Default::default()
+            },
         };
         let series = q.assemble([row(0, "US", 2), row(0, "DE", 1), row(120_000, "US", 5)]);
         assert_eq!(series.len(), 2);
         assert_eq!(series[1].group, [("country".to_string(), "US".to_string())]);
-        assert_eq!(series[1].points.iter().map(|p| p.1).collect::<Vec<_>>(), [Some(2.0), Some(0.0), Some(5.0)]);
-        assert_eq!(series[0].points.iter().map(|p| p.1).collect::<Vec<_>>(), [Some(1.0), Some(0.0), Some(0.0)]);
+        assert_eq!(
+            series[1].points.iter().map(|p| p.1).collect::<Vec<_>>(),
+            [Some(2.0), Some(0.0), Some(5.0)]
+        );
+        assert_eq!(
+            series[0].points.iter().map(|p| p.1).collect::<Vec<_>>(),
+            [Some(1.0), Some(0.0), Some(0.0)]
+        );
     }
 }

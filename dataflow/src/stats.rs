@@ -41,7 +41,10 @@ impl JobStats {
 
     /// Each worker's watermark, or `None` before it has one.
     pub fn watermarks(&self) -> Vec<Option<i64>> {
-        self.watermarks.iter().map(|w| Some(w.load(Ordering::Relaxed)).filter(|&w| w > 0)).collect()
+        self.watermarks
+            .iter()
+            .map(|w| Some(w.load(Ordering::Relaxed)).filter(|&w| w > 0))
+            .collect()
     }
 
     /// Raises the highest watermark seen to at least `watermark`.

@@ -93,7 +93,10 @@ impl WindowSpec {
         let first_end = (pane.div_euclid(slide) + 1) * slide;
         (0..size / slide).map(move |k| {
             let end = first_end + k * slide;
-            Span { start: end - size, end }
+            Span {
+                start: end - size,
+                end,
+            }
         })
     }
 }
@@ -103,7 +106,12 @@ impl fmt::Display for WindowSpec {
         match *self {
             WindowSpec::Tumbling { size } => write!(f, "tumbling {}", format_millis(size)),
             WindowSpec::Sliding { size, slide } => {
-                write!(f, "sliding {} every {}", format_millis(size), format_millis(slide))
+                write!(
+                    f,
+                    "sliding {} every {}",
+                    format_millis(size),
+                    format_millis(slide)
+                )
             }
         }
     }
@@ -112,11 +120,18 @@ impl fmt::Display for WindowSpec {
 /// The pane width for a set of windows: the greatest common divisor of their
 /// sizes and slides.
 pub fn pane_width(specs: &[WindowSpec]) -> Millis {
-    specs.iter().flat_map(|s| [s.size(), s.slide()]).fold(0, gcd)
+    specs
+        .iter()
+        .flat_map(|s| [s.size(), s.slide()])
+        .fold(0, gcd)
 }
 
 fn gcd(a: Millis, b: Millis) -> Millis {
-    if b == 0 { a } else { gcd(b, a % b) }
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// The start of the bucket of width `width` that contains `t`.
@@ -129,7 +144,9 @@ pub fn align(t: Millis, width: Millis) -> Millis {
 pub fn parse_millis(text: &str) -> Result<Millis, String> {
     let d = parse_duration(text)?;
     if d.is_zero() || d.subsec_nanos() % 1_000_000 != 0 {
-        return Err(format!("'{text}' must be a positive whole number of milliseconds"));
+        return Err(format!(
+            "'{text}' must be a positive whole number of milliseconds"
+        ));
     }
     Ok(d.as_millis() as Millis)
 }
@@ -141,7 +158,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Formats milliseconds in the largest unit that divides them: `10s`, `1m`.
 pub fn format_millis(ms: Millis) -> String {
-    const UNITS: [(Millis, &str); 5] = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s"), (1, "ms")];
+    const UNITS: [(Millis, &str); 5] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+        (1, "ms"),
+    ];
     UNITS
         .iter()
         .find(|(unit, _)| ms % unit == 0)
@@ -155,7 +178,12 @@ mod tests {
 
     #[test]
     fn parses_and_prints_specs() {
-        for text in ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s", "tumbling 1h"] {
+        for text in [
+            "tumbling 10s",
+            "tumbling 1m",
+            "sliding 5m every 10s",
+            "tumbling 1h",
+        ] {
             assert_eq!(WindowSpec::parse(text).unwrap().to_string(), text);
         }
         assert!(WindowSpec::parse("sliding 5m every 7s").is_err());
@@ -167,7 +195,13 @@ mod tests {
     fn tumbling_pane_lies_in_one_window() {
         let spec = WindowSpec::parse("tumbling 1m").unwrap();
         let spans: Vec<_> = spec.windows_of_pane(130_000).collect();
-        assert_eq!(spans, [Span { start: 120_000, end: 180_000 }]);
+        assert_eq!(
+            spans,
+            [Span {
+                start: 120_000,
+                end: 180_000
+            }]
+        );
     }
 
     #[test]
@@ -177,9 +211,18 @@ mod tests {
         assert_eq!(
             spans,
             [
-                Span { start: 0, end: 30_000 },
-                Span { start: 10_000, end: 40_000 },
-                Span { start: 20_000, end: 50_000 }
+                Span {
+                    start: 0,
+                    end: 30_000
+                },
+                Span {
+                    start: 10_000,
+                    end: 40_000
+                },
+                Span {
+                    start: 20_000,
+                    end: 50_000
+                }
             ]
         );
         for span in spans {
@@ -191,7 +234,13 @@ mod tests {
     fn negative_times_align_down() {
         assert_eq!(align(-1, 10), -10);
         let spec = WindowSpec::parse("tumbling 10s").unwrap();
-        assert_eq!(spec.windows_of_pane(-10_000).next().unwrap(), Span { start: -10_000, end: 0 });
+        assert_eq!(
+            spec.windows_of_pane(-10_000).next().unwrap(),
+            Span {
+                start: -10_000,
+                end: 0
+            }
+        );
     }
 
     #[test]
@@ -201,6 +250,9 @@ mod tests {
             .map(|s| WindowSpec::parse(s).unwrap())
             .collect();
         assert_eq!(pane_width(&specs), 10_000);
-        assert_eq!(pane_width(&[WindowSpec::parse("sliding 1m every 15s").unwrap(), specs[0]]), 5_000);
+        assert_eq!(
+            pane_width(&[WindowSpec::parse("sliding 1m every 15s").unwrap(), specs[0]]),
+            5_000
+        );
     }
 }

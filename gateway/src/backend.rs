@@ -42,7 +42,10 @@ pub struct EmbeddedLog {
 impl EmbeddedLog {
     /// Wraps an open log.
     pub fn new(log: EventLog) -> EmbeddedLog {
-        EmbeddedLog { log, next: AtomicU32::new(0) }
+        EmbeddedLog {
+            log,
+            next: AtomicU32::new(0),
+        }
     }
 }
 
@@ -74,9 +77,11 @@ impl History for EmbeddedStore {
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, String>> {
         let store = Arc::clone(&self.0);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || store.dead_letters(limit).map_err(|e| e.to_string()))
-                .await
-                .map_err(|e| e.to_string())?
+            tokio::task::spawn_blocking(move || {
+                store.dead_letters(limit).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?
         })
     }
 }

@@ -15,14 +15,25 @@ use crate::{now_ms, Gateway};
 /// Answers a history query.
 pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
     let params = parse_params(&raw_query)?;
-    let query = Query::parse(&params, &gateway.config, now_ms()).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let rows = gateway.history.windows(query.clone()).await.map_err(unavailable)?;
+    let query = Query::parse(&params, &gateway.config, now_ms())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let rows = gateway
+        .history
+        .windows(query.clone())
+        .await
+        .map_err(unavailable)?;
     let series = query.assemble(rows);
     let points = |points: &[(i64, Option<f64>)]| -> Vec<Value> {
-        points.iter().map(|(t, v)| json!({"time": format_rfc3339(*t), "value": v.map(number)})).collect()
+        points
+            .iter()
+            .map(|(t, v)| json!({"time": format_rfc3339(*t), "value": v.map(number)}))
+            .collect()
     };
-    let dimensions: Map<String, Value> =
-        query.filter_names().into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+    let dimensions: Map<String, Value> = query
+        .filter_names()
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
     let body = match query.group_by {
         None => json!({
             "metric": query.metric,
@@ -55,7 +66,11 @@ pub async fn dead_letters(gateway: Arc<Gateway>, raw_query: String) -> ApiResult
             .filter(|n| (1..=10_000).contains(n))
             .ok_or_else(|| ApiError::bad_request("limit: must be an integer from 1 to 10000"))?,
     };
-    let letters = gateway.history.dead_letters(limit).await.map_err(unavailable)?;
+    let letters = gateway
+        .history
+        .dead_letters(limit)
+        .await
+        .map_err(unavailable)?;
     let items: Vec<Value> = letters
         .iter()
         .map(|d| {
@@ -78,5 +93,8 @@ fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
 
 fn unavailable(e: String) -> ApiError {
     tracing::error!(error = %e, "the result store failed a read");
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the result store is unavailable; retry")
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the result store is unavailable; retry",
+    )
 }

@@ -40,7 +40,9 @@ where
         ops.rejected("too_large", 0);
         return Err(too_large(limit));
     }
-    let body = read_limited(body, limit).await.inspect_err(|_| ops.rejected("too_large", 0))?;
+    let body = read_limited(body, limit)
+        .await
+        .inspect_err(|_| ops.rejected("too_large", 0))?;
     let ndjson = content_type.is_some_and(|t| t.contains("ndjson") || t.contains("jsonlines"));
     let received_at = now_ms();
     let max_future = gateway.config.server.max_future;
@@ -66,7 +68,9 @@ where
             let details: Vec<_> = invalid
                 .iter()
                 .flat_map(|(index, errors)| {
-                    errors.iter().map(move |e| json!({"index": index, "field": e.field, "problem": e.problem}))
+                    errors.iter().map(
+                        move |e| json!({"index": index, "field": e.field, "problem": e.problem}),
+                    )
                 })
                 .collect();
             let mut error = ApiError::bad_request(format!(
@@ -81,7 +85,10 @@ where
     if let Err(e) = gateway.events.append(records).await {
         tracing::error!(error = %e, events = accepted, "cannot append to the event log");
         ops.rejected("unavailable", 0);
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the event log is unavailable; retry"));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the event log is unavailable; retry",
+        ));
     }
     ops.events_accepted.inc_by(accepted as u64);
     let body = json!({"status": "ACCEPTED", "receivedAt": format_rfc3339(received_at), "accepted": accepted});
@@ -89,7 +96,10 @@ where
 }
 
 fn too_large(limit: u64) -> ApiError {
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds the limit of {limit} bytes"))
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body exceeds the limit of {limit} bytes"),
+    )
 }
 
 /// Reads the body, failing as soon as it passes `limit` bytes.
@@ -100,7 +110,8 @@ where
 {
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
+        let mut chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
         if (buf.len() + chunk.remaining()) as u64 > limit {
             return Err(too_large(limit));
         }

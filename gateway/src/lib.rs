@@ -73,7 +73,9 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::body::stream())
-        .then(|gw, ct, len, body| async move { render(ingest::ingest(gw, ct, len, Box::pin(body)).await) });
+        .then(|gw, ct, len, body| async move {
+            render(ingest::ingest(gw, ct, len, Box::pin(body)).await)
+        });
     let metrics = warp::path!("v1" / "metrics")
         .and(warp::get())
         .and(with.clone())
@@ -84,21 +86,38 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .and(with.clone())
         .and(raw_query)
         .then(|gw, q| async move { render(history::dead_letters(gw, q).await) });
-    let live = warp::path!("v1" / "live").and(warp::ws()).and(with.clone()).map(|ws: warp::ws::Ws, gw: Arc<Gateway>| {
-        let (hub, queue, ops) = (gw.hub.clone(), gw.config.live.queue, Arc::clone(&gw.ops));
-        ws.on_upgrade(move |socket| hub.serve(socket, queue, ops)).into_response()
-    });
-    let prometheus = warp::path!("metrics").and(warp::get()).and(with.clone()).map(|gw: Arc<Gateway>| {
-        warp::reply::with_header(gw.ops.render(now_ms()), "content-type", "text/plain; version=0.0.4").into_response()
-    });
-    let healthz = warp::path!("healthz").and(warp::get()).map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
-    let readyz = warp::path!("readyz").and(warp::get()).and(with).map(|gw: Arc<Gateway>| {
-        if gw.ops.is_ready() {
-            warp::reply::json(&json!({"status": "ready"})).into_response()
-        } else {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
-        }
-    });
+    let live = warp::path!("v1" / "live")
+        .and(warp::ws())
+        .and(with.clone())
+        .map(|ws: warp::ws::Ws, gw: Arc<Gateway>| {
+            let (hub, queue, ops) = (gw.hub.clone(), gw.config.live.queue, Arc::clone(&gw.ops));
+            ws.on_upgrade(move |socket| hub.serve(socket, queue, ops))
+                .into_response()
+        });
+    let prometheus = warp::path!("metrics")
+        .and(warp::get())
+        .and(with.clone())
+        .map(|gw: Arc<Gateway>| {
+            warp::reply::with_header(
+                gw.ops.render(now_ms()),
+                "content-type",
+                "text/plain; version=0.0.4",
+            )
+            .into_response()
+        });
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with)
+        .map(|gw: Arc<Gateway>| {
+            if gw.ops.is_ready() {
+                warp::reply::json(&json!({"status": "ready"})).into_response()
+            } else {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+            }
+        });
     let index = warp::path::end().and(warp::get()).map(|| {
         warp::reply::json(&json!({
             "name": "tally",
@@ -150,6 +169,14 @@ async fn rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
 }
 
 /// Serves the routes on a bound listener until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()> + Send + 'static) {
-    warp::serve(routes(gateway)).incoming(listener).graceful(shutdown).run().await;
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    warp::serve(routes(gateway))
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
 }

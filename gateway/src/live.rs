@@ -38,8 +38,8 @@ use tokio::sync::mpsc;
 use warp::ws::{Message, WebSocket};
 
 use crate::now_ms;
-use crate::reply::number;
 use crate::ops::Ops;
+use crate::reply::number;
 
 /// How often the server pings a client.
 const PING_EVERY: Duration = Duration::from_secs(15);
@@ -57,10 +57,21 @@ pub struct Hub {
 }
 
 enum Command {
-    Join { client: u64, queue: mpsc::Sender<Arc<str>> },
-    Subscribe { client: u64, request: Request },
-    Unsubscribe { client: u64, request: Request },
-    Leave { client: u64 },
+    Join {
+        client: u64,
+        queue: mpsc::Sender<Arc<str>>,
+    },
+    Subscribe {
+        client: u64,
+        request: Request,
+    },
+    Unsubscribe {
+        client: u64,
+        request: Request,
+    },
+    Leave {
+        client: u64,
+    },
 }
 
 /// A client's message.
@@ -85,14 +96,22 @@ impl Hub {
     ) -> Hub {
         let (commands, rx) = mpsc::channel(4096);
         tokio::spawn(HubState::new(metrics, lateness, ops).run(rx, bus));
-        Hub { commands, next_client: Arc::new(AtomicU64::new(1)) }
+        Hub {
+            commands,
+            next_client: Arc::new(AtomicU64::new(1)),
+        }
     }
 
     /// Serves one WebSocket client until it leaves or falls behind.
     pub async fn serve(self, ws: WebSocket, queue: usize, ops: Arc<Ops>) {
         let client = self.next_client.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Arc<str>>(queue);
-        if self.commands.send(Command::Join { client, queue: tx }).await.is_err() {
+        if self
+            .commands
+            .send(Command::Join { client, queue: tx })
+            .await
+            .is_err()
+        {
             return;
         }
         ops.ws_clients.inc();
@@ -189,10 +208,21 @@ struct HubState {
 
 impl HubState {
     fn new(metrics: Arc<Vec<MetricSpec>>, lateness: Millis, ops: Arc<Ops>) -> HubState {
-        HubState { metrics, lateness, ops, windows: HashMap::new(), subs: HashMap::new(), clients: HashMap::new() }
+        HubState {
+            metrics,
+            lateness,
+            ops,
+            windows: HashMap::new(),
+            subs: HashMap::new(),
+            clients: HashMap::new(),
+        }
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>,
+    ) {
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -222,11 +252,22 @@ impl HubState {
             Command::Leave { client } => self.drop_client(client),
             Command::Subscribe { client, request } => match self.parse(&request) {
                 Ok(key) => self.subscribe(client, key),
-                Err(error) => self.send_to(client, json!({"error": error, "topic": request.topic}).to_string().into()),
+                Err(error) => self.send_to(
+                    client,
+                    json!({"error": error, "topic": request.topic})
+                        .to_string()
+                        .into(),
+                ),
             },
             Command::Unsubscribe { client, request } => {
-                let Some((_, keys)) = self.clients.get_mut(&client) else { return };
-                let gone: Vec<SubKey> = keys.iter().filter(|k| k.0 == request.topic).cloned().collect();
+                let Some((_, keys)) = self.clients.get_mut(&client) else {
+                    return;
+                };
+                let gone: Vec<SubKey> = keys
+                    .iter()
+                    .filter(|k| k.0 == request.topic)
+                    .cloned()
+                    .collect();
                 for key in &gone {
                     keys.remove(key);
                 }
@@ -244,13 +285,21 @@ impl HubState {
             return Err("a topic is metrics:<metric>[:<dimension>:<value>]…".into());
         }
         let name = parts.next().unwrap_or_default();
-        let metric = self.metrics.iter().find(|m| m.name == name).ok_or_else(|| format!("unknown metric '{name}'"))?;
+        let metric = self
+            .metrics
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| format!("unknown metric '{name}'"))?;
         let rest: Vec<&str> = parts.collect();
         if !rest.len().is_multiple_of(2) {
             return Err("filters come in pairs: <dimension>:<value>".into());
         }
         let dimension = |d: &str| {
-            metric.dimensions.iter().position(|x| x == d).ok_or_else(|| format!("'{d}' is not a dimension of {name}"))
+            metric
+                .dimensions
+                .iter()
+                .position(|x| x == d)
+                .ok_or_else(|| format!("'{d}' is not a dimension of {name}"))
         };
         for pair in rest.chunks(2) {
             dimension(pair[0])?;
@@ -259,7 +308,11 @@ impl HubState {
             None => 0,
             Some(text) => {
                 let spec = WindowSpec::parse(text)?;
-                metric.windows.iter().position(|w| *w == spec).ok_or_else(|| format!("{name} has no window '{text}'"))?
+                metric
+                    .windows
+                    .iter()
+                    .position(|w| *w == spec)
+                    .ok_or_else(|| format!("{name} has no window '{text}'"))?
             }
         };
         let group_by = request.group_by.as_deref().map(dimension).transpose()?;
@@ -267,18 +320,33 @@ impl HubState {
     }
 
     fn subscribe(&mut self, client: u64, key: SubKey) {
-        let Some((_, keys)) = self.clients.get_mut(&client) else { return };
+        let Some((_, keys)) = self.clients.get_mut(&client) else {
+            return;
+        };
         if !keys.insert(key.clone()) {
             return;
         }
         let sub = self.subs.entry(key.clone()).or_insert_with(|| {
             let mut parts = key.0.split(':').skip(1);
             let name = parts.next().unwrap_or_default();
-            let (metric, spec) = self.metrics.iter().enumerate().find(|(_, m)| m.name == name).expect("checked by parse");
+            let (metric, spec) = self
+                .metrics
+                .iter()
+                .enumerate()
+                .find(|(_, m)| m.name == name)
+                .expect("checked by parse");
             let rest: Vec<&str> = parts.collect();
             let filters = rest
                 .chunks(2)
-                .map(|p| (spec.dimensions.iter().position(|d| d == p[0]).expect("checked by parse"), p[1].to_owned()))
+                .map(|p| {
+                    (
+                        spec.dimensions
+                            .iter()
+                            .position(|d| d == p[0])
+                            .expect("checked by parse"),
+                        p[1].to_owned(),
+                    )
+                })
                 .collect();
             Subscription {
                 metric: metric as u16,
@@ -333,25 +401,46 @@ impl HubState {
         let mut touched = BTreeSet::new();
         for u in updates {
             let slots = self.windows.entry((u.metric, u.window)).or_default();
-            let slot = slots.entry(u.span.start).or_insert_with(|| Slot { end: u.span.end, groups: HashMap::new() });
-            slot.groups.insert(u.group.clone(), (u.state.clone(), u.is_final));
+            let slot = slots.entry(u.span.start).or_insert_with(|| Slot {
+                end: u.span.end,
+                groups: HashMap::new(),
+            });
+            slot.groups
+                .insert(u.group.clone(), (u.state.clone(), u.is_final));
             touched.insert((u.metric, u.window, u.span.start));
         }
         for slots in self.windows.values_mut() {
             // Keep the windows a late event can still revise: those ending
             // within the lateness of the newest window's start.
-            let Some(newest) = slots.keys().next_back().copied() else { continue };
-            while slots.first_key_value().is_some_and(|(_, slot)| slot.end + self.lateness < newest) {
+            let Some(newest) = slots.keys().next_back().copied() else {
+                continue;
+            };
+            while slots
+                .first_key_value()
+                .is_some_and(|(_, slot)| slot.end + self.lateness < newest)
+            {
                 slots.pop_first();
             }
         }
         let mut outbox: Vec<(Vec<u64>, Arc<str>)> = Vec::new();
         for (key, sub) in self.subs.iter_mut() {
-            if let Some(oldest) = self.windows.get(&(sub.metric, sub.window)).and_then(|s| s.keys().next()) {
+            if let Some(oldest) = self
+                .windows
+                .get(&(sub.metric, sub.window))
+                .and_then(|s| s.keys().next())
+            {
                 sub.sent.retain(|(start, _), _| start >= oldest);
             }
-            for &(_, _, start) in touched.range((sub.metric, sub.window, Millis::MIN)..=(sub.metric, sub.window, Millis::MAX)) {
-                let Some(slot) = self.windows.get(&(sub.metric, sub.window)).and_then(|s| s.get(&start)) else { continue };
+            for &(_, _, start) in touched.range(
+                (sub.metric, sub.window, Millis::MIN)..=(sub.metric, sub.window, Millis::MAX),
+            ) {
+                let Some(slot) = self
+                    .windows
+                    .get(&(sub.metric, sub.window))
+                    .and_then(|s| s.get(&start))
+                else {
+                    continue;
+                };
                 let clients: Vec<u64> = sub.clients.iter().copied().collect();
                 for message in messages(&self.metrics, key, sub, start, slot, true) {
                     outbox.push((clients.clone(), message));
@@ -386,7 +475,9 @@ fn messages(
         if !sub.filters.iter().all(|(d, v)| group.get(*d) == Some(v)) {
             continue;
         }
-        let entry = merged.entry(sub.group_by.map(|d| group[d].clone())).or_insert((AggState::default(), true));
+        let entry = merged
+            .entry(sub.group_by.map(|d| group[d].clone()))
+            .or_insert((AggState::default(), true));
         entry.0.merge(state);
         entry.1 &= *is_final;
     }
@@ -406,7 +497,14 @@ fn messages(
                 Some(last) if last.is_final && is_final => last.revision + 1,
                 _ => 0,
             };
-            sub.sent.insert((start, group.clone()), Sent { value, is_final, revision });
+            sub.sent.insert(
+                (start, group.clone()),
+                Sent {
+                    value,
+                    is_final,
+                    revision,
+                },
+            );
             let mut body = json!({
                 "topic": key.0,
                 "window": spec.to_string(),
@@ -443,16 +541,25 @@ mod tests {
         )
         .unwrap();
         let ops = Arc::new(Ops::new(Box::new(Observed::default)));
-        (HubState::new(Arc::new(config.metrics), 32_000, Arc::clone(&ops)), ops)
+        (
+            HubState::new(Arc::new(config.metrics), 32_000, Arc::clone(&ops)),
+            ops,
+        )
     }
 
     fn update(count: u64, is_final: bool) -> Arc<WindowUpdate> {
         Arc::new(WindowUpdate {
             metric: 0,
             window: 0,
-            span: Span { start: 0, end: 10_000 },
+            span: Span {
+                start: 0,
+                end: 10_000,
+            },
             group: vec!["US".into()],
-            state: AggState { count, ..Default::default() },
+            state: AggState {
+                count,
+                ..Default::default()
+            },
             revision: 0,
             is_final,
         })
@@ -461,7 +568,12 @@ mod tests {
     fn subscribe(hub: &mut HubState, client: u64, queue: usize) -> mpsc::Receiver<Arc<str>> {
         let (tx, rx) = mpsc::channel(queue);
         hub.command(Command::Join { client, queue: tx });
-        let request = Request { action: "subscribe".into(), topic: "metrics:ad_clicks".into(), window: None, group_by: None };
+        let request = Request {
+            action: "subscribe".into(),
+            topic: "metrics:ad_clicks".into(),
+            window: None,
+            group_by: None,
+        };
         hub.command(Command::Subscribe { client, request });
         rx
     }
@@ -500,7 +612,11 @@ mod tests {
         let mut got = Vec::new();
         while let Ok(m) = rx.try_recv() {
             let m: Value = serde_json::from_str(&m).unwrap();
-            got.push((m["value"].as_u64().unwrap(), m["final"].as_bool().unwrap(), m["revision"].as_u64().unwrap()));
+            got.push((
+                m["value"].as_u64().unwrap(),
+                m["final"].as_bool().unwrap(),
+                m["revision"].as_u64().unwrap(),
+            ));
         }
         assert_eq!(got, [(3, false, 0), (3, true, 0), (4, true, 1)]);
     }

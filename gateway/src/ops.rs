@@ -7,7 +7,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Values read at scrape time.
 #[derive(Clone, Debug, Default)]
@@ -24,6 +26,16 @@ pub struct Observed {
     pub dead_letters: u64,
     /// Live updates dropped because the gateway was behind.
     pub live_dropped: u64,
+    /// Checkpoints committed since start.
+    pub checkpoints: u64,
+    /// Failed attempts to write a checkpoint file.
+    pub checkpoint_failures: u64,
+    /// Boundary of the newest committed checkpoint, in Unix milliseconds.
+    pub checkpoint_boundary: u64,
+    /// Size of the newest committed checkpoint.
+    pub checkpoint_bytes: u64,
+    /// Time from the newest checkpoint's first part to its commit.
+    pub checkpoint_duration_ms: u64,
 }
 
 /// Reads the values owned outside the gateway.
@@ -46,6 +58,11 @@ pub struct Ops {
     late_updates: IntCounter,
     dead_letters: IntCounter,
     live_dropped: IntCounter,
+    checkpoints: IntCounter,
+    checkpoint_failures: IntCounter,
+    checkpoint_boundary: IntGauge,
+    checkpoint_bytes: IntGauge,
+    checkpoint_duration: Gauge,
     observe: Observe,
     ready: AtomicBool,
 }
@@ -56,38 +73,95 @@ impl Ops {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric name");
-            registry.register(Box::new(c.clone())).expect("registered once");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("registered once");
             c
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric name");
-            registry.register(Box::new(g.clone())).expect("registered once");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("registered once");
             g
         };
         let requests_rejected = IntCounterVec::new(
-            Opts::new("tally_ingest_requests_rejected_total", "Ingest requests rejected, by reason."),
+            Opts::new(
+                "tally_ingest_requests_rejected_total",
+                "Ingest requests rejected, by reason.",
+            ),
             &["reason"],
         )
         .expect("valid metric");
-        registry.register(Box::new(requests_rejected.clone())).expect("registered once");
+        registry
+            .register(Box::new(requests_rejected.clone()))
+            .expect("registered once");
         let watermark_lag = IntGaugeVec::new(
-            Opts::new("tally_watermark_lag_seconds", "Wall-clock time minus the worker's event-time watermark."),
+            Opts::new(
+                "tally_watermark_lag_seconds",
+                "Wall-clock time minus the worker's event-time watermark.",
+            ),
             &["worker"],
         )
         .expect("valid metric");
-        registry.register(Box::new(watermark_lag.clone())).expect("registered once");
+        registry
+            .register(Box::new(watermark_lag.clone()))
+            .expect("registered once");
+        let checkpoint_duration = Gauge::new(
+            "tally_checkpoint_duration_seconds",
+            "Time from the newest checkpoint's first part to its commit.",
+        )
+        .expect("valid metric name");
+        registry
+            .register(Box::new(checkpoint_duration.clone()))
+            .expect("registered once");
         Ops {
-            events_accepted: counter("tally_events_accepted_total", "Events accepted into the log."),
-            events_rejected: counter("tally_events_rejected_total", "Invalid events in rejected batches."),
+            events_accepted: counter(
+                "tally_events_accepted_total",
+                "Events accepted into the log.",
+            ),
+            events_rejected: counter(
+                "tally_events_rejected_total",
+                "Invalid events in rejected batches.",
+            ),
             requests_rejected,
             ws_clients: gauge("tally_ws_clients", "Connected WebSocket clients."),
-            ws_slow_dropped: counter("tally_ws_slow_clients_dropped_total", "WebSocket clients disconnected for a full queue."),
+            ws_slow_dropped: counter(
+                "tally_ws_slow_clients_dropped_total",
+                "WebSocket clients disconnected for a full queue.",
+            ),
             log_bytes: gauge("tally_log_bytes", "Bytes held by the event log."),
             watermark_lag,
-            windows_emitted: counter("tally_windows_emitted_total", "Final window results emitted, revisions included."),
-            late_updates: counter("tally_late_updates_total", "Late contributions that revised a closed window."),
-            dead_letters: counter("tally_dead_letters_total", "Events too late for any kept window."),
-            live_dropped: counter("tally_live_updates_dropped_total", "Live updates dropped because the fan-out was behind."),
+            windows_emitted: counter(
+                "tally_windows_emitted_total",
+                "Final window results emitted, revisions included.",
+            ),
+            late_updates: counter(
+                "tally_late_updates_total",
+                "Late contributions that revised a closed window.",
+            ),
+            dead_letters: counter(
+                "tally_dead_letters_total",
+                "Events too late for any kept window.",
+            ),
+            live_dropped: counter(
+                "tally_live_updates_dropped_total",
+                "Live updates dropped because the fan-out was behind.",
+            ),
+            checkpoints: counter("tally_checkpoints_total", "Checkpoints committed."),
+            checkpoint_failures: counter(
+                "tally_checkpoint_failures_total",
+                "Failed attempts to write a checkpoint file.",
+            ),
+            checkpoint_boundary: gauge(
+                "tally_checkpoint_boundary_seconds",
+                "Event-time boundary of the newest committed checkpoint.",
+            ),
+            checkpoint_bytes: gauge(
+                "tally_checkpoint_bytes",
+                "Size of the newest committed checkpoint.",
+            ),
+            checkpoint_duration,
             registry,
             observe,
             ready: AtomicBool::new(false),
@@ -116,7 +190,9 @@ impl Ops {
         self.log_bytes.set(o.log_bytes as i64);
         for (worker, watermark) in o.watermarks.iter().enumerate() {
             if let Some(w) = watermark {
-                self.watermark_lag.with_label_values(&[&worker.to_string()]).set((now_ms - w) / 1000);
+                self.watermark_lag
+                    .with_label_values(&[&worker.to_string()])
+                    .set((now_ms - w) / 1000);
             }
         }
         for (counter, value) in [
@@ -124,12 +200,21 @@ impl Ops {
             (&self.late_updates, o.late_updates),
             (&self.dead_letters, o.dead_letters),
             (&self.live_dropped, o.live_dropped),
+            (&self.checkpoints, o.checkpoints),
+            (&self.checkpoint_failures, o.checkpoint_failures),
         ] {
             counter.inc_by(value.saturating_sub(counter.get()));
         }
+        self.checkpoint_boundary
+            .set((o.checkpoint_boundary / 1000) as i64);
+        self.checkpoint_bytes.set(o.checkpoint_bytes as i64);
+        self.checkpoint_duration
+            .set(o.checkpoint_duration_ms as f64 / 1000.0);
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail.
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding");
         String::from_utf8_lossy(&out).into_owned()
     }
 }

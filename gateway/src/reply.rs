@@ -20,7 +20,11 @@ pub struct ApiError {
 impl ApiError {
     /// An error with no details.
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into(), details: None }
+        ApiError {
+            status,
+            message: message.into(),
+            details: None,
+        }
     }
 
     /// A 400 Bad Request.
@@ -38,7 +42,14 @@ struct ErrorBody<'a> {
 
 impl Reply for ApiError {
     fn into_response(self) -> Response {
-        with_status(json(&ErrorBody { error: &self.message, details: self.details.as_ref() }), self.status).into_response()
+        with_status(
+            json(&ErrorBody {
+                error: &self.message,
+                details: self.details.as_ref(),
+            }),
+            self.status,
+        )
+        .into_response()
     }
 }
 

@@ -24,7 +24,13 @@ impl LivePublisher {
 /// A bus holding at most `capacity` batches in flight.
 pub fn channel(capacity: usize) -> (LivePublisher, Receiver<Vec<Arc<WindowUpdate>>>) {
     let (tx, rx) = mpsc::channel(capacity);
-    (LivePublisher { tx, dropped: Arc::default() }, rx)
+    (
+        LivePublisher {
+            tx,
+            dropped: Arc::default(),
+        },
+        rx,
+    )
 }
 
 impl Sink<Arc<WindowUpdate>> for LivePublisher {

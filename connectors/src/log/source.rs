@@ -28,14 +28,32 @@ const IDLE_WAIT: Duration = Duration::from_millis(50);
 pub struct LogSource {
     log: EventLog,
     partitions: Vec<u32>,
+    /// Where each partition starts, by position in `partitions`.
+    starts: Vec<u64>,
     rx: Option<Receiver<SourceBatch>>,
     stop: Arc<AtomicBool>,
 }
 
 impl LogSource {
-    /// A source over `partitions`, read from their first offset.
-    pub fn new(log: EventLog, partitions: Vec<u32>) -> LogSource {
-        LogSource { log, partitions, rx: None, stop: Arc::default() }
+    /// A source over `partitions`, each read from its offset in `starts`
+    /// (a partition not named there is read from its first offset).
+    pub fn new(log: EventLog, partitions: Vec<u32>, starts: &[(u32, u64)]) -> LogSource {
+        let starts = partitions
+            .iter()
+            .map(|p| {
+                starts
+                    .iter()
+                    .find(|(q, _)| q == p)
+                    .map_or(0, |&(_, offset)| offset)
+            })
+            .collect();
+        LogSource {
+            log,
+            partitions,
+            starts,
+            rx: None,
+            stop: Arc::default(),
+        }
     }
 }
 
@@ -53,9 +71,10 @@ impl BatchSource for LogSource {
     fn start(&mut self, waker: Waker) {
         let (tx, rx) = bounded(CHANNEL_BATCHES);
         self.rx = Some(rx);
-        let (log, partitions, stop) = (self.log.clone(), self.partitions.clone(), Arc::clone(&self.stop));
+        let (log, stop) = (self.log.clone(), Arc::clone(&self.stop));
+        let (partitions, starts) = (self.partitions.clone(), self.starts.clone());
         let spawned = std::thread::Builder::new().name("log-reader".into()).spawn(move || {
-            if let Err(e) = read_loop(&log, &partitions, &stop, |batch| {
+            if let Err(e) = read_loop(&log, &partitions, &starts, &stop, |batch| {
                 let sent = tx.send(batch).is_ok();
                 waker();
                 sent
@@ -69,7 +88,9 @@ impl BatchSource for LogSource {
     }
 
     fn poll(&mut self) -> Poll {
-        let Some(rx) = &self.rx else { return Poll::Pending };
+        let Some(rx) = &self.rx else {
+            return Poll::Pending;
+        };
         let mut batches = Vec::new();
         while batches.len() < CHANNEL_BATCHES {
             match rx.try_recv() {
@@ -88,14 +109,20 @@ impl BatchSource for LogSource {
     }
 }
 
-/// Follows `partitions` until `stop` is raised or `deliver` refuses a batch.
+/// Follows `partitions` from `starts` until `stop` is raised or `deliver`
+/// refuses a batch.
 fn read_loop(
     log: &EventLog,
     partitions: &[u32],
+    starts: &[u64],
     stop: &AtomicBool,
     mut deliver: impl FnMut(SourceBatch) -> bool,
 ) -> Result<(), LogError> {
-    let mut readers = partitions.iter().map(|&p| log.reader(p, 0)).collect::<Result<Vec<_>, _>>()?;
+    let mut readers = partitions
+        .iter()
+        .zip(starts)
+        .map(|(&p, &offset)| log.reader(p, offset))
+        .collect::<Result<Vec<_>, _>>()?;
     while !stop.load(Ordering::Relaxed) {
         let mut read_any = false;
         for reader in &mut readers {
@@ -108,10 +135,26 @@ fn read_loop(
                 }
                 Err(e) => return Err(e),
             };
-            for batch in batches {
+            for mut batch in batches {
                 read_any = true;
-                let source_batch =
-                    SourceBatch { partition: batch.partition, offset: batch.base_offset, records: batch.records };
+                // A reader starts at the whole batch holding its offset.
+                let start = starts[partitions
+                    .iter()
+                    .position(|&p| p == batch.partition)
+                    .unwrap_or(0)];
+                if batch.base_offset < start {
+                    let skip = ((start - batch.base_offset) as usize).min(batch.records.len());
+                    batch.records.drain(..skip);
+                    batch.base_offset += skip as u64;
+                    if batch.records.is_empty() {
+                        continue;
+                    }
+                }
+                let source_batch = SourceBatch {
+                    partition: batch.partition,
+                    offset: batch.base_offset,
+                    records: batch.records,
+                };
                 if !deliver(source_batch) {
                     return Ok(());
                 }

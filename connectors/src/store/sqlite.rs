@@ -64,6 +64,37 @@ pub enum StoreError {
 enum Write {
     Windows(Vec<Arc<WindowUpdate>>),
     DeadLetters(Vec<DeadLetter>),
+    /// Sink `.0` has sent everything before time `.1`.
+    Frontier(usize, u64),
+}
+
+/// How far the store holds each sink's records: the frontier every sink has
+/// reported, once what came before the report is committed.
+#[derive(Clone, Default)]
+pub struct Durable(Arc<Mutex<Vec<u64>>>);
+
+impl Durable {
+    fn register(&self) -> usize {
+        let mut frontiers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        frontiers.push(0);
+        frontiers.len() - 1
+    }
+
+    fn set(&self, sink: usize, frontier: u64) {
+        let mut frontiers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        frontiers[sink] = frontiers[sink].max(frontier);
+    }
+
+    /// Every record any sink was given before this time is committed.
+    pub fn through(&self) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(u64::MAX)
+    }
 }
 
 /// The embedded result store, for reading.
@@ -77,17 +108,24 @@ pub struct SqliteStore {
 pub struct StoreWriter {
     tx: Sender<Write>,
     thread: JoinHandle<()>,
+    durable: Durable,
 }
 
 impl StoreWriter {
-    /// A sink for a worker's final window values.
+    /// A sink for a worker's final window values. Take one per worker: the
+    /// store's [`Durable`] frontier waits for every sink taken.
     pub fn window_sink(&self) -> WindowSink {
-        WindowSink(self.tx.clone())
+        WindowSink(self.tx.clone(), self.durable.register())
     }
 
-    /// A sink for a worker's dead letters.
+    /// A sink for a worker's dead letters; one per worker, as above.
     pub fn dead_letter_sink(&self) -> DeadLetterSink {
-        DeadLetterSink(self.tx.clone())
+        DeadLetterSink(self.tx.clone(), self.durable.register())
+    }
+
+    /// How far the store holds what its sinks were given.
+    pub fn durable(&self) -> Durable {
+        self.durable.clone()
     }
 
     /// Waits until everything queued has been committed. Drop every sink
@@ -102,16 +140,33 @@ impl StoreWriter {
 
 impl SqliteStore {
     /// Opens (or creates) the store at `path` and starts its writer thread.
-    pub fn open(path: &Path, metrics: Vec<MetricSpec>) -> Result<(SqliteStore, StoreWriter), StoreError> {
+    pub fn open(
+        path: &Path,
+        metrics: Vec<MetricSpec>,
+    ) -> Result<(SqliteStore, StoreWriter), StoreError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
         let (tx, rx) = bounded(QUEUE);
+        let durable = Durable::default();
+        let reports = durable.clone();
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(conn, rx, metrics))
-            .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        let store = SqliteStore { path: path.to_owned(), readers: Arc::default() };
-        Ok((store, StoreWriter { tx, thread: writer }))
+            .spawn(move || write_loop(conn, rx, metrics, reports))
+            .map_err(|e| {
+                StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+            })?;
+        let store = SqliteStore {
+            path: path.to_owned(),
+            readers: Arc::default(),
+        };
+        Ok((
+            store,
+            StoreWriter {
+                tx,
+                thread: writer,
+                durable,
+            },
+        ))
     }
 
     /// Reads the stored windows a history query needs. Blocking: call it
@@ -124,7 +179,12 @@ impl SqliteStore {
                  ORDER BY start, grp",
             )?;
             let rows = stmt.query_map(
-                params![query.metric, query.window.to_string(), query.start, query.end],
+                params![
+                    query.metric,
+                    query.window.to_string(),
+                    query.start,
+                    query.end
+                ],
                 |row| {
                     Ok((
                         row.get::<_, i64>(0)?,
@@ -138,9 +198,18 @@ impl SqliteStore {
             let mut out = Vec::new();
             for row in rows {
                 let (start, grp, count, sum, sketch) = row?;
-                let Some(group_value) = query.select(&grp.split(SEP).collect::<Vec<_>>()) else { continue };
-                let sketch = sketch.map(|b| Sketch::from_bytes(&b)).transpose().map_err(StoreError::CorruptSketch)?;
-                out.push(StoredWindow { start, group_value, state: AggState::from_parts(count as u64, sum, sketch) });
+                let Some(group_value) = query.select(&grp.split(SEP).collect::<Vec<_>>()) else {
+                    continue;
+                };
+                let sketch = sketch
+                    .map(|b| Sketch::from_bytes(&b))
+                    .transpose()
+                    .map_err(StoreError::CorruptSketch)?;
+                out.push(StoredWindow {
+                    start,
+                    group_value,
+                    state: AggState::from_parts(count as u64, sum, sketch),
+                });
             }
             Ok(out)
         })
@@ -166,7 +235,10 @@ impl SqliteStore {
         })
     }
 
-    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let pooled = self.readers.lock().ok().and_then(|mut pool| pool.pop());
         let conn = match pooled {
             Some(conn) => conn,
@@ -182,32 +254,45 @@ impl SqliteStore {
 
 /// The store as a sink of final window values.
 #[derive(Clone)]
-pub struct WindowSink(Sender<Write>);
+pub struct WindowSink(Sender<Write>, usize);
 
 impl Sink<Arc<WindowUpdate>> for WindowSink {
     fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
         offer(&self.0, items, Write::Windows, |w| match w {
             Write::Windows(v) => v,
-            Write::DeadLetters(_) => unreachable!("only windows are offered here"),
+            _ => unreachable!("only windows are offered here"),
         });
+    }
+
+    fn advance(&mut self, frontier: u64) -> bool {
+        self.0.try_send(Write::Frontier(self.1, frontier)).is_ok()
     }
 }
 
 /// The store as a sink of dead letters.
 #[derive(Clone)]
-pub struct DeadLetterSink(Sender<Write>);
+pub struct DeadLetterSink(Sender<Write>, usize);
 
 impl Sink<DeadLetter> for DeadLetterSink {
     fn offer(&mut self, items: &mut Vec<DeadLetter>) {
         offer(&self.0, items, Write::DeadLetters, |w| match w {
             Write::DeadLetters(v) => v,
-            Write::Windows(_) => unreachable!("only dead letters are offered here"),
+            _ => unreachable!("only dead letters are offered here"),
         });
+    }
+
+    fn advance(&mut self, frontier: u64) -> bool {
+        self.0.try_send(Write::Frontier(self.1, frontier)).is_ok()
     }
 }
 
 /// Queues all of `items` if there is room, or leaves them for a later offer.
-fn offer<T>(tx: &Sender<Write>, items: &mut Vec<T>, wrap: fn(Vec<T>) -> Write, unwrap: fn(Write) -> Vec<T>) {
+fn offer<T>(
+    tx: &Sender<Write>,
+    items: &mut Vec<T>,
+    wrap: fn(Vec<T>) -> Write,
+    unwrap: fn(Write) -> Vec<T>,
+) {
     match tx.try_send(wrap(std::mem::take(items))) {
         Ok(()) => {}
         Err(TrySendError::Full(back)) => *items = unwrap(back),
@@ -218,10 +303,20 @@ fn offer<T>(tx: &Sender<Write>, items: &mut Vec<T>, wrap: fn(Vec<T>) -> Write, u
     }
 }
 
-fn write_loop(mut conn: Connection, rx: Receiver<Write>, metrics: Vec<MetricSpec>) {
+fn write_loop(
+    mut conn: Connection,
+    rx: Receiver<Write>,
+    metrics: Vec<MetricSpec>,
+    durable: Durable,
+) {
     let names: Vec<(String, Vec<String>)> = metrics
         .iter()
-        .map(|m| (m.name.clone(), m.windows.iter().map(ToString::to_string).collect()))
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.windows.iter().map(ToString::to_string).collect(),
+            )
+        })
         .collect();
     while let Ok(first) = rx.recv() {
         // Commit everything queued in one transaction.
@@ -232,6 +327,11 @@ fn write_loop(mut conn: Connection, rx: Receiver<Write>, metrics: Vec<MetricSpec
             match commit(&mut conn, &batch, &names) {
                 Ok(rows) => {
                     tracing::trace!(rows, "committed results");
+                    for write in &batch {
+                        if let Write::Frontier(sink, frontier) = write {
+                            durable.set(*sink, *frontier);
+                        }
+                    }
                     break;
                 }
                 Err(e) => {
@@ -245,7 +345,11 @@ fn write_loop(mut conn: Connection, rx: Receiver<Write>, metrics: Vec<MetricSpec
     info!("store writer stopped");
 }
 
-fn commit(conn: &mut Connection, batch: &[Write], names: &[(String, Vec<String>)]) -> Result<usize, rusqlite::Error> {
+fn commit(
+    conn: &mut Connection,
+    batch: &[Write],
+    names: &[(String, Vec<String>)],
+) -> Result<usize, rusqlite::Error> {
     let tx = conn.transaction()?;
     let mut rows = 0;
     {
@@ -281,9 +385,16 @@ fn commit(conn: &mut Connection, batch: &[Write], names: &[(String, Vec<String>)
                 }
                 Write::DeadLetters(letters) => {
                     for d in letters {
-                        rows += dead.execute(params![d.partition, d.offset as i64, d.reason, d.watermark, d.record])?;
+                        rows += dead.execute(params![
+                            d.partition,
+                            d.offset as i64,
+                            d.reason,
+                            d.watermark,
+                            d.record
+                        ])?;
                     }
                 }
+                Write::Frontier(..) => {}
             }
         }
     }
@@ -301,7 +412,6 @@ fn join_group(group: &[String]) -> String {
     }
     key
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -328,9 +438,15 @@ windows = ["tumbling 10s"]
         WindowUpdate {
             metric: 0,
             window: 0,
-            span: Span { start, end: start + 10_000 },
+            span: Span {
+                start,
+                end: start + 10_000,
+            },
             group: vec!["c1".into(), country.into()],
-            state: AggState { count, ..Default::default() },
+            state: AggState {
+                count,
+                ..Default::default()
+            },
             revision,
             is_final: true,
         }
@@ -340,22 +456,45 @@ windows = ["tumbling 10s"]
     fn upserts_keep_the_highest_revision() {
         let dir = tempfile::tempdir().unwrap();
         let config = config();
-        let (store, writer) = SqliteStore::open(&dir.path().join("results.db"), config.metrics.clone()).unwrap();
+        let (store, writer) =
+            SqliteStore::open(&dir.path().join("results.db"), config.metrics.clone()).unwrap();
         let mut sink = writer.window_sink();
-        let mut batch = vec![update(0, "US", 2, 0), update(0, "US", 3, 1), update(0, "DE", 1, 0)].into_iter().map(Arc::new).collect();
+        let mut batch = vec![
+            update(0, "US", 2, 0),
+            update(0, "US", 3, 1),
+            update(0, "DE", 1, 0),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
         sink.offer(&mut batch);
         // A replay re-emits revision 0 with the same key: it must not win.
         sink.offer(&mut vec![Arc::new(update(0, "US", 2, 0))]);
         drop(sink);
-        let params: Vec<(String, String)> =
-            [("metric", "ad_clicks"), ("start", "0"), ("end", "10"), ("country", "US")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let params: Vec<(String, String)> = [
+            ("metric", "ad_clicks"),
+            ("start", "0"),
+            ("end", "10"),
+            ("country", "US"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
         let query = Query::parse(&params, &config, 0).unwrap();
         writer.close();
         let rows = store.windows(&query).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].state.count, 3);
-        let all: Vec<(String, String)> =
-            [("metric", "ad_clicks"), ("start", "0"), ("end", "10")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        assert_eq!(store.windows(&Query::parse(&all, &config, 0).unwrap()).unwrap().len(), 2);
+        let all: Vec<(String, String)> = [("metric", "ad_clicks"), ("start", "0"), ("end", "10")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            store
+                .windows(&Query::parse(&all, &config, 0).unwrap())
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

@@ -22,6 +22,14 @@ pub trait Sink<T>: 'static {
     /// Takes records from the front of `items`, as many as it can without
     /// blocking. What it leaves is offered again later, in order.
     fn offer(&mut self, items: &mut Vec<T>);
+
+    /// Says that every record before `frontier` has been offered and taken.
+    /// A durable sink reports, once those records are durable, that it holds
+    /// everything before `frontier`; checkpoints wait for that. Returns
+    /// false if it cannot take the note now; it is given again later.
+    fn advance(&mut self, _frontier: u64) -> bool {
+        true
+    }
 }
 
 /// The number of sinks that are behind, shared by every worker of a process.
@@ -58,19 +66,33 @@ impl<'scope, T: Clone + 'static> Deliver<T> for Stream<'scope, u64, Vec<T>> {
         let scope = self.scope();
         let mut pending = Vec::new();
         let mut behind = false;
+        let mut advanced = 0;
         // The output is unused: a sink ends its stream.
-        self.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, name, move |_cap, info| {
-            let activator = scope.activator_for(Rc::clone(&info.address));
-            move |(input, _frontier), _output| {
-                input.for_each(|_time, data| pending.append(data));
-                if !pending.is_empty() {
-                    sink.offer(&mut pending);
+        self.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+            Pipeline,
+            name,
+            move |_cap, info| {
+                let activator = scope.activator_for(Rc::clone(&info.address));
+                move |(input, frontier), _output| {
+                    input.for_each(|_time, data| pending.append(data));
+                    if !pending.is_empty() {
+                        sink.offer(&mut pending);
+                    }
+                    let through = frontier
+                        .frontier()
+                        .iter()
+                        .next()
+                        .copied()
+                        .unwrap_or(u64::MAX);
+                    if pending.is_empty() && through > advanced && sink.advance(through) {
+                        advanced = through;
+                    }
+                    backpressure.set(!pending.is_empty(), &mut behind);
+                    if behind || through > advanced {
+                        activator.activate_after(Duration::from_millis(5));
+                    }
                 }
-                backpressure.set(!pending.is_empty(), &mut behind);
-                if behind {
-                    activator.activate_after(Duration::from_millis(5));
-                }
-            }
-        });
+            },
+        );
     }
 }

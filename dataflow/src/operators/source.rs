@@ -20,6 +20,7 @@
 //! Every other event is folded, per batch, into one [`Contribution`] per
 //! (metric, group, pane), which is what crosses the exchange.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::{Scope, Stream};
 
 use crate::aggregate::AggState;
+use crate::checkpoint::{Progress, Restore};
 use crate::config::MetricSpec;
 use crate::event::{parse_event_ref, EventRef, Fields, Millis};
 use crate::operators::deliver::Backpressure;
@@ -135,6 +137,12 @@ pub type SourceRecord = Result<Contribution, DeadLetter>;
 ///
 /// `backpressure` is raised by a sink that cannot keep up; the source stops reading
 /// while it is up, which leaves the backlog in the log.
+///
+/// The source resumes from `restore`: its partitions' watermarks, and its
+/// capability at the checkpoint's boundary (`input` must already be
+/// positioned at the restored offsets). It records in `progress` where
+/// each batch leaves its partition, so checkpoints can name their offsets.
+#[allow(clippy::too_many_arguments)]
 pub fn log_source<'scope, S: BatchSource>(
     scope: Scope<'scope, u64>,
     mut input: S,
@@ -142,7 +150,15 @@ pub fn log_source<'scope, S: BatchSource>(
     settings: SourceSettings,
     stats: Arc<JobStats>,
     backpressure: Backpressure,
+    restore: &Restore,
+    progress: Rc<RefCell<Progress>>,
 ) -> Stream<'scope, u64, Vec<SourceRecord>> {
+    let boundary = restore.boundary;
+    let watermarks: HashMap<u32, Option<u64>> = restore
+        .cuts
+        .iter()
+        .map(|c| (c.partition, c.watermark))
+        .collect();
     let worker = scope.index();
     source(scope, "LogSource", move |capability, info| {
         let activator = scope.activator_for(Rc::clone(&info.address));
@@ -155,16 +171,28 @@ pub fn log_source<'scope, S: BatchSource>(
         let mut clocks: Vec<PartitionClock> = input
             .partitions()
             .into_iter()
-            .map(|partition| PartitionClock { partition, watermark: None, last_data: started })
+            .map(|partition| PartitionClock {
+                partition,
+                watermark: watermarks.get(&partition).copied().flatten(),
+                last_data: started,
+            })
             .collect();
         let mut capability = Some(capability);
-        let heartbeat = settings.idle_timeout.min(Duration::from_millis(100)).max(Duration::from_millis(1));
+        if let Some(cap) = capability.as_mut() {
+            cap.downgrade(&boundary);
+        }
+        let heartbeat = settings
+            .idle_timeout
+            .min(Duration::from_millis(100))
+            .max(Duration::from_millis(1));
         if clocks.is_empty() {
             // A worker without partitions never produces data.
             capability = None;
         }
         move |output| {
-            let Some(cap) = capability.as_mut() else { return };
+            let Some(cap) = capability.as_mut() else {
+                return;
+            };
             if backpressure.stalled() {
                 // Time spent waiting on a sink is not idleness: the backlog
                 // is in the log, and must not be stamped as late when it moves.
@@ -186,9 +214,12 @@ pub fn log_source<'scope, S: BatchSource>(
             let now = Instant::now();
             let mut dead = 0;
             for batch in batches {
-                let Some(clock) = clocks.iter_mut().find(|c| c.partition == batch.partition) else { continue };
+                let Some(clock) = clocks.iter_mut().find(|c| c.partition == batch.partition) else {
+                    continue;
+                };
                 let stamp = clock.watermark.unwrap_or(0).max(*cap.time());
-                let (records, newest) = fold_batch(&batch, &metrics, stamp as Millis, settings.allowed_lateness);
+                let (records, newest) =
+                    fold_batch(&batch, &metrics, stamp as Millis, settings.allowed_lateness);
                 dead += records.iter().filter(|r| r.is_err()).count();
                 if !records.is_empty() {
                     let time = cap.delayed(&stamp);
@@ -199,13 +230,24 @@ pub fn log_source<'scope, S: BatchSource>(
                     clock.watermark = Some(clock.watermark.map_or(mark, |w| w.max(mark)));
                 }
                 clock.last_data = now;
+                progress.borrow_mut().record(
+                    batch.partition,
+                    stamp,
+                    batch.offset + batch.records.len() as u64,
+                    clock.watermark,
+                );
             }
             if dead > 0 {
                 stats.dead_letters.fetch_add(dead as u64, Ordering::Relaxed);
             }
 
-            let idle = |c: &&PartitionClock| now.duration_since(c.last_data) >= settings.idle_timeout;
-            let active_min = clocks.iter().filter(|c| !idle(c)).map(|c| c.watermark.unwrap_or(*cap.time())).min();
+            let idle =
+                |c: &&PartitionClock| now.duration_since(c.last_data) >= settings.idle_timeout;
+            let active_min = clocks
+                .iter()
+                .filter(|c| !idle(c))
+                .map(|c| c.watermark.unwrap_or(*cap.time()))
+                .min();
             let own_max = clocks.iter().filter_map(|c| c.watermark).max().unwrap_or(0);
             stats.raise_high_watermark(own_max);
             // With every partition idle, step just past the highest watermark,
@@ -237,7 +279,11 @@ pub fn fold_batch(
     for (i, record) in batch.records.iter().enumerate() {
         let offset = batch.offset + i as u64;
         let parsed = parse_event_ref(record).map_err(|errors| {
-            errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
         });
         let (event, timestamp) = match parsed {
             Ok(event) => match event.timestamp {
@@ -287,7 +333,15 @@ pub fn fold_batch(
     out.extend(
         contributions
             .into_iter()
-            .map(|((metric, pane, group), state)| Ok(Contribution { metric, hash: group_hash(metric, &group), group, pane, state })),
+            .map(|((metric, pane, group), state)| {
+                Ok(Contribution {
+                    metric,
+                    hash: group_hash(metric, &group),
+                    group,
+                    pane,
+                    state,
+                })
+            }),
     );
     (out, newest)
 }

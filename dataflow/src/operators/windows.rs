@@ -20,7 +20,14 @@
 //! next. Partials also count data still waiting for the frontier,
 //! so a live view is as fresh as the data that has arrived. They are for live
 //! views only and are not stored.
+//!
+//! The operator also takes checkpoints (see [`crate::checkpoint`]): when it
+//! is about to apply the first data at or past a chosen boundary, its state
+//! holds exactly the data stamped before the boundary, and it hands a copy to
+//! the checkpoint sink with the source's offsets at that boundary. On start,
+//! it takes back the state a restored checkpoint gave it.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
@@ -36,6 +43,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
 use crate::aggregate::AggState;
+use crate::checkpoint::{CheckpointSink, GroupSnapshot, Progress, Schedule, WorkerPart};
 use crate::config::MetricSpec;
 use crate::event::Millis;
 use crate::operators::source::{Contribution, Group};
@@ -71,6 +79,18 @@ pub struct WindowSettings {
     pub live_interval: Duration,
 }
 
+/// How a worker's `windows` operator takes part in checkpoints.
+pub struct Checkpointing {
+    /// Where the worker's source has got to, by stamp.
+    pub progress: Rc<RefCell<Progress>>,
+    /// The partitions the worker's source reads.
+    pub partitions: Vec<u32>,
+    /// The boundary the worker resumed from, and the state it restores.
+    pub resume: (u64, Vec<GroupSnapshot>),
+    /// Which boundaries to take, and where parts go; `None` takes none.
+    pub target: Option<(Arc<Schedule>, Box<dyn CheckpointSink>)>,
+}
+
 /// Extension trait for the `windows` operator.
 pub trait Windows<'scope> {
     /// Aggregates contributions into the windows of `metrics`.
@@ -79,6 +99,7 @@ pub trait Windows<'scope> {
         metrics: Rc<Vec<MetricSpec>>,
         settings: WindowSettings,
         stats: Arc<JobStats>,
+        checkpointing: Checkpointing,
     ) -> Stream<'scope, u64, Vec<Arc<WindowUpdate>>>;
 }
 
@@ -98,14 +119,45 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
         metrics: Rc<Vec<MetricSpec>>,
         settings: WindowSettings,
         stats: Arc<JobStats>,
+        checkpointing: Checkpointing,
     ) -> Stream<'scope, u64, Vec<Arc<WindowUpdate>>> {
         let exchange = Exchange::new(|c: &Contribution| c.hash);
         let scope = self.scope();
+        let (worker, workers) = (scope.index(), scope.peers());
         self.unary_frontier(exchange, "Windows", move |capability, info| {
             let activator = scope.activator_for(Rc::clone(&info.address));
             let mut held: Option<Capability<u64>> = Some(capability);
             let mut stash: BTreeMap<u64, Vec<Staged>> = BTreeMap::new();
             let mut state = WindowState::new(metrics, settings.allowed_lateness);
+            let Checkpointing {
+                progress,
+                partitions,
+                resume: (boundary, groups),
+                mut target,
+            } = checkpointing;
+            state.restore(groups);
+            // Everything before this time has been applied, and no boundary
+            // at or below it is still to be taken.
+            let mut passed = boundary;
+            let mut take_checkpoints = move |through: u64, state: &WindowState| {
+                if through <= passed {
+                    return;
+                }
+                if let Some((schedule, sink)) = target.as_mut() {
+                    for boundary in schedule.boundaries(passed, through) {
+                        let cuts = progress.borrow().cut(&partitions, boundary);
+                        sink.submit(WorkerPart {
+                            boundary,
+                            worker,
+                            workers,
+                            cuts,
+                            groups: state.snapshot(),
+                        });
+                    }
+                }
+                progress.borrow_mut().forget_before(through);
+                passed = through;
+            };
             let mut last_partials = Instant::now();
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
@@ -118,14 +170,20 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                 });
                 let frontier = frontier.frontier().iter().next().copied();
                 let mut emitted = Vec::new();
-                let ready: Vec<u64> = stash.keys().copied().take_while(|t| frontier.is_none_or(|f| *t < f)).collect();
+                let ready: Vec<u64> = stash
+                    .keys()
+                    .copied()
+                    .take_while(|t| frontier.is_none_or(|f| *t < f))
+                    .collect();
                 for time in ready {
+                    take_checkpoints(time, &state);
                     let batch = stash.remove(&time).unwrap_or_default();
                     state.close_until(time as Millis, &mut emitted);
                     state.apply(time as Millis, batch, &mut emitted, &stats);
                 }
                 match frontier {
                     Some(f) => {
+                        take_checkpoints(f, &state);
                         state.close_until(f as Millis, &mut emitted);
                         state.expire(f as Millis);
                     }
@@ -141,10 +199,14 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                 if let Some(cap) = held.as_mut() {
                     let finals = emitted.iter().filter(|u| u.is_final).count();
                     if finals > 0 {
-                        stats.windows_emitted.fetch_add(finals as u64, Ordering::Relaxed);
+                        stats
+                            .windows_emitted
+                            .fetch_add(finals as u64, Ordering::Relaxed);
                     }
                     if !emitted.is_empty() {
-                        output.session(&*cap).give_iterator(emitted.into_iter().map(Arc::new));
+                        output
+                            .session(&*cap)
+                            .give_iterator(emitted.into_iter().map(Arc::new));
                     }
                     match frontier {
                         Some(f) if f > *cap.time() => cap.downgrade(&f),
@@ -192,12 +254,16 @@ struct Staged {
 struct GroupState {
     metric: u16,
     group: Group,
+    hash: u64,
     panes: BTreeMap<Millis, AggState>,
 }
 
 impl WindowState {
     fn new(metrics: Rc<Vec<MetricSpec>>, allowed_lateness: Millis) -> Self {
-        let widest = metrics.iter().map(|m| m.windows.iter().map(WindowSpec::size).max().unwrap_or(0)).collect();
+        let widest = metrics
+            .iter()
+            .map(|m| m.windows.iter().map(WindowSpec::size).max().unwrap_or(0))
+            .collect();
         WindowState {
             metrics,
             allowed_lateness,
@@ -227,7 +293,13 @@ impl WindowState {
     }
 
     /// Applies the contributions that travelled at `time`.
-    fn apply(&mut self, time: Millis, batch: Vec<Staged>, out: &mut Vec<WindowUpdate>, stats: &JobStats) {
+    fn apply(
+        &mut self,
+        time: Millis,
+        batch: Vec<Staged>,
+        out: &mut Vec<WindowUpdate>,
+        stats: &JobStats,
+    ) {
         // Merges commute, and late windows are emitted in key order, so the
         // order contributions arrive in does not matter.
         let mut late = BTreeSet::new();
@@ -269,7 +341,9 @@ impl WindowState {
             }
         }
         if !late.is_empty() {
-            stats.late_updates.fetch_add(late.len() as u64, Ordering::Relaxed);
+            stats
+                .late_updates
+                .fetch_add(late.len() as u64, Ordering::Relaxed);
         }
         for key in late {
             let revision = self.closed.get_mut(&key).map(|r| {
@@ -311,7 +385,12 @@ impl WindowState {
         }
         let mut pending: HashMap<usize, BTreeMap<Millis, AggState>> = HashMap::default();
         for c in stash.values().flatten() {
-            pending.entry(c.group).or_default().entry(c.pane).or_default().merge(&c.state);
+            pending
+                .entry(c.group)
+                .or_default()
+                .entry(c.pane)
+                .or_default()
+                .merge(&c.state);
         }
         let mut dirty = BTreeSet::new();
         for (g, pane) in self.dirty_panes.drain() {
@@ -343,7 +422,67 @@ impl WindowState {
     fn stage(&mut self, c: Contribution) -> Staged {
         let group = self.intern(c.metric, &c.group, c.hash);
         self.dirty_panes.insert((group, c.pane));
-        Staged { group, pane: c.pane, state: c.state }
+        Staged {
+            group,
+            pane: c.pane,
+            state: c.state,
+        }
+    }
+
+    /// A copy of the state, group by group, for a checkpoint. Groups with
+    /// nothing left are not written, which is how a restart forgets them.
+    fn snapshot(&self) -> Vec<GroupSnapshot> {
+        let mut open: HashMap<usize, Vec<(u8, Millis)>> = HashMap::default();
+        for &(end, g, w) in &self.open {
+            open.entry(g).or_default().push((w, end));
+        }
+        let mut closed: HashMap<usize, Vec<(u8, Millis, u32)>> = HashMap::default();
+        for (&(g, w, end), &revision) in &self.closed {
+            closed.entry(g).or_default().push((w, end, revision));
+        }
+        self.groups
+            .iter()
+            .enumerate()
+            .filter_map(|(g, group)| {
+                let mut closed = closed.remove(&g).unwrap_or_default();
+                if group.panes.is_empty() && closed.is_empty() {
+                    return None;
+                }
+                closed.sort_unstable();
+                Some(GroupSnapshot {
+                    metric: group.metric,
+                    group: group.group.clone(),
+                    hash: group.hash,
+                    panes: group
+                        .panes
+                        .iter()
+                        .map(|(&start, state)| (start, state.clone()))
+                        .collect(),
+                    open: open.remove(&g).unwrap_or_default(),
+                    closed,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes back the state of restored groups.
+    fn restore(&mut self, groups: Vec<GroupSnapshot>) {
+        for snapshot in groups {
+            let g = self.intern(snapshot.metric, &snapshot.group, snapshot.hash);
+            let metric = snapshot.metric as usize;
+            for (pane, state) in snapshot.panes {
+                let expiry = pane + self.widest[metric] + self.allowed_lateness;
+                self.pane_expiry.insert((expiry, g, pane));
+                self.groups[g].panes.insert(pane, state);
+            }
+            for (w, end) in snapshot.open {
+                self.open.insert((end, g, w));
+            }
+            for (w, end, revision) in snapshot.closed {
+                self.closed.insert((g, w, end), revision);
+                self.closed_by_end.insert((end, g, w));
+            }
+        }
     }
 
     fn has_partials(&self) -> bool {
@@ -352,11 +491,19 @@ impl WindowState {
 
     fn intern(&mut self, metric: u16, group: &Group, hash: u64) -> usize {
         let candidates = self.index.entry(hash).or_default();
-        if let Some(&g) = candidates.iter().find(|&&g| self.groups[g].metric == metric && self.groups[g].group == *group) {
+        if let Some(&g) = candidates
+            .iter()
+            .find(|&&g| self.groups[g].metric == metric && self.groups[g].group == *group)
+        {
             return g;
         }
         let g = self.groups.len();
-        self.groups.push(GroupState { metric, group: group.clone(), panes: BTreeMap::new() });
+        self.groups.push(GroupState {
+            metric,
+            group: group.clone(),
+            hash,
+            panes: BTreeMap::new(),
+        });
         candidates.push(g);
         g
     }
@@ -365,11 +512,22 @@ impl WindowState {
     fn update(&self, (g, w, end): WindowKey, revision: u32, is_final: bool) -> WindowUpdate {
         let group = &self.groups[g];
         let spec = self.metrics[group.metric as usize].windows[w as usize];
-        let span = Span { start: end - spec.size(), end };
+        let span = Span {
+            start: end - spec.size(),
+            end,
+        };
         let mut state = AggState::default();
         for (_, pane) in group.panes.range(span.start..span.end) {
             state.merge(pane);
         }
-        WindowUpdate { metric: group.metric, window: w, span, group: group.group.clone(), state, revision, is_final }
+        WindowUpdate {
+            metric: group.metric,
+            window: w,
+            span,
+            group: group.group.clone(),
+            state,
+            revision,
+            is_final,
+        }
     }
 }
