@@ -200,6 +200,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             windows_emitted: stats.windows_emitted.load(Ordering::Relaxed),
             late_updates: stats.late_updates.load(Ordering::Relaxed),
             dead_letters: stats.dead_letters.load(Ordering::Relaxed),
+            events_read: stats.events_read.load(Ordering::Relaxed),
             live_dropped: live.dropped(),
         })
     };

@@ -3,6 +3,7 @@
 
 mod util;
 
+mod crash;
 mod determinism;
 mod history;
 mod ingest;

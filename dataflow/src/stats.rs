@@ -18,6 +18,8 @@ pub struct JobStats {
     pub late_updates: AtomicU64,
     /// Events sent to the dead letters.
     pub dead_letters: AtomicU64,
+    /// Records the sources have read from the log.
+    pub events_read: AtomicU64,
 }
 
 impl JobStats {
@@ -29,6 +31,7 @@ impl JobStats {
             windows_emitted: AtomicU64::new(0),
             late_updates: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
+            events_read: AtomicU64::new(0),
         }
     }
 

@@ -24,6 +24,8 @@ pub struct Observed {
     pub late_updates: u64,
     /// Events sent to the dead letters.
     pub dead_letters: u64,
+    /// Records the job has read from the log.
+    pub events_read: u64,
     /// Live updates dropped because the gateway was behind.
     pub live_dropped: u64,
     /// Checkpoints committed since start.
@@ -57,6 +59,7 @@ pub struct Ops {
     windows_emitted: IntCounter,
     late_updates: IntCounter,
     dead_letters: IntCounter,
+    events_read: IntCounter,
     live_dropped: IntCounter,
     checkpoints: IntCounter,
     checkpoint_failures: IntCounter,
@@ -144,6 +147,10 @@ impl Ops {
                 "tally_dead_letters_total",
                 "Events too late for any kept window.",
             ),
+            events_read: counter(
+                "tally_events_read_total",
+                "Records the job has read from the log since start.",
+            ),
             live_dropped: counter(
                 "tally_live_updates_dropped_total",
                 "Live updates dropped because the fan-out was behind.",
@@ -199,6 +206,7 @@ impl Ops {
             (&self.windows_emitted, o.windows_emitted),
             (&self.late_updates, o.late_updates),
             (&self.dead_letters, o.dead_letters),
+            (&self.events_read, o.events_read),
             (&self.live_dropped, o.live_dropped),
             (&self.checkpoints, o.checkpoints),
             (&self.checkpoint_failures, o.checkpoint_failures),

@@ -213,6 +213,10 @@ pub fn log_source<'scope, S: BatchSource>(
             };
             let now = Instant::now();
             let mut dead = 0;
+            let read: usize = batches.iter().map(|b| b.records.len()).sum();
+            if read > 0 {
+                stats.events_read.fetch_add(read as u64, Ordering::Relaxed);
+            }
             for batch in batches {
                 let Some(clock) = clocks.iter_mut().find(|c| c.partition == batch.partition) else {
                     continue;
