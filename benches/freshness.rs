@@ -18,7 +18,7 @@ use tungstenite::Message;
 
 use tally_dataflow::event::format_rfc3339;
 
-use crate::support::{event, quantile, Tally};
+use crate::support::{event, now_ms, quantile, stamp, Tally, PLACEHOLDER};
 
 const RATE: usize = 100_000;
 const BATCH: usize = 1000;
@@ -127,10 +127,7 @@ fn run_at(rate: usize) {
                         Some(wait) => std::thread::sleep(wait),
                         None => ledger.lock().unwrap().behind += 1,
                     }
-                    let now_ms = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap()
-                        .as_millis() as i64;
+                    let now_ms = now_ms();
                     let body = stamp(&templates[i % templates.len()], now_ms);
                     let window = now_ms - now_ms.rem_euclid(10_000);
                     let sent = {
@@ -200,29 +197,6 @@ fn run_at(rate: usize) {
         quantile(&latencies, 0.99),
         latencies.last().unwrap()
     );
-}
-
-/// A 13-digit time that [`stamp`] replaces.
-const PLACEHOLDER: i64 = 1_000_000_000_000;
-
-/// The template with every placeholder time set to `now_ms`.
-fn stamp(template: &[u8], now_ms: i64) -> Vec<u8> {
-    let (from, to) = (
-        PLACEHOLDER.to_string().into_bytes(),
-        now_ms.to_string().into_bytes(),
-    );
-    assert_eq!(from.len(), to.len());
-    let mut body = template.to_vec();
-    let mut i = 0;
-    while i + from.len() <= body.len() {
-        if body[i..i + from.len()] == from[..] {
-            body[i..i + from.len()].copy_from_slice(&to);
-            i += from.len();
-        } else {
-            i += 1;
-        }
-    }
-    body
 }
 
 /// What the senders share.

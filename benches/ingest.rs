@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::support::{event, Tally};
+use crate::support::{event, now_ms, Tally};
 
 const BATCH: usize = 1000;
 const BATCHES: usize = 600;
@@ -14,7 +14,7 @@ const CONNECTIONS: usize = 4;
 
 pub fn run() {
     let mut rng = fastrand::Rng::with_seed(1);
-    let now = chrono_now_ms();
+    let now = now_ms();
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..BATCHES)
             .map(|b| {
@@ -74,11 +74,4 @@ pub fn run() {
         parse_rate
     );
     println!("    tally run, POST until durable:                {:>10.0} events/s  ({:.2}x the parse rate)", ingest_rate, ingest_rate / parse_rate);
-}
-
-fn chrono_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }

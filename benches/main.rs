@@ -2,17 +2,19 @@
 //! the same run, so a noisy machine still gives a fair ratio.
 //!
 //! ```text
-//! cargo bench --bench tally                 # all three
+//! cargo bench --bench tally                 # all of them
 //! cargo bench --bench tally -- ingest       # (a) HTTP ingest vs raw serde_json parsing
 //! cargo bench --bench tally -- dataflow     # (b) the timely job vs a hand-written HashMap loop
 //! cargo bench --bench tally -- freshness    # (c) POST to WebSocket frame, p50 and p99
 //! cargo bench --bench tally -- history      # (d) GET /v1/metrics over a day vs SQLite's own sum
+//! cargo bench --bench tally -- recovery     # (e) checkpoint cost at 100k events/s; restart with 60 s of backlog
 //! ```
 
 mod dataflow;
 mod freshness;
 mod history;
 mod ingest;
+mod recovery;
 mod support;
 
 // The allocator of the `tally` binary, so the figures are its figures.
@@ -36,5 +38,8 @@ fn main() {
     }
     if run("history") {
         history::run();
+    }
+    if run("recovery") {
+        recovery::run();
     }
 }

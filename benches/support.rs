@@ -83,3 +83,34 @@ impl Drop for Tally {
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
+
+/// A 13-digit time that [`stamp`] replaces.
+pub const PLACEHOLDER: i64 = 1_000_000_000_000;
+
+/// The template with every placeholder time set to `now_ms`.
+pub fn stamp(template: &[u8], now_ms: i64) -> Vec<u8> {
+    let (from, to) = (
+        PLACEHOLDER.to_string().into_bytes(),
+        now_ms.to_string().into_bytes(),
+    );
+    assert_eq!(from.len(), to.len());
+    let mut body = template.to_vec();
+    let mut i = 0;
+    while i + from.len() <= body.len() {
+        if body[i..i + from.len()] == from[..] {
+            body[i..i + from.len()].copy_from_slice(&to);
+            i += from.len();
+        } else {
+            i += 1;
+        }
+    }
+    body
+}
+
+/// The wall clock in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}

@@ -10,7 +10,7 @@ use tally_connectors::bus::inprocess;
 use tally_connectors::checkpoint::{CheckpointStore, Committer};
 use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig, LogSource};
 use tally_connectors::store::sqlite::SqliteStore;
-use tally_dataflow::checkpoint::{Restore, Schedule};
+use tally_dataflow::checkpoint::{PartitionCut, Restore, Schedule};
 use tally_dataflow::config::{Config, Fsync};
 use tally_dataflow::job::{self, JobSettings, Sinks};
 use tally_dataflow::operators::deliver::Backpressure;
@@ -93,9 +93,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         format!("{:?}", config.metrics),
     )
     .context("opening the checkpoint store")?;
-    let restored = checkpoints
+    let mut restored = checkpoints
         .latest()
         .context("reading the last checkpoint")?;
+    if let Some(checkpoint) = restored.as_mut() {
+        clamp_to_log(&mut checkpoint.cuts, &log.next_offsets());
+    }
     let boundary = restored.as_ref().map_or(0, |c| c.boundary);
     match &restored {
         Some(c) => info!(
@@ -255,6 +258,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     log.close().context("closing the event log")?;
     info!("stopped cleanly");
     Ok(())
+}
+
+/// A log written with `fsync` other than `always` can lose its tail in a
+/// machine crash, after a checkpoint named offsets in it. New events take
+/// those offsets again, so reading resumes at the log's end, not past it.
+fn clamp_to_log(cuts: &mut [PartitionCut], ends: &[u64]) {
+    for cut in cuts {
+        let end = ends.get(cut.partition as usize).copied().unwrap_or(0);
+        if cut.next_offset > end {
+            tracing::warn!(
+                partition = cut.partition,
+                checkpoint = cut.next_offset,
+                log = end,
+                "the log ends before the checkpoint's offset; events after the log's end were lost"
+            );
+            cut.next_offset = end;
+        }
+    }
 }
 
 fn open_log(config: &Config, dir: &Path) -> anyhow::Result<EventLog> {

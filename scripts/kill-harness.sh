@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The kill harness at benchmark scale: trials of TALLY_HARNESS_EVENTS events
+# (default 1,000,000), each with TALLY_HARNESS_KILLS SIGKILLs (default 20) of
+# `tally run` at random moments, checked against a batch reference and a
+# failure-free run. Prints how many trials passed.
+#
+#   scripts/kill-harness.sh [TRIALS]        # default 5 trials, seeds 1..TRIALS
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+trials=${1:-5}
+export TALLY_HARNESS_EVENTS=${TALLY_HARNESS_EVENTS:-1000000}
+export TALLY_HARNESS_KILLS=${TALLY_HARNESS_KILLS:-20}
+test_name=crash::kill_9_at_random_moments_stores_exactly_the_failure_free_results
+
+cargo build --release --locked --bin tally --test integration || exit 1
+passed=0
+for seed in $(seq 1 "$trials"); do
+    echo "trial $seed of $trials: $TALLY_HARNESS_EVENTS events, $TALLY_HARNESS_KILLS kills"
+    if TALLY_HARNESS_SEED=$seed cargo test --release --locked --test integration "$test_name" -- --exact --nocapture 2>&1 \
+        | grep -E "kill harness:|panicked|differ|^test result"; then
+        if [ "${PIPESTATUS[0]}" -eq 0 ]; then
+            passed=$((passed + 1))
+        fi
+    fi
+done
+echo "kill harness: $passed of $trials trials passed"
+[ "$passed" -eq "$trials" ]
