@@ -4,19 +4,20 @@
 # `tally run` at random moments, checked against a batch reference and a
 # failure-free run. Prints how many trials passed.
 #
-#   scripts/kill-harness.sh [TRIALS]        # default 5 trials, seeds 1..TRIALS
+#   scripts/kill-harness.sh [TRIALS] [FIRST_SEED]   # default 5 trials, seeds 1..5
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 trials=${1:-5}
+first=${2:-1}
 export TALLY_HARNESS_EVENTS=${TALLY_HARNESS_EVENTS:-1000000}
 export TALLY_HARNESS_KILLS=${TALLY_HARNESS_KILLS:-20}
 test_name=crash::kill_9_at_random_moments_stores_exactly_the_failure_free_results
 
 cargo build --release --locked --bin tally --test integration || exit 1
 passed=0
-for seed in $(seq 1 "$trials"); do
-    echo "trial $seed of $trials: $TALLY_HARNESS_EVENTS events, $TALLY_HARNESS_KILLS kills"
+for seed in $(seq "$first" $((first + trials - 1))); do
+    echo "trial with seed $seed: $TALLY_HARNESS_EVENTS events, $TALLY_HARNESS_KILLS kills"
     if TALLY_HARNESS_SEED=$seed cargo test --release --locked --test integration "$test_name" -- --exact --nocapture 2>&1 \
         | grep -E "kill harness:|panicked|differ|^test result"; then
         if [ "${PIPESTATUS[0]}" -eq 0 ]; then

@@ -27,7 +27,8 @@ fn kill_9_and_sigterm_lose_nothing_and_double_nothing() {
     post_all(&tally, first, 50);
     tally.kill9();
 
-    // Restarted on the same data: the log is replayed into the same store.
+    // Restarted on the same data: it restores its last checkpoint and reads
+    // the log on from there, into the same store.
     let tally = Tally::start(dir.path(), &[], &[]);
     post_all(&tally, second, 50);
     tally.flush(BASE_MS + 150_000);
