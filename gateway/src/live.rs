@@ -15,10 +15,11 @@
 //! default). The hub never waits on a client: when a queue is full the client
 //! is disconnected, and nobody else is delayed.
 //!
-//! **Revisions.** A topic's open window is sent with `final: false`. Its first
-//! final value has revision 0, and every later change to a final value
-//! (a late event) raises the revision, so `(window, revision)` tells a repeat
-//! from a correction.
+//! **Revisions.** A topic's open window is sent with `final: false`. Its
+//! final value carries the sum of the revisions of the groups it merges: 0 at
+//! first, raised by every late event. The job keeps group revisions across
+//! restarts (they are in its checkpoints), so `(window, revision)` tells a
+//! repeat from a correction even across a restart of the server.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,13 +189,13 @@ struct Subscription {
 struct Sent {
     value: Option<f64>,
     is_final: bool,
-    revision: u32,
 }
 
-/// The latest value of every group in one window.
+/// The latest value of every group in one window: its state, whether it
+/// is final, and its revision.
 struct Slot {
     end: Millis,
-    groups: HashMap<Group, (AggState, bool)>,
+    groups: HashMap<Group, (AggState, bool, u32)>,
 }
 
 struct HubState {
@@ -406,7 +407,7 @@ impl HubState {
                 groups: HashMap::new(),
             });
             slot.groups
-                .insert(u.group.clone(), (u.state.clone(), u.is_final));
+                .insert(u.group.clone(), (u.state.clone(), u.is_final, u.revision));
             touched.insert((u.metric, u.window, u.span.start));
         }
         for slots in self.windows.values_mut() {
@@ -459,7 +460,7 @@ impl HubState {
 ///
 /// With `changes_only`, values equal to the last one sent are left out, as
 /// a batch may touch a window without changing what this topic sees. A final
-/// value that differs from the last final sent takes the next revision.
+/// value's revision is the sum of its groups' revisions.
 fn messages(
     metrics: &[MetricSpec],
     key: &SubKey,
@@ -470,41 +471,30 @@ fn messages(
 ) -> Vec<Arc<str>> {
     let metric = &metrics[sub.metric as usize];
     let spec = metric.windows[sub.window as usize];
-    let mut merged: BTreeMap<Option<String>, (AggState, bool)> = BTreeMap::new();
-    for (group, (state, is_final)) in &slot.groups {
+    let mut merged: BTreeMap<Option<String>, (AggState, bool, u32)> = BTreeMap::new();
+    for (group, (state, is_final, revision)) in &slot.groups {
         if !sub.filters.iter().all(|(d, v)| group.get(*d) == Some(v)) {
             continue;
         }
         let entry = merged
             .entry(sub.group_by.map(|d| group[d].clone()))
-            .or_insert((AggState::default(), true));
+            .or_insert((AggState::default(), true, 0));
         entry.0.merge(state);
         entry.1 &= *is_final;
+        entry.2 += revision;
     }
     let now = format_rfc3339(now_ms());
     merged
         .into_iter()
-        .filter_map(|(group, (state, is_final))| {
+        .filter_map(|(group, (state, is_final, revisions))| {
             let value = state.value(metric.aggregate);
             let last = sub.sent.get(&(start, group.clone())).copied();
-            let revision = match last {
-                Some(last) if last.value == value && last.is_final == is_final => {
-                    if changes_only {
-                        return None;
-                    }
-                    last.revision
-                }
-                Some(last) if last.is_final && is_final => last.revision + 1,
-                _ => 0,
-            };
-            sub.sent.insert(
-                (start, group.clone()),
-                Sent {
-                    value,
-                    is_final,
-                    revision,
-                },
-            );
+            if changes_only && last.is_some_and(|l| l.value == value && l.is_final == is_final) {
+                return None;
+            }
+            let revision = if is_final { revisions } else { 0 };
+            sub.sent
+                .insert((start, group.clone()), Sent { value, is_final });
             let mut body = json!({
                 "topic": key.0,
                 "window": spec.to_string(),
@@ -547,7 +537,7 @@ mod tests {
         )
     }
 
-    fn update(count: u64, is_final: bool) -> Arc<WindowUpdate> {
+    fn update(count: u64, is_final: bool, revision: u32) -> Arc<WindowUpdate> {
         Arc::new(WindowUpdate {
             metric: 0,
             window: 0,
@@ -560,7 +550,7 @@ mod tests {
                 count,
                 ..Default::default()
             },
-            revision: 0,
+            revision,
             is_final,
         })
     }
@@ -585,7 +575,7 @@ mod tests {
         let mut stalled = subscribe(&mut hub, 2, 50);
         let mut received = 0;
         for count in 1..=200 {
-            hub.updates(vec![update(count, false)]);
+            hub.updates(vec![update(count, false, 0)]);
             while healthy.try_recv().is_ok() {
                 received += 1;
             }
@@ -604,11 +594,11 @@ mod tests {
     fn finals_are_revised_only_when_they_change() {
         let (mut hub, _) = hub();
         let mut rx = subscribe(&mut hub, 1, 50);
-        hub.updates(vec![update(3, false)]);
-        hub.updates(vec![update(3, false)]);
-        hub.updates(vec![update(3, true)]);
-        hub.updates(vec![update(3, true)]);
-        hub.updates(vec![update(4, true)]);
+        hub.updates(vec![update(3, false, 0)]);
+        hub.updates(vec![update(3, false, 0)]);
+        hub.updates(vec![update(3, true, 0)]);
+        hub.updates(vec![update(3, true, 0)]);
+        hub.updates(vec![update(4, true, 1)]);
         let mut got = Vec::new();
         while let Ok(m) = rx.try_recv() {
             let m: Value = serde_json::from_str(&m).unwrap();
