@@ -3,13 +3,15 @@
 //! The gateway validates and accepts events (`POST /v1/events`), answers
 //! history (`GET /v1/metrics`), fans live values out to WebSocket clients
 //! (`GET /v1/live`), lists dead letters (`GET /v1/deadletters`), and serves
-//! operations endpoints (`/metrics`, `/healthz`, `/readyz`). It reaches the
+//! operations endpoints (`/metrics`, `/healthz`, `/readyz`), and serves the
+//! dashboard and the browser SDK ([`dashboard`]). It reaches the
 //! rest of tally only through the traits in [`backend`], so the same handlers
 //! serve the embedded mode and a cluster.
 //!
 //! # Layout
 //!
 //! - [`backend`]: the event sink and history traits, and their embedded forms.
+//! - [`dashboard`]: the page at `/` and `/sdk/tally.js`.
 //! - [`ingest`]: `POST /v1/events`.
 //! - [`history`]: `GET /v1/metrics` and `GET /v1/deadletters`.
 //! - [`live`]: the WebSocket fan-out hub.
@@ -17,6 +19,7 @@
 //! - [`reply`]: JSON errors.
 
 pub mod backend;
+pub mod dashboard;
 pub mod history;
 pub mod ingest;
 pub mod live;
@@ -110,7 +113,7 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
     let readyz = warp::path!("readyz")
         .and(warp::get())
-        .and(with)
+        .and(with.clone())
         .map(|gw: Arc<Gateway>| {
             if gw.ops.is_ready() {
                 warp::reply::json(&json!({"status": "ready"})).into_response()
@@ -118,10 +121,33 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
             }
         });
-    let index = warp::path::end().and(warp::get()).map(|| {
+    let catalog = warp::path!("v1" / "catalog")
+        .and(warp::get())
+        .and(with)
+        .map(|gw: Arc<Gateway>| {
+            let metrics: Vec<_> = gw
+                .config
+                .metrics
+                .iter()
+                .map(|m| {
+                    json!({
+                        "name": m.name,
+                        "aggregate": m.aggregate.to_string(),
+                        "field": m.field.as_ref().map(ToString::to_string),
+                        "dimensions": m.dimensions,
+                        "windows": m.windows.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            warp::reply::json(&json!({ "metrics": metrics })).into_response()
+        });
+    let index = warp::path!("v1").and(warp::get()).map(|| {
         warp::reply::json(&json!({
             "name": "tally",
             "endpoints": {
+                "GET /": "the dashboard",
+                "GET /sdk/tally.js": "the browser SDK, an ES module",
+                "GET /v1/catalog": "the configured metrics: aggregate, dimensions, windows",
                 "POST /v1/events": "ingest one event, a JSON array, or NDJSON",
                 "GET /v1/metrics": "history: ?metric=&start=&end=&resolution=&<dimension>=<value>&groupBy=",
                 "GET /v1/live": "WebSocket: {\"action\":\"subscribe\",\"topic\":\"metrics:<metric>[:<dimension>:<value>]\"}",
@@ -147,7 +173,11 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(readyz)
         .unify()
+        .or(catalog)
+        .unify()
         .or(index)
+        .unify()
+        .or(dashboard::routes())
         .unify()
         .recover(rejection)
         .unify()

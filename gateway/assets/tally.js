@@ -1,0 +1,218 @@
+// tally's browser SDK, an ES module: live values over WebSocket, and events
+// sent in batches.
+//
+//   import { Tally } from "/sdk/tally.js";
+//   const tally = new Tally();                      // same origin, or new Tally("https://tally.example")
+//   const stop = tally.subscribe("metrics:ad_clicks:country:US", { window: "tumbling 1m" }, (update) => {
+//     console.log(update.windowStart, update.value, update.final, update.revision);
+//   });
+//   tally.track("ad_click", { campaignId: "camp_1", country: "US" }, { amount: 3.5 });
+//
+// The connection is kept open: after a drop it reconnects with jittered
+// exponential backoff, subscribes again, and the server sends each topic's
+// current value. Updates already seen, by (window, revision), are dropped, so
+// `onUpdate` sees every correction once and never an older value after a newer.
+
+const FINAL_KEEP = 512;
+
+export class Tally {
+  /**
+   * @param {string} [baseUrl] where tally listens; the page's origin by default
+   * @param {object} [options]
+   * @param {number} [options.minBackoffMs=500] first reconnect delay
+   * @param {number} [options.maxBackoffMs=15000] longest reconnect delay
+   * @param {number} [options.flushEveryMs=1000] how often tracked events are sent
+   * @param {number} [options.maxBatch=500] events per request at most
+   * @param {(state: string) => void} [options.onState] "connecting", "open", "reconnecting", "closed"
+   * @param {typeof WebSocket} [options.WebSocket] for tests and non-browser runtimes
+   * @param {typeof fetch} [options.fetch]
+   * @param {() => number} [options.random]
+   */
+  constructor(baseUrl, options = {}) {
+    const origin = baseUrl ?? globalThis.location?.origin;
+    if (!origin) throw new Error("tally: give the server's URL");
+    this.baseUrl = origin.replace(/\/$/, "");
+    this.options = {
+      minBackoffMs: 500,
+      maxBackoffMs: 15000,
+      flushEveryMs: 1000,
+      maxBatch: 500,
+      onState: () => {},
+      WebSocket: globalThis.WebSocket,
+      fetch: globalThis.fetch?.bind(globalThis),
+      random: Math.random,
+      ...options,
+    };
+    this.state = "closed";
+    this.subscriptions = new Map();
+    this.socket = null;
+    this.attempt = 0;
+    this.reconnectTimer = null;
+    this.closed = false;
+    this.queue = [];
+    this.flushTimer = null;
+    this.sending = null;
+  }
+
+  /**
+   * Follows a topic. `options` may hold `window` and `groupBy`. Returns a
+   * function that stops it.
+   */
+  subscribe(topic, options, onUpdate) {
+    const request = { action: "subscribe", topic, ...(options?.window && { window: options.window }), ...(options?.groupBy && { groupBy: options.groupBy }) };
+    const key = JSON.stringify([topic, request.window ?? null, request.groupBy ?? null]);
+    const sub = { key, request, onUpdate, seen: new Map(), errors: options?.onError ?? (() => {}) };
+    this.subscriptions.set(key, sub);
+    this.closed = false;
+    if (this.state === "open") this.send(request);
+    else if (!this.socket && !this.reconnectTimer) this.connect();
+    return () => {
+      this.subscriptions.delete(key);
+      if (this.state === "open") this.send({ action: "unsubscribe", topic });
+    };
+  }
+
+  /** Queues an event; it is sent within `flushEveryMs`, with retries. */
+  track(eventType, dimensions = {}, values = {}) {
+    this.queue.push({
+      eventId: randomId(),
+      eventType,
+      timestamp: Date.now(),
+      dimensions,
+      ...(Object.keys(values).length && { values }),
+    });
+    if (this.queue.length >= this.options.maxBatch) this.flush();
+    else if (!this.flushTimer) this.flushTimer = setTimeout(() => this.flush(), this.options.flushEveryMs);
+  }
+
+  /**
+   * Sends what `track` queued. A failed batch is retried with backoff, with
+   * the same eventIds, until the server accepts it or says it is invalid.
+   */
+  async flush() {
+    clearTimeout(this.flushTimer);
+    this.flushTimer = null;
+    while (this.sending) await this.sending;
+    if (!this.queue.length) return;
+    const batch = this.queue.splice(0, this.options.maxBatch);
+    this.sending = this.post(batch).finally(() => (this.sending = null));
+    await this.sending;
+    if (this.queue.length) await this.flush();
+  }
+
+  async post(batch) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const response = await this.options.fetch(`${this.baseUrl}/v1/events`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify(batch),
+        });
+        if (response.ok) return;
+        if (response.status >= 400 && response.status < 500 && response.status !== 429) {
+          throw new Error(`tally refused the events: ${response.status} ${await response.text()}`);
+        }
+      } catch (error) {
+        if (error.message?.startsWith("tally refused")) throw error;
+      }
+      await sleep(this.backoff(attempt));
+    }
+  }
+
+  /** Closes the connection and stops reconnecting. Tracked events are flushed. */
+  async close() {
+    this.closed = true;
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    this.socket?.close();
+    this.socket = null;
+    this.setState("closed");
+    await this.flush();
+  }
+
+  connect() {
+    if (this.closed) return;
+    this.reconnectTimer = null;
+    this.setState(this.attempt === 0 ? "connecting" : "reconnecting");
+    const url = this.baseUrl.replace(/^http/, "ws") + "/v1/live";
+    const socket = new this.options.WebSocket(url);
+    this.socket = socket;
+    socket.onopen = () => {
+      this.attempt = 0;
+      this.setState("open");
+      for (const sub of this.subscriptions.values()) this.send(sub.request);
+    };
+    socket.onmessage = (event) => this.receive(event.data);
+    socket.onclose = () => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      if (this.closed) return;
+      this.setState("reconnecting");
+      this.reconnectTimer = setTimeout(() => this.connect(), this.backoff(this.attempt++));
+    };
+    socket.onerror = () => socket.close();
+  }
+
+  /** Full jitter: a random delay up to the exponential bound. */
+  backoff(attempt) {
+    const bound = Math.min(this.options.maxBackoffMs, this.options.minBackoffMs * 2 ** attempt);
+    return this.options.minBackoffMs / 2 + this.options.random() * (bound - this.options.minBackoffMs / 2);
+  }
+
+  send(message) {
+    if (this.socket?.readyState === 1) this.socket.send(JSON.stringify(message));
+  }
+
+  receive(data) {
+    let message;
+    try {
+      message = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (message.error) {
+      for (const sub of this.subscriptions.values()) if (sub.request.topic === message.topic) sub.errors(message.error);
+      return;
+    }
+    for (const sub of this.subscriptions.values()) {
+      if (sub.request.topic !== message.topic) continue;
+      if (sub.request.window && message.window !== sub.request.window) continue;
+      if (Boolean(sub.request.groupBy) !== Boolean(message.group)) continue;
+      if (isNew(sub.seen, message)) sub.onUpdate(message);
+    }
+  }
+
+  setState(state) {
+    if (state !== this.state) {
+      this.state = state;
+      this.options.onState(state);
+    }
+  }
+}
+
+/**
+ * Whether `message` is news for a subscription: a final or revision not seen
+ * before, or a partial of a window that has no final yet.
+ */
+function isNew(seen, message) {
+  const key = `${message.windowStart}\u0000${JSON.stringify(message.group ?? null)}`;
+  const last = seen.get(key);
+  if (message.final) {
+    if (last?.final && last.revision >= message.revision) return false;
+  } else if (last?.final || (last && last.value === message.value)) {
+    return false;
+  }
+  seen.delete(key);
+  seen.set(key, { final: message.final, revision: message.revision, value: message.value });
+  if (seen.size > FINAL_KEEP) seen.delete(seen.keys().next().value);
+  return true;
+}
+
+function randomId() {
+  if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
+  return "evt_" + Date.now().toString(36) + Math.random().toString(36).slice(2, 12);
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

@@ -1,0 +1,160 @@
+// The dashboard in real headless Chromium, against a real `tally run`:
+// values appear within 2 s of a POST, a late event visibly revises its bar,
+// and after a server restart the page reconnects and updates again.
+//
+//   TALLY_BIN=target/debug/tally node tests/js/dashboard.mjs
+//
+// A screenshot is saved to tests/artifacts/dashboard.png.
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+
+import { chromium } from "playwright-core";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const binary = resolve(root, process.env.TALLY_BIN ?? "target/debug/tally");
+const artifacts = join(root, "tests/artifacts");
+const WINDOW = 10_000;
+
+function freePort() {
+  return new Promise((done) => {
+    const server = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => done(port));
+    });
+  });
+}
+
+/** Starts `tally run` and resolves once it listens. */
+function startTally(port, dataDir) {
+  const child = spawn(binary, ["run", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir, "--config", join(root, "cluster.toml")], {
+    env: { ...process.env, RUST_LOG: "warn" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  return new Promise((done, fail) => {
+    child.once("exit", (code) => fail(new Error(`tally exited with ${code}`)));
+    createInterface({ input: child.stdout }).once("line", (line) => {
+      if (!line.startsWith("listening on ")) fail(new Error(`unexpected first line: ${line}`));
+      done(child);
+    });
+  });
+}
+
+function stopTally(child) {
+  return new Promise((done) => {
+    child.removeAllListeners("exit");
+    child.once("exit", done);
+    child.kill("SIGTERM");
+  });
+}
+
+async function post(url, events) {
+  const response = await fetch(`${url}/v1/events`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(events) });
+  if (response.status !== 202) throw new Error(`POST answered ${response.status}: ${await response.text()}`);
+}
+
+const click = (ms) => ({ eventType: "ad_click", timestamp: ms, dimensions: { campaignId: "camp_1", country: "US", deviceType: "MOBILE", userId: "usr_1" } });
+
+/** Waits until the bar of the window starting at `start` satisfies `check`. */
+async function bar(page, start, check, timeout) {
+  const handle = await page.waitForFunction(
+    ([start, check]) => {
+      const rect = document.querySelector(`.card[data-metric="events"] rect.bar[data-start="${start}"]`);
+      if (!rect) return false;
+      const bar = { value: Number(rect.dataset.value), final: rect.dataset.final === "true", revision: Number(rect.dataset.revision), revised: rect.classList.contains("revised") };
+      return new Function("bar", `return (${check})(bar)`)(bar) && bar;
+    },
+    [start, check.toString()],
+    { timeout, polling: 50 },
+  ).catch(async (e) => {
+    const seen = await page.evaluate((start) => document.querySelector(`.card[data-metric="events"] rect.bar[data-start="${start}"]`)?.outerHTML ?? "no bar", start);
+    throw new Error(`${e.message}\n  waiting for ${check} on the bar at ${start}; it is: ${seen}`);
+  });
+  return handle.jsonValue();
+}
+
+function step(name, since) {
+  console.log(`ok - ${name} (${Date.now() - since} ms)`);
+}
+
+async function main() {
+  const dataDir = mkdtempSync(join(tmpdir(), "tally-dashboard-"));
+  const port = await freePort();
+  const url = `http://127.0.0.1:${port}`;
+  let tally = await startTally(port, dataDir);
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
+    page.on("pageerror", (e) => {
+      throw new Error(`page error: ${e.message}`);
+    });
+    const charts = [
+      { metric: "events", window: "tumbling 10s", filters: [], groupBy: "", top: 5, range: "15m" },
+      { metric: "ad_clicks", window: "tumbling 1m", filters: [], groupBy: "country", top: 5, range: "1h" },
+    ];
+    const hash = Buffer.from(JSON.stringify(charts)).toString("base64url");
+    await page.goto(`${url}/#charts=${hash}`);
+    await page.waitForSelector('#connection[data-state="open"]', { timeout: 10_000 });
+    await page.waitForSelector('.card[data-metric="events"]');
+
+    // Events in the current window, far enough from its end not to cross it.
+    let now = Date.now();
+    if (now % WINDOW > WINDOW - 3000) {
+      await new Promise((r) => setTimeout(r, WINDOW - (now % WINDOW) + 100));
+      now = Date.now();
+    }
+    const start = now - (now % WINDOW);
+    let since = Date.now();
+    await post(url, Array.from({ length: 25 }, () => click(now)));
+    await bar(page, start, (b) => b.value >= 25, 2000);
+    step("the open window shows posted events within 2 s", since);
+
+    // Later events, one to each of the 8 partitions, move every partition's
+    // watermark past the window, which closes it. A late event then revises
+    // it, once the next round of later events carries the watermark past it.
+    const advance = async (ms) => {
+      for (let i = 0; i < 8; i++) await post(url, [click(ms)]);
+    };
+    since = Date.now();
+    await advance(now + 15_000);
+    await bar(page, start, (b) => b.final && b.value === 25, 5000);
+    await post(url, [click(now)]);
+    await advance(now + 16_000);
+    const revised = await bar(page, start, (b) => b.final && b.value === 26 && b.revision >= 1, 5000);
+    if (!revised.revised) throw new Error("the revised bar is not marked as revised");
+    step("a late event revises the final bar", since);
+
+    // Restart the server: the page reconnects and updates again.
+    since = Date.now();
+    await stopTally(tally);
+    await page.waitForSelector('#connection:not([data-state="open"])', { timeout: 10_000 });
+    tally = await startTally(port, dataDir);
+    await page.waitForSelector('#connection[data-state="open"]', { timeout: 30_000 });
+    step("the page reconnects after a restart", since);
+    since = Date.now();
+    await post(url, [click(now)]);
+    await advance(now + 17_000);
+    await bar(page, start, (b) => b.final && b.value === 27, 5000);
+    step("and shows a correction made after the restart", since);
+
+    mkdirSync(artifacts, { recursive: true });
+    await page.screenshot({ path: join(artifacts, "dashboard.png"), fullPage: true });
+    console.log(`screenshot: ${join(artifacts, "dashboard.png")}`);
+  } finally {
+    await browser.close();
+    await stopTally(tally);
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
+main().catch((e) => {
+  console.error(`not ok - ${e.stack ?? e}`);
+  process.exit(1);
+});

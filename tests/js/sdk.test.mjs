@@ -1,0 +1,159 @@
+// The SDK's reconnect, resubscribe, duplicate and retry logic, against a
+// scripted WebSocket and fetch.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+
+import { Tally } from "../../gateway/assets/tally.js";
+
+/** A WebSocket the test drives: it opens, delivers and drops on command. */
+class FakeSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    FakeSocket.all.push(this);
+  }
+  open() {
+    this.readyState = 1;
+    this.onopen?.();
+  }
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+  deliver(message) {
+    this.onmessage?.({ data: JSON.stringify(message) });
+  }
+  close() {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.onclose?.();
+  }
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function nextSocket(count) {
+  for (let i = 0; i < 200 && FakeSocket.all.length < count; i++) await sleep(5);
+  assert.equal(FakeSocket.all.length, count, "a new connection was made");
+  return FakeSocket.all[count - 1];
+}
+
+const update = (start, value, final, revision) => ({
+  topic: "metrics:ad_clicks",
+  window: "tumbling 10s",
+  windowStart: start,
+  windowEnd: "…",
+  value,
+  timestamp: new Date().toISOString(),
+  revision,
+  final,
+});
+
+test("reconnects, subscribes again, and drops what it has seen by (window, revision)", async () => {
+  FakeSocket.all = [];
+  const states = [];
+  const tally = new Tally("http://tally.test", {
+    WebSocket: FakeSocket,
+    minBackoffMs: 10,
+    maxBackoffMs: 40,
+    onState: (s) => states.push(s),
+  });
+  const got = [];
+  tally.subscribe("metrics:ad_clicks", { window: "tumbling 10s" }, (m) => got.push([m.windowStart, m.value, m.final, m.revision]));
+
+  const first = await nextSocket(1);
+  assert.equal(first.url, "ws://tally.test/v1/live");
+  first.open();
+  assert.deepEqual(first.sent, [{ action: "subscribe", topic: "metrics:ad_clicks", window: "tumbling 10s" }]);
+  first.deliver(update("w1", 3, false, 0));
+  first.deliver(update("w1", 3, false, 0)); // the same partial again
+  first.deliver(update("w1", 5, true, 0));
+  first.deliver(update("w1", 4, false, 0)); // a partial after the final is stale
+
+  // The server goes away; the SDK reconnects and asks again.
+  first.close();
+  const second = await nextSocket(2);
+  second.open();
+  assert.deepEqual(second.sent, first.sent);
+  second.deliver(update("w1", 5, true, 0)); // the current value, already seen
+  second.deliver(update("w1", 6, true, 1)); // a late correction
+  second.deliver(update("w1", 6, true, 1));
+  second.deliver(update("w2", 1, false, 0));
+
+  assert.deepEqual(got, [
+    ["w1", 3, false, 0],
+    ["w1", 5, true, 0],
+    ["w1", 6, true, 1],
+    ["w2", 1, false, 0],
+  ]);
+  assert.deepEqual(states, ["connecting", "open", "reconnecting", "open"]);
+  await tally.close();
+  assert.equal(FakeSocket.all.length, 2, "no reconnect after close");
+});
+
+test("backoff is jittered and grows exponentially up to its cap", () => {
+  let r = 0;
+  const tally = new Tally("http://tally.test", { minBackoffMs: 100, maxBackoffMs: 1000, random: () => r });
+  const bounds = [0, 1, 2, 3, 4, 5].map((attempt) => {
+    r = 1;
+    const high = tally.backoff(attempt);
+    r = 0;
+    const low = tally.backoff(attempt);
+    return [low, high];
+  });
+  assert.deepEqual(bounds, [[50, 100], [50, 200], [50, 400], [50, 800], [50, 1000], [50, 1000]]);
+  r = 0.5;
+  assert.equal(tally.backoff(3), 425);
+});
+
+test("a dropped connection is retried until it opens, with the delay growing", async () => {
+  FakeSocket.all = [];
+  const tally = new Tally("http://tally.test", { WebSocket: FakeSocket, minBackoffMs: 10, maxBackoffMs: 80, random: () => 1 });
+  tally.subscribe("metrics:ad_clicks", {}, () => {});
+  const started = Date.now();
+  for (let n = 1; n <= 4; n++) (await nextSocket(n)).close();
+  // Delays of 10, 20, 40 ms before the 2nd, 3rd and 4th attempts.
+  assert.ok(Date.now() - started >= 70, `retried after ${Date.now() - started} ms`);
+  const fifth = await nextSocket(5);
+  fifth.open();
+  assert.equal(tally.state, "open");
+  assert.equal(tally.attempt, 0, "the backoff resets once connected");
+  await tally.close();
+});
+
+test("track batches events and retries with the same eventIds", async () => {
+  const bodies = [];
+  const answers = [() => Promise.reject(new Error("network down")), () => ({ ok: false, status: 503, text: async () => "" }), () => ({ ok: true, status: 202 })];
+  const tally = new Tally("http://tally.test", {
+    minBackoffMs: 1,
+    maxBackoffMs: 4,
+    fetch: async (url, init) => {
+      assert.equal(url, "http://tally.test/v1/events");
+      bodies.push(JSON.parse(init.body));
+      return answers[bodies.length - 1]();
+    },
+  });
+  tally.track("ad_click", { country: "US" });
+  tally.track("purchase", { country: "DE" }, { amount: 9.5 });
+  await tally.flush();
+  assert.equal(bodies.length, 3, "two failures, then accepted");
+  assert.equal(bodies[0].length, 2, "both events in one batch");
+  const ids = bodies.map((b) => b.map((e) => e.eventId).join());
+  assert.equal(new Set(ids).size, 1, "every attempt carries the same eventIds");
+  assert.deepEqual(bodies[2][1].values, { amount: 9.5 });
+  assert.equal(bodies[2][0].values, undefined);
+});
+
+test("track does not retry events the server refuses", async () => {
+  let calls = 0;
+  const tally = new Tally("http://tally.test", {
+    fetch: async () => {
+      calls++;
+      return { ok: false, status: 400, text: async () => '{"error":"bad"}' };
+    },
+  });
+  tally.track("ad_click", {});
+  await assert.rejects(tally.flush(), /refused the events: 400/);
+  assert.equal(calls, 1);
+});
