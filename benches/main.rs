@@ -8,9 +8,11 @@
 //! cargo bench --bench tally -- freshness    # (c) POST to WebSocket frame, p50 and p99
 //! cargo bench --bench tally -- history      # (d) GET /v1/metrics over a day vs SQLite's own sum
 //! cargo bench --bench tally -- recovery     # (e) checkpoint cost at 100k events/s; restart with 60 s of backlog
+//! cargo bench --bench tally -- fanout       # (f) WebSocket clients on one server: delay, memory, CPU, stalled clients
 //! ```
 
 mod dataflow;
+mod fanout;
 mod freshness;
 mod history;
 mod ingest;
@@ -41,5 +43,8 @@ fn main() {
     }
     if run("recovery") {
         recovery::run();
+    }
+    if run("fanout") {
+        fanout::run();
     }
 }

@@ -72,6 +72,13 @@ impl Tally {
     }
 }
 
+impl Tally {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Tally {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,317 @@
+//! (f) Fan-out: many WebSocket clients on one `tally run`.
+//!
+//! Clients connect from 127.0.0.1-4 and each subscribes to one of four
+//! topics (`metrics:events:country:<c>`, tumbling 10 s), which a steady trickle
+//! of events updates once a second. For each delivered message the delay is
+//! the client's receive time minus the `timestamp` the server put in it. The
+//! server's memory per connection is its resident-memory growth over the
+//! connections, and its CPU is its user and system time over the measurement.
+//! The baseline is the same measurement with 100 clients, in the same run.
+//! Then 1,000 stalled clients (they subscribe to every topic and never read)
+//! join the largest group, and it is measured again.
+//!
+//! The client count is bounded by the open-file limit of the two processes;
+//! `ulimit -n` is raised to its hard limit first.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{now_ms, Tally};
+use tally_dataflow::event::parse_rfc3339;
+
+const COUNTRIES: [&str; 4] = ["US", "GB", "DE", "FR"];
+const MEASURE: Duration = Duration::from_secs(20);
+const STALLED: usize = 1000;
+
+/// What the healthy clients saw in one measurement.
+struct Round {
+    delays: Vec<f64>,
+    closed: u64,
+    cpu_cores: f64,
+}
+
+pub fn run() {
+    let limit = raise_open_files();
+    // Each process needs a descriptor per connection, and some to spare.
+    let most = (limit as usize).saturating_sub(STALLED + 500).min(50_000);
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[]);
+    let pid = tally.pid();
+    // One thread of its own, so clients read while the bench sleeps.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(tally.url.clone(), Arc::clone(&stop));
+    std::thread::sleep(Duration::from_secs(2));
+
+    println!("(f) fan-out: clients on 4 topics updated once a second, measured for {} s; open-file limit {limit}", MEASURE.as_secs());
+    let mut sizes = vec![100, 10_000, most];
+    sizes.dedup();
+    let mut biggest = None;
+    for &n in &sizes {
+        let rss_before = rss_kb(pid);
+        let clients = runtime.block_on(Clients::connect(&tally.url, n));
+        std::thread::sleep(Duration::from_secs(3));
+        let rss = rss_kb(pid).saturating_sub(rss_before) as f64 * 1024.0 / n as f64;
+        let round = runtime.block_on(clients.measure(pid));
+        report(&format!("{n} clients"), &round, Some(rss));
+        if n == *sizes.last().unwrap() {
+            biggest = Some((clients, round));
+        } else {
+            runtime.block_on(clients.close());
+        }
+    }
+    if let Some((clients, before)) = biggest {
+        let dropped_before = scrape(&tally.url, "tally_ws_slow_clients_dropped_total ");
+        let stalled = runtime.block_on(stall(&tally.url, STALLED));
+        let stalled_at = Instant::now();
+        // Let their socket buffers and queues fill.
+        std::thread::sleep(Duration::from_secs(15));
+        let after = runtime.block_on(clients.measure(pid));
+        report(
+            &format!("{} clients + {STALLED} stalled", clients.count),
+            &after,
+            None,
+        );
+        let p99 = |r: &Round| quantile(&r.delays, 0.99);
+        println!(
+            "    healthy p99 with the stalled clients: {:+.1}% against without them",
+            (p99(&after) / p99(&before) - 1.0) * 100.0
+        );
+        // How long the server takes to let them go: it drops a client whose
+        // queue overflows, or that has been silent past the ping deadline.
+        let deadline = stalled_at + Duration::from_secs(300);
+        while scrape(&tally.url, "tally_ws_clients ") > clients.count as u64
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        println!(
+            "    stalled clients gone {:.0} s after they stopped reading ({} for a full queue); healthy clients closed: {}",
+            stalled_at.elapsed().as_secs_f64(),
+            scrape(&tally.url, "tally_ws_slow_clients_dropped_total ") - dropped_before,
+            clients.closed.load(Ordering::Relaxed)
+        );
+        drop(stalled);
+        runtime.block_on(clients.close());
+    }
+    stop.store(true, Ordering::Relaxed);
+    feeder.join().unwrap();
+}
+
+fn report(name: &str, round: &Round, rss: Option<f64>) {
+    let memory = rss.map_or(String::new(), |b| {
+        format!(", {:.1} KB/connection", b / 1024.0)
+    });
+    println!(
+        "    {name:<28} delay p50 {:>6.1} ms, p99 {:>6.1} ms, {} messages, {} closed by the server, server CPU {:.2} cores{memory}",
+        quantile(&round.delays, 0.5),
+        quantile(&round.delays, 0.99),
+        round.delays.len(),
+        round.closed,
+        round.cpu_cores,
+    );
+}
+
+/// Healthy clients, reading everything they are sent.
+struct Clients {
+    count: usize,
+    delays: Arc<Mutex<Vec<f64>>>,
+    closed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Clients {
+    async fn connect(url: &str, count: usize) -> Clients {
+        let delays: Arc<Mutex<Vec<f64>>> = Arc::default();
+        let closed = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut ws = open(url, i, None).await;
+            let topic = format!("metrics:events:country:{}", COUNTRIES[i % COUNTRIES.len()]);
+            let subscribe = serde_json::json!({"action": "subscribe", "topic": topic, "window": "tumbling 10s"});
+            ws.send(Message::text(subscribe.to_string())).await.unwrap();
+            let (delays, closed) = (Arc::clone(&delays), Arc::clone(&closed));
+            tasks.push(tokio::spawn(async move {
+                while let Some(frame) = ws.next().await {
+                    match frame {
+                        Ok(Message::Text(text)) => {
+                            let now = now_ms();
+                            if let Some(sent) = server_time(&text) {
+                                delays.lock().unwrap().push((now - sent) as f64);
+                            }
+                        }
+                        Ok(Message::Close(_)) | Err(_) => {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            }));
+        }
+        Clients {
+            count,
+            delays,
+            closed,
+            tasks,
+        }
+    }
+
+    async fn measure(&self, pid: u32) -> Round {
+        self.delays.lock().unwrap().clear();
+        let closed = self.closed.load(Ordering::Relaxed);
+        let cpu = cpu_seconds(pid);
+        let started = Instant::now();
+        tokio::time::sleep(MEASURE).await;
+        let cpu_cores = (cpu_seconds(pid) - cpu) / started.elapsed().as_secs_f64();
+        let mut delays = std::mem::take(&mut *self.delays.lock().unwrap());
+        delays.sort_by(f64::total_cmp);
+        Round {
+            delays,
+            closed: self.closed.load(Ordering::Relaxed) - closed,
+            cpu_cores,
+        }
+    }
+
+    async fn close(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket to `/v1/live` from 127.0.0.(1 + i % 4).
+async fn open(url: &str, i: usize, receive_buffer: Option<u32>) -> Socket {
+    let address: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
+    if let Some(bytes) = receive_buffer {
+        socket.set_recv_buffer_size(bytes).unwrap();
+    }
+    socket
+        .bind(format!("127.0.0.{}:0", 1 + i % 4).parse().unwrap())
+        .unwrap();
+    let stream = socket.connect(address).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{address}/v1/live"), stream)
+        .await
+        .unwrap();
+    ws
+}
+
+/// Clients that subscribe to every topic, in both windows and by country,
+/// and never read again. Their receive buffers are small, so their
+/// server-side queues fill within seconds.
+async fn stall(url: &str, count: usize) -> Vec<Socket> {
+    let mut sockets = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut ws = open(url, i, Some(4096)).await;
+        for window in ["tumbling 10s", "tumbling 1m"] {
+            let mut subscriptions: Vec<_> = COUNTRIES
+                .iter()
+                .map(|c| serde_json::json!({"action": "subscribe", "topic": format!("metrics:events:country:{c}"), "window": window}))
+                .collect();
+            subscriptions.push(serde_json::json!({"action": "subscribe", "topic": "metrics:events", "window": window, "groupBy": "country"}));
+            for subscribe in subscriptions {
+                ws.send(Message::text(subscribe.to_string())).await.unwrap();
+            }
+        }
+        sockets.push(ws);
+    }
+    sockets
+}
+
+/// The server's `timestamp` in a live message.
+fn server_time(text: &str) -> Option<i64> {
+    let at = text.find("\"timestamp\":\"")? + 13;
+    let end = at + text[at..].find('"')?;
+    parse_rfc3339(&text[at..end])
+}
+
+/// Posts events for every topic, a few times a second, until stopped.
+fn feed(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        while !stop.load(Ordering::Relaxed) {
+            let now = now_ms();
+            let events: Vec<_> = (0..200)
+                .map(|i| serde_json::json!({"eventType": "ad_click", "timestamp": now, "dimensions": {"country": COUNTRIES[i % 4], "campaignId": "camp_1"}}))
+                .collect();
+            let _ = agent.post(format!("{url}/v1/events")).send_json(&events);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    })
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    crate::support::quantile(sorted, q)
+}
+
+/// Raises this process's open-file limit to its hard limit; the server,
+/// started after, inherits it. Returns the limit.
+fn raise_open_files() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur as u64
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A value from `/metrics`; `name` ends with the space before the value.
+fn scrape(url: &str, name: &str) -> u64 {
+    let text = ureq::get(format!("{url}/metrics"))
+        .call()
+        .map(|mut r| r.body_mut().read_to_string().unwrap_or_default())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
