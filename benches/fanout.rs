@@ -33,6 +33,8 @@ struct Round {
     delays: Vec<f64>,
     closed: u64,
     cpu_cores: f64,
+    /// The clients' own CPU: they share the machine with the server.
+    client_cores: f64,
 }
 
 pub fn run() {
@@ -112,12 +114,13 @@ fn report(name: &str, round: &Round, rss: Option<f64>) {
         format!(", {:.1} KB/connection", b / 1024.0)
     });
     println!(
-        "    {name:<28} delay p50 {:>6.1} ms, p99 {:>6.1} ms, {} messages, {} closed by the server, server CPU {:.2} cores{memory}",
+        "    {name:<28} delay p50 {:>6.1} ms, p99 {:>6.1} ms, {} messages, {} closed by the server, server CPU {:.2} cores, clients {:.2}{memory}",
         quantile(&round.delays, 0.5),
         quantile(&round.delays, 0.99),
         round.delays.len(),
         round.closed,
         round.cpu_cores,
+        round.client_cores,
     );
 }
 
@@ -169,16 +172,18 @@ impl Clients {
     async fn measure(&self, pid: u32) -> Round {
         self.delays.lock().unwrap().clear();
         let closed = self.closed.load(Ordering::Relaxed);
-        let cpu = cpu_seconds(pid);
+        let (cpu, own) = (cpu_seconds(pid), cpu_seconds(std::process::id()));
         let started = Instant::now();
         tokio::time::sleep(MEASURE).await;
         let cpu_cores = (cpu_seconds(pid) - cpu) / started.elapsed().as_secs_f64();
+        let client_cores = (cpu_seconds(std::process::id()) - own) / started.elapsed().as_secs_f64();
         let mut delays = std::mem::take(&mut *self.delays.lock().unwrap());
         delays.sort_by(f64::total_cmp);
         Round {
             delays,
             closed: self.closed.load(Ordering::Relaxed) - closed,
             cpu_cores,
+            client_cores,
         }
     }
 
