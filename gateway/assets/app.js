@@ -180,12 +180,16 @@ class Chart {
       }
     }
     if (hi === lo) hi = lo + 1;
-    hi += (hi - lo) * 0.08;
+    // Round the axis to a step of 1, 2 or 5 times a power of ten.
+    const raw = (hi - lo) / 4;
+    const power = 10 ** Math.floor(Math.log10(raw));
+    const tick = [1, 2, 5, 10].map((f) => f * power).find((s) => s >= raw);
+    lo = Math.floor(lo / tick) * tick;
+    hi = Math.ceil((hi * 1.02) / tick) * tick;
     const x = (t) => m.l + ((t - start) / (end - start)) * (width - m.l - m.r);
     const y = (v) => m.t + (1 - (v - lo) / (hi - lo)) * (height - m.t - m.b);
     const parts = [];
-    for (let i = 0; i <= 4; i++) {
-      const v = lo + ((hi - lo) * i) / 4;
+    for (let v = lo; v <= hi + tick / 2; v += tick) {
       parts.push(`<line class="grid-line" x1="${m.l}" x2="${width - m.r}" y1="${y(v)}" y2="${y(v)}"/><g class="axis"><text x="${m.l - 6}" y="${y(v) + 3}" text-anchor="end">${format(v)}</text></g>`);
     }
     const ticks = 5;
@@ -222,6 +226,9 @@ class Chart {
           parts.push(`<path class="partial" stroke="${colour}" d="${dd}"/>`);
         }
         for (const [t, p] of finals) if (p.revision > 0) parts.push(`<circle class="revision" cx="${mid(t)}" cy="${y(p.value)}" r="2.5"><title>revised ${p.revision}×</title></circle>`);
+        // The newest point, so a series of one point shows too.
+        const last = points.at(-1);
+        if (last) parts.push(`<circle cx="${mid(last[0])}" cy="${y(last[1].value)}" r="2.5" fill="${colour}"><title>${esc(g)} ${format(last[1].value)}${last[1].final ? "" : " (open)"}</title></circle>`);
       }
       if (this.config.groupBy) legend.push(`<span style="--swatch:${colour}">${esc(g || "(none)")}</span>`);
     });
