@@ -176,7 +176,8 @@ impl Clients {
         let started = Instant::now();
         tokio::time::sleep(MEASURE).await;
         let cpu_cores = (cpu_seconds(pid) - cpu) / started.elapsed().as_secs_f64();
-        let client_cores = (cpu_seconds(std::process::id()) - own) / started.elapsed().as_secs_f64();
+        let client_cores =
+            (cpu_seconds(std::process::id()) - own) / started.elapsed().as_secs_f64();
         let mut delays = std::mem::take(&mut *self.delays.lock().unwrap());
         delays.sort_by(f64::total_cmp);
         Round {
