@@ -21,7 +21,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{now_ms, Tally};
+use crate::support::{agent, now_ms, quantile, scrape, Tally};
 use tally_dataflow::event::parse_rfc3339;
 
 const COUNTRIES: [&str; 4] = ["US", "GB", "DE", "FR"];
@@ -72,7 +72,7 @@ pub fn run() {
         }
     }
     if let Some((clients, before)) = biggest {
-        let dropped_before = scrape(&tally.url, "tally_ws_slow_clients_dropped_total ");
+        let dropped_before = scrape(&tally.url)["tally_ws_slow_clients_dropped_total"];
         let stalled = runtime.block_on(stall(&tally.url, STALLED));
         let stalled_at = Instant::now();
         // Let their socket buffers and queues fill.
@@ -91,7 +91,7 @@ pub fn run() {
         // How long the server takes to let them go: it drops a client whose
         // queue overflows, or that has been silent past the ping deadline.
         let deadline = stalled_at + Duration::from_secs(300);
-        while scrape(&tally.url, "tally_ws_clients ") > clients.count as u64
+        while scrape(&tally.url)["tally_ws_clients"] > clients.count as f64
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_secs(1));
@@ -99,7 +99,7 @@ pub fn run() {
         println!(
             "    stalled clients gone {:.0} s after they stopped reading ({} for a full queue); healthy clients closed: {}",
             stalled_at.elapsed().as_secs_f64(),
-            scrape(&tally.url, "tally_ws_slow_clients_dropped_total ") - dropped_before,
+            scrape(&tally.url)["tally_ws_slow_clients_dropped_total"] - dropped_before,
             clients.closed.load(Ordering::Relaxed)
         );
         drop(stalled);
@@ -247,10 +247,7 @@ fn server_time(text: &str) -> Option<i64> {
 /// Posts events for every topic, a few times a second, until stopped.
 fn feed(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = agent();
         while !stop.load(Ordering::Relaxed) {
             let now = now_ms();
             let events: Vec<_> = (0..200)
@@ -260,13 +257,6 @@ fn feed(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
             std::thread::sleep(Duration::from_millis(250));
         }
     })
-}
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    crate::support::quantile(sorted, q)
 }
 
 /// Raises this process's open-file limit to its hard limit; the server,
@@ -308,16 +298,4 @@ fn cpu_seconds(pid: u32) -> f64 {
     };
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
     (ticks(11) + ticks(12)) / 100.0
-}
-
-/// A value from `/metrics`; `name` ends with the space before the value.
-fn scrape(url: &str, name: &str) -> u64 {
-    let text = ureq::get(format!("{url}/metrics"))
-        .call()
-        .map(|mut r| r.body_mut().read_to_string().unwrap_or_default())
-        .unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }

@@ -18,7 +18,7 @@ use tungstenite::Message;
 
 use tally_dataflow::event::format_rfc3339;
 
-use crate::support::{event, now_ms, quantile, stamp, Tally, PLACEHOLDER};
+use crate::support::{agent, now_ms, post_events, quantile, stamp, templates, Tally};
 
 const RATE: usize = 100_000;
 const BATCH: usize = 1000;
@@ -78,21 +78,7 @@ fn run_at(rate: usize) {
         })
     };
 
-    // Bodies are made before the clock starts, with a placeholder time that
-    // each send overwrites, so the senders spend little CPU of their own.
-    let mut rng = fastrand::Rng::with_seed(3);
-    let templates: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..50)
-            .map(|_| {
-                serde_json::to_vec(
-                    &(0..BATCH)
-                        .map(|_| event(&mut rng, PLACEHOLDER))
-                        .collect::<Vec<_>>(),
-                )
-                .unwrap()
-            })
-            .collect(),
-    );
+    let templates = Arc::new(templates(3, BATCH));
 
     // Senders on a shared open-loop schedule: request i is due at i * interval,
     // whoever sends it. Each request is noted as (sent at, window start, the
@@ -110,10 +96,7 @@ fn run_at(rate: usize) {
                 Arc::clone(&templates),
             );
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .build()
-                    .into();
+                let agent = agent();
                 loop {
                     let i = {
                         let mut l = ledger.lock().unwrap();
@@ -139,12 +122,7 @@ fn run_at(rate: usize) {
                         l.sends.push((sent, window, count));
                         sent
                     };
-                    let response = agent
-                        .post(format!("{url}/v1/events"))
-                        .header("content-type", "application/json")
-                        .send(&body[..])
-                        .unwrap();
-                    assert_eq!(response.status(), 202);
+                    post_events(&agent, &url, &body);
                     ledger
                         .lock()
                         .unwrap()

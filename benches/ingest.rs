@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::support::{event, now_ms, Tally};
+use crate::support::{agent, event, now_ms, post_events, Tally};
 
 const BATCH: usize = 1000;
 const BATCHES: usize = 600;
@@ -46,19 +46,11 @@ pub fn run() {
         .map(|_| {
             let (bodies, next, url) = (Arc::clone(&bodies), Arc::clone(&next), tally.url.clone());
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .build()
-                    .into();
+                let agent = agent();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(body) = bodies.get(i) else { break };
-                    let response = agent
-                        .post(format!("{url}/v1/events"))
-                        .header("content-type", "application/json")
-                        .send(&body[..])
-                        .unwrap();
-                    assert_eq!(response.status(), 202);
+                    post_events(&agent, &url, body);
                 }
             })
         })

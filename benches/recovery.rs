@@ -13,7 +13,6 @@
 //! clock is measured. The baselines are the backlog's own 60 s, and the time
 //! to read its records back from the log files without processing them.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig};
 
-use crate::support::{event, now_ms, stamp, Tally, PLACEHOLDER};
+use crate::support::{agent, metrics_text, now_ms, post_events, scrape, stamp, templates, Tally};
 
 const BATCH: usize = 1000;
 const SENDERS: usize = 4;
@@ -92,7 +91,7 @@ fn restart(rate: usize, backlog: Duration) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let templates = templates(rate);
+    let templates = templates(rate as u64, BATCH);
     let started = Instant::now();
     let mut i = 0;
     while started.elapsed() < backlog {
@@ -161,21 +160,6 @@ fn restart(rate: usize, backlog: Duration) {
     );
 }
 
-/// Request bodies of `BATCH` events with placeholder times.
-fn templates(seed: usize) -> Vec<Vec<u8>> {
-    let mut rng = fastrand::Rng::with_seed(seed as u64);
-    (0..50)
-        .map(|_| {
-            serde_json::to_vec(
-                &(0..BATCH)
-                    .map(|_| event(&mut rng, PLACEHOLDER))
-                    .collect::<Vec<_>>(),
-            )
-            .unwrap()
-        })
-        .collect()
-}
-
 /// Open-loop senders posting `rate` events/s of current time until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -185,7 +169,7 @@ struct Load {
 
 impl Load {
     fn start(url: &str, rate: usize) -> Load {
-        let templates = Arc::new(templates(rate));
+        let templates = Arc::new(templates(rate as u64, BATCH));
         let (stop, sent) = (
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicUsize::new(0)),
@@ -202,10 +186,7 @@ impl Load {
                     url.to_owned(),
                 );
                 std::thread::spawn(move || {
-                    let agent: ureq::Agent = ureq::Agent::config_builder()
-                        .http_status_as_error(false)
-                        .build()
-                        .into();
+                    let agent = agent();
                     while !stop.load(Ordering::Relaxed) {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let due = Duration::from_secs_f64((i * BATCH) as f64 / rate as f64);
@@ -213,12 +194,7 @@ impl Load {
                             std::thread::sleep(wait);
                         }
                         let body = stamp(&templates[i % templates.len()], now_ms());
-                        let response = agent
-                            .post(format!("{url}/v1/events"))
-                            .header("content-type", "application/json")
-                            .send(&body[..])
-                            .unwrap();
-                        assert_eq!(response.status(), 202);
+                        post_events(&agent, &url, &body);
                         sent.fetch_add(BATCH, Ordering::Relaxed);
                     }
                 })
@@ -241,18 +217,6 @@ impl Load {
     }
 }
 
-/// The unlabelled samples of `/metrics`.
-fn scrape(url: &str) -> HashMap<String, f64> {
-    metrics_text(url)
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.contains('{'))
-        .filter_map(|l| {
-            l.split_once(' ')
-                .and_then(|(k, v)| Some((k.to_owned(), v.trim().parse().ok()?)))
-        })
-        .collect()
-}
-
 /// The largest worker watermark lag, once every worker has one.
 fn scrape_lag(url: &str) -> Option<f64> {
     let lags: Vec<f64> = metrics_text(url)
@@ -261,11 +225,4 @@ fn scrape_lag(url: &str) -> Option<f64> {
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
         .collect();
     (!lags.is_empty()).then(|| lags.into_iter().fold(f64::MIN, f64::max))
-}
-
-fn metrics_text(url: &str) -> String {
-    ureq::get(format!("{url}/metrics"))
-        .call()
-        .map(|mut r| r.body_mut().read_to_string().unwrap_or_default())
-        .unwrap_or_default()
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the benchmarks: the default metrics, generated events,
 //! and a `tally run` process.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -86,9 +87,66 @@ impl Drop for Tally {
     }
 }
 
-/// The `q`-quantile of sorted values.
+/// The `q`-quantile of sorted values; NaN when there are none.
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// An HTTP client that returns error statuses instead of failing on them.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// POSTs a JSON body of events and insists on a 202.
+pub fn post_events(agent: &ureq::Agent, url: &str, body: &[u8]) {
+    let response = agent
+        .post(format!("{url}/v1/events"))
+        .header("content-type", "application/json")
+        .send(body)
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}
+
+/// Request bodies of `batch` events with [`PLACEHOLDER`] times, made before
+/// a clock starts so the senders spend little CPU of their own.
+pub fn templates(seed: u64, batch: usize) -> Vec<Vec<u8>> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..50)
+        .map(|_| {
+            serde_json::to_vec(
+                &(0..batch)
+                    .map(|_| event(&mut rng, PLACEHOLDER))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// The text of `/metrics`, or nothing if the server does not answer.
+pub fn metrics_text(url: &str) -> String {
+    ureq::get(format!("{url}/metrics"))
+        .call()
+        .map(|mut r| r.body_mut().read_to_string().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// The unlabelled samples of `/metrics`.
+pub fn scrape(url: &str) -> HashMap<String, f64> {
+    metrics_text(url)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| {
+            l.split_once(' ')
+                .and_then(|(k, v)| Some((k.to_owned(), v.trim().parse().ok()?)))
+        })
+        .collect()
 }
 
 /// A 13-digit time that [`stamp`] replaces.
