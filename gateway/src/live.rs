@@ -135,13 +135,9 @@ impl Hub {
         ));
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
-            tokio::select! {
+            let outgoing = tokio::select! {
                 message = rx.recv() => match message {
-                    Some(text) => {
-                        if !matches!(tokio::time::timeout(SEND_LIMIT, sink.send(Message::text(&*text))).await, Ok(Ok(()))) {
-                            break;
-                        }
-                    }
+                    Some(text) => Message::text(&*text),
                     None => {
                         // The hub dropped us: our queue overflowed.
                         let _ = sink.send(Message::close_with(1008u16, "too slow: the message queue overflowed")).await;
@@ -149,22 +145,23 @@ impl Hub {
                     }
                 },
                 reply = replies.recv() => match reply {
-                    Some(text) => {
-                        if !matches!(tokio::time::timeout(SEND_LIMIT, sink.send(Message::text(text))).await, Ok(Ok(()))) {
-                            break;
-                        }
-                    }
+                    Some(text) => Message::text(text),
                     // The client closed, or its connection failed.
                     None => break,
                 },
                 _ = ping.tick() => {
                     let heard = Duration::from_millis(heard.load(Ordering::Relaxed));
-                    if started.elapsed().saturating_sub(heard) > SILENCE_LIMIT
-                        || !matches!(tokio::time::timeout(SEND_LIMIT, sink.send(Message::ping(Vec::new()))).await, Ok(Ok(())))
-                    {
+                    if started.elapsed().saturating_sub(heard) > SILENCE_LIMIT {
                         break;
                     }
+                    Message::ping(Vec::new())
                 }
+            };
+            if !matches!(
+                tokio::time::timeout(SEND_LIMIT, sink.send(outgoing)).await,
+                Ok(Ok(()))
+            ) {
+                break;
             }
         }
         reader.abort();
