@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use tally_dataflow::aggregate::Sketch;
 
-use crate::util::{eventually, Generated, Tally, BASE_MS};
+use crate::util::{dead_letters, eventually, Generated, Tally, BASE_MS};
 
 /// Events per request.
 const BATCH: usize = 500;
@@ -155,14 +155,6 @@ fn stored(dir: &Path) -> BTreeMap<Key, (Value, Option<f64>)> {
     .unwrap()
 }
 
-fn dead_letters(dir: &Path) -> usize {
-    let conn = Connection::open(dir.join("results.db")).unwrap();
-    conn.query_row("SELECT count(*) FROM dead_letters", [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .unwrap() as usize
-}
-
 /// Every key where `got` differs from `expected`, as a short report.
 fn differences(
     got: &BTreeMap<Key, (Value, Option<f64>)>,
@@ -191,23 +183,6 @@ fn start(dir: &Path, workers: usize) -> Tally {
         ("TALLY__CHECKPOINT__INTERVAL", "2s"),
     ];
     Tally::start(dir, &env, &["--workers", &workers.to_string()])
-}
-
-/// Posts one event far past the end to every partition, so every window
-/// before it closes. The windows of the flush events themselves stay open.
-fn flush(tally: &Tally, at_ms: i64) {
-    let flush = Generated {
-        event_type: "flush",
-        time_ms: at_ms,
-        campaign: "camp_0".into(),
-        country: "US",
-        device: "MOBILE",
-        user: "usr_0".into(),
-        amount: None,
-    };
-    for _ in 0..2 {
-        tally.post_events(&[flush.json()]);
-    }
 }
 
 /// Waits until the store equals `expected`, or fails with what differs.
@@ -286,7 +261,7 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
             tally = kill(tally, &mut killed, &mut rng);
         }
     }
-    flush(&tally, end_ms);
+    tally.flush(end_ms);
     tally = kill(tally, &mut killed, &mut rng);
     assert_eq!(killed, kills.max(1));
     assert!(
@@ -320,7 +295,7 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
     for request in &requests {
         tally.post_events(&request.iter().map(|(e, _)| e.json()).collect::<Vec<_>>());
     }
-    flush(&tally, end_ms);
+    tally.flush(end_ms);
     let without = settle(&tally, &expected, Duration::from_secs(180));
     tally.stop();
     let sketches = |rows: &BTreeMap<Key, (Value, Option<f64>)>| -> Vec<(Key, Option<f64>)> {
@@ -391,13 +366,13 @@ fn a_restart_reads_only_what_follows_the_checkpoint() {
     );
 
     let tally = start(dir.path(), 1);
-    flush(&tally, BASE_MS + 3_600_000);
+    tally.flush(BASE_MS + 3_600_000);
     settle(&tally, &reference(&events), Duration::from_secs(60));
-    // The restored job read the records after the cut, the two flush
+    // The restored job read the records after the cut, the flush
     // events, and no others.
     assert_eq!(
         prometheus(&tally, "tally_events_read_total"),
-        events.len() as u64 + 2 - before_cut
+        events.len() as u64 + crate::util::PARTITIONS as u64 - before_cut
     );
     tally.stop();
 }

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use serde_json::json;
 use tally_dataflow::aggregate::Sketch;
 
-use crate::util::{clickstream, eventually, Generated, Tally, BASE_MS};
+use crate::util::{clickstream, dead_letters, eventually, Generated, Tally, BASE_MS};
 
 /// A stored window: metric, window, start, group, count, sum, sketch
 /// estimate, revision.
@@ -37,12 +37,6 @@ fn stored(dir: &std::path::Path) -> Vec<Row> {
     .unwrap()
     .collect::<Result<_, _>>()
     .unwrap()
-}
-
-fn dead_letters(dir: &std::path::Path) -> i64 {
-    let conn = Connection::open(dir.join("results.db")).unwrap();
-    conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))
-        .unwrap()
 }
 
 /// Waits until the store stops changing and holds the flush windows.

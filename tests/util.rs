@@ -160,6 +160,15 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::Exit
     }
 }
 
+/// The dead letters stored in `dir`'s result store.
+pub fn dead_letters(dir: &Path) -> usize {
+    let conn = rusqlite::Connection::open(dir.join("results.db")).unwrap();
+    conn.query_row("SELECT count(*) FROM dead_letters", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap() as usize
+}
+
 /// Log partitions in the default configuration.
 pub const PARTITIONS: usize = 8;
 
