@@ -85,6 +85,7 @@ fn batches() -> Vec<SourceBatch> {
             SourceBatch {
                 partition,
                 offset,
+                next_offset: offset + chunk.len() as u64,
                 records: chunk.to_vec(),
             }
         })

@@ -5,6 +5,11 @@
 # (rusqlite's bundled build) and the event log is tally's own. The tests start
 # `tally run` themselves, on 127.0.0.1 port 0, in temporary directories.
 #
+# The cluster tests run against real services, which scripts/services.sh
+# installs when missing (Redis and ClickHouse from apt, tansu with cargo) and
+# starts on private loopback ports, with data in a state directory of their
+# own that is removed afterwards.
+#
 # The dashboard and SDK tests need Node.js (with npm) and Chromium, which are
 # installed from Debian's packages when missing, and playwright-core from npm.
 set -euo pipefail
@@ -25,7 +30,26 @@ if [ ${#packages[@]} -gt 0 ]; then
 fi
 
 cargo build --locked --workspace --all-targets
+
+# Kafka (tansu), ClickHouse and Redis for the cluster tests; their addresses
+# reach the tests as KAFKA_BROKERS, CLICKHOUSE_URL and REDIS_URL.
+export TALLY_SERVICES_DIR=${TMPDIR:-/tmp}/tally-test-services
+trap 'scripts/services.sh stop' EXIT
+set -a
+eval "$(scripts/services.sh start)"
+set +a
+
 cargo test --locked --workspace
+
+# The cluster as a user starts it: two workers of two threads, two gateways.
+export TALLY_BIN=target/debug/tally TALLY_CLUSTER_DIR=${TMPDIR:-/tmp}/tally-test-cluster
+trap 'scripts/cluster.sh stop || true; scripts/services.sh stop' EXIT
+scripts/cluster.sh start --workers 2 --threads 2 --gateways 2
+gateway=$(scripts/cluster.sh status | awk '$1 == "gateway" { print $3; exit }')
+curl -sf -H 'content-type: application/json' -d '{"eventType":"ad_click","dimensions":{"campaignId":"c1"}}' "$gateway/v1/events"
+echo
+scripts/cluster.sh status
+scripts/cluster.sh stop
 
 # The SDK (node) and the dashboard (headless Chromium, against target/debug/tally).
 (cd tests/js && npm ci --no-audit --no-fund --silent)

@@ -2,10 +2,13 @@
 //!
 //! `tally run` is the whole pipeline in one process: the gateway, the
 //! embedded event log, the timely workers, the SQLite result store and the
-//! in-process live bus.
+//! in-process live bus. The cluster runs the same pipeline as `tally worker`
+//! processes (Kafka in, ClickHouse and Redis out) and `tally gateway` nodes.
 
 mod demo;
+mod gateway;
 mod run;
+mod worker;
 
 // Events turn into many short-lived strings and maps on every thread;
 // mimalloc serves that pattern far better than the system allocator.
@@ -13,10 +16,12 @@ mod run;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use tally_dataflow::config::Config;
+use tracing::info;
 
 /// Real-time analytics: ingest events, aggregate them in event-time windows
 /// on timely dataflow, query history, and push live values over WebSocket.
@@ -32,6 +37,14 @@ enum Command {
     /// Runs everything in one process on the embedded defaults: event log,
     /// timely workers, SQLite results and in-process live bus.
     Run(RunArgs),
+    /// Runs one timely process of the cluster described by `[cluster]`: it
+    /// reads its workers' share of the Kafka partitions and writes results
+    /// to ClickHouse and live values to Redis.
+    Worker(WorkerArgs),
+    /// Runs a stateless HTTP and WebSocket node of the cluster: it produces
+    /// events to Kafka, answers history from ClickHouse and fans out live
+    /// values from Redis.
+    Gateway(GatewayArgs),
 }
 
 /// Options of `tally run`. Each one overrides the configuration file and the
@@ -60,6 +73,85 @@ pub struct RunArgs {
     pub demo: bool,
 }
 
+/// Options of `tally worker`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Configuration file, as for `tally run`.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// This process's index in `cluster.addresses`, from 0.
+    #[arg(long, value_name = "I")]
+    pub process: usize,
+}
+
+/// Options of `tally gateway`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Configuration file, as for `tally run`.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Address for HTTP and WebSocket; port 0 picks a free port, which is
+    /// printed on start-up. Overrides `server.listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Loads the configuration: defaults, then the file (`path`, or
+/// `./cluster.toml` if it exists), then `TALLY__*` variables, then
+/// `overrides` of `section.key` from the command line.
+pub fn load_config(path: Option<&Path>, overrides: &[(&str, String)]) -> anyhow::Result<Config> {
+    let path = path
+        .map(Path::to_owned)
+        .or_else(|| Some(PathBuf::from("cluster.toml")).filter(|p| p.exists()));
+    let text = match &path {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let mut env: Vec<(String, String)> = std::env::vars().collect();
+    for (key, value) in overrides {
+        env.push((
+            format!("TALLY__{}", key.replace('.', "__").to_uppercase()),
+            value.clone(),
+        ));
+    }
+    match Config::load(text.as_deref(), env) {
+        Ok(config) => Ok(config),
+        Err(errors) => {
+            let source = path.map_or("the defaults".to_string(), |p| p.display().to_string());
+            bail!(
+                "invalid configuration ({source}):\n  - {}",
+                errors.join("\n  - ")
+            )
+        }
+    }
+}
+
+/// A TOML string literal.
+pub fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => info!("received SIGTERM"),
+        _ = tokio::signal::ctrl_c() => info!("received Ctrl-C"),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -70,5 +162,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => run::run(args).context("tally run"),
+        Command::Worker(args) => worker::worker(args).context("tally worker"),
+        Command::Gateway(args) => gateway::gateway(args).context("tally gateway"),
     }
 }

@@ -1,13 +1,13 @@
 //! `tally run`: the embedded pipeline in one process.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use tally_connectors::bus::inprocess;
-use tally_connectors::checkpoint::{CheckpointStore, Committer};
+use tally_connectors::checkpoint::{CheckpointStore, Committer, Members};
 use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig, LogSource};
 use tally_connectors::store::sqlite::SqliteStore;
 use tally_dataflow::checkpoint::{PartitionCut, Restore, Schedule};
@@ -21,60 +21,24 @@ use tally_gateway::ops::{Observed, Ops};
 use tally_gateway::Gateway;
 use tracing::info;
 
-use crate::RunArgs;
+use crate::{load_config, shutdown_signal, toml_string, RunArgs};
 
 /// Batches of live updates in flight between the workers and the fan-out.
 const LIVE_BUS_BATCHES: usize = 1024;
 
-/// Loads the configuration: defaults, then the file, then `TALLY__*`
-/// variables, then the command-line flags.
-pub fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
-    let path = args
-        .config
-        .clone()
-        .or_else(|| Some(PathBuf::from("cluster.toml")).filter(|p| p.exists()));
-    let text = match &path {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-        }
-        None => None,
-    };
-    let mut env: Vec<(String, String)> = std::env::vars().collect();
-    if let Some(listen) = args.listen {
-        env.push((
-            "TALLY__SERVER__LISTEN".into(),
-            toml_string(&listen.to_string()),
-        ));
-    }
-    if let Some(dir) = &args.data_dir {
-        env.push((
-            "TALLY__STORAGE__DATA_DIR".into(),
-            toml_string(&dir.to_string_lossy()),
-        ));
-    }
-    if let Some(workers) = args.workers {
-        env.push(("TALLY__DATAFLOW__WORKERS".into(), workers.to_string()));
-    }
-    match Config::load(text.as_deref(), env) {
-        Ok(config) => Ok(config),
-        Err(errors) => {
-            let source = path.map_or("the defaults".to_string(), |p| p.display().to_string());
-            bail!(
-                "invalid configuration ({source}):\n  - {}",
-                errors.join("\n  - ")
-            )
-        }
-    }
-}
-
-/// A TOML string literal.
-fn toml_string(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 /// Runs until SIGTERM or Ctrl-C.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = Arc::new(load_config(&args)?);
+    let mut overrides = Vec::new();
+    if let Some(listen) = args.listen {
+        overrides.push(("server.listen", toml_string(&listen.to_string())));
+    }
+    if let Some(dir) = &args.data_dir {
+        overrides.push(("storage.data_dir", toml_string(&dir.to_string_lossy())));
+    }
+    if let Some(workers) = args.workers {
+        overrides.push(("dataflow.workers", workers.to_string()));
+    }
+    let config = Arc::new(load_config(args.config.as_deref(), &overrides)?);
     let data_dir = config.storage.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -114,7 +78,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let durable = writer.durable();
     let (committer, part_sinks) = Committer::start(
         checkpoints,
-        workers,
+        Members::single(workers),
         config.checkpoint.keep,
         Arc::clone(&schedule),
         move || durable.through(),
@@ -220,6 +184,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             lateness,
             bus,
             Arc::clone(&ops),
+            None,
         );
         let gateway = Arc::new(Gateway {
             config: Arc::clone(&config),
@@ -307,24 +272,5 @@ async fn enforce_retention(log: EventLog) {
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot enforce log retention"),
             Err(e) => tracing::warn!(error = %e, "the retention task failed"),
         }
-    }
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
-            }
-        }
-    };
-    tokio::select! {
-        _ = terminate => info!("received SIGTERM"),
-        _ = tokio::signal::ctrl_c() => info!("received Ctrl-C"),
     }
 }

@@ -10,9 +10,9 @@ use tungstenite::{Message, WebSocket};
 
 use crate::util::{Tally, BASE_MS};
 
-type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
+pub type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
 
-fn connect(tally: &Tally) -> Socket {
+pub fn connect(tally: &Tally) -> Socket {
     let url = format!("{}/v1/live", tally.url.replace("http://", "ws://"));
     let (socket, _) = tungstenite::connect(url).expect("WebSocket handshake");
     if let MaybeTlsStream::Plain(stream) = socket.get_ref() {
@@ -25,7 +25,11 @@ fn connect(tally: &Tally) -> Socket {
 
 /// Reads frames until one satisfies `want`, or fails after `timeout`.
 #[track_caller]
-fn wait_for(socket: &mut Socket, timeout: Duration, mut want: impl FnMut(&Value) -> bool) -> Value {
+pub fn wait_for(
+    socket: &mut Socket,
+    timeout: Duration,
+    mut want: impl FnMut(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     while Instant::now() < deadline {

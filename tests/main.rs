@@ -3,6 +3,7 @@
 
 mod util;
 
+mod cluster;
 mod crash;
 mod determinism;
 mod history;

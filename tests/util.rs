@@ -35,12 +35,17 @@ impl Tally {
             .arg(default_config())
             .args(args)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut child = command.spawn().expect("start tally");
+        Tally::launch(command, dir)
+    }
+
+    /// Starts a tally command that prints `listening on URL` first, and
+    /// waits for that line.
+    pub fn launch(mut command: Command, dir: &Path) -> Tally {
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("start tally");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         BufReader::new(stdout)

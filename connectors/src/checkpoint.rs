@@ -13,7 +13,10 @@
 //! A checkpoint is committed when its manifest exists. The manifest is
 //! written only once every worker's part is written and the result store
 //! holds every result emitted before the boundary, so a restored job never
-//! misses a result it will not emit again. Every put is atomic, so a reader
+//! misses a result it will not emit again. A job of several processes
+//! (the cluster) shares one store: each process writes its share,
+//! `process-<i>.json`, once its own parts and results are written, and
+//! process 0 writes the manifest when every share is there. Every put is atomic, so a reader
 //! never sees half a file, and a directory without a manifest is never read.
 //! After each commit, all but the newest `keep` committed checkpoints are
 //! deleted, along with any unfinished ones older than them.
@@ -33,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tally_dataflow::checkpoint::{
     CheckpointSink, GroupSnapshot, PartitionCut, Schedule, WorkerPart,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 const MANIFEST: &str = "manifest.json";
 
@@ -221,6 +224,42 @@ impl CheckpointStore {
         Ok(())
     }
 
+    async fn write_share(
+        &self,
+        boundary: u64,
+        process: usize,
+        share: &Share,
+    ) -> Result<(), CheckpointError> {
+        let bytes = serde_json::to_vec(share)
+            .map_err(|e| CheckpointError::Corrupt(share_name(process), e.to_string()))?;
+        let path = self.dir(boundary).join(share_name(process));
+        self.store.put(&path, PutPayload::from(bytes)).await?;
+        Ok(())
+    }
+
+    /// Every process's share of checkpoint `boundary`, or `None` while
+    /// some are missing.
+    async fn read_shares(
+        &self,
+        boundary: u64,
+        processes: usize,
+    ) -> Result<Option<Vec<Share>>, CheckpointError> {
+        let mut shares = Vec::with_capacity(processes);
+        for process in 0..processes {
+            let path = self.dir(boundary).join(share_name(process));
+            let bytes = match self.store.get(&path).await {
+                Ok(found) => found.bytes().await?,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            shares.push(
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| CheckpointError::Corrupt(path.to_string(), e.to_string()))?,
+            );
+        }
+        Ok(Some(shares))
+    }
+
     /// Deletes everything older than the newest `keep` committed checkpoints.
     async fn prune(&self, keep: usize) -> Result<usize, CheckpointError> {
         let mut committed = Vec::new();
@@ -259,6 +298,10 @@ fn part_name(worker: usize) -> String {
     format!("part-{worker:05}.bin")
 }
 
+fn share_name(process: usize) -> String {
+    format!("process-{process:05}.json")
+}
+
 /// Counters of the checkpoints taken since start.
 #[derive(Default)]
 pub struct CheckpointStats {
@@ -293,21 +336,60 @@ pub struct Committer {
     pub stats: Arc<CheckpointStats>,
 }
 
-/// A checkpoint whose parts are still arriving.
-struct Pending {
+/// Which of the job's processes this is, for a job spread over several.
+#[derive(Clone, Copy, Debug)]
+pub struct Members {
+    /// This process's index.
+    pub process: usize,
+    /// The number of processes.
+    pub processes: usize,
+    /// Worker threads in each process.
+    pub threads: usize,
+}
+
+impl Members {
+    /// A job in one process of `threads` workers.
+    pub fn single(threads: usize) -> Members {
+        Members {
+            process: 0,
+            processes: 1,
+            threads,
+        }
+    }
+}
+
+/// A process's share of a checkpoint, once its parts are written and its
+/// result store holds everything before the boundary.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Share {
     parts: Vec<String>,
     cuts: Vec<PartitionCut>,
     bytes: u64,
+}
+
+/// A checkpoint whose parts are still arriving.
+struct Pending {
+    share: Share,
     started: Instant,
 }
 
+/// How often process 0 looks for the other processes' shares.
+const SHARES_EVERY: Duration = Duration::from_millis(250);
+
 impl Committer {
-    /// Starts committing the checkpoints of `workers` workers into `store`.
-    /// `durable` says up to what time the result store holds every result.
-    /// Returns the committer and one part sink per worker.
+    /// Starts committing this process's part of the checkpoints into
+    /// `store`. `durable` says up to what time the process's result store
+    /// holds every result. Returns the committer and one part sink per
+    /// worker thread of the process.
+    ///
+    /// In a job of one process, the committer writes the manifest once its
+    /// workers' parts are written and `durable` has passed the boundary. In
+    /// a job of several, each process then writes its share
+    /// (`process-<i>.json`), and process 0 writes the manifest once every
+    /// process's share is there.
     pub fn start(
         store: CheckpointStore,
-        workers: usize,
+        members: Members,
         keep: usize,
         schedule: Arc<Schedule>,
         durable: impl Fn() -> u64 + Send + 'static,
@@ -319,20 +401,20 @@ impl Committer {
             std::thread::Builder::new()
                 .name("checkpoints".into())
                 .spawn(move || {
-                    commit_loop(
-                        &store,
-                        workers,
-                        keep.max(1),
-                        &schedule,
-                        &durable,
-                        &rx,
-                        &stats,
-                    )
+                    let mut committer = CommitLoop {
+                        store: &store,
+                        members,
+                        keep: keep.max(1),
+                        stats: &stats,
+                        pending: BTreeMap::new(),
+                        shared: BTreeMap::new(),
+                    };
+                    committer.run(&schedule, &durable, &rx)
                 })?
         };
         Ok((
             Committer { thread, stats },
-            (0..workers).map(|_| PartSink(tx.clone())).collect(),
+            (0..members.threads).map(|_| PartSink(tx.clone())).collect(),
         ))
     }
 
@@ -344,101 +426,156 @@ impl Committer {
     }
 }
 
-fn commit_loop(
-    store: &CheckpointStore,
-    workers: usize,
+struct CommitLoop<'a> {
+    store: &'a CheckpointStore,
+    members: Members,
     keep: usize,
-    schedule: &Schedule,
-    durable: &dyn Fn() -> u64,
-    rx: &Receiver<WorkerPart>,
-    stats: &CheckpointStats,
-) {
-    let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(part) => {
-                let entry = pending.entry(part.boundary).or_insert_with(|| Pending {
-                    parts: Vec::new(),
-                    cuts: Vec::new(),
-                    bytes: 0,
-                    started: Instant::now(),
-                });
-                let bytes = retry(stats, "write a checkpoint part", || {
-                    store.runtime.block_on(store.write_part(&part))
-                });
-                entry.parts.push(part_name(part.worker));
-                entry.cuts.extend(part.cuts);
-                entry.bytes += bytes;
+    stats: &'a CheckpointStats,
+    /// This process's checkpoints whose parts are still arriving.
+    pending: BTreeMap<u64, Pending>,
+    /// Process 0: checkpoints whose own share is written, waiting for the
+    /// other processes' shares, with when the first part arrived.
+    shared: BTreeMap<u64, Instant>,
+}
+
+impl CommitLoop<'_> {
+    fn run(&mut self, schedule: &Schedule, durable: &dyn Fn() -> u64, rx: &Receiver<WorkerPart>) {
+        let mut shares_checked = Instant::now();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(part) => self.write_part(part),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
-        }
-        // Parts arrive in boundary order from each worker, so the lowest
-        // pending checkpoint is the next to complete.
-        while let Some(entry) = pending.first_entry() {
-            let boundary = *entry.key();
-            if entry.get().parts.len() < workers || durable() < boundary {
-                break;
-            }
-            let done = entry.remove();
-            let mut cuts = done.cuts;
-            cuts.sort_by_key(|c| c.partition);
-            let mut parts = done.parts;
-            parts.sort();
-            let manifest = Manifest {
-                boundary,
-                workers,
-                parts,
-                cuts,
-                job: store.job.clone(),
-                bytes: done.bytes,
-            };
-            retry(stats, "commit a checkpoint", || {
-                store.runtime.block_on(store.commit(&manifest))
-            });
-            schedule.committed(boundary);
-            let took = done.started.elapsed();
-            stats.committed.fetch_add(1, Ordering::Relaxed);
-            stats.boundary.store(boundary, Ordering::Relaxed);
-            stats.bytes.store(done.bytes, Ordering::Relaxed);
-            stats
-                .duration_ms
-                .store(took.as_millis() as u64, Ordering::Relaxed);
-            tracing::debug!(boundary, bytes = done.bytes, ?took, "checkpoint committed");
-            match store.runtime.block_on(store.prune(keep)) {
-                Ok(0) => {}
-                Ok(deleted) => tracing::debug!(deleted, "pruned old checkpoints"),
-                Err(e) => {
-                    warn!(error = %e, "cannot prune old checkpoints; trying again after the next one")
+            // Parts arrive in boundary order from each worker, so the lowest
+            // pending checkpoint is the next to complete.
+            while let Some(entry) = self.pending.first_entry() {
+                let boundary = *entry.key();
+                if entry.get().share.parts.len() < self.members.threads || durable() < boundary {
+                    break;
                 }
+                let done = entry.remove();
+                schedule.committed(boundary);
+                if self.members.processes == 1 {
+                    self.commit(boundary, done.share, done.started);
+                } else {
+                    let share = &done.share;
+                    retry(self.stats, "write a checkpoint share", || {
+                        self.store.runtime.block_on(self.store.write_share(
+                            boundary,
+                            self.members.process,
+                            share,
+                        ))
+                    });
+                    if self.members.process == 0 {
+                        self.shared.insert(boundary, done.started);
+                    }
+                }
+            }
+            if !self.shared.is_empty() && shares_checked.elapsed() >= SHARES_EVERY {
+                shares_checked = Instant::now();
+                self.commit_shared();
+            }
+        }
+    }
+
+    fn write_part(&mut self, part: WorkerPart) {
+        let bytes = retry(self.stats, "write a checkpoint part", || {
+            self.store.runtime.block_on(self.store.write_part(&part))
+        });
+        let entry = self
+            .pending
+            .entry(part.boundary)
+            .or_insert_with(|| Pending {
+                share: Share::default(),
+                started: Instant::now(),
+            });
+        entry.share.parts.push(part_name(part.worker));
+        entry.share.cuts.extend(part.cuts);
+        entry.share.bytes += bytes;
+    }
+
+    /// Process 0: commits the newest checkpoint every process has its
+    /// share of. Older ones still waiting are given up: a newer commit
+    /// makes them useless, and pruning deletes them.
+    fn commit_shared(&mut self) {
+        let store = self.store;
+        let waiting: Vec<(u64, Instant)> =
+            self.shared.iter().rev().map(|(&b, &t)| (b, t)).collect();
+        for (boundary, started) in waiting {
+            let shares = match store
+                .runtime
+                .block_on(store.read_shares(boundary, self.members.processes))
+            {
+                Ok(Some(shares)) => shares,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(boundary, error = %e, "cannot read the checkpoint shares; trying again");
+                    return;
+                }
+            };
+            let mut whole = Share::default();
+            for share in shares {
+                whole.parts.extend(share.parts);
+                whole.cuts.extend(share.cuts);
+                whole.bytes += share.bytes;
+            }
+            self.shared.retain(|&b, _| b > boundary);
+            self.commit(boundary, whole, started);
+            return;
+        }
+    }
+
+    fn commit(&self, boundary: u64, share: Share, started: Instant) {
+        let Share {
+            mut parts,
+            mut cuts,
+            bytes,
+        } = share;
+        cuts.sort_by_key(|c| c.partition);
+        parts.sort();
+        let manifest = Manifest {
+            boundary,
+            workers: self.members.processes * self.members.threads,
+            parts,
+            cuts,
+            job: self.store.job.clone(),
+            bytes,
+        };
+        let store = self.store;
+        retry(self.stats, "commit a checkpoint", || {
+            store.runtime.block_on(store.commit(&manifest))
+        });
+        let took = started.elapsed();
+        let stats = self.stats;
+        stats.committed.fetch_add(1, Ordering::Relaxed);
+        stats.boundary.store(boundary, Ordering::Relaxed);
+        stats.bytes.store(bytes, Ordering::Relaxed);
+        stats
+            .duration_ms
+            .store(took.as_millis() as u64, Ordering::Relaxed);
+        tracing::debug!(boundary, bytes, ?took, "checkpoint committed");
+        match store.runtime.block_on(store.prune(self.keep)) {
+            Ok(0) => {}
+            Ok(deleted) => tracing::debug!(deleted, "pruned old checkpoints"),
+            Err(e) => {
+                warn!(error = %e, "cannot prune old checkpoints; trying again after the next one")
             }
         }
     }
 }
 
-/// Runs `op` until it succeeds, backing off up to 5 s between attempts.
+/// Runs `op` until it succeeds, counting each failure.
 fn retry<T>(
     stats: &CheckpointStats,
     what: &str,
     mut op: impl FnMut() -> Result<T, CheckpointError>,
 ) -> T {
-    let mut attempt: u32 = 0;
-    loop {
-        match op() {
-            Ok(value) => {
-                if attempt > 0 {
-                    info!(attempt, "managed to {what}");
-                }
-                return value;
-            }
-            Err(e) => {
-                attempt += 1;
-                stats.failures.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, attempt, "cannot {what}; retrying");
-                std::thread::sleep(Duration::from_millis(100 * u64::from(attempt.min(50))));
-            }
-        }
-    }
+    crate::retry::blocking(what, || {
+        op().inspect_err(|_| {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+        })
+    })
 }
 
 #[cfg(test)]
@@ -475,7 +612,7 @@ mod tests {
         let durable = Arc::new(AtomicU64::new(0));
         let (committer, mut sinks) = {
             let durable = Arc::clone(&durable);
-            Committer::start(open(), 2, 2, schedule, move || {
+            Committer::start(open(), Members::single(2), 2, schedule, move || {
                 durable.load(Ordering::Relaxed)
             })
             .unwrap()

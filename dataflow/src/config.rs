@@ -38,6 +38,14 @@ pub struct Config {
     pub live: LiveConfig,
     /// `[checkpoint]`: snapshots of the job, for restarts without replay.
     pub checkpoint: CheckpointConfig,
+    /// `[cluster]`: the timely processes of `tally worker`.
+    pub cluster: ClusterConfig,
+    /// `[kafka]`: the event log of the cluster.
+    pub kafka: KafkaConfig,
+    /// `[clickhouse]`: the result store of the cluster.
+    pub clickhouse: ClickHouseConfig,
+    /// `[redis]`: the live bus of the cluster.
+    pub redis: RedisConfig,
     /// `[[metric]]`: what to compute.
     pub metrics: Vec<MetricSpec>,
 }
@@ -125,6 +133,67 @@ pub struct CheckpointConfig {
     pub keep: usize,
 }
 
+/// `[cluster]`: how `tally worker` processes form one timely computation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterConfig {
+    /// Timely processes. Default 1.
+    pub processes: usize,
+    /// Worker threads per process; 0 means one per core. Default 0.
+    pub threads: usize,
+    /// `host:port` of each process, in process order, for timely's own
+    /// connections between them. Default `127.0.0.1:4100`, `:4101`, ….
+    pub addresses: Vec<String>,
+}
+
+/// `[kafka]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`. Default `127.0.0.1:9092`.
+    pub brokers: String,
+    /// The events topic. Default `tally-events`.
+    pub topic: String,
+    /// Partitions the events topic is created with when missing. Default 8.
+    pub partitions: u32,
+    /// Replication factor of created topics. Default 1.
+    pub replication: u16,
+}
+
+impl KafkaConfig {
+    /// The topic dead letters are written to: the events topic's name
+    /// followed by `-dlq`.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}-dlq", self.topic)
+    }
+}
+
+/// `[clickhouse]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClickHouseConfig {
+    /// HTTP endpoint. Default `http://127.0.0.1:8123`.
+    pub url: String,
+    /// Database, created if missing. Default `tally`.
+    pub database: String,
+    /// User. Default `default`.
+    pub user: String,
+    /// Password. Default empty.
+    pub password: String,
+    /// An insert is sent once it has this many rows… Default 10000.
+    pub batch_rows: usize,
+    /// …or once its oldest row has waited this long. Default `1s`.
+    pub batch_interval: Duration,
+    /// Raw events are kept this long, in daily partitions. Default `7d`.
+    pub raw_retention: Duration,
+}
+
+/// `[redis]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisConfig {
+    /// Server URL. Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Prefix of every channel and key tally uses. Default `tally`.
+    pub prefix: String,
+}
+
 /// One `[[metric]]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricSpec {
@@ -181,10 +250,19 @@ impl Config {
 
     /// The number of worker threads to run.
     pub fn workers(&self) -> usize {
-        match self.dataflow.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        }
+        threads_or_cores(self.dataflow.workers)
+    }
+
+    /// Worker threads per `tally worker` process.
+    pub fn cluster_threads(&self) -> usize {
+        threads_or_cores(self.cluster.threads)
+    }
+}
+
+fn threads_or_cores(n: usize) -> usize {
+    match n {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     }
 }
 
@@ -277,6 +355,12 @@ impl Reader {
             section("live"),
         );
         let mut checkpoint = section("checkpoint");
+        let (mut cluster, mut kafka, mut clickhouse, mut redis) = (
+            section("cluster"),
+            section("kafka"),
+            section("clickhouse"),
+            section("redis"),
+        );
         for (key, _) in root {
             self.errors.push(format!("{key}: unknown section"));
         }
@@ -317,16 +401,74 @@ impl Reader {
                     .filter(|u| !u.is_empty()),
                 keep: self.integer(&mut checkpoint, "keep", 2, 1..=1000) as usize,
             },
+            cluster: self.cluster(&mut cluster),
+            kafka: KafkaConfig {
+                brokers: self.string(&mut kafka, "brokers", "127.0.0.1:9092"),
+                topic: self.string(&mut kafka, "topic", "tally-events"),
+                partitions: self.integer(&mut kafka, "partitions", 8, 1..=10_000) as u32,
+                replication: self.integer(&mut kafka, "replication", 1, 1..=100) as u16,
+            },
+            clickhouse: ClickHouseConfig {
+                url: self.string(&mut clickhouse, "url", "http://127.0.0.1:8123"),
+                database: self.string(&mut clickhouse, "database", "tally"),
+                user: self.string(&mut clickhouse, "user", "default"),
+                password: self.string(&mut clickhouse, "password", ""),
+                batch_rows: self.integer(&mut clickhouse, "batch_rows", 10_000, 1..=1_000_000)
+                    as usize,
+                batch_interval: self.duration(
+                    &mut clickhouse,
+                    "batch_interval",
+                    Duration::from_secs(1),
+                ),
+                raw_retention: self.duration(
+                    &mut clickhouse,
+                    "raw_retention",
+                    Duration::from_secs(7 * 86_400),
+                ),
+            },
+            redis: RedisConfig {
+                url: self.string(&mut redis, "url", "redis://127.0.0.1:6379"),
+                prefix: self.string(&mut redis, "prefix", "tally"),
+            },
             metrics,
         };
+        if !is_identifier(&config.clickhouse.database) {
+            self.errors.push(format!(
+                "clickhouse.database: '{}' must be letters, digits and '_'",
+                config.clickhouse.database
+            ));
+        }
         if config.checkpoint.interval < Duration::from_millis(100) {
             self.errors
                 .push("checkpoint.interval: must be at least 100ms".into());
         }
-        for section in [server, storage, log, dataflow, live, checkpoint] {
+        for section in [
+            server, storage, log, dataflow, live, checkpoint, cluster, kafka, clickhouse, redis,
+        ] {
             self.unknown_keys(section);
         }
         config
+    }
+
+    fn cluster(&mut self, s: &mut Section) -> ClusterConfig {
+        let processes = self.integer(s, "processes", 1, 1..=1024) as usize;
+        let threads = self.integer(s, "threads", 0, 0..=1024) as usize;
+        let mut addresses = self.strings(s, "addresses");
+        if addresses.is_empty() {
+            addresses = (0..processes)
+                .map(|i| format!("127.0.0.1:{}", 4100 + i))
+                .collect();
+        } else if addresses.len() != processes {
+            self.errors.push(format!(
+                "cluster.addresses: {} addresses for {processes} processes; give one per process",
+                addresses.len()
+            ));
+        }
+        ClusterConfig {
+            processes,
+            threads,
+            addresses,
+        }
     }
 
     fn metrics(&mut self, items: Vec<Value>) -> Vec<MetricSpec> {

@@ -16,6 +16,7 @@ use timely::dataflow::Scope;
 use crate::checkpoint::{CheckpointSink, Progress, Restore, Schedule};
 use crate::config::{Config, MetricSpec};
 use crate::operators::deliver::{Backpressure, Deliver, Sink};
+use crate::operators::gossip::share_high_watermark;
 use crate::operators::source::{log_source, BatchSource, Contribution, DeadLetter, SourceSettings};
 use crate::operators::windows::{Checkpointing, WindowSettings, WindowUpdate, Windows};
 use crate::stats::JobStats;
@@ -29,6 +30,9 @@ pub struct JobSettings {
     pub source: SourceSettings,
     /// Timing rules of the window operator.
     pub windows: WindowSettings,
+    /// Processes the job runs in; with more than one, they share their
+    /// high watermarks (see [`crate::operators::gossip`]).
+    pub processes: usize,
 }
 
 impl JobSettings {
@@ -45,6 +49,7 @@ impl JobSettings {
                 allowed_lateness: config.dataflow.allowed_lateness,
                 live_interval: config.live.interval,
             },
+            processes: 1,
         }
     }
 }
@@ -86,6 +91,9 @@ pub fn build<'scope, S, St, Li, De>(
     let metrics = Rc::new(settings.metrics.clone());
     let progress = Rc::new(RefCell::new(Progress::new(&restore.cuts)));
     let partitions = input.partitions();
+    if settings.processes > 1 {
+        share_high_watermark(scope, Arc::clone(&stats));
+    }
     let records = log_source(
         scope,
         input,
@@ -178,6 +186,7 @@ mod tests {
                 let batch = SourceBatch {
                     partition: 0,
                     offset,
+                    next_offset: offset + ts.len() as u64,
                     records: ts.iter().map(|&t| event(t)).collect(),
                 };
                 offset += ts.len() as u64;
@@ -209,6 +218,7 @@ mod tests {
                 allowed_lateness: 30_000,
                 live_interval: std::time::Duration::from_secs(3600),
             },
+            processes: 1,
         }
     }
 

@@ -6,7 +6,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use tally_connectors::bus::redis::RedisFeed;
+use tally_connectors::kafka::producer::KafkaProducer;
 use tally_connectors::log::EventLog;
+use tally_connectors::store::clickhouse::ClickHouseStore;
 use tally_connectors::store::sqlite::SqliteStore;
 use tally_dataflow::operators::source::DeadLetter;
 use tally_dataflow::query::{Query, StoredWindow};
@@ -29,6 +32,14 @@ pub trait History: Send + Sync + 'static {
     fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, String>>;
     /// The newest dead letters, newest first.
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, String>>;
+}
+
+/// Which metrics the gateway's WebSocket clients hold, for a live bus that
+/// delivers only what is wanted.
+pub trait LiveInterest: Send + Sync + 'static {
+    /// The first topic of `metric` was subscribed (`true`), or the last one
+    /// released (`false`).
+    fn want(&self, metric: &str, wanted: bool);
 }
 
 /// The embedded log as an event sink. Each request goes whole to one
@@ -83,5 +94,41 @@ impl History for EmbeddedStore {
             .await
             .map_err(|e| e.to_string())?
         })
+    }
+}
+
+/// The events topic as an event sink: `202` once the brokers acknowledge.
+pub struct KafkaEvents(pub KafkaProducer);
+
+impl EventSink for KafkaEvents {
+    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), String>> {
+        let append = self.0.append(records);
+        Box::pin(async move { append.await.map_err(|e| e.to_string()) })
+    }
+
+    fn log_bytes(&self) -> u64 {
+        // The brokers hold the log; their own metrics report its size.
+        0
+    }
+}
+
+/// ClickHouse as history.
+pub struct ClickHouseHistory(pub ClickHouseStore);
+
+impl History for ClickHouseHistory {
+    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, String>> {
+        let store = self.0.clone();
+        Box::pin(async move { store.windows(&query).await.map_err(|e| e.to_string()) })
+    }
+
+    fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, String>> {
+        let store = self.0.clone();
+        Box::pin(async move { store.dead_letters(limit).await.map_err(|e| e.to_string()) })
+    }
+}
+
+impl LiveInterest for RedisFeed {
+    fn want(&self, metric: &str, wanted: bool) {
+        RedisFeed::want(self, metric, wanted);
     }
 }

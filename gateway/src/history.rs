@@ -77,6 +77,7 @@ pub async fn dead_letters(gateway: Arc<Gateway>, raw_query: String) -> ApiResult
             json!({
                 "partition": d.partition,
                 "offset": d.offset,
+                "index": d.index,
                 "reason": d.reason,
                 "watermark": format_rfc3339(d.watermark),
                 "event": serde_json::from_slice::<Value>(&d.record).unwrap_or(Value::Null),

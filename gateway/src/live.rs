@@ -39,6 +39,7 @@ use tally_dataflow::window::WindowSpec;
 use tokio::sync::mpsc;
 use warp::ws::{Message, WebSocket};
 
+use crate::backend::LiveInterest;
 use crate::now_ms;
 use crate::ops::Ops;
 use crate::reply::number;
@@ -90,14 +91,21 @@ impl Hub {
     /// Starts the fan-out task, fed by the live bus. Windows are kept while
     /// a late event can still revise them: `lateness` is the allowed
     /// lateness plus the out-of-orderness.
+    ///
+    /// With `interest`, the bus delivers only the metrics asked for: the hub
+    /// asks for a metric when its first topic is subscribed, and releases
+    /// it, forgetting its windows, when the last one is.
     pub fn start(
         metrics: Arc<Vec<MetricSpec>>,
         lateness: Millis,
         bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>,
         ops: Arc<Ops>,
+        interest: Option<Arc<dyn LiveInterest>>,
     ) -> Hub {
         let (commands, rx) = mpsc::channel(4096);
-        tokio::spawn(HubState::new(metrics, lateness, ops).run(rx, bus));
+        let mut state = HubState::new(metrics, lateness, ops);
+        state.interest = interest;
+        tokio::spawn(state.run(rx, bus));
         Hub {
             commands,
             next_client: Arc::new(AtomicU64::new(1)),
@@ -248,6 +256,9 @@ struct HubState {
     windows: HashMap<(u16, u8), BTreeMap<Millis, Slot>>,
     subs: HashMap<SubKey, Subscription>,
     clients: HashMap<u64, (mpsc::Sender<Arc<str>>, HashSet<SubKey>)>,
+    /// Subscriptions per metric.
+    refs: HashMap<u16, usize>,
+    interest: Option<Arc<dyn LiveInterest>>,
 }
 
 impl HubState {
@@ -259,6 +270,8 @@ impl HubState {
             windows: HashMap::new(),
             subs: HashMap::new(),
             clients: HashMap::new(),
+            refs: HashMap::new(),
+            interest: None,
         }
     }
 
@@ -370,11 +383,11 @@ impl HubState {
         if !keys.insert(key.clone()) {
             return;
         }
+        let (metrics, refs, interest) = (&self.metrics, &mut self.refs, &self.interest);
         let sub = self.subs.entry(key.clone()).or_insert_with(|| {
             let mut parts = key.0.split(':').skip(1);
             let name = parts.next().unwrap_or_default();
-            let (metric, spec) = self
-                .metrics
+            let (metric, spec) = metrics
                 .iter()
                 .enumerate()
                 .find(|(_, m)| m.name == name)
@@ -392,6 +405,13 @@ impl HubState {
                     )
                 })
                 .collect();
+            let count = refs.entry(metric as u16).or_default();
+            *count += 1;
+            if *count == 1 {
+                if let Some(interest) = interest {
+                    interest.want(&spec.name, true);
+                }
+            }
             Subscription {
                 metric: metric as u16,
                 window: key.1,
@@ -417,7 +437,19 @@ impl HubState {
         if let Some(sub) = self.subs.get_mut(key) {
             sub.clients.remove(&client);
             if sub.clients.is_empty() {
+                let metric = sub.metric;
                 self.subs.remove(key);
+                let count = self.refs.entry(metric).or_default();
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.refs.remove(&metric);
+                    if let Some(interest) = &self.interest {
+                        // Its windows stop being updated; they are read
+                        // afresh if the metric is wanted again.
+                        interest.want(&self.metrics[metric as usize].name, false);
+                        self.windows.retain(|(m, _), _| *m != metric);
+                    }
+                }
             }
         }
     }
@@ -449,6 +481,18 @@ impl HubState {
                 end: u.span.end,
                 groups: HashMap::new(),
             });
+            // A bus may repeat an older value of a final window (a latest
+            // value read while the final or a correction was on its way):
+            // keep the newest.
+            if slot
+                .groups
+                .get(&u.group)
+                .is_some_and(|&(_, is_final, revision)| {
+                    is_final && (!u.is_final || u.revision < revision)
+                })
+            {
+                continue;
+            }
             slot.groups
                 .insert(u.group.clone(), (u.state.clone(), u.is_final, u.revision));
             touched.insert((u.metric, u.window, u.span.start));

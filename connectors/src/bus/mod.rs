@@ -1,7 +1,9 @@
-//! The live bus: carries window values from the workers to the gateway's
+//! The live bus: carries window values from the workers to the gateways'
 //! WebSocket fan-out.
 //!
-//! The embedded bus ([`inprocess`]) is a bounded in-process channel.
+//! The embedded bus ([`inprocess`]) is a bounded in-process channel. The
+//! cluster's ([`redis`]) is Redis pub/sub, one channel per metric, with the
+//! latest values kept under a key for new subscribers.
 //!
 //! **Delivery guarantee.** Best effort. When the gateway falls behind, a
 //! worker drops the batch rather than wait, and counts the drop. Stored
@@ -9,3 +11,4 @@
 //! client can tell a repeat from a correction.
 
 pub mod inprocess;
+pub mod redis;

@@ -153,6 +153,7 @@ fn read_loop(
                 let source_batch = SourceBatch {
                     partition: batch.partition,
                     offset: batch.base_offset,
+                    next_offset: batch.base_offset + batch.records.len() as u64,
                     records: batch.records,
                 };
                 if !deliver(source_batch) {

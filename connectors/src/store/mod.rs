@@ -1,14 +1,197 @@
 //! The result store: final window values, kept for history queries.
 //!
-//! The embedded store is SQLite ([`sqlite`]), one file in the data directory.
+//! The embedded store is SQLite ([`sqlite`]), one file in the data
+//! directory; the cluster's is ClickHouse ([`clickhouse`]).
 //!
 //! **Delivery guarantee.** A window result is keyed by (metric, window, start,
-//! group) and carries a revision. Writing it is an upsert that replaces a
-//! stored row only with a higher revision, so re-emitting results, as a
-//! restart that replays the log does, overwrites and never adds.
+//! group) and carries a revision. Writing it replaces a stored row only with
+//! a higher revision (an upsert in SQLite, a `ReplacingMergeTree` versioned by
+//! revision in ClickHouse), so re-emitting results, as a restart that replays
+//! the log does, overwrites and never adds.
 //!
 //! **Backpressure.** Workers hand results to a writer thread over a bounded
-//! channel. When the channel is full the worker's sink keeps the results and
-//! the dataflow stops reading the log until the writer catches up.
+//! channel ([`StoreWriter`]). When the channel is full the worker's sink keeps
+//! the results and the dataflow stops reading the log until the writer
+//! catches up. A writer that cannot reach its database retries the same rows
+//! until it can, so a store outage stalls the job and loses nothing.
 
+pub mod clickhouse;
 pub mod sqlite;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use tally_dataflow::operators::deliver::Sink;
+use tally_dataflow::operators::source::DeadLetter;
+use tally_dataflow::operators::windows::WindowUpdate;
+use tracing::error;
+
+/// Batches a writer may have queued before sinks must wait.
+const QUEUE: usize = 256;
+
+/// Separates dimension values in the stored group key. It cannot appear in a
+/// value that came from JSON text without an escape, and is never produced by
+/// the parser's number or boolean conversions.
+const SEP: char = '\u{1f}';
+
+/// What a writer thread is asked to do.
+enum Write {
+    Windows(Vec<Arc<WindowUpdate>>),
+    DeadLetters(Vec<DeadLetter>),
+    /// Sink `.0` has sent everything before time `.1`.
+    Frontier(usize, u64),
+}
+
+/// How far the store holds each sink's records: the frontier every sink has
+/// reported, once what came before the report is committed.
+#[derive(Clone, Default)]
+pub struct Durable(Arc<Mutex<Vec<u64>>>);
+
+impl Durable {
+    fn register(&self) -> usize {
+        let mut frontiers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        frontiers.push(0);
+        frontiers.len() - 1
+    }
+
+    fn set(&self, sink: usize, frontier: u64) {
+        let mut frontiers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        frontiers[sink] = frontiers[sink].max(frontier);
+    }
+
+    /// Records the frontiers reported in `writes`, once they are committed.
+    fn committed(&self, writes: &[Write]) {
+        for write in writes {
+            if let Write::Frontier(sink, frontier) = write {
+                self.set(*sink, *frontier);
+            }
+        }
+    }
+
+    /// Every record any sink was given before this time is committed.
+    pub fn through(&self) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// A store's writer thread, and the sinks that feed it.
+pub struct StoreWriter {
+    tx: Sender<Write>,
+    thread: JoinHandle<()>,
+    durable: Durable,
+}
+
+impl StoreWriter {
+    /// Starts a writer thread running `write_loop` until every sink is gone.
+    fn start(
+        name: &str,
+        write_loop: impl FnOnce(Receiver<Write>, Durable) + Send + 'static,
+    ) -> std::io::Result<StoreWriter> {
+        let (tx, rx) = bounded(QUEUE);
+        let durable = Durable::default();
+        let reports = durable.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || write_loop(rx, reports))?;
+        Ok(StoreWriter {
+            tx,
+            thread,
+            durable,
+        })
+    }
+
+    /// A sink for a worker's final window values. Take one per worker: the
+    /// store's [`Durable`] frontier waits for every sink taken.
+    pub fn window_sink(&self) -> WindowSink {
+        WindowSink(self.tx.clone(), self.durable.register())
+    }
+
+    /// A sink for a worker's dead letters; one per worker, as above.
+    pub fn dead_letter_sink(&self) -> DeadLetterSink {
+        DeadLetterSink(self.tx.clone(), self.durable.register())
+    }
+
+    /// How far the store holds what its sinks were given.
+    pub fn durable(&self) -> Durable {
+        self.durable.clone()
+    }
+
+    /// Waits until everything queued has been written. Drop every sink
+    /// first: the writer finishes when the last of them is gone.
+    pub fn close(self) {
+        drop(self.tx);
+        if self.thread.join().is_err() {
+            error!("the store writer panicked; results queued at shutdown may be missing until the log is replayed");
+        }
+    }
+}
+
+/// The store as a sink of final window values.
+#[derive(Clone)]
+pub struct WindowSink(Sender<Write>, usize);
+
+impl Sink<Arc<WindowUpdate>> for WindowSink {
+    fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
+        offer(&self.0, items, Write::Windows, |w| match w {
+            Write::Windows(v) => v,
+            _ => unreachable!("only windows are offered here"),
+        });
+    }
+
+    fn advance(&mut self, frontier: u64) -> bool {
+        self.0.try_send(Write::Frontier(self.1, frontier)).is_ok()
+    }
+}
+
+/// The store as a sink of dead letters.
+#[derive(Clone)]
+pub struct DeadLetterSink(Sender<Write>, usize);
+
+impl Sink<DeadLetter> for DeadLetterSink {
+    fn offer(&mut self, items: &mut Vec<DeadLetter>) {
+        offer(&self.0, items, Write::DeadLetters, |w| match w {
+            Write::DeadLetters(v) => v,
+            _ => unreachable!("only dead letters are offered here"),
+        });
+    }
+
+    fn advance(&mut self, frontier: u64) -> bool {
+        self.0.try_send(Write::Frontier(self.1, frontier)).is_ok()
+    }
+}
+
+/// Queues all of `items` if there is room, or leaves them for a later offer.
+fn offer<T>(
+    tx: &Sender<Write>,
+    items: &mut Vec<T>,
+    wrap: fn(Vec<T>) -> Write,
+    unwrap: fn(Write) -> Vec<T>,
+) {
+    match tx.try_send(wrap(std::mem::take(items))) {
+        Ok(()) => {}
+        Err(TrySendError::Full(back)) => *items = unwrap(back),
+        Err(TrySendError::Disconnected(back)) => {
+            // Only at shutdown; the log still holds these events.
+            *items = unwrap(back);
+        }
+    }
+}
+
+/// A group's stored key: its dimension values joined by [`SEP`].
+fn join_group(group: &[String]) -> String {
+    let mut key = String::with_capacity(group.iter().map(|g| g.len() + 1).sum());
+    for (i, value) in group.iter().enumerate() {
+        if i > 0 {
+            key.push(SEP);
+        }
+        key.push_str(value);
+    }
+    key
+}

@@ -2,24 +2,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::Receiver;
 use rusqlite::{params, Connection};
 use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::MetricSpec;
-use tally_dataflow::operators::deliver::Sink;
 use tally_dataflow::operators::source::DeadLetter;
-use tally_dataflow::operators::windows::WindowUpdate;
 use tally_dataflow::query::{Query, StoredWindow};
 use tracing::{error, info};
 
-/// Batches the writer may have queued before sinks must wait.
-const QUEUE: usize = 256;
-/// Separates dimension values in the stored group key. It cannot appear in a
-/// value that came from JSON text without an escape, and is never produced by
-/// the parser's number or boolean conversions.
-const SEP: char = '\u{1f}';
+use super::{join_group, Durable, StoreWriter, Write, SEP};
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -39,10 +31,11 @@ CREATE TABLE IF NOT EXISTS windows (
 CREATE TABLE IF NOT EXISTS dead_letters (
     partition INTEGER NOT NULL,
     offset    INTEGER NOT NULL,
+    idx       INTEGER NOT NULL,
     reason    TEXT    NOT NULL,
     watermark INTEGER NOT NULL,
     record    BLOB    NOT NULL,
-    PRIMARY KEY (partition, offset)
+    PRIMARY KEY (partition, offset, idx)
 ) WITHOUT ROWID;
 ";
 
@@ -60,82 +53,11 @@ pub enum StoreError {
     Closed,
 }
 
-/// What the writer thread is asked to do.
-enum Write {
-    Windows(Vec<Arc<WindowUpdate>>),
-    DeadLetters(Vec<DeadLetter>),
-    /// Sink `.0` has sent everything before time `.1`.
-    Frontier(usize, u64),
-}
-
-/// How far the store holds each sink's records: the frontier every sink has
-/// reported, once what came before the report is committed.
-#[derive(Clone, Default)]
-pub struct Durable(Arc<Mutex<Vec<u64>>>);
-
-impl Durable {
-    fn register(&self) -> usize {
-        let mut frontiers = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        frontiers.push(0);
-        frontiers.len() - 1
-    }
-
-    fn set(&self, sink: usize, frontier: u64) {
-        let mut frontiers = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        frontiers[sink] = frontiers[sink].max(frontier);
-    }
-
-    /// Every record any sink was given before this time is committed.
-    pub fn through(&self) -> u64 {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .min()
-            .unwrap_or(u64::MAX)
-    }
-}
-
 /// The embedded result store, for reading.
 #[derive(Clone)]
 pub struct SqliteStore {
     path: PathBuf,
     readers: Arc<Mutex<Vec<Connection>>>,
-}
-
-/// The store's writer thread, and the sinks that feed it.
-pub struct StoreWriter {
-    tx: Sender<Write>,
-    thread: JoinHandle<()>,
-    durable: Durable,
-}
-
-impl StoreWriter {
-    /// A sink for a worker's final window values. Take one per worker: the
-    /// store's [`Durable`] frontier waits for every sink taken.
-    pub fn window_sink(&self) -> WindowSink {
-        WindowSink(self.tx.clone(), self.durable.register())
-    }
-
-    /// A sink for a worker's dead letters; one per worker, as above.
-    pub fn dead_letter_sink(&self) -> DeadLetterSink {
-        DeadLetterSink(self.tx.clone(), self.durable.register())
-    }
-
-    /// How far the store holds what its sinks were given.
-    pub fn durable(&self) -> Durable {
-        self.durable.clone()
-    }
-
-    /// Waits until everything queued has been committed. Drop every sink
-    /// first: the writer finishes when the last of them is gone.
-    pub fn close(self) {
-        drop(self.tx);
-        if self.thread.join().is_err() {
-            error!("the store writer panicked; results queued at shutdown may be missing until the log is replayed");
-        }
-    }
 }
 
 impl SqliteStore {
@@ -146,27 +68,15 @@ impl SqliteStore {
     ) -> Result<(SqliteStore, StoreWriter), StoreError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
-        let (tx, rx) = bounded(QUEUE);
-        let durable = Durable::default();
-        let reports = durable.clone();
-        let writer = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || write_loop(conn, rx, metrics, reports))
-            .map_err(|e| {
-                StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
-            })?;
+        let writer = StoreWriter::start("store-writer", move |rx, durable| {
+            write_loop(conn, rx, metrics, durable)
+        })
+        .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let store = SqliteStore {
             path: path.to_owned(),
             readers: Arc::default(),
         };
-        Ok((
-            store,
-            StoreWriter {
-                tx,
-                thread: writer,
-                durable,
-            },
-        ))
+        Ok((store, writer))
     }
 
     /// Reads the stored windows a history query needs. Blocking: call it
@@ -219,16 +129,17 @@ impl SqliteStore {
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT partition, offset, reason, watermark, record FROM dead_letters
-                 ORDER BY watermark DESC, partition, offset DESC LIMIT ?1",
+                "SELECT partition, offset, idx, reason, watermark, record FROM dead_letters
+                 ORDER BY watermark DESC, partition, offset DESC, idx DESC LIMIT ?1",
             )?;
             let rows = stmt.query_map(params![limit as i64], |row| {
                 Ok(DeadLetter {
                     partition: row.get(0)?,
                     offset: row.get::<_, i64>(1)? as u64,
-                    reason: row.get(2)?,
-                    watermark: row.get(3)?,
-                    record: row.get(4)?,
+                    index: row.get(2)?,
+                    reason: row.get(3)?,
+                    watermark: row.get(4)?,
+                    record: row.get(5)?,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -249,57 +160,6 @@ impl SqliteStore {
             pool.push(conn);
         }
         result
-    }
-}
-
-/// The store as a sink of final window values.
-#[derive(Clone)]
-pub struct WindowSink(Sender<Write>, usize);
-
-impl Sink<Arc<WindowUpdate>> for WindowSink {
-    fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
-        offer(&self.0, items, Write::Windows, |w| match w {
-            Write::Windows(v) => v,
-            _ => unreachable!("only windows are offered here"),
-        });
-    }
-
-    fn advance(&mut self, frontier: u64) -> bool {
-        self.0.try_send(Write::Frontier(self.1, frontier)).is_ok()
-    }
-}
-
-/// The store as a sink of dead letters.
-#[derive(Clone)]
-pub struct DeadLetterSink(Sender<Write>, usize);
-
-impl Sink<DeadLetter> for DeadLetterSink {
-    fn offer(&mut self, items: &mut Vec<DeadLetter>) {
-        offer(&self.0, items, Write::DeadLetters, |w| match w {
-            Write::DeadLetters(v) => v,
-            _ => unreachable!("only dead letters are offered here"),
-        });
-    }
-
-    fn advance(&mut self, frontier: u64) -> bool {
-        self.0.try_send(Write::Frontier(self.1, frontier)).is_ok()
-    }
-}
-
-/// Queues all of `items` if there is room, or leaves them for a later offer.
-fn offer<T>(
-    tx: &Sender<Write>,
-    items: &mut Vec<T>,
-    wrap: fn(Vec<T>) -> Write,
-    unwrap: fn(Write) -> Vec<T>,
-) {
-    match tx.try_send(wrap(std::mem::take(items))) {
-        Ok(()) => {}
-        Err(TrySendError::Full(back)) => *items = unwrap(back),
-        Err(TrySendError::Disconnected(back)) => {
-            // Only at shutdown; the log still holds these events.
-            *items = unwrap(back);
-        }
     }
 }
 
@@ -327,11 +187,7 @@ fn write_loop(
             match commit(&mut conn, &batch, &names) {
                 Ok(rows) => {
                     tracing::trace!(rows, "committed results");
-                    for write in &batch {
-                        if let Write::Frontier(sink, frontier) = write {
-                            durable.set(*sink, *frontier);
-                        }
-                    }
+                    durable.committed(&batch);
                     break;
                 }
                 Err(e) => {
@@ -362,7 +218,7 @@ fn commit(
              WHERE excluded.revision > windows.revision",
         )?;
         let mut dead = tx.prepare_cached(
-            "INSERT OR IGNORE INTO dead_letters (partition, offset, reason, watermark, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR IGNORE INTO dead_letters (partition, offset, idx, reason, watermark, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         for write in batch {
             match write {
@@ -388,6 +244,7 @@ fn commit(
                         rows += dead.execute(params![
                             d.partition,
                             d.offset as i64,
+                            d.index,
                             d.reason,
                             d.watermark,
                             d.record
@@ -402,21 +259,12 @@ fn commit(
     Ok(rows)
 }
 
-fn join_group(group: &[String]) -> String {
-    let mut key = String::with_capacity(group.iter().map(|g| g.len() + 1).sum());
-    for (i, value) in group.iter().enumerate() {
-        if i > 0 {
-            key.push(SEP);
-        }
-        key.push_str(value);
-    }
-    key
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tally_dataflow::config::Config;
+    use tally_dataflow::operators::deliver::Sink;
+    use tally_dataflow::operators::windows::WindowUpdate;
     use tally_dataflow::window::Span;
 
     fn config() -> Config {

@@ -45,14 +45,33 @@ use crate::window::align;
 pub type Group = Vec<String>;
 
 /// Records read from one partition of the log, in order.
+///
+/// A record is addressed by `(offset, index)`. In a log that gives every
+/// record an offset of its own (the embedded log), the records of a batch
+/// have the offsets `offset..next_offset` and index 0. In one whose batch is
+/// a single message (Kafka), they share the message's offset, and the index
+/// is their place in it.
 #[derive(Clone, Debug)]
 pub struct SourceBatch {
     /// The partition read.
     pub partition: u32,
     /// Log offset of the first record.
     pub offset: u64,
+    /// Where the partition continues after this batch.
+    pub next_offset: u64,
     /// Events in canonical JSON, as the gateway wrote them.
     pub records: Vec<Vec<u8>>,
+}
+
+impl SourceBatch {
+    /// The address of the `i`th record.
+    pub fn address(&self, i: usize) -> (u64, u32) {
+        if self.next_offset - self.offset == self.records.len() as u64 {
+            (self.offset + i as u64, 0)
+        } else {
+            (self.offset, i as u32)
+        }
+    }
 }
 
 /// What a [`BatchSource`] has now.
@@ -102,8 +121,11 @@ pub struct Contribution {
 pub struct DeadLetter {
     /// Partition of the log it was read from.
     pub partition: u32,
-    /// Its offset there, which identifies it across replays.
+    /// Its offset there and its index at that offset (see [`SourceBatch`]),
+    /// which identify it across replays.
     pub offset: u64,
+    /// See `offset`.
+    pub index: u32,
     /// Why it was not counted.
     pub reason: String,
     /// The watermark it was judged against.
@@ -237,7 +259,7 @@ pub fn log_source<'scope, S: BatchSource>(
                 progress.borrow_mut().record(
                     batch.partition,
                     stamp,
-                    batch.offset + batch.records.len() as u64,
+                    batch.next_offset,
                     clock.watermark,
                 );
             }
@@ -281,7 +303,7 @@ pub fn fold_batch(
     let mut newest = None;
     let mut folded: HashMap<(u16, Millis, Group), AggState> = HashMap::default();
     for (i, record) in batch.records.iter().enumerate() {
-        let offset = batch.offset + i as u64;
+        let (offset, index) = batch.address(i);
         let parsed = parse_event_ref(record).map_err(|errors| {
             errors
                 .iter()
@@ -297,6 +319,7 @@ pub fn fold_batch(
                     out.push(Err(DeadLetter {
                         partition: batch.partition,
                         offset,
+                        index,
                         reason: "unreadable record: no timestamp".into(),
                         watermark,
                         record: record.clone(),
@@ -308,6 +331,7 @@ pub fn fold_batch(
                 out.push(Err(DeadLetter {
                     partition: batch.partition,
                     offset,
+                    index,
                     reason: format!("unreadable record: {e}"),
                     watermark,
                     record: record.clone(),
@@ -320,6 +344,7 @@ pub fn fold_batch(
             out.push(Err(DeadLetter {
                 partition: batch.partition,
                 offset,
+                index,
                 reason: format!(
                     "{} ms behind the watermark, past the allowed lateness of {} ms",
                     watermark - timestamp,

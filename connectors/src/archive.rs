@@ -1,0 +1,250 @@
+//! The raw-event archive: every event of the events topic, copied into
+//! ClickHouse's `raw_events` table, so users can query what was sent with
+//! SQL, next to the window results.
+//!
+//! Each worker process archives the partitions its workers read, on a thread
+//! of its own with its own consumer. The table records how far each
+//! partition has been archived: on start, reading resumes after the highest
+//! offset stored. An insert covers a contiguous range of offsets per
+//! partition and is one block, which ClickHouse writes whole or not at all,
+//! so a range is never inserted twice. (Should an insert's reply be lost
+//! after the server wrote it, the retry's rows carry the same key and the
+//! table's `ReplacingMergeTree` folds them together.)
+//!
+//! Retention drops whole daily partitions older than
+//! `clickhouse.raw_retention`: `ALTER TABLE … DROP PARTITION`, which every
+//! ClickHouse version has.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use clickhouse::{Client, Row};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tally_dataflow::config::{ClickHouseConfig, KafkaConfig};
+use tally_dataflow::event::parse_event_ref;
+use tracing::{info, warn};
+
+use crate::kafka::consumer_config;
+use crate::kafka::producer::records;
+use crate::retry;
+use crate::store::clickhouse::{io_runtime, ClickHouseStore, Error};
+
+const DAY_MS: i64 = 86_400_000;
+/// How often old partitions are looked for.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
+#[derive(Row, Serialize, Deserialize)]
+struct RawRow {
+    day: u16,
+    time: u32,
+    partition: u32,
+    offset: u64,
+    idx: u32,
+    event_type: String,
+    #[serde(with = "serde_bytes")]
+    event: Vec<u8>,
+}
+
+#[derive(Row, Deserialize)]
+struct Archived {
+    partition: u32,
+    next: u64,
+}
+
+/// The archive thread of one worker process.
+pub struct Archive {
+    thread: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Archive {
+    /// Starts archiving `partitions`. With `retention`, this archive also
+    /// drops expired days (one process of the cluster does).
+    pub fn start(
+        kafka: &KafkaConfig,
+        clickhouse: &ClickHouseConfig,
+        store: ClickHouseStore,
+        partitions: Vec<u32>,
+        retention: bool,
+    ) -> std::io::Result<Archive> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (kafka, clickhouse) = (kafka.clone(), clickhouse.clone());
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("archive".into())
+                .spawn(move || {
+                    let runtime = io_runtime();
+                    archive_loop(
+                        &runtime,
+                        &kafka,
+                        &clickhouse,
+                        &store,
+                        &partitions,
+                        retention,
+                        &stop,
+                    );
+                })?
+        };
+        Ok(Archive { thread, stop })
+    }
+
+    /// Stops after the rows read so far are inserted.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if self.thread.join().is_err() {
+            warn!("the archive thread panicked");
+        }
+    }
+}
+
+fn archive_loop(
+    runtime: &tokio::runtime::Runtime,
+    kafka: &KafkaConfig,
+    config: &ClickHouseConfig,
+    store: &ClickHouseStore,
+    partitions: &[u32],
+    retention: bool,
+    stop: &AtomicBool,
+) {
+    let client = store.client();
+    let archived: HashMap<u32, u64> = runtime
+        .block_on(retry::until_ok(
+            "read how far raw events are archived",
+            || {
+                client
+                .query(
+                    "SELECT partition, max(offset) + 1 AS next FROM raw_events GROUP BY partition",
+                )
+                .fetch_all::<Archived>()
+            },
+        ))
+        .into_iter()
+        .map(|a| (a.partition, a.next))
+        .collect();
+    let consumer: BaseConsumer = retry::blocking("create the archive's Kafka consumer", || {
+        consumer_config(&kafka.brokers).create()
+    });
+    let mut list = TopicPartitionList::new();
+    for &p in partitions {
+        let offset = archived
+            .get(&p)
+            .map_or(Offset::Beginning, |&o| Offset::Offset(o as i64));
+        if let Err(e) = list.add_partition_offset(&kafka.topic, p as i32, offset) {
+            warn!(error = %e, partition = p, "cannot assign a partition to the archive");
+        }
+    }
+    if let Err(e) = consumer.assign(&list) {
+        warn!(error = %e, "cannot assign partitions to the archive; raw events are not archived");
+        return;
+    }
+    info!(?partitions, "archiving raw events");
+    let mut rows: Vec<RawRow> = Vec::new();
+    let mut since = Instant::now();
+    let mut retention_due = retention.then(Instant::now);
+    let mut backoff = retry::Backoff::new("read the events topic for the archive");
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                backoff.succeeded();
+                let payload = message.payload().unwrap_or_default();
+                let (partition, offset) = (message.partition() as u32, message.offset() as u64);
+                for (i, record) in records(payload).into_iter().enumerate() {
+                    rows.push(raw_row(partition, offset, i as u32, record));
+                }
+            }
+            Some(Err(e)) => std::thread::sleep(backoff.failed(&e)),
+            None => {}
+        }
+        if rows.len() >= config.batch_rows
+            || (!rows.is_empty() && since.elapsed() >= config.batch_interval)
+        {
+            runtime.block_on(retry::until_ok("archive raw events in ClickHouse", || {
+                insert(client, &rows)
+            }));
+            rows.clear();
+            since = Instant::now();
+        }
+        if rows.is_empty() {
+            since = Instant::now();
+        }
+        if retention_due.is_some_and(|t| t <= Instant::now()) {
+            let today = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+                / DAY_MS;
+            match runtime.block_on(drop_expired(client, config.raw_retention, today)) {
+                Ok(dropped) if !dropped.is_empty() => {
+                    info!(?dropped, "dropped raw-event days past retention")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot enforce raw-event retention"),
+            }
+            retention_due = Some(Instant::now() + RETENTION_EVERY);
+        }
+    }
+    if !rows.is_empty() {
+        runtime.block_on(retry::until_ok("archive raw events in ClickHouse", || {
+            insert(client, &rows)
+        }));
+    }
+}
+
+fn raw_row(partition: u32, offset: u64, idx: u32, record: Vec<u8>) -> RawRow {
+    let (time, event_type) = match parse_event_ref(&record) {
+        Ok(e) => (e.timestamp.unwrap_or(0), e.event_type.into_owned()),
+        Err(_) => (0, String::new()),
+    };
+    let time = time.max(0);
+    RawRow {
+        day: (time / DAY_MS) as u16,
+        time: (time / 1000) as u32,
+        partition,
+        offset,
+        idx,
+        event_type,
+        event: record,
+    }
+}
+
+async fn insert(client: &Client, rows: &[RawRow]) -> Result<(), Error> {
+    let mut insert = client.insert::<RawRow>("raw_events").await?;
+    for row in rows {
+        insert.write(row).await?;
+    }
+    insert.end().await
+}
+
+/// Drops the daily partitions of `raw_events` that ended more than
+/// `retention` before day `today` (days since the epoch); returns them.
+pub async fn drop_expired(
+    client: &Client,
+    retention: Duration,
+    today: i64,
+) -> Result<Vec<String>, Error> {
+    let keep_days = retention.as_secs().div_ceil(86_400) as i64;
+    let oldest_kept = (today - keep_days).max(0) as u16;
+    let days: Vec<String> = client
+        .query(
+            "SELECT DISTINCT toString(min_date) FROM system.parts
+             WHERE database = currentDatabase() AND table = 'raw_events' AND active
+               AND toUInt16(max_date) < ?",
+        )
+        .bind(oldest_kept)
+        .fetch_all()
+        .await?;
+    for day in &days {
+        client
+            .query("ALTER TABLE raw_events DROP PARTITION ?")
+            .bind(day.as_str())
+            .execute()
+            .await?;
+    }
+    Ok(days)
+}

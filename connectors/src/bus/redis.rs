@@ -1,0 +1,320 @@
+//! The cluster's live bus: Redis pub/sub, plus the latest values under a key.
+//!
+//! Workers publish each metric's window values on its own channel,
+//! `<prefix>:live:<metric>`, and keep every group's latest value of the
+//! windows that can still change in a hash, `<prefix>:latest:<metric>`,
+//! field `<window>:<start>:<group>`. A gateway subscribes to a metric's
+//! channel only while one of its clients holds a topic of that metric, and
+//! on subscribing reads the hash, so its first subscriber gets the current
+//! value at once.
+//!
+//! Messages are bincode-encoded [`WindowUpdate`]s. Publishing is best
+//! effort, like every live path: while Redis is unreachable, updates are
+//! dropped and counted, and history is unaffected.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use tally_dataflow::config::{MetricSpec, RedisConfig};
+use tally_dataflow::event::Millis;
+use tally_dataflow::operators::deliver::Sink;
+use tally_dataflow::operators::windows::WindowUpdate;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::retry::{self, Backoff};
+
+/// Batches waiting for the publisher thread.
+const QUEUE: usize = 1024;
+/// The latest-value hash expires this long after its last write, so a
+/// metric that stops flowing leaves nothing behind.
+const LATEST_TTL_SECS: i64 = 3600;
+
+fn channel(prefix: &str, metric: &str) -> String {
+    format!("{prefix}:live:{metric}")
+}
+
+fn latest_key(prefix: &str, metric: &str) -> String {
+    format!("{prefix}:latest:{metric}")
+}
+
+/// The publishing end, one per worker.
+#[derive(Clone)]
+pub struct RedisPublisher {
+    tx: Sender<Vec<Arc<WindowUpdate>>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl RedisPublisher {
+    /// Starts the publisher thread of a worker process. Windows are kept
+    /// in the latest-value hash while a late event can still revise them:
+    /// `lateness` is the allowed lateness plus the out-of-orderness.
+    pub fn start(
+        config: &RedisConfig,
+        metrics: &[MetricSpec],
+        lateness: Millis,
+    ) -> Result<(RedisPublisher, JoinHandle<()>), redis::RedisError> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let (tx, rx) = bounded(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let publisher = Publisher {
+            client,
+            prefix: config.prefix.clone(),
+            names: metrics.iter().map(|m| m.name.clone()).collect(),
+            lateness,
+            written: HashMap::new(),
+            dropped: Arc::clone(&dropped),
+        };
+        let thread = std::thread::Builder::new()
+            .name("redis-publisher".into())
+            .spawn(move || publisher.run(&rx))
+            .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
+        Ok((RedisPublisher { tx, dropped }, thread))
+    }
+
+    /// Updates dropped because Redis was unreachable or behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Sink<Arc<WindowUpdate>> for RedisPublisher {
+    fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
+        match self.tx.try_send(std::mem::take(items)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(lost) | TrySendError::Disconnected(lost)) => {
+                self.dropped.fetch_add(lost.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+struct Publisher {
+    client: redis::Client,
+    prefix: String,
+    names: Vec<String>,
+    lateness: Millis,
+    /// Per metric, the hash fields written, by window end, so those past
+    /// the lateness can be deleted.
+    written: HashMap<u16, BTreeMap<Millis, HashSet<String>>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Publisher {
+    fn run(mut self, rx: &Receiver<Vec<Arc<WindowUpdate>>>) {
+        let mut connection = None;
+        let mut backoff = Backoff::new("publish live updates to Redis");
+        while let Ok(mut updates) = rx.recv() {
+            while let Ok(more) = rx.try_recv() {
+                updates.extend(more);
+            }
+            if connection.is_none() {
+                match self.client.get_connection() {
+                    Ok(c) => connection = Some(c),
+                    Err(e) => {
+                        self.drop_batch(&updates);
+                        std::thread::sleep(backoff.failed(&e));
+                        continue;
+                    }
+                }
+            }
+            let conn = connection.as_mut().expect("connected above");
+            match self.pipeline(&updates).query::<()>(conn) {
+                Ok(()) => backoff.succeeded(),
+                Err(e) => {
+                    self.drop_batch(&updates);
+                    connection = None;
+                    std::thread::sleep(backoff.failed(&e));
+                }
+            }
+        }
+        info!("redis publisher stopped");
+    }
+
+    fn drop_batch(&self, updates: &[Arc<WindowUpdate>]) {
+        self.dropped
+            .fetch_add(updates.len() as u64, Ordering::Relaxed);
+    }
+
+    /// One round trip: per metric, a message on its channel, the new
+    /// latest values, and the deletion of windows past the lateness.
+    fn pipeline(&mut self, updates: &[Arc<WindowUpdate>]) -> redis::Pipeline {
+        let mut by_metric: BTreeMap<u16, Vec<&WindowUpdate>> = BTreeMap::new();
+        for u in updates {
+            by_metric.entry(u.metric).or_default().push(u);
+        }
+        let mut pipe = redis::pipe();
+        for (metric, updates) in by_metric {
+            let name = &self.names[metric as usize];
+            let key = latest_key(&self.prefix, name);
+            let payload = bincode::serialize(&updates).expect("window updates serialize");
+            pipe.publish(channel(&self.prefix, name), payload).ignore();
+            let written = self.written.entry(metric).or_default();
+            let mut newest = Millis::MIN;
+            for u in &updates {
+                let field = format!("{}:{}:{}", u.window, u.span.start, u.group.join("\u{1f}"));
+                let value = bincode::serialize(u).expect("a window update serializes");
+                pipe.hset(&key, &field, value).ignore();
+                written.entry(u.span.end).or_default().insert(field);
+                newest = newest.max(u.span.end);
+            }
+            let expired: Vec<String> = {
+                let keep = written.split_off(&(newest - self.lateness));
+                std::mem::replace(written, keep)
+                    .into_values()
+                    .flatten()
+                    .collect()
+            };
+            if !expired.is_empty() {
+                pipe.hdel(&key, expired).ignore();
+            }
+            pipe.expire(&key, LATEST_TTL_SECS).ignore();
+        }
+        pipe
+    }
+}
+
+/// A gateway's subscriptions: which metrics its clients want.
+#[derive(Clone)]
+pub struct RedisFeed {
+    commands: mpsc::UnboundedSender<(String, bool)>,
+}
+
+impl RedisFeed {
+    /// Starts receiving a metric's updates (with its latest values first),
+    /// or stops.
+    pub fn want(&self, metric: &str, wanted: bool) {
+        // The task only ends with the runtime.
+        let _ = self.commands.send((metric.to_owned(), wanted));
+    }
+}
+
+/// Batches of window updates, as the hub takes them.
+pub type Updates = mpsc::Receiver<Vec<Arc<WindowUpdate>>>;
+
+/// Starts the subscriber task of a gateway; updates come out of the
+/// receiver, as from the in-process bus, but only for wanted metrics.
+pub fn subscribe(
+    config: &RedisConfig,
+    metrics: Arc<Vec<MetricSpec>>,
+    capacity: usize,
+) -> Result<(RedisFeed, Updates), redis::RedisError> {
+    let client = redis::Client::open(config.url.as_str())?;
+    let (commands, rx) = mpsc::unbounded_channel();
+    let (updates, out) = mpsc::channel(capacity);
+    let subscriber = Subscriber {
+        client,
+        prefix: config.prefix.clone(),
+        metrics,
+        wanted: HashSet::new(),
+        updates,
+    };
+    tokio::spawn(subscriber.run(rx));
+    Ok((RedisFeed { commands }, out))
+}
+
+struct Subscriber {
+    client: redis::Client,
+    prefix: String,
+    metrics: Arc<Vec<MetricSpec>>,
+    wanted: HashSet<String>,
+    updates: mpsc::Sender<Vec<Arc<WindowUpdate>>>,
+}
+
+impl Subscriber {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<(String, bool)>) {
+        loop {
+            let (mut sink, mut stream, mut reader) =
+                retry::until_ok("subscribe to live updates in Redis", || async {
+                    let (sink, stream) = self.client.get_async_pubsub().await?.split();
+                    let reader = self.client.get_multiplexed_async_connection().await?;
+                    Ok::<_, redis::RedisError>((sink, stream, reader))
+                })
+                .await;
+            // After a reconnect, everything wanted is subscribed again.
+            let mut healthy = true;
+            for metric in self.wanted.clone() {
+                healthy &= self.start(&mut sink, &mut reader, &metric).await;
+            }
+            while healthy {
+                tokio::select! {
+                    command = commands.recv() => {
+                        let Some((metric, wanted)) = command else { return };
+                        if wanted && self.wanted.insert(metric.clone()) {
+                            healthy = self.start(&mut sink, &mut reader, &metric).await;
+                        } else if !wanted && self.wanted.remove(&metric) {
+                            healthy = sink.unsubscribe(channel(&self.prefix, &metric)).await.is_ok();
+                        }
+                    }
+                    message = stream.next() => match message {
+                        Some(message) => {
+                            let name = message
+                                .get_channel_name()
+                                .rsplit(':')
+                                .next()
+                                .unwrap_or_default()
+                                .to_owned();
+                            match bincode::deserialize::<Vec<WindowUpdate>>(message.get_payload_bytes()) {
+                                Ok(updates) => self.forward(&name, updates).await,
+                                Err(e) => warn!(error = %e, channel = message.get_channel_name(), "unreadable live update"),
+                            }
+                        }
+                        None => healthy = false,
+                    },
+                }
+            }
+            warn!("lost the Redis subscription; reconnecting");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Subscribes to a metric's channel, then forwards its latest values.
+    /// Returns false if the connection failed.
+    async fn start(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        reader: &mut redis::aio::MultiplexedConnection,
+        metric: &str,
+    ) -> bool {
+        if let Err(e) = sink.subscribe(channel(&self.prefix, metric)).await {
+            warn!(error = %e, metric, "cannot subscribe to live updates");
+            return false;
+        }
+        let latest: Vec<Vec<u8>> = match reader.hvals(latest_key(&self.prefix, metric)).await {
+            Ok(values) => values,
+            Err(e) => {
+                warn!(error = %e, metric, "cannot read the latest live values");
+                return false;
+            }
+        };
+        let updates = latest
+            .iter()
+            .filter_map(|bytes| bincode::deserialize::<WindowUpdate>(bytes).ok())
+            .collect();
+        self.forward(metric, updates).await;
+        true
+    }
+
+    /// Hands updates of `metric` to the hub, renumbered to this gateway's
+    /// configuration.
+    async fn forward(&self, metric: &str, mut updates: Vec<WindowUpdate>) {
+        let Some(index) = self.metrics.iter().position(|m| m.name == metric) else {
+            return;
+        };
+        for u in &mut updates {
+            u.metric = index as u16;
+        }
+        if !updates.is_empty() {
+            let _ = self
+                .updates
+                .send(updates.into_iter().map(Arc::new).collect())
+                .await;
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Kafka: the cluster's event log.
+//!
+//! The events topic holds one message per accepted request, or per part of
+//! a large request: the request's events in canonical JSON, one per line
+//! (NDJSON), so any Kafka client can read the topic. A message is what the
+//! embedded log calls a record batch: the dataflow stamps it with one
+//! watermark, so results depend only on the topic's content, never on how
+//! a consumer's fetches happened to split it.
+//!
+//! - [`producer`]: the gateway's idempotent producer.
+//! - [`source`]: a worker's partitions, read without blocking the worker.
+//! - [`ensure_topics`]: creates the events topic and its dead-letter topic.
+
+pub mod producer;
+pub mod source;
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use tally_dataflow::config::KafkaConfig;
+use tracing::info;
+
+use crate::retry;
+
+/// How long one metadata or admin request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client configuration for `brokers`.
+fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "tally")
+        // librdkafka's own logs go through its default logger at warning level.
+        .set("log_level", "4");
+    config
+}
+
+/// A consumer configuration for `brokers`: partitions are assigned by
+/// hand and offsets are kept by tally, never committed to the brokers.
+pub(crate) fn consumer_config(brokers: &str) -> ClientConfig {
+    let mut config = client_config(brokers);
+    config
+        .set("group.id", "tally-workers")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "50")
+        // Bounds what a stalled consumer holds in memory.
+        .set("queued.max.messages.kbytes", "16384");
+    config
+}
+
+/// Creates the events topic (with `config.partitions` partitions) and its
+/// dead-letter topic if they are missing, waiting out brokers that are down,
+/// and returns the events topic's partition count.
+pub async fn ensure_topics(config: &KafkaConfig) -> u32 {
+    retry::until_ok("create the Kafka topics", || create_topics(config)).await;
+    let consumer: BaseConsumer = retry::blocking("connect to Kafka", || {
+        client_config(&config.brokers).create::<BaseConsumer>()
+    });
+    let topic = config.topic.clone();
+    let partitions = tokio::task::spawn_blocking(move || {
+        retry::blocking("read the events topic's metadata", || {
+            partition_count(&consumer, &topic)
+        })
+    })
+    .await
+    .expect("the metadata task does not panic");
+    if partitions != config.partitions {
+        info!(
+            topic = %config.topic,
+            partitions,
+            configured = config.partitions,
+            "the events topic exists with another partition count; using it"
+        );
+    }
+    partitions
+}
+
+async fn create_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(&config.brokers).create()?;
+    let dead_letters = config.dead_letter_topic();
+    let replication = || TopicReplication::Fixed(i32::from(config.replication));
+    let topics = [
+        NewTopic::new(&config.topic, config.partitions as i32, replication()),
+        NewTopic::new(&dead_letters, config.partitions as i32, replication()),
+    ];
+    let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(topic) => info!(%topic, partitions = config.partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                tracing::warn!(%topic, %code, "the broker refused to create a topic");
+                return Err(KafkaError::AdminOp(code));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The number of partitions of `topic`, or an error if it has none yet.
+fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<u32, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
+    match metadata.topics().first() {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Ok(t.partitions().len() as u32)
+        }
+        Some(t) => Err(KafkaError::MetadataFetch(
+            t.error()
+                .map_or(RDKafkaErrorCode::UnknownTopicOrPartition, Into::into),
+        )),
+        None => Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        )),
+    }
+}

@@ -1,0 +1,143 @@
+//! The gateway's producer: one request in, acknowledged messages out.
+//!
+//! The producer is idempotent with `acks=all`, so a message is written once
+//! and in order even when librdkafka retries, and an acknowledgement means
+//! every in-sync replica has it. Messages are lz4-compressed. The gateway
+//! answers `202` only once every message of the request is acknowledged.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::try_join_all;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tally_dataflow::config::KafkaConfig;
+
+use super::client_config;
+
+/// The largest payload put in one message. Brokers refuse messages over
+/// 1 MB by default; a larger request is split between records.
+const MAX_MESSAGE_BYTES: usize = 900 * 1024;
+/// How long a message may wait for room in the producer's queue.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An idempotent producer to one topic.
+pub struct KafkaProducer {
+    producer: FutureProducer,
+    topic: String,
+    /// Keys are `<process id>-<counter>`: distinct per request, so the
+    /// partitioner's hash spreads requests evenly over the partitions.
+    next_key: AtomicU64,
+    process: u32,
+}
+
+impl KafkaProducer {
+    /// A producer to `topic` on the brokers of `config`.
+    pub fn new(config: &KafkaConfig, topic: &str) -> Result<KafkaProducer, KafkaError> {
+        let producer = client_config(&config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "30000")
+            .create()?;
+        Ok(KafkaProducer {
+            producer,
+            topic: topic.to_owned(),
+            next_key: AtomicU64::new(0),
+            process: std::process::id(),
+        })
+    }
+
+    /// Appends one request's records; resolves once the brokers have
+    /// acknowledged all of them. The records, one per line, go in as few
+    /// messages as fit, all under one key, so they stay in one partition
+    /// and in order.
+    pub fn append(
+        &self,
+        records: Vec<Vec<u8>>,
+    ) -> impl std::future::Future<Output = Result<(), KafkaError>> + Send + 'static {
+        let key = format!(
+            "{:x}-{:x}",
+            self.process,
+            self.next_key.fetch_add(1, Ordering::Relaxed)
+        );
+        let payloads = messages(&records);
+        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        async move {
+            let sends = payloads.iter().map(|payload| {
+                producer.send(
+                    FutureRecord::to(&topic)
+                        .key(&key)
+                        .payload(payload.as_slice()),
+                    QUEUE_TIMEOUT,
+                )
+            });
+            try_join_all(sends).await.map_err(|(e, _)| e)?;
+            Ok(())
+        }
+    }
+
+    /// Sends one message and waits for its acknowledgement.
+    pub async fn send(&self, key: &[u8], payload: &[u8]) -> Result<(), KafkaError> {
+        self.producer
+            .send(
+                FutureRecord::to(&self.topic).key(key).payload(payload),
+                QUEUE_TIMEOUT,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+    }
+}
+
+/// Packs records, one per line, into payloads of at most
+/// [`MAX_MESSAGE_BYTES`] (a single larger record gets a message of its own).
+fn messages(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut current: Vec<u8> = Vec::new();
+    for record in records {
+        if !current.is_empty() && current.len() + 1 + record.len() > MAX_MESSAGE_BYTES {
+            out.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push(b'\n');
+        }
+        current.extend_from_slice(record);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// The records of a message.
+pub fn records(payload: &[u8]) -> Vec<Vec<u8>> {
+    payload
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_split_into_messages_that_read_back_whole() {
+        let small: Vec<Vec<u8>> = (0..3)
+            .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+            .collect();
+        let packed = messages(&small);
+        assert_eq!(packed.len(), 1);
+        assert_eq!(records(&packed[0]), small);
+
+        let big: Vec<Vec<u8>> = (0..5).map(|_| vec![b'x'; 400 * 1024]).collect();
+        let packed = messages(&big);
+        assert_eq!(packed.len(), 3);
+        assert!(packed.iter().all(|m| m.len() <= MAX_MESSAGE_BYTES));
+        let back: Vec<Vec<u8>> = packed.iter().flat_map(|m| records(m)).collect();
+        assert_eq!(back, big);
+    }
+}

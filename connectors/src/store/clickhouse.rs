@@ -1,0 +1,372 @@
+//! ClickHouse result store, for the cluster.
+//!
+//! Tables, created at start-up in `clickhouse.database`:
+//!
+//! - `windows`: final window values. A `ReplacingMergeTree` keyed by
+//!   (metric, window, start, group) and versioned by revision, so a replay
+//!   or a late correction replaces a row rather than adding one. Reads use
+//!   `FINAL`. `uniq` sketches are stored as DataSketches HLL bytes and are
+//!   merged at query time, so any range and any set of groups can be
+//!   combined.
+//! - `dead_letters`: events too late for any window, keyed by their place
+//!   in the events topic, so a replay cannot add them twice.
+//! - `raw_events`: every event, partitioned by day and kept for
+//!   `clickhouse.raw_retention` by dropping old partitions (see
+//!   [`crate::archive`]).
+//!
+//! The DDL uses only what ClickHouse 18.16 already had: `ReplacingMergeTree`
+//! with a version column, `PARTITION BY`, `FINAL`. Rows travel as RowBinary
+//! without the schema check newer servers offer (`with_validation(false)`).
+//!
+//! Inserts are batched: a writer thread sends one insert per table once
+//! `batch_rows` rows are waiting or the oldest has waited `batch_interval`.
+//! A failed insert is retried with the same rows until it succeeds; in the
+//! meantime the writer's queue fills and the dataflow stalls behind it.
+
+use std::time::{Duration, Instant};
+
+use clickhouse::{Client, Row};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use serde::{Deserialize, Serialize};
+use tally_dataflow::aggregate::{AggState, Sketch};
+use tally_dataflow::config::{ClickHouseConfig, MetricSpec};
+use tally_dataflow::operators::source::DeadLetter;
+use tally_dataflow::query::{Query, StoredWindow};
+use tracing::info;
+
+use super::{join_group, Durable, StoreWriter, Write, SEP};
+use crate::retry;
+
+/// Errors of the ClickHouse store.
+pub type Error = clickhouse::error::Error;
+
+/// The tables, in creation order. `{db}` is the database.
+const SCHEMA: [&str; 4] = [
+    "CREATE DATABASE IF NOT EXISTS {db}",
+    "CREATE TABLE IF NOT EXISTS {db}.windows (
+        metric   String,
+        window   String,
+        start    Int64,
+        end      Int64,
+        grp      String,
+        count    UInt64,
+        sum      Float64,
+        sketch   String,
+        revision UInt32
+    ) ENGINE = ReplacingMergeTree(revision)
+    ORDER BY (metric, window, start, grp)",
+    "CREATE TABLE IF NOT EXISTS {db}.dead_letters (
+        partition UInt32,
+        offset    UInt64,
+        idx       UInt32,
+        reason    String,
+        watermark Int64,
+        record    String
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (partition, offset, idx)",
+    "CREATE TABLE IF NOT EXISTS {db}.raw_events (
+        day        Date,
+        time       DateTime,
+        partition  UInt32,
+        offset     UInt64,
+        idx        UInt32,
+        event_type String,
+        event      String
+    ) ENGINE = ReplacingMergeTree
+    PARTITION BY day
+    ORDER BY (partition, offset, idx)",
+];
+
+#[derive(Row, Serialize, Deserialize)]
+struct WindowRow {
+    metric: String,
+    window: String,
+    start: i64,
+    end: i64,
+    grp: String,
+    count: u64,
+    sum: f64,
+    #[serde(with = "serde_bytes")]
+    sketch: Vec<u8>,
+    revision: u32,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct DeadLetterRow {
+    partition: u32,
+    offset: u64,
+    idx: u32,
+    reason: String,
+    watermark: i64,
+    #[serde(with = "serde_bytes")]
+    record: Vec<u8>,
+}
+
+/// The ClickHouse store, for reading and for starting writers.
+#[derive(Clone)]
+pub struct ClickHouseStore {
+    client: Client,
+    config: ClickHouseConfig,
+}
+
+impl ClickHouseStore {
+    /// A store on `config`'s server; nothing is sent until it is used.
+    pub fn new(config: &ClickHouseConfig) -> ClickHouseStore {
+        ClickHouseStore {
+            client: client(config),
+            config: config.clone(),
+        }
+    }
+
+    /// Creates the database and the tables that are missing, waiting out a
+    /// server that is down.
+    pub async fn prepare(&self) {
+        retry::until_ok("create the ClickHouse tables", || self.create_tables()).await;
+    }
+
+    async fn create_tables(&self) -> Result<(), Error> {
+        // The database may not exist yet, so DDL runs without a default one.
+        let admin = client(&self.config).with_database("default");
+        for ddl in SCHEMA {
+            admin
+                .query(&ddl.replace("{db}", &self.config.database))
+                .execute()
+                .await?;
+        }
+        let version: String = admin.query("SELECT version()").fetch_one().await?;
+        info!(%version, database = %self.config.database, "ClickHouse tables ready");
+        Ok(())
+    }
+
+    /// The client, for the raw-event archive.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Starts the writer thread the workers' sinks feed.
+    pub fn writer(&self, metrics: Vec<MetricSpec>) -> std::io::Result<StoreWriter> {
+        let (client, config) = (self.client.clone(), self.config.clone());
+        StoreWriter::start("clickhouse-writer", move |rx, durable| {
+            write_loop(&client, &config, &metrics, rx, durable);
+        })
+    }
+
+    /// Reads the stored windows a history query needs.
+    pub async fn windows(&self, query: &Query) -> Result<Vec<StoredWindow>, Error> {
+        let rows: Vec<WindowRow> = self
+            .client
+            .query(
+                "SELECT ?fields FROM windows FINAL
+                 WHERE metric = ? AND window = ? AND start >= ? AND start < ?
+                 ORDER BY start, grp",
+            )
+            .bind(&query.metric)
+            .bind(query.window.to_string())
+            .bind(query.start)
+            .bind(query.end)
+            .fetch_all()
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let Some(group_value) = query.select(&row.grp.split(SEP).collect::<Vec<_>>()) else {
+                continue;
+            };
+            let sketch = if row.sketch.is_empty() {
+                None
+            } else {
+                Some(
+                    Sketch::from_bytes(&row.sketch)
+                        .map_err(|e| Error::Custom(format!("corrupt sketch in the store: {e}")))?,
+                )
+            };
+            out.push(StoredWindow {
+                start: row.start,
+                group_value,
+                state: AggState::from_parts(row.count, row.sum, sketch),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The newest dead letters, newest first.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, Error> {
+        let rows: Vec<DeadLetterRow> = self
+            .client
+            .query(
+                "SELECT ?fields FROM dead_letters FINAL
+                 ORDER BY watermark DESC, partition, offset DESC, idx DESC LIMIT ?",
+            )
+            .bind(limit as u64)
+            .fetch_all()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| DeadLetter {
+                partition: r.partition,
+                offset: r.offset,
+                index: r.idx,
+                reason: r.reason,
+                watermark: r.watermark,
+                record: r.record,
+            })
+            .collect())
+    }
+}
+
+/// A client for `config`'s server and database.
+pub(crate) fn client(config: &ClickHouseConfig) -> Client {
+    Client::default()
+        .with_url(&config.url)
+        .with_database(&config.database)
+        .with_user(&config.user)
+        .with_password(&config.password)
+        .with_validation(false)
+}
+
+/// A runtime with one thread of its own, for a thread that blocks between
+/// requests.
+pub(crate) fn io_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("clickhouse-io")
+        .enable_all()
+        .build()
+        .expect("a one-thread runtime builds")
+}
+
+/// Rows waiting for the next insert, and the frontiers they complete.
+#[derive(Default)]
+struct Batch {
+    windows: Vec<WindowRow>,
+    dead_letters: Vec<DeadLetterRow>,
+    frontiers: Vec<Write>,
+    since: Option<Instant>,
+}
+
+impl Batch {
+    fn rows(&self) -> usize {
+        self.windows.len() + self.dead_letters.len()
+    }
+
+    fn add(&mut self, write: Write, names: &[(String, Vec<String>)]) {
+        match write {
+            Write::Windows(updates) => {
+                self.windows.extend(updates.iter().map(|u| {
+                    let (metric, windows) = &names[u.metric as usize];
+                    WindowRow {
+                        metric: metric.clone(),
+                        window: windows[u.window as usize].clone(),
+                        start: u.span.start,
+                        end: u.span.end,
+                        grp: join_group(&u.group),
+                        count: u.state.count,
+                        sum: u.state.sum_f64(),
+                        sketch: u
+                            .state
+                            .sketch
+                            .as_ref()
+                            .map(Sketch::to_bytes)
+                            .unwrap_or_default(),
+                        revision: u.revision,
+                    }
+                }));
+            }
+            Write::DeadLetters(letters) => {
+                self.dead_letters
+                    .extend(letters.into_iter().map(|d| DeadLetterRow {
+                        partition: d.partition,
+                        offset: d.offset,
+                        idx: d.index,
+                        reason: d.reason,
+                        watermark: d.watermark,
+                        record: d.record,
+                    }));
+            }
+            Write::Frontier(..) => self.frontiers.push(write),
+        }
+        if self.rows() > 0 && self.since.is_none() {
+            self.since = Some(Instant::now());
+        }
+    }
+}
+
+fn write_loop(
+    client: &Client,
+    config: &ClickHouseConfig,
+    metrics: &[MetricSpec],
+    rx: Receiver<Write>,
+    durable: Durable,
+) {
+    let names: Vec<(String, Vec<String>)> = metrics
+        .iter()
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.windows.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    // The HTTP client's connections are driven by the runtime's own thread,
+    // so they stay serviced while this thread waits for rows.
+    let runtime = io_runtime();
+    let mut batch = Batch::default();
+    let mut open = true;
+    while open {
+        let wait = batch.since.map_or(Duration::from_secs(3600), |since| {
+            config.batch_interval.saturating_sub(since.elapsed())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(write) => {
+                batch.add(write, &names);
+                // Take what else is queued without waiting.
+                while batch.rows() < config.batch_rows {
+                    match rx.try_recv() {
+                        Ok(write) => batch.add(write, &names),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => open = false,
+        }
+        let due = batch.rows() >= config.batch_rows
+            || batch
+                .since
+                .is_some_and(|since| since.elapsed() >= config.batch_interval)
+            || !open;
+        if batch.rows() == 0 {
+            // Frontiers with nothing before them still unwritten.
+            durable.committed(&std::mem::take(&mut batch.frontiers));
+        } else if due {
+            let full = std::mem::take(&mut batch);
+            runtime.block_on(retry::until_ok("insert results into ClickHouse", || {
+                insert(client, &full)
+            }));
+            durable.committed(&full.frontiers);
+        }
+    }
+    info!("clickhouse writer stopped");
+}
+
+async fn insert(client: &Client, batch: &Batch) -> Result<(), Error> {
+    if !batch.windows.is_empty() {
+        let mut insert = client.insert::<WindowRow>("windows").await?;
+        for row in &batch.windows {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+    }
+    if !batch.dead_letters.is_empty() {
+        let mut insert = client.insert::<DeadLetterRow>("dead_letters").await?;
+        for row in &batch.dead_letters {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+    }
+    tracing::trace!(
+        windows = batch.windows.len(),
+        dead_letters = batch.dead_letters.len(),
+        "inserted results"
+    );
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! `tally gateway`: a stateless HTTP and WebSocket node of the cluster.
+//!
+//! It validates events and produces them to Kafka, answering `202` once the
+//! brokers acknowledge; answers history from ClickHouse; and fans out live
+//! values from Redis, subscribing only to the metrics its clients hold. It
+//! keeps no state of its own, so any number can run behind a load balancer.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tally_connectors::bus::redis;
+use tally_connectors::kafka::{self, producer::KafkaProducer};
+use tally_connectors::store::clickhouse::ClickHouseStore;
+use tally_gateway::backend::{ClickHouseHistory, EventSink, KafkaEvents};
+use tally_gateway::live::Hub;
+use tally_gateway::ops::{Observed, Ops};
+use tally_gateway::Gateway;
+use tracing::info;
+
+use crate::{load_config, shutdown_signal, toml_string, GatewayArgs};
+
+/// Batches of live updates in flight between Redis and the fan-out.
+const LIVE_BUS_BATCHES: usize = 1024;
+
+/// Runs until SIGTERM or Ctrl-C.
+pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let overrides: Vec<(&str, String)> = args
+        .listen
+        .map(|listen| ("server.listen", toml_string(&listen.to_string())))
+        .into_iter()
+        .collect();
+    let config = Arc::new(load_config(args.config.as_deref(), &overrides)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gateway")
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding {}", config.server.listen))?;
+        let address = listener.local_addr()?;
+        let ops = Arc::new(Ops::new(Box::new(Observed::default)));
+        let metrics = Arc::new(config.metrics.clone());
+        let (feed, bus) = redis::subscribe(&config.redis, Arc::clone(&metrics), LIVE_BUS_BATCHES)
+            .context("configuring the Redis subscriber")?;
+        let lateness = config.dataflow.allowed_lateness + config.dataflow.out_of_orderness;
+        let hub = Hub::start(
+            metrics,
+            lateness,
+            bus,
+            Arc::clone(&ops),
+            Some(Arc::new(feed)),
+        );
+        let producer = KafkaProducer::new(&config.kafka, &config.kafka.topic)
+            .context("configuring the Kafka producer")?;
+        let store = ClickHouseStore::new(&config.clickhouse);
+        let gateway = Arc::new(Gateway {
+            config: Arc::clone(&config),
+            events: Arc::new(KafkaEvents(producer)) as Arc<dyn EventSink>,
+            history: Arc::new(ClickHouseHistory(store.clone())),
+            hub,
+            ops: Arc::clone(&ops),
+        });
+        // Ready once the topics and tables exist; each wait logs and retries.
+        let readiness = {
+            let (config, ops) = (Arc::clone(&config), Arc::clone(&ops));
+            tokio::spawn(async move {
+                kafka::ensure_topics(&config.kafka).await;
+                store.prepare().await;
+                ops.set_ready(true);
+                info!("Kafka and ClickHouse are reachable; ready");
+            })
+        };
+        info!(%address, brokers = %config.kafka.brokers, "tally gateway is listening");
+        // A line for scripts and tests that start the gateway on port 0.
+        println!("listening on http://{address}");
+        tally_gateway::serve(listener, gateway, shutdown_signal()).await;
+        readiness.abort();
+        info!("stopped cleanly");
+        anyhow::Ok(())
+    })
+}

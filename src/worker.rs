@@ -1,0 +1,208 @@
+//! `tally worker --process i`: one timely process of the cluster.
+//!
+//! The processes named in `[cluster]` form one timely computation: timely
+//! connects them to each other at `cluster.addresses`, and its exchange
+//! routes each (metric, group) to one worker across all of them. Worker `w`
+//! of `W` (process `w / threads`) reads the partitions `p` of the events
+//! topic with `p % W == w`. Each process writes its workers' results to
+//! ClickHouse, publishes live values to Redis, archives its partitions' raw
+//! events, and writes its share of every checkpoint.
+//!
+//! Services that are down are waited for with backoff, and said so in the
+//! logs; once running, a ClickHouse outage stalls the dataflow (Kafka keeps
+//! the backlog) and a Redis outage drops live updates only.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tally_connectors::archive::Archive;
+use tally_connectors::bus::redis::RedisPublisher;
+use tally_connectors::checkpoint::{CheckpointStore, Committer, Members};
+use tally_connectors::kafka::{self, source::KafkaSource};
+use tally_connectors::store::clickhouse::ClickHouseStore;
+use tally_dataflow::checkpoint::{Restore, Schedule};
+use tally_dataflow::job::{self, JobSettings, Sinks};
+use tally_dataflow::operators::deliver::Backpressure;
+use tally_dataflow::stats::JobStats;
+use tracing::info;
+
+use crate::{load_config, shutdown_signal, WorkerArgs};
+
+/// Runs until SIGTERM or Ctrl-C.
+pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let config = Arc::new(load_config(args.config.as_deref(), &[])?);
+    let cluster = &config.cluster;
+    let process = args.process;
+    if process >= cluster.processes {
+        bail!(
+            "--process {process}: the cluster has {} processes (0 to {})",
+            cluster.processes,
+            cluster.processes - 1
+        );
+    }
+    let threads = config.cluster_threads();
+    let workers = cluster.processes * threads;
+    let members = Members {
+        process,
+        processes: cluster.processes,
+        threads,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("worker-io")
+        .build()?;
+    let partitions = runtime.block_on(kafka::ensure_topics(&config.kafka));
+    let store = ClickHouseStore::new(&config.clickhouse);
+    runtime.block_on(store.prepare());
+    let writer = store
+        .writer(config.metrics.clone())
+        .context("starting the ClickHouse writer")?;
+    let lateness = config.dataflow.allowed_lateness + config.dataflow.out_of_orderness;
+    let (live, publisher) = RedisPublisher::start(&config.redis, &config.metrics, lateness)
+        .context("configuring the Redis publisher")?;
+    let owned: Vec<u32> = (0..partitions)
+        .filter(|p| *p as usize % workers / threads == process)
+        .collect();
+    let archive = Archive::start(
+        &config.kafka,
+        &config.clickhouse,
+        store.clone(),
+        owned.clone(),
+        process == 0,
+    )
+    .context("starting the raw-event archive")?;
+
+    // Checkpoints live in a store every process shares.
+    let checkpoints = CheckpointStore::open(
+        config.checkpoint.url.as_deref(),
+        &config.storage.data_dir.join("checkpoints"),
+        format!("{:?}", config.metrics),
+    )
+    .context("opening the checkpoint store")?;
+    let restored = checkpoints
+        .latest()
+        .context("reading the last checkpoint")?;
+    let boundary = restored.as_ref().map_or(0, |c| c.boundary);
+    match &restored {
+        Some(c) => info!(
+            boundary,
+            workers = c.workers,
+            "restoring the last checkpoint"
+        ),
+        None => info!("no checkpoint to restore; reading the topic from the start"),
+    }
+    // Processes decide boundaries independently; without a wall-clock gap
+    // they decide alike whenever the watermark steps through each boundary.
+    let interval = config.checkpoint.interval;
+    let gap = if cluster.processes == 1 {
+        interval / 2
+    } else {
+        Duration::ZERO
+    };
+    let schedule = Arc::new(Schedule::new(interval, gap, boundary));
+    let durable = writer.durable();
+    let (committer, part_sinks) = Committer::start(
+        checkpoints,
+        members,
+        config.checkpoint.keep,
+        Arc::clone(&schedule),
+        move || durable.through(),
+    )
+    .context("starting the checkpoint thread")?;
+
+    let stats = Arc::new(JobStats::new(workers));
+    let stop = Arc::new(AtomicBool::new(false));
+    let settings = JobSettings {
+        processes: cluster.processes,
+        ..JobSettings::from_config(&config)
+    };
+    let store_sinks: Vec<_> = (0..threads).map(|_| writer.window_sink()).collect();
+    let dead_sinks: Vec<_> = (0..threads).map(|_| writer.dead_letter_sink()).collect();
+    let timely_config = timely::Config {
+        communication: timely::CommunicationConfig::Cluster {
+            threads,
+            process,
+            addresses: cluster.addresses.clone(),
+            report: false,
+            zerocopy: false,
+        },
+        worker: timely::WorkerConfig::default(),
+    };
+    info!(
+        process,
+        processes = cluster.processes,
+        threads,
+        partitions = ?owned,
+        "connecting to the other processes"
+    );
+    let guards = {
+        let (kafka, stop, live) = (config.kafka.clone(), Arc::clone(&stop), live.clone());
+        let backpressure = Backpressure::default();
+        timely::execute(timely_config, move |worker| {
+            let index = worker.index();
+            let local = index - process * threads;
+            let mine: Vec<u32> = (0..partitions)
+                .filter(|p| *p as usize % workers == index)
+                .collect();
+            let restore = restored.as_ref().map_or_else(Restore::default, |c| {
+                Restore::share(c.boundary, &c.cuts, &c.groups, &mine, index, workers)
+            });
+            let starts: Vec<(u32, u64)> = restore
+                .cuts
+                .iter()
+                .map(|c| (c.partition, c.next_offset))
+                .collect();
+            let source = KafkaSource::new(&kafka, mine.clone(), &starts)
+                .expect("the Kafka configuration was accepted at start-up");
+            let sinks = Sinks {
+                store: store_sinks[local].clone(),
+                live: live.clone(),
+                dead_letters: dead_sinks[local].clone(),
+            };
+            let target = (
+                Arc::clone(&schedule),
+                Box::new(part_sinks[local].clone()) as Box<_>,
+            );
+            worker.dataflow::<u64, _, _>(|scope| {
+                job::build(
+                    scope,
+                    source,
+                    &settings,
+                    Arc::clone(&stats),
+                    sinks,
+                    &backpressure,
+                    restore,
+                    Some(target),
+                )
+            });
+            info!(worker = index, partitions = ?mine, "worker started");
+            while !stop.load(Ordering::Relaxed) {
+                worker.step_or_park(Some(Duration::from_millis(100)));
+            }
+            for dataflow in worker.installed_dataflows() {
+                worker.drop_dataflow(dataflow);
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
+    };
+    drop(live);
+    info!(process, "tally worker is running");
+    runtime.block_on(shutdown_signal());
+    stop.store(true, Ordering::Relaxed);
+    for result in guards.join() {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "a worker panicked");
+        }
+    }
+    committer.join();
+    writer.close();
+    archive.stop();
+    if publisher.join().is_err() {
+        tracing::error!("the redis publisher panicked");
+    }
+    info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,449 @@
+//! Cluster mode on the real services: `tally worker` processes reading Kafka
+//! (tansu) and writing ClickHouse and Redis, behind `tally gateway` nodes.
+//!
+//! The services come from `scripts/services.sh`, which `scripts/test.sh`
+//! starts; their addresses arrive as `KAFKA_BROKERS`, `CLICKHOUSE_URL` and
+//! `REDIS_URL`. Without them these tests say so and pass, except under
+//! `CI=true`, where a missing service fails them. Each test uses its own
+//! topic, database and Redis prefix.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::live::{connect, wait_for};
+use crate::util::{clickstream, default_config, eventually, post_all, Generated, Tally, BASE_MS};
+
+const MINUTE: i64 = 60_000;
+
+/// The services' addresses.
+pub struct Services {
+    kafka: String,
+    clickhouse: String,
+    redis: String,
+}
+
+impl Services {
+    /// The services from the environment; `None` (the test is skipped)
+    /// outside CI when they are not all there.
+    pub fn from_env() -> Option<Services> {
+        let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        match (
+            get("KAFKA_BROKERS"),
+            get("CLICKHOUSE_URL"),
+            get("REDIS_URL"),
+        ) {
+            (Some(kafka), Some(clickhouse), Some(redis)) => Some(Services {
+                kafka,
+                clickhouse,
+                redis,
+            }),
+            _ if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
+                "CI=true but KAFKA_BROKERS, CLICKHOUSE_URL and REDIS_URL are not all set; \
+                 start the services with scripts/services.sh"
+            ),
+            _ => {
+                eprintln!(
+                    "skipped: KAFKA_BROKERS, CLICKHOUSE_URL and REDIS_URL are not all set \
+                     (scripts/services.sh starts them)"
+                );
+                None
+            }
+        }
+    }
+
+    /// Runs SQL on ClickHouse over HTTP and returns the answer's text.
+    pub fn clickhouse(&self, sql: &str) -> String {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut response = agent
+            .post(&self.clickhouse)
+            .send(sql.as_bytes())
+            .expect("ClickHouse answers");
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        assert_eq!(response.status().as_u16(), 200, "{sql}: {text}");
+        text.trim().to_string()
+    }
+}
+
+/// A cluster of worker processes and gateways on its own topic, database
+/// and Redis prefix.
+pub struct Cluster {
+    /// Name of the topic, database and prefix.
+    pub name: String,
+    /// The gateways.
+    pub gateways: Vec<Tally>,
+    workers: Vec<Child>,
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Cluster {
+    /// Starts `processes` worker processes of `threads` threads and
+    /// `gateways` gateways, and waits until every gateway is ready.
+    pub fn start(
+        services: &Services,
+        processes: usize,
+        threads: usize,
+        gateways: usize,
+    ) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("t{:08x}", fastrand::u32(..));
+        let addresses: Vec<String> = (0..processes)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let env: Vec<(String, String)> = [
+            ("TALLY__KAFKA__BROKERS", services.kafka.clone()),
+            ("TALLY__KAFKA__TOPIC", name.clone()),
+            ("TALLY__CLICKHOUSE__URL", services.clickhouse.clone()),
+            ("TALLY__CLICKHOUSE__DATABASE", name.clone()),
+            ("TALLY__REDIS__URL", services.redis.clone()),
+            ("TALLY__REDIS__PREFIX", name.clone()),
+            ("TALLY__CLUSTER__PROCESSES", processes.to_string()),
+            ("TALLY__CLUSTER__THREADS", threads.to_string()),
+            ("TALLY__CLUSTER__ADDRESSES", format!("{addresses:?}")),
+            ("TALLY__STORAGE__DATA_DIR", format!("{:?}", dir.path())),
+            ("TALLY__DATAFLOW__IDLE_TIMEOUT", "1s".into()),
+            ("TALLY__LIVE__INTERVAL", "200ms".into()),
+            ("RUST_LOG", "info".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut cluster = Cluster {
+            name,
+            gateways: Vec::new(),
+            workers: Vec::new(),
+            dir,
+            env,
+        };
+        for process in 0..processes {
+            let worker = cluster.start_worker(process);
+            cluster.workers.push(worker);
+        }
+        for i in 0..gateways {
+            let mut command = cluster.command("gateway", i);
+            command.args(["--listen", "127.0.0.1:0"]);
+            let gateway = Tally::launch(command, cluster.dir.path());
+            cluster.gateways.push(gateway);
+        }
+        for gateway in &cluster.gateways {
+            eventually(Duration::from_secs(60), || match gateway.get("/readyz").0 {
+                200 => Ok(()),
+                status => Err(format!("gateway {} /readyz answered {status}", gateway.url)),
+            });
+        }
+        cluster
+    }
+
+    fn command(&self, role: &str, index: usize) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
+            .arg(role)
+            .arg("--config")
+            .arg(default_config())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stderr(File::create(self.log(role, index)).unwrap());
+        command
+    }
+
+    fn start_worker(&self, process: usize) -> Child {
+        let mut command = self.command("worker", process);
+        command
+            .args(["--process", &process.to_string()])
+            .stdout(Stdio::null());
+        command.spawn().expect("start tally worker")
+    }
+
+    /// The log file of a process.
+    pub fn log(&self, role: &str, index: usize) -> PathBuf {
+        self.dir.path().join(format!("{role}-{index}.log"))
+    }
+
+    /// Everything a process has logged.
+    pub fn read_log(&self, role: &str, index: usize) -> String {
+        std::fs::read_to_string(self.log(role, index)).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for worker in &mut self.workers {
+            let _ = worker.kill();
+            let _ = worker.wait();
+        }
+        if std::thread::panicking() {
+            for (role, count) in [
+                ("worker", self.workers.len()),
+                ("gateway", self.gateways.len()),
+            ] {
+                for i in 0..count {
+                    let log = self.read_log(role, i);
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    eprintln!("--- {role} {i}, last lines ---");
+                    for line in tail.iter().rev() {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The history queries compared between deployments.
+fn queries() -> Vec<String> {
+    let range = format!(
+        "start={}&end={}",
+        BASE_MS / 1000,
+        (BASE_MS + 6 * MINUTE) / 1000
+    );
+    [
+        "metric=ad_clicks&resolution=1m",
+        "metric=ad_clicks&resolution=1m&groupBy=country",
+        "metric=ad_clicks&resolution=10s&campaignId=camp_1",
+        "metric=unique_users&resolution=1m&groupBy=campaignId",
+        "metric=events&resolution=5m",
+        "metric=revenue&resolution=1m&groupBy=deviceType",
+        "metric=avg_order_value&resolution=1m&country=DE",
+    ]
+    .iter()
+    .map(|q| format!("{q}&{range}"))
+    .collect()
+}
+
+/// Every query's answer, once every event is counted in a closed window
+/// (the closing event's own window stays open).
+fn answers(gateway: &Tally, events: &[Generated]) -> BTreeMap<String, Value> {
+    let total = events.len() as u64;
+    let range = format!(
+        "start={}&end={}",
+        BASE_MS / 1000,
+        (BASE_MS + 60 * MINUTE) / 1000
+    );
+    eventually(Duration::from_secs(90), || {
+        let answer = gateway.metrics(&format!("metric=events&resolution=1h&{range}"));
+        let counted = answer["dataPoints"][0]["value"].as_u64().unwrap_or(0);
+        if counted == total {
+            Ok(())
+        } else {
+            Err(format!(
+                "{counted} of {total} events counted on {}",
+                gateway.url
+            ))
+        }
+    });
+    queries()
+        .into_iter()
+        .map(|q| {
+            let answer = gateway.metrics(&q);
+            (q, answer)
+        })
+        .collect()
+}
+
+/// Posts the events in requests of 50, alternating between `gateways`,
+/// then one event 10 minutes later that closes every window before it.
+fn post_through(gateways: &[&Tally], events: &[Generated]) {
+    for (i, chunk) in events.chunks(50).enumerate() {
+        post_all(gateways[i % gateways.len()], chunk, 50);
+    }
+    gateways[0].post_events(&[json!({
+        "eventType": "flush",
+        "timestamp": (BASE_MS + 10 * MINUTE) as f64 / 1000.0,
+    })]);
+}
+
+#[test]
+fn a_cluster_answers_as_tally_run_does() {
+    let Some(services) = Services::from_env() else {
+        return;
+    };
+    let events = clickstream(23, 4000);
+
+    // The embedded reference, with the same idleness.
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = Tally::start(dir.path(), &[("TALLY__DATAFLOW__IDLE_TIMEOUT", "1s")], &[]);
+    post_through(&[&embedded], &events);
+    let expected = answers(&embedded, &events);
+    embedded.stop();
+
+    // Two processes of two workers, two gateways; a live client on the
+    // second gateway while events go in through both.
+    let cluster = Cluster::start(&services, 2, 2, 2);
+    let mut socket = connect(&cluster.gateways[1]);
+    socket
+        .send(tungstenite::Message::Text(
+            json!({"action": "subscribe", "topic": "metrics:ad_clicks:campaignId:camp_1", "window": "tumbling 1m"})
+                .to_string()
+                .into(),
+        ))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.gateways[0].post_events(&events[..50].iter().map(Generated::json).collect::<Vec<_>>());
+    let live = wait_for(&mut socket, Duration::from_secs(20), |m| {
+        m["topic"] == "metrics:ad_clicks:campaignId:camp_1" && m["value"].as_f64() > Some(0.0)
+    });
+    assert_eq!(live["windowStart"], "2026-06-07T10:00:00Z", "{live}");
+
+    let gateways: Vec<&Tally> = cluster.gateways.iter().collect();
+    post_through(&gateways, &events[50..]);
+    let got = answers(&cluster.gateways[0], &events);
+    for (query, answer) in &expected {
+        assert_eq!(&got[query], answer, "cluster 2x2 vs tally run: {query}");
+    }
+    // Either gateway answers from the same store.
+    assert_eq!(answers(&cluster.gateways[1], &events), got);
+
+    // The raw events and the events topic hold every event once, and a
+    // standard Kafka client reads the topic.
+    let stored = services.clickhouse(&format!(
+        "SELECT count() FROM {}.raw_events FINAL",
+        cluster.name
+    ));
+    assert_eq!(
+        stored,
+        (events.len() + 1).to_string(),
+        "raw events archived"
+    );
+    let read = read_topic(&services, &cluster.name);
+    assert_eq!(
+        read,
+        events.len() + 1,
+        "events read back with confluent-kafka"
+    );
+
+    // One process of one worker computes the same.
+    let single = Cluster::start(&services, 1, 1, 1);
+    post_through(&[&single.gateways[0]], &events);
+    assert_eq!(
+        answers(&single.gateways[0], &events),
+        got,
+        "cluster 1x1 vs 2x2"
+    );
+}
+
+/// Reads the events topic from the beginning with Python's confluent-kafka
+/// and returns the number of events (lines) in it.
+fn read_topic(services: &Services, topic: &str) -> usize {
+    let script = r#"
+import sys
+from confluent_kafka import Consumer, TopicPartition
+brokers, topic = sys.argv[1], sys.argv[2]
+consumer = Consumer({"bootstrap.servers": brokers, "group.id": "inspect", "enable.auto.commit": False})
+partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+ends = {}
+for p in partitions:
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+    if high > low:
+        ends[p] = high
+consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+events, done = 0, set()
+while len(done) < len(ends):
+    message = consumer.poll(10)
+    if message is None:
+        sys.exit("timed out reading the topic")
+    if message.error():
+        sys.exit(str(message.error()))
+    events += len(message.value().splitlines())
+    if message.offset() + 1 >= ends[message.partition()]:
+        done.add(message.partition())
+print(events)
+"#;
+    let output = Command::new("python3")
+        .args(["-c", script, &services.kafka, topic])
+        .output()
+        .expect("run python3");
+    assert!(
+        output.status.success(),
+        "confluent-kafka failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+#[test]
+fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
+    let Some(services) = Services::from_env() else {
+        return;
+    };
+    let cluster = Cluster::start(&services, 1, 2, 1);
+    let gateway = &cluster.gateways[0];
+    let events = clickstream(29, 6000);
+    let (before, rest) = events.split_at(2000);
+    post_all(gateway, before, 50);
+
+    services_script(&["stop", "clickhouse"]);
+    let stopped = Instant::now();
+    // Load keeps arriving, and is accepted, while ClickHouse is down.
+    for chunk in rest.chunks(50) {
+        post_all(gateway, chunk, 50);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let remaining = Duration::from_secs(30).saturating_sub(stopped.elapsed());
+    std::thread::sleep(remaining);
+    let log = cluster.read_log("worker", 0);
+    assert!(
+        log.contains("cannot insert results into ClickHouse"),
+        "the worker says it is retrying"
+    );
+    services_script(&["start", "clickhouse"]);
+
+    gateway.post_events(&[json!({
+        "eventType": "flush",
+        "timestamp": (BASE_MS + 10 * MINUTE) as f64 / 1000.0,
+    })]);
+    // Every window is complete and exact.
+    let mut expected = vec![0u64; 6];
+    for e in events.iter().filter(|e| e.event_type == "ad_click") {
+        expected[((e.time_ms - BASE_MS) / MINUTE) as usize] += 1;
+    }
+    let range = format!(
+        "start={}&end={}",
+        BASE_MS / 1000,
+        (BASE_MS + 6 * MINUTE) / 1000
+    );
+    eventually(Duration::from_secs(90), || {
+        let answer = gateway.metrics(&format!("metric=ad_clicks&resolution=1m&{range}"));
+        let got: Vec<u64> = answer["dataPoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["value"].as_u64().unwrap_or(0))
+            .collect();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "ad_clicks per minute {got:?}, expected {expected:?}"
+            ))
+        }
+    });
+}
+
+/// Runs `scripts/services.sh` with `args`.
+fn services_script(args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/services.sh");
+    let status = Command::new(script)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run scripts/services.sh");
+    assert!(status.success(), "scripts/services.sh {args:?} failed");
+}
