@@ -9,8 +9,10 @@
 //! cargo bench --bench tally -- history      # (d) GET /v1/metrics over a day vs SQLite's own sum
 //! cargo bench --bench tally -- recovery     # (e) checkpoint cost at 100k events/s; restart with 60 s of backlog
 //! cargo bench --bench tally -- fanout       # (f) WebSocket clients on one server: delay, memory, CPU, stalled clients
+//! cargo bench --bench tally -- cluster      # (g) cluster mode vs tally run: ingest and end to end (needs scripts/services.sh)
 //! ```
 
+mod cluster;
 mod dataflow;
 mod fanout;
 mod freshness;
@@ -46,5 +48,8 @@ fn main() {
     }
     if run("fanout") {
         fanout::run();
+    }
+    if run("cluster") {
+        cluster::run();
     }
 }

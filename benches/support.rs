@@ -48,18 +48,16 @@ pub struct Tally {
 impl Tally {
     /// Starts the release binary on port 0 in `dir` with `TALLY__*` overrides.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Tally {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        let mut command = tally_command("run", env);
         command
-            .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.toml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped());
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("start tally");
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir);
+        Tally::launch(command)
+    }
+
+    /// Starts `command`, which prints `listening on URL` first.
+    pub fn launch(mut command: Command) -> Tally {
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("start tally");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -85,6 +83,21 @@ impl Drop for Tally {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `tally <subcommand> --config cluster.toml`, quiet, with `TALLY__*`
+/// overrides.
+pub fn tally_command(subcommand: &str, env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
+        .arg(subcommand)
+        .arg("--config")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.toml"))
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command
 }
 
 /// The `q`-quantile of sorted values; NaN when there are none.

@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 use tally_connectors::archive::Archive;
 use tally_connectors::bus::redis::RedisPublisher;
 use tally_connectors::checkpoint::{CheckpointStore, Committer, Members};
+use tally_connectors::kafka::dead_letters::DeadLetterTopic;
 use tally_connectors::kafka::{self, source::KafkaSource};
 use tally_connectors::store::clickhouse::ClickHouseStore;
 use tally_dataflow::checkpoint::{Restore, Schedule};
@@ -30,9 +31,23 @@ use tracing::info;
 
 use crate::{load_config, shutdown_signal, WorkerArgs};
 
+/// Makes any panic end the process. A timely computation cannot go on
+/// without one of its threads or peers (a peer that dies panics the thread
+/// that reads from it), and a half-dead process would neither work nor let
+/// its supervisor restart it; a restart resumes from the last checkpoint.
+fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!(%info, "a worker thread failed; stopping the process so it can be restarted");
+        std::process::exit(70);
+    }));
+}
+
 /// Runs until SIGTERM or Ctrl-C.
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let config = Arc::new(load_config(args.config.as_deref(), &[])?);
+    exit_on_panic();
     let cluster = &config.cluster;
     let process = args.process;
     if process >= cluster.processes {
@@ -160,7 +175,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             let sinks = Sinks {
                 store: store_sinks[local].clone(),
                 live: live.clone(),
-                dead_letters: dead_sinks[local].clone(),
+                dead_letters: DeadLetterTopic::new(&kafka, dead_sinks[local].clone())
+                    .expect("the Kafka configuration was accepted at start-up"),
             };
             let target = (
                 Arc::clone(&schedule),

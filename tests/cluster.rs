@@ -8,7 +8,7 @@
 //! topic, database and Redis prefix.
 
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,6 +93,17 @@ impl Cluster {
         threads: usize,
         gateways: usize,
     ) -> Cluster {
+        Cluster::start_with(services, processes, threads, gateways, &[])
+    }
+
+    /// As [`Cluster::start`], with more `TALLY__*` settings.
+    pub fn start_with(
+        services: &Services,
+        processes: usize,
+        threads: usize,
+        gateways: usize,
+        settings: &[(&str, &str)],
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let name = format!("t{:08x}", fastrand::u32(..));
         let addresses: Vec<String> = (0..processes)
@@ -115,6 +126,7 @@ impl Cluster {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
         let mut cluster = Cluster {
             name,
@@ -149,7 +161,13 @@ impl Cluster {
             .arg("--config")
             .arg(default_config())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stderr(File::create(self.log(role, index)).unwrap());
+            .stderr(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log(role, index))
+                    .unwrap(),
+            );
         command
     }
 
@@ -159,6 +177,17 @@ impl Cluster {
             .args(["--process", &process.to_string()])
             .stdout(Stdio::null());
         command.spawn().expect("start tally worker")
+    }
+
+    /// Kills every worker process with SIGKILL, then starts them again.
+    pub fn kill_and_restart_workers(&mut self) {
+        for worker in &mut self.workers {
+            worker.kill().expect("SIGKILL");
+            worker.wait().expect("reap");
+        }
+        self.workers = (0..self.workers.len())
+            .map(|process| self.start_worker(process))
+            .collect();
     }
 
     /// The log file of a process.
@@ -256,7 +285,8 @@ fn answers(gateway: &Tally, events: &[Generated]) -> BTreeMap<String, Value> {
 }
 
 /// Posts the events in requests of 50, alternating between `gateways`,
-/// then one event 10 minutes later that closes every window before it.
+/// then one event 10 minutes later that closes every window before it, and
+/// one an hour too late to count.
 fn post_through(gateways: &[&Tally], events: &[Generated]) {
     for (i, chunk) in events.chunks(50).enumerate() {
         post_all(gateways[i % gateways.len()], chunk, 50);
@@ -265,6 +295,24 @@ fn post_through(gateways: &[&Tally], events: &[Generated]) {
         "eventType": "flush",
         "timestamp": (BASE_MS + 10 * MINUTE) as f64 / 1000.0,
     })]);
+    gateways[0].post_events(&[json!({
+        "eventType": "ad_click",
+        "timestamp": (BASE_MS - 60 * MINUTE) as f64 / 1000.0,
+        "dimensions": {"campaignId": "camp_late"},
+    })]);
+}
+
+/// The dead letters a gateway lists, once there are `count`.
+fn dead_letters(gateway: &Tally, count: usize) -> Vec<Value> {
+    eventually(Duration::from_secs(30), || {
+        let (status, body) = gateway.get("/v1/deadletters");
+        let letters = body["deadLetters"].as_array().cloned().unwrap_or_default();
+        if status == 200 && letters.len() == count {
+            Ok(letters)
+        } else {
+            Err(format!("{status}: {body}"))
+        }
+    })
 }
 
 #[test]
@@ -279,6 +327,7 @@ fn a_cluster_answers_as_tally_run_does() {
     let embedded = Tally::start(dir.path(), &[("TALLY__DATAFLOW__IDLE_TIMEOUT", "1s")], &[]);
     post_through(&[&embedded], &events);
     let expected = answers(&embedded, &events);
+    let expected_dead = dead_letters(&embedded, 1);
     embedded.stop();
 
     // Two processes of two workers, two gateways; a live client on the
@@ -307,23 +356,39 @@ fn a_cluster_answers_as_tally_run_does() {
     }
     // Either gateway answers from the same store.
     assert_eq!(answers(&cluster.gateways[1], &events), got);
+    let dead = dead_letters(&cluster.gateways[1], 1);
+    assert_eq!(dead[0]["event"], expected_dead[0]["event"]);
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("past the allowed lateness"),
+        "{}",
+        dead[0]
+    );
 
-    // The raw events and the events topic hold every event once, and a
-    // standard Kafka client reads the topic.
+    // The raw events and the events topic hold every event once, the
+    // dead-letter topic the late one, and a standard Kafka client reads them.
     let stored = services.clickhouse(&format!(
         "SELECT count() FROM {}.raw_events FINAL",
         cluster.name
     ));
     assert_eq!(
         stored,
-        (events.len() + 1).to_string(),
+        (events.len() + 2).to_string(),
         "raw events archived"
     );
     let read = read_topic(&services, &cluster.name);
     assert_eq!(
         read,
-        events.len() + 1,
+        events.len() + 2,
         "events read back with confluent-kafka"
+    );
+    let dead_topic = format!("{}-dlq", cluster.name);
+    assert_eq!(
+        read_topic(&services, &dead_topic),
+        1,
+        "the dead-letter topic"
     );
 
     // One process of one worker computes the same.
@@ -446,4 +511,71 @@ fn services_script(args: &[&str]) {
         .status()
         .expect("run scripts/services.sh");
     assert!(status.success(), "scripts/services.sh {args:?} failed");
+}
+
+#[test]
+fn killed_workers_resume_from_a_checkpoint_and_count_exactly() {
+    let Some(services) = Services::from_env() else {
+        return;
+    };
+    let mut cluster =
+        Cluster::start_with(&services, 2, 1, 1, &[("TALLY__CHECKPOINT__INTERVAL", "5s")]);
+    let gateway = &cluster.gateways[0];
+    let events = clickstream(31, 6000);
+    let (first, rest) = events.split_at(3000);
+    post_all(gateway, first, 50);
+    // Wait for a checkpoint both processes have their share of.
+    let checkpoints = cluster.dir.path().join("checkpoints");
+    eventually(Duration::from_secs(60), || {
+        let committed = std::fs::read_dir(&checkpoints)
+            .map_err(|e| e.to_string())?
+            .filter_map(Result::ok)
+            .any(|d| d.path().join("manifest.json").exists());
+        if committed {
+            Ok(())
+        } else {
+            Err("no committed checkpoint yet".to_string())
+        }
+    });
+    cluster.kill_and_restart_workers();
+    let gateway = &cluster.gateways[0];
+    post_all(gateway, rest, 50);
+    gateway.post_events(&[json!({
+        "eventType": "flush",
+        "timestamp": (BASE_MS + 10 * MINUTE) as f64 / 1000.0,
+    })]);
+
+    let mut expected = vec![0u64; 6];
+    for e in events.iter().filter(|e| e.event_type == "ad_click") {
+        expected[((e.time_ms - BASE_MS) / MINUTE) as usize] += 1;
+    }
+    let range = format!(
+        "start={}&end={}",
+        BASE_MS / 1000,
+        (BASE_MS + 6 * MINUTE) / 1000
+    );
+    eventually(Duration::from_secs(90), || {
+        let answer = gateway.metrics(&format!("metric=ad_clicks&resolution=1m&{range}"));
+        let got: Vec<u64> = answer["dataPoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["value"].as_u64().unwrap_or(0))
+            .collect();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "ad_clicks per minute {got:?}, expected {expected:?}"
+            ))
+        }
+    });
+    for process in 0..2 {
+        assert!(
+            cluster
+                .read_log("worker", process)
+                .contains("restoring the last checkpoint"),
+            "worker {process} resumed from a checkpoint"
+        );
+    }
 }

@@ -9,8 +9,10 @@
 //!
 //! - [`producer`]: the gateway's idempotent producer.
 //! - [`source`]: a worker's partitions, read without blocking the worker.
+//! - [`dead_letters`]: copies dead letters to the dead-letter topic.
 //! - [`ensure_topics`]: creates the events topic and its dead-letter topic.
 
+pub mod dead_letters;
 pub mod producer;
 pub mod source;
 
