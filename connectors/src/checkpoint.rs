@@ -375,6 +375,8 @@ struct Pending {
 
 /// How often process 0 looks for the other processes' shares.
 const SHARES_EVERY: Duration = Duration::from_millis(250);
+/// Checkpoints process 0 waits on at once for the other processes' shares.
+const MAX_WAITING: usize = 16;
 
 impl Committer {
     /// Starts committing this process's part of the checkpoints into
@@ -469,6 +471,11 @@ impl CommitLoop<'_> {
                     });
                     if self.members.process == 0 {
                         self.shared.insert(boundary, done.started);
+                        // A boundary the other processes never took is
+                        // given up once enough newer ones are waiting.
+                        while self.shared.len() > MAX_WAITING {
+                            self.shared.pop_first();
+                        }
                     }
                 }
             }

@@ -15,8 +15,11 @@
 //!   [`crate::archive`]).
 //!
 //! The DDL uses only what ClickHouse 18.16 already had: `ReplacingMergeTree`
-//! with a version column, `PARTITION BY`, `FINAL`. Rows travel as RowBinary
-//! without the schema check newer servers offer (`with_validation(false)`).
+//! with a version column, `PARTITION BY`, `FINAL`. The one newer feature it
+//! takes when the server has it, `LowCardinality` for the repeated names, is
+//! found in `system.data_type_families` and `system.settings`. Rows travel as
+//! RowBinary without the schema check newer servers offer
+//! (`with_validation(false)`).
 //!
 //! Inserts are batched: a writer thread sends one insert per table once
 //! `batch_rows` rows are waiting or the oldest has waited `batch_interval`.
@@ -40,12 +43,13 @@ use crate::retry;
 /// Errors of the ClickHouse store.
 pub type Error = clickhouse::error::Error;
 
-/// The tables, in creation order. `{db}` is the database.
+/// The tables, in creation order. `{db}` is the database; `{label}` the
+/// type of short, often repeated strings (see [`label_type`]).
 const SCHEMA: [&str; 4] = [
     "CREATE DATABASE IF NOT EXISTS {db}",
     "CREATE TABLE IF NOT EXISTS {db}.windows (
-        metric   String,
-        window   String,
+        metric   {label},
+        window   {label},
         start    Int64,
         end      Int64,
         grp      String,
@@ -70,7 +74,7 @@ const SCHEMA: [&str; 4] = [
         partition  UInt32,
         offset     UInt64,
         idx        UInt32,
-        event_type String,
+        event_type {label},
         event      String
     ) ENGINE = ReplacingMergeTree
     PARTITION BY day
@@ -127,14 +131,18 @@ impl ClickHouseStore {
     async fn create_tables(&self) -> Result<(), Error> {
         // The database may not exist yet, so DDL runs without a default one.
         let admin = client(&self.config).with_database("default");
+        let label = label_type(&admin).await?;
         for ddl in SCHEMA {
             admin
-                .query(&ddl.replace("{db}", &self.config.database))
+                .query(
+                    &ddl.replace("{db}", &self.config.database)
+                        .replace("{label}", label),
+                )
                 .execute()
                 .await?;
         }
         let version: String = admin.query("SELECT version()").fetch_one().await?;
-        info!(%version, database = %self.config.database, "ClickHouse tables ready");
+        info!(%version, database = %self.config.database, label, "ClickHouse tables ready");
         Ok(())
     }
 
@@ -211,6 +219,30 @@ impl ClickHouseStore {
             })
             .collect())
     }
+}
+
+/// The column type for metric names, window specs and event types:
+/// `LowCardinality(String)`, dictionary-encoded, where the server has it
+/// without the experimental flag older releases (18.16 among them) needed,
+/// and `String` otherwise. Read from `system.*`, not from the version
+/// string. Both read and write as strings in RowBinary.
+async fn label_type(admin: &Client) -> Result<&'static str, Error> {
+    let has_type: u64 = admin
+        .query("SELECT count() FROM system.data_type_families WHERE name = 'LowCardinality'")
+        .fetch_one()
+        .await?;
+    let gated: u64 = admin
+        .query(
+            "SELECT count() FROM system.settings
+             WHERE name = 'allow_experimental_low_cardinality_type' AND value = '0'",
+        )
+        .fetch_one()
+        .await?;
+    Ok(if has_type > 0 && gated == 0 {
+        "LowCardinality(String)"
+    } else {
+        "String"
+    })
 }
 
 /// A client for `config`'s server and database.
