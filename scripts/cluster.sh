@@ -32,7 +32,7 @@ timeout=60
 log() { echo "cluster.sh: $*" >&2; }
 
 usage() {
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" >&2
+    help >&2
     exit 2
 }
 
@@ -59,6 +59,11 @@ gateway_url() {
     grep -m1 -o 'listening on http://[^[:space:]]*' "$run/gateway-$1.log" 2>/dev/null | cut -d' ' -f3
 }
 
+# Where a worker serves its /metrics, once it has said.
+worker_url() {
+    grep -m1 -o 'metrics on http://[^[:space:]]*' "$run/worker-$1.log" 2>/dev/null | cut -d' ' -f3
+}
+
 status() {
     local file name url pid line dead=0
     if [ ! -f "$run/worker-0.pid" ]; then
@@ -72,7 +77,8 @@ status() {
             url=$(gateway_url "${name#gateway-}")
             line="gateway ${name#gateway-} ${url:-(no address)} pid $pid"
         else
-            line="worker ${name#worker-} pid $pid"
+            url=$(worker_url "${name#worker-}")
+            line="worker ${name#worker-} ${url:+$url/metrics }pid $pid"
         fi
         if alive "$pid"; then
             echo "$line"
@@ -158,11 +164,26 @@ start() {
     export TALLY__CLICKHOUSE__URL=$CLICKHOUSE_URL
     export TALLY__REDIS__URL=$REDIS_URL
 
+    # Checkpoints name offsets in one Kafka: against other services (such
+    # as ones started afresh by services.sh), they are another cluster's.
+    local services="$KAFKA_BROKERS $CLICKHOUSE_URL $REDIS_URL"
+    if [ -d "$run/data" ] && [ "$(cat "$run/services" 2>/dev/null)" != "$services" ]; then
+        log "the services are not the ones this cluster last ran on; deleting its checkpoints in $run/data"
+        rm -rf "$run/data"
+    fi
+    echo "$services" >"$run/services"
+
     # The base configuration without its [cluster] section, then ours.
     local config=$run/tally.toml addresses i
     # shellcheck disable=SC2046 # one argument per port
     addresses=$(printf ', "127.0.0.1:%s"' $(free_ports "$workers"))
     {
+        echo "# Written by scripts/cluster.sh from $base. The services' addresses"
+        echo "# come from the environment and override this file:"
+        echo "#   TALLY__KAFKA__BROKERS=$KAFKA_BROKERS"
+        echo "#   TALLY__CLICKHOUSE__URL=$CLICKHOUSE_URL"
+        echo "#   TALLY__REDIS__URL=$REDIS_URL"
+        echo
         awk '/^[[:space:]]*\[/ { skip = /^[[:space:]]*\[cluster\]/ } !skip' "$base"
         echo
         echo "[cluster]"
@@ -173,7 +194,7 @@ start() {
 
     log "starting $workers workers and $gateways gateways in $run"
     for ((i = 0; i < workers; i++)); do
-        launch "worker-$i" worker --config "$config" --process "$i"
+        launch "worker-$i" worker --config "$config" --process "$i" --metrics-listen 127.0.0.1:0
     done
     for ((i = 0; i < gateways; i++)); do
         launch "gateway-$i" gateway --config "$config" --listen 127.0.0.1:0
@@ -212,5 +233,6 @@ case ${1:-} in
         ;;
     status) status ;;
     stop) stop ;;
+    -h | --help | help) help ;;
     *) usage ;;
 esac

@@ -1,5 +1,10 @@
 # Shell functions shared by scripts/services.sh and scripts/cluster.sh.
 
+# The calling script's usage: its opening comment.
+help() {
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+}
+
 # True when PID is a live process. An exited one may stay a zombie for a while
 # after its parent is gone, until something reaps it, so /proc is read rather
 # than trusting kill -0.

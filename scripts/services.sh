@@ -298,8 +298,9 @@ case ${1:-start} in
         fi
         echo "$env_file"
         ;;
+    -h | --help | help) help ;;
     *)
-        sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" >&2
+        help >&2
         exit 2
         ;;
 esac

@@ -13,7 +13,7 @@ use tally_connectors::kafka::{self, producer::KafkaProducer};
 use tally_connectors::store::clickhouse::ClickHouseStore;
 use tally_gateway::backend::{ClickHouseHistory, EventSink, KafkaEvents};
 use tally_gateway::live::Hub;
-use tally_gateway::ops::{Observed, Ops};
+use tally_gateway::ops::Ops;
 use tally_gateway::Gateway;
 use tracing::info;
 
@@ -39,7 +39,8 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
         let address = listener.local_addr()?;
-        let ops = Arc::new(Ops::new(Box::new(Observed::default)));
+        // The job's metrics are the workers' to serve.
+        let ops = Arc::new(Ops::new(None));
         let metrics = Arc::new(config.metrics.clone());
         let (feed, bus) = redis::subscribe(&config.redis, Arc::clone(&metrics), LIVE_BUS_BATCHES)
             .context("configuring the Redis subscriber")?;

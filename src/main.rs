@@ -82,6 +82,10 @@ pub struct WorkerArgs {
     /// This process's index in `cluster.addresses`, from 0.
     #[arg(long, value_name = "I")]
     pub process: usize,
+    /// Serve the job's Prometheus metrics (`/metrics`) and `/healthz` at this
+    /// address; port 0 picks a free port, printed on start-up.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Options of `tally gateway`.

@@ -17,7 +17,7 @@ use tally_dataflow::operators::deliver::Backpressure;
 use tally_dataflow::stats::JobStats;
 use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
 use tally_gateway::live::Hub;
-use tally_gateway::ops::{Observed, Ops};
+use tally_gateway::ops::{JobMetrics, Observed, Ops};
 use tally_gateway::Gateway;
 use tracing::info;
 
@@ -172,7 +172,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         })
     };
     drop(live);
-    let ops = Arc::new(Ops::new(observe));
+    let ops = Arc::new(Ops::new(Some(JobMetrics::new(observe))));
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tally_connectors::archive::Archive;
 use tally_connectors::bus::redis::RedisPublisher;
-use tally_connectors::checkpoint::{CheckpointStore, Committer, Members};
+use tally_connectors::checkpoint::{CheckpointStats, CheckpointStore, Committer, Members};
 use tally_connectors::kafka::dead_letters::DeadLetterTopic;
 use tally_connectors::kafka::{self, source::KafkaSource};
 use tally_connectors::store::clickhouse::ClickHouseStore;
@@ -27,9 +27,13 @@ use tally_dataflow::checkpoint::{Restore, Schedule};
 use tally_dataflow::job::{self, JobSettings, Sinks};
 use tally_dataflow::operators::deliver::Backpressure;
 use tally_dataflow::stats::JobStats;
+use tally_gateway::ops::{JobMetrics, Observe, Observed};
 use tracing::info;
 
 use crate::{load_config, shutdown_signal, WorkerArgs};
+
+/// How long a stopping worker may take to flush what it holds.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Makes any panic end the process. A timely computation cannot go on
 /// without one of its threads or peers (a peer that dies panics the thread
@@ -42,6 +46,28 @@ fn exit_on_panic() {
         tracing::error!(%info, "a worker thread failed; stopping the process so it can be restarted");
         std::process::exit(70);
     }));
+}
+
+/// What the worker's `/metrics` reads at scrape time.
+fn observe(
+    stats: Arc<JobStats>,
+    checkpoints: Arc<CheckpointStats>,
+    live: RedisPublisher,
+) -> Observe {
+    Box::new(move || Observed {
+        checkpoints: checkpoints.committed.load(Ordering::Relaxed),
+        checkpoint_failures: checkpoints.failures.load(Ordering::Relaxed),
+        checkpoint_boundary: checkpoints.boundary.load(Ordering::Relaxed),
+        checkpoint_bytes: checkpoints.bytes.load(Ordering::Relaxed),
+        checkpoint_duration_ms: checkpoints.duration_ms.load(Ordering::Relaxed),
+        log_bytes: 0,
+        watermarks: stats.watermarks(),
+        windows_emitted: stats.windows_emitted.load(Ordering::Relaxed),
+        late_updates: stats.late_updates.load(Ordering::Relaxed),
+        dead_letters: stats.dead_letters.load(Ordering::Relaxed),
+        events_read: stats.events_read.load(Ordering::Relaxed),
+        live_dropped: live.dropped(),
+    })
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -101,6 +127,31 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .latest()
         .context("reading the last checkpoint")?;
     let boundary = restored.as_ref().map_or(0, |c| c.boundary);
+    if let Some(checkpoint) = &restored {
+        let cuts: Vec<(u32, u64)> = checkpoint
+            .cuts
+            .iter()
+            .map(|c| (c.partition, c.next_offset))
+            .collect();
+        let kafka = config.kafka.clone();
+        runtime
+            .block_on(async move {
+                tokio::task::spawn_blocking(move || kafka::check_offsets(&kafka, &cuts)).await
+            })?
+            .map_err(anyhow::Error::msg)?;
+    }
+    if process == 0 {
+        // The peers cannot write before process 0 joins the computation.
+        let discarded = checkpoints
+            .discard_unfinished(boundary)
+            .context("deleting unfinished checkpoints")?;
+        if discarded > 0 {
+            info!(
+                discarded,
+                "deleted the previous run's unfinished checkpoints"
+            );
+        }
+    }
     match &restored {
         Some(c) => info!(
             boundary,
@@ -129,6 +180,30 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     .context("starting the checkpoint thread")?;
 
     let stats = Arc::new(JobStats::new(workers));
+    let metrics_server = match args.metrics_listen {
+        Some(address) => {
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind(address))
+                .with_context(|| format!("binding {address}"))?;
+            // A line for scripts that start workers on port 0.
+            println!("metrics on http://{}", listener.local_addr()?);
+            let observe = observe(
+                Arc::clone(&stats),
+                Arc::clone(&committer.stats),
+                live.clone(),
+            );
+            let (quit, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = runtime.spawn(tally_gateway::serve_worker(
+                listener,
+                Arc::new(JobMetrics::new(observe)),
+                async {
+                    let _ = stopped.await;
+                },
+            ));
+            Some((quit, server))
+        }
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let settings = JobSettings {
         processes: cluster.processes,
@@ -207,6 +282,17 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     drop(live);
     info!(process, "tally worker is running");
     runtime.block_on(shutdown_signal());
+    // A peer that is gone, or a store that is down, can hold the steps
+    // below; a restart resumes from the last checkpoint anyway.
+    std::thread::spawn(|| {
+        std::thread::sleep(STOP_DEADLINE);
+        tracing::error!(deadline = ?STOP_DEADLINE, "did not stop cleanly in time; exiting");
+        std::process::exit(1);
+    });
+    if let Some((quit, server)) = metrics_server {
+        let _ = quit.send(());
+        let _ = runtime.block_on(server);
+    }
     stop.store(true, Ordering::Relaxed);
     for result in guards.join() {
         if let Err(e) = result {

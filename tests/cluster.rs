@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,7 +80,8 @@ pub struct Cluster {
     pub name: String,
     /// The gateways.
     pub gateways: Vec<Tally>,
-    workers: Vec<Child>,
+    /// Each worker process and the URL of its `/metrics`.
+    workers: Vec<(Child, String)>,
     dir: tempfile::TempDir,
     env: Vec<(String, String)>,
 }
@@ -171,17 +173,56 @@ impl Cluster {
         command
     }
 
-    fn start_worker(&self, process: usize) -> Child {
+    fn start_worker(&self, process: usize) -> (Child, String) {
         let mut command = self.command("worker", process);
         command
             .args(["--process", &process.to_string()])
-            .stdout(Stdio::null());
-        command.spawn().expect("start tally worker")
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped());
+        let mut child = command.spawn().expect("start tally worker");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .expect("the worker's first line");
+        let url = line
+            .trim()
+            .strip_prefix("metrics on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_string();
+        // Timely reports its connections on stdout too.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        (child, url)
+    }
+
+    /// Records the workers have read from the topic since they started, from
+    /// their `/metrics`.
+    pub fn events_read(&self) -> u64 {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        self.workers
+            .iter()
+            .map(|(_, url)| {
+                let text = agent
+                    .get(format!("{url}/metrics"))
+                    .call()
+                    .expect("worker /metrics")
+                    .body_mut()
+                    .read_to_string()
+                    .unwrap();
+                text.lines()
+                    .find_map(|l| l.strip_prefix("tally_events_read_total "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .expect("tally_events_read_total")
+            })
+            .sum()
     }
 
     /// Kills every worker process with SIGKILL, then starts them again.
     pub fn kill_and_restart_workers(&mut self) {
-        for worker in &mut self.workers {
+        for (worker, _) in &mut self.workers {
             worker.kill().expect("SIGKILL");
             worker.wait().expect("reap");
         }
@@ -203,7 +244,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for worker in &mut self.workers {
+        for (worker, _) in &mut self.workers {
             let _ = worker.kill();
             let _ = worker.wait();
         }
@@ -448,7 +489,8 @@ fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
     let Some(services) = Services::from_env() else {
         return;
     };
-    let cluster = Cluster::start(&services, 1, 2, 1);
+    // Two processes: the one whose sinks fall behind first tells the other.
+    let cluster = Cluster::start(&services, 2, 1, 1);
     let gateway = &cluster.gateways[0];
     let events = clickstream(29, 6000);
     let (before, rest) = events.split_at(2000);
@@ -463,11 +505,14 @@ fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
     }
     let remaining = Duration::from_secs(30).saturating_sub(stopped.elapsed());
     std::thread::sleep(remaining);
-    let log = cluster.read_log("worker", 0);
-    assert!(
-        log.contains("cannot insert results into ClickHouse"),
-        "the worker says it is retrying"
-    );
+    for process in 0..2 {
+        assert!(
+            cluster
+                .read_log("worker", process)
+                .contains("cannot insert results into ClickHouse"),
+            "worker {process} says it is retrying"
+        );
+    }
     services_script(&["start", "clickhouse"]);
 
     gateway.post_events(&[json!({
@@ -578,4 +623,12 @@ fn killed_workers_resume_from_a_checkpoint_and_count_exactly() {
             "worker {process} resumed from a checkpoint"
         );
     }
+    // The restarted workers read on from the checkpoint's offsets, not
+    // from the start of the topic.
+    let read = cluster.events_read();
+    assert!(
+        read < events.len() as u64,
+        "{read} records read after the restart, of {} posted",
+        events.len() + 1
+    );
 }

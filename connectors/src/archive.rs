@@ -3,13 +3,13 @@
 //! SQL, next to the window results.
 //!
 //! Each worker process archives the partitions its workers read, on a thread
-//! of its own with its own consumer. The table records how far each
-//! partition has been archived: on start, reading resumes after the highest
-//! offset stored. An insert covers a contiguous range of offsets per
-//! partition and is one block, which ClickHouse writes whole or not at all,
-//! so a range is never inserted twice. (Should an insert's reply be lost
-//! after the server wrote it, the retry's rows carry the same key and the
-//! table's `ReplacingMergeTree` folds them together.)
+//! of its own with its own consumer. After each insert, which covers a
+//! contiguous range of offsets per partition, the `archived` table records
+//! where each partition goes on; on start, reading resumes there. So a range
+//! is inserted once, unless a failure falls between an insert and its record
+//! (a crash, or a reply lost after the server wrote the rows): then the range
+//! is inserted again, with the same keys, and the table's `ReplacingMergeTree`
+//! folds the repeat away (read with `FINAL` for exact counts before it does).
 //!
 //! Retention drops whole daily partitions older than
 //! `clickhouse.raw_retention`: `ALTER TABLE … DROP PARTITION`, which every
@@ -51,7 +51,7 @@ struct RawRow {
     event: Vec<u8>,
 }
 
-#[derive(Row, Deserialize)]
+#[derive(Row, Serialize, Deserialize)]
 struct Archived {
     partition: u32,
     next: u64,
@@ -119,17 +119,19 @@ fn archive_loop(
             "read how far raw events are archived",
             || {
                 client
-                .query(
-                    "SELECT partition, max(offset) + 1 AS next FROM raw_events GROUP BY partition",
-                )
-                .fetch_all::<Archived>()
+                    .query("SELECT partition, max(next) AS next FROM archived GROUP BY partition")
+                    .fetch_all::<Archived>()
             },
         ))
         .into_iter()
         .map(|a| (a.partition, a.next))
         .collect();
+    // Events the topic no longer holds cannot be archived; the archive
+    // goes on from the oldest it has.
     let consumer: BaseConsumer = retry::blocking("create the archive's Kafka consumer", || {
-        consumer_config(&kafka.brokers).create()
+        consumer_config(&kafka.brokers)
+            .set("auto.offset.reset", "earliest")
+            .create()
     });
     let mut list = TopicPartitionList::new();
     for &p in partitions {
@@ -213,12 +215,23 @@ fn raw_row(partition: u32, offset: u64, idx: u32, record: Vec<u8>) -> RawRow {
     }
 }
 
+/// Inserts the rows, then records where their partitions go on.
 async fn insert(client: &Client, rows: &[RawRow]) -> Result<(), Error> {
     let mut insert = client.insert::<RawRow>("raw_events").await?;
     for row in rows {
         insert.write(row).await?;
     }
-    insert.end().await
+    insert.end().await?;
+    let mut next: HashMap<u32, u64> = HashMap::new();
+    for row in rows {
+        let n = next.entry(row.partition).or_default();
+        *n = (*n).max(row.offset + 1);
+    }
+    let mut record = client.insert::<Archived>("archived").await?;
+    for (partition, next) in next {
+        record.write(&Archived { partition, next }).await?;
+    }
+    record.end().await
 }
 
 /// Drops the daily partitions of `raw_events` that ended more than

@@ -260,6 +260,42 @@ impl CheckpointStore {
         Ok(Some(shares))
     }
 
+    /// Deletes the unfinished checkpoints above `boundary`, the one a job
+    /// restored: they hold parts and shares of the run before, which must
+    /// never be combined with the new run's. Call it before the job starts.
+    pub fn discard_unfinished(&self, boundary: u64) -> Result<usize, CheckpointError> {
+        self.runtime.block_on(async {
+            let mut deleted = 0;
+            for b in self.boundaries().await? {
+                if b > boundary && self.store.head(&self.dir(b).join(MANIFEST)).await.is_err() {
+                    self.delete(b).await?;
+                    deleted += 1;
+                }
+            }
+            Ok(deleted)
+        })
+    }
+
+    /// Deletes checkpoint `boundary`, its manifest first, so a half-deleted
+    /// checkpoint is never read.
+    async fn delete(&self, boundary: u64) -> Result<(), CheckpointError> {
+        let files: Vec<_> = self
+            .store
+            .list(Some(&self.dir(boundary)))
+            .try_collect()
+            .await?;
+        let (manifest, parts): (Vec<_>, Vec<_>) = files
+            .into_iter()
+            .partition(|f| f.location.filename() == Some(MANIFEST));
+        for file in manifest.into_iter().chain(parts) {
+            self.store.delete(&file.location).await?;
+        }
+        if let Some(dir) = &self.local {
+            std::fs::remove_dir(dir.join(format!("{boundary:020}")))?;
+        }
+        Ok(())
+    }
+
     /// Deletes everything older than the newest `keep` committed checkpoints.
     async fn prune(&self, keep: usize) -> Result<usize, CheckpointError> {
         let mut committed = Vec::new();
@@ -277,17 +313,7 @@ impl CheckpointStore {
         };
         let mut deleted = 0;
         for &b in boundaries.iter().filter(|&&b| b < oldest_kept) {
-            let files: Vec<_> = self.store.list(Some(&self.dir(b))).try_collect().await?;
-            // The manifest goes first, so a half-deleted checkpoint is never read.
-            let (manifest, parts): (Vec<_>, Vec<_>) = files
-                .into_iter()
-                .partition(|f| f.location.filename() == Some(MANIFEST));
-            for file in manifest.into_iter().chain(parts) {
-                self.store.delete(&file.location).await?;
-            }
-            if let Some(dir) = &self.local {
-                std::fs::remove_dir(dir.join(format!("{b:020}")))?;
-            }
+            self.delete(b).await?;
             deleted += 1;
         }
         Ok(deleted)
@@ -362,6 +388,8 @@ impl Members {
 /// result store holds everything before the boundary.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Share {
+    /// Workers in the job, so a share of a job of another shape is refused.
+    workers: usize,
     parts: Vec<String>,
     cuts: Vec<PartitionCut>,
     bytes: u64,
@@ -461,7 +489,11 @@ impl CommitLoop<'_> {
                 if self.members.processes == 1 {
                     self.commit(boundary, done.share, done.started);
                 } else {
-                    let share = &done.share;
+                    let share = Share {
+                        workers: self.members.processes * self.members.threads,
+                        ..done.share
+                    };
+                    let share = &share;
                     retry(self.stats, "write a checkpoint share", || {
                         self.store.runtime.block_on(self.store.write_share(
                             boundary,
@@ -521,7 +553,18 @@ impl CommitLoop<'_> {
                     return;
                 }
             };
-            let mut whole = Share::default();
+            let workers = self.members.processes * self.members.threads;
+            if shares.iter().any(|s| s.workers != workers) {
+                warn!(
+                    boundary,
+                    "a checkpoint share of a job of another shape; skipping it"
+                );
+                continue;
+            }
+            let mut whole = Share {
+                workers,
+                ..Share::default()
+            };
             for share in shares {
                 whole.parts.extend(share.parts);
                 whole.cuts.extend(share.cuts);
@@ -538,6 +581,7 @@ impl CommitLoop<'_> {
             mut parts,
             mut cuts,
             bytes,
+            ..
         } = share;
         cuts.sort_by_key(|c| c.partition);
         parts.sort();

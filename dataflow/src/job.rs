@@ -16,7 +16,7 @@ use timely::dataflow::Scope;
 use crate::checkpoint::{CheckpointSink, Progress, Restore, Schedule};
 use crate::config::{Config, MetricSpec};
 use crate::operators::deliver::{Backpressure, Deliver, Sink};
-use crate::operators::gossip::share_high_watermark;
+use crate::operators::gossip;
 use crate::operators::source::{log_source, BatchSource, Contribution, DeadLetter, SourceSettings};
 use crate::operators::windows::{Checkpointing, WindowSettings, WindowUpdate, Windows};
 use crate::stats::JobStats;
@@ -31,7 +31,7 @@ pub struct JobSettings {
     /// Timing rules of the window operator.
     pub windows: WindowSettings,
     /// Processes the job runs in; with more than one, they share their
-    /// high watermarks (see [`crate::operators::gossip`]).
+    /// high watermarks and backpressure (see [`crate::operators::gossip`]).
     pub processes: usize,
 }
 
@@ -92,7 +92,7 @@ pub fn build<'scope, S, St, Li, De>(
     let progress = Rc::new(RefCell::new(Progress::new(&restore.cuts)));
     let partitions = input.partitions();
     if settings.processes > 1 {
-        share_high_watermark(scope, Arc::clone(&stats));
+        gossip::share(scope, Arc::clone(&stats), backpressure.clone());
     }
     let records = log_source(
         scope,

@@ -210,3 +210,25 @@ pub async fn serve(
         .run()
         .await;
 }
+
+/// Serves a worker process's own endpoints on `listener` until `shutdown`:
+/// `GET /metrics` with the job's metrics, and `GET /healthz`.
+pub async fn serve_worker(
+    listener: TcpListener,
+    job: Arc<ops::JobMetrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let prometheus = warp::path!("metrics").and(warp::get()).map(move || {
+        let mut out = Vec::new();
+        job.render(now_ms(), &mut out);
+        warp::reply::with_header(out, "content-type", "text/plain; version=0.0.4")
+    });
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&json!({"status": "ok"})));
+    warp::serve(prometheus.or(healthz))
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+}

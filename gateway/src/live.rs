@@ -609,7 +609,6 @@ mod tests {
     use tokio::sync::mpsc::error::TryRecvError;
 
     use super::*;
-    use crate::ops::Observed;
 
     fn hub() -> (HubState, Arc<Ops>) {
         let config = Config::load(
@@ -617,7 +616,7 @@ mod tests {
             [],
         )
         .unwrap();
-        let ops = Arc::new(Ops::new(Box::new(Observed::default)));
+        let ops = Arc::new(Ops::new(None));
         (
             HubState::new(Arc::new(config.metrics), 32_000, Arc::clone(&ops)),
             ops,

@@ -43,7 +43,8 @@ pub struct Observed {
 /// Reads the values owned outside the gateway.
 pub type Observe = Box<dyn Fn() -> Observed + Send + Sync>;
 
-/// The gateway's metrics.
+/// The gateway's metrics, and the job's when the job runs in the same
+/// process.
 pub struct Ops {
     registry: Registry,
     /// Events accepted into the log.
@@ -54,6 +55,14 @@ pub struct Ops {
     pub ws_clients: IntGauge,
     /// WebSocket clients dropped for falling behind.
     pub ws_slow_dropped: IntCounter,
+    job: Option<JobMetrics>,
+    ready: AtomicBool,
+}
+
+/// The job's metrics, read from the job at scrape time: served by `tally
+/// run` beside the gateway's, and by each `tally worker` on its own.
+pub struct JobMetrics {
+    registry: Registry,
     log_bytes: IntGauge,
     watermark_lag: IntGaugeVec,
     windows_emitted: IntCounter,
@@ -67,38 +76,35 @@ pub struct Ops {
     checkpoint_bytes: IntGauge,
     checkpoint_duration: Gauge,
     observe: Observe,
-    ready: AtomicBool,
 }
 
-impl Ops {
-    /// Registers every metric.
-    pub fn new(observe: Observe) -> Ops {
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric name");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric name");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("registered once");
+    g
+}
+
+fn text(registry: &Registry, out: &mut Vec<u8>) {
+    // Encoding into a Vec cannot fail.
+    TextEncoder::new()
+        .encode(&registry.gather(), out)
+        .expect("text encoding");
+}
+
+impl JobMetrics {
+    /// Registers the job's metrics, to be read from `observe`.
+    pub fn new(observe: Observe) -> JobMetrics {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric name");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("registered once");
-            c
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric name");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("registered once");
-            g
-        };
-        let requests_rejected = IntCounterVec::new(
-            Opts::new(
-                "tally_ingest_requests_rejected_total",
-                "Ingest requests rejected, by reason.",
-            ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(requests_rejected.clone()))
-            .expect("registered once");
         let watermark_lag = IntGaugeVec::new(
             Opts::new(
                 "tally_watermark_lag_seconds",
@@ -118,81 +124,62 @@ impl Ops {
         registry
             .register(Box::new(checkpoint_duration.clone()))
             .expect("registered once");
-        Ops {
-            events_accepted: counter(
-                "tally_events_accepted_total",
-                "Events accepted into the log.",
-            ),
-            events_rejected: counter(
-                "tally_events_rejected_total",
-                "Invalid events in rejected batches.",
-            ),
-            requests_rejected,
-            ws_clients: gauge("tally_ws_clients", "Connected WebSocket clients."),
-            ws_slow_dropped: counter(
-                "tally_ws_slow_clients_dropped_total",
-                "WebSocket clients disconnected for a full queue.",
-            ),
-            log_bytes: gauge("tally_log_bytes", "Bytes held by the event log."),
+        JobMetrics {
+            log_bytes: gauge(&registry, "tally_log_bytes", "Bytes held by the event log."),
             watermark_lag,
             windows_emitted: counter(
+                &registry,
                 "tally_windows_emitted_total",
                 "Final window results emitted, revisions included.",
             ),
             late_updates: counter(
+                &registry,
                 "tally_late_updates_total",
                 "Late contributions that revised a closed window.",
             ),
             dead_letters: counter(
+                &registry,
                 "tally_dead_letters_total",
                 "Events too late for any kept window.",
             ),
             events_read: counter(
+                &registry,
                 "tally_events_read_total",
                 "Records the job has read from the log since start.",
             ),
             live_dropped: counter(
+                &registry,
                 "tally_live_updates_dropped_total",
                 "Live updates dropped because the fan-out was behind.",
             ),
-            checkpoints: counter("tally_checkpoints_total", "Checkpoints committed."),
+            checkpoints: counter(
+                &registry,
+                "tally_checkpoints_total",
+                "Checkpoints committed.",
+            ),
             checkpoint_failures: counter(
+                &registry,
                 "tally_checkpoint_failures_total",
                 "Failed attempts to write a checkpoint file.",
             ),
             checkpoint_boundary: gauge(
+                &registry,
                 "tally_checkpoint_boundary_seconds",
                 "Event-time boundary of the newest committed checkpoint.",
             ),
             checkpoint_bytes: gauge(
+                &registry,
                 "tally_checkpoint_bytes",
                 "Size of the newest committed checkpoint.",
             ),
             checkpoint_duration,
             registry,
             observe,
-            ready: AtomicBool::new(false),
         }
     }
 
-    /// Counts a rejected request, and the invalid events in it.
-    pub fn rejected(&self, reason: &str, events: u64) {
-        self.requests_rejected.with_label_values(&[reason]).inc();
-        self.events_rejected.inc_by(events);
-    }
-
-    /// Marks the node ready (or not) for `/readyz`.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
-    /// Whether the node is ready.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-
-    /// The Prometheus text exposition.
-    pub fn render(&self, now_ms: i64) -> String {
+    /// Appends the Prometheus text of the job's metrics to `out`.
+    pub fn render(&self, now_ms: i64, out: &mut Vec<u8>) {
         let o = (self.observe)();
         self.log_bytes.set(o.log_bytes as i64);
         for (worker, watermark) in o.watermarks.iter().enumerate() {
@@ -218,11 +205,76 @@ impl Ops {
         self.checkpoint_bytes.set(o.checkpoint_bytes as i64);
         self.checkpoint_duration
             .set(o.checkpoint_duration_ms as f64 / 1000.0);
+        text(&self.registry, out);
+    }
+}
+
+impl Ops {
+    /// Registers the gateway's metrics, and the job's if `job` is given.
+    pub fn new(job: Option<JobMetrics>) -> Ops {
+        let registry = Registry::new();
+        let requests_rejected = IntCounterVec::new(
+            Opts::new(
+                "tally_ingest_requests_rejected_total",
+                "Ingest requests rejected, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(requests_rejected.clone()))
+            .expect("registered once");
+        Ops {
+            events_accepted: counter(
+                &registry,
+                "tally_events_accepted_total",
+                "Events accepted into the log.",
+            ),
+            events_rejected: counter(
+                &registry,
+                "tally_events_rejected_total",
+                "Invalid events in rejected batches.",
+            ),
+            requests_rejected,
+            ws_clients: gauge(
+                &registry,
+                "tally_ws_clients",
+                "Connected WebSocket clients.",
+            ),
+            ws_slow_dropped: counter(
+                &registry,
+                "tally_ws_slow_clients_dropped_total",
+                "WebSocket clients disconnected for a full queue.",
+            ),
+            registry,
+            job,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a rejected request, and the invalid events in it.
+    pub fn rejected(&self, reason: &str, events: u64) {
+        self.requests_rejected.with_label_values(&[reason]).inc();
+        self.events_rejected.inc_by(events);
+    }
+
+    /// Marks the node ready (or not) for `/readyz`.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the node is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, now_ms: i64) -> String {
         let mut out = Vec::new();
-        // Encoding into a Vec cannot fail.
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding");
+        text(&self.registry, &mut out);
+        if let Some(job) = &self.job {
+            job.render(now_ms, &mut out);
+        }
         String::from_utf8_lossy(&out).into_owned()
     }
 }

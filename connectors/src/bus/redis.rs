@@ -100,9 +100,10 @@ struct Publisher {
     prefix: String,
     names: Vec<String>,
     lateness: Millis,
-    /// Per metric, the hash fields written, by window end, so those past
-    /// the lateness can be deleted.
-    written: HashMap<u16, BTreeMap<Millis, HashSet<String>>>,
+    /// Per (metric, window spec), the hash fields written, by window end,
+    /// so those past the lateness can be deleted. Specs are kept apart: a
+    /// sliding window closes long before the tumbling one beside it.
+    written: HashMap<(u16, u8), BTreeMap<Millis, HashSet<String>>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -155,22 +156,28 @@ impl Publisher {
             let key = latest_key(&self.prefix, name);
             let payload = bincode::serialize(&updates).expect("window updates serialize");
             pipe.publish(channel(&self.prefix, name), payload).ignore();
-            let written = self.written.entry(metric).or_default();
-            let mut newest = Millis::MIN;
+            let mut newest: BTreeMap<u8, Millis> = BTreeMap::new();
             for u in &updates {
                 let field = format!("{}:{}:{}", u.window, u.span.start, u.group.join("\u{1f}"));
                 let value = bincode::serialize(u).expect("a window update serializes");
                 pipe.hset(&key, &field, value).ignore();
-                written.entry(u.span.end).or_default().insert(field);
-                newest = newest.max(u.span.end);
+                self.written
+                    .entry((metric, u.window))
+                    .or_default()
+                    .entry(u.span.end)
+                    .or_default()
+                    .insert(field);
+                // As the hub keeps them: windows ending within the lateness
+                // of the newest window's start.
+                let start = newest.entry(u.window).or_insert(u.span.start);
+                *start = (*start).max(u.span.start);
             }
-            let expired: Vec<String> = {
+            let mut expired: Vec<String> = Vec::new();
+            for (window, newest) in newest {
+                let written = self.written.entry((metric, window)).or_default();
                 let keep = written.split_off(&(newest - self.lateness));
-                std::mem::replace(written, keep)
-                    .into_values()
-                    .flatten()
-                    .collect()
-            };
+                expired.extend(std::mem::replace(written, keep).into_values().flatten());
+            }
             if !expired.is_empty() {
                 pipe.hdel(&key, expired).ignore();
             }

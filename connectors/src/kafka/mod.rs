@@ -44,11 +44,14 @@ fn client_config(brokers: &str) -> ClientConfig {
 }
 
 /// A consumer configuration for `brokers`: partitions are assigned by
-/// hand and offsets are kept by tally, never committed to the brokers.
+/// hand and offsets are kept by tally, never committed to the brokers. An
+/// offset the partition does not hold is an error (`auto.offset.reset`), not
+/// a silent jump to its end.
 pub(crate) fn consumer_config(brokers: &str) -> ClientConfig {
     let mut config = client_config(brokers);
     config
         .set("group.id", "tally-workers")
+        .set("auto.offset.reset", "error")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
@@ -102,6 +105,32 @@ async fn create_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
                 tracing::warn!(%topic, %code, "the broker refused to create a topic");
                 return Err(KafkaError::AdminOp(code));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the events topic holds every offset a checkpoint resumes
+/// from (`(partition, next offset)`): each must lie between the partition's
+/// oldest offset and its end. One outside means the topic was made anew or
+/// its retention deleted events never read, and reading on would skip or
+/// misplace events; the error says which.
+pub fn check_offsets(config: &KafkaConfig, cuts: &[(u32, u64)]) -> Result<(), String> {
+    let consumer: BaseConsumer = retry::blocking("connect to Kafka", || {
+        client_config(&config.brokers).create::<BaseConsumer>()
+    });
+    for &(partition, offset) in cuts {
+        let (low, high) = retry::blocking("read the events topic's offsets", || {
+            consumer.fetch_watermarks(&config.topic, partition as i32, REQUEST_TIMEOUT)
+        });
+        if (offset as i64) < low || (offset as i64) > high {
+            return Err(format!(
+                "the checkpoint resumes partition {partition} of topic '{}' at offset {offset}, \
+                 but the partition holds offsets {low} to {high}: the topic was made anew, or \
+                 its retention deleted events that were never read. Restore the topic, or \
+                 delete the checkpoints (and the results) to start over",
+                config.topic
+            ));
         }
     }
     Ok(())

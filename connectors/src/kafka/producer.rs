@@ -93,6 +93,11 @@ impl KafkaProducer {
 
 /// Packs records, one per line, into payloads of at most
 /// [`MAX_MESSAGE_BYTES`] (a single larger record gets a message of its own).
+///
+/// A record is a JSON object as the client sent it, which may span lines.
+/// JSON strings cannot hold a raw line break, so every one is whitespace
+/// between tokens, and becomes a space: the record stays the same JSON, on
+/// one line.
 fn messages(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut current: Vec<u8> = Vec::new();
@@ -103,7 +108,10 @@ fn messages(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
         if !current.is_empty() {
             current.push(b'\n');
         }
-        current.extend_from_slice(record);
+        current.extend(record.iter().map(|&b| match b {
+            b'\n' | b'\r' => b' ',
+            b => b,
+        }));
     }
     if !current.is_empty() {
         out.push(current);
@@ -139,5 +147,18 @@ mod tests {
         assert!(packed.iter().all(|m| m.len() <= MAX_MESSAGE_BYTES));
         let back: Vec<Vec<u8>> = packed.iter().flat_map(|m| records(m)).collect();
         assert_eq!(back, big);
+    }
+
+    #[test]
+    fn a_record_on_several_lines_stays_one_record() {
+        let pretty =
+            b"{\n  \"eventType\": \"ad_click\",\r\n  \"dimensions\": {\"note\": \"a\\nb\"}\n}"
+                .to_vec();
+        let packed = messages(&[pretty.clone(), b"{}".to_vec()]);
+        let back = records(&packed[0]);
+        assert_eq!(back.len(), 2);
+        let parsed: serde_json::Value = serde_json::from_slice(&back[0]).unwrap();
+        let original: serde_json::Value = serde_json::from_slice(&pretty).unwrap();
+        assert_eq!(parsed, original);
     }
 }

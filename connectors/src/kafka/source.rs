@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_dataflow::config::KafkaConfig;
@@ -106,6 +106,17 @@ impl BatchSource for KafkaSource {
                         next_offset: offset + 1,
                         records: records(message.payload().unwrap_or_default()),
                     });
+                }
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    // The checkpoint names offsets the topic no longer
+                    // holds: retention deleted them, or the topic was made
+                    // anew. Going on would skip or misplace events.
+                    panic!(
+                        "partitions {:?} of topic '{}' do not hold the offsets the checkpoint names {:?}; \
+                         the topic was recreated or its retention deleted unread events. \
+                         Restore a matching topic, or remove the checkpoints to start over",
+                        self.partitions, self.topic, self.starts
+                    );
                 }
                 Some(Err(e)) => {
                     self.warn(&e);

@@ -11,8 +11,8 @@
 //! - `dead_letters`: events too late for any window, keyed by their place
 //!   in the events topic, so a replay cannot add them twice.
 //! - `raw_events`: every event, partitioned by day and kept for
-//!   `clickhouse.raw_retention` by dropping old partitions (see
-//!   [`crate::archive`]).
+//!   `clickhouse.raw_retention` by dropping old partitions, and `archived`,
+//!   how far each partition has been copied (see [`crate::archive`]).
 //!
 //! The DDL uses only what ClickHouse 18.16 already had: `ReplacingMergeTree`
 //! with a version column, `PARTITION BY`, `FINAL`. The one newer feature it
@@ -45,7 +45,7 @@ pub type Error = clickhouse::error::Error;
 
 /// The tables, in creation order. `{db}` is the database; `{label}` the
 /// type of short, often repeated strings (see [`label_type`]).
-const SCHEMA: [&str; 4] = [
+const SCHEMA: [&str; 5] = [
     "CREATE DATABASE IF NOT EXISTS {db}",
     "CREATE TABLE IF NOT EXISTS {db}.windows (
         metric   {label},
@@ -79,6 +79,11 @@ const SCHEMA: [&str; 4] = [
     ) ENGINE = ReplacingMergeTree
     PARTITION BY day
     ORDER BY (partition, offset, idx)",
+    "CREATE TABLE IF NOT EXISTS {db}.archived (
+        partition UInt32,
+        next      UInt64
+    ) ENGINE = ReplacingMergeTree(next)
+    ORDER BY partition",
 ];
 
 #[derive(Row, Serialize, Deserialize)]

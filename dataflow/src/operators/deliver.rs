@@ -5,10 +5,11 @@
 //! sources of every worker in the process stop reading while any sink is
 //! behind, so a slow store leaves the backlog in the log rather than in
 //! memory: a worker that stalls holds the frontier, and the others must not
-//! go on stashing what they read.
+//! go on stashing what they read. In the cluster, processes tell each other
+//! (see [`super::gossip`]), so every process stops reading.
 
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,22 +33,37 @@ pub trait Sink<T>: 'static {
     }
 }
 
-/// The number of sinks that are behind, shared by every worker of a process.
+/// The number of sinks that are behind, shared by every worker of a process,
+/// and whether another process of the job has sinks behind.
 #[derive(Clone, Default)]
-pub struct Backpressure(Arc<AtomicUsize>);
+pub struct Backpressure {
+    local: Arc<AtomicUsize>,
+    remote: Arc<AtomicBool>,
+}
 
 impl Backpressure {
-    /// True while any sink of the process is behind.
+    /// True while any sink of the job is behind, here or, as far as this
+    /// process has heard, in another process.
     pub fn stalled(&self) -> bool {
-        self.0.load(Ordering::Relaxed) > 0
+        self.stalled_here() || self.remote.load(Ordering::Relaxed)
+    }
+
+    /// True while any sink of this process is behind.
+    pub fn stalled_here(&self) -> bool {
+        self.local.load(Ordering::Relaxed) > 0
+    }
+
+    /// Records whether another process has said its sinks are behind.
+    pub fn set_remote(&self, stalled: bool) {
+        self.remote.store(stalled, Ordering::Relaxed);
     }
 
     fn set(&self, behind: bool, was_behind: &mut bool) {
         if behind != *was_behind {
             if behind {
-                self.0.fetch_add(1, Ordering::Relaxed);
+                self.local.fetch_add(1, Ordering::Relaxed);
             } else {
-                self.0.fetch_sub(1, Ordering::Relaxed);
+                self.local.fetch_sub(1, Ordering::Relaxed);
             }
             *was_behind = behind;
         }

@@ -1,17 +1,25 @@
-//! Shares the highest watermark between the processes of a cluster.
+//! What the processes of a cluster tell each other outside the data: their
+//! highest watermark, and whether their sinks are behind.
 //!
 //! A worker whose partitions are all idle moves its capability just past
 //! the highest watermark any worker has reached (see [`super::source`]).
-//! Within a process that is a shared counter in [`JobStats`]; this operator
-//! carries it to the other processes. Each worker sends its process's high
-//! watermark to every worker whenever it rises, and each raises its own
-//! process's counter. Without it, a process whose partitions all went quiet
-//! would hold the job's frontier at its own last watermark, and windows
-//! would never close after traffic stops.
+//! Within a process that is a shared counter in [`JobStats`]; without
+//! gossip, a process whose partitions all went quiet would hold the job's
+//! frontier at its own last watermark, and windows would never close after
+//! traffic stops.
 //!
-//! The records travel at time 0 on a path of their own that feeds nothing
-//! else, so holding that capability never holds back the job's frontier.
+//! A process whose sinks are behind stops its sources ([`Backpressure`]).
+//! It also holds the frontier, so the other processes' windows stop closing
+//! and their sinks get nothing to be behind on: without gossip they would
+//! go on reading, and stash the backlog in memory instead of leaving it in
+//! the log.
+//!
+//! Each worker sends its process's state to every worker whenever it
+//! changes. The records travel at time 0 on a path of their own that feeds
+//! nothing else, so holding that capability never holds back the job's
+//! frontier.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,28 +29,36 @@ use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::{Scope, Stream};
 
+use crate::operators::deliver::Backpressure;
 use crate::stats::JobStats;
 
-/// How often a worker looks for a higher watermark to send.
+/// How often a worker looks for news to send.
 const EVERY: Duration = Duration::from_millis(100);
 
-/// Builds the exchange of high watermarks in `scope`.
-pub fn share_high_watermark(scope: Scope<'_, u64>, stats: Arc<JobStats>) {
-    let received = Arc::clone(&stats);
-    let marks: Stream<'_, u64, Vec<u64>> =
-        source(scope, "HighWatermark", move |capability, info| {
-            let activator = scope.activator_for(Rc::clone(&info.address));
-            let mut sent = 0;
-            move |output| {
-                let high = stats.high_watermark();
-                if high > sent {
-                    output.session(&capability).give(high);
-                    sent = high;
-                }
-                activator.activate_after(EVERY);
+/// (sending worker, its process's high watermark, whether its process's
+/// sinks are behind).
+type News = (usize, u64, bool);
+
+/// Builds the exchange of news in `scope`.
+pub fn share(scope: Scope<'_, u64>, stats: Arc<JobStats>, backpressure: Backpressure) {
+    let (received, heard) = (Arc::clone(&stats), backpressure.clone());
+    let worker = scope.index();
+    let news: Stream<'_, u64, Vec<News>> = source(scope, "Gossip", move |capability, info| {
+        let activator = scope.activator_for(Rc::clone(&info.address));
+        let mut sent = (0, false);
+        move |output| {
+            let now = (stats.high_watermark(), backpressure.stalled_here());
+            if now != sent {
+                output.session(&capability).give((worker, now.0, now.1));
+                sent = now;
             }
-        });
-    marks
-        .broadcast()
-        .inspect(move |&high| received.raise_high_watermark(high));
+            activator.activate_after(EVERY);
+        }
+    });
+    let mut stalled: HashMap<usize, bool> = HashMap::new();
+    news.broadcast().inspect(move |&(from, high, behind)| {
+        received.raise_high_watermark(high);
+        stalled.insert(from, behind);
+        heard.set_remote(stalled.values().any(|&s| s));
+    });
 }
