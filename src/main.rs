@@ -18,9 +18,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use tally_connectors::checkpoint::CheckpointStats;
 use tally_dataflow::config::Config;
+use tally_dataflow::stats::JobStats;
+use tally_gateway::ops::{Observe, Observed};
 use tracing::info;
 
 /// Real-time analytics: ingest events, aggregate them in event-time windows
@@ -135,6 +141,30 @@ pub fn load_config(path: Option<&Path>, overrides: &[(&str, String)]) -> anyhow:
 /// A TOML string literal.
 pub fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// What a process's job `/metrics` reads at scrape time: the job's counters,
+/// its checkpoints, and two values its log and live bus know.
+pub fn job_observer(
+    stats: Arc<JobStats>,
+    checkpoints: Arc<CheckpointStats>,
+    log_bytes: Box<dyn Fn() -> u64 + Send + Sync>,
+    live_dropped: Box<dyn Fn() -> u64 + Send + Sync>,
+) -> Observe {
+    Box::new(move || Observed {
+        checkpoints: checkpoints.committed.load(Ordering::Relaxed),
+        checkpoint_failures: checkpoints.failures.load(Ordering::Relaxed),
+        checkpoint_boundary: checkpoints.boundary.load(Ordering::Relaxed),
+        checkpoint_bytes: checkpoints.bytes.load(Ordering::Relaxed),
+        checkpoint_duration_ms: checkpoints.duration_ms.load(Ordering::Relaxed),
+        log_bytes: log_bytes(),
+        watermarks: stats.watermarks(),
+        windows_emitted: stats.windows_emitted.load(Ordering::Relaxed),
+        late_updates: stats.late_updates.load(Ordering::Relaxed),
+        dead_letters: stats.dead_letters.load(Ordering::Relaxed),
+        events_read: stats.events_read.load(Ordering::Relaxed),
+        live_dropped: live_dropped(),
+    })
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

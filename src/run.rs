@@ -17,11 +17,11 @@ use tally_dataflow::operators::deliver::Backpressure;
 use tally_dataflow::stats::JobStats;
 use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
 use tally_gateway::live::Hub;
-use tally_gateway::ops::{JobMetrics, Observed, Ops};
+use tally_gateway::ops::{JobMetrics, Ops};
 use tally_gateway::Gateway;
 use tracing::info;
 
-use crate::{load_config, shutdown_signal, toml_string, RunArgs};
+use crate::{job_observer, load_config, shutdown_signal, toml_string, RunArgs};
 
 /// Batches of live updates in flight between the workers and the fan-out.
 const LIVE_BUS_BATCHES: usize = 1024;
@@ -154,22 +154,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()?;
     let events = Arc::new(EmbeddedLog::new(log.clone()));
     let observe = {
-        let (events, stats, live) = (Arc::clone(&events), Arc::clone(&stats), live.clone());
-        let checkpoints = Arc::clone(&committer.stats);
-        Box::new(move || Observed {
-            checkpoints: checkpoints.committed.load(Ordering::Relaxed),
-            checkpoint_failures: checkpoints.failures.load(Ordering::Relaxed),
-            checkpoint_boundary: checkpoints.boundary.load(Ordering::Relaxed),
-            checkpoint_bytes: checkpoints.bytes.load(Ordering::Relaxed),
-            checkpoint_duration_ms: checkpoints.duration_ms.load(Ordering::Relaxed),
-            log_bytes: events.log_bytes(),
-            watermarks: stats.watermarks(),
-            windows_emitted: stats.windows_emitted.load(Ordering::Relaxed),
-            late_updates: stats.late_updates.load(Ordering::Relaxed),
-            dead_letters: stats.dead_letters.load(Ordering::Relaxed),
-            events_read: stats.events_read.load(Ordering::Relaxed),
-            live_dropped: live.dropped(),
-        })
+        let (events, live) = (Arc::clone(&events), live.clone());
+        job_observer(
+            Arc::clone(&stats),
+            Arc::clone(&committer.stats),
+            Box::new(move || events.log_bytes()),
+            Box::new(move || live.dropped()),
+        )
     };
     drop(live);
     let ops = Arc::new(Ops::new(Some(JobMetrics::new(observe))));

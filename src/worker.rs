@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tally_connectors::archive::Archive;
 use tally_connectors::bus::redis::RedisPublisher;
-use tally_connectors::checkpoint::{CheckpointStats, CheckpointStore, Committer, Members};
+use tally_connectors::checkpoint::{CheckpointStore, Committer, Members};
 use tally_connectors::kafka::dead_letters::DeadLetterTopic;
 use tally_connectors::kafka::{self, source::KafkaSource};
 use tally_connectors::store::clickhouse::ClickHouseStore;
@@ -27,10 +27,10 @@ use tally_dataflow::checkpoint::{Restore, Schedule};
 use tally_dataflow::job::{self, JobSettings, Sinks};
 use tally_dataflow::operators::deliver::Backpressure;
 use tally_dataflow::stats::JobStats;
-use tally_gateway::ops::{JobMetrics, Observe, Observed};
+use tally_gateway::ops::JobMetrics;
 use tracing::info;
 
-use crate::{load_config, shutdown_signal, WorkerArgs};
+use crate::{job_observer, load_config, shutdown_signal, WorkerArgs};
 
 /// How long a stopping worker may take to flush what it holds.
 const STOP_DEADLINE: Duration = Duration::from_secs(30);
@@ -46,28 +46,6 @@ fn exit_on_panic() {
         tracing::error!(%info, "a worker thread failed; stopping the process so it can be restarted");
         std::process::exit(70);
     }));
-}
-
-/// What the worker's `/metrics` reads at scrape time.
-fn observe(
-    stats: Arc<JobStats>,
-    checkpoints: Arc<CheckpointStats>,
-    live: RedisPublisher,
-) -> Observe {
-    Box::new(move || Observed {
-        checkpoints: checkpoints.committed.load(Ordering::Relaxed),
-        checkpoint_failures: checkpoints.failures.load(Ordering::Relaxed),
-        checkpoint_boundary: checkpoints.boundary.load(Ordering::Relaxed),
-        checkpoint_bytes: checkpoints.bytes.load(Ordering::Relaxed),
-        checkpoint_duration_ms: checkpoints.duration_ms.load(Ordering::Relaxed),
-        log_bytes: 0,
-        watermarks: stats.watermarks(),
-        windows_emitted: stats.windows_emitted.load(Ordering::Relaxed),
-        late_updates: stats.late_updates.load(Ordering::Relaxed),
-        dead_letters: stats.dead_letters.load(Ordering::Relaxed),
-        events_read: stats.events_read.load(Ordering::Relaxed),
-        live_dropped: live.dropped(),
-    })
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -187,10 +165,13 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("binding {address}"))?;
             // A line for scripts that start workers on port 0.
             println!("metrics on http://{}", listener.local_addr()?);
-            let observe = observe(
+            let live = live.clone();
+            let observe = job_observer(
                 Arc::clone(&stats),
                 Arc::clone(&committer.stats),
-                live.clone(),
+                // The brokers hold the log; their own metrics give its size.
+                Box::new(|| 0),
+                Box::new(move || live.dropped()),
             );
             let (quit, stopped) = tokio::sync::oneshot::channel::<()>();
             let server = runtime.spawn(tally_gateway::serve_worker(
