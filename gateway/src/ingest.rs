@@ -36,13 +36,20 @@ where
 {
     let limit = gateway.config.server.max_body_bytes;
     let ops = &gateway.ops;
+    let mut body = body;
     if content_length.is_some_and(|len| len > limit) {
         ops.rejected("too_large", 0);
+        drain(&mut body, limit).await;
         return Err(too_large(limit));
     }
-    let body = read_limited(body, limit)
-        .await
-        .inspect_err(|_| ops.rejected("too_large", 0))?;
+    let body = match read_limited(&mut body, limit).await {
+        Ok(body) => body,
+        Err(e) => {
+            ops.rejected("too_large", 0);
+            drain(&mut body, limit).await;
+            return Err(e);
+        }
+    };
     let ndjson = content_type.is_some_and(|t| t.contains("ndjson") || t.contains("jsonlines"));
     let received_at = now_ms();
     let max_future = gateway.config.server.max_future;
@@ -102,8 +109,26 @@ fn too_large(limit: u64) -> ApiError {
     )
 }
 
+/// Reads and discards what is left of a refused body, up to as much again
+/// as the limit (at least 1 MiB), so the client, still sending, reads the
+/// `413` rather than a connection reset. A larger body is cut off.
+async fn drain<S, B>(body: &mut S, limit: u64)
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let bound = limit.max(1 << 20);
+    let mut drained = 0u64;
+    while drained <= bound {
+        match body.next().await {
+            Some(Ok(chunk)) => drained += chunk.remaining() as u64,
+            Some(Err(_)) | None => break,
+        }
+    }
+}
+
 /// Reads the body, failing as soon as it passes `limit` bytes.
-async fn read_limited<S, B>(mut body: S, limit: u64) -> Result<Vec<u8>, ApiError>
+async fn read_limited<S, B>(body: &mut S, limit: u64) -> Result<Vec<u8>, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
