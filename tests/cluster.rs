@@ -498,11 +498,22 @@ fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
 
     services_script(&["stop", "clickhouse"]);
     let stopped = Instant::now();
-    // Load keeps arriving, and is accepted, while ClickHouse is down.
-    for chunk in rest.chunks(50) {
+    // Load keeps arriving, and is accepted, while ClickHouse is down. Once
+    // the writers have failed, the workers stop reading: the backlog waits
+    // in Kafka, not in memory.
+    let mut read_while_down = Vec::new();
+    for (i, chunk) in rest.chunks(50).enumerate() {
         post_all(gateway, chunk, 50);
         std::thread::sleep(Duration::from_millis(200));
+        if i % 10 == 0 && stopped.elapsed() > Duration::from_secs(5) {
+            read_while_down.push(cluster.events_read());
+        }
     }
+    let (first, last) = (read_while_down[0], *read_while_down.last().unwrap());
+    assert!(
+        read_while_down.len() >= 3 && last == first,
+        "the workers went on reading while ClickHouse was down: {read_while_down:?}"
+    );
     let remaining = Duration::from_secs(30).saturating_sub(stopped.elapsed());
     std::thread::sleep(remaining);
     for process in 0..2 {

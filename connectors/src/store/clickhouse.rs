@@ -37,7 +37,7 @@ use tally_dataflow::operators::source::DeadLetter;
 use tally_dataflow::query::{Query, StoredWindow};
 use tracing::info;
 
-use super::{join_group, Durable, StoreWriter, Write, SEP};
+use super::{join_group, Durable, Failing, StoreWriter, Write, SEP};
 use crate::retry;
 
 /// Errors of the ClickHouse store.
@@ -159,8 +159,8 @@ impl ClickHouseStore {
     /// Starts the writer thread the workers' sinks feed.
     pub fn writer(&self, metrics: Vec<MetricSpec>) -> std::io::Result<StoreWriter> {
         let (client, config) = (self.client.clone(), self.config.clone());
-        StoreWriter::start("clickhouse-writer", move |rx, durable| {
-            write_loop(&client, &config, &metrics, rx, durable);
+        StoreWriter::start("clickhouse-writer", move |rx, durable, failing| {
+            write_loop(&client, &config, &metrics, rx, durable, &failing);
         })
     }
 
@@ -333,6 +333,7 @@ fn write_loop(
     metrics: &[MetricSpec],
     rx: Receiver<Write>,
     durable: Durable,
+    failing: &Failing,
 ) {
     let names: Vec<(String, Vec<String>)> = metrics
         .iter()
@@ -376,9 +377,10 @@ fn write_loop(
             durable.committed(&std::mem::take(&mut batch.frontiers));
         } else if due {
             let full = std::mem::take(&mut batch);
-            runtime.block_on(retry::until_ok("insert results into ClickHouse", || {
-                insert(client, &full)
-            }));
+            runtime.block_on(retry::until_ok(
+                "insert results into ClickHouse",
+                || async { failing.note(insert(client, &full).await) },
+            ));
             durable.committed(&full.frontiers);
         }
     }

@@ -10,14 +10,16 @@
 //! the log does, overwrites and never adds.
 //!
 //! **Backpressure.** Workers hand results to a writer thread over a bounded
-//! channel ([`StoreWriter`]). When the channel is full the worker's sink keeps
-//! the results and the dataflow stops reading the log until the writer
-//! catches up. A writer that cannot reach its database retries the same rows
-//! until it can, so a store outage stalls the job and loses nothing.
+//! channel ([`StoreWriter`]). When the channel is full, or while the writer's
+//! last write failed, the worker's sink keeps the results and the dataflow
+//! stops reading the log until the writer catches up. A writer that cannot
+//! reach its database retries the same rows until it can, so a store outage
+//! stalls the job at once, leaves the backlog in the log, and loses nothing.
 
 pub mod clickhouse;
 pub mod sqlite;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -81,41 +83,68 @@ impl Durable {
     }
 }
 
+/// Whether the writer's last attempt to write failed; set by the writer,
+/// read by the sinks, which take nothing while it is.
+#[derive(Clone, Default)]
+struct Failing(Arc<AtomicBool>);
+
+impl Failing {
+    /// Records the outcome of a write, and passes it on.
+    fn note<T, E>(&self, result: Result<T, E>) -> Result<T, E> {
+        self.0.store(result.is_err(), Ordering::Relaxed);
+        result
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// A store's writer thread, and the sinks that feed it.
 pub struct StoreWriter {
     tx: Sender<Write>,
     thread: JoinHandle<()>,
     durable: Durable,
+    failing: Failing,
 }
 
 impl StoreWriter {
     /// Starts a writer thread running `write_loop` until every sink is gone.
     fn start(
         name: &str,
-        write_loop: impl FnOnce(Receiver<Write>, Durable) + Send + 'static,
+        write_loop: impl FnOnce(Receiver<Write>, Durable, Failing) + Send + 'static,
     ) -> std::io::Result<StoreWriter> {
         let (tx, rx) = bounded(QUEUE);
-        let durable = Durable::default();
-        let reports = durable.clone();
+        let (durable, failing) = (Durable::default(), Failing::default());
+        let (reports, outcome) = (durable.clone(), failing.clone());
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || write_loop(rx, reports))?;
+            .spawn(move || write_loop(rx, reports, outcome))?;
         Ok(StoreWriter {
             tx,
             thread,
             durable,
+            failing,
         })
     }
 
     /// A sink for a worker's final window values. Take one per worker: the
     /// store's [`Durable`] frontier waits for every sink taken.
     pub fn window_sink(&self) -> WindowSink {
-        WindowSink(self.tx.clone(), self.durable.register())
+        WindowSink(self.feed())
     }
 
     /// A sink for a worker's dead letters; one per worker, as above.
     pub fn dead_letter_sink(&self) -> DeadLetterSink {
-        DeadLetterSink(self.tx.clone(), self.durable.register())
+        DeadLetterSink(self.feed())
+    }
+
+    fn feed(&self) -> Feed {
+        Feed {
+            tx: self.tx.clone(),
+            sink: self.durable.register(),
+            failing: self.failing.clone(),
+        }
     }
 
     /// How far the store holds what its sinks were given.
@@ -133,54 +162,70 @@ impl StoreWriter {
     }
 }
 
+/// One sink's way to the writer.
+#[derive(Clone)]
+struct Feed {
+    tx: Sender<Write>,
+    /// The sink's index in [`Durable`].
+    sink: usize,
+    failing: Failing,
+}
+
+impl Feed {
+    /// Queues all of `items` if the writer is writing and has room, or
+    /// leaves them for a later offer.
+    fn offer<T>(&self, items: &mut Vec<T>, wrap: fn(Vec<T>) -> Write, unwrap: fn(Write) -> Vec<T>) {
+        if self.failing.is_set() {
+            return;
+        }
+        match self.tx.try_send(wrap(std::mem::take(items))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(back)) => *items = unwrap(back),
+            Err(TrySendError::Disconnected(back)) => {
+                // Only at shutdown; the log still holds these events.
+                *items = unwrap(back);
+            }
+        }
+    }
+
+    fn advance(&self, frontier: u64) -> bool {
+        self.tx
+            .try_send(Write::Frontier(self.sink, frontier))
+            .is_ok()
+    }
+}
+
 /// The store as a sink of final window values.
 #[derive(Clone)]
-pub struct WindowSink(Sender<Write>, usize);
+pub struct WindowSink(Feed);
 
 impl Sink<Arc<WindowUpdate>> for WindowSink {
     fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
-        offer(&self.0, items, Write::Windows, |w| match w {
+        self.0.offer(items, Write::Windows, |w| match w {
             Write::Windows(v) => v,
             _ => unreachable!("only windows are offered here"),
         });
     }
 
     fn advance(&mut self, frontier: u64) -> bool {
-        self.0.try_send(Write::Frontier(self.1, frontier)).is_ok()
+        self.0.advance(frontier)
     }
 }
 
 /// The store as a sink of dead letters.
 #[derive(Clone)]
-pub struct DeadLetterSink(Sender<Write>, usize);
+pub struct DeadLetterSink(Feed);
 
 impl Sink<DeadLetter> for DeadLetterSink {
     fn offer(&mut self, items: &mut Vec<DeadLetter>) {
-        offer(&self.0, items, Write::DeadLetters, |w| match w {
+        self.0.offer(items, Write::DeadLetters, |w| match w {
             Write::DeadLetters(v) => v,
             _ => unreachable!("only dead letters are offered here"),
         });
     }
 
     fn advance(&mut self, frontier: u64) -> bool {
-        self.0.try_send(Write::Frontier(self.1, frontier)).is_ok()
-    }
-}
-
-/// Queues all of `items` if there is room, or leaves them for a later offer.
-fn offer<T>(
-    tx: &Sender<Write>,
-    items: &mut Vec<T>,
-    wrap: fn(Vec<T>) -> Write,
-    unwrap: fn(Write) -> Vec<T>,
-) {
-    match tx.try_send(wrap(std::mem::take(items))) {
-        Ok(()) => {}
-        Err(TrySendError::Full(back)) => *items = unwrap(back),
-        Err(TrySendError::Disconnected(back)) => {
-            // Only at shutdown; the log still holds these events.
-            *items = unwrap(back);
-        }
+        self.0.advance(frontier)
     }
 }
 

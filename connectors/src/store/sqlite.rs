@@ -9,9 +9,10 @@ use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::MetricSpec;
 use tally_dataflow::operators::source::DeadLetter;
 use tally_dataflow::query::{Query, StoredWindow};
-use tracing::{error, info};
+use tracing::info;
 
-use super::{join_group, Durable, StoreWriter, Write, SEP};
+use super::{join_group, Durable, Failing, StoreWriter, Write, SEP};
+use crate::retry;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -68,8 +69,8 @@ impl SqliteStore {
     ) -> Result<(SqliteStore, StoreWriter), StoreError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
-        let writer = StoreWriter::start("store-writer", move |rx, durable| {
-            write_loop(conn, rx, metrics, durable)
+        let writer = StoreWriter::start("store-writer", move |rx, durable, failing| {
+            write_loop(conn, rx, metrics, durable, &failing)
         })
         .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let store = SqliteStore {
@@ -168,6 +169,7 @@ fn write_loop(
     rx: Receiver<Write>,
     metrics: Vec<MetricSpec>,
     durable: Durable,
+    failing: &Failing,
 ) {
     let names: Vec<(String, Vec<String>)> = metrics
         .iter()
@@ -182,21 +184,11 @@ fn write_loop(
         // Commit everything queued in one transaction.
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let mut attempt = 0;
-        loop {
-            match commit(&mut conn, &batch, &names) {
-                Ok(rows) => {
-                    tracing::trace!(rows, "committed results");
-                    durable.committed(&batch);
-                    break;
-                }
-                Err(e) => {
-                    attempt += 1;
-                    error!(error = %e, attempt, "cannot write results to sqlite; retrying");
-                    std::thread::sleep(std::time::Duration::from_millis(100 * attempt.min(50)));
-                }
-            }
-        }
+        let rows = retry::blocking("write results to SQLite", || {
+            failing.note(commit(&mut conn, &batch, &names))
+        });
+        tracing::trace!(rows, "committed results");
+        durable.committed(&batch);
     }
     info!("store writer stopped");
 }
