@@ -8,13 +8,12 @@
 //! threads and one gateway, the same two workers `tally run` has.
 
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{agent, event, now_ms, post_events, tally_command, Tally};
+use crate::support::{agent, bodies, now_ms, post_bodies, post_events, tally_command, Tally};
 
 const BATCH: usize = 1000;
 const BATCHES: usize = 300;
@@ -30,18 +29,8 @@ pub fn run() {
         println!("(g) cluster mode: skipped; start the services with scripts/services.sh and export their addresses");
         return;
     };
-    let mut rng = fastrand::Rng::with_seed(7);
     let now = now_ms();
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..BATCHES)
-            .map(|b| {
-                let events: Vec<_> = (0..BATCH)
-                    .map(|i| event(&mut rng, now + (b * BATCH + i) as i64 / 100))
-                    .collect();
-                serde_json::to_vec(&events).unwrap()
-            })
-            .collect(),
-    );
+    let bodies = bodies(7, BATCHES, BATCH, now);
     let events = BATCH * BATCHES;
     let idle = [("TALLY__DATAFLOW__IDLE_TIMEOUT", "1s")];
 
@@ -115,24 +104,8 @@ impl Drop for Worker {
 /// the windows; returns the ingest rate and the end-to-end rate, both from
 /// the first POST.
 fn measure(url: &str, bodies: &Arc<Vec<Vec<u8>>>, events: usize, now: i64) -> (f64, f64) {
-    let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let threads: Vec<_> = (0..CONNECTIONS)
-        .map(|_| {
-            let (bodies, next, url) = (Arc::clone(bodies), Arc::clone(&next), url.to_string());
-            std::thread::spawn(move || {
-                let agent = agent();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(body) = bodies.get(i) else { break };
-                    post_events(&agent, &url, body);
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    post_bodies(url, bodies, CONNECTIONS);
     let ingest = events as f64 / started.elapsed().as_secs_f64();
     let client = agent();
     let flush = json!([{"eventType": "flush", "timestamp": now + 240_000}]);

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tally_dataflow::config::Config;
@@ -98,6 +100,44 @@ pub fn tally_command(subcommand: &str, env: &[(&str, &str)]) -> Command {
         command.env(k, v);
     }
     command
+}
+
+/// `batches` JSON bodies of `batch` generated events, timed from `now_ms`
+/// at 100 events per millisecond.
+pub fn bodies(seed: u64, batches: usize, batch: usize, now_ms: i64) -> Arc<Vec<Vec<u8>>> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    Arc::new(
+        (0..batches)
+            .map(|b| {
+                let events: Vec<_> = (0..batch)
+                    .map(|i| event(&mut rng, now_ms + (b * batch + i) as i64 / 100))
+                    .collect();
+                serde_json::to_vec(&events).unwrap()
+            })
+            .collect(),
+    )
+}
+
+/// POSTs every body once, over `connections` concurrent keep-alive
+/// connections, each waiting for its `202`.
+pub fn post_bodies(url: &str, bodies: &Arc<Vec<Vec<u8>>>, connections: usize) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..connections)
+        .map(|_| {
+            let (bodies, next, url) = (Arc::clone(bodies), Arc::clone(&next), url.to_string());
+            std::thread::spawn(move || {
+                let agent = agent();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(body) = bodies.get(i) else { break };
+                    post_events(&agent, &url, body);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
 }
 
 /// The `q`-quantile of sorted values; NaN when there are none.

@@ -93,23 +93,15 @@ status() {
 # Sends SIGTERM to every process of KIND, waits up to 10 s for them to exit,
 # then sends SIGKILL to those left.
 stop_kind() {
-    local file pid pids=() deadline=$((SECONDS + 10))
+    local file pid pids=()
     for file in $(pid_files "$1"); do
         pid=$(cat "$file")
-        alive "$pid" && kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+        alive "$pid" && pids+=("$pid")
         rm -f "$file"
     done
     [ ${#pids[@]} -gt 0 ] || return 0
     log "stopping ${#pids[@]} $1 process(es)"
-    for pid in "${pids[@]}"; do
-        while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do
-            sleep 0.2
-        done
-        if alive "$pid"; then
-            log "pid $pid did not stop within 10 s; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
+    terminate "${pids[@]}"
 }
 
 stop() {

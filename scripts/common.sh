@@ -29,3 +29,21 @@ while len(held) < int(sys.argv[1]):
 print(" ".join(str(s.getsockname()[1]) for s in held))
 EOF
 }
+
+# Sends SIGTERM to every PID given, waits up to 10 s for them all to exit,
+# then sends SIGKILL to those left (saying so through the caller's `log`).
+terminate() {
+    local pid deadline=$((SECONDS + 10))
+    for pid in "$@"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "$@"; do
+        while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do
+            sleep 0.2
+        done
+        if alive "$pid"; then
+            log "pid $pid did not stop within 10 s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+}

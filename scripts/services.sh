@@ -232,18 +232,11 @@ start_one() {
 
 # Stops one service by PID: SIGTERM, then SIGKILL after 10 s. Its data stays.
 stop_one() {
-    local pid deadline=$((SECONDS + 10))
+    local pid
     running "$1" || return 0
     pid=$(cat "$state/$1.pid")
     log "stopping $1 (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do
-        sleep 0.2
-    done
-    if alive "$pid"; then
-        log "pid $pid did not stop within 10 s; killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
+    terminate "$pid"
     rm -f "$state/$1.pid"
 }
 

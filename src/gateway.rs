@@ -52,8 +52,8 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             Arc::clone(&ops),
             Some(Arc::new(feed)),
         );
-        let producer = KafkaProducer::new(&config.kafka, &config.kafka.topic)
-            .context("configuring the Kafka producer")?;
+        let producer =
+            KafkaProducer::new(&config.kafka).context("configuring the Kafka producer")?;
         let store = ClickHouseStore::new(&config.clickhouse);
         let gateway = Arc::new(Gateway {
             config: Arc::clone(&config),

@@ -7,6 +7,7 @@
 
 mod demo;
 mod gateway;
+mod job;
 mod run;
 mod worker;
 

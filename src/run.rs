@@ -10,9 +10,9 @@ use tally_connectors::bus::inprocess;
 use tally_connectors::checkpoint::{CheckpointStore, Committer, Members};
 use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig, LogSource};
 use tally_connectors::store::sqlite::SqliteStore;
-use tally_dataflow::checkpoint::{PartitionCut, Restore, Schedule};
+use tally_dataflow::checkpoint::{PartitionCut, Schedule};
 use tally_dataflow::config::{Config, Fsync};
-use tally_dataflow::job::{self, JobSettings, Sinks};
+use tally_dataflow::job::{JobSettings, Sinks};
 use tally_dataflow::operators::deliver::Backpressure;
 use tally_dataflow::stats::JobStats;
 use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
@@ -21,6 +21,7 @@ use tally_gateway::ops::{JobMetrics, Ops};
 use tally_gateway::Gateway;
 use tracing::info;
 
+use crate::job::Shared;
 use crate::{job_observer, load_config, shutdown_signal, toml_string, RunArgs};
 
 /// Batches of live updates in flight between the workers and the fan-out.
@@ -89,61 +90,32 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let settings = JobSettings::from_config(&config);
     let guards = {
-        let (log, stats, stop, live) = (
-            log.clone(),
-            Arc::clone(&stats),
-            Arc::clone(&stop),
-            live.clone(),
-        );
+        let (log, live) = (log.clone(), live.clone());
         // One store sink of each kind per worker: checkpoints wait for all of them.
         let store_sinks: Vec<_> = (0..workers).map(|_| writer.window_sink()).collect();
         let dead_sinks: Vec<_> = (0..workers).map(|_| writer.dead_letter_sink()).collect();
-        let backpressure = Backpressure::default();
-        let partitions = log.partitions();
+        let shared = Shared {
+            partitions: log.partitions(),
+            restored,
+            settings,
+            stats: Arc::clone(&stats),
+            backpressure: Backpressure::default(),
+            schedule,
+            stop: Arc::clone(&stop),
+        };
         timely::execute(timely::Config::process(workers), move |worker| {
             let index = worker.index();
-            let mine: Vec<u32> = (0..partitions)
-                .filter(|p| *p as usize % workers == index)
-                .collect();
-            let restore = restored.as_ref().map_or_else(Restore::default, |c| {
-                Restore::share(c.boundary, &c.cuts, &c.groups, &mine, index, workers)
-            });
-            let starts: Vec<(u32, u64)> = restore
-                .cuts
-                .iter()
-                .map(|c| (c.partition, c.next_offset))
-                .collect();
-            let source = LogSource::new(log.clone(), mine.clone(), &starts);
             let sinks = Sinks {
                 store: store_sinks[index].clone(),
                 live: live.clone(),
                 dead_letters: dead_sinks[index].clone(),
             };
-            let target = (
-                Arc::clone(&schedule),
-                Box::new(part_sinks[index].clone()) as Box<_>,
+            shared.run(
+                worker,
+                |mine, starts| LogSource::new(log.clone(), mine, starts),
+                sinks,
+                part_sinks[index].clone(),
             );
-            worker.dataflow::<u64, _, _>(|scope| {
-                job::build(
-                    scope,
-                    source,
-                    &settings,
-                    Arc::clone(&stats),
-                    sinks,
-                    &backpressure,
-                    restore,
-                    Some(target),
-                )
-            });
-            info!(worker = index, partitions = ?mine, "worker started");
-            while !stop.load(Ordering::Relaxed) {
-                worker.step_or_park(Some(Duration::from_millis(100)));
-            }
-            // The sources never finish, so stop the dataflow rather than wait
-            // for it; what it held is recomputed from the log on restart.
-            for dataflow in worker.installed_dataflows() {
-                worker.drop_dataflow(dataflow);
-            }
         })
         .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
     };

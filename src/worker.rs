@@ -23,13 +23,14 @@ use tally_connectors::checkpoint::{CheckpointStore, Committer, Members};
 use tally_connectors::kafka::dead_letters::DeadLetterTopic;
 use tally_connectors::kafka::{self, source::KafkaSource};
 use tally_connectors::store::clickhouse::ClickHouseStore;
-use tally_dataflow::checkpoint::{Restore, Schedule};
-use tally_dataflow::job::{self, JobSettings, Sinks};
+use tally_dataflow::checkpoint::Schedule;
+use tally_dataflow::job::{JobSettings, Sinks};
 use tally_dataflow::operators::deliver::Backpressure;
 use tally_dataflow::stats::JobStats;
 use tally_gateway::ops::JobMetrics;
 use tracing::info;
 
+use crate::job::Shared;
 use crate::{job_observer, load_config, shutdown_signal, WorkerArgs};
 
 /// How long a stopping worker may take to flush what it holds.
@@ -85,14 +86,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let owned: Vec<u32> = (0..partitions)
         .filter(|p| *p as usize % workers / threads == process)
         .collect();
-    let archive = Archive::start(
-        &config.kafka,
-        &config.clickhouse,
-        store.clone(),
-        owned.clone(),
-        process == 0,
-    )
-    .context("starting the raw-event archive")?;
+    let archive = Archive::start(&config.kafka, store.clone(), owned.clone(), process == 0)
+        .context("starting the raw-event archive")?;
 
     // Checkpoints live in a store every process shares.
     let checkpoints = CheckpointStore::open(
@@ -210,53 +205,33 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         "connecting to the other processes"
     );
     let guards = {
-        let (kafka, stop, live) = (config.kafka.clone(), Arc::clone(&stop), live.clone());
-        let backpressure = Backpressure::default();
+        let (kafka, live) = (config.kafka.clone(), live.clone());
+        let shared = Shared {
+            partitions,
+            restored,
+            settings,
+            stats: Arc::clone(&stats),
+            backpressure: Backpressure::default(),
+            schedule,
+            stop: Arc::clone(&stop),
+        };
         timely::execute(timely_config, move |worker| {
-            let index = worker.index();
-            let local = index - process * threads;
-            let mine: Vec<u32> = (0..partitions)
-                .filter(|p| *p as usize % workers == index)
-                .collect();
-            let restore = restored.as_ref().map_or_else(Restore::default, |c| {
-                Restore::share(c.boundary, &c.cuts, &c.groups, &mine, index, workers)
-            });
-            let starts: Vec<(u32, u64)> = restore
-                .cuts
-                .iter()
-                .map(|c| (c.partition, c.next_offset))
-                .collect();
-            let source = KafkaSource::new(&kafka, mine.clone(), &starts)
-                .expect("the Kafka configuration was accepted at start-up");
+            let local = worker.index() - process * threads;
             let sinks = Sinks {
                 store: store_sinks[local].clone(),
                 live: live.clone(),
                 dead_letters: DeadLetterTopic::new(&kafka, dead_sinks[local].clone())
                     .expect("the Kafka configuration was accepted at start-up"),
             };
-            let target = (
-                Arc::clone(&schedule),
-                Box::new(part_sinks[local].clone()) as Box<_>,
+            shared.run(
+                worker,
+                |mine, starts| {
+                    KafkaSource::new(&kafka, mine, starts)
+                        .expect("the Kafka configuration was accepted at start-up")
+                },
+                sinks,
+                part_sinks[local].clone(),
             );
-            worker.dataflow::<u64, _, _>(|scope| {
-                job::build(
-                    scope,
-                    source,
-                    &settings,
-                    Arc::clone(&stats),
-                    sinks,
-                    &backpressure,
-                    restore,
-                    Some(target),
-                )
-            });
-            info!(worker = index, partitions = ?mine, "worker started");
-            while !stop.load(Ordering::Relaxed) {
-                worker.step_or_park(Some(Duration::from_millis(100)));
-            }
-            for dataflow in worker.installed_dataflows() {
-                worker.drop_dataflow(dataflow);
-            }
         })
         .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
     };

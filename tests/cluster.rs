@@ -332,15 +332,50 @@ fn post_through(gateways: &[&Tally], events: &[Generated]) {
     for (i, chunk) in events.chunks(50).enumerate() {
         post_all(gateways[i % gateways.len()], chunk, 50);
     }
-    gateways[0].post_events(&[json!({
-        "eventType": "flush",
-        "timestamp": (BASE_MS + 10 * MINUTE) as f64 / 1000.0,
-    })]);
+    close_windows(gateways[0]);
     gateways[0].post_events(&[json!({
         "eventType": "ad_click",
         "timestamp": (BASE_MS - 60 * MINUTE) as f64 / 1000.0,
         "dimensions": {"campaignId": "camp_late"},
     })]);
+}
+
+/// Posts an event 10 minutes after the generated ones, which closes every
+/// window before it once the other partitions have gone idle.
+fn close_windows(gateway: &Tally) {
+    gateway.post_events(&[json!({
+        "eventType": "flush",
+        "timestamp": (BASE_MS + 10 * MINUTE) as f64 / 1000.0,
+    })]);
+}
+
+/// Waits until the stored `ad_clicks` per minute equal a count of `events`.
+fn assert_clicks_per_minute(gateway: &Tally, events: &[Generated]) {
+    let mut expected = vec![0u64; 6];
+    for e in events.iter().filter(|e| e.event_type == "ad_click") {
+        expected[((e.time_ms - BASE_MS) / MINUTE) as usize] += 1;
+    }
+    let range = format!(
+        "start={}&end={}",
+        BASE_MS / 1000,
+        (BASE_MS + 6 * MINUTE) / 1000
+    );
+    eventually(Duration::from_secs(90), || {
+        let answer = gateway.metrics(&format!("metric=ad_clicks&resolution=1m&{range}"));
+        let got: Vec<u64> = answer["dataPoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["value"].as_u64().unwrap_or(0))
+            .collect();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "ad_clicks per minute {got:?}, expected {expected:?}"
+            ))
+        }
+    });
 }
 
 /// The dead letters a gateway lists, once there are `count`.
@@ -526,36 +561,9 @@ fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
     }
     services_script(&["start", "clickhouse"]);
 
-    gateway.post_events(&[json!({
-        "eventType": "flush",
-        "timestamp": (BASE_MS + 10 * MINUTE) as f64 / 1000.0,
-    })]);
+    close_windows(gateway);
     // Every window is complete and exact.
-    let mut expected = vec![0u64; 6];
-    for e in events.iter().filter(|e| e.event_type == "ad_click") {
-        expected[((e.time_ms - BASE_MS) / MINUTE) as usize] += 1;
-    }
-    let range = format!(
-        "start={}&end={}",
-        BASE_MS / 1000,
-        (BASE_MS + 6 * MINUTE) / 1000
-    );
-    eventually(Duration::from_secs(90), || {
-        let answer = gateway.metrics(&format!("metric=ad_clicks&resolution=1m&{range}"));
-        let got: Vec<u64> = answer["dataPoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["value"].as_u64().unwrap_or(0))
-            .collect();
-        if got == expected {
-            Ok(())
-        } else {
-            Err(format!(
-                "ad_clicks per minute {got:?}, expected {expected:?}"
-            ))
-        }
-    });
+    assert_clicks_per_minute(gateway, &events);
 }
 
 /// Runs `scripts/services.sh` with `args`.
@@ -596,36 +604,9 @@ fn killed_workers_resume_from_a_checkpoint_and_count_exactly() {
     cluster.kill_and_restart_workers();
     let gateway = &cluster.gateways[0];
     post_all(gateway, rest, 50);
-    gateway.post_events(&[json!({
-        "eventType": "flush",
-        "timestamp": (BASE_MS + 10 * MINUTE) as f64 / 1000.0,
-    })]);
+    close_windows(gateway);
 
-    let mut expected = vec![0u64; 6];
-    for e in events.iter().filter(|e| e.event_type == "ad_click") {
-        expected[((e.time_ms - BASE_MS) / MINUTE) as usize] += 1;
-    }
-    let range = format!(
-        "start={}&end={}",
-        BASE_MS / 1000,
-        (BASE_MS + 6 * MINUTE) / 1000
-    );
-    eventually(Duration::from_secs(90), || {
-        let answer = gateway.metrics(&format!("metric=ad_clicks&resolution=1m&{range}"));
-        let got: Vec<u64> = answer["dataPoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["value"].as_u64().unwrap_or(0))
-            .collect();
-        if got == expected {
-            Ok(())
-        } else {
-            Err(format!(
-                "ad_clicks per minute {got:?}, expected {expected:?}"
-            ))
-        }
-    });
+    assert_clicks_per_minute(gateway, &events);
     for process in 0..2 {
         assert!(
             cluster

@@ -26,7 +26,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use tally_dataflow::config::{ClickHouseConfig, KafkaConfig};
+use tally_dataflow::config::KafkaConfig;
 use tally_dataflow::event::parse_event_ref;
 use tracing::{info, warn};
 
@@ -68,28 +68,19 @@ impl Archive {
     /// drops expired days (one process of the cluster does).
     pub fn start(
         kafka: &KafkaConfig,
-        clickhouse: &ClickHouseConfig,
         store: ClickHouseStore,
         partitions: Vec<u32>,
         retention: bool,
     ) -> std::io::Result<Archive> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (kafka, clickhouse) = (kafka.clone(), clickhouse.clone());
+        let kafka = kafka.clone();
         let thread = {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("archive".into())
                 .spawn(move || {
                     let runtime = io_runtime();
-                    archive_loop(
-                        &runtime,
-                        &kafka,
-                        &clickhouse,
-                        &store,
-                        &partitions,
-                        retention,
-                        &stop,
-                    );
+                    archive_loop(&runtime, &kafka, &store, &partitions, retention, &stop);
                 })?
         };
         Ok(Archive { thread, stop })
@@ -107,13 +98,12 @@ impl Archive {
 fn archive_loop(
     runtime: &tokio::runtime::Runtime,
     kafka: &KafkaConfig,
-    config: &ClickHouseConfig,
     store: &ClickHouseStore,
     partitions: &[u32],
     retention: bool,
     stop: &AtomicBool,
 ) {
-    let client = store.client();
+    let (client, config) = (store.client(), store.config());
     let archived: HashMap<u32, u64> = runtime
         .block_on(retry::until_ok(
             "read how far raw events are archived",

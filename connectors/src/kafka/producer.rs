@@ -32,8 +32,8 @@ pub struct KafkaProducer {
 }
 
 impl KafkaProducer {
-    /// A producer to `topic` on the brokers of `config`.
-    pub fn new(config: &KafkaConfig, topic: &str) -> Result<KafkaProducer, KafkaError> {
+    /// A producer to the events topic of `config`.
+    pub fn new(config: &KafkaConfig) -> Result<KafkaProducer, KafkaError> {
         let producer = client_config(&config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -43,7 +43,7 @@ impl KafkaProducer {
             .create()?;
         Ok(KafkaProducer {
             producer,
-            topic: topic.to_owned(),
+            topic: config.topic.clone(),
             next_key: AtomicU64::new(0),
             process: std::process::id(),
         })
@@ -76,18 +76,6 @@ impl KafkaProducer {
             try_join_all(sends).await.map_err(|(e, _)| e)?;
             Ok(())
         }
-    }
-
-    /// Sends one message and waits for its acknowledgement.
-    pub async fn send(&self, key: &[u8], payload: &[u8]) -> Result<(), KafkaError> {
-        self.producer
-            .send(
-                FutureRecord::to(&self.topic).key(key).payload(payload),
-                QUEUE_TIMEOUT,
-            )
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e)
     }
 }
 

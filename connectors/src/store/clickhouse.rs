@@ -37,7 +37,7 @@ use tally_dataflow::operators::source::DeadLetter;
 use tally_dataflow::query::{Query, StoredWindow};
 use tracing::info;
 
-use super::{join_group, Durable, Failing, StoreWriter, Write, SEP};
+use super::{join_group, names, Durable, Failing, StoreWriter, Write, SEP};
 use crate::retry;
 
 /// Errors of the ClickHouse store.
@@ -154,6 +154,11 @@ impl ClickHouseStore {
     /// The client, for the raw-event archive.
     pub(crate) fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The configuration, for the raw-event archive.
+    pub(crate) fn config(&self) -> &ClickHouseConfig {
+        &self.config
     }
 
     /// Starts the writer thread the workers' sinks feed.
@@ -335,15 +340,7 @@ fn write_loop(
     durable: Durable,
     failing: &Failing,
 ) {
-    let names: Vec<(String, Vec<String>)> = metrics
-        .iter()
-        .map(|m| {
-            (
-                m.name.clone(),
-                m.windows.iter().map(ToString::to_string).collect(),
-            )
-        })
-        .collect();
+    let names = names(metrics);
     // The HTTP client's connections are driven by the runtime's own thread,
     // so they stay serviced while this thread waits for rows.
     let runtime = io_runtime();

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use tally_dataflow::config::MetricSpec;
 use tally_dataflow::operators::deliver::Sink;
 use tally_dataflow::operators::source::DeadLetter;
 use tally_dataflow::operators::windows::WindowUpdate;
@@ -227,6 +228,19 @@ impl Sink<DeadLetter> for DeadLetterSink {
     fn advance(&mut self, frontier: u64) -> bool {
         self.0.advance(frontier)
     }
+}
+
+/// Each metric's stored name and its windows' stored specs, by index.
+fn names(metrics: &[MetricSpec]) -> Vec<(String, Vec<String>)> {
+    metrics
+        .iter()
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.windows.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect()
 }
 
 /// A group's stored key: its dimension values joined by [`SEP`].

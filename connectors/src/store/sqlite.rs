@@ -11,7 +11,7 @@ use tally_dataflow::operators::source::DeadLetter;
 use tally_dataflow::query::{Query, StoredWindow};
 use tracing::info;
 
-use super::{join_group, Durable, Failing, StoreWriter, Write, SEP};
+use super::{join_group, names, Durable, Failing, StoreWriter, Write, SEP};
 use crate::retry;
 
 const SCHEMA: &str = "
@@ -171,15 +171,7 @@ fn write_loop(
     durable: Durable,
     failing: &Failing,
 ) {
-    let names: Vec<(String, Vec<String>)> = metrics
-        .iter()
-        .map(|m| {
-            (
-                m.name.clone(),
-                m.windows.iter().map(ToString::to_string).collect(),
-            )
-        })
-        .collect();
+    let names = names(&metrics);
     while let Ok(first) = rx.recv() {
         // Commit everything queued in one transaction.
         let mut batch = vec![first];
