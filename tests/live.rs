@@ -163,3 +163,46 @@ fn too_late_events_go_to_the_dead_letters() {
     let (status, body) = tally.get("/v1/deadletters?limit=0");
     assert_eq!(status, 400, "{body}");
 }
+
+#[test]
+fn what_is_not_a_websocket_is_refused_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    let (status, body) = tally.get("/v1/live");
+    assert_eq!(status, 426, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("WebSocket"),
+        "{body}"
+    );
+
+    // A message past the 64 KiB a request may take closes that connection.
+    let mut greedy = connect(&tally);
+    let huge = json!({"action": "subscribe", "topic": "x".repeat(100_000)});
+    let _ = greedy.send(Message::text(huge.to_string()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match greedy.read() {
+            Ok(Message::Close(_)) | Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                assert!(Instant::now() < deadline, "the connection stayed open");
+            }
+            Err(_) => break,
+            Ok(Message::Ping(_) | Message::Pong(_)) => {}
+            Ok(other) => panic!("expected the connection to close, got {other:?}"),
+        }
+    }
+
+    let mut socket = connect(&tally);
+    let subscribe = json!({"action": "subscribe", "topic": "metrics:nope"});
+    socket.send(Message::text(subscribe.to_string())).unwrap();
+    let error = wait_for(&mut socket, Duration::from_secs(5), |m| {
+        m.get("error").is_some()
+    });
+    assert!(
+        error["error"].as_str().unwrap().contains("unknown metric"),
+        "{error}"
+    );
+}

@@ -89,14 +89,11 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .and(with.clone())
         .and(raw_query)
         .then(|gw, q| async move { render(history::dead_letters(gw, q).await) });
-    let live = warp::path!("v1" / "live")
-        .and(warp::ws())
-        .and(with.clone())
-        .map(|ws: warp::ws::Ws, gw: Arc<Gateway>| {
-            let (hub, queue, ops) = (gw.hub.clone(), gw.config.live.queue, Arc::clone(&gw.ops));
-            ws.on_upgrade(move |socket| hub.serve(socket, queue, ops))
-                .into_response()
-        });
+    let live = live::route(
+        gateway.hub.clone(),
+        gateway.config.live.queue,
+        Arc::clone(&gateway.ops),
+    );
     let prometheus = warp::path!("metrics")
         .and(warp::get())
         .and(with.clone())
@@ -204,6 +201,11 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    // Accepted connections inherit TCP_NODELAY: a live message, or a reply,
+    // goes out when it is written, not when the previous one is acknowledged.
+    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+        tracing::warn!("cannot set TCP_NODELAY on the listener: {e}");
+    }
     warp::serve(routes(gateway))
         .incoming(listener)
         .graceful(shutdown)

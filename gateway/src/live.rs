@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tally_dataflow::aggregate::AggState;
@@ -37,12 +39,19 @@ use tally_dataflow::operators::source::Group;
 use tally_dataflow::operators::windows::WindowUpdate;
 use tally_dataflow::window::WindowSpec;
 use tokio::sync::mpsc;
-use warp::ws::{Message, WebSocket};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+use warp::http::{header, HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
 
 use crate::backend::LiveInterest;
 use crate::now_ms;
 use crate::ops::Ops;
-use crate::reply::number;
+use crate::reply::{number, ApiError};
 
 /// How often the server pings a client.
 const PING_EVERY: Duration = Duration::from_secs(15);
@@ -51,6 +60,91 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(45);
 /// A client that takes this long to accept one frame is disconnected, so a
 /// stalled socket never holds its task.
 const SEND_LIMIT: Duration = Duration::from_secs(10);
+/// What a connection reads into at a time. Clients send only small
+/// subscription messages.
+const READ_BUFFER: usize = 4096;
+/// The largest message a client may send.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// A client's connection.
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// `GET /v1/live`: the WebSocket handshake, then [`Hub::serve`].
+///
+/// The handshake is done here rather than by warp's `ws()` filter so that
+/// the connection's buffers can be sized. warp gives each connection the
+/// WebSocket library's default 128 KiB read buffer, which is zero-filled
+/// before every read: 128 KiB of memory per client and, under fan-out, a
+/// large share of the server's CPU.
+pub fn route(
+    hub: Hub,
+    queue: usize,
+    ops: Arc<Ops>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("v1" / "live")
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .map(move |headers: HeaderMap, upgrade: Option<OnUpgrade>| {
+            let (Some(key), Some(upgrade)) = (handshake_key(&headers), upgrade) else {
+                let mut response = ApiError::new(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "GET /v1/live is a WebSocket (version 13): connect with a WebSocket client",
+                )
+                .into_response();
+                let headers = response.headers_mut();
+                headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+                headers.insert(header::SEC_WEBSOCKET_VERSION, "13".parse().unwrap());
+                return response;
+            };
+            let (hub, ops) = (hub.clone(), Arc::clone(&ops));
+            tokio::spawn(async move {
+                match upgrade.await {
+                    Ok(upgraded) => {
+                        let config = WebSocketConfig::default()
+                            .read_buffer_size(READ_BUFFER)
+                            .max_message_size(Some(MAX_REQUEST))
+                            .max_frame_size(Some(MAX_REQUEST));
+                        let socket = WebSocketStream::from_raw_socket(
+                            TokioIo::new(upgraded),
+                            Role::Server,
+                            Some(config),
+                        )
+                        .await;
+                        hub.serve(socket, queue, ops).await;
+                    }
+                    Err(e) => tracing::debug!("a WebSocket upgrade failed: {e}"),
+                }
+            });
+            let mut response = Response::default();
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let headers = response.headers_mut();
+            headers.insert(header::CONNECTION, "upgrade".parse().unwrap());
+            headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+            headers.insert(
+                header::SEC_WEBSOCKET_ACCEPT,
+                derive_accept_key(key.as_bytes()).parse().unwrap(),
+            );
+            response
+        })
+}
+
+/// The `Sec-WebSocket-Key` of a valid WebSocket handshake (RFC 6455, 4.2.1).
+fn handshake_key(headers: &HeaderMap) -> Option<&header::HeaderValue> {
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    let valid = has(header::CONNECTION, "upgrade")
+        && has(header::UPGRADE, "websocket")
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13");
+    headers.get(header::SEC_WEBSOCKET_KEY).filter(|_| valid)
+}
 
 /// A handle to the fan-out task.
 #[derive(Clone)]
@@ -62,7 +156,7 @@ pub struct Hub {
 enum Command {
     Join {
         client: u64,
-        queue: mpsc::Sender<Arc<str>>,
+        queue: mpsc::Sender<Utf8Bytes>,
     },
     Subscribe {
         client: u64,
@@ -113,9 +207,9 @@ impl Hub {
     }
 
     /// Serves one WebSocket client until it leaves or falls behind.
-    pub async fn serve(self, ws: WebSocket, queue: usize, ops: Arc<Ops>) {
+    async fn serve(self, ws: Socket, queue: usize, ops: Arc<Ops>) {
         let client = self.next_client.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Arc<str>>(queue);
+        let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(queue);
         if self
             .commands
             .send(Command::Join { client, queue: tx })
@@ -127,9 +221,7 @@ impl Hub {
         ops.ws_clients.inc();
         let (mut sink, stream) = ws.split();
         // Reading runs in a task of its own, woken only when the client sends
-        // something. Polling the socket for reads on every outgoing message
-        // would have the WebSocket library clear its 128 KiB read buffer each
-        // time, which was a third of the server's CPU under fan-out.
+        // something, so sending never polls the socket for reads.
         let started = Instant::now();
         let heard = Arc::new(AtomicU64::new(0));
         let (replies_tx, mut replies) = mpsc::channel::<String>(8);
@@ -145,10 +237,14 @@ impl Hub {
         loop {
             let outgoing = tokio::select! {
                 message = rx.recv() => match message {
-                    Some(text) => Message::text(&*text),
+                    Some(text) => Message::Text(text),
                     None => {
                         // The hub dropped us: our queue overflowed.
-                        let _ = sink.send(Message::close_with(1008u16, "too slow: the message queue overflowed")).await;
+                        let close = CloseFrame {
+                            code: CloseCode::Policy,
+                            reason: "too slow: the message queue overflowed".into(),
+                        };
+                        let _ = sink.send(Message::Close(Some(close))).await;
                         break;
                     }
                 },
@@ -162,13 +258,18 @@ impl Hub {
                     if started.elapsed().saturating_sub(heard) > SILENCE_LIMIT {
                         break;
                     }
-                    Message::ping(Vec::new())
+                    Message::Ping(Default::default())
                 }
             };
-            if !matches!(
-                tokio::time::timeout(SEND_LIMIT, sink.send(outgoing)).await,
-                Ok(Ok(()))
-            ) {
+            // Whatever else is queued goes out in the same write.
+            let send = async {
+                sink.feed(outgoing).await?;
+                while let Ok(text) = rx.try_recv() {
+                    sink.feed(Message::Text(text)).await?;
+                }
+                sink.flush().await
+            };
+            if !matches!(tokio::time::timeout(SEND_LIMIT, send).await, Ok(Ok(()))) {
                 break;
             }
         }
@@ -182,7 +283,7 @@ impl Hub {
 /// errors back to the client through `replies`. Every frame, pongs
 /// included, is noted in `heard`, in milliseconds since `started`.
 async fn read_requests(
-    mut stream: SplitStream<WebSocket>,
+    mut stream: SplitStream<Socket>,
     client: u64,
     commands: mpsc::Sender<Command>,
     replies: mpsc::Sender<String>,
@@ -191,11 +292,12 @@ async fn read_requests(
 ) {
     while let Some(Ok(frame)) = stream.next().await {
         heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if frame.is_close() {
-            return;
-        }
-        let Ok(text) = frame.to_str() else { continue };
-        let error = match serde_json::from_str::<Request>(text) {
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Close(_) => return,
+            _ => continue,
+        };
+        let error = match serde_json::from_str::<Request>(&text) {
             Ok(request) if request.action == "subscribe" => {
                 let _ = commands.send(Command::Subscribe { client, request }).await;
                 continue;
@@ -255,7 +357,7 @@ struct HubState {
     ops: Arc<Ops>,
     windows: HashMap<(u16, u8), BTreeMap<Millis, Slot>>,
     subs: HashMap<SubKey, Subscription>,
-    clients: HashMap<u64, (mpsc::Sender<Arc<str>>, HashSet<SubKey>)>,
+    clients: HashMap<u64, (mpsc::Sender<Utf8Bytes>, HashSet<SubKey>)>,
     /// Subscriptions per metric.
     refs: HashMap<u16, usize>,
     interest: Option<Arc<dyn LiveInterest>>,
@@ -462,7 +564,7 @@ impl HubState {
         }
     }
 
-    fn send_to(&mut self, client: u64, message: Arc<str>) {
+    fn send_to(&mut self, client: u64, message: Utf8Bytes) {
         let full = match self.clients.get(&client) {
             Some((queue, _)) => queue.try_send(message).is_err(),
             None => false,
@@ -510,7 +612,7 @@ impl HubState {
                 slots.pop_first();
             }
         }
-        let mut outbox: Vec<(Vec<u64>, Arc<str>)> = Vec::new();
+        let mut outbox: Vec<(Vec<u64>, Utf8Bytes)> = Vec::new();
         for (key, sub) in self.subs.iter_mut() {
             if let Some(oldest) = self
                 .windows
@@ -537,7 +639,7 @@ impl HubState {
         }
         for (clients, message) in outbox {
             for client in clients {
-                self.send_to(client, Arc::clone(&message));
+                self.send_to(client, message.clone());
             }
         }
     }
@@ -555,7 +657,7 @@ fn messages(
     start: Millis,
     slot: &Slot,
     changes_only: bool,
-) -> Vec<Arc<str>> {
+) -> Vec<Utf8Bytes> {
     let metric = &metrics[sub.metric as usize];
     let spec = metric.windows[sub.window as usize];
     let mut merged: BTreeMap<Option<String>, (AggState, bool, u32)> = BTreeMap::new();
@@ -597,7 +699,7 @@ fn messages(
                 g.insert(metric.dimensions[d].clone(), Value::String(value));
                 body["group"] = Value::Object(g);
             }
-            Some(Arc::from(body.to_string()))
+            Some(Utf8Bytes::from(body.to_string()))
         })
         .collect()
 }
@@ -641,7 +743,7 @@ mod tests {
         })
     }
 
-    fn subscribe(hub: &mut HubState, client: u64, queue: usize) -> mpsc::Receiver<Arc<str>> {
+    fn subscribe(hub: &mut HubState, client: u64, queue: usize) -> mpsc::Receiver<Utf8Bytes> {
         let (tx, rx) = mpsc::channel(queue);
         hub.command(Command::Join { client, queue: tx });
         let request = Request {
