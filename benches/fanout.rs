@@ -6,9 +6,12 @@
 //! the client's receive time minus the `timestamp` the server put in it. The
 //! server's memory per connection is its resident-memory growth over the
 //! connections, and its CPU is its user and system time over the measurement.
-//! The baseline is the same measurement with 100 clients, in the same run.
-//! Then 1,000 stalled clients (they subscribe to every topic and never read)
-//! join the largest group, and it is measured again.
+//! The baselines, in the same run, are the same measurement with 100
+//! clients, and a hand-written loop that writes a frame of the same size to
+//! each of 5,000 loopback TCP connections in turn: what one message costs the
+//! kernel, with no WebSocket library, task or queue. Then 1,000 stalled
+//! clients (they subscribe to every topic and never read) join the largest
+//! group, and it is measured again.
 //!
 //! The client count is bounded by the open-file limit of the two processes;
 //! `ulimit -n` is raised to its hard limit first.
@@ -19,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{agent, now_ms, quantile, scrape, Tally};
@@ -27,6 +31,8 @@ use tally_dataflow::event::parse_rfc3339;
 const COUNTRIES: [&str; 4] = ["US", "GB", "DE", "FR"];
 const MEASURE: Duration = Duration::from_secs(20);
 const STALLED: usize = 1000;
+/// About the size of a live message, header included.
+const FRAME: usize = 230;
 
 /// What the healthy clients saw in one measurement.
 struct Round {
@@ -55,6 +61,11 @@ pub fn run() {
     std::thread::sleep(Duration::from_secs(2));
 
     println!("(f) fan-out: clients on 4 topics updated once a second, measured for {} s; open-file limit {limit}", MEASURE.as_secs());
+    let raw = raw_writes(5_000, FRAME);
+    println!(
+        "    baseline: one thread writing {FRAME}-byte frames to 5,000 loopback TCP connections: {:.1} µs per write",
+        raw * 1e6
+    );
     let mut sizes = vec![100, 10_000, most];
     sizes.dedup();
     let mut biggest = None;
@@ -65,6 +76,12 @@ pub fn run() {
         let rss = rss_kb(pid).saturating_sub(rss_before) as f64 * 1024.0 / n as f64;
         let round = runtime.block_on(clients.measure(pid));
         report(&format!("{n} clients"), &round, Some(rss));
+        let per_message = round.cpu_cores * MEASURE.as_secs_f64() / round.delays.len() as f64;
+        println!(
+            "    server CPU per delivered message {:.1} µs, {:.1}x the baseline's write",
+            per_message * 1e6,
+            per_message / raw
+        );
         if n == *sizes.last().unwrap() {
             biggest = Some((clients, round));
         } else {
@@ -209,9 +226,16 @@ async fn open(url: &str, i: usize, receive_buffer: Option<u32>) -> Socket {
         .bind(format!("127.0.0.{}:0", 1 + i % 4).parse().unwrap())
         .unwrap();
     let stream = socket.connect(address).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{address}/v1/live"), stream)
-        .await
-        .unwrap();
+    // Messages are small: the library's default 128 KiB read buffer, zeroed
+    // before every read, would make the clients the bottleneck.
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{address}/v1/live"),
+        stream,
+        Some(config),
+    )
+    .await
+    .unwrap();
     ws
 }
 
@@ -257,6 +281,41 @@ fn feed(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
             std::thread::sleep(Duration::from_millis(250));
         }
     })
+}
+
+/// Writes a `len`-byte frame to each of `n` loopback TCP connections in
+/// turn, for several rounds, and returns the median seconds per write. The
+/// receiving ends are drained between rounds, untimed.
+fn raw_writes(n: usize, len: usize) -> f64 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let mut pairs: Vec<_> = (0..n)
+        .map(|_| {
+            let reader = std::net::TcpStream::connect(address).unwrap();
+            reader.set_nonblocking(true).unwrap();
+            let (writer, _) = listener.accept().unwrap();
+            writer.set_nodelay(true).unwrap();
+            (writer, reader)
+        })
+        .collect();
+    let frame = vec![b'x'; len];
+    let mut buffer = vec![0; 64 * 1024];
+    let mut rounds: Vec<f64> = (0..10)
+        .map(|_| {
+            let started = Instant::now();
+            for (writer, _) in &mut pairs {
+                writer.write_all(&frame).unwrap();
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            for (_, reader) in &mut pairs {
+                while reader.read(&mut buffer).is_ok_and(|read| read > 0) {}
+            }
+            elapsed / n as f64
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    rounds[rounds.len() / 2]
 }
 
 /// Raises this process's open-file limit to its hard limit; the server,
