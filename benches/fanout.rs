@@ -11,7 +11,9 @@
 //! each of 5,000 loopback TCP connections in turn: what one message costs the
 //! kernel, with no WebSocket library, task or queue. Then 1,000 stalled
 //! clients (they subscribe to every topic and never read) join the largest
-//! group, and it is measured again.
+//! group: three rounds with them alternate with three without, and the
+//! rounds of each kind are pooled, since the effect is smaller than the
+//! spread between rounds.
 //!
 //! The client count is bounded by the open-file limit of the two processes;
 //! `ulimit -n` is raised to its hard limit first.
@@ -31,6 +33,8 @@ use tally_dataflow::event::parse_rfc3339;
 const COUNTRIES: [&str; 4] = ["US", "GB", "DE", "FR"];
 const MEASURE: Duration = Duration::from_secs(20);
 const STALLED: usize = 1000;
+/// Rounds without and with stalled clients.
+const PAIRS: usize = 3;
 /// About the size of a live message, header included.
 const FRAME: usize = 230;
 
@@ -88,38 +92,59 @@ pub fn run() {
             runtime.block_on(clients.close());
         }
     }
-    if let Some((clients, before)) = biggest {
+    if let Some((clients, first)) = biggest {
+        // The effect is smaller than the spread between rounds, so rounds
+        // without and with stalled clients alternate, and are pooled.
+        let mut without = vec![first];
+        let mut with = Vec::new();
         let dropped_before = scrape(&tally.url)["tally_ws_slow_clients_dropped_total"];
-        let stalled = runtime.block_on(stall(&tally.url, STALLED));
-        let stalled_at = Instant::now();
-        // Let their socket buffers and queues fill.
-        std::thread::sleep(Duration::from_secs(15));
-        let after = runtime.block_on(clients.measure(pid));
-        report(
-            &format!("{} clients + {STALLED} stalled", clients.count),
-            &after,
-            None,
+        let mut stalled_at = Instant::now();
+        for pair in 0..PAIRS {
+            if pair > 0 {
+                without.push(runtime.block_on(clients.measure(pid)));
+            }
+            let stalled = runtime.block_on(stall(&tally.url, STALLED));
+            stalled_at = Instant::now();
+            // Let their socket buffers and queues fill.
+            std::thread::sleep(Duration::from_secs(15));
+            with.push(runtime.block_on(clients.measure(pid)));
+            if pair + 1 < PAIRS {
+                drop(stalled);
+                wait_for_clients(&tally.url, clients.count, Duration::from_secs(30));
+            } else {
+                // The last ones stay, to see when the server lets them go:
+                // when a queue overflows, or at the ping deadline.
+                wait_for_clients(&tally.url, clients.count, Duration::from_secs(300));
+                drop(stalled);
+            }
+        }
+        let pooled = |rounds: &[Round]| {
+            let mut delays: Vec<f64> = rounds
+                .iter()
+                .flat_map(|r| r.delays.iter().copied())
+                .collect();
+            delays.sort_by(f64::total_cmp);
+            delays
+        };
+        let (without, with) = (pooled(&without), pooled(&with));
+        println!(
+            "    {} clients over {PAIRS} rounds: p50 {:.1} ms, p99 {:.1} ms; with {STALLED} stalled, {PAIRS} rounds between them: p50 {:.1} ms, p99 {:.1} ms",
+            clients.count,
+            quantile(&without, 0.5),
+            quantile(&without, 0.99),
+            quantile(&with, 0.5),
+            quantile(&with, 0.99),
         );
-        let p99 = |r: &Round| quantile(&r.delays, 0.99);
         println!(
             "    healthy p99 with the stalled clients: {:+.1}% against without them",
-            (p99(&after) / p99(&before) - 1.0) * 100.0
+            (quantile(&with, 0.99) / quantile(&without, 0.99) - 1.0) * 100.0
         );
-        // How long the server takes to let them go: it drops a client whose
-        // queue overflows, or that has been silent past the ping deadline.
-        let deadline = stalled_at + Duration::from_secs(300);
-        while scrape(&tally.url)["tally_ws_clients"] > clients.count as f64
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_secs(1));
-        }
         println!(
-            "    stalled clients gone {:.0} s after they stopped reading ({} for a full queue); healthy clients closed: {}",
+            "    the last stalled clients gone {:.0} s after they stopped reading ({} for a full queue); healthy clients closed: {}",
             stalled_at.elapsed().as_secs_f64(),
             scrape(&tally.url)["tally_ws_slow_clients_dropped_total"] - dropped_before,
             clients.closed.load(Ordering::Relaxed)
         );
-        drop(stalled);
         runtime.block_on(clients.close());
     }
     stop.store(true, Ordering::Relaxed);
@@ -281,6 +306,14 @@ fn feed(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
             std::thread::sleep(Duration::from_millis(250));
         }
     })
+}
+
+/// Waits until the server counts `count` WebSocket clients, or `limit`.
+fn wait_for_clients(url: &str, count: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while scrape(url)["tally_ws_clients"] > count as f64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Writes a `len`-byte frame to each of `n` loopback TCP connections in
