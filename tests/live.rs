@@ -1,6 +1,7 @@
 //! `GET /v1/live`: a WebSocket client sees partials, then the final value,
 //! then a revision when a late event arrives.
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -175,7 +176,45 @@ fn what_is_not_a_websocket_is_refused_and_the_server_keeps_serving() {
         "{body}"
     );
 
-    // A message past the 64 KiB a request may take closes that connection.
+    // Handshakes as other clients write them. The key and its answer are
+    // RFC 6455's example.
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let accepted = handshake(
+        &tally,
+        &format!("Connection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\nSec-WebSocket-Version: 13\r\n{key}"),
+    );
+    assert!(accepted.starts_with("HTTP/1.1 101"), "{accepted}");
+    assert!(
+        accepted.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "{accepted}"
+    );
+    let old_version = handshake(
+        &tally,
+        &format!("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\n{key}"),
+    );
+    assert!(old_version.starts_with("HTTP/1.1 426"), "{old_version}");
+    assert!(
+        old_version.contains("sec-websocket-version: 13"),
+        "{old_version}"
+    );
+    let no_key = handshake(
+        &tally,
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+    );
+    assert!(no_key.starts_with("HTTP/1.1 400"), "{no_key}");
+
+    // A message up to 64 KiB is read and answered; a larger one closes that
+    // connection.
+    let mut socket = connect(&tally);
+    let long = json!({"action": "subscribe", "topic": "x".repeat(60_000)});
+    socket.send(Message::text(long.to_string())).unwrap();
+    let error = wait_for(&mut socket, Duration::from_secs(5), |m| {
+        m.get("error").is_some()
+    });
+    assert!(
+        error["error"].as_str().unwrap().contains("a topic is"),
+        "{error}"
+    );
     let mut greedy = connect(&tally);
     let huge = json!({"action": "subscribe", "topic": "x".repeat(100_000)});
     let _ = greedy.send(Message::text(huge.to_string()));
@@ -189,13 +228,21 @@ fn what_is_not_a_websocket_is_refused_and_the_server_keeps_serving() {
             {
                 assert!(Instant::now() < deadline, "the connection stayed open");
             }
-            Err(_) => break,
+            Err(tungstenite::Error::Protocol(_) | tungstenite::Error::Io(_)) => break,
             Ok(Message::Ping(_) | Message::Pong(_)) => {}
-            Ok(other) => panic!("expected the connection to close, got {other:?}"),
+            other => panic!("expected the connection to close, got {other:?}"),
         }
     }
-
-    let mut socket = connect(&tally);
+    // The server let it go, and still serves the other.
+    crate::util::eventually(Duration::from_secs(5), || {
+        let (_, metrics) = tally.get("/metrics");
+        let metrics = metrics.as_str().unwrap().to_owned();
+        if metrics.contains("tally_ws_clients 1\n") {
+            Ok(())
+        } else {
+            Err(metrics)
+        }
+    });
     let subscribe = json!({"action": "subscribe", "topic": "metrics:nope"});
     socket.send(Message::text(subscribe.to_string())).unwrap();
     let error = wait_for(&mut socket, Duration::from_secs(5), |m| {
@@ -205,4 +252,33 @@ fn what_is_not_a_websocket_is_refused_and_the_server_keeps_serving() {
         error["error"].as_str().unwrap().contains("unknown metric"),
         "{error}"
     );
+}
+
+/// Sends a `GET /v1/live` with `headers` by hand, and returns the response's
+/// head, with header names in lower case.
+fn handshake(tally: &Tally, headers: &str) -> String {
+    let address = tally.url.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /v1/live HTTP/1.1\r\nHost: {address}\r\n{headers}\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap() == 1 {
+        head.push(byte[0]);
+    }
+    String::from_utf8(head)
+        .unwrap()
+        .lines()
+        .map(|line| match line.split_once(':') {
+            Some((name, value)) => format!("{}:{value}", name.to_lowercase()),
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

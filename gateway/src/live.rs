@@ -57,8 +57,9 @@ use crate::reply::{number, ApiError};
 const PING_EVERY: Duration = Duration::from_secs(15);
 /// A client silent for this long (no pong, no message) is disconnected.
 const SILENCE_LIMIT: Duration = Duration::from_secs(45);
-/// A client that takes this long to accept one frame is disconnected, so a
-/// stalled socket never holds its task.
+/// A client that takes this long to accept one write (a message, and what
+/// was queued behind it) is disconnected, so a stalled socket never holds
+/// its task.
 const SEND_LIMIT: Duration = Duration::from_secs(10);
 /// What a connection reads into at a time. Clients send only small
 /// subscription messages.
@@ -86,16 +87,9 @@ pub fn route(
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .map(move |headers: HeaderMap, upgrade: Option<OnUpgrade>| {
-            let (Some(key), Some(upgrade)) = (handshake_key(&headers), upgrade) else {
-                let mut response = ApiError::new(
-                    StatusCode::UPGRADE_REQUIRED,
-                    "GET /v1/live is a WebSocket (version 13): connect with a WebSocket client",
-                )
-                .into_response();
-                let headers = response.headers_mut();
-                headers.insert(header::UPGRADE, "websocket".parse().unwrap());
-                headers.insert(header::SEC_WEBSOCKET_VERSION, "13".parse().unwrap());
-                return response;
+            let (key, upgrade) = match handshake(&headers, upgrade) {
+                Ok(accepted) => accepted,
+                Err(refusal) => return refusal.into_response(),
             };
             let (hub, ops) = (hub.clone(), Arc::clone(&ops));
             tokio::spawn(async move {
@@ -129,8 +123,36 @@ pub fn route(
         })
 }
 
-/// The `Sec-WebSocket-Key` of a valid WebSocket handshake (RFC 6455, 4.2.1).
-fn handshake_key(headers: &HeaderMap) -> Option<&header::HeaderValue> {
+/// Why a handshake was refused: 426 for a request that is not a WebSocket
+/// upgrade or asks for a version other than 13, 400 for a malformed one.
+enum Refusal {
+    UpgradeRequired(&'static str),
+    BadRequest(&'static str),
+}
+
+impl Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::BadRequest(message) => ApiError::bad_request(message).into_response(),
+            Refusal::UpgradeRequired(message) => {
+                let mut response =
+                    ApiError::new(StatusCode::UPGRADE_REQUIRED, message).into_response();
+                let headers = response.headers_mut();
+                headers.insert(header::CONNECTION, "upgrade".parse().unwrap());
+                headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+                headers.insert(header::SEC_WEBSOCKET_VERSION, "13".parse().unwrap());
+                response
+            }
+        }
+    }
+}
+
+/// Checks a WebSocket opening handshake (RFC 6455, 4.2.1), and returns its
+/// `Sec-WebSocket-Key` and the connection to take over.
+fn handshake(
+    headers: &HeaderMap,
+    upgrade: Option<OnUpgrade>,
+) -> Result<(header::HeaderValue, OnUpgrade), Refusal> {
     let has = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|value| {
             value
@@ -138,12 +160,31 @@ fn handshake_key(headers: &HeaderMap) -> Option<&header::HeaderValue> {
                 .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
-    let valid = has(header::CONNECTION, "upgrade")
-        && has(header::UPGRADE, "websocket")
-        && headers
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .is_some_and(|v| v == "13");
-    headers.get(header::SEC_WEBSOCKET_KEY).filter(|_| valid)
+    if !(has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")) {
+        return Err(Refusal::UpgradeRequired(
+            "GET /v1/live is a WebSocket: connect with a WebSocket client",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        return Err(Refusal::UpgradeRequired(
+            "this server speaks WebSocket version 13 only",
+        ));
+    }
+    // The key is 16 random bytes in base64.
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|key| key.len() == 24)
+        .ok_or(Refusal::BadRequest(
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ))?;
+    // hyper offers the connection only for an HTTP/1.1 upgrade request.
+    let upgrade = upgrade.ok_or(Refusal::BadRequest(
+        "a WebSocket needs an HTTP/1.1 connection",
+    ))?;
+    Ok((key.clone(), upgrade))
 }
 
 /// A handle to the fan-out task.
@@ -244,7 +285,8 @@ impl Hub {
                             code: CloseCode::Policy,
                             reason: "too slow: the message queue overflowed".into(),
                         };
-                        let _ = sink.send(Message::Close(Some(close))).await;
+                        let close = sink.send(Message::Close(Some(close)));
+                        let _ = tokio::time::timeout(SEND_LIMIT, close).await;
                         break;
                     }
                 },
@@ -261,10 +303,12 @@ impl Hub {
                     Message::Ping(Default::default())
                 }
             };
-            // Whatever else is queued goes out in the same write.
+            // What else is queued, up to a queue's worth, goes out in the
+            // same write.
             let send = async {
                 sink.feed(outgoing).await?;
-                while let Ok(text) = rx.try_recv() {
+                for _ in 1..queue {
+                    let Ok(text) = rx.try_recv() else { break };
                     sink.feed(Message::Text(text)).await?;
                 }
                 sink.flush().await
@@ -294,7 +338,7 @@ async fn read_requests(
         heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         let text = match frame {
             Message::Text(text) => text,
-            Message::Close(_) => return,
+            // The next read sends the reply to a close, then ends.
             _ => continue,
         };
         let error = match serde_json::from_str::<Request>(&text) {
