@@ -103,10 +103,10 @@ pub fn run() {
             if pair > 0 {
                 without.push(runtime.block_on(clients.measure(pid)));
             }
+            // Measured from when they stop reading: through their buffers
+            // and queues filling, and the server dropping them.
             let stalled = runtime.block_on(stall(&tally.url, STALLED));
             stalled_at = Instant::now();
-            // Let their socket buffers and queues fill.
-            std::thread::sleep(Duration::from_secs(15));
             with.push(runtime.block_on(clients.measure(pid)));
             if pair + 1 < PAIRS {
                 drop(stalled);
@@ -126,6 +126,18 @@ pub fn run() {
             delays.sort_by(f64::total_cmp);
             delays
         };
+        let p99s = |rounds: &[Round]| {
+            let p99s: Vec<String> = rounds
+                .iter()
+                .map(|r| format!("{:.0}", quantile(&r.delays, 0.99)))
+                .collect();
+            p99s.join(", ")
+        };
+        println!(
+            "    p99 per round, ms: without {}; with {}",
+            p99s(&without),
+            p99s(&with)
+        );
         let (without, with) = (pooled(&without), pooled(&with));
         println!(
             "    {} clients over {PAIRS} rounds: p50 {:.1} ms, p99 {:.1} ms; with {STALLED} stalled, {PAIRS} rounds between them: p50 {:.1} ms, p99 {:.1} ms",

@@ -282,3 +282,99 @@ fn handshake(tally: &Tally, headers: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_for_a_full_queue_and_the_others_keep_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[("TALLY__LIVE__INTERVAL", "50ms")], &[]);
+    let mut healthy = connect(&tally);
+    let subscribe = json!({"action": "subscribe", "topic": "metrics:ad_clicks"});
+    healthy.send(Message::text(subscribe.to_string())).unwrap();
+
+    // A client with a small receive buffer that never reads, subscribed to
+    // a value per campaign: 50 changes every 50 ms.
+    let address: std::net::SocketAddr = tally.url.trim_start_matches("http://").parse().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&address.into()).unwrap();
+    let (mut stalled, _) = tungstenite::client(
+        format!("ws://{address}/v1/live"),
+        MaybeTlsStream::Plain(TcpStream::from(socket)),
+    )
+    .unwrap();
+    let subscribe =
+        json!({"action": "subscribe", "topic": "metrics:ad_clicks", "groupBy": "campaignId"});
+    stalled.send(Message::text(subscribe.to_string())).unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poster = {
+        let (stop, url) = (stop.clone(), tally.url.clone());
+        std::thread::spawn(move || {
+            let events: Vec<Value> = (0..50)
+                .map(|c| json!({"eventType": "ad_click", "timestamp": BASE_MS / 1000 + 31, "dimensions": {"country": "US", "campaignId": format!("c{c}")}}))
+                .collect();
+            let agent = ureq::Agent::new_with_defaults();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = agent.post(format!("{url}/v1/events")).send_json(&events);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut dropped = false;
+    while !dropped && Instant::now() < deadline {
+        wait_for(&mut healthy, Duration::from_secs(5), |m| {
+            m["value"].is_number()
+        });
+        let (_, metrics) = tally.get("/metrics");
+        dropped = metrics
+            .as_str()
+            .unwrap()
+            .contains("tally_ws_slow_clients_dropped_total 1\n");
+    }
+    assert!(
+        dropped,
+        "the stalled client was not dropped for a full queue"
+    );
+
+    // What it can still read is what the kernel held for it and its queue of
+    // 50, then the reason it was dropped: tens of kilobytes, not the
+    // megabytes an autotuned socket buffer takes over loopback.
+    if let MaybeTlsStream::Plain(stream) = stalled.get_ref() {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+    }
+    let mut bytes = 0;
+    let close = loop {
+        match stalled.read() {
+            Ok(Message::Text(text)) => bytes += text.len(),
+            Ok(Message::Close(frame)) => break frame,
+            Ok(_) => {}
+            Err(e) => panic!("expected a close frame after {bytes} bytes: {e}"),
+        }
+    };
+    assert_eq!(
+        close.map(|f| u16::from(f.code)),
+        Some(1008),
+        "after {bytes} bytes"
+    );
+    assert!(
+        bytes < 256 * 1024,
+        "the stalled client was sent {bytes} bytes"
+    );
+
+    let (_, metrics) = tally.get("/metrics");
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("tally_ws_slow_clients_dropped_total 1\n"),
+        "{metrics}"
+    );
+    wait_for(&mut healthy, Duration::from_secs(5), |m| {
+        m["value"].is_number()
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    poster.join().unwrap();
+}

@@ -29,6 +29,14 @@ pub mod reply;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::{service_fn, Service};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 
 use serde_json::json;
 use tally_dataflow::config::Config;
@@ -195,22 +203,55 @@ async fn rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
     Ok(error.into_response())
 }
 
-/// Serves the routes on a bound listener until `shutdown` resolves.
+/// Serves the routes on a bound listener until `shutdown` resolves, then
+/// waits for the requests in flight.
+///
+/// The accept loop is this one rather than warp's so that a request knows
+/// its connection's socket ([`live::Connection`]): a WebSocket sizes the
+/// socket's send buffer. Every connection gets TCP_NODELAY, so a live message
+/// or a reply goes out when it is written, not when the previous one is
+/// acknowledged.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    // Accepted connections inherit TCP_NODELAY: a live message, or a reply,
-    // goes out when it is written, not when the previous one is acknowledged.
-    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
-        tracing::warn!("cannot set TCP_NODELAY on the listener: {e}");
+    let routes = routes(gateway);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!("cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+        let connection = live::Connection::of(&stream);
+        let filtered = TowerToHyperService::new(warp::service(routes.clone()));
+        let service = service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(connection);
+            filtered.call(request)
+        });
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let http = auto::Builder::new(TokioExecutor::new());
+            let served = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(served).await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
     }
-    warp::serve(routes(gateway))
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Serves a worker process's own endpoints on `listener` until `shutdown`:
