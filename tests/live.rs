@@ -292,7 +292,8 @@ fn a_client_that_stops_reading_is_dropped_for_a_full_queue_and_the_others_keep_u
     healthy.send(Message::text(subscribe.to_string())).unwrap();
 
     // A client with a small receive buffer that never reads, subscribed to
-    // a value per campaign: 50 changes every 50 ms.
+    // a value per campaign: 10 changes every 50 ms, so its queue of 50 fills
+    // only once the kernel stops taking its messages.
     let address: std::net::SocketAddr = tally.url.trim_start_matches("http://").parse().unwrap();
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -306,40 +307,33 @@ fn a_client_that_stops_reading_is_dropped_for_a_full_queue_and_the_others_keep_u
         json!({"action": "subscribe", "topic": "metrics:ad_clicks", "groupBy": "campaignId"});
     stalled.send(Message::text(subscribe.to_string())).unwrap();
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let poster = {
-        let (stop, url) = (stop.clone(), tally.url.clone());
-        std::thread::spawn(move || {
-            let events: Vec<Value> = (0..50)
-                .map(|c| json!({"eventType": "ad_click", "timestamp": BASE_MS / 1000 + 31, "dimensions": {"country": "US", "campaignId": format!("c{c}")}}))
-                .collect();
-            let agent = ureq::Agent::new_with_defaults();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = agent.post(format!("{url}/v1/events")).send_json(&events);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
+    let _poster = Poster::start(&tally.url, 10);
+    let dropped = || {
+        let (_, metrics) = tally.get("/metrics");
+        let metrics = metrics.as_str().unwrap().to_owned();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tally_ws_slow_clients_dropped_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no drop counter in {metrics}"))
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut dropped = false;
-    while !dropped && Instant::now() < deadline {
-        wait_for(&mut healthy, Duration::from_secs(5), |m| {
+    let mut last = 0;
+    while dropped() == 0 && Instant::now() < deadline {
+        let message = wait_for(&mut healthy, Duration::from_secs(5), |m| {
             m["value"].is_number()
         });
-        let (_, metrics) = tally.get("/metrics");
-        dropped = metrics
-            .as_str()
-            .unwrap()
-            .contains("tally_ws_slow_clients_dropped_total 1\n");
+        last = message["value"].as_u64().unwrap();
     }
-    assert!(
-        dropped,
+    assert_eq!(
+        dropped(),
+        1,
         "the stalled client was not dropped for a full queue"
     );
 
     // What it can still read is what the kernel held for it and its queue of
-    // 50, then the reason it was dropped: tens of kilobytes, not the
-    // megabytes an autotuned socket buffer takes over loopback.
+    // 50, then why it was dropped: tens of kilobytes, not the megabytes an
+    // autotuned socket buffer takes over loopback.
     if let MaybeTlsStream::Plain(stream) = stalled.get_ref() {
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -364,17 +358,46 @@ fn a_client_that_stops_reading_is_dropped_for_a_full_queue_and_the_others_keep_u
         "the stalled client was sent {bytes} bytes"
     );
 
-    let (_, metrics) = tally.get("/metrics");
-    assert!(
-        metrics
-            .as_str()
-            .unwrap()
-            .contains("tally_ws_slow_clients_dropped_total 1\n"),
-        "{metrics}"
-    );
+    // The healthy client keeps getting new values.
     wait_for(&mut healthy, Duration::from_secs(5), |m| {
-        m["value"].is_number()
+        m["value"].as_u64().is_some_and(|v| v > last)
     });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    poster.join().unwrap();
+    assert_eq!(dropped(), 1);
+}
+
+/// Posts one event per campaign for `campaigns` campaigns, in one window,
+/// every 50 ms, until dropped.
+struct Poster {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Poster {
+    fn start(url: &str, campaigns: usize) -> Poster {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let events: Vec<Value> = (0..campaigns)
+            .map(|c| json!({"eventType": "ad_click", "timestamp": BASE_MS / 1000 + 31, "dimensions": {"country": "US", "campaignId": format!("c{c}")}}))
+            .collect();
+        let (url, stopped) = (format!("{url}/v1/events"), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let agent = ureq::Agent::new_with_defaults();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = agent.post(&url).send_json(&events);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Poster {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Poster {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

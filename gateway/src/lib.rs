@@ -28,11 +28,10 @@ pub mod reply;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -40,7 +39,7 @@ use hyper_util::service::TowerToHyperService;
 
 use serde_json::json;
 use tally_dataflow::config::Config;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -203,14 +202,20 @@ async fn rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
     Ok(error.into_response())
 }
 
+/// What the kernel may hold unsent for a connection before writes wait.
+/// Data in flight is not limited, so neither is throughput to a distant
+/// client; but a WebSocket client that stops reading stops taking messages
+/// within seconds, so its queue of `live.queue` fills and it is dropped,
+/// rather than the kernel's autotuned buffer taking megabytes for it.
+const UNSENT_LIMIT: u32 = 16 * 1024;
+
 /// Serves the routes on a bound listener until `shutdown` resolves, then
 /// waits for the requests in flight.
 ///
-/// The accept loop is this one rather than warp's so that a request knows
-/// its connection's socket ([`live::Connection`]): a WebSocket sizes the
-/// socket's send buffer. Every connection gets TCP_NODELAY, so a live message
-/// or a reply goes out when it is written, not when the previous one is
-/// acknowledged.
+/// The accept loop is this one rather than warp's so that every connection
+/// gets its socket options: TCP_NODELAY, so that a live message or a reply
+/// goes out when it is written rather than when the previous one is
+/// acknowledged, and [`UNSENT_LIMIT`].
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
@@ -223,24 +228,24 @@ pub async fn serve(
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
+                // The client gave up before it was accepted.
+                Err(e) if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+                ) => continue,
                 Err(e) => {
                     // Out of file descriptors, say: wait rather than spin.
-                    tracing::warn!("cannot accept a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tracing::warn!("cannot accept connections: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        if let Err(e) = socket_options(&stream) {
+            tracing::debug!("cannot set a connection's socket options: {e}");
         }
-        let connection = live::Connection::of(&stream);
-        let filtered = TowerToHyperService::new(warp::service(routes.clone()));
-        let service = service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(connection);
-            filtered.call(request)
-        });
+        let service = TowerToHyperService::new(warp::service(routes.clone()));
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let http = auto::Builder::new(TokioExecutor::new());
@@ -252,6 +257,13 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+fn socket_options(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket2::SockRef::from(stream).set_tcp_notsent_lowat(UNSENT_LIMIT)?;
+    Ok(())
 }
 
 /// Serves a worker process's own endpoints on `listener` until `shutdown`:

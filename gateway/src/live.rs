@@ -22,7 +22,6 @@
 //! repeat from a correction even across a restart of the server.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,14 +32,12 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use socket2::SockRef;
 use tally_dataflow::aggregate::AggState;
 use tally_dataflow::config::MetricSpec;
 use tally_dataflow::event::{format_rfc3339, Millis};
 use tally_dataflow::operators::source::Group;
 use tally_dataflow::operators::windows::WindowUpdate;
 use tally_dataflow::window::WindowSpec;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -70,26 +67,8 @@ const READ_BUFFER: usize = 4096;
 /// The largest message a client may send.
 const MAX_REQUEST: usize = 64 * 1024;
 
-/// The kernel's send buffer for a client's socket. A client that stops
-/// reading fills it within seconds, and then its queue, and is dropped: it
-/// is the queue of `live.queue` messages that bounds a slow client, not
-/// the kernel's autotuned buffers of up to megabytes.
-const SEND_BUFFER: usize = 16 * 1024;
-
 /// A client's connection.
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
-
-/// The socket an HTTP request came in on, put in its extensions by
-/// [`crate::serve`].
-#[derive(Clone, Copy)]
-pub struct Connection(RawFd);
-
-impl Connection {
-    /// The connection of `stream`.
-    pub fn of(stream: &TcpStream) -> Connection {
-        Connection(stream.as_raw_fd())
-    }
-}
 
 /// `GET /v1/live`: the WebSocket handshake, then [`Hub::serve`].
 ///
@@ -107,56 +86,41 @@ pub fn route(
         .and(warp::get())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
-        .and(warp::ext::optional::<Connection>())
-        .map(
-            move |headers: HeaderMap,
-                  upgrade: Option<OnUpgrade>,
-                  connection: Option<Connection>| {
-                let (key, upgrade) = match handshake(&headers, upgrade) {
-                    Ok(accepted) => accepted,
-                    Err(refusal) => return refusal.into_response(),
-                };
-                let (hub, ops) = (hub.clone(), Arc::clone(&ops));
-                tokio::spawn(async move {
-                    match upgrade.await {
-                        Ok(upgraded) => {
-                            if let Some(Connection(fd)) = connection {
-                                // SAFETY: the socket is the upgraded connection's,
-                                // and stays open while `upgraded` owns it.
-                                let socket = unsafe { BorrowedFd::borrow_raw(fd) };
-                                if let Err(e) =
-                                    SockRef::from(&socket).set_send_buffer_size(SEND_BUFFER)
-                                {
-                                    tracing::debug!("cannot size a WebSocket's send buffer: {e}");
-                                }
-                            }
-                            let config = WebSocketConfig::default()
-                                .read_buffer_size(READ_BUFFER)
-                                .max_message_size(Some(MAX_REQUEST))
-                                .max_frame_size(Some(MAX_REQUEST));
-                            let socket = WebSocketStream::from_raw_socket(
-                                TokioIo::new(upgraded),
-                                Role::Server,
-                                Some(config),
-                            )
-                            .await;
-                            hub.serve(socket, queue, ops).await;
-                        }
-                        Err(e) => tracing::debug!("a WebSocket upgrade failed: {e}"),
+        .map(move |headers: HeaderMap, upgrade: Option<OnUpgrade>| {
+            let (key, upgrade) = match handshake(&headers, upgrade) {
+                Ok(accepted) => accepted,
+                Err(refusal) => return refusal.into_response(),
+            };
+            let (hub, ops) = (hub.clone(), Arc::clone(&ops));
+            tokio::spawn(async move {
+                match upgrade.await {
+                    Ok(upgraded) => {
+                        let config = WebSocketConfig::default()
+                            .read_buffer_size(READ_BUFFER)
+                            .max_message_size(Some(MAX_REQUEST))
+                            .max_frame_size(Some(MAX_REQUEST));
+                        let socket = WebSocketStream::from_raw_socket(
+                            TokioIo::new(upgraded),
+                            Role::Server,
+                            Some(config),
+                        )
+                        .await;
+                        hub.serve(socket, queue, ops).await;
                     }
-                });
-                let mut response = Response::default();
-                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-                let headers = response.headers_mut();
-                headers.insert(header::CONNECTION, "upgrade".parse().unwrap());
-                headers.insert(header::UPGRADE, "websocket".parse().unwrap());
-                headers.insert(
-                    header::SEC_WEBSOCKET_ACCEPT,
-                    derive_accept_key(key.as_bytes()).parse().unwrap(),
-                );
-                response
-            },
-        )
+                    Err(e) => tracing::debug!("a WebSocket upgrade failed: {e}"),
+                }
+            });
+            let mut response = Response::default();
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let headers = response.headers_mut();
+            headers.insert(header::CONNECTION, "upgrade".parse().unwrap());
+            headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+            headers.insert(
+                header::SEC_WEBSOCKET_ACCEPT,
+                derive_accept_key(key.as_bytes()).parse().unwrap(),
+            );
+            response
+        })
 }
 
 /// Why a handshake was refused: 426 for a request that is not a WebSocket
