@@ -32,7 +32,7 @@ use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -248,7 +248,10 @@ pub async fn serve(
         let service = TowerToHyperService::new(warp::service(routes.clone()));
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let http = auto::Builder::new(TokioExecutor::new());
+            let mut http = auto::Builder::new(TokioExecutor::new());
+            // A request's head must arrive within hyper's 30 s, so a client
+            // that sends half of one cannot hold a connection, or shutdown.
+            http.http1().timer(TokioTimer::new());
             let served = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(served).await {
                 tracing::debug!("connection ended: {e}");

@@ -61,6 +61,8 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(45);
 /// was queued behind it) is disconnected, so a stalled socket never holds
 /// its task.
 const SEND_LIMIT: Duration = Duration::from_secs(10);
+/// How long a client dropped for a full queue has to answer its close.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// What a connection reads into at a time. Clients send only small
 /// subscription messages.
 const READ_BUFFER: usize = 4096;
@@ -266,7 +268,7 @@ impl Hub {
         let started = Instant::now();
         let heard = Arc::new(AtomicU64::new(0));
         let (replies_tx, mut replies) = mpsc::channel::<String>(8);
-        let reader = tokio::spawn(read_requests(
+        let mut reader = tokio::spawn(read_requests(
             stream,
             client,
             self.commands.clone(),
@@ -287,6 +289,11 @@ impl Hub {
                         };
                         let close = sink.send(Message::Close(Some(close)));
                         let _ = tokio::time::timeout(SEND_LIMIT, close).await;
+                        // The reader reads on until the client's answering
+                        // close, so the connection ends with a FIN rather
+                        // than a reset that would discard what it has yet
+                        // to read.
+                        let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
                         break;
                     }
                 },
