@@ -292,8 +292,9 @@ fn a_client_that_stops_reading_is_dropped_for_a_full_queue_and_the_others_keep_u
     healthy.send(Message::text(subscribe.to_string())).unwrap();
 
     // A client with a small receive buffer that never reads, subscribed to
-    // a value per campaign: 10 changes every 50 ms, so its queue of 50 fills
-    // only once the kernel stops taking its messages.
+    // a value per campaign: 10 changes every 50 ms, one update in its queue
+    // each time, so its queue of 50 fills only once the kernel stops taking
+    // its messages.
     let address: std::net::SocketAddr = tally.url.trim_start_matches("http://").parse().unwrap();
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();

@@ -115,7 +115,8 @@ pub struct DataflowConfig {
 pub struct LiveConfig {
     /// Most frequent partial update of an open window. Default `1s`.
     pub interval: Duration,
-    /// Messages a WebSocket client may have queued before it is dropped. Default 50.
+    /// Updates a WebSocket client may have queued before it is dropped: what
+    /// one subscription gets at once, one message or one per group. Default 50.
     pub queue: usize,
 }
 

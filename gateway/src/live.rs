@@ -4,16 +4,18 @@
 //! revisions) on the live bus. The [`Hub`], one task, keeps the recent
 //! windows of every metric and the subscriptions of every client. For each
 //! batch from the bus it recomputes the topics that batch touched, by merging
-//! the matching groups' states, and queues one message per topic and window
-//! for each subscribed client.
+//! the matching groups' states, and queues for each subscribed client one
+//! update per subscription: a message per window, or per group and window.
 //!
 //! A topic is `metrics:<metric>[:<dimension>:<value>]…`; a subscription may
 //! add a `window` (default: the metric's first) and a `groupBy` dimension, in
 //! which case each group's value is a message of its own.
 //!
-//! **Slow consumers.** Each client has a bounded queue (`live.queue`, 50 by
-//! default). The hub never waits on a client: when a queue is full the client
-//! is disconnected, and nobody else is delayed.
+//! **Slow consumers.** Each client has a bounded queue of updates
+//! (`live.queue`, 50 by default). The bound counts updates, not messages, so
+//! a grouped topic with hundreds of groups takes one place. The hub never
+//! waits on a client: when a queue is full the client is disconnected, and
+//! nobody else is delayed.
 //!
 //! **Revisions.** A topic's open window is sent with `final: false`. Its
 //! final value carries the sum of the revisions of the groups it merges: 0 at
@@ -68,6 +70,13 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 const READ_BUFFER: usize = 4096;
 /// The largest message a client may send.
 const MAX_REQUEST: usize = 64 * 1024;
+
+/// One entry of a client's queue: what one subscription has for it from one
+/// batch of the bus (a value per window, or per group and window), a
+/// subscription's current values, or an error. The queue's bound counts
+/// entries, so a grouped topic with many groups takes one place, not one
+/// per group.
+type Batch = Arc<[Utf8Bytes]>;
 
 /// A client's connection.
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
@@ -199,7 +208,7 @@ pub struct Hub {
 enum Command {
     Join {
         client: u64,
-        queue: mpsc::Sender<Utf8Bytes>,
+        queue: mpsc::Sender<Batch>,
     },
     Subscribe {
         client: u64,
@@ -252,7 +261,7 @@ impl Hub {
     /// Serves one WebSocket client until it leaves or falls behind.
     async fn serve(self, ws: Socket, queue: usize, ops: Arc<Ops>) {
         let client = self.next_client.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(queue);
+        let (tx, mut rx) = mpsc::channel::<Batch>(queue);
         if self
             .commands
             .send(Command::Join { client, queue: tx })
@@ -279,8 +288,8 @@ impl Hub {
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
             let outgoing = tokio::select! {
-                message = rx.recv() => match message {
-                    Some(text) => Message::Text(text),
+                batch = rx.recv() => match batch {
+                    Some(batch) => Outgoing::Live(batch),
                     None => {
                         // The hub dropped us: our queue overflowed.
                         let close = CloseFrame {
@@ -298,7 +307,7 @@ impl Hub {
                     }
                 },
                 reply = replies.recv() => match reply {
-                    Some(text) => Message::text(text),
+                    Some(text) => Outgoing::Frame(Message::text(text)),
                     // The client closed, or its connection failed.
                     None => break,
                 },
@@ -307,16 +316,30 @@ impl Hub {
                     if started.elapsed().saturating_sub(heard) > SILENCE_LIMIT {
                         break;
                     }
-                    Message::Ping(Default::default())
+                    Outgoing::Frame(Message::Ping(Default::default()))
                 }
             };
-            // What else is queued, up to a queue's worth, goes out in the
-            // same write.
+            // What else is queued, up to a queue's worth of entries, goes
+            // out in the same write.
             let send = async {
-                sink.feed(outgoing).await?;
-                for _ in 1..queue {
-                    let Ok(text) = rx.try_recv() else { break };
-                    sink.feed(Message::Text(text)).await?;
+                let mut batch = match outgoing {
+                    Outgoing::Frame(frame) => {
+                        sink.feed(frame).await?;
+                        rx.try_recv().ok()
+                    }
+                    Outgoing::Live(batch) => Some(batch),
+                };
+                let mut taken = 0;
+                while let Some(messages) = batch {
+                    for text in messages.iter() {
+                        sink.feed(Message::Text(text.clone())).await?;
+                    }
+                    taken += 1;
+                    batch = if taken < queue {
+                        rx.try_recv().ok()
+                    } else {
+                        None
+                    };
                 }
                 sink.flush().await
             };
@@ -328,6 +351,12 @@ impl Hub {
         let _ = self.commands.send(Command::Leave { client }).await;
         ops.ws_clients.dec();
     }
+}
+
+/// What a client's task sends next.
+enum Outgoing {
+    Live(Batch),
+    Frame(Message),
 }
 
 /// Reads a client's requests until it closes: subscriptions go to the hub,
@@ -408,7 +437,7 @@ struct HubState {
     ops: Arc<Ops>,
     windows: HashMap<(u16, u8), BTreeMap<Millis, Slot>>,
     subs: HashMap<SubKey, Subscription>,
-    clients: HashMap<u64, (mpsc::Sender<Utf8Bytes>, HashSet<SubKey>)>,
+    clients: HashMap<u64, (mpsc::Sender<Batch>, HashSet<SubKey>)>,
     /// Subscriptions per metric.
     refs: HashMap<u16, usize>,
     interest: Option<Arc<dyn LiveInterest>>,
@@ -462,12 +491,10 @@ impl HubState {
             Command::Leave { client } => self.drop_client(client),
             Command::Subscribe { client, request } => match self.parse(&request) {
                 Ok(key) => self.subscribe(client, key),
-                Err(error) => self.send_to(
-                    client,
-                    json!({"error": error, "topic": request.topic})
-                        .to_string()
-                        .into(),
-                ),
+                Err(error) => {
+                    let error = json!({"error": error, "topic": request.topic}).to_string();
+                    self.send_to(client, Batch::from([Utf8Bytes::from(error)]));
+                }
             },
             Command::Unsubscribe { client, request } => {
                 let Some((_, keys)) = self.clients.get_mut(&client) else {
@@ -580,9 +607,10 @@ impl HubState {
             .windows
             .get(&(sub.metric, sub.window))
             .and_then(|slots| slots.iter().next_back())
-            .map(|(start, slot)| messages(&self.metrics, &key, sub, *start, slot, false));
-        for message in current.into_iter().flatten() {
-            self.send_to(client, message);
+            .map(|(start, slot)| messages(&self.metrics, &key, sub, *start, slot, false))
+            .unwrap_or_default();
+        if !current.is_empty() {
+            self.send_to(client, current.into());
         }
     }
 
@@ -615,9 +643,9 @@ impl HubState {
         }
     }
 
-    fn send_to(&mut self, client: u64, message: Utf8Bytes) {
+    fn send_to(&mut self, client: u64, batch: Batch) {
         let full = match self.clients.get(&client) {
-            Some((queue, _)) => queue.try_send(message).is_err(),
+            Some((queue, _)) => queue.try_send(batch).is_err(),
             None => false,
         };
         if full {
@@ -663,7 +691,7 @@ impl HubState {
                 slots.pop_first();
             }
         }
-        let mut outbox: Vec<(Vec<u64>, Utf8Bytes)> = Vec::new();
+        let mut outbox: Vec<(Vec<u64>, Batch)> = Vec::new();
         for (key, sub) in self.subs.iter_mut() {
             if let Some(oldest) = self
                 .windows
@@ -672,6 +700,7 @@ impl HubState {
             {
                 sub.sent.retain(|(start, _), _| start >= oldest);
             }
+            let mut batch = Vec::new();
             for &(_, _, start) in touched.range(
                 (sub.metric, sub.window, Millis::MIN)..=(sub.metric, sub.window, Millis::MAX),
             ) {
@@ -682,15 +711,15 @@ impl HubState {
                 else {
                     continue;
                 };
-                let clients: Vec<u64> = sub.clients.iter().copied().collect();
-                for message in messages(&self.metrics, key, sub, start, slot, true) {
-                    outbox.push((clients.clone(), message));
-                }
+                batch.extend(messages(&self.metrics, key, sub, start, slot, true));
+            }
+            if !batch.is_empty() {
+                outbox.push((sub.clients.iter().copied().collect(), batch.into()));
             }
         }
-        for (clients, message) in outbox {
+        for (clients, batch) in outbox {
             for client in clients {
-                self.send_to(client, message.clone());
+                self.send_to(client, Arc::clone(&batch));
             }
         }
     }
@@ -794,7 +823,7 @@ mod tests {
         })
     }
 
-    fn subscribe(hub: &mut HubState, client: u64, queue: usize) -> mpsc::Receiver<Utf8Bytes> {
+    fn subscribe(hub: &mut HubState, client: u64, queue: usize) -> mpsc::Receiver<Batch> {
         let (tx, rx) = mpsc::channel(queue);
         hub.command(Command::Join { client, queue: tx });
         let request = Request {
@@ -839,14 +868,65 @@ mod tests {
         hub.updates(vec![update(3, true, 0)]);
         hub.updates(vec![update(4, true, 1)]);
         let mut got = Vec::new();
-        while let Ok(m) = rx.try_recv() {
-            let m: Value = serde_json::from_str(&m).unwrap();
-            got.push((
-                m["value"].as_u64().unwrap(),
-                m["final"].as_bool().unwrap(),
-                m["revision"].as_u64().unwrap(),
-            ));
+        while let Ok(batch) = rx.try_recv() {
+            for m in batch.iter() {
+                let m: Value = serde_json::from_str(m).unwrap();
+                got.push((
+                    m["value"].as_u64().unwrap(),
+                    m["final"].as_bool().unwrap(),
+                    m["revision"].as_u64().unwrap(),
+                ));
+            }
         }
         assert_eq!(got, [(3, false, 0), (3, true, 0), (4, true, 1)]);
+    }
+
+    #[test]
+    fn a_grouped_topic_takes_one_place_in_the_queue_however_many_groups() {
+        let (mut hub, ops) = hub();
+        let (tx, mut rx) = mpsc::channel(50);
+        hub.command(Command::Join {
+            client: 1,
+            queue: tx,
+        });
+        let request = Request {
+            action: "subscribe".into(),
+            topic: "metrics:ad_clicks".into(),
+            window: None,
+            group_by: Some("country".into()),
+        };
+        hub.command(Command::Subscribe { client: 1, request });
+        let countries = |count: u64| -> Vec<Arc<WindowUpdate>> {
+            (0..120)
+                .map(|c| {
+                    let mut u = (*update(count, false, 0)).clone();
+                    u.group = vec![format!("C{c}")];
+                    Arc::new(u)
+                })
+                .collect()
+        };
+        hub.updates(countries(1));
+        hub.updates(countries(2));
+        let batches: Vec<Batch> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            batches.iter().map(|b| b.len()).collect::<Vec<_>>(),
+            [120, 120]
+        );
+        assert_eq!(ops.ws_slow_dropped.get(), 0);
+
+        // A new subscriber gets every group's current value at once.
+        let (tx, mut rx) = mpsc::channel(50);
+        hub.command(Command::Join {
+            client: 2,
+            queue: tx,
+        });
+        let request = Request {
+            action: "subscribe".into(),
+            topic: "metrics:ad_clicks".into(),
+            window: None,
+            group_by: Some("country".into()),
+        };
+        hub.command(Command::Subscribe { client: 2, request });
+        assert_eq!(rx.try_recv().map(|b| b.len()), Ok(120));
     }
 }
