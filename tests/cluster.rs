@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::live::{connect, wait_for};
-use crate::util::{clickstream, default_config, eventually, post_all, Generated, Tally, BASE_MS};
+use crate::util::{
+    clickstream, default_config, eventually, post_all, prometheus_value, Generated, Tally, BASE_MS,
+};
 
 const MINUTE: i64 = 60_000;
 
@@ -212,10 +214,7 @@ impl Cluster {
                     .body_mut()
                     .read_to_string()
                     .unwrap();
-                text.lines()
-                    .find_map(|l| l.strip_prefix("tally_events_read_total "))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .expect("tally_events_read_total")
+                prometheus_value(&text, "tally_events_read_total").expect("tally_events_read_total")
             })
             .sum()
     }

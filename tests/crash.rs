@@ -317,16 +317,6 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
     );
 }
 
-/// A value from the Prometheus text at `/metrics`.
-fn prometheus(tally: &Tally, name: &str) -> u64 {
-    let (_, text) = tally.get("/metrics");
-    let text = text.as_str().unwrap_or_default().to_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 #[test]
 fn a_restart_reads_only_what_follows_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -340,7 +330,7 @@ fn a_restart_reads_only_what_follows_the_checkpoint() {
         tally.post_events(&chunk.iter().map(Generated::json).collect::<Vec<_>>());
     }
     eventually(Duration::from_secs(60), || {
-        match prometheus(&tally, "tally_checkpoints_total") {
+        match tally.prometheus("tally_checkpoints_total").unwrap_or(0) {
             0 => Err("no checkpoint yet".to_string()),
             _ => Ok(()),
         }
@@ -371,7 +361,7 @@ fn a_restart_reads_only_what_follows_the_checkpoint() {
     // The restored job read the records after the cut, the flush
     // events, and no others.
     assert_eq!(
-        prometheus(&tally, "tally_events_read_total"),
+        tally.prometheus("tally_events_read_total").unwrap_or(0),
         events.len() as u64 + crate::util::PARTITIONS as u64 - before_cut
     );
     tally.stop();

@@ -310,13 +310,9 @@ fn a_client_that_stops_reading_is_dropped_for_a_full_queue_and_the_others_keep_u
 
     let _poster = Poster::start(&tally.url, 10);
     let dropped = || {
-        let (_, metrics) = tally.get("/metrics");
-        let metrics = metrics.as_str().unwrap().to_owned();
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("tally_ws_slow_clients_dropped_total "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no drop counter in {metrics}"))
+        tally
+            .prometheus("tally_ws_slow_clients_dropped_total")
+            .expect("the drop counter in /metrics")
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = 0;

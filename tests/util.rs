@@ -92,6 +92,12 @@ impl Tally {
         assert_eq!(answer["accepted"], events.len());
     }
 
+    /// A value from the Prometheus text at `/metrics`, if it is there.
+    pub fn prometheus(&self, name: &str) -> Option<u64> {
+        let (_, text) = self.get("/metrics");
+        prometheus_value(text.as_str().unwrap_or_default(), name)
+    }
+
     /// GETs a path; returns the status and the body, as JSON when it is.
     pub fn get(&self, path: &str) -> (u16, Value) {
         let mut response = self
@@ -176,6 +182,14 @@ pub fn dead_letters(dir: &Path) -> usize {
 
 /// Log partitions in the default configuration.
 pub const PARTITIONS: usize = 8;
+
+/// The value of `name` in Prometheus text, if it is there.
+pub fn prometheus_value(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
 
 /// Retries `check` until it passes or `timeout` runs out, then returns its
 /// last failure.
