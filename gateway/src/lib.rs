@@ -211,17 +211,26 @@ const UNSENT_LIMIT: u32 = 16 * 1024;
 
 /// Serves the routes on a bound listener until `shutdown` resolves, then
 /// waits for the requests in flight.
-///
-/// The accept loop is this one rather than warp's so that every connection
-/// gets its socket options: TCP_NODELAY, so that a live message or a reply
-/// goes out when it is written rather than when the previous one is
-/// acknowledged, and [`UNSENT_LIMIT`].
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let routes = routes(gateway);
+    serve_routes(listener, routes(gateway), shutdown).await;
+}
+
+/// Serves `routes` on `listener` until `shutdown` resolves, then waits for
+/// the requests in flight.
+///
+/// The accept loop is this one rather than warp's so that every connection
+/// gets its socket options: TCP_NODELAY, so that a live message or a reply
+/// goes out when it is written rather than when the previous one is
+/// acknowledged, and [`UNSENT_LIMIT`].
+async fn serve_routes(
+    listener: TcpListener,
+    routes: BoxedFilter<(Response,)>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -279,14 +288,11 @@ pub async fn serve_worker(
     let prometheus = warp::path!("metrics").and(warp::get()).map(move || {
         let mut out = Vec::new();
         job.render(now_ms(), &mut out);
-        warp::reply::with_header(out, "content-type", "text/plain; version=0.0.4")
+        warp::reply::with_header(out, "content-type", "text/plain; version=0.0.4").into_response()
     });
     let healthz = warp::path!("healthz")
         .and(warp::get())
-        .map(|| warp::reply::json(&json!({"status": "ok"})));
-    warp::serve(prometheus.or(healthz))
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+        .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
+    let routes = prometheus.or(healthz).unify().boxed();
+    serve_routes(listener, routes, shutdown).await;
 }

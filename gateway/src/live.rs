@@ -823,14 +823,21 @@ mod tests {
         })
     }
 
-    fn subscribe(hub: &mut HubState, client: u64, queue: usize) -> mpsc::Receiver<Batch> {
+    /// Joins `client` and subscribes it to `metrics:ad_clicks`, grouped by
+    /// `group_by` if given.
+    fn subscribe(
+        hub: &mut HubState,
+        client: u64,
+        queue: usize,
+        group_by: Option<&str>,
+    ) -> mpsc::Receiver<Batch> {
         let (tx, rx) = mpsc::channel(queue);
         hub.command(Command::Join { client, queue: tx });
         let request = Request {
             action: "subscribe".into(),
             topic: "metrics:ad_clicks".into(),
             window: None,
-            group_by: None,
+            group_by: group_by.map(Into::into),
         };
         hub.command(Command::Subscribe { client, request });
         rx
@@ -839,8 +846,8 @@ mod tests {
     #[test]
     fn a_slow_client_is_dropped_and_the_others_get_everything() {
         let (mut hub, ops) = hub();
-        let mut healthy = subscribe(&mut hub, 1, 50);
-        let mut stalled = subscribe(&mut hub, 2, 50);
+        let mut healthy = subscribe(&mut hub, 1, 50, None);
+        let mut stalled = subscribe(&mut hub, 2, 50, None);
         let mut received = 0;
         for count in 1..=200 {
             hub.updates(vec![update(count, false, 0)]);
@@ -861,7 +868,7 @@ mod tests {
     #[test]
     fn finals_are_revised_only_when_they_change() {
         let (mut hub, _) = hub();
-        let mut rx = subscribe(&mut hub, 1, 50);
+        let mut rx = subscribe(&mut hub, 1, 50, None);
         hub.updates(vec![update(3, false, 0)]);
         hub.updates(vec![update(3, false, 0)]);
         hub.updates(vec![update(3, true, 0)]);
@@ -884,18 +891,7 @@ mod tests {
     #[test]
     fn a_grouped_topic_takes_one_place_in_the_queue_however_many_groups() {
         let (mut hub, ops) = hub();
-        let (tx, mut rx) = mpsc::channel(50);
-        hub.command(Command::Join {
-            client: 1,
-            queue: tx,
-        });
-        let request = Request {
-            action: "subscribe".into(),
-            topic: "metrics:ad_clicks".into(),
-            window: None,
-            group_by: Some("country".into()),
-        };
-        hub.command(Command::Subscribe { client: 1, request });
+        let mut rx = subscribe(&mut hub, 1, 50, Some("country"));
         let countries = |count: u64| -> Vec<Arc<WindowUpdate>> {
             (0..120)
                 .map(|c| {
@@ -915,18 +911,7 @@ mod tests {
         assert_eq!(ops.ws_slow_dropped.get(), 0);
 
         // A new subscriber gets every group's current value at once.
-        let (tx, mut rx) = mpsc::channel(50);
-        hub.command(Command::Join {
-            client: 2,
-            queue: tx,
-        });
-        let request = Request {
-            action: "subscribe".into(),
-            topic: "metrics:ad_clicks".into(),
-            window: None,
-            group_by: Some("country".into()),
-        };
-        hub.command(Command::Subscribe { client: 2, request });
+        let mut rx = subscribe(&mut hub, 2, 50, Some("country"));
         assert_eq!(rx.try_recv().map(|b| b.len()), Ok(120));
     }
 }
