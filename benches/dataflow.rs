@@ -10,12 +10,16 @@ use std::time::Instant;
 
 use tally_dataflow::aggregate::AggState;
 use tally_dataflow::checkpoint::Restore;
+use tally_dataflow::coordination::Coordination;
+use tally_dataflow::event::parse_event_ref;
 use tally_dataflow::event::Fields;
-use tally_dataflow::event::{parse_event_ref, Millis};
 use tally_dataflow::job::{self, JobSettings, Sinks};
-use tally_dataflow::operators::deliver::{Backpressure, Sink};
-use tally_dataflow::operators::source::{BatchSource, Group, Poll, SourceBatch, Waker};
+use tally_dataflow::model::Group;
+use tally_dataflow::ports::Sink;
+use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker};
+use tally_dataflow::routing::worker_partitions;
 use tally_dataflow::stats::JobStats;
+use tally_dataflow::time::Millis;
 use tally_dataflow::window::{align, WindowSpec};
 
 use crate::support::{default_config, event};
@@ -139,9 +143,7 @@ fn timely_job(batches: &[SourceBatch], settings: &JobSettings, workers: usize) -
                 .filter(|b| b.partition as usize % workers == w)
                 .cloned()
                 .collect();
-            let partitions = (0..PARTITIONS)
-                .filter(|p| *p as usize % workers == w)
-                .collect();
+            let partitions = worker_partitions(PARTITIONS, w, workers);
             std::sync::Mutex::new(Some(Batches {
                 batches: mine,
                 partitions,
@@ -151,7 +153,7 @@ fn timely_job(batches: &[SourceBatch], settings: &JobSettings, workers: usize) -
         .collect();
     let (settings, count) = (settings.clone(), Count(Arc::clone(&finals)));
     let stats = Arc::new(JobStats::new(workers));
-    let backpressure = Backpressure::default();
+    let coordination = Coordination::default();
     timely::execute(timely::Config::process(workers), move |worker| {
         let source = per_worker[worker.index()].lock().unwrap().take().unwrap();
         let sinks = Sinks {
@@ -166,10 +168,10 @@ fn timely_job(batches: &[SourceBatch], settings: &JobSettings, workers: usize) -
                 &settings,
                 Arc::clone(&stats),
                 sinks,
-                &backpressure,
+                &coordination,
                 Restore::default(),
                 None,
-            )
+            );
         });
     })
     .unwrap()

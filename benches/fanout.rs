@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{agent, now_ms, quantile, scrape, Tally};
-use tally_dataflow::event::parse_rfc3339;
+use tally_dataflow::time::parse_rfc3339;
 
 const COUNTRIES: [&str; 4] = ["US", "GB", "DE", "FR"];
 const MEASURE: Duration = Duration::from_secs(20);

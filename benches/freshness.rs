@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::Message;
 
-use tally_dataflow::event::format_rfc3339;
+use tally_dataflow::time::format_rfc3339;
 
 use crate::support::{agent, now_ms, post_events, quantile, stamp, templates, Tally};
 

@@ -8,8 +8,8 @@ use std::time::Instant;
 use rusqlite::Connection;
 use tally_connectors::store::sqlite::SqliteStore;
 use tally_dataflow::aggregate::{AggState, Sketch};
-use tally_dataflow::operators::deliver::Sink;
-use tally_dataflow::operators::windows::WindowUpdate;
+use tally_dataflow::model::WindowUpdate;
+use tally_dataflow::ports::Sink;
 use tally_dataflow::query::Query;
 use tally_dataflow::window::Span;
 

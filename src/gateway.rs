@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use tally_connectors::bus::redis;
+use tally_connectors::bus::{self, redis};
 use tally_connectors::kafka::{self, producer::KafkaProducer};
 use tally_connectors::store::clickhouse::ClickHouseStore;
 use tally_gateway::backend::{ClickHouseHistory, EventSink, KafkaEvents};
@@ -18,9 +18,6 @@ use tally_gateway::Gateway;
 use tracing::info;
 
 use crate::{load_config, shutdown_signal, toml_string, GatewayArgs};
-
-/// Batches of live updates in flight between Redis and the fan-out.
-const LIVE_BUS_BATCHES: usize = 1024;
 
 /// Runs until SIGTERM or Ctrl-C.
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
@@ -42,9 +39,10 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         // The job's metrics are the workers' to serve.
         let ops = Arc::new(Ops::new(None));
         let metrics = Arc::new(config.metrics.clone());
-        let (feed, bus) = redis::subscribe(&config.redis, Arc::clone(&metrics), LIVE_BUS_BATCHES)
-            .context("configuring the Redis subscriber")?;
-        let lateness = config.dataflow.allowed_lateness + config.dataflow.out_of_orderness;
+        let (feed, bus) =
+            redis::subscribe(&config.redis, Arc::clone(&metrics), bus::BATCHES_IN_FLIGHT)
+                .context("configuring the Redis subscriber")?;
+        let lateness = config.dataflow.revision_horizon();
         let hub = Hub::start(
             metrics,
             lateness,

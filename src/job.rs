@@ -1,40 +1,284 @@
-//! One timely worker of tally, as `tally run` and `tally worker` both run it.
+//! The job, as `tally run` and `tally worker` both start it.
+//!
+//! Starting the job is one sequence in both modes: open the checkpoint
+//! store under the fingerprint of the configured metrics, take its newest
+//! committed checkpoint, check it against the log, delete the previous
+//! run's unfinished checkpoints, start the thread that commits new ones,
+//! and start the timely workers, each with its share of the partitions, the
+//! restored state and its sinks. Stopping is one sequence too: stop the
+//! workers, join them, then join the committer.
+//!
+//! [`Job::prepare`] does everything up to the workers, so that a worker
+//! process can serve its counters while timely connects the processes;
+//! [`Starting::run`] starts the workers.
+//!
+//! What differs between the modes is a [`Mode`]: how timely connects the
+//! workers, which log a worker reads, where its live values and dead
+//! letters go, and how a restored checkpoint is checked against the log.
+//! What a mode owns besides (the store writer, the log, the archive, the
+//! Redis publisher) it closes itself after [`Job::stop`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_connectors::checkpoint::{Checkpoint, PartSink};
+use anyhow::Context;
+use tally_connectors::checkpoint::{
+    Checkpoint, CheckpointStats, CheckpointStore, Committer, Members, PartSink,
+};
+use tally_connectors::store::{DeadLetterSink, StoreWriter, WindowSink};
 use tally_dataflow::checkpoint::{Restore, Schedule};
+use tally_dataflow::config::Config;
+use tally_dataflow::coordination::Coordination;
+use tally_dataflow::fingerprint;
 use tally_dataflow::job::{self, JobSettings, Sinks};
-use tally_dataflow::operators::deliver::{Backpressure, Sink};
-use tally_dataflow::operators::source::{BatchSource, DeadLetter};
-use tally_dataflow::operators::windows::WindowUpdate;
+use tally_dataflow::model::{DeadLetter, WindowUpdate};
+use tally_dataflow::ports::{BatchSource, Sink};
+use tally_dataflow::routing::worker_partitions;
 use tally_dataflow::stats::JobStats;
 use timely::worker::Worker;
+use timely::WorkerConfig;
 use tracing::info;
 
+/// What `tally run` and `tally worker` do differently.
+pub trait Mode: Send + Sync + 'static {
+    /// What a worker reads its partitions through.
+    type Source: BatchSource;
+    /// Where a worker's live values go.
+    type Live: Sink<Arc<WindowUpdate>>;
+    /// Where a worker's dead letters go.
+    type DeadLetters: Sink<DeadLetter>;
+
+    /// How timely connects this process's workers to the others.
+    fn communication(&self) -> timely::CommunicationConfig;
+
+    /// Makes a restored checkpoint fit the log it resumes on, or refuses
+    /// to start with one that does not.
+    fn check_restore(&self, checkpoint: &mut Checkpoint) -> anyhow::Result<()>;
+
+    /// The source of `partitions`, each resuming at its offset in `starts`
+    /// (a partition without one starts at the log's beginning).
+    fn source(&self, partitions: Vec<u32>, starts: &[(u32, u64)]) -> Self::Source;
+
+    /// A worker's live sink.
+    fn live(&self) -> Self::Live;
+
+    /// A worker's dead-letter sink, around the store's.
+    fn dead_letters(&self, store: DeadLetterSink) -> Self::DeadLetters;
+}
+
+/// A job whose checkpoint is restored and whose committer runs, about to
+/// start its workers.
+pub struct Starting {
+    shared: Shared,
+    committer: Committer,
+    parts: Vec<PartSink>,
+    members: Members,
+    store_sinks: Vec<WindowSink>,
+    dead_sinks: Vec<DeadLetterSink>,
+}
+
+/// A running job: the timely workers of this process and the checkpoint
+/// committer.
+pub struct Job {
+    stats: Arc<JobStats>,
+    committer: Committer,
+    workers: timely::communication::WorkerGuards<()>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Job {
+    /// Prepares this process's share of the job, `members` saying which
+    /// share that is, over a log of `partitions` partitions, writing results
+    /// through `writer`: restores the newest checkpoint, checked by `mode`,
+    /// and starts the committer. [`Starting::run`] then starts the workers;
+    /// in between, the job's counters can already be served.
+    pub fn prepare(
+        config: &Config,
+        members: Members,
+        partitions: u32,
+        writer: &StoreWriter,
+        mode: &impl Mode,
+    ) -> anyhow::Result<Starting> {
+        let checkpoints = CheckpointStore::open(
+            config.checkpoint.url.as_deref(),
+            &config.storage.data_dir.join("checkpoints"),
+            fingerprint::job(&config.metrics),
+        )
+        .context("opening the checkpoint store")?;
+        let mut restored = checkpoints
+            .latest()
+            .context("reading the last checkpoint")?;
+        if let Some(checkpoint) = restored.as_mut() {
+            mode.check_restore(checkpoint)?;
+        }
+        let boundary = restored.as_ref().map_or(0, |c| c.boundary);
+        if members.process == 0 {
+            // A checkpoint the previous run began and never committed would
+            // otherwise be taken for this run's. Process 0 deletes them
+            // before it joins the computation, and the other processes
+            // cannot write before it has joined.
+            let discarded = checkpoints
+                .discard_unfinished(boundary)
+                .context("deleting unfinished checkpoints")?;
+            if discarded > 0 {
+                info!(
+                    discarded,
+                    "deleted the previous run's unfinished checkpoints"
+                );
+            }
+        }
+        match &restored {
+            Some(c) => info!(
+                boundary,
+                workers = c.workers,
+                groups = c.groups.len(),
+                "restoring the last checkpoint"
+            ),
+            None => info!("no checkpoint to restore; reading the log from the start"),
+        }
+        // Processes decide boundaries independently; without a wall-clock
+        // gap they decide alike whenever the watermark steps through each
+        // boundary. A single process may rate-limit them.
+        let interval = config.checkpoint.interval;
+        let gap = if members.processes == 1 {
+            interval / 2
+        } else {
+            Duration::ZERO
+        };
+        let schedule = Arc::new(Schedule::new(interval, gap, boundary));
+        let durable = writer.durable();
+        let (committer, parts) = Committer::start(
+            checkpoints,
+            members,
+            config.checkpoint.keep,
+            Arc::clone(&schedule),
+            move || durable.through(),
+        )
+        .context("starting the checkpoint thread")?;
+        let shared = Shared {
+            partitions,
+            restored,
+            settings: JobSettings {
+                processes: members.processes,
+                ..JobSettings::from_config(config)
+            },
+            stats: Arc::new(JobStats::new(members.processes * members.threads)),
+            coordination: Coordination::default(),
+            schedule,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        Ok(Starting {
+            shared,
+            committer,
+            parts,
+            members,
+            // One store sink of each kind per worker: checkpoints wait for
+            // all of them.
+            store_sinks: (0..members.threads).map(|_| writer.window_sink()).collect(),
+            dead_sinks: (0..members.threads)
+                .map(|_| writer.dead_letter_sink())
+                .collect(),
+        })
+    }
+
+    /// The job's counters, for `/metrics`.
+    pub fn stats(&self) -> &Arc<JobStats> {
+        &self.stats
+    }
+
+    /// The committer's counters, for `/metrics`.
+    pub fn checkpoint_stats(&self) -> &Arc<CheckpointStats> {
+        &self.committer.stats
+    }
+
+    /// Stops the workers and waits for them, then for the committer. What
+    /// the workers held is recomputed from the log on the next start.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for result in self.workers.join() {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "a worker panicked");
+            }
+        }
+        self.committer.join();
+    }
+}
+
+impl Starting {
+    /// The job's counters, for `/metrics`.
+    pub fn stats(&self) -> &Arc<JobStats> {
+        &self.shared.stats
+    }
+
+    /// The committer's counters, for `/metrics`.
+    pub fn checkpoint_stats(&self) -> &Arc<CheckpointStats> {
+        &self.committer.stats
+    }
+
+    /// Starts the timely workers of this process, which read, write and
+    /// connect as `mode` says. In a cluster, this waits for timely to
+    /// connect every process.
+    pub fn run<M: Mode>(self, mode: M) -> anyhow::Result<Job> {
+        let Starting {
+            shared,
+            committer,
+            parts,
+            members,
+            store_sinks,
+            dead_sinks,
+        } = self;
+        let (stats, stop) = (Arc::clone(&shared.stats), Arc::clone(&shared.stop));
+        let timely_config = timely::Config {
+            communication: mode.communication(),
+            worker: WorkerConfig::default(),
+        };
+        let first = members.process * members.threads;
+        let workers = timely::execute(timely_config, move |worker| {
+            let local = worker.index() - first;
+            let sinks = Sinks {
+                store: store_sinks[local].clone(),
+                live: mode.live(),
+                dead_letters: mode.dead_letters(dead_sinks[local].clone()),
+            };
+            shared.run(
+                worker,
+                |mine, starts| mode.source(mine, starts),
+                sinks,
+                parts[local].clone(),
+            );
+        })
+        .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?;
+        Ok(Job {
+            stats,
+            committer,
+            workers,
+            stop,
+        })
+    }
+}
+
 /// What every worker of a process shares.
-pub struct Shared {
+struct Shared {
     /// Partitions of the event log.
-    pub partitions: u32,
+    partitions: u32,
     /// The checkpoint the job resumes from.
-    pub restored: Option<Checkpoint>,
-    pub settings: JobSettings,
-    pub stats: Arc<JobStats>,
-    pub backpressure: Backpressure,
+    restored: Option<Checkpoint>,
+    settings: JobSettings,
+    stats: Arc<JobStats>,
+    coordination: Coordination,
     /// The checkpoint boundaries the process takes.
-    pub schedule: Arc<Schedule>,
+    schedule: Arc<Schedule>,
     /// Set to stop the workers.
-    pub stop: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Shared {
-    /// Runs the job on `worker` until `stop`: it reads the partitions `p`
-    /// with `p % peers == index`, through the source `source` makes of them
-    /// and of the offsets they resume from, restores its share of the
+    /// Runs the job on `worker` until `stop`: it reads its partitions
+    /// (see [`worker_partitions`]) through the source `source` makes of
+    /// them and of the offsets they resume from, restores its share of the
     /// checkpoint, and writes to `sinks` and its checkpoint parts to `parts`.
-    pub fn run<S, St, Li, De>(
+    fn run<S, St, Li, De>(
         &self,
         worker: &mut Worker,
         source: impl FnOnce(Vec<u32>, &[(u32, u64)]) -> S,
@@ -47,9 +291,7 @@ impl Shared {
         De: Sink<DeadLetter>,
     {
         let (index, workers) = (worker.index(), worker.peers());
-        let mine: Vec<u32> = (0..self.partitions)
-            .filter(|p| *p as usize % workers == index)
-            .collect();
+        let mine = worker_partitions(self.partitions, index, workers);
         let restore = self.restored.as_ref().map_or_else(Restore::default, |c| {
             Restore::share(c.boundary, &c.cuts, &c.groups, &mine, index, workers)
         });
@@ -67,10 +309,10 @@ impl Shared {
                 &self.settings,
                 Arc::clone(&self.stats),
                 sinks,
-                &self.backpressure,
+                &self.coordination,
                 restore,
                 Some(target),
-            )
+            );
         });
         info!(worker = index, partitions = ?mine, "worker started");
         while !self.stop.load(Ordering::Relaxed) {

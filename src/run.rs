@@ -1,31 +1,26 @@
 //! `tally run`: the embedded pipeline in one process.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tally_connectors::bus::inprocess;
-use tally_connectors::checkpoint::{CheckpointStore, Committer, Members};
+use tally_connectors::bus;
+use tally_connectors::bus::inprocess::{self, LivePublisher};
+use tally_connectors::checkpoint::{Checkpoint, Members};
 use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig, LogSource};
 use tally_connectors::store::sqlite::SqliteStore;
-use tally_dataflow::checkpoint::{PartitionCut, Schedule};
+use tally_connectors::store::DeadLetterSink;
+use tally_dataflow::checkpoint::PartitionCut;
 use tally_dataflow::config::{Config, Fsync};
-use tally_dataflow::job::{JobSettings, Sinks};
-use tally_dataflow::operators::deliver::Backpressure;
-use tally_dataflow::stats::JobStats;
 use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
 use tally_gateway::live::Hub;
 use tally_gateway::ops::{JobMetrics, Ops};
 use tally_gateway::Gateway;
 use tracing::info;
 
-use crate::job::Shared;
+use crate::job::{Job, Mode};
 use crate::{job_observer, load_config, shutdown_signal, toml_string, RunArgs};
-
-/// Batches of live updates in flight between the workers and the fan-out.
-const LIVE_BUS_BATCHES: usize = 1024;
 
 /// Runs until SIGTERM or Ctrl-C.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -47,78 +42,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (store, writer) = SqliteStore::open(&data_dir.join("results.db"), config.metrics.clone())
         .context("opening the result store")?;
     let workers = config.workers();
-    let stats = Arc::new(JobStats::new(workers));
-    let (live, bus) = inprocess::channel(LIVE_BUS_BATCHES);
-
-    // The last committed checkpoint, if any, and the thread that commits
-    // the next ones.
-    let checkpoints = CheckpointStore::open(
-        config.checkpoint.url.as_deref(),
-        &data_dir.join("checkpoints"),
-        format!("{:?}", config.metrics),
-    )
-    .context("opening the checkpoint store")?;
-    let mut restored = checkpoints
-        .latest()
-        .context("reading the last checkpoint")?;
-    if let Some(checkpoint) = restored.as_mut() {
-        clamp_to_log(&mut checkpoint.cuts, &log.next_offsets());
-    }
-    let boundary = restored.as_ref().map_or(0, |c| c.boundary);
-    match &restored {
-        Some(c) => info!(
-            boundary,
-            workers = c.workers,
-            groups = c.groups.len(),
-            "restoring the last checkpoint"
-        ),
-        None => info!("no checkpoint to restore; reading the log from the start"),
-    }
-    let interval = config.checkpoint.interval;
-    let schedule = Arc::new(Schedule::new(interval, interval / 2, boundary));
-    let durable = writer.durable();
-    let (committer, part_sinks) = Committer::start(
-        checkpoints,
-        Members::single(workers),
-        config.checkpoint.keep,
-        Arc::clone(&schedule),
-        move || durable.through(),
-    )
-    .context("starting the checkpoint thread")?;
-
-    // The timely workers, one thread each, reading their share of partitions.
-    let stop = Arc::new(AtomicBool::new(false));
-    let settings = JobSettings::from_config(&config);
-    let guards = {
-        let (log, live) = (log.clone(), live.clone());
-        // One store sink of each kind per worker: checkpoints wait for all of them.
-        let store_sinks: Vec<_> = (0..workers).map(|_| writer.window_sink()).collect();
-        let dead_sinks: Vec<_> = (0..workers).map(|_| writer.dead_letter_sink()).collect();
-        let shared = Shared {
-            partitions: log.partitions(),
-            restored,
-            settings,
-            stats: Arc::clone(&stats),
-            backpressure: Backpressure::default(),
-            schedule,
-            stop: Arc::clone(&stop),
-        };
-        timely::execute(timely::Config::process(workers), move |worker| {
-            let index = worker.index();
-            let sinks = Sinks {
-                store: store_sinks[index].clone(),
-                live: live.clone(),
-                dead_letters: dead_sinks[index].clone(),
-            };
-            shared.run(
-                worker,
-                |mine, starts| LogSource::new(log.clone(), mine, starts),
-                sinks,
-                part_sinks[index].clone(),
-            );
-        })
-        .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
+    let (live, bus) = inprocess::channel(bus::BATCHES_IN_FLIGHT);
+    let mode = Embedded {
+        log: log.clone(),
+        live: live.clone(),
+        workers,
     };
+    let job = Job::prepare(
+        &config,
+        Members::single(workers),
+        log.partitions(),
+        &writer,
+        &mode,
+    )?
+    .run(mode)?;
+    let stats = Arc::clone(job.stats());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -129,7 +67,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let (events, live) = (Arc::clone(&events), live.clone());
         job_observer(
             Arc::clone(&stats),
-            Arc::clone(&committer.stats),
+            Arc::clone(job.checkpoint_stats()),
             Box::new(move || events.log_bytes()),
             Box::new(move || live.dropped()),
         )
@@ -141,7 +79,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
         let address = listener.local_addr()?;
-        let lateness = config.dataflow.allowed_lateness + config.dataflow.out_of_orderness;
+        let lateness = config.dataflow.revision_horizon();
         let hub = Hub::start(
             Arc::new(config.metrics.clone()),
             lateness,
@@ -174,18 +112,47 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     })?;
     drop(runtime);
 
-    stop.store(true, Ordering::Relaxed);
-    for result in guards.join() {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "a worker panicked");
-        }
-    }
+    job.stop();
     drop(events);
-    committer.join();
     writer.close();
     log.close().context("closing the event log")?;
     info!("stopped cleanly");
     Ok(())
+}
+
+/// `tally run`: the workers are threads of this process, reading the
+/// embedded log and publishing to the in-process bus.
+struct Embedded {
+    log: EventLog,
+    live: LivePublisher,
+    workers: usize,
+}
+
+impl Mode for Embedded {
+    type Source = LogSource;
+    type Live = LivePublisher;
+    type DeadLetters = DeadLetterSink;
+
+    fn communication(&self) -> timely::CommunicationConfig {
+        timely::CommunicationConfig::Process(self.workers)
+    }
+
+    fn check_restore(&self, checkpoint: &mut Checkpoint) -> anyhow::Result<()> {
+        clamp_to_log(&mut checkpoint.cuts, &self.log.next_offsets());
+        Ok(())
+    }
+
+    fn source(&self, partitions: Vec<u32>, starts: &[(u32, u64)]) -> LogSource {
+        LogSource::new(self.log.clone(), partitions, starts)
+    }
+
+    fn live(&self) -> LivePublisher {
+        self.live.clone()
+    }
+
+    fn dead_letters(&self, store: DeadLetterSink) -> DeadLetterSink {
+        store
+    }
 }
 
 /// A log written with `fsync` other than `always` can lose its tail in a

@@ -4,7 +4,7 @@
 //! connects them to each other at `cluster.addresses`, and its exchange
 //! routes each (metric, group) to one worker across all of them. Worker `w`
 //! of `W` (process `w / threads`) reads the partitions `p` of the events
-//! topic with `p % W == w`. Each process writes its workers' results to
+//! topic with `p % W == w` (see `tally_dataflow::routing`). Each process writes its workers' results to
 //! ClickHouse, publishes live values to Redis, archives its partitions' raw
 //! events, and writes its share of every checkpoint.
 //!
@@ -12,25 +12,23 @@
 //! logs; once running, a ClickHouse outage stalls the dataflow (Kafka keeps
 //! the backlog) and a Redis outage drops live updates only.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tally_connectors::archive::Archive;
 use tally_connectors::bus::redis::RedisPublisher;
-use tally_connectors::checkpoint::{CheckpointStore, Committer, Members};
+use tally_connectors::checkpoint::{Checkpoint, Members};
 use tally_connectors::kafka::dead_letters::DeadLetterTopic;
 use tally_connectors::kafka::{self, source::KafkaSource};
 use tally_connectors::store::clickhouse::ClickHouseStore;
-use tally_dataflow::checkpoint::Schedule;
-use tally_dataflow::job::{JobSettings, Sinks};
-use tally_dataflow::operators::deliver::Backpressure;
-use tally_dataflow::stats::JobStats;
+use tally_connectors::store::DeadLetterSink;
+use tally_dataflow::config::Config;
+use tally_dataflow::routing::process_partitions;
 use tally_gateway::ops::JobMetrics;
 use tracing::info;
 
-use crate::job::Shared;
+use crate::job::{Job, Mode};
 use crate::{job_observer, load_config, shutdown_signal, WorkerArgs};
 
 /// How long a stopping worker may take to flush what it holds.
@@ -80,79 +78,28 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let writer = store
         .writer(config.metrics.clone())
         .context("starting the ClickHouse writer")?;
-    let lateness = config.dataflow.allowed_lateness + config.dataflow.out_of_orderness;
+    let lateness = config.dataflow.revision_horizon();
     let (live, publisher) = RedisPublisher::start(&config.redis, &config.metrics, lateness)
         .context("configuring the Redis publisher")?;
-    let owned: Vec<u32> = (0..partitions)
-        .filter(|p| *p as usize % workers / threads == process)
-        .collect();
+    let owned = process_partitions(partitions, process, threads, workers);
     let archive = Archive::start(&config.kafka, store.clone(), owned.clone(), process == 0)
         .context("starting the raw-event archive")?;
-
-    // Checkpoints live in a store every process shares.
-    let checkpoints = CheckpointStore::open(
-        config.checkpoint.url.as_deref(),
-        &config.storage.data_dir.join("checkpoints"),
-        format!("{:?}", config.metrics),
-    )
-    .context("opening the checkpoint store")?;
-    let restored = checkpoints
-        .latest()
-        .context("reading the last checkpoint")?;
-    let boundary = restored.as_ref().map_or(0, |c| c.boundary);
-    if let Some(checkpoint) = &restored {
-        let cuts: Vec<(u32, u64)> = checkpoint
-            .cuts
-            .iter()
-            .map(|c| (c.partition, c.next_offset))
-            .collect();
-        let kafka = config.kafka.clone();
-        runtime
-            .block_on(async move {
-                tokio::task::spawn_blocking(move || kafka::check_offsets(&kafka, &cuts)).await
-            })?
-            .map_err(anyhow::Error::msg)?;
-    }
-    if process == 0 {
-        // The peers cannot write before process 0 joins the computation.
-        let discarded = checkpoints
-            .discard_unfinished(boundary)
-            .context("deleting unfinished checkpoints")?;
-        if discarded > 0 {
-            info!(
-                discarded,
-                "deleted the previous run's unfinished checkpoints"
-            );
-        }
-    }
-    match &restored {
-        Some(c) => info!(
-            boundary,
-            workers = c.workers,
-            "restoring the last checkpoint"
-        ),
-        None => info!("no checkpoint to restore; reading the topic from the start"),
-    }
-    // Processes decide boundaries independently; without a wall-clock gap
-    // they decide alike whenever the watermark steps through each boundary.
-    let interval = config.checkpoint.interval;
-    let gap = if cluster.processes == 1 {
-        interval / 2
-    } else {
-        Duration::ZERO
+    info!(
+        process,
+        processes = cluster.processes,
+        threads,
+        partitions = ?owned,
+        "connecting to the other processes"
+    );
+    let mode = Cluster {
+        config: Arc::clone(&config),
+        process,
+        threads,
+        live: live.clone(),
+        runtime: runtime.handle().clone(),
     };
-    let schedule = Arc::new(Schedule::new(interval, gap, boundary));
-    let durable = writer.durable();
-    let (committer, part_sinks) = Committer::start(
-        checkpoints,
-        members,
-        config.checkpoint.keep,
-        Arc::clone(&schedule),
-        move || durable.through(),
-    )
-    .context("starting the checkpoint thread")?;
-
-    let stats = Arc::new(JobStats::new(workers));
+    let starting = Job::prepare(&config, members, partitions, &writer, &mode)?;
+    let stats = Arc::clone(starting.stats());
     let metrics_server = match args.metrics_listen {
         Some(address) => {
             let listener = runtime
@@ -163,7 +110,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             let live = live.clone();
             let observe = job_observer(
                 Arc::clone(&stats),
-                Arc::clone(&committer.stats),
+                Arc::clone(starting.checkpoint_stats()),
                 // The brokers hold the log; their own metrics give its size.
                 Box::new(|| 0),
                 Box::new(move || live.dropped()),
@@ -180,61 +127,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let settings = JobSettings {
-        processes: cluster.processes,
-        ..JobSettings::from_config(&config)
-    };
-    let store_sinks: Vec<_> = (0..threads).map(|_| writer.window_sink()).collect();
-    let dead_sinks: Vec<_> = (0..threads).map(|_| writer.dead_letter_sink()).collect();
-    let timely_config = timely::Config {
-        communication: timely::CommunicationConfig::Cluster {
-            threads,
-            process,
-            addresses: cluster.addresses.clone(),
-            report: false,
-            zerocopy: false,
-        },
-        worker: timely::WorkerConfig::default(),
-    };
-    info!(
-        process,
-        processes = cluster.processes,
-        threads,
-        partitions = ?owned,
-        "connecting to the other processes"
-    );
-    let guards = {
-        let (kafka, live) = (config.kafka.clone(), live.clone());
-        let shared = Shared {
-            partitions,
-            restored,
-            settings,
-            stats: Arc::clone(&stats),
-            backpressure: Backpressure::default(),
-            schedule,
-            stop: Arc::clone(&stop),
-        };
-        timely::execute(timely_config, move |worker| {
-            let local = worker.index() - process * threads;
-            let sinks = Sinks {
-                store: store_sinks[local].clone(),
-                live: live.clone(),
-                dead_letters: DeadLetterTopic::new(&kafka, dead_sinks[local].clone())
-                    .expect("the Kafka configuration was accepted at start-up"),
-            };
-            shared.run(
-                worker,
-                |mine, starts| {
-                    KafkaSource::new(&kafka, mine, starts)
-                        .expect("the Kafka configuration was accepted at start-up")
-                },
-                sinks,
-                part_sinks[local].clone(),
-            );
-        })
-        .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
-    };
+    let job = starting.run(mode)?;
     drop(live);
     info!(process, "tally worker is running");
     runtime.block_on(shutdown_signal());
@@ -249,13 +142,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         let _ = quit.send(());
         let _ = runtime.block_on(server);
     }
-    stop.store(true, Ordering::Relaxed);
-    for result in guards.join() {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "a worker panicked");
-        }
-    }
-    committer.join();
+    job.stop();
     writer.close();
     archive.stop();
     if publisher.join().is_err() {
@@ -263,4 +150,61 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     }
     info!("stopped cleanly");
     Ok(())
+}
+
+/// `tally worker`: one process of a timely cluster, reading the events
+/// topic and publishing to Redis.
+struct Cluster {
+    config: Arc<Config>,
+    process: usize,
+    threads: usize,
+    live: RedisPublisher,
+    /// Where the restored offsets are checked against the brokers.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Mode for Cluster {
+    type Source = KafkaSource;
+    type Live = RedisPublisher;
+    type DeadLetters = DeadLetterTopic<DeadLetterSink>;
+
+    fn communication(&self) -> timely::CommunicationConfig {
+        timely::CommunicationConfig::Cluster {
+            threads: self.threads,
+            process: self.process,
+            addresses: self.config.cluster.addresses.clone(),
+            report: false,
+            zerocopy: false,
+        }
+    }
+
+    fn check_restore(&self, checkpoint: &mut Checkpoint) -> anyhow::Result<()> {
+        // The topic must still hold every offset the checkpoint resumes
+        // from: one that retention deleted would lose events silently.
+        let cuts: Vec<(u32, u64)> = checkpoint
+            .cuts
+            .iter()
+            .map(|c| (c.partition, c.next_offset))
+            .collect();
+        let kafka = self.config.kafka.clone();
+        self.runtime
+            .block_on(async move {
+                tokio::task::spawn_blocking(move || kafka::check_offsets(&kafka, &cuts)).await
+            })?
+            .map_err(anyhow::Error::msg)
+    }
+
+    fn source(&self, partitions: Vec<u32>, starts: &[(u32, u64)]) -> KafkaSource {
+        KafkaSource::new(&self.config.kafka, partitions, starts)
+            .expect("the Kafka configuration was accepted at start-up")
+    }
+
+    fn live(&self) -> RedisPublisher {
+        self.live.clone()
+    }
+
+    fn dead_letters(&self, store: DeadLetterSink) -> DeadLetterTopic<DeadLetterSink> {
+        DeadLetterTopic::new(&self.config.kafka, store)
+            .expect("the Kafka configuration was accepted at start-up")
+    }
 }

@@ -33,9 +33,8 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
-use tally_dataflow::checkpoint::{
-    CheckpointSink, GroupSnapshot, PartitionCut, Schedule, WorkerPart,
-};
+use tally_dataflow::checkpoint::{GroupSnapshot, PartitionCut, Schedule, WorkerPart};
+use tally_dataflow::ports::CheckpointSink;
 use tracing::warn;
 
 const MANIFEST: &str = "manifest.json";

@@ -17,7 +17,7 @@
 //! an interval ago in processing time.
 //!
 //! Writing parts and committing them is I/O, and belongs to the caller's
-//! [`CheckpointSink`]. A checkpoint is complete when every worker has written
+//! [`CheckpointSink`](crate::ports::CheckpointSink). A checkpoint is complete when every worker has written
 //! its part and the sinks hold every result emitted before the boundary.
 
 use std::collections::{BTreeSet, VecDeque};
@@ -28,8 +28,9 @@ use rustc_hash::FxHashMap as HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::AggState;
-use crate::event::Millis;
-use crate::operators::source::Group;
+use crate::model::Group;
+use crate::routing::owner;
+use crate::time::Millis;
 
 /// Where one partition stands at a cut.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,17 +113,6 @@ impl Restore {
                 .collect(),
         }
     }
-}
-
-/// The worker that owns routing hash `hash`, as timely's exchange decides it.
-pub fn owner(hash: u64, workers: usize) -> usize {
-    (hash % workers as u64) as usize
-}
-
-/// Where a worker's checkpoint parts go.
-pub trait CheckpointSink: 'static {
-    /// Hands over a part. It must not block the worker.
-    fn submit(&mut self, part: WorkerPart);
 }
 
 /// Which boundaries become checkpoints; shared by the workers of a process.

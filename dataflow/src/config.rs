@@ -20,8 +20,8 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use crate::aggregate::{AggregateKind, Field};
-use crate::event::Millis;
-use crate::window::{pane_width, parse_duration, parse_millis, WindowSpec};
+use crate::time::{parse_duration, parse_millis, Millis};
+use crate::window::{pane_width, WindowSpec};
 
 /// The whole configuration of a tally deployment.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,6 +108,16 @@ pub struct DataflowConfig {
     /// How long a window's state is kept after it closes, for late events.
     /// Default `30s`.
     pub allowed_lateness: Millis,
+}
+
+impl DataflowConfig {
+    /// How long after a window's end it may still be revised, as live views
+    /// keep it: the watermark passes the end `out_of_orderness` after event
+    /// time does, and the closed window takes late events for
+    /// `allowed_lateness` more.
+    pub fn revision_horizon(&self) -> Millis {
+        self.allowed_lateness + self.out_of_orderness
+    }
 }
 
 /// `[live]`.

@@ -11,14 +11,17 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use timely::dataflow::operators::core::{Filter, OkErr};
-use timely::dataflow::Scope;
+use timely::dataflow::{Scope, Stream};
 
-use crate::checkpoint::{CheckpointSink, Progress, Restore, Schedule};
+use crate::checkpoint::{Progress, Restore, Schedule};
 use crate::config::{Config, MetricSpec};
-use crate::operators::deliver::{Backpressure, Deliver, Sink};
+use crate::coordination::Coordination;
+use crate::model::{Contribution, DeadLetter, WindowUpdate};
+use crate::operators::deliver::Deliver;
 use crate::operators::gossip;
-use crate::operators::source::{log_source, BatchSource, Contribution, DeadLetter, SourceSettings};
-use crate::operators::windows::{Checkpointing, WindowSettings, WindowUpdate, Windows};
+use crate::operators::source::{log_source, SourceSettings};
+use crate::operators::windows::{Checkpointing, WindowSettings, Windows};
+use crate::ports::{BatchSource, CheckpointSink, Sink};
 use crate::stats::JobStats;
 
 /// Everything the job needs to know, taken from the configuration.
@@ -67,8 +70,17 @@ pub struct Sinks<St, Li, De> {
 /// Where a worker's checkpoint parts go, and which boundaries to take.
 pub type CheckpointTarget = (Arc<Schedule>, Box<dyn CheckpointSink>);
 
+/// The streams the job hands to its sinks, for a caller that also wants to
+/// observe them (the tests capture them).
+pub struct Outputs<'scope> {
+    /// Every window update: partials, finals and revisions.
+    pub updates: Stream<'scope, u64, Vec<Arc<WindowUpdate>>>,
+    /// Events too late to count.
+    pub dead_letters: Stream<'scope, u64, Vec<DeadLetter>>,
+}
+
 /// Builds the job in `scope`, reading from `input` and writing to `sinks`.
-/// `backpressure` is shared by all the workers of the process.
+/// `coordination` is shared by all the workers of the process.
 ///
 /// The job resumes from `restore`, with `input` positioned at its offsets,
 /// and takes checkpoints into `checkpoints` if given.
@@ -79,10 +91,11 @@ pub fn build<'scope, S, St, Li, De>(
     settings: &JobSettings,
     stats: Arc<JobStats>,
     sinks: Sinks<St, Li, De>,
-    backpressure: &Backpressure,
+    coordination: &Coordination,
     restore: Restore,
     checkpoints: Option<CheckpointTarget>,
-) where
+) -> Outputs<'scope>
+where
     S: BatchSource,
     St: Sink<Arc<WindowUpdate>>,
     Li: Sink<Arc<WindowUpdate>>,
@@ -92,7 +105,7 @@ pub fn build<'scope, S, St, Li, De>(
     let progress = Rc::new(RefCell::new(Progress::new(&restore.cuts)));
     let partitions = input.partitions();
     if settings.processes > 1 {
-        gossip::share(scope, Arc::clone(&stats), backpressure.clone());
+        gossip::share(scope, coordination.clone());
     }
     let records = log_source(
         scope,
@@ -100,7 +113,7 @@ pub fn build<'scope, S, St, Li, De>(
         Rc::clone(&metrics),
         settings.source.clone(),
         Arc::clone(&stats),
-        backpressure.clone(),
+        coordination.clone(),
         &restore,
         Rc::clone(&progress),
     );
@@ -113,15 +126,20 @@ pub fn build<'scope, S, St, Li, De>(
         target: checkpoints,
     };
     let updates = contributions.windows(metrics, settings.windows.clone(), stats, checkpointing);
+    let backpressure = &coordination.backpressure;
     updates
         .clone()
         .deliver("LiveSink", sinks.live, backpressure);
-    updates.filter(|u: &Arc<WindowUpdate>| u.is_final).deliver(
-        "StoreSink",
-        sinks.store,
-        backpressure,
-    );
-    dead.deliver("DeadLetterSink", sinks.dead_letters, backpressure);
+    updates
+        .clone()
+        .filter(|u: &Arc<WindowUpdate>| u.is_final)
+        .deliver("StoreSink", sinks.store, backpressure);
+    dead.clone()
+        .deliver("DeadLetterSink", sinks.dead_letters, backpressure);
+    Outputs {
+        updates,
+        dead_letters: dead,
+    }
 }
 
 #[cfg(test)]
@@ -140,7 +158,7 @@ mod tests {
     use super::*;
     use crate::aggregate::AggregateKind;
     use crate::checkpoint::WorkerPart;
-    use crate::operators::source::{log_source, Poll, SourceBatch, Waker};
+    use crate::ports::{Poll, SourceBatch, Waker};
     use crate::window::WindowSpec;
 
     /// A bounded source: one batch per poll, then the end.
@@ -238,43 +256,46 @@ mod tests {
         }
     }
 
+    /// A sink that takes everything: the tests read the job's outputs.
+    struct Discard;
+
+    impl<T: 'static> Sink<T> for Discard {
+        fn offer(&mut self, items: &mut Vec<T>) {
+            items.clear();
+        }
+    }
+
     /// Runs the job from `restore` over `input`, taking a checkpoint at
     /// every 10 s boundary into `parts`.
     fn run_from(input: VecDeque<SourceBatch>, restore: Restore, parts: Parts) -> (Timed, Vec<u64>) {
         let settings = settings();
         let (updates, dead) = timely::example(move |scope| {
-            let metrics = Rc::new(settings.metrics.clone());
-            let stats = Arc::new(JobStats::new(1));
             let source = VecSource {
                 batches: input,
                 waker: None,
             };
-            let progress = Rc::new(RefCell::new(Progress::new(&restore.cuts)));
-            let records = log_source(
-                scope,
-                source,
-                Rc::clone(&metrics),
-                settings.source.clone(),
-                Arc::clone(&stats),
-                Backpressure::default(),
-                &restore,
-                Rc::clone(&progress),
-            );
             let schedule = Arc::new(Schedule::new(
                 Duration::from_secs(10),
                 Duration::ZERO,
                 restore.boundary,
             ));
-            let checkpointing = Checkpointing {
-                progress,
-                partitions: vec![0],
-                resume: (restore.boundary, restore.groups),
-                target: Some((schedule, Box::new(parts))),
+            let sinks = Sinks {
+                store: Discard,
+                live: Discard,
+                dead_letters: Discard,
             };
-            let (contributions, dead) =
-                records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
-            let finals = contributions
-                .windows(metrics, settings.windows.clone(), stats, checkpointing)
+            let outputs = build(
+                scope,
+                source,
+                &settings,
+                Arc::new(JobStats::new(1)),
+                sinks,
+                &Coordination::default(),
+                restore,
+                Some((schedule, Box::new(parts))),
+            );
+            let finals = outputs
+                .updates
                 .filter(|u: &Arc<WindowUpdate>| u.is_final)
                 .map(|u| {
                     (
@@ -286,7 +307,7 @@ mod tests {
                     )
                 })
                 .capture();
-            (finals, dead.map(|d| d.offset).capture())
+            (finals, outputs.dead_letters.map(|d| d.offset).capture())
         });
         let timed = updates
             .extract()

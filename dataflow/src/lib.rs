@@ -8,33 +8,53 @@
 //! ([`aggregate`]: count, sum, avg, or uniq by HyperLogLog) per group of
 //! dimension values, over tumbling and sliding **windows** ([`window`]) in
 //! event time. Windows are built from panes, so an event costs one state
-//! update whatever windows its metric declares.
+//! update whatever windows its metric declares. Each metric's results belong
+//! to the **fingerprint** of its definition ([`fingerprint`]).
 //!
 //! The **job** ([`job`]) is the dataflow: a source per worker over its log
 //! partitions, which stamps batches with their partition's watermark and
-//! pre-aggregates them; an exchange by (metric, group); the window operator,
-//! which emits partial values while a window is open, a final value when the
-//! watermark passes its end, and revisions for late events; and sinks, which
-//! hand results to the store, the live bus and the dead letters without ever
-//! blocking a worker.
+//! pre-aggregates them; an exchange by (metric, group) ([`routing`]); the
+//! window operator around the window state ([`state`]), which emits partial
+//! values while a window is open, a final value when the watermark passes
+//! its end, and revisions for late events; and sinks, which hand results to
+//! the store, the live bus and the dead letters without ever blocking a
+//! worker. What it reads and writes crosses [`ports`]; what its operators
+//! hand each other is [`model`].
 //!
 //! # Layout
 //!
-//! - [`event`]: the event model and its parser.
-//! - [`config`]: layered configuration and its validation.
+//! Modules depend only on those above them in this list.
+//!
+//! - [`time`]: event time, RFC 3339 and durations.
+//! - [`event`]: the event model, its parser, and request-body framing.
 //! - [`window`]: window specs and pane arithmetic.
 //! - [`aggregate`]: aggregate state and merging.
-//! - [`operators`]: the source, window and sink operators.
+//! - [`config`]: layered configuration and its validation.
+//! - [`fingerprint`]: the stable identity of a metric's definition.
+//! - [`model`]: the records operators exchange and emit.
+//! - [`routing`]: which worker owns a group, and reads a partition.
+//! - [`checkpoint`]: what a checkpoint holds, and when one is taken.
+//! - [`ports`]: the sources, sinks and checkpoint sinks the job talks to.
+//! - [`coordination`]: the high watermark and backpressure workers share.
+//! - [`stats`]: counters for `/metrics`.
+//! - [`state`]: the window state machine.
+//! - [`operators`]: the source, window, deliver and gossip operators.
 //! - [`job`]: the operators wired together.
 //! - [`query`]: history queries and how stored windows answer them.
-//! - [`stats`]: counters for operators.
 
 pub mod aggregate;
 pub mod checkpoint;
 pub mod config;
+pub mod coordination;
 pub mod event;
+pub mod fingerprint;
 pub mod job;
+pub mod model;
 pub mod operators;
+pub mod ports;
 pub mod query;
+pub mod routing;
+pub mod state;
 pub mod stats;
+pub mod time;
 pub mod window;

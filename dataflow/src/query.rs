@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use crate::aggregate::{AggState, AggregateKind};
 use crate::config::Config;
-use crate::event::{parse_rfc3339, Millis};
-use crate::window::{align, parse_millis, WindowSpec};
+use crate::time::{parse_millis, parse_rfc3339, Millis};
+use crate::window::{align, WindowSpec};
 
 /// Most buckets one answer may hold.
 pub const MAX_BUCKETS: i64 = 100_000;

@@ -1,7 +1,8 @@
 //! Counters the job keeps for operators, read by the `/metrics` endpoint.
 //!
 //! They are plain atomics, updated once per batch or activation, never per
-//! record, so that observing the job costs nothing measurable.
+//! record, so that observing the job costs nothing measurable. Nothing the
+//! job decides reads them: coordination state is in [`crate::coordination`].
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -10,8 +11,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 pub struct JobStats {
     /// Each worker's watermark, in Unix milliseconds; -1 before the first.
     watermarks: Vec<AtomicI64>,
-    /// The highest per-partition watermark any worker has seen.
-    high_watermark: AtomicU64,
     /// Window results emitted as final, revisions included.
     pub windows_emitted: AtomicU64,
     /// Contributions applied to windows that had already closed.
@@ -27,7 +26,6 @@ impl JobStats {
     pub fn new(workers: usize) -> JobStats {
         JobStats {
             watermarks: (0..workers).map(|_| AtomicI64::new(-1)).collect(),
-            high_watermark: AtomicU64::new(0),
             windows_emitted: AtomicU64::new(0),
             late_updates: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
@@ -48,15 +46,5 @@ impl JobStats {
             .iter()
             .map(|w| Some(w.load(Ordering::Relaxed)).filter(|&w| w > 0))
             .collect()
-    }
-
-    /// Raises the highest watermark seen to at least `watermark`.
-    pub fn raise_high_watermark(&self, watermark: u64) {
-        self.high_watermark.fetch_max(watermark, Ordering::Relaxed);
-    }
-
-    /// The highest watermark any worker has seen.
-    pub fn high_watermark(&self) -> u64 {
-        self.high_watermark.load(Ordering::Relaxed)
     }
 }

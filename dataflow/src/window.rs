@@ -7,12 +7,10 @@
 //! A sliding window of width W every S therefore costs one pane update per
 //! event, the same as a tumbling window, plus W/S pane merges when it closes.
 
-use std::fmt;
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
-use crate::event::Millis;
+use crate::time::{format_millis, parse_millis, Millis};
 
 /// One window declaration of a metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -137,39 +135,6 @@ fn gcd(a: Millis, b: Millis) -> Millis {
 /// The start of the bucket of width `width` that contains `t`.
 pub fn align(t: Millis, width: Millis) -> Millis {
     t.div_euclid(width) * width
-}
-
-/// Parses a positive duration such as `500ms`, `10s`, `1m`, `1h` or `7d` into
-/// milliseconds.
-pub fn parse_millis(text: &str) -> Result<Millis, String> {
-    let d = parse_duration(text)?;
-    if d.is_zero() || d.subsec_nanos() % 1_000_000 != 0 {
-        return Err(format!(
-            "'{text}' must be a positive whole number of milliseconds"
-        ));
-    }
-    Ok(d.as_millis() as Millis)
-}
-
-/// Parses a duration such as `500ms`, `10s`, `1m`, `1h` or `7d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| format!("'{text}' is not a duration ({e})"))
-}
-
-/// Formats milliseconds in the largest unit that divides them: `10s`, `1m`.
-pub fn format_millis(ms: Millis) -> String {
-    const UNITS: [(Millis, &str); 5] = [
-        (86_400_000, "d"),
-        (3_600_000, "h"),
-        (60_000, "m"),
-        (1_000, "s"),
-        (1, "ms"),
-    ];
-    UNITS
-        .iter()
-        .find(|(unit, _)| ms % unit == 0)
-        .map(|(unit, suffix)| format!("{}{suffix}", ms / unit))
-        .unwrap_or_else(|| format!("{ms}ms"))
 }
 
 #[cfg(test)]

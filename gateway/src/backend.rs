@@ -11,7 +11,7 @@ use tally_connectors::kafka::producer::KafkaProducer;
 use tally_connectors::log::EventLog;
 use tally_connectors::store::clickhouse::ClickHouseStore;
 use tally_connectors::store::sqlite::SqliteStore;
-use tally_dataflow::operators::source::DeadLetter;
+use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::{Query, StoredWindow};
 
 /// A boxed future, as trait methods return.

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
-use tally_dataflow::event::format_rfc3339;
 use tally_dataflow::query::Query;
+use tally_dataflow::time::format_rfc3339;
 use warp::http::StatusCode;
 use warp::reply::json;
 use warp::Reply;
@@ -38,14 +38,14 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
         None => json!({
             "metric": query.metric,
             "dimensions": dimensions,
-            "resolution": tally_dataflow::window::format_millis(query.resolution),
+            "resolution": tally_dataflow::time::format_millis(query.resolution),
             "dataPoints": points(&series[0].points),
         }),
         Some(d) => json!({
             "metric": query.metric,
             "dimensions": dimensions,
             "groupBy": query.dimensions[d],
-            "resolution": tally_dataflow::window::format_millis(query.resolution),
+            "resolution": tally_dataflow::time::format_millis(query.resolution),
             "series": series.iter().map(|s| json!({
                 "group": s.group.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<Map<String, Value>>(),
                 "dataPoints": points(&s.points),

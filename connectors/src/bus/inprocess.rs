@@ -3,8 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tally_dataflow::operators::deliver::Sink;
-use tally_dataflow::operators::windows::WindowUpdate;
+use tally_dataflow::model::WindowUpdate;
+use tally_dataflow::ports::Sink;
 use tokio::sync::mpsc::{self, error::TrySendError, Receiver, Sender};
 
 /// The publishing end, cloned once per worker.

@@ -10,5 +10,9 @@
 //! history is unaffected, and every message carries (window, revision), so a
 //! client can tell a repeat from a correction.
 
+/// Batches of live updates in flight between the workers and a gateway's
+/// fan-out, on either bus, before a worker drops the next one.
+pub const BATCHES_IN_FLIGHT: usize = 1024;
+
 pub mod inprocess;
 pub mod redis;

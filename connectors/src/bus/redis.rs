@@ -22,9 +22,9 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use tally_dataflow::config::{MetricSpec, RedisConfig};
-use tally_dataflow::event::Millis;
-use tally_dataflow::operators::deliver::Sink;
-use tally_dataflow::operators::windows::WindowUpdate;
+use tally_dataflow::model::WindowUpdate;
+use tally_dataflow::ports::Sink;
+use tally_dataflow::time::Millis;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 

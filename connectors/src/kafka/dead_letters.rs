@@ -13,9 +13,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use serde_json::json;
 use tally_dataflow::config::KafkaConfig;
-use tally_dataflow::event::format_rfc3339;
-use tally_dataflow::operators::deliver::Sink;
-use tally_dataflow::operators::source::DeadLetter;
+use tally_dataflow::model::DeadLetter;
+use tally_dataflow::ports::Sink;
+use tally_dataflow::time::format_rfc3339;
 use tracing::warn;
 
 use super::client_config;

@@ -15,7 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_dataflow::config::KafkaConfig;
-use tally_dataflow::operators::source::{BatchSource, Poll, SourceBatch, Waker};
+use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker};
 use tracing::warn;
 
 use super::consumer_config;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, TryRecvError};
-use tally_dataflow::operators::source::{BatchSource, Poll, SourceBatch, Waker};
+use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker};
 use tracing::{error, warn};
 
 use super::{EventLog, LogError};

@@ -33,7 +33,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::{Deserialize, Serialize};
 use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::{ClickHouseConfig, MetricSpec};
-use tally_dataflow::operators::source::DeadLetter;
+use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::{Query, StoredWindow};
 use tracing::info;
 

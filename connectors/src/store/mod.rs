@@ -25,9 +25,9 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use tally_dataflow::config::MetricSpec;
-use tally_dataflow::operators::deliver::Sink;
-use tally_dataflow::operators::source::DeadLetter;
-use tally_dataflow::operators::windows::WindowUpdate;
+use tally_dataflow::model::DeadLetter;
+use tally_dataflow::model::WindowUpdate;
+use tally_dataflow::ports::Sink;
 use tracing::error;
 
 /// Batches a writer may have queued before sinks must wait.

@@ -7,7 +7,7 @@ use crossbeam_channel::Receiver;
 use rusqlite::{params, Connection};
 use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::MetricSpec;
-use tally_dataflow::operators::source::DeadLetter;
+use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::{Query, StoredWindow};
 use tracing::info;
 
@@ -247,8 +247,8 @@ fn commit(
 mod tests {
     use super::*;
     use tally_dataflow::config::Config;
-    use tally_dataflow::operators::deliver::Sink;
-    use tally_dataflow::operators::windows::WindowUpdate;
+    use tally_dataflow::model::WindowUpdate;
+    use tally_dataflow::ports::Sink;
     use tally_dataflow::window::Span;
 
     fn config() -> Config {

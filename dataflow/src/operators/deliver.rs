@@ -9,8 +9,6 @@
 //! (see [`super::gossip`]), so every process stops reading.
 
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use timely::container::CapacityContainerBuilder;
@@ -18,57 +16,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::Stream;
 
-/// Where a stream's records leave the dataflow.
-pub trait Sink<T>: 'static {
-    /// Takes records from the front of `items`, as many as it can without
-    /// blocking. What it leaves is offered again later, in order.
-    fn offer(&mut self, items: &mut Vec<T>);
-
-    /// Says that every record before `frontier` has been offered and taken.
-    /// A durable sink reports, once those records are durable, that it holds
-    /// everything before `frontier`; checkpoints wait for that. Returns
-    /// false if it cannot take the note now; it is given again later.
-    fn advance(&mut self, _frontier: u64) -> bool {
-        true
-    }
-}
-
-/// The number of sinks that are behind, shared by every worker of a process,
-/// and whether another process of the job has sinks behind.
-#[derive(Clone, Default)]
-pub struct Backpressure {
-    local: Arc<AtomicUsize>,
-    remote: Arc<AtomicBool>,
-}
-
-impl Backpressure {
-    /// True while any sink of the job is behind, here or, as far as this
-    /// process has heard, in another process.
-    pub fn stalled(&self) -> bool {
-        self.stalled_here() || self.remote.load(Ordering::Relaxed)
-    }
-
-    /// True while any sink of this process is behind.
-    pub fn stalled_here(&self) -> bool {
-        self.local.load(Ordering::Relaxed) > 0
-    }
-
-    /// Records whether another process has said its sinks are behind.
-    pub fn set_remote(&self, stalled: bool) {
-        self.remote.store(stalled, Ordering::Relaxed);
-    }
-
-    fn set(&self, behind: bool, was_behind: &mut bool) {
-        if behind != *was_behind {
-            if behind {
-                self.local.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.local.fetch_sub(1, Ordering::Relaxed);
-            }
-            *was_behind = behind;
-        }
-    }
-}
+use crate::ports::{Backpressure, Sink};
 
 /// Extension trait for the `deliver` operator.
 pub trait Deliver<T> {

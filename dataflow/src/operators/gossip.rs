@@ -3,12 +3,13 @@
 //!
 //! A worker whose partitions are all idle moves its capability just past
 //! the highest watermark any worker has reached (see [`super::source`]).
-//! Within a process that is a shared counter in [`JobStats`]; without
+//! Within a process that is a shared value in [`Coordination`]; without
 //! gossip, a process whose partitions all went quiet would hold the job's
 //! frontier at its own last watermark, and windows would never close after
 //! traffic stops.
 //!
-//! A process whose sinks are behind stops its sources ([`Backpressure`]).
+//! A process whose sinks are behind stops its sources (its
+//! [`Coordination::backpressure`]).
 //! It also holds the frontier, so the other processes' windows stop closing
 //! and their sinks get nothing to be behind on: without gossip they would
 //! go on reading, and stash the backlog in memory instead of leaving it in
@@ -21,7 +22,6 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 
 use timely::dataflow::operators::core::Inspect;
@@ -29,8 +29,7 @@ use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::{Scope, Stream};
 
-use crate::operators::deliver::Backpressure;
-use crate::stats::JobStats;
+use crate::coordination::Coordination;
 
 /// How often a worker looks for news to send.
 const EVERY: Duration = Duration::from_millis(100);
@@ -40,14 +39,17 @@ const EVERY: Duration = Duration::from_millis(100);
 type News = (usize, u64, bool);
 
 /// Builds the exchange of news in `scope`.
-pub fn share(scope: Scope<'_, u64>, stats: Arc<JobStats>, backpressure: Backpressure) {
-    let (received, heard) = (Arc::clone(&stats), backpressure.clone());
+pub fn share(scope: Scope<'_, u64>, coordination: Coordination) {
+    let heard = coordination.clone();
     let worker = scope.index();
     let news: Stream<'_, u64, Vec<News>> = source(scope, "Gossip", move |capability, info| {
         let activator = scope.activator_for(Rc::clone(&info.address));
         let mut sent = (0, false);
         move |output| {
-            let now = (stats.high_watermark(), backpressure.stalled_here());
+            let now = (
+                coordination.high_watermark.get(),
+                coordination.backpressure.stalled_here(),
+            );
             if now != sent {
                 output.session(&capability).give((worker, now.0, now.1));
                 sent = now;
@@ -57,8 +59,8 @@ pub fn share(scope: Scope<'_, u64>, stats: Arc<JobStats>, backpressure: Backpres
     });
     let mut stalled: HashMap<usize, bool> = HashMap::new();
     news.broadcast().inspect(move |&(from, high, behind)| {
-        received.raise_high_watermark(high);
+        heard.high_watermark.raise(high);
         stalled.insert(from, behind);
-        heard.set_remote(stalled.values().any(|&s| s));
+        heard.backpressure.set_remote(stalled.values().any(|&s| s));
     });
 }

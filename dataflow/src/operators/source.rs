@@ -27,112 +27,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap as HashMap;
-use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::{Scope, Stream};
 
 use crate::aggregate::AggState;
 use crate::checkpoint::{Progress, Restore};
 use crate::config::MetricSpec;
-use crate::event::{parse_event_ref, EventRef, Fields, Millis};
-use crate::operators::deliver::Backpressure;
-use crate::operators::windows::group_hash;
+use crate::coordination::Coordination;
+use crate::event::{parse_event_ref, EventRef, Fields};
+use crate::model::{Contribution, DeadLetter, Group};
+use crate::ports::{BatchSource, Poll, SourceBatch};
+use crate::routing::group_hash;
 use crate::stats::JobStats;
+use crate::time::Millis;
 use crate::window::align;
-
-/// A group: the values of a metric's dimensions, in declaration order. A
-/// dimension an event lacks has the empty string.
-pub type Group = Vec<String>;
-
-/// Records read from one partition of the log, in order.
-///
-/// A record is addressed by `(offset, index)`. In a log that gives every
-/// record an offset of its own (the embedded log), the records of a batch
-/// have the offsets `offset..next_offset` and index 0. In one whose batch is
-/// a single message (Kafka), they share the message's offset, and the index
-/// is their place in it.
-#[derive(Clone, Debug)]
-pub struct SourceBatch {
-    /// The partition read.
-    pub partition: u32,
-    /// Log offset of the first record.
-    pub offset: u64,
-    /// Where the partition continues after this batch.
-    pub next_offset: u64,
-    /// Events in canonical JSON, as the gateway wrote them.
-    pub records: Vec<Vec<u8>>,
-}
-
-impl SourceBatch {
-    /// The address of the `i`th record.
-    pub fn address(&self, i: usize) -> (u64, u32) {
-        if self.next_offset - self.offset == self.records.len() as u64 {
-            (self.offset + i as u64, 0)
-        } else {
-            (self.offset, i as u32)
-        }
-    }
-}
-
-/// What a [`BatchSource`] has now.
-pub enum Poll {
-    /// Batches, in log order per partition.
-    Ready(Vec<SourceBatch>),
-    /// Nothing yet; the source will call its waker when there is.
-    Pending,
-    /// The input has ended: only bounded inputs, as in tests, say this.
-    Finished,
-}
-
-/// Wakes a source operator from any thread.
-pub type Waker = Arc<dyn Fn() + Send + Sync>;
-
-/// A worker's view of the log: the partitions it owns.
-///
-/// Implementations never block in `poll`: I/O happens elsewhere, behind a
-/// bounded buffer, and `poll` takes what is there.
-pub trait BatchSource: 'static {
-    /// The partitions this source reads.
-    fn partitions(&self) -> Vec<u32>;
-    /// Called once, before the first poll, with a waker to call when data arrives.
-    fn start(&mut self, waker: Waker);
-    /// Takes the batches available now.
-    fn poll(&mut self) -> Poll;
-}
-
-/// One batch's worth of one (metric, group, pane).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Contribution {
-    /// Index of the metric in the configuration.
-    pub metric: u16,
-    /// The group's dimension values.
-    pub group: Group,
-    /// [`group_hash`] of (metric, group), computed once at the source: it
-    /// routes the exchange and keys the window operator's group index.
-    pub hash: u64,
-    /// Start of the pane.
-    pub pane: Millis,
-    /// The aggregate of the batch's events in this pane.
-    pub state: AggState,
-}
-
-/// An event that arrived too late for any window that still has state.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeadLetter {
-    /// Partition of the log it was read from.
-    pub partition: u32,
-    /// Its offset there and its index at that offset (see [`SourceBatch`]),
-    /// which identify it across replays.
-    pub offset: u64,
-    /// See `offset`.
-    pub index: u32,
-    /// Why it was not counted.
-    pub reason: String,
-    /// The watermark it was judged against.
-    pub watermark: Millis,
-    /// The event, in canonical JSON.
-    pub record: Vec<u8>,
-}
 
 /// Event-time rules the source applies.
 #[derive(Clone, Debug)]
@@ -157,8 +65,9 @@ pub type SourceRecord = Result<Contribution, DeadLetter>;
 
 /// Builds the source operator over `input`.
 ///
-/// `backpressure` is raised by a sink that cannot keep up; the source stops reading
-/// while it is up, which leaves the backlog in the log.
+/// `coordination.backpressure` is raised by a sink that cannot keep up; the
+/// source stops reading while it is up, which leaves the backlog in the log.
+/// `coordination.high_watermark` is where an idle worker moves to.
 ///
 /// The source resumes from `restore`: its partitions' watermarks, and its
 /// capability at the checkpoint's boundary (`input` must already be
@@ -171,7 +80,7 @@ pub fn log_source<'scope, S: BatchSource>(
     metrics: Rc<Vec<MetricSpec>>,
     settings: SourceSettings,
     stats: Arc<JobStats>,
-    backpressure: Backpressure,
+    coordination: Coordination,
     restore: &Restore,
     progress: Rc<RefCell<Progress>>,
 ) -> Stream<'scope, u64, Vec<SourceRecord>> {
@@ -215,7 +124,7 @@ pub fn log_source<'scope, S: BatchSource>(
             let Some(cap) = capability.as_mut() else {
                 return;
             };
-            if backpressure.stalled() {
+            if coordination.backpressure.stalled() {
                 // Time spent waiting on a sink is not idleness: the backlog
                 // is in the log, and must not be stamped as late when it moves.
                 let now = Instant::now();
@@ -275,10 +184,11 @@ pub fn log_source<'scope, S: BatchSource>(
                 .map(|c| c.watermark.unwrap_or(*cap.time()))
                 .min();
             let own_max = clocks.iter().filter_map(|c| c.watermark).max().unwrap_or(0);
-            stats.raise_high_watermark(own_max);
+            coordination.high_watermark.raise(own_max);
             // With every partition idle, step just past the highest watermark,
             // so data waiting at exactly that time is released too.
-            let target = active_min.unwrap_or_else(|| own_max.max(stats.high_watermark()) + 1);
+            let target =
+                active_min.unwrap_or_else(|| own_max.max(coordination.high_watermark.get()) + 1);
             if target > *cap.time() {
                 cap.downgrade(&target);
             }

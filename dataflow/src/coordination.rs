@@ -1,0 +1,39 @@
+//! What the workers of a process coordinate through, outside the data: the
+//! highest watermark any of them has seen, and whether a sink is behind.
+//!
+//! Both move capabilities and stop sources, so they are part of the job's
+//! semantics, not of its observation; the counters that `/metrics` reads are
+//! in [`crate::stats`]. In the cluster, [`crate::operators::gossip`] shares
+//! them between processes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::ports::Backpressure;
+
+/// The highest per-partition watermark any worker of the job has seen, as
+/// far as this process knows. A worker whose partitions are all idle moves
+/// its capability just past it.
+#[derive(Clone, Debug, Default)]
+pub struct HighWatermark(Arc<AtomicU64>);
+
+impl HighWatermark {
+    /// Raises the highest watermark seen to at least `watermark`.
+    pub fn raise(&self, watermark: u64) {
+        self.0.fetch_max(watermark, Ordering::Relaxed);
+    }
+
+    /// The highest watermark seen.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The coordination state shared by every worker of a process.
+#[derive(Clone, Default)]
+pub struct Coordination {
+    /// The highest watermark seen.
+    pub high_watermark: HighWatermark,
+    /// Whether any sink is behind.
+    pub backpressure: Backpressure,
+}

@@ -1,0 +1,145 @@
+//! Request-body framing: one event, a JSON array of events, or NDJSON, into
+//! log records, all or nothing.
+
+use serde::de::IgnoredAny;
+
+use super::{parse_event_ref, EventRef, FieldError};
+use crate::time::Millis;
+
+/// Why a request's events were not accepted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BatchError {
+    /// The body is not JSON (or NDJSON) at all.
+    Malformed(String),
+    /// The body held no events.
+    Empty,
+    /// Some events are invalid: `(index, problems)` for each of them.
+    Invalid(Vec<(usize, Vec<FieldError>)>),
+}
+
+/// Parses a request body (one event, a JSON array of events, or, when
+/// `ndjson` is set, one event per line) into log records, one per event.
+///
+/// The batch is all or nothing: any invalid event fails it, and every invalid
+/// event is reported. A record is the event's JSON as sent; an event without
+/// a `timestamp` is written out again with `received_at` as its time.
+///
+/// An event whose timestamp is more than `max_future` past `received_at`
+/// is invalid.
+pub fn parse_batch(
+    body: &[u8],
+    ndjson: bool,
+    received_at: Millis,
+    max_future: Millis,
+) -> Result<Vec<Vec<u8>>, BatchError> {
+    let raws: Vec<&[u8]> = if ndjson {
+        body.split(|&b| b == b'\n')
+            .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
+            .collect()
+    } else {
+        match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => return Err(BatchError::Empty),
+            Some(b'[') => {
+                let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
+                    .map_err(|e| BatchError::Malformed(e.to_string()))?;
+                elements.into_iter().map(|e| e.get().as_bytes()).collect()
+            }
+            Some(_) => {
+                serde_json::from_slice::<IgnoredAny>(body)
+                    .map_err(|e| BatchError::Malformed(e.to_string()))?;
+                vec![body]
+            }
+        }
+    };
+    if raws.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    let mut records = Vec::with_capacity(raws.len());
+    let mut invalid = Vec::new();
+    for (index, raw) in raws.into_iter().enumerate() {
+        match parse_event_ref(raw) {
+            Ok(EventRef {
+                timestamp: Some(t), ..
+            }) if t > received_at + max_future => invalid.push((
+                index,
+                vec![FieldError::new(
+                    "timestamp",
+                    format!(
+                        "is {} s after the time it was received; at most {} s is allowed",
+                        (t - received_at) / 1000,
+                        max_future / 1000
+                    ),
+                )],
+            )),
+            Ok(event) if event.timestamp.is_some() => records.push(raw.to_vec()),
+            Ok(event) => records.push(event.to_owned(received_at).to_json()),
+            Err(errors) => invalid.push((index, errors)),
+        }
+    }
+    if !invalid.is_empty() {
+        return Err(BatchError::Invalid(invalid));
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::tests::{parse_event, SEED};
+
+    #[test]
+    fn batches_are_all_or_nothing_and_name_each_bad_index() {
+        let now = 1_780_821_960_123;
+        let ok = parse_batch(
+            br#"[{"eventType":"a"}, {"eventType":"b","timestamp":1780821960}]"#,
+            false,
+            now,
+            300_000,
+        )
+        .unwrap();
+        let Err(BatchError::Invalid(future)) = parse_batch(
+            br#"{"eventType":"a","timestamp":1780822960}"#,
+            false,
+            now,
+            300_000,
+        ) else {
+            panic!("an event from the future must be refused");
+        };
+        assert_eq!(future[0].1[0].field, "timestamp");
+        // Sent as is, unless the time had to be filled in.
+        assert_eq!(ok[1], br#"{"eventType":"b","timestamp":1780821960}"#);
+        assert_eq!(parse_event(&ok[0], 0).unwrap().timestamp, now);
+        let Err(BatchError::Invalid(bad)) = parse_batch(
+            br#"[{"eventType":"a"},{"timestamp":"x"},7,{"eventType":"c"}]"#,
+            false,
+            0,
+            0,
+        ) else {
+            panic!("expected invalid");
+        };
+        assert_eq!(bad.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(bad[0].1.len(), 2);
+        let nd = parse_batch(
+            b"{\"eventType\":\"a\"}\n\n{\"eventType\":\"b\"}\n",
+            true,
+            0,
+            i64::MAX / 2,
+        )
+        .unwrap();
+        assert_eq!(nd.len(), 2);
+        assert!(matches!(
+            parse_batch(b"[{]", false, 0, i64::MAX / 2),
+            Err(BatchError::Malformed(_))
+        ));
+        assert_eq!(
+            parse_batch(b"[]", false, 0, i64::MAX / 2),
+            Err(BatchError::Empty)
+        );
+        assert_eq!(
+            parse_batch(SEED.as_bytes(), false, 1_780_821_960_000, 300_000)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! The event model, and the one parser every path uses.
+//!
+//! An event arrives as JSON in the seed's shape. [`parse_event_ref`]
+//! validates it without failing on the first problem: each field that is
+//! wrong becomes a [`FieldError`], so a client learns everything that is
+//! wrong with a batch in one answer. The result, [`EventRef`], borrows from
+//! the input, so reading an event costs little more than scanning it.
+//!
+//! The log keeps each accepted event as the client sent it
+//! ([`parse_batch`]), which is what users see when they read the log or the
+//! dead letters. Only an event without a `timestamp` is rewritten, with the
+//! time it was received, so that every replay reads the same time.
+//!
+//! # Layout
+//!
+//! - this module: the event model and its validation rules.
+//! - `batch`: request bodies (one event, an array, NDJSON) into log records.
+//! - `lenient`: the field reader that records a wrong type instead of
+//!   failing, so that every problem of an event is reported at once.
+
+mod batch;
+mod lenient;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::batch::{parse_batch, BatchError};
+use self::lenient::{DimValue, Lenient, LenientMap, Timestamp};
+use crate::time::Millis;
+
+/// A validated, normalised event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The client's id for the event, if it sent one.
+    #[serde(rename = "eventId", skip_serializing_if = "Option::is_none", default)]
+    pub event_id: Option<String>,
+    /// The kind of event, such as `ad_click`. Metrics filter on it.
+    #[serde(rename = "eventType")]
+    pub event_type: String,
+    /// Event time, in Unix milliseconds.
+    pub timestamp: Millis,
+    /// String attributes that metrics group and filter by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dimensions: BTreeMap<String, String>,
+    /// Numeric fields that `sum` and `avg` metrics read.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, f64>,
+}
+
+impl Event {
+    /// The event as JSON, its `timestamp` in milliseconds, which the parser
+    /// reads back as it was.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising a struct of strings, integers and finite floats cannot fail.
+        serde_json::to_vec(self).expect("an event always serialises")
+    }
+}
+
+/// One problem with one field of one event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// The field's path, such as `timestamp` or `dimensions.country`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+/// A validated event that borrows its strings from the JSON it was read from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRef<'a> {
+    /// The client's id for the event, if it sent one.
+    pub event_id: Option<Cow<'a, str>>,
+    /// The kind of event.
+    pub event_type: Cow<'a, str>,
+    /// Event time in Unix milliseconds, if the event has one.
+    pub timestamp: Option<Millis>,
+    /// Dimensions, in the order sent.
+    pub dimensions: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// Numeric values, in the order sent.
+    pub values: Vec<(Cow<'a, str>, f64)>,
+}
+
+impl EventRef<'_> {
+    /// An owned copy, with `received_at` for a missing timestamp.
+    pub fn to_owned(&self, received_at: Millis) -> Event {
+        Event {
+            event_id: self.event_id.as_deref().map(str::to_owned),
+            event_type: self.event_type.to_string(),
+            timestamp: self.timestamp.unwrap_or(received_at),
+            dimensions: self
+                .dimensions
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            values: self
+                .values
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+        }
+    }
+}
+
+/// The fields an aggregate reads, for owned and borrowed events alike.
+pub trait Fields {
+    /// The value of dimension `name`.
+    fn dimension(&self, name: &str) -> Option<&str>;
+    /// The value of numeric field `name`.
+    fn value(&self, name: &str) -> Option<f64>;
+}
+
+impl Fields for Event {
+    fn dimension(&self, name: &str) -> Option<&str> {
+        self.dimensions.get(name).map(String::as_str)
+    }
+    fn value(&self, name: &str) -> Option<f64> {
+        self.values.get(name).copied()
+    }
+}
+
+impl Fields for EventRef<'_> {
+    fn dimension(&self, name: &str) -> Option<&str> {
+        // Later duplicates win, as they would in a map.
+        self.dimensions
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
+    }
+    fn value(&self, name: &str) -> Option<f64> {
+        self.values
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// The largest magnitude of a numeric value. Sums are kept exactly to a
+/// billionth in 128 bits, which holds about 1.7e29: this leaves room for
+/// a hundred billion such values in one window.
+pub const MAX_VALUE: f64 = 1e18;
+
+/// Parses and validates one event from JSON bytes, borrowing from them.
+///
+/// On failure, every field error found is returned, or one error for the
+/// whole value when it is not a JSON object at all.
+pub fn parse_event_ref(json: &[u8]) -> Result<EventRef<'_>, Vec<FieldError>> {
+    let raw: RawEvent = serde_json::from_slice(json).map_err(|e| {
+        vec![FieldError::new(
+            "",
+            format!("not a valid event object: {e}"),
+        )]
+    })?;
+    raw.validate()
+}
+
+/// The event as sent. Every field is lenient: a wrong type is recorded, not
+/// raised, so that all problems of an event are reported together.
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(rename = "eventId", borrow = "'a", default)]
+    event_id: Option<Lenient<Cow<'a, str>>>,
+    #[serde(rename = "eventType", borrow = "'a", default)]
+    event_type: Option<Lenient<Cow<'a, str>>>,
+    #[serde(default)]
+    timestamp: Option<Lenient<Timestamp>>,
+    #[serde(borrow = "'a", default)]
+    dimensions: Option<LenientMap<'a, DimValue<'a>>>,
+    #[serde(borrow = "'a", default)]
+    values: Option<LenientMap<'a, f64>>,
+}
+
+impl<'a> RawEvent<'a> {
+    fn validate(self) -> Result<EventRef<'a>, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let event_id = match self.event_id {
+            None => None,
+            Some(Lenient::Ok(id)) if id.is_empty() => {
+                errors.push(FieldError::new("eventId", "must not be empty"));
+                None
+            }
+            Some(Lenient::Ok(id)) => Some(id),
+            Some(Lenient::Wrong(found)) => {
+                errors.push(FieldError::new(
+                    "eventId",
+                    format!("must be a string, found {found}"),
+                ));
+                None
+            }
+        };
+        let event_type = match self.event_type {
+            None => {
+                errors.push(FieldError::new("eventType", "is required"));
+                Cow::Borrowed("")
+            }
+            Some(Lenient::Ok(t)) if t.is_empty() => {
+                errors.push(FieldError::new("eventType", "must not be empty"));
+                t
+            }
+            Some(Lenient::Ok(t)) => t,
+            Some(Lenient::Wrong(found)) => {
+                errors.push(FieldError::new(
+                    "eventType",
+                    format!("must be a string, found {found}"),
+                ));
+                Cow::Borrowed("")
+            }
+        };
+        let timestamp = match self.timestamp {
+            None => None,
+            Some(Lenient::Ok(Timestamp(Ok(ms)))) => Some(ms),
+            Some(Lenient::Ok(Timestamp(Err(problem)))) => {
+                errors.push(FieldError::new("timestamp", problem));
+                None
+            }
+            Some(Lenient::Wrong(found)) => {
+                errors.push(FieldError::new(
+                    "timestamp",
+                    format!("must be Unix seconds, Unix milliseconds or an RFC 3339 string, found {found}"),
+                ));
+                None
+            }
+        };
+        let mut dimensions = Vec::new();
+        match self.dimensions {
+            None => {}
+            Some(Lenient::Wrong(found)) => errors.push(FieldError::new(
+                "dimensions",
+                format!("must be an object, found {found}"),
+            )),
+            Some(Lenient::Ok(entries)) => {
+                for (name, value) in entries {
+                    match value {
+                        Lenient::Ok(DimValue(v)) if v.chars().any(char::is_control) => {
+                            errors.push(FieldError::new(
+                                format!("dimensions.{name}"),
+                                "must not contain control characters",
+                            ))
+                        }
+                        Lenient::Ok(DimValue(v)) => dimensions.push((name, v)),
+                        Lenient::Wrong(found) => errors.push(FieldError::new(
+                            format!("dimensions.{name}"),
+                            format!("must be a string, number or boolean, found {found}"),
+                        )),
+                    }
+                }
+            }
+        }
+        let mut values = Vec::new();
+        match self.values {
+            None => {}
+            Some(Lenient::Wrong(found)) => errors.push(FieldError::new(
+                "values",
+                format!("must be an object, found {found}"),
+            )),
+            Some(Lenient::Ok(entries)) => {
+                for (name, value) in entries {
+                    match value {
+                        Lenient::Ok(v) if v.is_finite() && v.abs() <= MAX_VALUE => {
+                            values.push((name, v))
+                        }
+                        Lenient::Ok(_) => errors.push(FieldError::new(
+                            format!("values.{name}"),
+                            format!("must be a finite number of magnitude at most {MAX_VALUE:e}"),
+                        )),
+                        Lenient::Wrong(found) => errors.push(FieldError::new(
+                            format!("values.{name}"),
+                            format!("must be a number, found {found}"),
+                        )),
+                    }
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(EventRef {
+                event_id,
+                event_type,
+                timestamp,
+                dimensions,
+                values,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn parse_event(json: &[u8], received_at: Millis) -> Result<Event, Vec<FieldError>> {
+        parse_event_ref(json).map(|e| e.to_owned(received_at))
+    }
+
+    pub(super) const SEED: &str = r#"{
+  "eventId": "evt_uuid_00981a",
+  "eventType": "ad_click",
+  "timestamp": 1780821960,
+  "dimensions": {
+    "campaignId": "camp_5541",
+    "country": "US",
+    "deviceType": "MOBILE",
+    "userId": "usr_9981a2"
+  }
+}"#;
+
+    #[test]
+    fn seed_payload_is_accepted_as_is() {
+        let e = parse_event(SEED.as_bytes(), 0).unwrap();
+        assert_eq!(e.event_type, "ad_click");
+        assert_eq!(e.timestamp, 1_780_821_960_000);
+        assert_eq!(e.dimensions["country"], "US");
+        assert!(e.values.is_empty());
+    }
+
+    #[test]
+    fn timestamps_in_every_form_agree() {
+        let at = |ts: &str| {
+            parse_event(
+                format!(r#"{{"eventType":"x","timestamp":{ts}}}"#).as_bytes(),
+                7,
+            )
+            .unwrap()
+            .timestamp
+        };
+        assert_eq!(at("1780821960"), 1_780_821_960_000);
+        assert_eq!(at("1780821960.5"), 1_780_821_960_500);
+        assert_eq!(at("1780821960500"), 1_780_821_960_500);
+        assert_eq!(at(r#""2026-06-07T09:26:00.5Z""#), 1_780_824_360_500);
+        assert_eq!(at(r#""2026-06-07T11:26:00.5+02:00""#), 1_780_824_360_500);
+        let missing = parse_event(br#"{"eventType":"x"}"#, 42).unwrap();
+        assert_eq!(missing.timestamp, 42);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let errors = parse_event(
+            br#"{"eventId":5,"timestamp":"yesterday","dimensions":{"a":"x","b":[1]},"values":{"amount":"12"}}"#,
+            0,
+        )
+        .unwrap_err();
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "eventId",
+                "eventType",
+                "timestamp",
+                "dimensions.b",
+                "values.amount"
+            ]
+        );
+    }
+
+    #[test]
+    fn canonical_form_round_trips() {
+        let mut e = parse_event(SEED.as_bytes(), 0).unwrap();
+        e.values.insert("amount".into(), 12.5);
+        assert_eq!(parse_event(&e.to_json(), 0).unwrap(), e);
+    }
+
+    #[test]
+    fn non_objects_are_rejected_whole() {
+        assert_eq!(parse_event(b"5", 0).unwrap_err().len(), 1);
+        assert_eq!(parse_event(br#""x""#, 0).unwrap_err().len(), 1);
+        assert_eq!(parse_event(b"{", 0).unwrap_err().len(), 1);
+    }
+}

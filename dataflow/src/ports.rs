@@ -1,0 +1,127 @@
+//! The seam between the dataflow and the outside world: what a source gives
+//! it, what a sink takes from it, and where checkpoint parts go.
+//!
+//! Nothing here blocks. A source's I/O runs elsewhere, behind a bounded
+//! buffer, and `poll` takes what is there; a sink takes what it can, and
+//! what it leaves raises [`Backpressure`], which stops every source of the
+//! process until the sink has caught up. The implementations live in
+//! `tally-connectors`.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::checkpoint::WorkerPart;
+
+/// Records read from one partition of the log, in order.
+///
+/// A record is addressed by `(offset, index)`. In a log that gives every
+/// record an offset of its own (the embedded log), the records of a batch
+/// have the offsets `offset..next_offset` and index 0. In one whose batch is
+/// a single message (Kafka), they share the message's offset, and the index
+/// is their place in it.
+#[derive(Clone, Debug)]
+pub struct SourceBatch {
+    /// The partition read.
+    pub partition: u32,
+    /// Log offset of the first record.
+    pub offset: u64,
+    /// Where the partition continues after this batch.
+    pub next_offset: u64,
+    /// Events in canonical JSON, as the gateway wrote them.
+    pub records: Vec<Vec<u8>>,
+}
+
+impl SourceBatch {
+    /// The address of the `i`th record.
+    pub fn address(&self, i: usize) -> (u64, u32) {
+        if self.next_offset - self.offset == self.records.len() as u64 {
+            (self.offset + i as u64, 0)
+        } else {
+            (self.offset, i as u32)
+        }
+    }
+}
+
+/// What a [`BatchSource`] has now.
+pub enum Poll {
+    /// Batches, in log order per partition.
+    Ready(Vec<SourceBatch>),
+    /// Nothing yet; the source will call its waker when there is.
+    Pending,
+    /// The input has ended: only bounded inputs, as in tests, say this.
+    Finished,
+}
+
+/// Wakes a source operator from any thread.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// A worker's view of the log: the partitions it owns.
+///
+/// Implementations never block in `poll`: I/O happens elsewhere, behind a
+/// bounded buffer, and `poll` takes what is there.
+pub trait BatchSource: 'static {
+    /// The partitions this source reads.
+    fn partitions(&self) -> Vec<u32>;
+    /// Called once, before the first poll, with a waker to call when data arrives.
+    fn start(&mut self, waker: Waker);
+    /// Takes the batches available now.
+    fn poll(&mut self) -> Poll;
+}
+
+/// Where a stream's records leave the dataflow.
+pub trait Sink<T>: 'static {
+    /// Takes records from the front of `items`, as many as it can without
+    /// blocking. What it leaves is offered again later, in order.
+    fn offer(&mut self, items: &mut Vec<T>);
+
+    /// Says that every record before `frontier` has been offered and taken.
+    /// A durable sink reports, once those records are durable, that it holds
+    /// everything before `frontier`; checkpoints wait for that. Returns
+    /// false if it cannot take the note now; it is given again later.
+    fn advance(&mut self, _frontier: u64) -> bool {
+        true
+    }
+}
+
+/// The number of sinks that are behind, shared by every worker of a process,
+/// and whether another process of the job has sinks behind.
+#[derive(Clone, Default)]
+pub struct Backpressure {
+    local: Arc<AtomicUsize>,
+    remote: Arc<AtomicBool>,
+}
+
+impl Backpressure {
+    /// True while any sink of the job is behind, here or, as far as this
+    /// process has heard, in another process.
+    pub fn stalled(&self) -> bool {
+        self.stalled_here() || self.remote.load(Ordering::Relaxed)
+    }
+
+    /// True while any sink of this process is behind.
+    pub fn stalled_here(&self) -> bool {
+        self.local.load(Ordering::Relaxed) > 0
+    }
+
+    /// Records whether another process has said its sinks are behind.
+    pub fn set_remote(&self, stalled: bool) {
+        self.remote.store(stalled, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set(&self, behind: bool, was_behind: &mut bool) {
+        if behind != *was_behind {
+            if behind {
+                self.local.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.local.fetch_sub(1, Ordering::Relaxed);
+            }
+            *was_behind = behind;
+        }
+    }
+}
+
+/// Where a worker's checkpoint parts go.
+pub trait CheckpointSink: 'static {
+    /// Hands over a part. It must not block the worker.
+    fn submit(&mut self, part: WorkerPart);
+}

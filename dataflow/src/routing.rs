@@ -1,0 +1,102 @@
+//! The routing contract: which worker owns a group's window state, and which
+//! worker reads a partition of the log.
+//!
+//! Checkpoints store each group's state with its routing hash and re-key it
+//! by that hash when restoring onto any number of workers, so the hash is
+//! part of the checkpoint format: [`group_hash`] must give the same value on
+//! every worker, every process and every build. A test pins it.
+
+use std::hash::{Hash, Hasher};
+
+use rustc_hash::FxHasher;
+use timely::dataflow::channels::pact::Exchange;
+
+use crate::model::{Contribution, Group};
+
+/// The routing hash of a (metric, group): the same on every worker and
+/// process (FxHash has no random seed), so each group's state lives in
+/// exactly one place.
+pub fn group_hash(metric: u16, group: &Group) -> u64 {
+    let mut hasher = FxHasher::default();
+    metric.hash(&mut hasher);
+    group.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The worker that owns routing hash `hash`, as [`exchange`] decides it.
+pub fn owner(hash: u64, workers: usize) -> usize {
+    (hash % workers as u64) as usize
+}
+
+/// The exchange of contributions to the worker that owns their group.
+///
+/// Timely sends a record of hash `h` to worker `h % workers` (for a power of
+/// two it masks, which is the same), which is what [`owner`] says.
+pub fn exchange() -> Exchange<Contribution, fn(&Contribution) -> u64> {
+    Exchange::new(|c: &Contribution| c.hash)
+}
+
+/// The partitions of a log with `partitions` partitions that worker `worker`
+/// of `workers` reads: `p % workers == worker`.
+pub fn worker_partitions(partitions: u32, worker: usize, workers: usize) -> Vec<u32> {
+    (0..partitions)
+        .filter(|&p| p as usize % workers == worker)
+        .collect()
+}
+
+/// The partitions read by the workers of process `process`, where each
+/// process runs `threads` of the `workers` workers, worker `w` in process
+/// `w / threads`.
+pub fn process_partitions(
+    partitions: u32,
+    process: usize,
+    threads: usize,
+    workers: usize,
+) -> Vec<u32> {
+    (0..partitions)
+        .filter(|&p| p as usize % workers / threads == process)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checkpoints re-key restored state by these values: if this test
+    /// fails, restoring an older checkpoint would put groups on the wrong
+    /// worker, and the checkpoint format version must change with it.
+    #[test]
+    fn the_group_hash_is_pinned() {
+        let group: Group = vec!["camp_5541".into(), "US".into(), "MOBILE".into()];
+        let hashes = [
+            group_hash(0, &group),
+            group_hash(3, &vec![String::new()]),
+            group_hash(1, &Vec::new()),
+        ];
+        assert_eq!(
+            hashes,
+            [
+                6695901343497130142,
+                277408099874493204,
+                13032756267696824044
+            ]
+        );
+    }
+
+    #[test]
+    fn owners_and_partitions_cover_every_worker_once() {
+        for workers in 1..=6 {
+            let mut seen = [0; 12];
+            for worker in 0..workers {
+                for p in worker_partitions(12, worker, workers) {
+                    seen[p as usize] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{workers} workers");
+            assert!((0..100).all(|h| owner(h, workers) < workers));
+        }
+        // Two processes of two threads: process 0 runs workers 0 and 1.
+        assert_eq!(process_partitions(8, 0, 2, 4), [0, 1, 4, 5]);
+        assert_eq!(process_partitions(8, 1, 2, 4), [2, 3, 6, 7]);
+    }
+}

@@ -1,0 +1,663 @@
+//! The window state of one worker: panes per group, which windows are open,
+//! which closed ones are kept for late data, and their revisions.
+//!
+//! This is the state machine of [`crate::operators::windows`], without
+//! timely: the operator stashes contributions by the time they travelled at
+//! and calls, for each time the frontier passes, [`WindowState::close_until`]
+//! then [`WindowState::apply`]; when the frontier moves,
+//! [`WindowState::expire`]; and once per live interval,
+//! [`WindowState::partials`]. Every emission is a function of the calls, so
+//! the unit tests below check the semantics without a dataflow.
+//!
+//! A group (a metric's dimension values) is interned when its first
+//! contribution arrives, and freed once it has no pane, no window and no
+//! contribution waiting: a dimension with ever-new values costs memory only
+//! while its windows are kept.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+
+use crate::aggregate::AggState;
+use crate::checkpoint::GroupSnapshot;
+use crate::config::MetricSpec;
+use crate::model::{Contribution, Group, WindowUpdate};
+use crate::time::Millis;
+use crate::window::{Span, WindowSpec};
+
+/// A window of one group: (group index, window spec index, window end).
+type WindowKey = (usize, u8, Millis);
+
+/// All window state of one worker.
+pub struct WindowState {
+    metrics: Rc<Vec<MetricSpec>>,
+    allowed_lateness: Millis,
+    /// The widest window of each metric.
+    widest: Vec<Millis>,
+    /// Interned (metric, group) keys, by their routing hash.
+    index: HashMap<u64, Vec<usize>>,
+    /// Groups by index; `None` for a freed slot, which [`Self::free`] lists.
+    groups: Vec<Option<GroupState>>,
+    /// Freed slots of `groups`, reused before it grows.
+    free: Vec<usize>,
+    /// Windows with data that have not closed, by end.
+    open: BTreeSet<(Millis, usize, u8)>,
+    /// Closed windows whose state is kept, with their latest revision.
+    closed: HashMap<WindowKey, u32>,
+    /// Closed windows by end, to drop them after the allowed lateness.
+    closed_by_end: BTreeSet<(Millis, usize, u8)>,
+    /// Panes by the time after which no kept window needs them.
+    pane_expiry: BTreeSet<(Millis, usize, Millis)>,
+    /// Panes (group, pane start) changed or awaiting data since the last
+    /// partial emission; their open windows get partials.
+    dirty_panes: HashSet<(usize, Millis)>,
+}
+
+/// A contribution waiting for the frontier, its group interned.
+pub struct Staged {
+    group: usize,
+    pane: Millis,
+    state: AggState,
+}
+
+struct GroupState {
+    metric: u16,
+    group: Group,
+    hash: u64,
+    panes: BTreeMap<Millis, AggState>,
+    /// Entries of `open` and `closed` for this group.
+    windows: u32,
+    /// Contributions staged for this group and not applied yet.
+    staged: u32,
+}
+
+impl GroupState {
+    fn unused(&self) -> bool {
+        self.panes.is_empty() && self.windows == 0 && self.staged == 0
+    }
+}
+
+impl WindowState {
+    /// Empty state for `metrics`, keeping closed windows for
+    /// `allowed_lateness`.
+    pub fn new(metrics: Rc<Vec<MetricSpec>>, allowed_lateness: Millis) -> Self {
+        let widest = metrics
+            .iter()
+            .map(|m| m.windows.iter().map(WindowSpec::size).max().unwrap_or(0))
+            .collect();
+        WindowState {
+            metrics,
+            allowed_lateness,
+            widest,
+            index: HashMap::default(),
+            groups: Vec::new(),
+            free: Vec::new(),
+            open: BTreeSet::new(),
+            closed: HashMap::default(),
+            closed_by_end: BTreeSet::new(),
+            pane_expiry: BTreeSet::new(),
+            dirty_panes: HashSet::default(),
+        }
+    }
+
+    /// The number of groups held, for tests and observation.
+    pub fn groups(&self) -> usize {
+        self.groups.len() - self.free.len()
+    }
+
+    fn group(&self, g: usize) -> &GroupState {
+        // A group index comes from `intern` and is freed only once nothing
+        // refers to it (see `GroupState::unused`).
+        self.groups[g].as_ref().expect("a live group index")
+    }
+
+    fn group_mut(&mut self, g: usize) -> &mut GroupState {
+        self.groups[g].as_mut().expect("a live group index")
+    }
+
+    /// Emits every open window that ends at or before `time` as final.
+    pub fn close_until(&mut self, time: Millis, out: &mut Vec<WindowUpdate>) {
+        while let Some(&(end, group, window)) = self.open.first() {
+            if end > time {
+                break;
+            }
+            self.open.pop_first();
+            let key = (group, window, end);
+            // The window moves from `open` to `closed`: its group's count of
+            // windows stays the same.
+            self.closed.insert(key, 0);
+            self.closed_by_end.insert((end, group, window));
+            out.push(self.update(key, 0, true));
+        }
+    }
+
+    /// Applies the contributions that travelled at `time`, and returns how
+    /// many closed windows they revised.
+    pub fn apply(
+        &mut self,
+        time: Millis,
+        batch: Vec<Staged>,
+        out: &mut Vec<WindowUpdate>,
+    ) -> usize {
+        // Merges commute, and late windows are emitted in key order, so the
+        // order contributions arrive in does not matter.
+        let mut late = BTreeSet::new();
+        let metrics = Rc::clone(&self.metrics);
+        for c in batch {
+            let g = c.group;
+            let group = self.groups[g].as_mut().expect("a staged group is live");
+            group.staged -= 1;
+            let metric = group.metric as usize;
+            let spec = &metrics[metric];
+            let new_pane = !group.panes.contains_key(&c.pane);
+            group.panes.entry(c.pane).or_default().merge(&c.state);
+            // The earliest window containing a pane ends at or after the
+            // pane's end. Before that time, none of its windows can have
+            // closed, and an existing pane's windows are registered already:
+            // the common case costs one merge. The pane was marked for
+            // partials when the contribution arrived (`stage`), and applying
+            // it does not change the value a partial shows.
+            if !new_pane && time < c.pane + spec.pane {
+                continue;
+            }
+            if new_pane {
+                let expiry = c.pane + self.widest[metric] + self.allowed_lateness;
+                self.pane_expiry.insert((expiry, g, c.pane));
+            }
+            let mut added = 0;
+            for (w, window) in spec.windows.iter().enumerate() {
+                for span in window.windows_of_pane(c.pane) {
+                    let key = (g, w as u8, span.end);
+                    match self.closed.entry(key) {
+                        Entry::Occupied(_) => {
+                            late.insert(key);
+                        }
+                        Entry::Vacant(closed) if span.end <= time => {
+                            // A window that closed empty gets its first data late.
+                            closed.insert(0);
+                            self.closed_by_end.insert((span.end, g, w as u8));
+                            added += 1;
+                            late.insert(key);
+                        }
+                        Entry::Vacant(_) => {
+                            added += u32::from(self.open.insert((span.end, g, w as u8)));
+                        }
+                    }
+                }
+            }
+            self.group_mut(g).windows += added;
+        }
+        let revised = late.len();
+        for key in late {
+            let revision = self.closed.get_mut(&key).map(|r| {
+                *r += 1;
+                *r
+            });
+            if let Some(revision) = revision {
+                out.push(self.update(key, revision, true));
+            }
+        }
+        revised
+    }
+
+    /// Drops closed windows and panes that no kept window needs any more,
+    /// and frees the groups left with nothing.
+    pub fn expire(&mut self, frontier: Millis) {
+        let mut touched = Vec::new();
+        while let Some(&(end, g, w)) = self.closed_by_end.first() {
+            if end + self.allowed_lateness > frontier {
+                break;
+            }
+            self.closed_by_end.pop_first();
+            self.closed.remove(&(g, w, end));
+            self.group_mut(g).windows -= 1;
+            touched.push(g);
+        }
+        while let Some(&(expiry, g, pane)) = self.pane_expiry.first() {
+            if expiry > frontier {
+                break;
+            }
+            self.pane_expiry.pop_first();
+            self.group_mut(g).panes.remove(&pane);
+            touched.push(g);
+        }
+        let mut freed = false;
+        for g in touched {
+            if self.groups[g].as_ref().is_some_and(GroupState::unused) {
+                self.release(g);
+                freed = true;
+            }
+        }
+        if freed {
+            self.dirty_panes.retain(|(g, _)| self.groups[*g].is_some());
+            // Hash maps keep their capacity; give it back after a burst of
+            // groups has gone.
+            if self.index.capacity() > 64 && self.index.len() * 4 < self.index.capacity() {
+                self.index.shrink_to_fit();
+            }
+        }
+    }
+
+    fn release(&mut self, g: usize) {
+        let Some(group) = self.groups[g].take() else {
+            return;
+        };
+        if let Some(candidates) = self.index.get_mut(&group.hash) {
+            candidates.retain(|&c| c != g);
+            if candidates.is_empty() {
+                self.index.remove(&group.hash);
+            }
+        }
+        self.free.push(g);
+    }
+
+    /// Emits partial values of the open windows changed since the last call.
+    ///
+    /// Partials include the stashed data the frontier has not released yet,
+    /// so live views do not wait for the slowest partition. They are never
+    /// stored, so this does not touch the determinism of finals.
+    pub fn partials<'a>(
+        &mut self,
+        stash: impl IntoIterator<Item = &'a Staged>,
+        out: &mut Vec<WindowUpdate>,
+    ) {
+        if self.dirty_panes.is_empty() {
+            return;
+        }
+        let mut pending: HashMap<usize, BTreeMap<Millis, AggState>> = HashMap::default();
+        for c in stash {
+            pending
+                .entry(c.group)
+                .or_default()
+                .entry(c.pane)
+                .or_default()
+                .merge(&c.state);
+        }
+        let mut dirty = BTreeSet::new();
+        for (g, pane) in self.dirty_panes.drain() {
+            let metric = self.groups[g]
+                .as_ref()
+                .expect("dirty groups are live")
+                .metric as usize;
+            for (w, window) in self.metrics[metric].windows.iter().enumerate() {
+                // Of the sliding windows over a pane, a live view shows the
+                // one closing next, which holds the most recent full width;
+                // the others get their value when they close.
+                if let Some(span) = window.windows_of_pane(pane).next() {
+                    if !self.closed.contains_key(&(g, w as u8, span.end)) {
+                        dirty.insert((g, w as u8, span.end));
+                    }
+                }
+            }
+        }
+        for key in dirty {
+            let mut update = self.update(key, 0, false);
+            if let Some(panes) = pending.get(&key.0) {
+                for (_, state) in panes.range(update.span.start..update.span.end) {
+                    update.state.merge(state);
+                }
+            }
+            out.push(update);
+        }
+    }
+
+    /// Interns an arriving contribution's group, and marks its pane so the
+    /// next partials show it.
+    pub fn stage(&mut self, c: Contribution) -> Staged {
+        let group = self.intern(c.metric, &c.group, c.hash);
+        self.group_mut(group).staged += 1;
+        self.dirty_panes.insert((group, c.pane));
+        Staged {
+            group,
+            pane: c.pane,
+            state: c.state,
+        }
+    }
+
+    /// A copy of the state, group by group, for a checkpoint. Groups with
+    /// nothing left are not written, which is how a restart forgets them.
+    pub fn snapshot(&self) -> Vec<GroupSnapshot> {
+        let mut open: HashMap<usize, Vec<(u8, Millis)>> = HashMap::default();
+        for &(end, g, w) in &self.open {
+            open.entry(g).or_default().push((w, end));
+        }
+        let mut closed: HashMap<usize, Vec<(u8, Millis, u32)>> = HashMap::default();
+        for (&(g, w, end), &revision) in &self.closed {
+            closed.entry(g).or_default().push((w, end, revision));
+        }
+        self.groups
+            .iter()
+            .enumerate()
+            .filter_map(|(g, group)| {
+                let group = group.as_ref()?;
+                let mut closed = closed.remove(&g).unwrap_or_default();
+                if group.panes.is_empty() && closed.is_empty() {
+                    return None;
+                }
+                closed.sort_unstable();
+                Some(GroupSnapshot {
+                    metric: group.metric,
+                    group: group.group.clone(),
+                    hash: group.hash,
+                    panes: group
+                        .panes
+                        .iter()
+                        .map(|(&start, state)| (start, state.clone()))
+                        .collect(),
+                    open: open.remove(&g).unwrap_or_default(),
+                    closed,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes back the state of restored groups.
+    pub fn restore(&mut self, groups: Vec<GroupSnapshot>) {
+        for snapshot in groups {
+            let g = self.intern(snapshot.metric, &snapshot.group, snapshot.hash);
+            let metric = snapshot.metric as usize;
+            let mut windows = 0;
+            for (pane, state) in snapshot.panes {
+                let expiry = pane + self.widest[metric] + self.allowed_lateness;
+                self.pane_expiry.insert((expiry, g, pane));
+                self.group_mut(g).panes.insert(pane, state);
+            }
+            for (w, end) in snapshot.open {
+                windows += u32::from(self.open.insert((end, g, w)));
+            }
+            for (w, end, revision) in snapshot.closed {
+                windows += u32::from(self.closed.insert((g, w, end), revision).is_none());
+                self.closed_by_end.insert((end, g, w));
+            }
+            self.group_mut(g).windows += windows;
+        }
+    }
+
+    /// True while some pane has changed since the last partials.
+    pub fn has_partials(&self) -> bool {
+        !self.dirty_panes.is_empty()
+    }
+
+    fn intern(&mut self, metric: u16, group: &Group, hash: u64) -> usize {
+        let groups = &self.groups;
+        let candidates = self.index.entry(hash).or_default();
+        if let Some(&g) = candidates.iter().find(|&&g| {
+            groups[g]
+                .as_ref()
+                .is_some_and(|s| s.metric == metric && s.group == *group)
+        }) {
+            return g;
+        }
+        let state = GroupState {
+            metric,
+            group: group.clone(),
+            hash,
+            panes: BTreeMap::new(),
+            windows: 0,
+            staged: 0,
+        };
+        let g = match self.free.pop() {
+            Some(g) => {
+                self.groups[g] = Some(state);
+                g
+            }
+            None => {
+                self.groups.push(Some(state));
+                self.groups.len() - 1
+            }
+        };
+        candidates.push(g);
+        g
+    }
+
+    /// The current value of a window.
+    fn update(&self, (g, w, end): WindowKey, revision: u32, is_final: bool) -> WindowUpdate {
+        let group = self.group(g);
+        let spec = self.metrics[group.metric as usize].windows[w as usize];
+        let span = Span {
+            start: end - spec.size(),
+            end,
+        };
+        let mut state = AggState::default();
+        for (_, pane) in group.panes.range(span.start..span.end) {
+            state.merge(pane);
+        }
+        WindowUpdate {
+            metric: group.metric,
+            window: w,
+            span,
+            group: group.group.clone(),
+            state,
+            revision,
+            is_final,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The state machine on hand-made contributions: one `count` metric by
+    //! country, with `tumbling 10s` (window 0) and `sliding 30s every 10s`
+    //! (window 1), and 30 s of allowed lateness.
+
+    use super::*;
+    use crate::aggregate::AggregateKind;
+    use crate::routing::group_hash;
+    use crate::window::pane_width;
+
+    const LATENESS: Millis = 30_000;
+
+    fn state() -> WindowState {
+        let windows: Vec<_> = ["tumbling 10s", "sliding 30s every 10s"]
+            .map(|w| WindowSpec::parse(w).unwrap())
+            .to_vec();
+        let metric = MetricSpec {
+            name: "clicks".into(),
+            event_type: None,
+            aggregate: AggregateKind::Count,
+            field: None,
+            dimensions: vec!["country".into()],
+            pane: pane_width(&windows),
+            windows,
+        };
+        WindowState::new(Rc::new(vec![metric]), LATENESS)
+    }
+
+    fn contribution(country: &str, pane_s: i64, count: u64) -> Contribution {
+        let group = vec![country.to_owned()];
+        Contribution {
+            metric: 0,
+            hash: group_hash(0, &group),
+            group,
+            pane: pane_s * 1000,
+            state: AggState::from_parts(count, 0.0, None),
+        }
+    }
+
+    /// (country, window, start s, end s, count, revision, final) per update.
+    type Row = (String, u8, i64, i64, u64, u32, bool);
+
+    fn rows(updates: &[WindowUpdate]) -> Vec<Row> {
+        updates
+            .iter()
+            .map(|u| {
+                (
+                    u.group[0].clone(),
+                    u.window,
+                    u.span.start / 1000,
+                    u.span.end / 1000,
+                    u.state.count,
+                    u.revision,
+                    u.is_final,
+                )
+            })
+            .collect()
+    }
+
+    fn row(country: &str, window: u8, span: (i64, i64), count: u64, revision: u32) -> Row {
+        (
+            country.into(),
+            window,
+            span.0,
+            span.1,
+            count,
+            revision,
+            true,
+        )
+    }
+
+    /// Stages `contributions`, then applies them at `time_s`, as the operator
+    /// does once the frontier passes that time.
+    fn step(
+        state: &mut WindowState,
+        time_s: i64,
+        contributions: Vec<Contribution>,
+    ) -> Vec<WindowUpdate> {
+        let staged: Vec<Staged> = contributions.into_iter().map(|c| state.stage(c)).collect();
+        let mut out = Vec::new();
+        state.close_until(time_s * 1000, &mut out);
+        state.apply(time_s * 1000, staged, &mut out);
+        out
+    }
+
+    #[test]
+    fn windows_close_as_final_when_time_passes_their_end() {
+        let mut state = state();
+        assert!(step(
+            &mut state,
+            0,
+            vec![contribution("US", 0, 2), contribution("US", 10, 1)]
+        )
+        .is_empty());
+        let closed = step(&mut state, 10, vec![]);
+        assert_eq!(
+            rows(&closed),
+            [row("US", 0, (0, 10), 2, 0), row("US", 1, (-20, 10), 2, 0)]
+        );
+        let mut out = Vec::new();
+        state.close_until(20_000, &mut out);
+        assert_eq!(
+            rows(&out),
+            [row("US", 0, (10, 20), 1, 0), row("US", 1, (-10, 20), 3, 0)]
+        );
+    }
+
+    #[test]
+    fn late_data_revises_a_closed_window_and_counts_it() {
+        let mut state = state();
+        step(&mut state, 0, vec![contribution("US", 0, 2)]);
+        step(&mut state, 12, vec![]);
+        // Data for pane 0 that travelled at 12 s: both windows over it that
+        // have closed are emitted again, one revision up.
+        let late = step(&mut state, 12, vec![contribution("US", 0, 1)]);
+        assert_eq!(
+            rows(&late),
+            [row("US", 0, (0, 10), 3, 1), row("US", 1, (-20, 10), 3, 1)]
+        );
+        // A window that closed empty takes its first data as revision 1.
+        let empty = step(&mut state, 25, vec![contribution("FR", 10, 4)]);
+        assert!(rows(&empty).contains(&row("FR", 0, (10, 20), 4, 1)));
+    }
+
+    #[test]
+    fn partials_show_staged_data_and_only_the_next_sliding_window() {
+        let mut state = state();
+        step(&mut state, 0, vec![contribution("US", 0, 2)]);
+        // Staged, not yet applied: the partial includes it.
+        let waiting = state.stage(contribution("US", 0, 5));
+        assert!(state.has_partials());
+        let mut out = Vec::new();
+        state.partials([&waiting], &mut out);
+        assert_eq!(
+            rows(&out),
+            [
+                ("US".into(), 0, 0, 10, 7, 0, false),
+                ("US".into(), 1, -20, 10, 7, 0, false)
+            ]
+        );
+        assert!(!state.has_partials());
+        out.clear();
+        state.partials([&waiting], &mut out);
+        assert!(out.is_empty(), "nothing changed since the last partials");
+    }
+
+    #[test]
+    fn expired_state_is_dropped_and_its_groups_freed() {
+        let mut state = state();
+        let many: Vec<_> = (0..1000)
+            .map(|i| contribution(&format!("c{i}"), 0, 1))
+            .collect();
+        step(&mut state, 0, many);
+        assert_eq!(state.groups(), 1000);
+        let mut out = Vec::new();
+        state.close_until(40_000, &mut out);
+        // Closed windows are kept for the lateness after their end; the
+        // widest ends at 30 s, so everything is kept until 60 s.
+        state.expire(59_999);
+        assert_eq!(state.groups(), 1000);
+        assert!(!state.snapshot().is_empty());
+        state.expire(60_000);
+        assert_eq!(state.groups(), 0, "every group had nothing left");
+        assert!(state.snapshot().is_empty());
+        // Freed slots are reused, and a returning group starts afresh.
+        step(&mut state, 60, vec![contribution("c7", 60, 1)]);
+        assert_eq!(state.groups(), 1);
+        assert!(state.groups.len() <= 1000);
+        out.clear();
+        state.close_until(70_000, &mut out);
+        assert!(rows(&out).contains(&row("c7", 0, (60, 70), 1, 0)));
+    }
+
+    #[test]
+    fn a_group_with_staged_data_is_not_freed() {
+        let mut state = state();
+        step(&mut state, 0, vec![contribution("US", 0, 1)]);
+        let mut out = Vec::new();
+        state.close_until(40_000, &mut out);
+        // A contribution arrives for a pane that expires with the others,
+        // but waits in the stash while the frontier moves on.
+        let waiting = state.stage(contribution("US", 60, 1));
+        state.expire(60_000);
+        assert_eq!(state.groups(), 1);
+        state.apply(60_000, vec![waiting], &mut out);
+        out.clear();
+        state.close_until(70_000, &mut out);
+        assert!(rows(&out).contains(&row("US", 0, (60, 70), 1, 0)));
+    }
+
+    #[test]
+    fn a_restored_snapshot_goes_on_as_the_original() {
+        let script = |state: &mut WindowState| -> Vec<Row> {
+            let mut all = Vec::new();
+            all.extend(rows(&step(state, 15, vec![contribution("US", 10, 1)])));
+            all.extend(rows(&step(
+                state,
+                25,
+                vec![contribution("US", 0, 1), contribution("FR", 20, 2)],
+            )));
+            let mut out = Vec::new();
+            state.close_until(50_000, &mut out);
+            state.expire(50_000);
+            all.extend(rows(&out));
+            all
+        };
+        let mut original = state();
+        step(
+            &mut original,
+            0,
+            vec![contribution("US", 0, 2), contribution("US", 10, 1)],
+        );
+        step(&mut original, 12, vec![]);
+        let snapshot = original.snapshot();
+        let mut restored = state();
+        restored.restore(snapshot);
+        assert_eq!(script(&mut restored), script(&mut original));
+        assert_eq!(restored.groups(), original.groups());
+        assert_eq!(
+            format!("{:?}", restored.snapshot()),
+            format!("{:?}", original.snapshot())
+        );
+    }
+}
