@@ -1,38 +1,11 @@
-//! `GET /v1/live`: WebSocket fan-out of live window values.
-//!
-//! The workers publish per-group window values (partials, finals and
-//! revisions) on the live bus. The [`Hub`], one task, keeps the recent
-//! windows of every metric and the subscriptions of every client. For each
-//! batch from the bus it recomputes the topics that batch touched, by merging
-//! the matching groups' states, and queues for each subscribed client one
-//! update per subscription: a message per window, or per group and window.
-//!
-//! A topic is `metrics:<metric>[:<dimension>:<value>]…`; a subscription may
-//! add a `window` (default: the metric's first) and a `groupBy` dimension, in
-//! which case each group's value is a message of its own.
-//!
-//! **Slow consumers.** Each client has a bounded queue of updates
-//! (`live.queue`, 50 by default). The bound counts updates, not messages, so
-//! a grouped topic with hundreds of groups takes one place. The hub never
-//! waits on a client: when a queue is full the client is disconnected, and
-//! nobody else is delayed.
-//!
-//! **Revisions.** A topic's open window is sent with `final: false`. Its
-//! final value carries the sum of the revisions of the groups it merges: 0 at
-//! first, raised by every late event. The job keeps group revisions across
-//! restarts (they are in its checkpoints), so `(window, revision)` tells a
-//! repeat from a correction even across a restart of the server.
+//! The hub: one task that holds the recent windows of every metric and the
+//! subscriptions of every client, and fans each batch from the live bus out
+//! to the clients' bounded queues.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use futures_util::stream::SplitStream;
-use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tally_dataflow::aggregate::AggState;
 use tally_dataflow::config::MetricSpec;
@@ -41,196 +14,43 @@ use tally_dataflow::operators::source::Group;
 use tally_dataflow::operators::windows::WindowUpdate;
 use tally_dataflow::window::WindowSpec;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
-use warp::http::{header, HeaderMap, StatusCode};
-use warp::reply::Response;
-use warp::{Filter, Rejection, Reply};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use super::connection::Request;
 use crate::backend::LiveInterest;
 use crate::now_ms;
 use crate::ops::Ops;
-use crate::reply::{number, ApiError};
-
-/// How often the server pings a client.
-const PING_EVERY: Duration = Duration::from_secs(15);
-/// A client silent for this long (no pong, no message) is disconnected.
-const SILENCE_LIMIT: Duration = Duration::from_secs(45);
-/// A client that takes this long to accept one write (a message, and what
-/// was queued behind it) is disconnected, so a stalled socket never holds
-/// its task.
-const SEND_LIMIT: Duration = Duration::from_secs(10);
-/// How long a client dropped for a full queue has to answer its close.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-/// What a connection reads into at a time. Clients send only small
-/// subscription messages.
-const READ_BUFFER: usize = 4096;
-/// The largest message a client may send.
-const MAX_REQUEST: usize = 64 * 1024;
+use crate::reply::number;
 
 /// One entry of a client's queue: what one subscription has for it from one
 /// batch of the bus (a value per window, or per group and window), a
 /// subscription's current values, or an error. The queue's bound counts
 /// entries, so a grouped topic with many groups takes one place, not one
 /// per group.
-type Batch = Arc<[Utf8Bytes]>;
-
-/// A client's connection.
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
-
-/// `GET /v1/live`: the WebSocket handshake, then [`Hub::serve`].
-///
-/// The handshake is done here rather than by warp's `ws()` filter so that
-/// the connection's buffers can be sized. warp gives each connection the
-/// WebSocket library's default 128 KiB read buffer, which is zero-filled
-/// before every read: 128 KiB of memory per client and, under fan-out, a
-/// large share of the server's CPU.
-pub fn route(
-    hub: Hub,
-    queue: usize,
-    ops: Arc<Ops>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("v1" / "live")
-        .and(warp::get())
-        .and(warp::header::headers_cloned())
-        .and(warp::ext::optional::<OnUpgrade>())
-        .map(move |headers: HeaderMap, upgrade: Option<OnUpgrade>| {
-            let (key, upgrade) = match handshake(&headers, upgrade) {
-                Ok(accepted) => accepted,
-                Err(refusal) => return refusal.into_response(),
-            };
-            let (hub, ops) = (hub.clone(), Arc::clone(&ops));
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(upgraded) => {
-                        let config = WebSocketConfig::default()
-                            .read_buffer_size(READ_BUFFER)
-                            .max_message_size(Some(MAX_REQUEST))
-                            .max_frame_size(Some(MAX_REQUEST));
-                        let socket = WebSocketStream::from_raw_socket(
-                            TokioIo::new(upgraded),
-                            Role::Server,
-                            Some(config),
-                        )
-                        .await;
-                        hub.serve(socket, queue, ops).await;
-                    }
-                    Err(e) => tracing::debug!("a WebSocket upgrade failed: {e}"),
-                }
-            });
-            let mut response = Response::default();
-            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let headers = response.headers_mut();
-            headers.insert(header::CONNECTION, "upgrade".parse().unwrap());
-            headers.insert(header::UPGRADE, "websocket".parse().unwrap());
-            headers.insert(
-                header::SEC_WEBSOCKET_ACCEPT,
-                derive_accept_key(key.as_bytes()).parse().unwrap(),
-            );
-            response
-        })
-}
-
-/// Why a handshake was refused: 426 for a request that is not a WebSocket
-/// upgrade or asks for a version other than 13, 400 for a malformed one.
-enum Refusal {
-    UpgradeRequired(&'static str),
-    BadRequest(&'static str),
-}
-
-impl Refusal {
-    fn into_response(self) -> Response {
-        match self {
-            Refusal::BadRequest(message) => ApiError::bad_request(message).into_response(),
-            Refusal::UpgradeRequired(message) => {
-                let mut response =
-                    ApiError::new(StatusCode::UPGRADE_REQUIRED, message).into_response();
-                let headers = response.headers_mut();
-                headers.insert(header::CONNECTION, "upgrade".parse().unwrap());
-                headers.insert(header::UPGRADE, "websocket".parse().unwrap());
-                headers.insert(header::SEC_WEBSOCKET_VERSION, "13".parse().unwrap());
-                response
-            }
-        }
-    }
-}
-
-/// Checks a WebSocket opening handshake (RFC 6455, 4.2.1), and returns its
-/// `Sec-WebSocket-Key` and the connection to take over.
-fn handshake(
-    headers: &HeaderMap,
-    upgrade: Option<OnUpgrade>,
-) -> Result<(header::HeaderValue, OnUpgrade), Refusal> {
-    let has = |name: header::HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|value| {
-            value
-                .to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    if !(has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")) {
-        return Err(Refusal::UpgradeRequired(
-            "GET /v1/live is a WebSocket: connect with a WebSocket client",
-        ));
-    }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_none_or(|v| v != "13")
-    {
-        return Err(Refusal::UpgradeRequired(
-            "this server speaks WebSocket version 13 only",
-        ));
-    }
-    // The key is 16 random bytes in base64.
-    let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .filter(|key| key.len() == 24)
-        .ok_or(Refusal::BadRequest(
-            "Sec-WebSocket-Key must be 16 bytes in base64",
-        ))?;
-    // hyper offers the connection only for an HTTP/1.1 upgrade request.
-    let upgrade = upgrade.ok_or(Refusal::BadRequest(
-        "a WebSocket needs an HTTP/1.1 connection",
-    ))?;
-    Ok((key.clone(), upgrade))
-}
+pub(super) type Batch = Arc<[Utf8Bytes]>;
 
 /// A handle to the fan-out task.
 #[derive(Clone)]
 pub struct Hub {
-    commands: mpsc::Sender<Command>,
-    next_client: Arc<AtomicU64>,
+    /// What the connections tell the hub.
+    pub(super) commands: mpsc::Sender<Command>,
+    /// The id the next client gets.
+    pub(super) next_client: Arc<AtomicU64>,
 }
 
-enum Command {
+/// What a connection tells the hub.
+pub(super) enum Command {
+    /// A client connected; `queue` is its bounded queue.
     Join {
         client: u64,
         queue: mpsc::Sender<Batch>,
     },
-    Subscribe {
-        client: u64,
-        request: Request,
-    },
-    Unsubscribe {
-        client: u64,
-        request: Request,
-    },
-    Leave {
-        client: u64,
-    },
-}
-
-/// A client's message.
-#[derive(Clone, Debug, Deserialize)]
-struct Request {
-    action: String,
-    topic: String,
-    window: Option<String>,
-    #[serde(rename = "groupBy")]
-    group_by: Option<String>,
+    /// A client subscribed.
+    Subscribe { client: u64, request: Request },
+    /// A client unsubscribed from every subscription of a topic.
+    Unsubscribe { client: u64, request: Request },
+    /// A client disconnected, or is disconnected.
+    Leave { client: u64 },
 }
 
 impl Hub {
@@ -255,151 +75,6 @@ impl Hub {
         Hub {
             commands,
             next_client: Arc::new(AtomicU64::new(1)),
-        }
-    }
-
-    /// Serves one WebSocket client until it leaves or falls behind.
-    async fn serve(self, ws: Socket, queue: usize, ops: Arc<Ops>) {
-        let client = self.next_client.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Batch>(queue);
-        if self
-            .commands
-            .send(Command::Join { client, queue: tx })
-            .await
-            .is_err()
-        {
-            return;
-        }
-        ops.ws_clients.inc();
-        let (mut sink, stream) = ws.split();
-        // Reading runs in a task of its own, woken only when the client sends
-        // something, so sending never polls the socket for reads.
-        let started = Instant::now();
-        let heard = Arc::new(AtomicU64::new(0));
-        let (replies_tx, mut replies) = mpsc::channel::<String>(8);
-        let mut reader = tokio::spawn(read_requests(
-            stream,
-            client,
-            self.commands.clone(),
-            replies_tx,
-            Arc::clone(&heard),
-            started,
-        ));
-        let mut ping = tokio::time::interval(PING_EVERY);
-        loop {
-            let outgoing = tokio::select! {
-                batch = rx.recv() => match batch {
-                    Some(batch) => Outgoing::Live(batch),
-                    None => {
-                        // The hub dropped us: our queue overflowed.
-                        let close = CloseFrame {
-                            code: CloseCode::Policy,
-                            reason: "too slow: the message queue overflowed".into(),
-                        };
-                        let close = sink.send(Message::Close(Some(close)));
-                        let _ = tokio::time::timeout(SEND_LIMIT, close).await;
-                        // The reader reads on until the client's answering
-                        // close, so the connection ends with a FIN rather
-                        // than a reset that would discard what it has yet
-                        // to read.
-                        let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
-                        break;
-                    }
-                },
-                reply = replies.recv() => match reply {
-                    Some(text) => Outgoing::Frame(Message::text(text)),
-                    // The client closed, or its connection failed.
-                    None => break,
-                },
-                _ = ping.tick() => {
-                    let heard = Duration::from_millis(heard.load(Ordering::Relaxed));
-                    if started.elapsed().saturating_sub(heard) > SILENCE_LIMIT {
-                        break;
-                    }
-                    Outgoing::Frame(Message::Ping(Default::default()))
-                }
-            };
-            // What else is queued, up to a queue's worth of entries, goes
-            // out in the same write.
-            let send = async {
-                let mut batch = match outgoing {
-                    Outgoing::Frame(frame) => {
-                        sink.feed(frame).await?;
-                        rx.try_recv().ok()
-                    }
-                    Outgoing::Live(batch) => Some(batch),
-                };
-                let mut taken = 0;
-                while let Some(messages) = batch {
-                    for text in messages.iter() {
-                        sink.feed(Message::Text(text.clone())).await?;
-                    }
-                    taken += 1;
-                    batch = if taken < queue {
-                        rx.try_recv().ok()
-                    } else {
-                        None
-                    };
-                }
-                sink.flush().await
-            };
-            if !matches!(tokio::time::timeout(SEND_LIMIT, send).await, Ok(Ok(()))) {
-                break;
-            }
-        }
-        reader.abort();
-        let _ = self.commands.send(Command::Leave { client }).await;
-        ops.ws_clients.dec();
-    }
-}
-
-/// What a client's task sends next.
-enum Outgoing {
-    Live(Batch),
-    Frame(Message),
-}
-
-/// Reads a client's requests until it closes: subscriptions go to the hub,
-/// errors back to the client through `replies`. Every frame, pongs
-/// included, is noted in `heard`, in milliseconds since `started`.
-async fn read_requests(
-    mut stream: SplitStream<Socket>,
-    client: u64,
-    commands: mpsc::Sender<Command>,
-    replies: mpsc::Sender<String>,
-    heard: Arc<AtomicU64>,
-    started: Instant,
-) {
-    while let Some(Ok(frame)) = stream.next().await {
-        heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let text = match frame {
-            Message::Text(text) => text,
-            // The next read sends the reply to a close, then ends.
-            _ => continue,
-        };
-        let error = match serde_json::from_str::<Request>(&text) {
-            Ok(request) if request.action == "subscribe" => {
-                let _ = commands.send(Command::Subscribe { client, request }).await;
-                continue;
-            }
-            Ok(request) if request.action == "unsubscribe" => {
-                let _ = commands
-                    .send(Command::Unsubscribe { client, request })
-                    .await;
-                continue;
-            }
-            Ok(request) => format!(
-                "unknown action '{}': use subscribe or unsubscribe",
-                request.action
-            ),
-            Err(e) => format!("cannot read the message: {e}"),
-        };
-        if replies
-            .send(json!({ "error": error }).to_string())
-            .await
-            .is_err()
-        {
-            return;
         }
     }
 }
