@@ -12,6 +12,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
+use tally_dataflow::config::MetricSpec;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -19,6 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::hub::{Batch, Command, Hub};
+use super::topic::Topic;
 use crate::ops::Ops;
 
 /// How often the server pings a client.
@@ -41,17 +43,18 @@ const MAX_REQUEST: usize = 64 * 1024;
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// A client's message.
-#[derive(Clone, Debug, Deserialize)]
-pub(super) struct Request {
+#[derive(Debug, Deserialize)]
+struct Request {
     /// `subscribe` or `unsubscribe`.
-    pub(super) action: String,
+    action: String,
     /// The topic, as `metrics:<metric>[:<dimension>:<value>]…`.
-    pub(super) topic: String,
-    /// The window to follow, as the metric's configuration spells it.
-    pub(super) window: Option<String>,
-    /// The dimension whose groups are sent one by one.
+    topic: String,
+    /// The window to follow, as a window spec; for a subscription only.
+    window: Option<String>,
+    /// The dimension whose groups are sent one by one; for a subscription
+    /// only.
     #[serde(rename = "groupBy")]
-    pub(super) group_by: Option<String>,
+    group_by: Option<String>,
 }
 
 /// Serves one WebSocket client, on a connection that has just been
@@ -84,6 +87,7 @@ pub(super) async fn serve(hub: Hub, upgraded: Upgraded, queue: usize, ops: Arc<O
     let mut reader = tokio::spawn(read_requests(
         stream,
         client,
+        Arc::clone(&hub.metrics),
         hub.commands.clone(),
         replies_tx,
         Arc::clone(&heard),
@@ -162,12 +166,15 @@ enum Outgoing {
     Frame(Message),
 }
 
-/// Reads a client's requests until it closes: subscriptions go to the hub,
-/// errors back to the client through `replies`. Every frame, pongs
-/// included, is noted in `heard`, in milliseconds since `started`.
+/// Reads a client's requests until it closes: subscriptions, checked
+/// against `metrics`, go to the hub, and so do the errors of the ones
+/// refused; the errors of unreadable messages go back to the client through
+/// `replies`. Every frame, pongs included, is noted in `heard`, in
+/// milliseconds since `started`.
 async fn read_requests(
     mut stream: SplitStream<Socket>,
     client: u64,
+    metrics: Arc<Vec<MetricSpec>>,
     commands: mpsc::Sender<Command>,
     replies: mpsc::Sender<String>,
     heard: Arc<AtomicU64>,
@@ -182,13 +189,25 @@ async fn read_requests(
         };
         let error = match serde_json::from_str::<Request>(&text) {
             Ok(request) if request.action == "subscribe" => {
-                let _ = commands.send(Command::Subscribe { client, request }).await;
+                let command = match Topic::parse(
+                    &request.topic,
+                    request.window.as_deref(),
+                    request.group_by.as_deref(),
+                    &metrics,
+                ) {
+                    Ok(topic) => Command::Subscribe { client, topic },
+                    Err(error) => Command::Refuse {
+                        client,
+                        topic: request.topic,
+                        error,
+                    },
+                };
+                let _ = commands.send(command).await;
                 continue;
             }
             Ok(request) if request.action == "unsubscribe" => {
-                let _ = commands
-                    .send(Command::Unsubscribe { client, request })
-                    .await;
+                let topic = request.topic;
+                let _ = commands.send(Command::Unsubscribe { client, topic }).await;
                 continue;
             }
             Ok(request) => format!(

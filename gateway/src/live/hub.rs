@@ -12,11 +12,10 @@ use tally_dataflow::config::MetricSpec;
 use tally_dataflow::event::{format_rfc3339, Millis};
 use tally_dataflow::operators::source::Group;
 use tally_dataflow::operators::windows::WindowUpdate;
-use tally_dataflow::window::WindowSpec;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::connection::Request;
+use super::topic::{Topic, TopicError};
 use crate::backend::LiveInterest;
 use crate::now_ms;
 use crate::ops::Ops;
@@ -36,6 +35,8 @@ pub struct Hub {
     pub(super) commands: mpsc::Sender<Command>,
     /// The id the next client gets.
     pub(super) next_client: Arc<AtomicU64>,
+    /// The configured metrics, which a client's topics are checked against.
+    pub(super) metrics: Arc<Vec<MetricSpec>>,
 }
 
 /// What a connection tells the hub.
@@ -46,9 +47,18 @@ pub(super) enum Command {
         queue: mpsc::Sender<Batch>,
     },
     /// A client subscribed.
-    Subscribe { client: u64, request: Request },
-    /// A client unsubscribed from every subscription of a topic.
-    Unsubscribe { client: u64, request: Request },
+    Subscribe { client: u64, topic: Topic },
+    /// A client's subscription was refused. The error goes through the
+    /// client's queue, so it arrives after what earlier subscriptions
+    /// queued.
+    Refuse {
+        client: u64,
+        topic: String,
+        error: TopicError,
+    },
+    /// A client unsubscribed from every subscription of the topic with this
+    /// text, whatever their window or grouping.
+    Unsubscribe { client: u64, topic: String },
     /// A client disconnected, or is disconnected.
     Leave { client: u64 },
 }
@@ -69,24 +79,19 @@ impl Hub {
         interest: Option<Arc<dyn LiveInterest>>,
     ) -> Hub {
         let (commands, rx) = mpsc::channel(4096);
-        let mut state = HubState::new(metrics, lateness, ops);
+        let mut state = HubState::new(Arc::clone(&metrics), lateness, ops);
         state.interest = interest;
         tokio::spawn(state.run(rx, bus));
         Hub {
             commands,
             next_client: Arc::new(AtomicU64::new(1)),
+            metrics,
         }
     }
 }
 
-/// A subscription's identity: its topic, window and grouping.
-type SubKey = (String, u8, Option<usize>);
-
+/// The clients of one [`Topic`], and what it has sent them.
 struct Subscription {
-    metric: u16,
-    window: u8,
-    filters: Vec<(usize, String)>,
-    group_by: Option<usize>,
     clients: HashSet<u64>,
     /// What was last sent, per window and group.
     sent: HashMap<(Millis, Option<String>), Sent>,
@@ -106,13 +111,15 @@ struct Slot {
     groups: HashMap<Group, (AggState, bool, u32)>,
 }
 
+/// The fan-out task's state: the recent windows of every metric, and who
+/// holds which topic.
 struct HubState {
     metrics: Arc<Vec<MetricSpec>>,
     lateness: Millis,
     ops: Arc<Ops>,
     windows: HashMap<(u16, u8), BTreeMap<Millis, Slot>>,
-    subs: HashMap<SubKey, Subscription>,
-    clients: HashMap<u64, (mpsc::Sender<Batch>, HashSet<SubKey>)>,
+    subs: HashMap<Topic, Subscription>,
+    clients: HashMap<u64, (mpsc::Sender<Batch>, HashSet<Topic>)>,
     /// Subscriptions per metric.
     refs: HashMap<u16, usize>,
     interest: Option<Arc<dyn LiveInterest>>,
@@ -164,114 +171,51 @@ impl HubState {
                 self.clients.insert(client, (queue, HashSet::new()));
             }
             Command::Leave { client } => self.drop_client(client),
-            Command::Subscribe { client, request } => match self.parse(&request) {
-                Ok(key) => self.subscribe(client, key),
-                Err(error) => {
-                    let error = json!({"error": error, "topic": request.topic}).to_string();
-                    self.send_to(client, Batch::from([Utf8Bytes::from(error)]));
-                }
-            },
-            Command::Unsubscribe { client, request } => {
-                let Some((_, keys)) = self.clients.get_mut(&client) else {
+            Command::Subscribe { client, topic } => self.subscribe(client, topic),
+            Command::Refuse {
+                client,
+                topic,
+                error,
+            } => {
+                let error = json!({"error": error.to_string(), "topic": topic}).to_string();
+                self.send_to(client, Batch::from([Utf8Bytes::from(error)]));
+            }
+            Command::Unsubscribe { client, topic } => {
+                let Some((_, topics)) = self.clients.get_mut(&client) else {
                     return;
                 };
-                let gone: Vec<SubKey> = keys
+                let gone: Vec<Topic> = topics
                     .iter()
-                    .filter(|k| k.0 == request.topic)
+                    .filter(|t| t.text() == topic)
                     .cloned()
                     .collect();
-                for key in &gone {
-                    keys.remove(key);
+                for t in &gone {
+                    topics.remove(t);
                 }
-                for key in gone {
-                    self.release(client, &key);
+                for t in gone {
+                    self.release(client, &t);
                 }
             }
         }
     }
 
-    /// Checks a subscription against the configuration.
-    fn parse(&self, request: &Request) -> Result<SubKey, String> {
-        let mut parts = request.topic.split(':');
-        if parts.next() != Some("metrics") {
-            return Err("a topic is metrics:<metric>[:<dimension>:<value>]…".into());
-        }
-        let name = parts.next().unwrap_or_default();
-        let metric = self
-            .metrics
-            .iter()
-            .find(|m| m.name == name)
-            .ok_or_else(|| format!("unknown metric '{name}'"))?;
-        let rest: Vec<&str> = parts.collect();
-        if !rest.len().is_multiple_of(2) {
-            return Err("filters come in pairs: <dimension>:<value>".into());
-        }
-        let dimension = |d: &str| {
-            metric
-                .dimensions
-                .iter()
-                .position(|x| x == d)
-                .ok_or_else(|| format!("'{d}' is not a dimension of {name}"))
-        };
-        for pair in rest.chunks(2) {
-            dimension(pair[0])?;
-        }
-        let window = match &request.window {
-            None => 0,
-            Some(text) => {
-                let spec = WindowSpec::parse(text)?;
-                metric
-                    .windows
-                    .iter()
-                    .position(|w| *w == spec)
-                    .ok_or_else(|| format!("{name} has no window '{text}'"))?
-            }
-        };
-        let group_by = request.group_by.as_deref().map(dimension).transpose()?;
-        Ok((request.topic.clone(), window as u8, group_by))
-    }
-
-    fn subscribe(&mut self, client: u64, key: SubKey) {
-        let Some((_, keys)) = self.clients.get_mut(&client) else {
+    fn subscribe(&mut self, client: u64, topic: Topic) {
+        let Some((_, topics)) = self.clients.get_mut(&client) else {
             return;
         };
-        if !keys.insert(key.clone()) {
+        if !topics.insert(topic.clone()) {
             return;
         }
         let (metrics, refs, interest) = (&self.metrics, &mut self.refs, &self.interest);
-        let sub = self.subs.entry(key.clone()).or_insert_with(|| {
-            let mut parts = key.0.split(':').skip(1);
-            let name = parts.next().unwrap_or_default();
-            let (metric, spec) = metrics
-                .iter()
-                .enumerate()
-                .find(|(_, m)| m.name == name)
-                .expect("checked by parse");
-            let rest: Vec<&str> = parts.collect();
-            let filters = rest
-                .chunks(2)
-                .map(|p| {
-                    (
-                        spec.dimensions
-                            .iter()
-                            .position(|d| d == p[0])
-                            .expect("checked by parse"),
-                        p[1].to_owned(),
-                    )
-                })
-                .collect();
-            let count = refs.entry(metric as u16).or_default();
+        let sub = self.subs.entry(topic.clone()).or_insert_with(|| {
+            let count = refs.entry(topic.metric()).or_default();
             *count += 1;
             if *count == 1 {
                 if let Some(interest) = interest {
-                    interest.want(&spec.name, true);
+                    interest.want(&metrics[topic.metric() as usize].name, true);
                 }
             }
             Subscription {
-                metric: metric as u16,
-                window: key.1,
-                filters,
-                group_by: key.2,
                 clients: HashSet::new(),
                 sent: HashMap::new(),
             }
@@ -280,21 +224,21 @@ impl HubState {
         // A new subscriber first gets the current value: the newest window.
         let current = self
             .windows
-            .get(&(sub.metric, sub.window))
+            .get(&(topic.metric(), topic.window()))
             .and_then(|slots| slots.iter().next_back())
-            .map(|(start, slot)| messages(&self.metrics, &key, sub, *start, slot, false))
+            .map(|(start, slot)| messages(&self.metrics, &topic, sub, *start, slot, false))
             .unwrap_or_default();
         if !current.is_empty() {
             self.send_to(client, current.into());
         }
     }
 
-    fn release(&mut self, client: u64, key: &SubKey) {
-        if let Some(sub) = self.subs.get_mut(key) {
+    fn release(&mut self, client: u64, topic: &Topic) {
+        if let Some(sub) = self.subs.get_mut(topic) {
             sub.clients.remove(&client);
             if sub.clients.is_empty() {
-                let metric = sub.metric;
-                self.subs.remove(key);
+                let metric = topic.metric();
+                self.subs.remove(topic);
                 let count = self.refs.entry(metric).or_default();
                 *count = count.saturating_sub(1);
                 if *count == 0 {
@@ -311,9 +255,9 @@ impl HubState {
     }
 
     fn drop_client(&mut self, client: u64) {
-        if let Some((_, keys)) = self.clients.remove(&client) {
-            for key in keys {
-                self.release(client, &key);
+        if let Some((_, topics)) = self.clients.remove(&client) {
+            for topic in topics {
+                self.release(client, &topic);
             }
         }
     }
@@ -367,26 +311,27 @@ impl HubState {
             }
         }
         let mut outbox: Vec<(Vec<u64>, Batch)> = Vec::new();
-        for (key, sub) in self.subs.iter_mut() {
+        for (topic, sub) in self.subs.iter_mut() {
             if let Some(oldest) = self
                 .windows
-                .get(&(sub.metric, sub.window))
+                .get(&(topic.metric(), topic.window()))
                 .and_then(|s| s.keys().next())
             {
                 sub.sent.retain(|(start, _), _| start >= oldest);
             }
+            let (metric, window) = (topic.metric(), topic.window());
             let mut batch = Vec::new();
-            for &(_, _, start) in touched.range(
-                (sub.metric, sub.window, Millis::MIN)..=(sub.metric, sub.window, Millis::MAX),
-            ) {
+            for &(_, _, start) in
+                touched.range((metric, window, Millis::MIN)..=(metric, window, Millis::MAX))
+            {
                 let Some(slot) = self
                     .windows
-                    .get(&(sub.metric, sub.window))
+                    .get(&(topic.metric(), topic.window()))
                     .and_then(|s| s.get(&start))
                 else {
                     continue;
                 };
-                batch.extend(messages(&self.metrics, key, sub, start, slot, true));
+                batch.extend(messages(&self.metrics, topic, sub, start, slot, true));
             }
             if !batch.is_empty() {
                 outbox.push((sub.clients.iter().copied().collect(), batch.into()));
@@ -407,21 +352,25 @@ impl HubState {
 /// value's revision is the sum of its groups' revisions.
 fn messages(
     metrics: &[MetricSpec],
-    key: &SubKey,
+    topic: &Topic,
     sub: &mut Subscription,
     start: Millis,
     slot: &Slot,
     changes_only: bool,
 ) -> Vec<Utf8Bytes> {
-    let metric = &metrics[sub.metric as usize];
-    let spec = metric.windows[sub.window as usize];
+    let metric = &metrics[topic.metric() as usize];
+    let spec = metric.windows[topic.window() as usize];
     let mut merged: BTreeMap<Option<String>, (AggState, bool, u32)> = BTreeMap::new();
     for (group, (state, is_final, revision)) in &slot.groups {
-        if !sub.filters.iter().all(|(d, v)| group.get(*d) == Some(v)) {
+        if !topic
+            .filters()
+            .iter()
+            .all(|(d, v)| group.get(*d) == Some(v))
+        {
             continue;
         }
         let entry = merged
-            .entry(sub.group_by.map(|d| group[d].clone()))
+            .entry(topic.group_by().map(|d| group[d].clone()))
             .or_insert((AggState::default(), true, 0));
         entry.0.merge(state);
         entry.1 &= *is_final;
@@ -440,7 +389,7 @@ fn messages(
             sub.sent
                 .insert((start, group.clone()), Sent { value, is_final });
             let mut body = json!({
-                "topic": key.0,
+                "topic": topic.text(),
                 "window": spec.to_string(),
                 "windowStart": format_rfc3339(start),
                 "windowEnd": format_rfc3339(slot.end),
@@ -449,7 +398,7 @@ fn messages(
                 "revision": revision,
                 "final": is_final,
             });
-            if let (Some(d), Some(value)) = (sub.group_by, group) {
+            if let (Some(d), Some(value)) = (topic.group_by(), group) {
                 let mut g = Map::new();
                 g.insert(metric.dimensions[d].clone(), Value::String(value));
                 body["group"] = Value::Object(g);
@@ -508,13 +457,8 @@ mod tests {
     ) -> mpsc::Receiver<Batch> {
         let (tx, rx) = mpsc::channel(queue);
         hub.command(Command::Join { client, queue: tx });
-        let request = Request {
-            action: "subscribe".into(),
-            topic: "metrics:ad_clicks".into(),
-            window: None,
-            group_by: group_by.map(Into::into),
-        };
-        hub.command(Command::Subscribe { client, request });
+        let topic = Topic::parse("metrics:ad_clicks", None, group_by, &hub.metrics).unwrap();
+        hub.command(Command::Subscribe { client, topic });
         rx
     }
 

@@ -29,10 +29,12 @@
 //! - [`connection`]: one client's connection: its reader, its writer with
 //!   pings, and its bounded queue.
 //! - [`hub`]: the fan-out task and its state.
+//! - [`topic`]: a subscription's topic, parsed once when it arrives.
 
 mod connection;
 mod handshake;
 mod hub;
+mod topic;
 
 pub use handshake::route;
 pub use hub::Hub;
