@@ -25,11 +25,11 @@
 //!
 //! # Layout
 //!
-//! - [`handshake`]: the route, and the WebSocket opening handshake.
-//! - [`connection`]: one client's connection: its reader, its writer with
+//! - `handshake`: the route, and the WebSocket opening handshake.
+//! - `connection`: one client's connection: its reader, its writer with
 //!   pings, and its bounded queue.
-//! - [`hub`]: the fan-out task and its state.
-//! - [`topic`]: a subscription's topic, parsed once when it arrives.
+//! - `hub`: the fan-out task and its state.
+//! - `topic`: a subscription's topic, parsed once when it arrives.
 
 mod connection;
 mod handshake;
