@@ -6,11 +6,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rusqlite::ErrorCode;
 use tally_connectors::bus::redis::RedisFeed;
 use tally_connectors::kafka::producer::KafkaProducer;
-use tally_connectors::log::EventLog;
-use tally_connectors::store::clickhouse::ClickHouseStore;
-use tally_connectors::store::sqlite::SqliteStore;
+use tally_connectors::log::{EventLog, LogError};
+use tally_connectors::store::clickhouse::{self, ClickHouseStore};
+use tally_connectors::store::sqlite::{SqliteStore, StoreError};
 use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::{Query, StoredWindow};
 
@@ -21,15 +23,92 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub trait EventSink: Send + Sync + 'static {
     /// Appends one request's events as one atomic batch; resolves once they
     /// are durable.
-    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), String>>;
+    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), AppendError>>;
+}
+
+/// Why an append failed. After any of them the events may or may not have
+/// been written, so a retry may count them twice.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The embedded event log failed the append.
+    #[error("the event log failed the append: {0}")]
+    Log(#[from] LogError),
+    /// The brokers did not acknowledge every message of the request.
+    #[error("the brokers did not acknowledge the events: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+impl AppendError {
+    /// Whether the same append may succeed later: the log's disk or the
+    /// brokers may recover, but a batch too large or a log that is closed
+    /// will not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AppendError::Log(e) => e.is_retryable(),
+            // The producer's deliveries fail with a production error, or
+            // are cancelled when the producer is dropped at shutdown.
+            AppendError::Kafka(KafkaError::MessageProduction(code)) => !matches!(
+                code,
+                RDKafkaErrorCode::InvalidMessage
+                    | RDKafkaErrorCode::InvalidMessageSize
+                    | RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::InvalidRecord
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    // The idempotent producer cannot go on until restarted.
+                    | RDKafkaErrorCode::Fatal
+            ),
+            AppendError::Kafka(_) => false,
+        }
+    }
 }
 
 /// Where history is read from.
 pub trait History: Send + Sync + 'static {
     /// The stored windows a query needs.
-    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, String>>;
+    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>>;
     /// The newest dead letters, newest first.
-    fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, String>>;
+    fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>>;
+}
+
+/// Why a read of history failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// The SQLite store failed the read.
+    #[error("the SQLite store failed a read: {0}")]
+    Sqlite(#[from] StoreError),
+    /// The blocking-pool task that ran a SQLite read did not finish: it
+    /// panicked, or the runtime is shutting down.
+    #[error("a SQLite read did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// ClickHouse failed the read.
+    #[error("ClickHouse failed a read: {0}")]
+    ClickHouse(#[from] clickhouse::Error),
+}
+
+impl HistoryError {
+    /// Whether the same read may succeed later: a busy database or a lost
+    /// connection may recover, but a corrupt row or a stopped store will
+    /// not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            HistoryError::Sqlite(StoreError::Sqlite(e)) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    ErrorCode::DatabaseBusy
+                        | ErrorCode::DatabaseLocked
+                        | ErrorCode::SystemIoFailure
+                )
+            ),
+            HistoryError::Sqlite(_) | HistoryError::Task(_) => false,
+            HistoryError::ClickHouse(e) => {
+                matches!(
+                    e,
+                    clickhouse::Error::Network(_) | clickhouse::Error::TimedOut
+                )
+            }
+        }
+    }
 }
 
 /// Which metrics the gateway's WebSocket clients hold, for a live bus that
@@ -64,10 +143,13 @@ impl EmbeddedLog {
 }
 
 impl EventSink for EmbeddedLog {
-    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), String>> {
+    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), AppendError>> {
         let partition = self.next.fetch_add(1, Ordering::Relaxed) % self.log.partitions();
         let append = self.log.append(partition, records);
-        Box::pin(async move { append.await.map(|_| ()).map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            append.await?;
+            Ok(())
+        })
     }
 }
 
@@ -75,23 +157,17 @@ impl EventSink for EmbeddedLog {
 pub struct EmbeddedStore(pub Arc<SqliteStore>);
 
 impl History for EmbeddedStore {
-    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, String>> {
+    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>> {
         let store = Arc::clone(&self.0);
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || store.windows(&query).map_err(|e| e.to_string()))
-                .await
-                .map_err(|e| e.to_string())?
-        })
+        Box::pin(
+            async move { Ok(tokio::task::spawn_blocking(move || store.windows(&query)).await??) },
+        )
     }
 
-    fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, String>> {
+    fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>> {
         let store = Arc::clone(&self.0);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                store.dead_letters(limit).map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| e.to_string())?
+            Ok(tokio::task::spawn_blocking(move || store.dead_letters(limit)).await??)
         })
     }
 }
@@ -100,9 +176,9 @@ impl History for EmbeddedStore {
 pub struct KafkaEvents(pub KafkaProducer);
 
 impl EventSink for KafkaEvents {
-    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), String>> {
+    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), AppendError>> {
         let append = self.0.append(records);
-        Box::pin(async move { append.await.map_err(|e| e.to_string()) })
+        Box::pin(async move { Ok(append.await?) })
     }
 }
 
@@ -110,19 +186,44 @@ impl EventSink for KafkaEvents {
 pub struct ClickHouseHistory(pub ClickHouseStore);
 
 impl History for ClickHouseHistory {
-    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, String>> {
+    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>> {
         let store = self.0.clone();
-        Box::pin(async move { store.windows(&query).await.map_err(|e| e.to_string()) })
+        Box::pin(async move { Ok(store.windows(&query).await?) })
     }
 
-    fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, String>> {
+    fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>> {
         let store = self.0.clone();
-        Box::pin(async move { store.dead_letters(limit).await.map_err(|e| e.to_string()) })
+        Box::pin(async move { Ok(store.dead_letters(limit).await?) })
     }
 }
 
 impl LiveInterest for RedisFeed {
     fn want(&self, metric: &str, wanted: bool) {
         RedisFeed::want(self, metric, wanted);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_disk_or_broker_is_worth_a_retry() {
+        let io = std::io::Error::other("disk full");
+        assert!(AppendError::from(LogError::Io(io)).is_retryable());
+        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert!(AppendError::from(timeout).is_retryable());
+        assert!(HistoryError::from(clickhouse::Error::TimedOut).is_retryable());
+    }
+
+    #[test]
+    fn a_request_that_cannot_succeed_is_not() {
+        let too_large = LogError::BatchTooLarge { bytes: 5 << 30 };
+        assert!(!AppendError::from(too_large).is_retryable());
+        assert!(!AppendError::from(LogError::Closed).is_retryable());
+        let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert!(!AppendError::from(too_large).is_retryable());
+        assert!(!AppendError::from(KafkaError::Canceled).is_retryable());
+        assert!(!HistoryError::from(StoreError::Closed).is_retryable());
     }
 }

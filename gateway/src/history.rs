@@ -9,6 +9,7 @@ use warp::http::StatusCode;
 use warp::reply::json;
 use warp::Reply;
 
+use crate::backend::HistoryError;
 use crate::reply::{number, ApiError, ApiResult};
 use crate::{now_ms, Gateway};
 
@@ -92,10 +93,17 @@ fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("cannot read the query string: {e}")))
 }
 
-fn unavailable(e: String) -> ApiError {
-    tracing::error!(error = %e, "the result store failed a read");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the result store is unavailable; retry",
-    )
+/// The answer to a failed read. Every failure is the store's, not the
+/// query's (the query was checked before it was sent), so each is a 503,
+/// even one that a retry will not cure, for which an operator must act.
+fn unavailable(e: HistoryError) -> ApiError {
+    tracing::error!(error = %e, retryable = e.is_retryable(), "the result store failed a read");
+    match e {
+        HistoryError::Sqlite(_) | HistoryError::Task(_) | HistoryError::ClickHouse(_) => {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the result store is unavailable; retry",
+            )
+        }
+    }
 }

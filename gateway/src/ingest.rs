@@ -17,6 +17,7 @@ use warp::http::StatusCode;
 use warp::reply::{json, with_status};
 use warp::Reply;
 
+use crate::backend::AppendError;
 use crate::reply::{ApiError, ApiResult};
 use crate::{now_ms, Gateway};
 
@@ -91,16 +92,31 @@ where
     };
     let accepted = records.len();
     if let Err(e) = gateway.events.append(records).await {
-        tracing::error!(error = %e, events = accepted, "cannot append to the event log");
+        tracing::error!(
+            error = %e,
+            retryable = e.is_retryable(),
+            events = accepted,
+            "cannot append to the event log"
+        );
         ops.rejected("unavailable", 0);
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the event log is unavailable; retry",
-        ));
+        return Err(unavailable(&e));
     }
     ops.events_accepted.inc_by(accepted as u64);
     let body = json!({"status": "ACCEPTED", "receivedAt": format_rfc3339(received_at), "accepted": accepted});
     Ok(with_status(json(&body), StatusCode::ACCEPTED).into_response())
+}
+
+/// The answer to a failed append. Every failure is the log's, not the
+/// request's: the request was checked before it was appended, and the
+/// producer splits it to fit the brokers' limit. So each is a 503, even one
+/// that a retry will not cure, for which an operator must act.
+fn unavailable(e: &AppendError) -> ApiError {
+    match e {
+        AppendError::Log(_) | AppendError::Kafka(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the event log is unavailable; retry",
+        ),
+    }
 }
 
 fn too_large(limit: u64) -> ApiError {

@@ -10,11 +10,14 @@
 //!
 //! # Layout
 //!
-//! - [`backend`]: the event sink and history traits, and their embedded forms.
+//! - [`backend`]: the event sink and history traits, their errors, and
+//!   their embedded and cluster forms.
 //! - [`dashboard`]: the page at `/` and `/sdk/tally.js`.
 //! - [`ingest`]: `POST /v1/events`.
 //! - [`history`]: `GET /v1/metrics` and `GET /v1/deadletters`.
-//! - [`live`]: the WebSocket fan-out hub.
+//! - [`live`]: `GET /v1/live`, the WebSocket fan-out: `handshake`,
+//!   `connection` (one client), `hub` (the fan-out task) and `topic` (a
+//!   subscription, parsed once).
 //! - [`ops`]: Prometheus metrics and health.
 //! - [`reply`]: JSON errors.
 

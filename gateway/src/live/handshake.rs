@@ -1,0 +1,124 @@
+//! The WebSocket opening handshake (RFC 6455, 4.2.1), done by the gateway
+//! itself, and the answers to requests that are not one.
+
+use std::sync::Arc;
+
+use hyper::upgrade::OnUpgrade;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use warp::http::header::{self, HeaderMap, HeaderValue};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use super::connection;
+use super::hub::Hub;
+use crate::ops::Ops;
+use crate::reply::ApiError;
+
+/// `GET /v1/live`: the WebSocket handshake, then the client's connection.
+///
+/// The handshake is done here rather than by warp's `ws()` filter so that
+/// the connection's buffers can be sized. warp gives each connection the
+/// WebSocket library's default 128 KiB read buffer, which is zero-filled
+/// before every read: 128 KiB of memory per client and, under fan-out, a
+/// large share of the server's CPU.
+pub fn route(
+    hub: Hub,
+    queue: usize,
+    ops: Arc<Ops>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("v1" / "live")
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .map(move |headers: HeaderMap, upgrade: Option<OnUpgrade>| {
+            let (key, upgrade) = match handshake(&headers, upgrade) {
+                Ok(accepted) => accepted,
+                Err(refusal) => return refusal.into_response(),
+            };
+            let (hub, ops) = (hub.clone(), Arc::clone(&ops));
+            tokio::spawn(async move {
+                match upgrade.await {
+                    Ok(upgraded) => connection::serve(hub, upgraded, queue, ops).await,
+                    Err(e) => tracing::debug!("a WebSocket upgrade failed: {e}"),
+                }
+            });
+            let mut response = Response::default();
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let headers = response.headers_mut();
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            // The accept key is base64, which is always a valid header value.
+            let accept = HeaderValue::try_from(derive_accept_key(key.as_bytes()))
+                .expect("base64 is a valid header value");
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+            response
+        })
+}
+
+/// Why a handshake was refused: 426 for a request that is not a WebSocket
+/// upgrade or asks for a version other than 13, 400 for a malformed one.
+enum Refusal {
+    UpgradeRequired(&'static str),
+    BadRequest(&'static str),
+}
+
+impl Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::BadRequest(message) => ApiError::bad_request(message).into_response(),
+            Refusal::UpgradeRequired(message) => {
+                let mut response =
+                    ApiError::new(StatusCode::UPGRADE_REQUIRED, message).into_response();
+                let headers = response.headers_mut();
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+                response
+            }
+        }
+    }
+}
+
+/// Checks a WebSocket opening handshake (RFC 6455, 4.2.1), and returns its
+/// `Sec-WebSocket-Key` and the connection to take over.
+fn handshake(
+    headers: &HeaderMap,
+    upgrade: Option<OnUpgrade>,
+) -> Result<(HeaderValue, OnUpgrade), Refusal> {
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !(has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")) {
+        return Err(Refusal::UpgradeRequired(
+            "GET /v1/live is a WebSocket: connect with a WebSocket client",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        return Err(Refusal::UpgradeRequired(
+            "this server speaks WebSocket version 13 only",
+        ));
+    }
+    // The key is 16 random bytes in base64.
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|key| key.len() == 24)
+        .ok_or(Refusal::BadRequest(
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ))?;
+    // hyper offers the connection only for an HTTP/1.1 upgrade request.
+    let upgrade = upgrade.ok_or(Refusal::BadRequest(
+        "a WebSocket needs an HTTP/1.1 connection",
+    ))?;
+    Ok((key.clone(), upgrade))
+}

@@ -1,0 +1,536 @@
+//! The hub: one task that holds the recent windows of every metric and the
+//! subscriptions of every client, and fans each batch from the live bus out
+//! to the clients' bounded queues.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use tally_dataflow::aggregate::AggState;
+use tally_dataflow::config::MetricSpec;
+use tally_dataflow::time::{format_rfc3339, Millis};
+use tally_dataflow::model::Group;
+use tally_dataflow::model::WindowUpdate;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::topic::{Topic, TopicError};
+use crate::backend::LiveInterest;
+use crate::now_ms;
+use crate::ops::Ops;
+use crate::reply::number;
+
+/// One entry of a client's queue: what one subscription has for it from one
+/// batch of the bus (a value per window, or per group and window), a
+/// subscription's current values, or an error. The queue's bound counts
+/// entries, so a grouped topic with many groups takes one place, not one
+/// per group.
+pub(super) type Batch = Arc<[Utf8Bytes]>;
+
+/// A handle to the fan-out task.
+#[derive(Clone)]
+pub struct Hub {
+    /// What the connections tell the hub.
+    pub(super) commands: mpsc::Sender<Command>,
+    /// The id the next client gets.
+    pub(super) next_client: Arc<AtomicU64>,
+    /// The configured metrics, which a client's topics are checked against.
+    pub(super) metrics: Arc<Vec<MetricSpec>>,
+}
+
+/// What a connection tells the hub.
+pub(super) enum Command {
+    /// A client connected; `queue` is its bounded queue.
+    Join {
+        client: u64,
+        queue: mpsc::Sender<Batch>,
+    },
+    /// A client subscribed.
+    Subscribe { client: u64, topic: Topic },
+    /// A client's subscription was refused. The error goes through the
+    /// client's queue, so it arrives after what earlier subscriptions
+    /// queued.
+    Refuse {
+        client: u64,
+        topic: String,
+        error: TopicError,
+    },
+    /// A client unsubscribed from every subscription of the topic with this
+    /// text, whatever their window or grouping.
+    Unsubscribe { client: u64, topic: String },
+    /// A client disconnected, or is disconnected.
+    Leave { client: u64 },
+}
+
+impl Hub {
+    /// Starts the fan-out task, fed by the live bus. Windows are kept while
+    /// a late event can still revise them: `lateness` is the allowed
+    /// lateness plus the out-of-orderness.
+    ///
+    /// With `interest`, the bus delivers only the metrics asked for: the hub
+    /// asks for a metric when its first topic is subscribed, and releases
+    /// it, forgetting its windows, when the last one is.
+    pub fn start(
+        metrics: Arc<Vec<MetricSpec>>,
+        lateness: Millis,
+        bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>,
+        ops: Arc<Ops>,
+        interest: Option<Arc<dyn LiveInterest>>,
+    ) -> Hub {
+        let (commands, rx) = mpsc::channel(4096);
+        let mut state = HubState::new(Arc::clone(&metrics), lateness, ops);
+        state.interest = interest;
+        tokio::spawn(state.run(rx, bus));
+        Hub {
+            commands,
+            next_client: Arc::new(AtomicU64::new(1)),
+            metrics,
+        }
+    }
+}
+
+/// The clients of one [`Topic`], and what it has sent them.
+struct Subscription {
+    clients: HashSet<u64>,
+    /// What was last sent, per window and group.
+    sent: HashMap<(Millis, Option<String>), Sent>,
+}
+
+/// The last message of a subscription for one window and group.
+#[derive(Clone, Copy, PartialEq)]
+struct Sent {
+    value: Option<f64>,
+    is_final: bool,
+}
+
+/// The latest value of every group in one window: its state, whether it
+/// is final, and its revision.
+struct Slot {
+    end: Millis,
+    groups: HashMap<Group, (AggState, bool, u32)>,
+}
+
+/// The fan-out task's state: the recent windows of every metric, and who
+/// holds which topic.
+struct HubState {
+    metrics: Arc<Vec<MetricSpec>>,
+    lateness: Millis,
+    ops: Arc<Ops>,
+    windows: HashMap<(u16, u8), BTreeMap<Millis, Slot>>,
+    subs: HashMap<Topic, Subscription>,
+    clients: HashMap<u64, (mpsc::Sender<Batch>, HashSet<Topic>)>,
+    /// Subscriptions per metric.
+    refs: HashMap<u16, usize>,
+    interest: Option<Arc<dyn LiveInterest>>,
+}
+
+impl HubState {
+    fn new(metrics: Arc<Vec<MetricSpec>>, lateness: Millis, ops: Arc<Ops>) -> HubState {
+        HubState {
+            metrics,
+            lateness,
+            ops,
+            windows: HashMap::new(),
+            subs: HashMap::new(),
+            clients: HashMap::new(),
+            refs: HashMap::new(),
+            interest: None,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>,
+    ) {
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => break,
+                },
+                updates = bus.recv() => match updates {
+                    Some(mut updates) => {
+                        // Take whatever else is queued too, so a topic is
+                        // recomputed once for all of it.
+                        while let Ok(more) = bus.try_recv() {
+                            updates.extend(more);
+                        }
+                        self.updates(updates)
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Join { client, queue } => {
+                self.clients.insert(client, (queue, HashSet::new()));
+            }
+            Command::Leave { client } => self.drop_client(client),
+            Command::Subscribe { client, topic } => self.subscribe(client, topic),
+            Command::Refuse {
+                client,
+                topic,
+                error,
+            } => {
+                let error = json!({"error": error.to_string(), "topic": topic}).to_string();
+                self.send_to(client, Batch::from([Utf8Bytes::from(error)]));
+            }
+            Command::Unsubscribe { client, topic } => {
+                let Some((_, topics)) = self.clients.get_mut(&client) else {
+                    return;
+                };
+                let gone: Vec<Topic> = topics
+                    .iter()
+                    .filter(|t| t.text() == topic)
+                    .cloned()
+                    .collect();
+                for t in &gone {
+                    topics.remove(t);
+                }
+                for t in gone {
+                    self.release(client, &t);
+                }
+            }
+        }
+    }
+
+    fn subscribe(&mut self, client: u64, topic: Topic) {
+        let Some((_, topics)) = self.clients.get_mut(&client) else {
+            return;
+        };
+        if !topics.insert(topic.clone()) {
+            return;
+        }
+        let (metrics, refs, interest) = (&self.metrics, &mut self.refs, &self.interest);
+        let sub = self.subs.entry(topic.clone()).or_insert_with(|| {
+            let count = refs.entry(topic.metric()).or_default();
+            *count += 1;
+            if *count == 1 {
+                if let Some(interest) = interest {
+                    interest.want(&metrics[topic.metric() as usize].name, true);
+                }
+            }
+            Subscription {
+                clients: HashSet::new(),
+                sent: HashMap::new(),
+            }
+        });
+        sub.clients.insert(client);
+        // A new subscriber first gets the current value: the newest window.
+        let current = self
+            .windows
+            .get(&(topic.metric(), topic.window()))
+            .and_then(|slots| slots.iter().next_back())
+            .map(|(start, slot)| messages(&self.metrics, &topic, sub, *start, slot, false))
+            .unwrap_or_default();
+        if !current.is_empty() {
+            self.send_to(client, current.into());
+        }
+    }
+
+    fn release(&mut self, client: u64, topic: &Topic) {
+        if let Some(sub) = self.subs.get_mut(topic) {
+            sub.clients.remove(&client);
+            if sub.clients.is_empty() {
+                let metric = topic.metric();
+                self.subs.remove(topic);
+                let count = self.refs.entry(metric).or_default();
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.refs.remove(&metric);
+                    if let Some(interest) = &self.interest {
+                        // Its windows stop being updated; they are read
+                        // afresh if the metric is wanted again.
+                        interest.want(&self.metrics[metric as usize].name, false);
+                        self.windows.retain(|(m, _), _| *m != metric);
+                    }
+                }
+            }
+        }
+    }
+
+    fn drop_client(&mut self, client: u64) {
+        if let Some((_, topics)) = self.clients.remove(&client) {
+            for topic in topics {
+                self.release(client, &topic);
+            }
+        }
+    }
+
+    fn send_to(&mut self, client: u64, batch: Batch) {
+        let full = match self.clients.get(&client) {
+            Some((queue, _)) => queue.try_send(batch).is_err(),
+            None => false,
+        };
+        if full {
+            self.ops.ws_slow_dropped.inc();
+            self.drop_client(client);
+        }
+    }
+
+    fn updates(&mut self, updates: Vec<Arc<WindowUpdate>>) {
+        let mut touched = BTreeSet::new();
+        for u in updates {
+            let slots = self.windows.entry((u.metric, u.window)).or_default();
+            let slot = slots.entry(u.span.start).or_insert_with(|| Slot {
+                end: u.span.end,
+                groups: HashMap::new(),
+            });
+            // A bus may repeat an older value of a final window (a latest
+            // value read while the final or a correction was on its way):
+            // keep the newest.
+            if slot
+                .groups
+                .get(&u.group)
+                .is_some_and(|&(_, is_final, revision)| {
+                    is_final && (!u.is_final || u.revision < revision)
+                })
+            {
+                continue;
+            }
+            slot.groups
+                .insert(u.group.clone(), (u.state.clone(), u.is_final, u.revision));
+            touched.insert((u.metric, u.window, u.span.start));
+        }
+        for slots in self.windows.values_mut() {
+            // Keep the windows a late event can still revise: those ending
+            // within the lateness of the newest window's start.
+            let Some(newest) = slots.keys().next_back().copied() else {
+                continue;
+            };
+            while slots
+                .first_key_value()
+                .is_some_and(|(_, slot)| slot.end + self.lateness < newest)
+            {
+                slots.pop_first();
+            }
+        }
+        let mut outbox: Vec<(Vec<u64>, Batch)> = Vec::new();
+        for (topic, sub) in self.subs.iter_mut() {
+            if let Some(oldest) = self
+                .windows
+                .get(&(topic.metric(), topic.window()))
+                .and_then(|s| s.keys().next())
+            {
+                sub.sent.retain(|(start, _), _| start >= oldest);
+            }
+            let (metric, window) = (topic.metric(), topic.window());
+            let mut batch = Vec::new();
+            for &(_, _, start) in
+                touched.range((metric, window, Millis::MIN)..=(metric, window, Millis::MAX))
+            {
+                let Some(slot) = self
+                    .windows
+                    .get(&(topic.metric(), topic.window()))
+                    .and_then(|s| s.get(&start))
+                else {
+                    continue;
+                };
+                batch.extend(messages(&self.metrics, topic, sub, start, slot, true));
+            }
+            if !batch.is_empty() {
+                outbox.push((sub.clients.iter().copied().collect(), batch.into()));
+            }
+        }
+        for (clients, batch) in outbox {
+            for client in clients {
+                self.send_to(client, Arc::clone(&batch));
+            }
+        }
+    }
+}
+
+/// The messages a subscription gets for one window: one, or one per group.
+///
+/// With `changes_only`, values equal to the last one sent are left out, as
+/// a batch may touch a window without changing what this topic sees. A final
+/// value's revision is the sum of its groups' revisions.
+fn messages(
+    metrics: &[MetricSpec],
+    topic: &Topic,
+    sub: &mut Subscription,
+    start: Millis,
+    slot: &Slot,
+    changes_only: bool,
+) -> Vec<Utf8Bytes> {
+    let metric = &metrics[topic.metric() as usize];
+    let spec = metric.windows[topic.window() as usize];
+    let mut merged: BTreeMap<Option<String>, (AggState, bool, u32)> = BTreeMap::new();
+    for (group, (state, is_final, revision)) in &slot.groups {
+        if !topic
+            .filters()
+            .iter()
+            .all(|(d, v)| group.get(*d) == Some(v))
+        {
+            continue;
+        }
+        let entry = merged
+            .entry(topic.group_by().map(|d| group[d].clone()))
+            .or_insert((AggState::default(), true, 0));
+        entry.0.merge(state);
+        entry.1 &= *is_final;
+        entry.2 += revision;
+    }
+    let now = format_rfc3339(now_ms());
+    merged
+        .into_iter()
+        .filter_map(|(group, (state, is_final, revisions))| {
+            let value = state.value(metric.aggregate);
+            let last = sub.sent.get(&(start, group.clone())).copied();
+            if changes_only && last.is_some_and(|l| l.value == value && l.is_final == is_final) {
+                return None;
+            }
+            let revision = if is_final { revisions } else { 0 };
+            sub.sent
+                .insert((start, group.clone()), Sent { value, is_final });
+            let mut body = json!({
+                "topic": topic.text(),
+                "window": spec.to_string(),
+                "windowStart": format_rfc3339(start),
+                "windowEnd": format_rfc3339(slot.end),
+                "value": value.map(number),
+                "timestamp": now,
+                "revision": revision,
+                "final": is_final,
+            });
+            if let (Some(d), Some(value)) = (topic.group_by(), group) {
+                let mut g = Map::new();
+                g.insert(metric.dimensions[d].clone(), Value::String(value));
+                body["group"] = Value::Object(g);
+            }
+            Some(Utf8Bytes::from(body.to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_dataflow::config::Config;
+    use tally_dataflow::window::Span;
+    use tokio::sync::mpsc::error::TryRecvError;
+
+    use super::*;
+
+    fn hub() -> (HubState, Arc<Ops>) {
+        let config = Config::load(
+            Some("[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"country\"]\nwindows = [\"tumbling 10s\"]\n"),
+            [],
+        )
+        .unwrap();
+        let ops = Arc::new(Ops::new(None));
+        (
+            HubState::new(Arc::new(config.metrics), 32_000, Arc::clone(&ops)),
+            ops,
+        )
+    }
+
+    fn update(count: u64, is_final: bool, revision: u32) -> Arc<WindowUpdate> {
+        Arc::new(WindowUpdate {
+            metric: 0,
+            window: 0,
+            span: Span {
+                start: 0,
+                end: 10_000,
+            },
+            group: vec!["US".into()],
+            state: AggState {
+                count,
+                ..Default::default()
+            },
+            revision,
+            is_final,
+        })
+    }
+
+    /// Joins `client` and subscribes it to `metrics:ad_clicks`, grouped by
+    /// `group_by` if given.
+    fn subscribe(
+        hub: &mut HubState,
+        client: u64,
+        queue: usize,
+        group_by: Option<&str>,
+    ) -> mpsc::Receiver<Batch> {
+        let (tx, rx) = mpsc::channel(queue);
+        hub.command(Command::Join { client, queue: tx });
+        let topic = Topic::parse("metrics:ad_clicks", None, group_by, &hub.metrics).unwrap();
+        hub.command(Command::Subscribe { client, topic });
+        rx
+    }
+
+    #[test]
+    fn a_slow_client_is_dropped_and_the_others_get_everything() {
+        let (mut hub, ops) = hub();
+        let mut healthy = subscribe(&mut hub, 1, 50, None);
+        let mut stalled = subscribe(&mut hub, 2, 50, None);
+        let mut received = 0;
+        for count in 1..=200 {
+            hub.updates(vec![update(count, false, 0)]);
+            while healthy.try_recv().is_ok() {
+                received += 1;
+            }
+        }
+        assert_eq!(received, 200);
+        let mut queued = 0;
+        while stalled.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, 50);
+        assert_eq!(stalled.try_recv(), Err(TryRecvError::Disconnected));
+        assert_eq!(ops.ws_slow_dropped.get(), 1);
+    }
+
+    #[test]
+    fn finals_are_revised_only_when_they_change() {
+        let (mut hub, _) = hub();
+        let mut rx = subscribe(&mut hub, 1, 50, None);
+        hub.updates(vec![update(3, false, 0)]);
+        hub.updates(vec![update(3, false, 0)]);
+        hub.updates(vec![update(3, true, 0)]);
+        hub.updates(vec![update(3, true, 0)]);
+        hub.updates(vec![update(4, true, 1)]);
+        let mut got = Vec::new();
+        while let Ok(batch) = rx.try_recv() {
+            for m in batch.iter() {
+                let m: Value = serde_json::from_str(m).unwrap();
+                got.push((
+                    m["value"].as_u64().unwrap(),
+                    m["final"].as_bool().unwrap(),
+                    m["revision"].as_u64().unwrap(),
+                ));
+            }
+        }
+        assert_eq!(got, [(3, false, 0), (3, true, 0), (4, true, 1)]);
+    }
+
+    #[test]
+    fn a_grouped_topic_takes_one_place_in_the_queue_however_many_groups() {
+        let (mut hub, ops) = hub();
+        let mut rx = subscribe(&mut hub, 1, 50, Some("country"));
+        let countries = |count: u64| -> Vec<Arc<WindowUpdate>> {
+            (0..120)
+                .map(|c| {
+                    let mut u = (*update(count, false, 0)).clone();
+                    u.group = vec![format!("C{c}")];
+                    Arc::new(u)
+                })
+                .collect()
+        };
+        hub.updates(countries(1));
+        hub.updates(countries(2));
+        let batches: Vec<Batch> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            batches.iter().map(|b| b.len()).collect::<Vec<_>>(),
+            [120, 120]
+        );
+        assert_eq!(ops.ws_slow_dropped.get(), 0);
+
+        // A new subscriber gets every group's current value at once.
+        let mut rx = subscribe(&mut hub, 2, 50, Some("country"));
+        assert_eq!(rx.try_recv().map(|b| b.len()), Ok(120));
+    }
+}

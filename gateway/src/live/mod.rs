@@ -1,0 +1,40 @@
+//! `GET /v1/live`: WebSocket fan-out of live window values.
+//!
+//! The workers publish per-group window values (partials, finals and
+//! revisions) on the live bus. The [`Hub`], one task, keeps the recent
+//! windows of every metric and the subscriptions of every client. For each
+//! batch from the bus it recomputes the topics that batch touched, by merging
+//! the matching groups' states, and queues for each subscribed client one
+//! update per subscription: a message per window, or per group and window.
+//!
+//! A topic is `metrics:<metric>[:<dimension>:<value>]…`; a subscription may
+//! add a `window` (default: the metric's first) and a `groupBy` dimension, in
+//! which case each group's value is a message of its own.
+//!
+//! **Slow consumers.** Each client has a bounded queue of updates
+//! (`live.queue`, 50 by default). The bound counts updates, not messages, so
+//! a grouped topic with hundreds of groups takes one place. The hub never
+//! waits on a client: when a queue is full the client is disconnected, and
+//! nobody else is delayed.
+//!
+//! **Revisions.** A topic's open window is sent with `final: false`. Its
+//! final value carries the sum of the revisions of the groups it merges: 0 at
+//! first, raised by every late event. The job keeps group revisions across
+//! restarts (they are in its checkpoints), so `(window, revision)` tells a
+//! repeat from a correction even across a restart of the server.
+//!
+//! # Layout
+//!
+//! - `handshake`: the route, and the WebSocket opening handshake.
+//! - `connection`: one client's connection: its reader, its writer with
+//!   pings, and its bounded queue.
+//! - `hub`: the fan-out task and its state.
+//! - `topic`: a subscription's topic, parsed once when it arrives.
+
+mod connection;
+mod handshake;
+mod hub;
+mod topic;
+
+pub use handshake::route;
+pub use hub::Hub;
