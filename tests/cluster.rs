@@ -3,8 +3,7 @@
 //!
 //! The services come from `scripts/services.sh`, which `scripts/test.sh`
 //! starts; their addresses arrive as `KAFKA_BROKERS`, `CLICKHOUSE_URL` and
-//! `REDIS_URL`. Without them these tests say so and pass, except under
-//! `CI=true`, where a missing service fails them. Each test uses its own
+//! `REDIS_URL`. Without them these tests fail, saying how to start them. Each test uses its own
 //! topic, database and Redis prefix.
 
 use std::collections::BTreeMap;
@@ -31,31 +30,26 @@ pub struct Services {
 }
 
 impl Services {
-    /// The services from the environment; `None` (the test is skipped)
-    /// outside CI when they are not all there.
-    pub fn from_env() -> Option<Services> {
+    /// The services from the environment. Without them the test fails,
+    /// in CI or not: a cluster test that passes without its cluster would
+    /// say nothing.
+    pub fn from_env() -> Services {
         let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         match (
             get("KAFKA_BROKERS"),
             get("CLICKHOUSE_URL"),
             get("REDIS_URL"),
         ) {
-            (Some(kafka), Some(clickhouse), Some(redis)) => Some(Services {
+            (Some(kafka), Some(clickhouse), Some(redis)) => Services {
                 kafka,
                 clickhouse,
                 redis,
-            }),
-            _ if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
-                "CI=true but KAFKA_BROKERS, CLICKHOUSE_URL and REDIS_URL are not all set; \
-                 start the services with scripts/services.sh"
+            },
+            _ => panic!(
+                "KAFKA_BROKERS, CLICKHOUSE_URL and REDIS_URL are not all set: run the tests with \
+                 scripts/test.sh, or start the services with \
+                 `eval \"$(scripts/services.sh start)\"` and export them"
             ),
-            _ => {
-                eprintln!(
-                    "skipped: KAFKA_BROKERS, CLICKHOUSE_URL and REDIS_URL are not all set \
-                     (scripts/services.sh starts them)"
-                );
-                None
-            }
         }
     }
 
@@ -392,9 +386,7 @@ fn dead_letters(gateway: &Tally, count: usize) -> Vec<Value> {
 
 #[test]
 fn a_cluster_answers_as_tally_run_does() {
-    let Some(services) = Services::from_env() else {
-        return;
-    };
+    let services = Services::from_env();
     let events = clickstream(23, 4000);
 
     // The embedded reference, with the same idleness.
@@ -520,9 +512,7 @@ print(events)
 
 #[test]
 fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
-    let Some(services) = Services::from_env() else {
-        return;
-    };
+    let services = Services::from_env();
     // Two processes: the one whose sinks fall behind first tells the other.
     let cluster = Cluster::start(&services, 2, 1, 1);
     let gateway = &cluster.gateways[0];
@@ -578,9 +568,7 @@ fn services_script(args: &[&str]) {
 
 #[test]
 fn killed_workers_resume_from_a_checkpoint_and_count_exactly() {
-    let Some(services) = Services::from_env() else {
-        return;
-    };
+    let services = Services::from_env();
     let mut cluster =
         Cluster::start_with(&services, 2, 1, 1, &[("TALLY__CHECKPOINT__INTERVAL", "5s")]);
     let gateway = &cluster.gateways[0];
