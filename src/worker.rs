@@ -111,7 +111,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             .block_on(async move {
                 tokio::task::spawn_blocking(move || kafka::check_offsets(&kafka, &cuts)).await
             })?
-            .map_err(anyhow::Error::msg)?;
+            .context("checking the checkpoint's offsets against the events topic")?;
     }
     if process == 0 {
         // The peers cannot write before process 0 joins the computation.
