@@ -225,7 +225,7 @@ impl CheckpointStore {
         for name in &manifest.parts {
             let path = dir.clone().join(name.as_str());
             let bytes = self.store.get(&path).await?.bytes().await?;
-            match decode_part(&path.to_string(), &bytes) {
+            match decode_part(path.as_ref(), &bytes) {
                 Ok(part) => groups.extend(part.groups),
                 Err(e @ CheckpointError::UnknownFormat { .. }) => {
                     // As with another configuration: the state cannot be
@@ -395,11 +395,12 @@ fn encode_part(part: &WorkerPart) -> Result<Vec<u8>, CheckpointError> {
 
 /// Reads a part stored at `file`, refusing one of another format.
 fn decode_part(file: &str, bytes: &[u8]) -> Result<WorkerPart, CheckpointError> {
-    let found = match bytes.split_first_chunk::<8>() {
-        Some((header, _)) if header.starts_with(PART_MAGIC) => {
-            u32::from_le_bytes([header[4], header[5], header[6], header[7]])
-        }
-        _ => 0,
+    let (found, body) = match bytes.split_first_chunk::<8>() {
+        Some((header, body)) if header.starts_with(PART_MAGIC) => (
+            u32::from_le_bytes([header[4], header[5], header[6], header[7]]),
+            body,
+        ),
+        _ => (0, bytes),
     };
     if found != FORMAT {
         return Err(CheckpointError::UnknownFormat {
@@ -408,8 +409,7 @@ fn decode_part(file: &str, bytes: &[u8]) -> Result<WorkerPart, CheckpointError> 
             known: FORMAT,
         });
     }
-    bincode::deserialize(&bytes[8..])
-        .map_err(|e| CheckpointError::Corrupt(file.into(), e.to_string()))
+    bincode::deserialize(body).map_err(|e| CheckpointError::Corrupt(file.into(), e.to_string()))
 }
 
 #[cfg(test)]
