@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig};
+use tally_connectors::log::EventLog;
+use tally_dataflow::config::{Fsync, LogConfig};
 
 use crate::support::{agent, metrics_text, now_ms, post_events, scrape, stamp, templates, Tally};
 
@@ -82,10 +83,13 @@ fn restart(rate: usize, backlog: Duration) {
     drop(tally);
 
     // The backlog, appended at the same rate in real time while tally is down.
-    let log = EventLog::open(LogConfig {
-        fsync: FsyncPolicy::Never,
-        ..LogConfig::new(dir.path().join("log"), PARTITIONS)
-    })
+    let log = EventLog::open(
+        &dir.path().join("log"),
+        &LogConfig {
+            fsync: Fsync::Never,
+            ..LogConfig::new(PARTITIONS)
+        },
+    )
     .unwrap();
     let before = log.next_offsets();
     let runtime = tokio::runtime::Builder::new_current_thread()

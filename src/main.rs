@@ -155,6 +155,7 @@ pub fn job_observer(
     Box::new(move || Observed {
         checkpoints: checkpoints.committed.load(Ordering::Relaxed),
         checkpoint_failures: checkpoints.failures.load(Ordering::Relaxed),
+        checkpoint_parts_dropped: checkpoints.parts_dropped.load(Ordering::Relaxed),
         checkpoint_boundary: checkpoints.boundary.load(Ordering::Relaxed),
         checkpoint_bytes: checkpoints.bytes.load(Ordering::Relaxed),
         checkpoint_duration_ms: checkpoints.duration_ms.load(Ordering::Relaxed),

@@ -8,11 +8,11 @@ use anyhow::Context;
 use tally_connectors::bus;
 use tally_connectors::bus::inprocess::{self, LivePublisher};
 use tally_connectors::checkpoint::{Checkpoint, Members};
-use tally_connectors::log::{EventLog, FsyncPolicy, LogConfig, LogSource};
+use tally_connectors::log::{EventLog, LogSource};
 use tally_connectors::store::sqlite::SqliteStore;
 use tally_connectors::store::DeadLetterSink;
 use tally_dataflow::checkpoint::PartitionCut;
-use tally_dataflow::config::{Config, Fsync};
+use tally_dataflow::config::Config;
 use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
 use tally_gateway::live::Hub;
 use tally_gateway::ops::{JobMetrics, Ops};
@@ -174,19 +174,8 @@ fn clamp_to_log(cuts: &mut [PartitionCut], ends: &[u64]) {
 }
 
 fn open_log(config: &Config, dir: &Path) -> anyhow::Result<EventLog> {
-    let fsync = match config.log.fsync {
-        Fsync::Always => FsyncPolicy::Always,
-        Fsync::Interval(d) => FsyncPolicy::Interval(d),
-        Fsync::Never => FsyncPolicy::Never,
-    };
-    EventLog::open(LogConfig {
-        dir: dir.to_owned(),
-        partitions: config.log.partitions,
-        segment_bytes: config.log.segment_bytes,
-        fsync,
-        retention: config.log.retention,
-    })
-    .with_context(|| format!("opening the event log in {}", dir.display()))
+    EventLog::open(dir, &config.log)
+        .with_context(|| format!("opening the event log in {}", dir.display()))
 }
 
 /// Deletes log segments older than the retention, once a minute.

@@ -191,7 +191,7 @@ impl Mode for Cluster {
             .block_on(async move {
                 tokio::task::spawn_blocking(move || kafka::check_offsets(&kafka, &cuts)).await
             })?
-            .map_err(anyhow::Error::msg)
+            .context("checking the checkpoint's offsets against the events topic")
     }
 
     fn source(&self, partitions: Vec<u32>, starts: &[(u32, u64)]) -> KafkaSource {

@@ -71,28 +71,61 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
 }
 
-/// When the embedded log forces appends to disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// When the embedded log forces appends to disk, trading latency for
+/// durability. Default [`Fsync::Always`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Fsync {
-    /// Before every `202`, with appends that arrive together sharing one fsync.
+    /// An append resolves only after `fdatasync` of its segment, so the
+    /// `202` waits for it; appends that arrive together share one sync
+    /// (group commit). An acknowledged append survives a machine crash.
+    #[default]
     Always,
-    /// In the background at this interval; a power loss can lose that much.
+    /// The log syncs every dirty segment once per interval, and an append
+    /// resolves once it is in the page cache. A machine crash or power loss
+    /// may lose up to one interval of acknowledged appends.
     Interval(Duration),
-    /// Left to the operating system.
+    /// The log syncs only when it is closed, and the operating system
+    /// decides when data reaches disk. A machine crash may lose any
+    /// acknowledged append not yet written back.
     Never,
 }
+
+/// The default size at which a log segment is closed and a new one begun:
+/// 128 MiB, 2^27 bytes. In the configuration that is `"128MiB"`, since
+/// `MB` means 10^6 bytes there.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 128 << 20;
+
+/// The default time the embedded log keeps events: seven days (`"7d"`), as
+/// Kafka does.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 
 /// `[log]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogConfig {
     /// Partitions of the event log, fixed when the log is created. Default 8.
     pub partitions: u32,
-    /// Size at which a segment file is closed and a new one begun. Default `128MB`.
+    /// A partition starts a new segment file before a batch would take its
+    /// active one past this size; a single larger batch gets a segment of
+    /// its own. Default [`DEFAULT_SEGMENT_BYTES`] (128 MiB).
     pub segment_bytes: u64,
     /// `always`, `never`, or an interval such as `100ms`. Default `always`.
     pub fsync: Fsync,
-    /// How long events are kept. Default `7d`.
+    /// How long events are kept: older segments are deleted, except each
+    /// partition's active one. Default [`DEFAULT_RETENTION`] (`7d`).
     pub retention: Duration,
+}
+
+impl LogConfig {
+    /// A log of `partitions` partitions with the defaults for everything
+    /// else, as a `[log]` section naming only `partitions` gives.
+    pub fn new(partitions: u32) -> LogConfig {
+        LogConfig {
+            partitions,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            fsync: Fsync::default(),
+            retention: DEFAULT_RETENTION,
+        }
+    }
 }
 
 /// `[dataflow]`.
@@ -390,9 +423,9 @@ impl Reader {
             },
             log: LogConfig {
                 partitions: self.integer(&mut log, "partitions", 8, 1..=1024) as u32,
-                segment_bytes: self.bytes(&mut log, "segment_size", 128 << 20),
+                segment_bytes: self.bytes(&mut log, "segment_size", DEFAULT_SEGMENT_BYTES),
                 fsync: self.fsync(&mut log),
-                retention: self.duration(&mut log, "retention", Duration::from_secs(7 * 86_400)),
+                retention: self.duration(&mut log, "retention", DEFAULT_RETENTION),
             },
             dataflow: DataflowConfig {
                 workers: self.integer(&mut dataflow, "workers", 0, 0..=1024) as usize,
@@ -699,10 +732,10 @@ impl Reader {
 
     fn fsync(&mut self, s: &mut Section) -> Fsync {
         let Some((path, value)) = s.take("fsync") else {
-            return Fsync::Always;
+            return Fsync::default();
         };
         let Some(text) = self.as_string(&path, value) else {
-            return Fsync::Always;
+            return Fsync::default();
         };
         match text.as_str() {
             "always" => Fsync::Always,
@@ -712,7 +745,7 @@ impl Reader {
                     Ok(d) if !d.is_zero() => Fsync::Interval(d),
                     _ => {
                         self.errors.push(format!("{path}: '{text}' must be 'always', 'never' or an interval such as '100ms'"));
-                        Fsync::Always
+                        Fsync::default()
                     }
                 }
             }
@@ -818,6 +851,17 @@ windows = ["sliding 5m every 7s"]
         ] {
             assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
         }
+    }
+
+    #[test]
+    fn the_log_defaults_are_the_named_constants_and_cluster_toml_says_them() {
+        let config = Config::load(Some(FILE), []).unwrap();
+        assert_eq!(config.log, LogConfig::new(8));
+        assert_eq!(parse_bytes("128MiB").unwrap(), DEFAULT_SEGMENT_BYTES);
+        // The default configuration file spells every default out, so it
+        // must give exactly what the reader gives without it.
+        let file = Config::load(Some(include_str!("../../cluster.toml")), []).unwrap();
+        assert_eq!(file.log, LogConfig::new(8));
     }
 
     #[test]

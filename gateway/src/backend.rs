@@ -6,10 +6,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rusqlite::ErrorCode;
 use tally_connectors::bus::redis::RedisFeed;
 use tally_connectors::kafka::producer::KafkaProducer;
+use tally_connectors::kafka::KafkaError;
 use tally_connectors::log::{EventLog, LogError};
 use tally_connectors::store::clickhouse::{self, ClickHouseStore};
 use tally_connectors::store::sqlite::{SqliteStore, StoreError};
@@ -45,20 +44,7 @@ impl AppendError {
     pub fn is_retryable(&self) -> bool {
         match self {
             AppendError::Log(e) => e.is_retryable(),
-            // The producer's deliveries fail with a production error, or
-            // are cancelled when the producer is dropped at shutdown.
-            AppendError::Kafka(KafkaError::MessageProduction(code)) => !matches!(
-                code,
-                RDKafkaErrorCode::InvalidMessage
-                    | RDKafkaErrorCode::InvalidMessageSize
-                    | RDKafkaErrorCode::MessageSizeTooLarge
-                    | RDKafkaErrorCode::InvalidRecord
-                    | RDKafkaErrorCode::TopicAuthorizationFailed
-                    | RDKafkaErrorCode::ClusterAuthorizationFailed
-                    // The idempotent producer cannot go on until restarted.
-                    | RDKafkaErrorCode::Fatal
-            ),
-            AppendError::Kafka(_) => false,
+            AppendError::Kafka(e) => e.is_retryable(),
         }
     }
 }
@@ -92,21 +78,9 @@ impl HistoryError {
     /// not.
     pub fn is_retryable(&self) -> bool {
         match self {
-            HistoryError::Sqlite(StoreError::Sqlite(e)) => matches!(
-                e.sqlite_error_code(),
-                Some(
-                    ErrorCode::DatabaseBusy
-                        | ErrorCode::DatabaseLocked
-                        | ErrorCode::SystemIoFailure
-                )
-            ),
-            HistoryError::Sqlite(_) | HistoryError::Task(_) => false,
-            HistoryError::ClickHouse(e) => {
-                matches!(
-                    e,
-                    clickhouse::Error::Network(_) | clickhouse::Error::TimedOut
-                )
-            }
+            HistoryError::Sqlite(e) => e.is_retryable(),
+            HistoryError::Task(_) => false,
+            HistoryError::ClickHouse(e) => clickhouse::is_retryable(e),
         }
     }
 }
@@ -207,12 +181,13 @@ impl LiveInterest for RedisFeed {
 mod tests {
     use super::*;
 
+    // Kafka's errors are sorted by `tally_connectors::kafka::KafkaError`
+    // and tested there.
+
     #[test]
     fn a_failing_disk_or_broker_is_worth_a_retry() {
         let io = std::io::Error::other("disk full");
         assert!(AppendError::from(LogError::Io(io)).is_retryable());
-        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
-        assert!(AppendError::from(timeout).is_retryable());
         assert!(HistoryError::from(clickhouse::Error::TimedOut).is_retryable());
     }
 
@@ -221,9 +196,6 @@ mod tests {
         let too_large = LogError::BatchTooLarge { bytes: 5 << 30 };
         assert!(!AppendError::from(too_large).is_retryable());
         assert!(!AppendError::from(LogError::Closed).is_retryable());
-        let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
-        assert!(!AppendError::from(too_large).is_retryable());
-        assert!(!AppendError::from(KafkaError::Canceled).is_retryable());
         assert!(!HistoryError::from(StoreError::Closed).is_retryable());
     }
 }

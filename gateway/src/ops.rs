@@ -32,6 +32,8 @@ pub struct Observed {
     pub checkpoints: u64,
     /// Failed attempts to write a checkpoint file.
     pub checkpoint_failures: u64,
+    /// Checkpoint parts dropped because the committer was behind.
+    pub checkpoint_parts_dropped: u64,
     /// Boundary of the newest committed checkpoint, in Unix milliseconds.
     pub checkpoint_boundary: u64,
     /// Size of the newest committed checkpoint.
@@ -72,6 +74,7 @@ pub struct JobMetrics {
     live_dropped: IntCounter,
     checkpoints: IntCounter,
     checkpoint_failures: IntCounter,
+    checkpoint_parts_dropped: IntCounter,
     checkpoint_boundary: IntGauge,
     checkpoint_bytes: IntGauge,
     checkpoint_duration: Gauge,
@@ -162,6 +165,11 @@ impl JobMetrics {
                 "tally_checkpoint_failures_total",
                 "Failed attempts to write a checkpoint file.",
             ),
+            checkpoint_parts_dropped: counter(
+                &registry,
+                "tally_checkpoint_parts_dropped_total",
+                "Checkpoint parts dropped because the checkpoint store was behind; their checkpoints are never committed.",
+            ),
             checkpoint_boundary: gauge(
                 &registry,
                 "tally_checkpoint_boundary_seconds",
@@ -197,6 +205,7 @@ impl JobMetrics {
             (&self.live_dropped, o.live_dropped),
             (&self.checkpoints, o.checkpoints),
             (&self.checkpoint_failures, o.checkpoint_failures),
+            (&self.checkpoint_parts_dropped, o.checkpoint_parts_dropped),
         ] {
             counter.inc_by(value.saturating_sub(counter.get()));
         }

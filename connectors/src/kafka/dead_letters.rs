@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError as ClientError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use serde_json::json;
 use tally_dataflow::config::KafkaConfig;
@@ -18,7 +18,7 @@ use tally_dataflow::ports::Sink;
 use tally_dataflow::time::format_rfc3339;
 use tracing::warn;
 
-use super::client_config;
+use super::{client_config, KafkaError};
 
 /// Dropped copies are reported at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -63,7 +63,7 @@ impl<S> DeadLetterTopic<S> {
             if self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                 let full = matches!(
                     e,
-                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+                    ClientError::MessageProduction(RDKafkaErrorCode::QueueFull)
                 );
                 warn!(error = %e, full, topic = %self.topic, "a dead letter was not copied to the dead-letter topic; the result store has it");
                 self.last_warning = Some(Instant::now());

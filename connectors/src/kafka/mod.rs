@@ -11,10 +11,14 @@
 //! - [`source`]: a worker's partitions, read without blocking the worker.
 //! - [`dead_letters`]: copies dead letters to the dead-letter topic.
 //! - [`ensure_topics`]: creates the events topic and its dead-letter topic.
+//! - [`KafkaError`]: what these return, and whether a retry can help.
 
 pub mod dead_letters;
+mod error;
 pub mod producer;
 pub mod source;
+
+pub use error::KafkaError;
 
 use std::time::Duration;
 
@@ -22,7 +26,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::KafkaError as ClientError;
 use rdkafka::types::RDKafkaErrorCode;
 use tally_dataflow::config::KafkaConfig;
 use tracing::info;
@@ -88,7 +92,7 @@ pub async fn ensure_topics(config: &KafkaConfig) -> u32 {
     partitions
 }
 
-async fn create_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+async fn create_topics(config: &KafkaConfig) -> Result<(), ClientError> {
     let admin: AdminClient<DefaultClientContext> = client_config(&config.brokers).create()?;
     let dead_letters = config.dead_letter_topic();
     let replication = || TopicReplication::Fixed(i32::from(config.replication));
@@ -103,7 +107,7 @@ async fn create_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 tracing::warn!(%topic, %code, "the broker refused to create a topic");
-                return Err(KafkaError::AdminOp(code));
+                return Err(ClientError::AdminOp(code));
             }
         }
     }
@@ -114,8 +118,8 @@ async fn create_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
 /// from (`(partition, next offset)`): each must lie between the partition's
 /// oldest offset and its end. One outside means the topic was made anew or
 /// its retention deleted events never read, and reading on would skip or
-/// misplace events; the error says which.
-pub fn check_offsets(config: &KafkaConfig, cuts: &[(u32, u64)]) -> Result<(), String> {
+/// misplace events: [`KafkaError::OffsetOutOfRange`] says which.
+pub fn check_offsets(config: &KafkaConfig, cuts: &[(u32, u64)]) -> Result<(), KafkaError> {
     let consumer: BaseConsumer = retry::blocking("connect to Kafka", || {
         client_config(&config.brokers).create::<BaseConsumer>()
     });
@@ -124,30 +128,30 @@ pub fn check_offsets(config: &KafkaConfig, cuts: &[(u32, u64)]) -> Result<(), St
             consumer.fetch_watermarks(&config.topic, partition as i32, REQUEST_TIMEOUT)
         });
         if (offset as i64) < low || (offset as i64) > high {
-            return Err(format!(
-                "the checkpoint resumes partition {partition} of topic '{}' at offset {offset}, \
-                 but the partition holds offsets {low} to {high}: the topic was made anew, or \
-                 its retention deleted events that were never read. Restore the topic, or \
-                 delete the checkpoints (and the results) to start over",
-                config.topic
-            ));
+            return Err(KafkaError::OffsetOutOfRange {
+                topic: config.topic.clone(),
+                partition,
+                offset,
+                low,
+                high,
+            });
         }
     }
     Ok(())
 }
 
 /// The number of partitions of `topic`, or an error if it has none yet.
-fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<u32, KafkaError> {
+fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<u32, ClientError> {
     let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
     match metadata.topics().first() {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
             Ok(t.partitions().len() as u32)
         }
-        Some(t) => Err(KafkaError::MetadataFetch(
+        Some(t) => Err(ClientError::MetadataFetch(
             t.error()
                 .map_or(RDKafkaErrorCode::UnknownTopicOrPartition, Into::into),
         )),
-        None => Err(KafkaError::MetadataFetch(
+        None => Err(ClientError::MetadataFetch(
             RDKafkaErrorCode::UnknownTopicOrPartition,
         )),
     }

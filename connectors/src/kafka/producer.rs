@@ -9,11 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
-use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_dataflow::config::KafkaConfig;
 
-use super::client_config;
+use super::{client_config, KafkaError};
 
 /// The largest payload put in one message. Brokers refuse messages over
 /// 1 MB by default; a larger request is split between records.
@@ -52,7 +51,8 @@ impl KafkaProducer {
     /// Appends one request's records; resolves once the brokers have
     /// acknowledged all of them. The records, one per line, go in as few
     /// messages as fit, all under one key, so they stay in one partition
-    /// and in order.
+    /// and in order. On an error some of the messages may be in the topic;
+    /// [`KafkaError::is_retryable`] says whether to try again.
     pub fn append(
         &self,
         records: Vec<Vec<u8>>,
@@ -73,7 +73,9 @@ impl KafkaProducer {
                     QUEUE_TIMEOUT,
                 )
             });
-            try_join_all(sends).await.map_err(|(e, _)| e)?;
+            try_join_all(sends)
+                .await
+                .map_err(|(e, _)| KafkaError::from(e))?;
             Ok(())
         }
     }

@@ -11,15 +11,15 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError as ClientError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_dataflow::config::KafkaConfig;
 use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker};
 use tracing::warn;
 
-use super::consumer_config;
 use super::producer::records;
+use super::{consumer_config, KafkaError};
 
 /// Messages taken per poll, so one activation stays short.
 const MESSAGES_PER_POLL: usize = 256;
@@ -56,7 +56,7 @@ impl KafkaSource {
         })
     }
 
-    fn assign(&self) -> Result<(), KafkaError> {
+    fn assign(&self) -> Result<(), ClientError> {
         let mut list = TopicPartitionList::new();
         for &partition in &self.partitions {
             let offset = self
@@ -69,7 +69,7 @@ impl KafkaSource {
         self.consumer.assign(&list)
     }
 
-    fn warn(&mut self, error: &KafkaError) {
+    fn warn(&mut self, error: &ClientError) {
         if self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
             warn!(%error, topic = %self.topic, "cannot read from Kafka; librdkafka keeps retrying");
             self.last_warning = Some(Instant::now());
@@ -107,7 +107,7 @@ impl BatchSource for KafkaSource {
                         records: records(message.payload().unwrap_or_default()),
                     });
                 }
-                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                Some(Err(ClientError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
                     // The checkpoint names offsets the topic no longer
                     // holds: retention deleted them, or the topic was made
                     // anew. Going on would skip or misplace events.

@@ -3,11 +3,13 @@
 use std::fs;
 use std::future::Future;
 use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
+use tally_dataflow::config::{Fsync, LogConfig};
 use tokio::sync::{oneshot, Semaphore};
 use tracing::{error, info};
 
@@ -15,11 +17,29 @@ use super::reader::PartitionReader;
 use super::segment;
 use super::state::{lock, Shared};
 use super::writer::{AppendRequest, Command, Writer};
-use super::{format, LogConfig, LogError};
+use super::{format, LogError};
 
 /// How many appends may wait for the writer at once. Further appends wait
 /// (asynchronously) for a slot, which is the log's backpressure.
 const MAX_QUEUED_APPENDS: usize = 4096;
+
+/// Rejects values the log cannot work with. The configuration reader
+/// refuses them already, but the fields are public, so a config built in
+/// code reaches the log without passing through it.
+fn validate(config: &LogConfig) -> Result<(), LogError> {
+    if config.partitions == 0 {
+        return Err(LogError::InvalidConfig("partitions must be at least 1"));
+    }
+    if config.segment_bytes == 0 {
+        return Err(LogError::InvalidConfig("segment_bytes must be at least 1"));
+    }
+    if config.fsync == Fsync::Interval(Duration::ZERO) {
+        return Err(LogError::InvalidConfig(
+            "the fsync interval must not be zero",
+        ));
+    }
+    Ok(())
+}
 
 /// A handle to an open event log. Clones share the same log.
 ///
@@ -43,14 +63,14 @@ struct Inner {
 }
 
 impl EventLog {
-    /// Opens the log in `config.dir`, creating it if needed, and starts its
-    /// writer thread. Recovery cuts torn or corrupt tails off each
-    /// partition's last segment (with a warning) and finds every
-    /// partition's next offset.
-    pub fn open(config: LogConfig) -> Result<EventLog, LogError> {
-        config.validate()?;
-        fs::create_dir_all(&config.dir)?;
-        let found = segment::count_partitions(&config.dir)?;
+    /// Opens the log in `dir`, laid out and synced as `config` says,
+    /// creating it if needed, and starts its writer thread. Recovery cuts
+    /// torn or corrupt tails off each partition's last segment (with a
+    /// warning) and finds every partition's next offset.
+    pub fn open(dir: &Path, config: &LogConfig) -> Result<EventLog, LogError> {
+        validate(config)?;
+        fs::create_dir_all(dir)?;
+        let found = segment::count_partitions(dir)?;
         if found != 0 && found != config.partitions {
             return Err(LogError::PartitionCountMismatch {
                 found,
@@ -61,15 +81,15 @@ impl EventLog {
         let mut states = Vec::with_capacity(config.partitions as usize);
         let mut active = Vec::with_capacity(config.partitions as usize);
         for partition in 0..config.partitions {
-            let (state, segment) = segment::recover(&config.dir, partition)?;
+            let (state, segment) = segment::recover(dir, partition)?;
             states.push(state);
             active.push((partition, segment));
         }
         if found == 0 {
-            segment::sync_dir(&config.dir)?;
+            segment::sync_dir(dir)?;
         }
 
-        let shared = Arc::new(Shared::new(config.dir.clone(), states));
+        let shared = Arc::new(Shared::new(dir.to_owned(), states));
         let (commands, receiver) = crossbeam_channel::unbounded();
         let writer = Writer::new(
             Arc::clone(&shared),
@@ -81,14 +101,15 @@ impl EventLog {
         let writer = thread::Builder::new()
             .name("tally-log-writer".into())
             .spawn(move || writer.run())?;
-        info!(dir = %config.dir.display(), partitions = config.partitions, "opened event log");
+        info!(dir = %dir.display(), partitions = config.partitions, "opened event log");
 
         let inner = Inner {
             shared,
             commands,
             slots: Arc::new(Semaphore::new(MAX_QUEUED_APPENDS)),
             writer: Mutex::new(Some(writer)),
-            retention_ms: config.retention_ms(),
+            // Retention that does not fit in milliseconds is as good as forever.
+            retention_ms: i64::try_from(config.retention.as_millis()).unwrap_or(i64::MAX),
         };
         Ok(EventLog {
             inner: Arc::new(inner),

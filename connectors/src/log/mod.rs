@@ -6,8 +6,8 @@
 //! An [`EventLog`] is a directory holding a fixed number of partitions,
 //! `<dir>/<partition>/`. Each partition is a sequence of segment files named
 //! by the offset of their first record, `00000000000000000000.log`, and a new
-//! segment is started once the active one would grow past
-//! [`LogConfig::segment_bytes`]. Offsets count records, start at 0 in every
+//! segment is started once the active one would grow past the configured
+//! `segment_bytes`. Offsets count records, start at 0 in every
 //! partition and never repeat.
 //!
 //! One call to [`EventLog::append`] writes one record batch to one partition.
@@ -35,12 +35,13 @@
 //!
 //! # Durability
 //!
-//! With [`FsyncPolicy::Always`] (the default) an append resolves only after
-//! `fdatasync` of its segment, so an acknowledged batch survives a crash of
-//! the process or the machine. With [`FsyncPolicy::Interval`] and
-//! [`FsyncPolicy::Never`] an append resolves once the batch is in the page
-//! cache: it survives a crash of the process, and a machine crash may lose
-//! the last interval of acknowledged appends.
+//! The log takes the `[log]` section of the configuration as it is,
+//! [`LogConfig`](tally_dataflow::config::LogConfig), and [`Fsync`](tally_dataflow::config::Fsync) says how
+//! hard it syncs; its variants say what each survives. With `Always` (the
+//! default) an append resolves only after `fdatasync` of its segment. With
+//! `Interval` and `Never` an append resolves once the batch is in the page
+//! cache: it survives a crash of the process, but not always one of the
+//! machine.
 //!
 //! On open, the last segment of every partition is scanned, and a torn or
 //! corrupt tail (a short batch, a bad magic byte, a bad CRC, a length past
@@ -67,7 +68,6 @@
 //!   the file's modification time, which is what retention compares.
 //! - The number of partitions is fixed when the log is created.
 
-mod config;
 mod error;
 mod event_log;
 mod format;
@@ -80,7 +80,6 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use config::{FsyncPolicy, LogConfig, DEFAULT_RETENTION, DEFAULT_SEGMENT_BYTES};
 pub use error::LogError;
 pub use event_log::EventLog;
 pub use reader::{PartitionReader, RecordBatch};

@@ -5,13 +5,15 @@ use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tally_dataflow::config::{Fsync, LogConfig};
+
 use super::*;
 
 /// A config with tiny segments, so a few appends roll several of them.
-fn config(dir: &Path, partitions: u32) -> LogConfig {
+fn config(partitions: u32) -> LogConfig {
     LogConfig {
         segment_bytes: 200,
-        ..LogConfig::new(dir, partitions)
+        ..LogConfig::new(partitions)
     }
 }
 
@@ -70,7 +72,7 @@ fn now_ms() -> i64 {
 #[test]
 fn round_trip_across_partitions_and_rolls() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EventLog::open(config(dir.path(), 3)).unwrap();
+    let log = EventLog::open(dir.path(), &config(3)).unwrap();
     let mut expected: HashMap<u32, Vec<(u64, String)>> = HashMap::new();
 
     for i in 0..60u32 {
@@ -108,7 +110,7 @@ fn round_trip_across_partitions_and_rolls() {
 #[test]
 fn reader_follows_new_appends() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EventLog::open(config(dir.path(), 1)).unwrap();
+    let log = EventLog::open(dir.path(), &config(1)).unwrap();
     let mut reader = log.reader(0, 0).unwrap();
     assert!(reader.poll(1024).unwrap().is_empty());
 
@@ -129,14 +131,14 @@ fn reader_follows_new_appends() {
 #[test]
 fn reopen_continues_offsets() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EventLog::open(config(dir.path(), 2)).unwrap();
+    let log = EventLog::open(dir.path(), &config(2)).unwrap();
     for i in 0..10 {
         append(&log, 0, &["a", "b"]);
         append(&log, 1, &[&format!("c{i}")]);
     }
     log.close().unwrap();
 
-    let log = EventLog::open(config(dir.path(), 2)).unwrap();
+    let log = EventLog::open(dir.path(), &config(2)).unwrap();
     assert_eq!(log.next_offsets(), vec![20, 10]);
     assert_eq!(append(&log, 0, &["d"]), 20);
     assert_eq!(append(&log, 1, &["e"]), 10);
@@ -149,17 +151,17 @@ fn reopen_continues_offsets() {
 fn interval_policy_acknowledges_writes_and_syncs_on_close() {
     let dir = tempfile::tempdir().unwrap();
     let interval = LogConfig {
-        fsync: FsyncPolicy::Interval(Duration::from_millis(5)),
-        ..config(dir.path(), 1)
+        fsync: Fsync::Interval(Duration::from_millis(5)),
+        ..config(1)
     };
-    let log = EventLog::open(interval.clone()).unwrap();
+    let log = EventLog::open(dir.path(), &interval).unwrap();
     for i in 0..10 {
         assert_eq!(append(&log, 0, &[&format!("r{i}")]), i);
         std::thread::sleep(Duration::from_millis(1));
     }
     log.close().unwrap();
 
-    let log = EventLog::open(interval).unwrap();
+    let log = EventLog::open(dir.path(), &interval).unwrap();
     assert_eq!(read_from(&log, 0, 0).len(), 10);
 }
 
@@ -167,7 +169,7 @@ fn interval_policy_acknowledges_writes_and_syncs_on_close() {
 /// change the last segment, and reopens.
 fn reopen_after_damage(damage: impl FnOnce(&Path, u64)) -> (tempfile::TempDir, EventLog) {
     let dir = tempfile::tempdir().unwrap();
-    let log = EventLog::open(LogConfig::new(dir.path(), 1)).unwrap();
+    let log = EventLog::open(dir.path(), &LogConfig::new(1)).unwrap();
     append(&log, 0, &["one"]);
     append(&log, 0, &["two", "three"]);
     let before_last = log.size_bytes();
@@ -176,7 +178,7 @@ fn reopen_after_damage(damage: impl FnOnce(&Path, u64)) -> (tempfile::TempDir, E
 
     let segment = segments(dir.path(), 0).pop().unwrap();
     damage(&segment, before_last);
-    let log = EventLog::open(LogConfig::new(dir.path(), 1)).unwrap();
+    let log = EventLog::open(dir.path(), &LogConfig::new(1)).unwrap();
     assert_eq!(log.next_offsets(), vec![3], "the last batch is cut");
     assert_eq!(fs::metadata(&segment).unwrap().len(), before_last);
     (dir, log)
@@ -231,9 +233,9 @@ fn retention_deletes_old_sealed_segments_only() {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig {
         retention: Duration::from_secs(60),
-        ..config(dir.path(), 2)
+        ..config(2)
     };
-    let log = EventLog::open(config).unwrap();
+    let log = EventLog::open(dir.path(), &config).unwrap();
     for i in 0..20 {
         append(&log, 0, &[&format!("record number {i}")]);
     }
@@ -269,10 +271,10 @@ async fn concurrent_appends_with_fsync_always_get_contiguous_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig {
         segment_bytes: 4096,
-        ..LogConfig::new(dir.path(), 2)
+        ..LogConfig::new(2)
     };
-    assert_eq!(config.fsync, FsyncPolicy::Always);
-    let log = EventLog::open(config).unwrap();
+    assert_eq!(config.fsync, Fsync::Always);
+    let log = EventLog::open(dir.path(), &config).unwrap();
 
     let tasks: Vec<_> = (0..400u32)
         .map(|i| {
@@ -305,11 +307,11 @@ async fn concurrent_appends_with_fsync_always_get_contiguous_offsets() {
 #[test]
 fn partition_count_mismatch_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    EventLog::open(config(dir.path(), 3))
+    EventLog::open(dir.path(), &config(3))
         .unwrap()
         .close()
         .unwrap();
-    match EventLog::open(config(dir.path(), 4)) {
+    match EventLog::open(dir.path(), &config(4)) {
         Err(LogError::PartitionCountMismatch {
             found: 3,
             configured: 4,
@@ -321,7 +323,7 @@ fn partition_count_mismatch_is_an_error() {
 #[test]
 fn bad_appends_and_closed_log_are_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EventLog::open(config(dir.path(), 1)).unwrap();
+    let log = EventLog::open(dir.path(), &config(1)).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

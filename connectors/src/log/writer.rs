@@ -1,7 +1,7 @@
 //! The writer thread: the only code that writes segments.
 //!
 //! It drains every waiting append into a group, writes the group, syncs each
-//! touched file once (with [`FsyncPolicy::Always`]), publishes the new extent
+//! touched file once (with [`Fsync::Always`]), publishes the new extent
 //! to the shared index and only then completes the appends. A batch is
 //! written at the partition's known end with a positioned write, so a failed
 //! write leaves nothing behind that the next one does not overwrite.
@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use tally_dataflow::config::Fsync;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tracing::{debug, error};
 
 use super::format;
 use super::segment::{self, Active};
 use super::state::{PartitionState, SegmentInfo, Shared};
-use super::{FsyncPolicy, LogError};
+use super::LogError;
 
 /// The most appends committed as one group, which bounds the latency a
 /// group adds to its first append.
@@ -77,7 +78,7 @@ struct Written {
 pub(super) struct Writer {
     shared: Arc<Shared>,
     commands: Receiver<Command>,
-    fsync: FsyncPolicy,
+    fsync: Fsync,
     segment_bytes: u64,
     partitions: Vec<PartitionWriter>,
     /// Scratch space for encoding, reused across batches.
@@ -89,7 +90,7 @@ impl Writer {
     pub fn new(
         shared: Arc<Shared>,
         commands: Receiver<Command>,
-        fsync: FsyncPolicy,
+        fsync: Fsync,
         segment_bytes: u64,
         active: Vec<(u32, Active)>,
     ) -> Self {
@@ -111,8 +112,8 @@ impl Writer {
     /// partitions. Returns the result of that last sync.
     pub fn run(mut self) -> Result<(), LogError> {
         let interval = match self.fsync {
-            FsyncPolicy::Interval(interval) => Some(interval),
-            FsyncPolicy::Always | FsyncPolicy::Never => None,
+            Fsync::Interval(interval) => Some(interval),
+            Fsync::Always | Fsync::Never => None,
         };
         let mut next_sync = interval.map(|interval| Instant::now() + interval);
         loop {
@@ -170,7 +171,7 @@ impl Writer {
                 }
             }
         }
-        if self.fsync == FsyncPolicy::Always {
+        if self.fsync == Fsync::Always {
             self.sync_dirty();
         }
 
@@ -308,10 +309,10 @@ impl PartitionWriter {
     /// The old segment is trimmed to its batches first: a failed write may
     /// have left bytes past them, which recovery would only cut from the
     /// last segment. It is then synced unless the policy is
-    /// [`FsyncPolicy::Never`], since the writer keeps no handle to it.
-    fn roll(&mut self, dir: &Path, fsync: FsyncPolicy) -> Result<(), LogError> {
+    /// [`Fsync::Never`], since the writer keeps no handle to it.
+    fn roll(&mut self, dir: &Path, fsync: Fsync) -> Result<(), LogError> {
         self.file.set_len(self.len)?;
-        if fsync != FsyncPolicy::Never {
+        if fsync != Fsync::Never {
             self.sync()?;
         }
         self.file = segment::create_segment(dir, self.partition, self.next_offset)?;

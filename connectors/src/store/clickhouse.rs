@@ -43,6 +43,12 @@ use crate::retry;
 /// Errors of the ClickHouse store.
 pub type Error = clickhouse::error::Error;
 
+/// Whether a failed ClickHouse call may succeed later: a lost connection or
+/// a timeout may recover; a bad query or a bad row will not.
+pub fn is_retryable(error: &Error) -> bool {
+    matches!(error, Error::Network(_) | Error::TimedOut)
+}
+
 /// The tables, in creation order. `{db}` is the database; `{label}` the
 /// type of short, often repeated strings (see [`label_type`]).
 const SCHEMA: [&str; 5] = [

@@ -54,6 +54,25 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// Whether the same read may succeed later: a busy or locked database,
+    /// or a failed disk read, may recover; a corrupt row or a stopped store
+    /// will not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                        | rusqlite::ErrorCode::SystemIoFailure
+                )
+            ),
+            StoreError::CorruptSketch(_) | StoreError::Closed => false,
+        }
+    }
+}
+
 /// The embedded result store, for reading.
 #[derive(Clone)]
 pub struct SqliteStore {

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use tally_dataflow::aggregate::AggState;
 use tally_dataflow::config::MetricSpec;
-use tally_dataflow::time::{format_rfc3339, Millis};
 use tally_dataflow::model::Group;
 use tally_dataflow::model::WindowUpdate;
+use tally_dataflow::time::{format_rfc3339, Millis};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
