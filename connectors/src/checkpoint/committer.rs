@@ -377,6 +377,21 @@ mod tests {
         .unwrap()
     }
 
+    /// Waits until a file called `name` exists somewhere under `dir`.
+    fn wait_for_file(dir: &std::path::Path, name: &str) {
+        fn found(dir: &std::path::Path, name: &str) -> bool {
+            std::fs::read_dir(dir).into_iter().flatten().flatten().any(|entry| {
+                let path = entry.path();
+                entry.file_name() == name || (path.is_dir() && found(&path, name))
+            })
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !found(dir, name) {
+            assert!(Instant::now() < deadline, "{name} was never written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits until `committer` has committed `n` checkpoints.
     fn wait_for(committer: &Committer, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -395,13 +410,13 @@ mod tests {
         let open = || CheckpointStore::open(None, dir.path(), "job".into()).unwrap();
         let durable = Arc::new(AtomicU64::new(0));
         let (committer, mut sinks) = start(dir.path(), &durable);
-        // One part of two: nothing is committed.
+        // One part of two: once it is written, nothing is committed.
         sinks[0].submit(part(100, 0));
-        std::thread::sleep(Duration::from_millis(100));
+        wait_for_file(dir.path(), &part_name(0));
         assert!(open().latest().unwrap().is_none());
-        // Both parts, but the store does not hold the results yet.
+        // Both parts written, but the store does not hold the results yet.
         sinks[1].submit(part(100, 1));
-        std::thread::sleep(Duration::from_millis(100));
+        wait_for_file(dir.path(), &part_name(1));
         assert!(open().latest().unwrap().is_none());
         durable.store(u64::MAX, Ordering::Relaxed);
         wait_for(&committer, 1);
