@@ -91,6 +91,7 @@ fn batches() -> Vec<SourceBatch> {
                 offset,
                 next_offset: offset + chunk.len() as u64,
                 records: chunk.to_vec(),
+                appended_at: None,
             }
         })
         .collect()

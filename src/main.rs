@@ -59,7 +59,8 @@ enum Command {
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// Configuration file. Without it, `./cluster.toml` is read if it exists,
-    /// and the built-in defaults are used otherwise.
+    /// and the built-in defaults (the `cluster.toml` tally ships with, and
+    /// its metrics) are used otherwise.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Address for HTTP and WebSocket, such as 127.0.0.1:8080; port 0 picks a
@@ -107,18 +108,23 @@ pub struct GatewayArgs {
     pub listen: Option<SocketAddr>,
 }
 
+/// The configuration used when there is no file: the repository's
+/// `cluster.toml`, with the default metrics, built into the binary so that
+/// `tally run --demo` works from any directory.
+const BUILT_IN: &str = include_str!("../cluster.toml");
+
 /// Loads the configuration: defaults, then the file (`path`, or
-/// `./cluster.toml` if it exists), then `TALLY__*` variables, then
-/// `overrides` of `section.key` from the command line.
+/// `./cluster.toml` if it exists, or [`BUILT_IN`]), then `TALLY__*`
+/// variables, then `overrides` of `section.key` from the command line.
 pub fn load_config(path: Option<&Path>, overrides: &[(&str, String)]) -> anyhow::Result<Config> {
     let path = path
         .map(Path::to_owned)
         .or_else(|| Some(PathBuf::from("cluster.toml")).filter(|p| p.exists()));
     let text = match &path {
         Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
         }
-        None => None,
+        None => BUILT_IN.to_owned(),
     };
     let mut env: Vec<(String, String)> = std::env::vars().collect();
     for (key, value) in overrides {
@@ -127,10 +133,12 @@ pub fn load_config(path: Option<&Path>, overrides: &[(&str, String)]) -> anyhow:
             value.clone(),
         ));
     }
-    match Config::load(text.as_deref(), env) {
+    match Config::load(Some(&text), env) {
         Ok(config) => Ok(config),
         Err(errors) => {
-            let source = path.map_or("the defaults".to_string(), |p| p.display().to_string());
+            let source = path.map_or("the built-in defaults".to_string(), |p| {
+                p.display().to_string()
+            });
             bail!(
                 "invalid configuration ({source}):\n  - {}",
                 errors.join("\n  - ")

@@ -35,6 +35,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         overrides.push(("dataflow.workers", workers.to_string()));
     }
     let config = Arc::new(load_config(args.config.as_deref(), &overrides)?);
+    // The address is taken first: a second tally on the same port must stop
+    // at once, not start its workers and then wait on them forever.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gateway")
+        .build()?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.server.listen))
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    let address = listener.local_addr()?;
     let data_dir = config.storage.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -58,10 +68,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     .run(mode)?;
     let stats = Arc::clone(job.stats());
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("gateway")
-        .build()?;
     let events = Arc::new(EmbeddedLog::new(log.clone()));
     let observe = {
         let (events, live) = (Arc::clone(&events), live.clone());
@@ -75,10 +81,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(live);
     let ops = Arc::new(Ops::new(Some(JobMetrics::new(observe))));
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| format!("binding {}", config.server.listen))?;
-        let address = listener.local_addr()?;
         let lateness = config.dataflow.revision_horizon();
         let hub = Hub::start(
             Arc::new(config.metrics.clone()),
@@ -108,8 +110,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(demo) = demo {
             demo.abort();
         }
-        anyhow::Ok(())
-    })?;
+    });
     drop(runtime);
 
     job.stop();

@@ -72,6 +72,16 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("worker-io")
         .build()?;
+    // The address is taken before anything starts, so a port in use stops
+    // the worker at once.
+    let metrics_listener = args
+        .metrics_listen
+        .map(|address| {
+            runtime
+                .block_on(tokio::net::TcpListener::bind(address))
+                .with_context(|| format!("binding {address}"))
+        })
+        .transpose()?;
     let partitions = runtime.block_on(kafka::ensure_topics(&config.kafka));
     let store = ClickHouseStore::new(&config.clickhouse);
     runtime.block_on(store.prepare());
@@ -100,11 +110,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let starting = Job::prepare(&config, members, partitions, &writer, &mode)?;
     let stats = Arc::clone(starting.stats());
-    let metrics_server = match args.metrics_listen {
-        Some(address) => {
-            let listener = runtime
-                .block_on(tokio::net::TcpListener::bind(address))
-                .with_context(|| format!("binding {address}"))?;
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
             // A line for scripts that start workers on port 0.
             println!("metrics on http://{}", listener.local_addr()?);
             let live = live.clone();

@@ -206,6 +206,7 @@ mod tests {
                     offset,
                     next_offset: offset + ts.len() as u64,
                     records: ts.iter().map(|&t| event(t)).collect(),
+                    appended_at: None,
                 };
                 offset += ts.len() as u64;
                 batch
@@ -470,5 +471,20 @@ mod tests {
         // [0,10) had no data when the watermark (28 s) passed it; the late
         // event makes it a correction of an empty window.
         assert!(finals.contains(&(0, 0, 10, 1, 1)));
+    }
+
+    #[test]
+    fn an_event_from_a_fast_clock_does_not_drag_the_watermark() {
+        // The first batch holds an event stamped 290 s after the log took
+        // it; the others are on time.
+        let mut input = batches(&[&[300], &[11, 12], &[25]]);
+        for (batch, appended_s) in input.iter_mut().zip([10, 12, 26]) {
+            batch.appended_at = Some(appended_s * 1000);
+        }
+        let (finals, dead) = run(input);
+        assert_eq!(dead, [] as [u64; 0], "on-time events were dead-lettered");
+        assert!(finals.contains(&(0, 10, 20, 2, 0)), "{finals:?}");
+        // The early event is kept at its own time.
+        assert!(finals.contains(&(0, 300, 310, 1, 0)), "{finals:?}");
     }
 }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::checkpoint::WorkerPart;
+use crate::time::Millis;
 
 /// Records read from one partition of the log, in order.
 ///
@@ -29,6 +30,9 @@ pub struct SourceBatch {
     pub next_offset: u64,
     /// Events in canonical JSON, as the gateway wrote them.
     pub records: Vec<Vec<u8>>,
+    /// When the log took the batch, in Unix milliseconds, if it records
+    /// that. No event of the batch moves the watermark past this time.
+    pub appended_at: Option<Millis>,
 }
 
 impl SourceBatch {

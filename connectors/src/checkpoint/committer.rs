@@ -380,10 +380,14 @@ mod tests {
     /// Waits until a file called `name` exists somewhere under `dir`.
     fn wait_for_file(dir: &std::path::Path, name: &str) {
         fn found(dir: &std::path::Path, name: &str) -> bool {
-            std::fs::read_dir(dir).into_iter().flatten().flatten().any(|entry| {
-                let path = entry.path();
-                entry.file_name() == name || (path.is_dir() && found(&path, name))
-            })
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|entry| {
+                    let path = entry.path();
+                    entry.file_name() == name || (path.is_dir() && found(&path, name))
+                })
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !found(dir, name) {

@@ -105,6 +105,9 @@ impl BatchSource for KafkaSource {
                         offset,
                         next_offset: offset + 1,
                         records: records(message.payload().unwrap_or_default()),
+                        // The producer's create time, which librdkafka sets
+                        // when the gateway produces the request.
+                        appended_at: message.timestamp().to_millis(),
                     });
                 }
                 Some(Err(ClientError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {

@@ -155,6 +155,7 @@ fn read_loop(
                     offset: batch.base_offset,
                     next_offset: batch.base_offset + batch.records.len() as u64,
                     records: batch.records,
+                    appended_at: Some(batch.append_time_ms),
                 };
                 if !deliver(source_batch) {
                     return Ok(());

@@ -2,7 +2,12 @@
 //! watermarks, and pre-aggregates each batch.
 //!
 //! Each partition has its own watermark: the largest event time seen in it,
-//! minus `out_of_orderness`. A batch is sent at its partition's watermark from
+//! minus `out_of_orderness`. An event counts toward that at most at the time
+//! the log took it: a client whose clock runs ahead may store events in the
+//! future (up to the gateway's `max_future`), but cannot drag the watermark
+//! past the wall clock and turn everyone else's events into dead letters.
+//! The log records when it took each batch, so this, too, is a function of
+//! the log. A batch is sent at its partition's watermark from
 //! *before* the batch, so the order of events inside one batch never matters,
 //! and the time a batch travels at depends only on the partition's content.
 //! That is what makes results independent of the number of workers.
@@ -199,7 +204,8 @@ pub fn log_source<'scope, S: BatchSource>(
 }
 
 /// Splits a batch into dead letters and per-(metric, group, pane)
-/// contributions, and returns the newest event time in it.
+/// contributions, and returns the newest event time in it, no later than
+/// the time the log took the batch.
 ///
 /// Output order is deterministic: contributions sorted by key, so the same
 /// batch always produces the same records.
@@ -282,6 +288,10 @@ pub fn fold_batch(
                 })
             }),
     );
+    let newest = match (newest, batch.appended_at) {
+        (Some(newest), Some(appended)) => Some(newest.min(appended)),
+        (newest, _) => newest,
+    };
     (out, newest)
 }
 
