@@ -27,7 +27,7 @@ use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{agent, now_ms, quantile, scrape, Tally};
+use crate::support::{agent, now_ms, quantile, rss_kb, scrape, Tally};
 use tally_dataflow::time::parse_rfc3339;
 
 const COUNTRIES: [&str; 4] = ["US", "GB", "DE", "FR"];
@@ -378,15 +378,6 @@ fn raise_open_files() -> u64 {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
     }
     limit.rlim_cur
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn cpu_seconds(pid: u32) -> f64 {

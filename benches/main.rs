@@ -10,6 +10,7 @@
 //! cargo bench --bench tally -- recovery     # (e) checkpoint cost at 100k events/s; restart with 60 s of backlog
 //! cargo bench --bench tally -- fanout       # (f) WebSocket clients on one server: delay, memory, CPU, stalled clients
 //! cargo bench --bench tally -- cluster      # (g) cluster mode vs tally run: ingest and end to end (needs scripts/services.sh)
+//! cargo bench --bench tally -- memory       # (h) resident memory before, at the peak of and after a burst of 200k new groups
 //! ```
 
 mod cluster;
@@ -18,6 +19,7 @@ mod fanout;
 mod freshness;
 mod history;
 mod ingest;
+mod memory;
 mod recovery;
 mod support;
 
@@ -51,5 +53,8 @@ fn main() {
     }
     if run("cluster") {
         cluster::run();
+    }
+    if run("memory") {
+        memory::run();
     }
 }

@@ -121,6 +121,8 @@ fn tally_run_from_a_directory_without_cluster_toml_runs_the_default_metrics() {
     // The demo feed is flowing into them.
     eventually(Duration::from_secs(20), || {
         let read = tally.prometheus("tally_events_read_total").unwrap_or(0);
-        (read > 0).then_some(()).ok_or("no demo events read".to_string())
+        (read > 0)
+            .then_some(())
+            .ok_or("no demo events read".to_string())
     });
 }
