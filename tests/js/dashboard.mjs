@@ -104,10 +104,16 @@ async function main() {
     await page.waitForSelector('#connection[data-state="open"]', { timeout: 10_000 });
     await page.waitForSelector('.card[data-metric="events"]');
 
-    // Events in the current window, far enough from its end not to cross it.
+    // Events in the current window, 3 to 4 s before its end: far enough
+    // not to cross it, near enough that the wall clock soon passes it.
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
     let now = Date.now();
     if (now % WINDOW > WINDOW - 3000) {
-      await new Promise((r) => setTimeout(r, WINDOW - (now % WINDOW) + 100));
+      await sleep(WINDOW - (now % WINDOW) + 100);
+      now = Date.now();
+    }
+    if (now % WINDOW < WINDOW - 4000) {
+      await sleep(WINDOW - 4000 - (now % WINDOW));
       now = Date.now();
     }
     const start = now - (now % WINDOW);
@@ -116,17 +122,22 @@ async function main() {
     await bar(page, start, (b) => b.value >= 25, 2000);
     step("the open window shows posted events within 2 s", since);
 
-    // Later events, one to each of the 8 partitions, move every partition's
-    // watermark past the window, which closes it. A late event then revises
-    // it, once the next round of later events carries the watermark past it.
-    const advance = async (ms) => {
-      for (let i = 0; i < 8; i++) await post(url, [click(ms)]);
+    // Events at the current time, one to each of the 8 partitions, move
+    // every partition's watermark past the window once the wall clock has
+    // passed its end and the 2 s out-of-orderness (an event moves the
+    // watermark no further than the time it was received), which closes it.
+    // A late event then revises it, once the next round carries the
+    // watermark past it.
+    const advance = async () => {
+      for (let i = 0; i < 8; i++) await post(url, [click(Date.now())]);
     };
+    await sleep(Math.max(0, start + WINDOW + 2500 - Date.now()));
     since = Date.now();
-    await advance(now + 15_000);
+    await advance();
     await bar(page, start, (b) => b.final && b.value === 25, 5000);
     await post(url, [click(now)]);
-    await advance(now + 16_000);
+    await sleep(200);
+    await advance();
     const revised = await bar(page, start, (b) => b.final && b.value === 26 && b.revision >= 1, 5000);
     if (!revised.revised) throw new Error("the revised bar is not marked as revised");
     step("a late event revises the final bar", since);
@@ -140,7 +151,8 @@ async function main() {
     step("the page reconnects after a restart", since);
     since = Date.now();
     await post(url, [click(now)]);
-    await advance(now + 17_000);
+    await sleep(200);
+    await advance();
     await bar(page, start, (b) => b.final && b.value === 27, 5000);
     step("and shows a correction made after the restart", since);
 
