@@ -6,6 +6,7 @@ mod util;
 mod cluster;
 mod crash;
 mod determinism;
+mod edge;
 mod history;
 mod ingest;
 mod live;

@@ -1,0 +1,253 @@
+//! Trust at the edges: what one careless or hostile client may do, and that
+//! it never breaks tally for everyone else. Each test probes `tally run` as
+//! such a client would, over raw sockets where an HTTP library would hide
+//! the behaviour, and checks the refusal, its count in `/metrics`, and that
+//! the server still serves.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::util::Tally;
+
+/// The `host:port` tally listens on.
+fn address(tally: &Tally) -> String {
+    tally.url.trim_start_matches("http://").to_owned()
+}
+
+/// Reads until the server closes the connection, or `limit` passes, and
+/// returns what arrived and whether the server closed it. A reset after
+/// data counts as closed: the server may reset a connection whose client is
+/// still sending once it has answered.
+fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, bool) {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0; 8192];
+    let closed = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break false;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break false
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break true,
+            Err(e) => panic!("reading from tally failed: {e}"),
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// Sends `request` on a new connection and returns the whole answer, which
+/// must end with the server closing the connection.
+fn exchange(tally: &Tally, request: &str) -> String {
+    let mut stream = TcpStream::connect(address(tally)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
+    assert!(closed, "the connection stayed open after {answer:?}");
+    answer
+}
+
+/// The JSON body of an HTTP answer.
+fn body(answer: &str) -> Value {
+    let (_, body) = answer.split_once("\r\n\r\n").expect("a complete answer");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+fn counted(tally: &Tally, name: &str) -> u64 {
+    tally.prometheus(name).unwrap_or(0)
+}
+
+#[test]
+fn a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[("TALLY__SERVER__BODY_TIMEOUT", "1s")], &[]);
+    let mut stream = TcpStream::connect(address(&tally)).unwrap();
+    stream
+        .write_all(
+            b"POST /v1/events HTTP/1.1\r\nHost: tally\r\nContent-Type: application/json\r\n\
+              Content-Length: 9000000\r\n\r\n[",
+        )
+        .unwrap();
+    // A byte every 100 ms: never silent, never done.
+    let mut trickle = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(100));
+            if trickle.write_all(b" ").is_err() {
+                return;
+            }
+        }
+    });
+    let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(closed, "the connection stayed open after the 408");
+    assert!(
+        body(&answer)["error"].as_str().unwrap().contains("1 s"),
+        "{answer}"
+    );
+    drop(stream);
+    sender.join().unwrap();
+
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ingest_requests_rejected_total{reason=\"body_timeout\"}"
+        ),
+        1
+    );
+    tally.post_events(&[json!({"eventType": "ad_click"})]);
+}
+
+#[test]
+fn only_json_and_ndjson_bodies_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    let event = br#"{"eventType":"ad_click"}"#;
+    for refused in [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/xml",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "image/png",
+        "application/json; charset=utf-16",
+    ] {
+        let (status, answer) = tally.post("/v1/events", refused, event);
+        assert_eq!(status, 415, "{refused}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("Content-Type"),
+            "{answer}"
+        );
+    }
+    // Without a Content-Type at all, as a hand-written client may send.
+    let answer = exchange(
+        &tally,
+        &format!(
+            "POST /v1/events HTTP/1.1\r\nHost: tally\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
+            event.len(),
+            String::from_utf8_lossy(event)
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
+    assert!(body(&answer)["error"].is_string(), "{answer}");
+
+    for accepted in [
+        "application/json",
+        "Application/JSON; charset=UTF-8",
+        "application/cloudevents+json",
+    ] {
+        let (status, answer) = tally.post("/v1/events", accepted, event);
+        assert_eq!(status, 202, "{accepted}: {answer}");
+    }
+    for ndjson in ["application/x-ndjson", "application/jsonlines"] {
+        let (status, answer) = tally.post(
+            "/v1/events",
+            ndjson,
+            b"{\"eventType\":\"a\"}\n{\"eventType\":\"b\"}\n",
+        );
+        assert_eq!(
+            (status, answer["accepted"].as_u64()),
+            (202, Some(2)),
+            "{ndjson}"
+        );
+    }
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ingest_requests_rejected_total{reason=\"unsupported_media_type\"}"
+        ),
+        8
+    );
+    assert_eq!(counted(&tally, "tally_events_accepted_total"), 7);
+}
+
+#[test]
+fn oversized_ids_values_and_dimension_counts_are_refused_by_index_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    let many = |n: usize, value: Value| -> Value {
+        (0..n)
+            .map(|i| (format!("d{i}"), value.clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    // At each default bound, an event is accepted.
+    let at_bounds = json!({
+        "eventId": "i".repeat(256),
+        "eventType": "t".repeat(128),
+        "dimensions": {"campaignId": "v".repeat(2048)},
+        "values": many(64, json!(1)),
+    });
+    tally.post_events(&[
+        at_bounds,
+        json!({"eventType": "x", "dimensions": many(64, json!("a"))}),
+    ]);
+
+    let batch = json!([
+        {"eventType": "ad_click"},
+        {"eventType": "ad_click", "eventId": "i".repeat(1 << 20)},
+        {"eventType": "ad_click", "dimensions": {"campaignId": "v".repeat(2049)}},
+        {"eventType": "ad_click", "dimensions": many(10_000, json!("a"))},
+        {"eventType": "ad_click", "values": many(65, json!(1))},
+        {"eventType": "t".repeat(129)},
+        {"eventType": "ad_click", "dimensions": {"n".repeat(129): "a"}},
+    ]);
+    let body = batch.to_string();
+    let (status, answer) = tally.post("/v1/events", "application/json", body.as_bytes());
+    assert_eq!(status, 400);
+    let details: Vec<(u64, String)> = answer["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["index"].as_u64().unwrap(),
+                d["field"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        details,
+        [
+            (1, "eventId".to_owned()),
+            (2, "dimensions.campaignId".to_owned()),
+            (3, "dimensions".to_owned()),
+            (4, "values".to_owned()),
+            (5, "eventType".to_owned()),
+            (6, "dimensions".to_owned()),
+        ],
+        "{answer}"
+    );
+    // Each problem says the bound, and the answer does not echo the value.
+    assert!(
+        answer.to_string().len() < 4096,
+        "{} bytes",
+        answer.to_string().len()
+    );
+    let problem = answer["details"][1]["problem"].as_str().unwrap();
+    assert!(problem.contains("2048"), "{problem}");
+    // A 9 MiB value fits the body limit, but not the value's.
+    let huge = json!({"eventType": "ad_click", "dimensions": {"campaignId": "v".repeat(9 << 20)}});
+    let (status, answer) = tally.post(
+        "/v1/events",
+        "application/json",
+        huge.to_string().as_bytes(),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(answer["details"][0]["field"], "dimensions.campaignId");
+    assert_eq!(counted(&tally, "tally_events_accepted_total"), 2);
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ingest_requests_rejected_total{reason=\"invalid\"}"
+        ),
+        2
+    );
+}
