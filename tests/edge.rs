@@ -5,7 +5,7 @@
 //! the server still serves.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -62,6 +62,74 @@ fn body(answer: &str) -> Value {
 
 fn counted(tally: &Tally, name: &str) -> u64 {
     tally.prometheus(name).unwrap_or(0)
+}
+
+#[test]
+fn silent_connections_are_closed_and_health_answers_at_the_connection_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(
+        dir.path(),
+        &[
+            ("TALLY__SERVER__MAX_CONNECTIONS", "8"),
+            ("TALLY__SERVER__HEADER_TIMEOUT", "2s"),
+        ],
+        &[],
+    );
+    // Eight connections that never send a byte take every place.
+    let mut silent: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(address(&tally)).unwrap())
+        .collect();
+    // The kernel hands connections over in order, so these are taken after
+    // the eight: health still answers, anything else is refused, and each
+    // such connection is closed after its answer.
+    let health = exchange(&tally, "GET /healthz HTTP/1.1\r\nHost: tally\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let ready = exchange(&tally, "GET /readyz HTTP/1.1\r\nHost: tally\r\n\r\n");
+    assert!(!ready.starts_with("HTTP/1.1 503 "), "{ready}");
+    let refused = exchange(&tally, "GET /v1/catalog HTTP/1.1\r\nHost: tally\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.to_lowercase().contains("connection: close"),
+        "{refused}"
+    );
+    assert!(
+        body(&refused)["error"]
+            .as_str()
+            .unwrap()
+            .contains("connections"),
+        "{refused}"
+    );
+
+    // The silent ones are closed once the header timeout has passed.
+    for stream in &mut silent {
+        let (got, closed) = read_until_closed(stream, Duration::from_secs(15));
+        assert!(closed, "a silent connection stayed open");
+        assert_eq!(got, "", "a silent connection was sent something");
+    }
+    // So is one that went quiet after a request.
+    let mut idle = TcpStream::connect(address(&tally)).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: tally\r\n\r\n")
+        .unwrap();
+    let (got, closed) = read_until_closed(&mut idle, Duration::from_secs(15));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(closed, "an idle keep-alive connection stayed open");
+
+    // Everyone else is served again, and each refusal was counted.
+    let (status, _) = tally.get("/v1/catalog");
+    assert_eq!(status, 200);
+    let closed_silent = counted(
+        &tally,
+        "tally_connections_refused_total{reason=\"header_timeout\"}",
+    );
+    assert!(closed_silent >= 8, "{closed_silent} counted");
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_connections_refused_total{reason=\"at_capacity\"}"
+        ),
+        1
+    );
+    assert_eq!(counted(&tally, "tally_connections_limit"), 8);
 }
 
 #[test]
@@ -250,4 +318,32 @@ fn oversized_ids_values_and_dimension_counts_are_refused_by_index_and_field() {
         ),
         2
     );
+}
+
+#[test]
+fn a_request_followed_by_a_write_half_close_is_answered_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    for path in ["/v1/metrics?metric=ad_clicks", "/", "/healthz"] {
+        for _ in 0..5 {
+            let mut stream = TcpStream::connect(address(&tally)).unwrap();
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: tally\r\n\r\n").unwrap();
+            stream.shutdown(Shutdown::Write).unwrap();
+            let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
+            assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer:?}");
+            assert!(closed, "{path}: the connection stayed open");
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| panic!("{path}: no content-length in {head}"))
+                .parse()
+                .unwrap();
+            assert_eq!(body.len(), length, "{path}: a partial body");
+        }
+    }
 }
