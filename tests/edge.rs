@@ -9,8 +9,10 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tungstenite::Message;
 
-use crate::util::Tally;
+use crate::live::{connect, wait_for};
+use crate::util::{eventually, Tally};
 
 /// The `host:port` tally listens on.
 fn address(tally: &Tally) -> String {
@@ -346,4 +348,148 @@ fn a_request_followed_by_a_write_half_close_is_answered_in_full() {
             assert_eq!(body.len(), length, "{path}: a partial body");
         }
     }
+}
+
+#[test]
+fn every_subscription_is_answered_and_a_binary_frame_closes_with_1003() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    let mut socket = connect(&tally);
+    let ask = |socket: &mut crate::live::Socket, request: Value| -> Value {
+        socket.send(Message::text(request.to_string())).unwrap();
+        wait_for(socket, Duration::from_secs(5), |m| {
+            m.get("subscribed").is_some()
+                || m.get("unsubscribed").is_some()
+                || m.get("error").is_some()
+        })
+    };
+    let ack = ask(
+        &mut socket,
+        json!({"action": "subscribe", "topic": "metrics:ad_clicks:country:US"}),
+    );
+    assert_eq!(
+        ack,
+        json!({"subscribed": "metrics:ad_clicks:country:US", "window": "tumbling 10s", "groupBy": null})
+    );
+    let ack = ask(
+        &mut socket,
+        json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 1m", "groupBy": "country"}),
+    );
+    assert_eq!(
+        ack,
+        json!({"subscribed": "metrics:ad_clicks", "window": "tumbling 1m", "groupBy": "country"})
+    );
+    // Every kind of mistake gets an error naming the topic where there is one.
+    for (request, says) in [
+        (
+            json!({"action": "subscribe", "topic": "metrics:nope"}),
+            "unknown metric",
+        ),
+        (
+            json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 7m"}),
+            "no window",
+        ),
+        (
+            json!({"action": "subscribe", "topic": "metrics:ad_clicks", "groupBy": "planet"}),
+            "not a dimension",
+        ),
+        (json!({"action": "subscribe"}), "topic"),
+        (json!({"action": "subscribe", "topic": 5}), "cannot read"),
+        (
+            json!({"action": "watch", "topic": "metrics:ad_clicks"}),
+            "unknown action",
+        ),
+        (json!("subscribe"), "cannot read"),
+    ] {
+        let answer = ask(&mut socket, request.clone());
+        let error = answer["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{request}: {answer}"));
+        assert!(error.contains(says), "{request}: {answer}");
+    }
+    let ack = ask(
+        &mut socket,
+        json!({"action": "unsubscribe", "topic": "metrics:ad_clicks"}),
+    );
+    assert_eq!(ack, json!({"unsubscribed": "metrics:ad_clicks"}));
+
+    // A binary frame closes the connection with 1003, unsupported data.
+    socket.send(Message::binary(vec![1, 2, 3])).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let close = loop {
+        assert!(Instant::now() < deadline, "no close after a binary frame");
+        match socket.read() {
+            Ok(Message::Close(frame)) => break frame,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("expected a close frame: {e}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1003));
+    eventually(Duration::from_secs(5), || {
+        match counted(&tally, "tally_ws_clients") {
+            0 => Ok(()),
+            n => Err(format!("{n} clients")),
+        }
+    });
+    assert_eq!(
+        counted(&tally, "tally_ws_refused_total{reason=\"binary\"}"),
+        1
+    );
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ws_refused_total{reason=\"bad_subscription\"}"
+        ),
+        3
+    );
+    assert_eq!(
+        counted(&tally, "tally_ws_refused_total{reason=\"unreadable\"}"),
+        4
+    );
+}
+
+#[test]
+fn subscriptions_per_connection_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[("TALLY__LIVE__MAX_SUBSCRIPTIONS", "3")], &[]);
+    let mut socket = connect(&tally);
+    let mut ask = |topic: String| -> Value {
+        let request = json!({"action": "subscribe", "topic": topic});
+        socket.send(Message::text(request.to_string())).unwrap();
+        wait_for(&mut socket, Duration::from_secs(5), |m| {
+            m.get("subscribed").is_some() || m.get("error").is_some()
+        })
+    };
+    let topic = |i: usize| format!("metrics:ad_clicks:campaignId:c{i}");
+    for i in 0..3 {
+        assert_eq!(ask(topic(i))["subscribed"], topic(i));
+    }
+    let refused = ask(topic(3));
+    assert_eq!(refused["topic"], topic(3), "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 3 subscriptions"),
+        "{refused}"
+    );
+    // Asking again for one already held takes no new place.
+    assert_eq!(ask(topic(0))["subscribed"], topic(0));
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ws_refused_total{reason=\"too_many_subscriptions\"}"
+        ),
+        1
+    );
+    // Another connection has places of its own.
+    let mut other = connect(&tally);
+    let request = json!({"action": "subscribe", "topic": topic(3)});
+    other.send(Message::text(request.to_string())).unwrap();
+    let ack = wait_for(&mut other, Duration::from_secs(5), |m| {
+        m.get("subscribed").is_some() || m.get("error").is_some()
+    });
+    assert_eq!(ack["subscribed"], topic(3), "{ack}");
 }

@@ -98,7 +98,7 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .then(|gw, q| async move { render(history::dead_letters(gw, q).await) });
     let live = live::route(
         gateway.hub.clone(),
-        gateway.config.live.queue,
+        &gateway.config.live,
         Arc::clone(&gateway.ops),
     );
     let prometheus = warp::path!("metrics")

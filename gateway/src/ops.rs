@@ -58,6 +58,7 @@ pub struct Ops {
     pub ws_clients: IntGauge,
     /// WebSocket clients dropped for falling behind.
     pub ws_slow_dropped: IntCounter,
+    ws_refused: IntCounterVec,
     /// The accept loop's connections and refusals.
     pub connections: Arc<ConnectionMetrics>,
     job: Option<JobMetrics>,
@@ -294,6 +295,12 @@ impl Ops {
             "tally_ingest_requests_rejected_total",
             "Ingest requests rejected, by reason.",
         );
+        let ws_refused = labelled(
+            &registry,
+            "tally_ws_refused_total",
+            "WebSocket client messages refused, by reason: bad_subscription, \
+             too_many_subscriptions, unreadable (not a request), binary (closes the connection).",
+        );
         Ops {
             events_accepted: counter(
                 &registry,
@@ -316,6 +323,7 @@ impl Ops {
                 "tally_ws_slow_clients_dropped_total",
                 "WebSocket clients disconnected for a full queue.",
             ),
+            ws_refused,
             connections: Arc::new(ConnectionMetrics::new()),
             registry,
             job,
@@ -327,6 +335,11 @@ impl Ops {
     pub fn rejected(&self, reason: &str, events: u64) {
         self.requests_rejected.with_label_values(&[reason]).inc();
         self.events_rejected.inc_by(events);
+    }
+
+    /// Counts a WebSocket client's message refused for `reason`.
+    pub fn ws_refused(&self, reason: &str) {
+        self.ws_refused.with_label_values(&[reason]).inc();
     }
 
     /// Marks the node ready (or not) for `/readyz`.
