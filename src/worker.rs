@@ -126,6 +126,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             let server = runtime.spawn(tally_gateway::serve_worker(
                 listener,
                 Arc::new(JobMetrics::new(observe)),
+                config.server.clone(),
                 async {
                     let _ = stopped.await;
                 },

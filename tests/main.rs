@@ -6,6 +6,7 @@ mod util;
 mod cluster;
 mod crash;
 mod determinism;
+mod edge;
 mod edges;
 mod history;
 mod ingest;

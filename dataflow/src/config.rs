@@ -20,6 +20,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use crate::aggregate::{AggregateKind, Field};
+use crate::event::EventLimits;
 use crate::time::{parse_duration, parse_millis, Millis};
 use crate::window::{pane_width, WindowSpec};
 
@@ -62,7 +63,38 @@ pub struct ServerConfig {
     /// the watermark ahead and turn everything after it into late data.
     /// Default `5m`.
     pub max_future: Millis,
+    /// Connections served at once, WebSockets included. tally lowers it at
+    /// start to fit the process's descriptor limit. Default
+    /// [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// How long a connection may take to send a complete request head, from
+    /// when it is accepted or from its previous answer; a connection that
+    /// does not is closed. Default [`DEFAULT_HEADER_TIMEOUT`].
+    pub header_timeout: Duration,
+    /// How long an ingest request's body may take to arrive, from its head;
+    /// a slower one gets a `408` and its connection is closed. Default
+    /// [`DEFAULT_BODY_TIMEOUT`].
+    pub body_timeout: Duration,
+    /// How large an event's fields may be, and how many it may have.
+    /// Defaults: [`EventLimits::default`].
+    pub event_limits: EventLimits,
 }
+
+/// The default of `server.max_connections`: 10,000 connections, far more
+/// than one node serves in practice, and lowered at start wherever the
+/// descriptor limit is smaller.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// The default of `server.header_timeout`: 10 s. A client sends a request
+/// head in one write, so even a slow network delivers it within a second;
+/// a socket silent for longer is a client gone, or one holding a
+/// descriptor on purpose.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default of `server.body_timeout`: 30 s. The SDK's batches are at
+/// most 500 events, some 150 KB, which take well under a second; the
+/// largest body allowed (`max_body`, 10 MB) needs about 330 KB/s.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[storage]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -161,7 +193,16 @@ pub struct LiveConfig {
     /// Updates a WebSocket client may have queued before it is dropped: what
     /// one subscription gets at once, one message or one per group. Default 50.
     pub queue: usize,
+    /// Subscriptions one WebSocket connection may hold; past it a subscribe
+    /// gets an error. Default [`DEFAULT_MAX_SUBSCRIPTIONS`].
+    pub max_subscriptions: usize,
 }
+
+/// The default of `live.max_subscriptions`: 1,000 per connection. A
+/// dashboard holds one or two per chart; every subscription costs the hub
+/// work on each batch of its metric, so one client must not hold an
+/// unbounded number.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
 
 /// `[checkpoint]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -417,6 +458,15 @@ impl Reader {
                 ),
                 max_body_bytes: self.bytes(&mut server, "max_body", 10_000_000),
                 max_future: self.millis(&mut server, "max_future", 300_000),
+                max_connections: self.integer(
+                    &mut server,
+                    "max_connections",
+                    DEFAULT_MAX_CONNECTIONS as i64,
+                    1..=10_000_000,
+                ) as usize,
+                header_timeout: self.timeout(&mut server, "header_timeout", DEFAULT_HEADER_TIMEOUT),
+                body_timeout: self.timeout(&mut server, "body_timeout", DEFAULT_BODY_TIMEOUT),
+                event_limits: self.event_limits(&mut server),
             },
             storage: StorageConfig {
                 data_dir: PathBuf::from(self.string(&mut storage, "data_dir", "./data")),
@@ -436,6 +486,12 @@ impl Reader {
             live: LiveConfig {
                 interval: self.duration(&mut live, "interval", Duration::from_secs(1)),
                 queue: self.integer(&mut live, "queue", 50, 1..=100_000) as usize,
+                max_subscriptions: self.integer(
+                    &mut live,
+                    "max_subscriptions",
+                    DEFAULT_MAX_SUBSCRIPTIONS as i64,
+                    1..=1_000_000,
+                ) as usize,
             },
             checkpoint: CheckpointConfig {
                 interval: self.duration(&mut checkpoint, "interval", Duration::from_secs(10)),
@@ -512,6 +568,32 @@ impl Reader {
             processes,
             threads,
             addresses,
+        }
+    }
+
+    fn event_limits(&mut self, s: &mut Section) -> EventLimits {
+        let defaults = EventLimits::default();
+        let mut size = |key: &str, default: usize| {
+            let bytes = self.bytes(s, key, default as u64);
+            usize::try_from(bytes).unwrap_or(usize::MAX)
+        };
+        let (max_event_id, max_name, max_dimension_value) = (
+            size("max_event_id", defaults.max_event_id),
+            size("max_name", defaults.max_name),
+            size("max_dimension_value", defaults.max_dimension_value),
+        );
+        EventLimits {
+            max_event_id,
+            max_name,
+            max_dimension_value,
+            max_dimensions: self.integer(
+                s,
+                "max_dimensions",
+                defaults.max_dimensions as i64,
+                1..=100_000,
+            ) as usize,
+            max_values: self.integer(s, "max_values", defaults.max_values as i64, 1..=100_000)
+                as usize,
         }
     }
 
@@ -696,6 +778,18 @@ impl Reader {
         })
     }
 
+    /// A duration that must not be zero: a timeout of nothing would close
+    /// every connection.
+    fn timeout(&mut self, s: &mut Section, key: &str, default: Duration) -> Duration {
+        let path = format!("{}{key}", s.path);
+        let timeout = self.duration(s, key, default);
+        if timeout.is_zero() {
+            self.errors.push(format!("{path}: must be longer than 0s"));
+            return default;
+        }
+        timeout
+    }
+
     fn millis(&mut self, s: &mut Section, key: &str, default: Millis) -> Millis {
         let Some((path, value)) = s.take(key) else {
             return default;
@@ -862,6 +956,34 @@ windows = ["sliding 5m every 7s"]
         // must give exactly what the reader gives without it.
         let file = Config::load(Some(include_str!("../../cluster.toml")), []).unwrap();
         assert_eq!(file.log, LogConfig::new(8));
+    }
+
+    #[test]
+    fn the_edge_bounds_default_to_the_named_constants_and_cluster_toml_says_them() {
+        let config = Config::load(Some(FILE), []).unwrap();
+        assert_eq!(config.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.server.header_timeout, DEFAULT_HEADER_TIMEOUT);
+        assert_eq!(config.server.body_timeout, DEFAULT_BODY_TIMEOUT);
+        assert_eq!(config.server.event_limits, EventLimits::default());
+        assert_eq!(config.live.max_subscriptions, DEFAULT_MAX_SUBSCRIPTIONS);
+        let file = Config::load(Some(include_str!("../../cluster.toml")), []).unwrap();
+        // FILE listens elsewhere; every bound is the default in both.
+        assert_eq!(
+            file.server,
+            ServerConfig {
+                listen: file.server.listen,
+                ..config.server
+            }
+        );
+        assert_eq!(file.live, config.live);
+        let errors = Config::load(
+            Some(&format!("{FILE}\n[live]\nmax_subscriptions = 0\n")),
+            [("TALLY__SERVER__HEADER_TIMEOUT".into(), "0s".into())],
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(errors.contains("server.header_timeout"), "{errors}");
+        assert!(errors.contains("live.max_subscriptions"), "{errors}");
     }
 
     #[test]

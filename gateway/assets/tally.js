@@ -170,6 +170,9 @@ export class Tally {
     } catch {
       return;
     }
+    // The server acknowledges each subscribe and unsubscribe; the values
+    // that follow are what a subscription is told about.
+    if ("subscribed" in message || "unsubscribed" in message) return;
     if (message.error) {
       for (const sub of this.subscriptions.values()) if (sub.request.topic === message.topic) sub.errors(message.error);
       return;

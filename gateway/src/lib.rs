@@ -20,6 +20,9 @@
 //!   subscription, parsed once).
 //! - [`ops`]: Prometheus metrics and health.
 //! - [`reply`]: JSON errors.
+//! - `server`: the accept loop, with each connection's socket options and
+//!   the bounds on connections: the cap, its health reserve, and the
+//!   timeout for a request head.
 
 pub mod backend;
 pub mod dashboard;
@@ -28,21 +31,15 @@ pub mod ingest;
 pub mod live;
 pub mod ops;
 pub mod reply;
+mod server;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::ErrorKind;
 use std::sync::Arc;
-use std::time::Duration;
-
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 
 use serde_json::json;
-use tally_dataflow::config::Config;
-use tokio::net::{TcpListener, TcpStream};
+use tally_dataflow::config::{Config, ServerConfig};
+use tokio::net::TcpListener;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -50,7 +47,7 @@ use warp::{Filter, Reply};
 
 use crate::backend::{EventSink, History};
 use crate::live::Hub;
-use crate::ops::Ops;
+use crate::ops::{ConnectionMetrics, Ops};
 use crate::reply::{render, ApiError};
 
 /// Everything a request handler can reach.
@@ -101,7 +98,7 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .then(|gw, q| async move { render(history::dead_letters(gw, q).await) });
     let live = live::route(
         gateway.hub.clone(),
-        gateway.config.live.queue,
+        &gateway.config.live,
         Arc::clone(&gateway.ops),
     );
     let prometheus = warp::path!("metrics")
@@ -205,13 +202,6 @@ async fn rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
     Ok(error.into_response())
 }
 
-/// What the kernel may hold unsent for a connection before writes wait.
-/// Data in flight is not limited, so neither is throughput to a distant
-/// client; but a WebSocket client that stops reading stops taking messages
-/// within seconds, so its queue of `live.queue` fills and it is dropped,
-/// rather than the kernel's autotuned buffer taking megabytes for it.
-const UNSENT_LIMIT: u32 = 16 * 1024;
-
 /// Serves the routes on a bound listener until `shutdown` resolves, then
 /// waits for the requests in flight.
 pub async fn serve(
@@ -219,83 +209,31 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    serve_routes(listener, routes(gateway), shutdown).await;
+    let metrics = Arc::clone(&gateway.ops.connections);
+    let config = Arc::clone(&gateway.config);
+    server::serve_routes(listener, routes(gateway), &config.server, metrics, shutdown).await;
 }
 
-/// Serves `routes` on `listener` until `shutdown` resolves, then waits for
-/// the requests in flight.
-///
-/// The accept loop is this one rather than warp's so that every connection
-/// gets its socket options: TCP_NODELAY, so that a live message or a reply
-/// goes out when it is written rather than when the previous one is
-/// acknowledged, and [`UNSENT_LIMIT`].
-async fn serve_routes(
-    listener: TcpListener,
-    routes: BoxedFilter<(Response,)>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                // The client gave up before it was accepted.
-                Err(e) if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
-                ) => continue,
-                Err(e) => {
-                    // Out of file descriptors, say: wait rather than spin.
-                    tracing::warn!("cannot accept connections: {e}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        if let Err(e) = socket_options(&stream) {
-            tracing::debug!("cannot set a connection's socket options: {e}");
-        }
-        let service = TowerToHyperService::new(warp::service(routes.clone()));
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let mut http = auto::Builder::new(TokioExecutor::new());
-            // A request's head must arrive within hyper's 30 s, so a client
-            // that sends half of one cannot hold a connection, or shutdown.
-            http.http1().timer(TokioTimer::new());
-            let served = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(served).await {
-                tracing::debug!("connection ended: {e}");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
-fn socket_options(stream: &TcpStream) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    socket2::SockRef::from(stream).set_tcp_notsent_lowat(UNSENT_LIMIT)?;
-    Ok(())
-}
-
-/// Serves a worker process's own endpoints on `listener` until `shutdown`:
-/// `GET /metrics` with the job's metrics, and `GET /healthz`.
+/// Serves a worker process's own endpoints on `listener` until `shutdown`,
+/// within the connection bounds of `server`: `GET /metrics` with the job's
+/// metrics and the connections', and `GET /healthz`.
 pub async fn serve_worker(
     listener: TcpListener,
     job: Arc<ops::JobMetrics>,
+    server: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let connections = Arc::new(ConnectionMetrics::new());
+    let metrics = Arc::clone(&connections);
     let prometheus = warp::path!("metrics").and(warp::get()).map(move || {
         let mut out = Vec::new();
         job.render(now_ms(), &mut out);
+        metrics.render(&mut out);
         warp::reply::with_header(out, "content-type", "text/plain; version=0.0.4").into_response()
     });
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
     let routes = prometheus.or(healthz).unify().boxed();
-    serve_routes(listener, routes, shutdown).await;
+    server::serve_routes(listener, routes, &server, connections, shutdown).await;
 }

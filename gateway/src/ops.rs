@@ -6,6 +6,7 @@
 //! counted per record.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use prometheus::{
     Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -57,8 +58,67 @@ pub struct Ops {
     pub ws_clients: IntGauge,
     /// WebSocket clients dropped for falling behind.
     pub ws_slow_dropped: IntCounter,
+    ws_refused: IntCounterVec,
+    /// The accept loop's connections and refusals.
+    pub connections: Arc<ConnectionMetrics>,
     job: Option<JobMetrics>,
     ready: AtomicBool,
+}
+
+/// The accept loop's metrics: open connections, their cap, and the
+/// connections refused or closed by a bound. They have a registry of their
+/// own because a worker's `/metrics` serves them too, beside the job's.
+pub struct ConnectionMetrics {
+    registry: Registry,
+    /// Open HTTP connections, WebSockets included.
+    pub open: IntGauge,
+    /// The cap on open connections, as lowered to the descriptor limit.
+    pub limit: IntGauge,
+    refused: IntCounterVec,
+}
+
+impl ConnectionMetrics {
+    /// Registers the connection metrics.
+    pub fn new() -> ConnectionMetrics {
+        let registry = Registry::new();
+        let refused = labelled(
+            &registry,
+            "tally_connections_refused_total",
+            "Connections closed or requests refused by a connection bound, by reason: \
+             header_timeout (no complete request head in time), at_capacity (a 503 at the \
+             connection cap), over_capacity (closed unanswered past the cap and its reserve).",
+        );
+        ConnectionMetrics {
+            open: gauge(
+                &registry,
+                "tally_connections",
+                "Open HTTP connections, WebSockets included.",
+            ),
+            limit: gauge(
+                &registry,
+                "tally_connections_limit",
+                "The cap on open connections: server.max_connections, lowered to fit the descriptor limit.",
+            ),
+            refused,
+            registry,
+        }
+    }
+
+    /// Counts a connection or request refused for `reason`.
+    pub fn refused(&self, reason: &str) {
+        self.refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Appends the Prometheus text of the connection metrics to `out`.
+    pub fn render(&self, out: &mut Vec<u8>) {
+        text(&self.registry, out);
+    }
+}
+
+impl Default for ConnectionMetrics {
+    fn default() -> ConnectionMetrics {
+        ConnectionMetrics::new()
+    }
 }
 
 /// The job's metrics, read from the job at scrape time: served by `tally
@@ -95,6 +155,14 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
         .register(Box::new(g.clone()))
         .expect("registered once");
     g
+}
+
+fn labelled(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &["reason"]).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
 }
 
 fn text(registry: &Registry, out: &mut Vec<u8>) {
@@ -222,17 +290,17 @@ impl Ops {
     /// Registers the gateway's metrics, and the job's if `job` is given.
     pub fn new(job: Option<JobMetrics>) -> Ops {
         let registry = Registry::new();
-        let requests_rejected = IntCounterVec::new(
-            Opts::new(
-                "tally_ingest_requests_rejected_total",
-                "Ingest requests rejected, by reason.",
-            ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(requests_rejected.clone()))
-            .expect("registered once");
+        let requests_rejected = labelled(
+            &registry,
+            "tally_ingest_requests_rejected_total",
+            "Ingest requests rejected, by reason.",
+        );
+        let ws_refused = labelled(
+            &registry,
+            "tally_ws_refused_total",
+            "WebSocket client messages refused, by reason: bad_subscription, \
+             too_many_subscriptions, unreadable (not a request), binary (closes the connection).",
+        );
         Ops {
             events_accepted: counter(
                 &registry,
@@ -255,6 +323,8 @@ impl Ops {
                 "tally_ws_slow_clients_dropped_total",
                 "WebSocket clients disconnected for a full queue.",
             ),
+            ws_refused,
+            connections: Arc::new(ConnectionMetrics::new()),
             registry,
             job,
             ready: AtomicBool::new(false),
@@ -265,6 +335,11 @@ impl Ops {
     pub fn rejected(&self, reason: &str, events: u64) {
         self.requests_rejected.with_label_values(&[reason]).inc();
         self.events_rejected.inc_by(events);
+    }
+
+    /// Counts a WebSocket client's message refused for `reason`.
+    pub fn ws_refused(&self, reason: &str) {
+        self.ws_refused.with_label_values(&[reason]).inc();
     }
 
     /// Marks the node ready (or not) for `/readyz`.
@@ -281,6 +356,7 @@ impl Ops {
     pub fn render(&self, now_ms: i64) -> String {
         let mut out = Vec::new();
         text(&self.registry, &mut out);
+        self.connections.render(&mut out);
         if let Some(job) = &self.job {
             job.render(now_ms, &mut out);
         }

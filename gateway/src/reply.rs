@@ -1,6 +1,7 @@
 //! JSON replies and errors.
 
 use serde::Serialize;
+use warp::http::header::{HeaderValue, CONNECTION};
 use warp::http::StatusCode;
 use warp::reply::{json, with_status, Response};
 use warp::Reply;
@@ -15,6 +16,9 @@ pub struct ApiError {
     pub message: String,
     /// Structured details, such as the invalid fields of a batch.
     pub details: Option<serde_json::Value>,
+    /// Whether the connection closes after this answer (`Connection:
+    /// close`), as it must when the rest of the request cannot be read.
+    pub close: bool,
 }
 
 impl ApiError {
@@ -24,6 +28,7 @@ impl ApiError {
             status,
             message: message.into(),
             details: None,
+            close: false,
         }
     }
 
@@ -42,14 +47,20 @@ struct ErrorBody<'a> {
 
 impl Reply for ApiError {
     fn into_response(self) -> Response {
-        with_status(
+        let mut response = with_status(
             json(&ErrorBody {
                 error: &self.message,
                 details: self.details.as_ref(),
             }),
             self.status,
         )
-        .into_response()
+        .into_response();
+        if self.close {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 

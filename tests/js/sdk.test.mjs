@@ -66,6 +66,8 @@ test("reconnects, subscribes again, and drops what it has seen by (window, revis
   assert.equal(first.url, "ws://tally.test/v1/live");
   first.open();
   assert.deepEqual(first.sent, [{ action: "subscribe", topic: "metrics:ad_clicks", window: "tumbling 10s" }]);
+  // The server's acknowledgement is not an update.
+  first.deliver({ subscribed: "metrics:ad_clicks", window: "tumbling 10s", groupBy: null });
   first.deliver(update("w1", 3, false, 0));
   first.deliver(update("w1", 3, false, 0)); // the same partial again
   first.deliver(update("w1", 5, true, 0));
@@ -90,6 +92,20 @@ test("reconnects, subscribes again, and drops what it has seen by (window, revis
   assert.deepEqual(states, ["connecting", "open", "reconnecting", "open"]);
   await tally.close();
   assert.equal(FakeSocket.all.length, 2, "no reconnect after close");
+});
+
+test("a refused subscription reaches its onError, and acknowledgements reach nobody", async () => {
+  FakeSocket.all = [];
+  const tally = new Tally("http://tally.test", { WebSocket: FakeSocket });
+  const [updates, errors] = [[], []];
+  tally.subscribe("metrics:ad_clicks:campaignId:c9", { onError: (e) => errors.push(e) }, (m) => updates.push(m));
+  const socket = await nextSocket(1);
+  socket.open();
+  socket.deliver({ unsubscribed: "metrics:ad_clicks:campaignId:c9" });
+  socket.deliver({ error: "at most 1000 subscriptions per connection", topic: "metrics:ad_clicks:campaignId:c9" });
+  assert.deepEqual(updates, []);
+  assert.deepEqual(errors, ["at most 1000 subscriptions per connection"]);
+  await tally.close();
 });
 
 test("backoff is jittered and grows exponentially up to its cap", () => {

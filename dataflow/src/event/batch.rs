@@ -3,7 +3,7 @@
 
 use serde::de::IgnoredAny;
 
-use super::{parse_event_ref, EventRef, FieldError};
+use super::{parse_event_ref, EventLimits, EventRef, FieldError};
 use crate::time::Millis;
 
 /// Why a request's events were not accepted.
@@ -25,12 +25,13 @@ pub enum BatchError {
 /// a `timestamp` is written out again with `received_at` as its time.
 ///
 /// An event whose timestamp is more than `max_future` past `received_at`
-/// is invalid.
+/// is invalid, and so is one past any of `limits`.
 pub fn parse_batch(
     body: &[u8],
     ndjson: bool,
     received_at: Millis,
     max_future: Millis,
+    limits: &EventLimits,
 ) -> Result<Vec<Vec<u8>>, BatchError> {
     let raws: Vec<&[u8]> = if ndjson {
         body.split(|&b| b == b'\n')
@@ -57,7 +58,15 @@ pub fn parse_batch(
     let mut records = Vec::with_capacity(raws.len());
     let mut invalid = Vec::new();
     for (index, raw) in raws.into_iter().enumerate() {
-        match parse_event_ref(raw) {
+        let parsed = parse_event_ref(raw).and_then(|event| {
+            let errors = limits.check(&event);
+            if errors.is_empty() {
+                Ok(event)
+            } else {
+                Err(errors)
+            }
+        });
+        match parsed {
             Ok(EventRef {
                 timestamp: Some(t), ..
             }) if t > received_at + max_future => invalid.push((
@@ -95,6 +104,7 @@ mod tests {
             false,
             now,
             300_000,
+            &EventLimits::default(),
         )
         .unwrap();
         let Err(BatchError::Invalid(future)) = parse_batch(
@@ -102,6 +112,7 @@ mod tests {
             false,
             now,
             300_000,
+            &EventLimits::default(),
         ) else {
             panic!("an event from the future must be refused");
         };
@@ -114,6 +125,7 @@ mod tests {
             false,
             0,
             0,
+            &EventLimits::default(),
         ) else {
             panic!("expected invalid");
         };
@@ -124,21 +136,28 @@ mod tests {
             true,
             0,
             i64::MAX / 2,
+            &EventLimits::default(),
         )
         .unwrap();
         assert_eq!(nd.len(), 2);
         assert!(matches!(
-            parse_batch(b"[{]", false, 0, i64::MAX / 2),
+            parse_batch(b"[{]", false, 0, i64::MAX / 2, &EventLimits::default(),),
             Err(BatchError::Malformed(_))
         ));
         assert_eq!(
-            parse_batch(b"[]", false, 0, i64::MAX / 2),
+            parse_batch(b"[]", false, 0, i64::MAX / 2, &EventLimits::default(),),
             Err(BatchError::Empty)
         );
         assert_eq!(
-            parse_batch(SEED.as_bytes(), false, 1_780_821_960_000, 300_000)
-                .unwrap()
-                .len(),
+            parse_batch(
+                SEED.as_bytes(),
+                false,
+                1_780_821_960_000,
+                300_000,
+                &EventLimits::default(),
+            )
+            .unwrap()
+            .len(),
             1
         );
     }

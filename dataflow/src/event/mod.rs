@@ -15,11 +15,13 @@
 //!
 //! - this module: the event model and its validation rules.
 //! - `batch`: request bodies (one event, an array, NDJSON) into log records.
+//! - `limits`: the bounds on an event's fields, checked at the edge only.
 //! - `lenient`: the field reader that records a wrong type instead of
 //!   failing, so that every problem of an event is reported at once.
 
 mod batch;
 mod lenient;
+mod limits;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -29,6 +31,10 @@ use serde::{Deserialize, Serialize};
 
 pub use self::batch::{parse_batch, BatchError};
 use self::lenient::{DimValue, Lenient, LenientMap, Timestamp};
+pub use self::limits::{
+    EventLimits, DEFAULT_MAX_DIMENSIONS, DEFAULT_MAX_DIMENSION_VALUE, DEFAULT_MAX_EVENT_ID,
+    DEFAULT_MAX_NAME, DEFAULT_MAX_VALUES,
+};
 use crate::time::Millis;
 
 /// A validated, normalised event.

@@ -1,6 +1,13 @@
 //! One client's connection: a task that writes what the hub queues for the
 //! client, with pings, and a task of its own that reads the client's
 //! requests.
+//!
+//! Every request gets an answer: a subscribe an acknowledgement from the
+//! hub (`{"subscribed": topic, "window", "groupBy"}`) or an error (`{"error",
+//! "topic"}`), an unsubscribe `{"unsubscribed": topic}`, and a message that
+//! is not a request an error. A binary frame closes the connection with
+//! 1003 (unsupported data): the protocol is JSON text, and a client sending
+//! anything else is not one of tally's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,7 +19,6 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
-use tally_dataflow::config::MetricSpec;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -42,6 +48,23 @@ const MAX_REQUEST: usize = 64 * 1024;
 /// A client's connection.
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
+/// What one connection may hold.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Bounds {
+    /// Entries in its queue (`live.queue`).
+    pub(super) queue: usize,
+    /// Subscriptions it may hold (`live.max_subscriptions`).
+    pub(super) max_subscriptions: usize,
+}
+
+/// What the reader has the writer send.
+enum Reply {
+    /// An error, as JSON text.
+    Text(String),
+    /// A close frame, after which the connection ends.
+    Close(CloseFrame),
+}
+
 /// A client's message.
 #[derive(Debug, Deserialize)]
 struct Request {
@@ -58,9 +81,9 @@ struct Request {
 }
 
 /// Serves one WebSocket client, on a connection that has just been
-/// upgraded, until it leaves or falls behind. Its queue holds `queue`
-/// entries.
-pub(super) async fn serve(hub: Hub, upgraded: Upgraded, queue: usize, ops: Arc<Ops>) {
+/// upgraded, until it leaves or falls behind, within `bounds`.
+pub(super) async fn serve(hub: Hub, upgraded: Upgraded, bounds: Bounds, ops: Arc<Ops>) {
+    let queue = bounds.queue;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(MAX_REQUEST))
@@ -71,7 +94,11 @@ pub(super) async fn serve(hub: Hub, upgraded: Upgraded, queue: usize, ops: Arc<O
     let (tx, mut rx) = mpsc::channel::<Batch>(queue);
     if hub
         .commands
-        .send(Command::Join { client, queue: tx })
+        .send(Command::Join {
+            client,
+            queue: tx,
+            max_subscriptions: bounds.max_subscriptions,
+        })
         .await
         .is_err()
     {
@@ -83,13 +110,13 @@ pub(super) async fn serve(hub: Hub, upgraded: Upgraded, queue: usize, ops: Arc<O
     // something, so sending never polls the socket for reads.
     let started = Instant::now();
     let heard = Arc::new(AtomicU64::new(0));
-    let (replies_tx, mut replies) = mpsc::channel::<String>(8);
+    let (replies_tx, mut replies) = mpsc::channel::<Reply>(8);
     let mut reader = tokio::spawn(read_requests(
         stream,
         client,
-        Arc::clone(&hub.metrics),
-        hub.commands.clone(),
+        hub.clone(),
         replies_tx,
+        Arc::clone(&ops),
         Arc::clone(&heard),
         started,
     ));
@@ -115,7 +142,15 @@ pub(super) async fn serve(hub: Hub, upgraded: Upgraded, queue: usize, ops: Arc<O
                 }
             },
             reply = replies.recv() => match reply {
-                Some(text) => Outgoing::Frame(Message::text(text)),
+                Some(Reply::Text(text)) => Outgoing::Frame(Message::text(text)),
+                Some(Reply::Close(close)) => {
+                    let close = sink.send(Message::Close(Some(close)));
+                    let _ = tokio::time::timeout(SEND_LIMIT, close).await;
+                    // As above: the reader reads on until the client's
+                    // answering close.
+                    let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
+                    break;
+                }
                 // The client closed, or its connection failed.
                 None => break,
             },
@@ -167,16 +202,17 @@ enum Outgoing {
 }
 
 /// Reads a client's requests until it closes: subscriptions, checked
-/// against `metrics`, go to the hub, and so do the errors of the ones
-/// refused; the errors of unreadable messages go back to the client through
-/// `replies`. Every frame, pongs included, is noted in `heard`, in
-/// milliseconds since `started`.
+/// against the hub's metrics, go to the hub, which answers each, and so do
+/// unsubscriptions; the errors of unreadable messages go back to the client
+/// through `replies`, and so does the close for a binary frame. Every
+/// frame, pongs included, is noted in `heard`, in milliseconds since
+/// `started`.
 async fn read_requests(
     mut stream: SplitStream<Socket>,
     client: u64,
-    metrics: Arc<Vec<MetricSpec>>,
-    commands: mpsc::Sender<Command>,
-    replies: mpsc::Sender<String>,
+    hub: Hub,
+    replies: mpsc::Sender<Reply>,
+    ops: Arc<Ops>,
     heard: Arc<AtomicU64>,
     started: Instant,
 ) {
@@ -184,6 +220,20 @@ async fn read_requests(
         heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         let text = match frame {
             Message::Text(text) => text,
+            Message::Binary(_) => {
+                ops.ws_refused("binary");
+                let close = CloseFrame {
+                    code: CloseCode::Unsupported,
+                    reason: "tally's live protocol is JSON text frames".into(),
+                };
+                if replies.send(Reply::Close(close)).await.is_err() {
+                    return;
+                }
+                // Read on, ignoring what comes, until the client answers
+                // the close, so the connection ends with a FIN.
+                while let Some(Ok(_)) = stream.next().await {}
+                return;
+            }
             // The next read sends the reply to a close, then ends.
             _ => continue,
         };
@@ -193,7 +243,7 @@ async fn read_requests(
                     &request.topic,
                     request.window.as_deref(),
                     request.group_by.as_deref(),
-                    &metrics,
+                    &hub.metrics,
                 ) {
                     Ok(topic) => Command::Subscribe { client, topic },
                     Err(error) => Command::Refuse {
@@ -202,12 +252,15 @@ async fn read_requests(
                         error,
                     },
                 };
-                let _ = commands.send(command).await;
+                let _ = hub.commands.send(command).await;
                 continue;
             }
             Ok(request) if request.action == "unsubscribe" => {
                 let topic = request.topic;
-                let _ = commands.send(Command::Unsubscribe { client, topic }).await;
+                let _ = hub
+                    .commands
+                    .send(Command::Unsubscribe { client, topic })
+                    .await;
                 continue;
             }
             Ok(request) => format!(
@@ -216,11 +269,9 @@ async fn read_requests(
             ),
             Err(e) => format!("cannot read the message: {e}"),
         };
-        if replies
-            .send(json!({ "error": error }).to_string())
-            .await
-            .is_err()
-        {
+        ops.ws_refused("unreadable");
+        let reply = Reply::Text(json!({ "error": error }).to_string());
+        if replies.send(reply).await.is_err() {
             return;
         }
     }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use hyper::upgrade::OnUpgrade;
+use tally_dataflow::config::LiveConfig;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use warp::http::header::{self, HeaderMap, HeaderValue};
 use warp::http::StatusCode;
@@ -22,11 +23,18 @@ use crate::reply::ApiError;
 /// WebSocket library's default 128 KiB read buffer, which is zero-filled
 /// before every read: 128 KiB of memory per client and, under fan-out, a
 /// large share of the server's CPU.
+///
+/// Each connection gets a queue of `live.queue` updates and may hold
+/// `live.max_subscriptions` subscriptions.
 pub fn route(
     hub: Hub,
-    queue: usize,
+    live: &LiveConfig,
     ops: Arc<Ops>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let bounds = connection::Bounds {
+        queue: live.queue,
+        max_subscriptions: live.max_subscriptions,
+    };
     warp::path!("v1" / "live")
         .and(warp::get())
         .and(warp::header::headers_cloned())
@@ -39,7 +47,7 @@ pub fn route(
             let (hub, ops) = (hub.clone(), Arc::clone(&ops));
             tokio::spawn(async move {
                 match upgrade.await {
-                    Ok(upgraded) => connection::serve(hub, upgraded, queue, ops).await,
+                    Ok(upgraded) => connection::serve(hub, upgraded, bounds, ops).await,
                     Err(e) => tracing::debug!("a WebSocket upgrade failed: {e}"),
                 }
             });

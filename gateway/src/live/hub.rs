@@ -41,12 +41,15 @@ pub struct Hub {
 
 /// What a connection tells the hub.
 pub(super) enum Command {
-    /// A client connected; `queue` is its bounded queue.
+    /// A client connected; `queue` is its bounded queue, and it may hold
+    /// `max_subscriptions` subscriptions.
     Join {
         client: u64,
         queue: mpsc::Sender<Batch>,
+        max_subscriptions: usize,
     },
-    /// A client subscribed.
+    /// A client subscribed. The hub answers with an acknowledgement, then
+    /// the current value, or with an error past the client's bound.
     Subscribe { client: u64, topic: Topic },
     /// A client's subscription was refused. The error goes through the
     /// client's queue, so it arrives after what earlier subscriptions
@@ -57,7 +60,8 @@ pub(super) enum Command {
         error: TopicError,
     },
     /// A client unsubscribed from every subscription of the topic with this
-    /// text, whatever their window or grouping.
+    /// text, whatever their window or grouping. The hub acknowledges it,
+    /// whether or not the client held one.
     Unsubscribe { client: u64, topic: String },
     /// A client disconnected, or is disconnected.
     Leave { client: u64 },
@@ -111,6 +115,14 @@ struct Slot {
     groups: HashMap<Group, (AggState, bool, u32)>,
 }
 
+/// A connected client: its queue, its subscriptions, and how many it may
+/// hold.
+struct Client {
+    queue: mpsc::Sender<Batch>,
+    topics: HashSet<Topic>,
+    max_subscriptions: usize,
+}
+
 /// The fan-out task's state: the recent windows of every metric, and who
 /// holds which topic.
 struct HubState {
@@ -119,7 +131,7 @@ struct HubState {
     ops: Arc<Ops>,
     windows: HashMap<(u16, u8), BTreeMap<Millis, Slot>>,
     subs: HashMap<Topic, Subscription>,
-    clients: HashMap<u64, (mpsc::Sender<Batch>, HashSet<Topic>)>,
+    clients: HashMap<u64, Client>,
     /// Subscriptions per metric.
     refs: HashMap<u16, usize>,
     interest: Option<Arc<dyn LiveInterest>>,
@@ -167,8 +179,17 @@ impl HubState {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Join { client, queue } => {
-                self.clients.insert(client, (queue, HashSet::new()));
+            Command::Join {
+                client,
+                queue,
+                max_subscriptions,
+            } => {
+                let client_state = Client {
+                    queue,
+                    topics: HashSet::new(),
+                    max_subscriptions,
+                };
+                self.clients.insert(client, client_state);
             }
             Command::Leave { client } => self.drop_client(client),
             Command::Subscribe { client, topic } => self.subscribe(client, topic),
@@ -177,35 +198,65 @@ impl HubState {
                 topic,
                 error,
             } => {
-                let error = json!({"error": error.to_string(), "topic": topic}).to_string();
-                self.send_to(client, Batch::from([Utf8Bytes::from(error)]));
+                self.ops.ws_refused("bad_subscription");
+                self.refuse(client, &topic, &error.to_string());
             }
             Command::Unsubscribe { client, topic } => {
-                let Some((_, topics)) = self.clients.get_mut(&client) else {
+                let Some(state) = self.clients.get_mut(&client) else {
                     return;
                 };
-                let gone: Vec<Topic> = topics
+                let gone: Vec<Topic> = state
+                    .topics
                     .iter()
                     .filter(|t| t.text() == topic)
                     .cloned()
                     .collect();
                 for t in &gone {
-                    topics.remove(t);
+                    state.topics.remove(t);
                 }
                 for t in gone {
                     self.release(client, &t);
                 }
+                let ack = json!({ "unsubscribed": topic }).to_string();
+                self.send_to(client, Batch::from([Utf8Bytes::from(ack)]));
             }
         }
     }
 
+    /// Sends `client` the error of a subscription to `topic`.
+    fn refuse(&mut self, client: u64, topic: &str, error: &str) {
+        let error = json!({"error": error, "topic": topic}).to_string();
+        self.send_to(client, Batch::from([Utf8Bytes::from(error)]));
+    }
+
     fn subscribe(&mut self, client: u64, topic: Topic) {
-        let Some((_, topics)) = self.clients.get_mut(&client) else {
+        let Some(state) = self.clients.get_mut(&client) else {
             return;
         };
-        if !topics.insert(topic.clone()) {
+        let metric = &self.metrics[topic.metric() as usize];
+        let ack = Utf8Bytes::from(
+            json!({
+                "subscribed": topic.text(),
+                "window": metric.windows[topic.window() as usize].to_string(),
+                "groupBy": topic.group_by().map(|d| &metric.dimensions[d]),
+            })
+            .to_string(),
+        );
+        if state.topics.contains(&topic) {
+            // Held already: acknowledged again, and nothing more is sent.
+            self.send_to(client, Batch::from([ack]));
             return;
         }
+        if state.topics.len() >= state.max_subscriptions {
+            let error = format!(
+                "at most {} subscriptions per connection: unsubscribe from one first, or open another connection",
+                state.max_subscriptions
+            );
+            self.ops.ws_refused("too_many_subscriptions");
+            self.refuse(client, topic.text(), &error);
+            return;
+        }
+        state.topics.insert(topic.clone());
         let (metrics, refs, interest) = (&self.metrics, &mut self.refs, &self.interest);
         let sub = self.subs.entry(topic.clone()).or_insert_with(|| {
             let count = refs.entry(topic.metric()).or_default();
@@ -221,16 +272,17 @@ impl HubState {
             }
         });
         sub.clients.insert(client);
-        // A new subscriber first gets the current value: the newest window.
-        let current = self
+        // The acknowledgement comes first, then the current value: the
+        // newest window. They take one place in the client's queue.
+        let mut answer = vec![ack];
+        if let Some((start, slot)) = self
             .windows
             .get(&(topic.metric(), topic.window()))
             .and_then(|slots| slots.iter().next_back())
-            .map(|(start, slot)| messages(&self.metrics, &topic, sub, *start, slot, false))
-            .unwrap_or_default();
-        if !current.is_empty() {
-            self.send_to(client, current.into());
+        {
+            answer.extend(messages(&self.metrics, &topic, sub, *start, slot, false));
         }
+        self.send_to(client, answer.into());
     }
 
     fn release(&mut self, client: u64, topic: &Topic) {
@@ -255,8 +307,8 @@ impl HubState {
     }
 
     fn drop_client(&mut self, client: u64) {
-        if let Some((_, topics)) = self.clients.remove(&client) {
-            for topic in topics {
+        if let Some(state) = self.clients.remove(&client) {
+            for topic in state.topics {
                 self.release(client, &topic);
             }
         }
@@ -264,7 +316,7 @@ impl HubState {
 
     fn send_to(&mut self, client: u64, batch: Batch) {
         let full = match self.clients.get(&client) {
-            Some((queue, _)) => queue.try_send(batch).is_err(),
+            Some(state) => state.queue.try_send(batch).is_err(),
             None => false,
         };
         if full {
@@ -448,25 +500,91 @@ mod tests {
     }
 
     /// Joins `client` and subscribes it to `metrics:ad_clicks`, grouped by
-    /// `group_by` if given.
+    /// `group_by` if given. Returns its queue, past the first answer, and
+    /// how many current values came with that answer's acknowledgement.
     fn subscribe(
         hub: &mut HubState,
         client: u64,
         queue: usize,
         group_by: Option<&str>,
-    ) -> mpsc::Receiver<Batch> {
-        let (tx, rx) = mpsc::channel(queue);
-        hub.command(Command::Join { client, queue: tx });
+    ) -> (mpsc::Receiver<Batch>, usize) {
+        let (tx, mut rx) = mpsc::channel(queue);
+        hub.command(Command::Join {
+            client,
+            queue: tx,
+            max_subscriptions: 10,
+        });
         let topic = Topic::parse("metrics:ad_clicks", None, group_by, &hub.metrics).unwrap();
         hub.command(Command::Subscribe { client, topic });
-        rx
+        let answer = rx.try_recv().expect("an acknowledgement");
+        let ack: Value = serde_json::from_str(&answer[0]).unwrap();
+        assert_eq!(ack["subscribed"], "metrics:ad_clicks", "{ack}");
+        assert_eq!(ack["window"], "tumbling 10s", "{ack}");
+        (rx, answer.len() - 1)
+    }
+
+    #[test]
+    fn subscriptions_past_a_clients_bound_are_refused_and_repeats_take_no_place() {
+        let (mut hub, ops) = hub();
+        let (tx, mut rx) = mpsc::channel(50);
+        hub.command(Command::Join {
+            client: 1,
+            queue: tx,
+            max_subscriptions: 2,
+        });
+        let metrics = Arc::clone(&hub.metrics);
+        let topic = |country: &str| {
+            let text = format!("metrics:ad_clicks:country:{country}");
+            Topic::parse(&text, None, None, &metrics).unwrap()
+        };
+        for country in ["US", "DE", "US", "FR"] {
+            let topic = topic(country);
+            hub.command(Command::Subscribe { client: 1, topic });
+        }
+        hub.command(Command::Unsubscribe {
+            client: 1,
+            topic: "metrics:ad_clicks:country:DE".into(),
+        });
+        hub.command(Command::Subscribe {
+            client: 1,
+            topic: topic("FR"),
+        });
+        let answers: Vec<Value> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|batch| serde_json::from_str(&batch[0]).unwrap())
+            .collect();
+        let keys: Vec<(&str, &str)> = answers
+            .iter()
+            .map(|a| {
+                let key = ["subscribed", "unsubscribed", "topic"]
+                    .into_iter()
+                    .find(|k| a[k].is_string())
+                    .unwrap();
+                (key, a[key].as_str().unwrap().rsplit(':').next().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("subscribed", "US"),
+                ("subscribed", "DE"),
+                ("subscribed", "US"),
+                ("topic", "FR"),
+                ("unsubscribed", "DE"),
+                ("subscribed", "FR"),
+            ]
+        );
+        assert!(answers[3]["error"].as_str().unwrap().contains("at most 2"));
+        assert_eq!(hub.clients[&1].topics.len(), 2);
+        assert!(ops
+            .render(0)
+            .contains("tally_ws_refused_total{reason=\"too_many_subscriptions\"} 1"));
     }
 
     #[test]
     fn a_slow_client_is_dropped_and_the_others_get_everything() {
         let (mut hub, ops) = hub();
-        let mut healthy = subscribe(&mut hub, 1, 50, None);
-        let mut stalled = subscribe(&mut hub, 2, 50, None);
+        let (mut healthy, _) = subscribe(&mut hub, 1, 50, None);
+        let (mut stalled, _) = subscribe(&mut hub, 2, 50, None);
         let mut received = 0;
         for count in 1..=200 {
             hub.updates(vec![update(count, false, 0)]);
@@ -487,7 +605,7 @@ mod tests {
     #[test]
     fn finals_are_revised_only_when_they_change() {
         let (mut hub, _) = hub();
-        let mut rx = subscribe(&mut hub, 1, 50, None);
+        let (mut rx, _) = subscribe(&mut hub, 1, 50, None);
         hub.updates(vec![update(3, false, 0)]);
         hub.updates(vec![update(3, false, 0)]);
         hub.updates(vec![update(3, true, 0)]);
@@ -510,7 +628,8 @@ mod tests {
     #[test]
     fn a_grouped_topic_takes_one_place_in_the_queue_however_many_groups() {
         let (mut hub, ops) = hub();
-        let mut rx = subscribe(&mut hub, 1, 50, Some("country"));
+        let (mut rx, current) = subscribe(&mut hub, 1, 50, Some("country"));
+        assert_eq!(current, 0);
         let countries = |count: u64| -> Vec<Arc<WindowUpdate>> {
             (0..120)
                 .map(|c| {
@@ -529,8 +648,9 @@ mod tests {
         );
         assert_eq!(ops.ws_slow_dropped.get(), 0);
 
-        // A new subscriber gets every group's current value at once.
-        let mut rx = subscribe(&mut hub, 2, 50, Some("country"));
-        assert_eq!(rx.try_recv().map(|b| b.len()), Ok(120));
+        // A new subscriber gets every group's current value at once, with
+        // its acknowledgement.
+        let (_, current) = subscribe(&mut hub, 2, 50, Some("country"));
+        assert_eq!(current, 120);
     }
 }

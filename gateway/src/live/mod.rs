@@ -17,6 +17,12 @@
 //! waits on a client: when a queue is full the client is disconnected, and
 //! nobody else is delayed.
 //!
+//! **Answers and bounds.** Every subscribe is answered, first with an
+//! acknowledgement or an error, and a connection holds at most
+//! `live.max_subscriptions` subscriptions, since each costs the hub work on
+//! every batch of its metric. A binary frame closes the connection with
+//! 1003.
+//!
 //! **Revisions.** A topic's open window is sent with `final: false`. Its
 //! final value carries the sum of the revisions of the groups it merges: 0 at
 //! first, raised by every late event. The job keeps group revisions across

@@ -1,0 +1,495 @@
+//! Trust at the edges: what one careless or hostile client may do, and that
+//! it never breaks tally for everyone else. Each test probes `tally run` as
+//! such a client would, over raw sockets where an HTTP library would hide
+//! the behaviour, and checks the refusal, its count in `/metrics`, and that
+//! the server still serves.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+use crate::live::{connect, wait_for};
+use crate::util::{eventually, Tally};
+
+/// The `host:port` tally listens on.
+fn address(tally: &Tally) -> String {
+    tally.url.trim_start_matches("http://").to_owned()
+}
+
+/// Reads until the server closes the connection, or `limit` passes, and
+/// returns what arrived and whether the server closed it. A reset after
+/// data counts as closed: the server may reset a connection whose client is
+/// still sending once it has answered.
+fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, bool) {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0; 8192];
+    let closed = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break false;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break false
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break true,
+            Err(e) => panic!("reading from tally failed: {e}"),
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// Sends `request` on a new connection and returns the whole answer, which
+/// must end with the server closing the connection.
+fn exchange(tally: &Tally, request: &str) -> String {
+    let mut stream = TcpStream::connect(address(tally)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
+    assert!(closed, "the connection stayed open after {answer:?}");
+    answer
+}
+
+/// The JSON body of an HTTP answer.
+fn body(answer: &str) -> Value {
+    let (_, body) = answer.split_once("\r\n\r\n").expect("a complete answer");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+fn counted(tally: &Tally, name: &str) -> u64 {
+    tally.prometheus(name).unwrap_or(0)
+}
+
+#[test]
+fn silent_connections_are_closed_and_health_answers_at_the_connection_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(
+        dir.path(),
+        &[
+            ("TALLY__SERVER__MAX_CONNECTIONS", "8"),
+            ("TALLY__SERVER__HEADER_TIMEOUT", "2s"),
+        ],
+        &[],
+    );
+    // Eight connections that never send a byte take every place.
+    let mut silent: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(address(&tally)).unwrap())
+        .collect();
+    // The kernel hands connections over in order, so these are taken after
+    // the eight: health still answers, anything else is refused, and each
+    // such connection is closed after its answer.
+    let health = exchange(&tally, "GET /healthz HTTP/1.1\r\nHost: tally\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let ready = exchange(&tally, "GET /readyz HTTP/1.1\r\nHost: tally\r\n\r\n");
+    assert!(!ready.starts_with("HTTP/1.1 503 "), "{ready}");
+    let refused = exchange(&tally, "GET /v1/catalog HTTP/1.1\r\nHost: tally\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.to_lowercase().contains("connection: close"),
+        "{refused}"
+    );
+    assert!(
+        body(&refused)["error"]
+            .as_str()
+            .unwrap()
+            .contains("connections"),
+        "{refused}"
+    );
+
+    // The silent ones are closed once the header timeout has passed.
+    for stream in &mut silent {
+        let (got, closed) = read_until_closed(stream, Duration::from_secs(15));
+        assert!(closed, "a silent connection stayed open");
+        assert_eq!(got, "", "a silent connection was sent something");
+    }
+    // So is one that went quiet after a request.
+    let mut idle = TcpStream::connect(address(&tally)).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: tally\r\n\r\n")
+        .unwrap();
+    let (got, closed) = read_until_closed(&mut idle, Duration::from_secs(15));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(closed, "an idle keep-alive connection stayed open");
+
+    // Everyone else is served again, and each refusal was counted.
+    let (status, _) = tally.get("/v1/catalog");
+    assert_eq!(status, 200);
+    let closed_silent = counted(
+        &tally,
+        "tally_connections_refused_total{reason=\"header_timeout\"}",
+    );
+    assert!(closed_silent >= 8, "{closed_silent} counted");
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_connections_refused_total{reason=\"at_capacity\"}"
+        ),
+        1
+    );
+    assert_eq!(counted(&tally, "tally_connections_limit"), 8);
+}
+
+#[test]
+fn a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[("TALLY__SERVER__BODY_TIMEOUT", "1s")], &[]);
+    let mut stream = TcpStream::connect(address(&tally)).unwrap();
+    stream
+        .write_all(
+            b"POST /v1/events HTTP/1.1\r\nHost: tally\r\nContent-Type: application/json\r\n\
+              Content-Length: 9000000\r\n\r\n[",
+        )
+        .unwrap();
+    // A byte every 100 ms: never silent, never done.
+    let mut trickle = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(100));
+            if trickle.write_all(b" ").is_err() {
+                return;
+            }
+        }
+    });
+    let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(closed, "the connection stayed open after the 408");
+    assert!(
+        body(&answer)["error"].as_str().unwrap().contains("1 s"),
+        "{answer}"
+    );
+    drop(stream);
+    sender.join().unwrap();
+
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ingest_requests_rejected_total{reason=\"body_timeout\"}"
+        ),
+        1
+    );
+    tally.post_events(&[json!({"eventType": "ad_click"})]);
+}
+
+#[test]
+fn only_json_and_ndjson_bodies_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    let event = br#"{"eventType":"ad_click"}"#;
+    for refused in [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/xml",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "image/png",
+        "application/json; charset=utf-16",
+    ] {
+        let (status, answer) = tally.post("/v1/events", refused, event);
+        assert_eq!(status, 415, "{refused}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("Content-Type"),
+            "{answer}"
+        );
+    }
+    // Without a Content-Type at all, as a hand-written client may send.
+    let answer = exchange(
+        &tally,
+        &format!(
+            "POST /v1/events HTTP/1.1\r\nHost: tally\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
+            event.len(),
+            String::from_utf8_lossy(event)
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
+    assert!(body(&answer)["error"].is_string(), "{answer}");
+
+    for accepted in [
+        "application/json",
+        "Application/JSON; charset=UTF-8",
+        "application/cloudevents+json",
+    ] {
+        let (status, answer) = tally.post("/v1/events", accepted, event);
+        assert_eq!(status, 202, "{accepted}: {answer}");
+    }
+    for ndjson in ["application/x-ndjson", "application/jsonlines"] {
+        let (status, answer) = tally.post(
+            "/v1/events",
+            ndjson,
+            b"{\"eventType\":\"a\"}\n{\"eventType\":\"b\"}\n",
+        );
+        assert_eq!(
+            (status, answer["accepted"].as_u64()),
+            (202, Some(2)),
+            "{ndjson}"
+        );
+    }
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ingest_requests_rejected_total{reason=\"unsupported_media_type\"}"
+        ),
+        8
+    );
+    assert_eq!(counted(&tally, "tally_events_accepted_total"), 7);
+}
+
+#[test]
+fn oversized_ids_values_and_dimension_counts_are_refused_by_index_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    let many = |n: usize, value: Value| -> Value {
+        (0..n)
+            .map(|i| (format!("d{i}"), value.clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    // At each default bound, an event is accepted.
+    let at_bounds = json!({
+        "eventId": "i".repeat(256),
+        "eventType": "t".repeat(128),
+        "dimensions": {"campaignId": "v".repeat(2048)},
+        "values": many(64, json!(1)),
+    });
+    tally.post_events(&[
+        at_bounds,
+        json!({"eventType": "x", "dimensions": many(64, json!("a"))}),
+    ]);
+
+    let batch = json!([
+        {"eventType": "ad_click"},
+        {"eventType": "ad_click", "eventId": "i".repeat(1 << 20)},
+        {"eventType": "ad_click", "dimensions": {"campaignId": "v".repeat(2049)}},
+        {"eventType": "ad_click", "dimensions": many(10_000, json!("a"))},
+        {"eventType": "ad_click", "values": many(65, json!(1))},
+        {"eventType": "t".repeat(129)},
+        {"eventType": "ad_click", "dimensions": {"n".repeat(129): "a"}},
+    ]);
+    let body = batch.to_string();
+    let (status, answer) = tally.post("/v1/events", "application/json", body.as_bytes());
+    assert_eq!(status, 400);
+    let details: Vec<(u64, String)> = answer["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["index"].as_u64().unwrap(),
+                d["field"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        details,
+        [
+            (1, "eventId".to_owned()),
+            (2, "dimensions.campaignId".to_owned()),
+            (3, "dimensions".to_owned()),
+            (4, "values".to_owned()),
+            (5, "eventType".to_owned()),
+            (6, "dimensions".to_owned()),
+        ],
+        "{answer}"
+    );
+    // Each problem says the bound, and the answer does not echo the value.
+    assert!(
+        answer.to_string().len() < 4096,
+        "{} bytes",
+        answer.to_string().len()
+    );
+    let problem = answer["details"][1]["problem"].as_str().unwrap();
+    assert!(problem.contains("2048"), "{problem}");
+    // A 9 MiB value fits the body limit, but not the value's.
+    let huge = json!({"eventType": "ad_click", "dimensions": {"campaignId": "v".repeat(9 << 20)}});
+    let (status, answer) = tally.post(
+        "/v1/events",
+        "application/json",
+        huge.to_string().as_bytes(),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(answer["details"][0]["field"], "dimensions.campaignId");
+    assert_eq!(counted(&tally, "tally_events_accepted_total"), 2);
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ingest_requests_rejected_total{reason=\"invalid\"}"
+        ),
+        2
+    );
+}
+
+#[test]
+fn a_request_followed_by_a_write_half_close_is_answered_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    for path in ["/v1/metrics?metric=ad_clicks", "/", "/healthz"] {
+        for _ in 0..5 {
+            let mut stream = TcpStream::connect(address(&tally)).unwrap();
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: tally\r\n\r\n").unwrap();
+            stream.shutdown(Shutdown::Write).unwrap();
+            let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
+            assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer:?}");
+            assert!(closed, "{path}: the connection stayed open");
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| panic!("{path}: no content-length in {head}"))
+                .parse()
+                .unwrap();
+            assert_eq!(body.len(), length, "{path}: a partial body");
+        }
+    }
+}
+
+#[test]
+fn every_subscription_is_answered_and_a_binary_frame_closes_with_1003() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    let mut socket = connect(&tally);
+    let ask = |socket: &mut crate::live::Socket, request: Value| -> Value {
+        socket.send(Message::text(request.to_string())).unwrap();
+        wait_for(socket, Duration::from_secs(5), |m| {
+            m.get("subscribed").is_some()
+                || m.get("unsubscribed").is_some()
+                || m.get("error").is_some()
+        })
+    };
+    let ack = ask(
+        &mut socket,
+        json!({"action": "subscribe", "topic": "metrics:ad_clicks:country:US"}),
+    );
+    assert_eq!(
+        ack,
+        json!({"subscribed": "metrics:ad_clicks:country:US", "window": "tumbling 10s", "groupBy": null})
+    );
+    let ack = ask(
+        &mut socket,
+        json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 1m", "groupBy": "country"}),
+    );
+    assert_eq!(
+        ack,
+        json!({"subscribed": "metrics:ad_clicks", "window": "tumbling 1m", "groupBy": "country"})
+    );
+    // Every kind of mistake gets an error naming the topic where there is one.
+    for (request, says) in [
+        (
+            json!({"action": "subscribe", "topic": "metrics:nope"}),
+            "unknown metric",
+        ),
+        (
+            json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 7m"}),
+            "no window",
+        ),
+        (
+            json!({"action": "subscribe", "topic": "metrics:ad_clicks", "groupBy": "planet"}),
+            "not a dimension",
+        ),
+        (json!({"action": "subscribe"}), "topic"),
+        (json!({"action": "subscribe", "topic": 5}), "cannot read"),
+        (
+            json!({"action": "watch", "topic": "metrics:ad_clicks"}),
+            "unknown action",
+        ),
+        (json!("subscribe"), "cannot read"),
+    ] {
+        let answer = ask(&mut socket, request.clone());
+        let error = answer["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{request}: {answer}"));
+        assert!(error.contains(says), "{request}: {answer}");
+    }
+    let ack = ask(
+        &mut socket,
+        json!({"action": "unsubscribe", "topic": "metrics:ad_clicks"}),
+    );
+    assert_eq!(ack, json!({"unsubscribed": "metrics:ad_clicks"}));
+
+    // A binary frame closes the connection with 1003, unsupported data.
+    socket.send(Message::binary(vec![1, 2, 3])).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let close = loop {
+        assert!(Instant::now() < deadline, "no close after a binary frame");
+        match socket.read() {
+            Ok(Message::Close(frame)) => break frame,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("expected a close frame: {e}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1003));
+    eventually(Duration::from_secs(5), || {
+        match counted(&tally, "tally_ws_clients") {
+            0 => Ok(()),
+            n => Err(format!("{n} clients")),
+        }
+    });
+    assert_eq!(
+        counted(&tally, "tally_ws_refused_total{reason=\"binary\"}"),
+        1
+    );
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ws_refused_total{reason=\"bad_subscription\"}"
+        ),
+        3
+    );
+    assert_eq!(
+        counted(&tally, "tally_ws_refused_total{reason=\"unreadable\"}"),
+        4
+    );
+}
+
+#[test]
+fn subscriptions_per_connection_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[("TALLY__LIVE__MAX_SUBSCRIPTIONS", "3")], &[]);
+    let mut socket = connect(&tally);
+    let mut ask = |topic: String| -> Value {
+        let request = json!({"action": "subscribe", "topic": topic});
+        socket.send(Message::text(request.to_string())).unwrap();
+        wait_for(&mut socket, Duration::from_secs(5), |m| {
+            m.get("subscribed").is_some() || m.get("error").is_some()
+        })
+    };
+    let topic = |i: usize| format!("metrics:ad_clicks:campaignId:c{i}");
+    for i in 0..3 {
+        assert_eq!(ask(topic(i))["subscribed"], topic(i));
+    }
+    let refused = ask(topic(3));
+    assert_eq!(refused["topic"], topic(3), "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 3 subscriptions"),
+        "{refused}"
+    );
+    // Asking again for one already held takes no new place.
+    assert_eq!(ask(topic(0))["subscribed"], topic(0));
+    assert_eq!(
+        counted(
+            &tally,
+            "tally_ws_refused_total{reason=\"too_many_subscriptions\"}"
+        ),
+        1
+    );
+    // Another connection has places of its own.
+    let mut other = connect(&tally);
+    let request = json!({"action": "subscribe", "topic": topic(3)});
+    other.send(Message::text(request.to_string())).unwrap();
+    let ack = wait_for(&mut other, Duration::from_secs(5), |m| {
+        m.get("subscribed").is_some() || m.get("error").is_some()
+    });
+    assert_eq!(ack["subscribed"], topic(3), "{ack}");
+}
