@@ -2,22 +2,19 @@
 //! it never breaks tally for everyone else. Each test probes `tally run` as
 //! such a client would, over raw sockets where an HTTP library would hide
 //! the behaviour, and checks the refusal, its count in `/metrics`, and that
-//! the server still serves.
+//! the server still serves. The last tests are of one mistake: a fast clock,
+//! a port in use, a directory without `cluster.toml`.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tungstenite::Message;
 
 use crate::live::{connect, wait_for};
-use crate::util::{eventually, Tally};
-
-/// The `host:port` tally listens on.
-fn address(tally: &Tally) -> String {
-    tally.url.trim_start_matches("http://").to_owned()
-}
+use crate::util::{dead_letters, error_details, eventually, Tally};
 
 /// Reads until the server closes the connection, or `limit` passes, and
 /// returns what arrived and whether the server closed it. A reset after
@@ -49,7 +46,7 @@ fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, bool) 
 /// Sends `request` on a new connection and returns the whole answer, which
 /// must end with the server closing the connection.
 fn exchange(tally: &Tally, request: &str) -> String {
-    let mut stream = TcpStream::connect(address(tally)).unwrap();
+    let mut stream = TcpStream::connect(tally.address()).unwrap();
     stream.write_all(request.as_bytes()).unwrap();
     let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
     assert!(closed, "the connection stayed open after {answer:?}");
@@ -79,7 +76,7 @@ fn silent_connections_are_closed_and_health_answers_at_the_connection_cap() {
     );
     // Eight connections that never send a byte take every place.
     let mut silent: Vec<TcpStream> = (0..8)
-        .map(|_| TcpStream::connect(address(&tally)).unwrap())
+        .map(|_| TcpStream::connect(tally.address()).unwrap())
         .collect();
     // The kernel hands connections over in order, so these are taken after
     // the eight: health still answers, anything else is refused, and each
@@ -109,7 +106,7 @@ fn silent_connections_are_closed_and_health_answers_at_the_connection_cap() {
         assert_eq!(got, "", "a silent connection was sent something");
     }
     // So is one that went quiet after a request.
-    let mut idle = TcpStream::connect(address(&tally)).unwrap();
+    let mut idle = TcpStream::connect(tally.address()).unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: tally\r\n\r\n")
         .unwrap();
     let (got, closed) = read_until_closed(&mut idle, Duration::from_secs(15));
@@ -138,7 +135,7 @@ fn silent_connections_are_closed_and_health_answers_at_the_connection_cap() {
 fn a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes() {
     let dir = tempfile::tempdir().unwrap();
     let tally = Tally::start(dir.path(), &[("TALLY__SERVER__BODY_TIMEOUT", "1s")], &[]);
-    let mut stream = TcpStream::connect(address(&tally)).unwrap();
+    let mut stream = TcpStream::connect(tally.address()).unwrap();
     stream
         .write_all(
             b"POST /v1/events HTTP/1.1\r\nHost: tally\r\nContent-Type: application/json\r\n\
@@ -272,17 +269,7 @@ fn oversized_ids_values_and_dimension_counts_are_refused_by_index_and_field() {
     let body = batch.to_string();
     let (status, answer) = tally.post("/v1/events", "application/json", body.as_bytes());
     assert_eq!(status, 400);
-    let details: Vec<(u64, String)> = answer["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["index"].as_u64().unwrap(),
-                d["field"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let details = error_details(&answer);
     assert_eq!(
         details,
         [
@@ -328,7 +315,7 @@ fn a_request_followed_by_a_write_half_close_is_answered_in_full() {
     let tally = Tally::start(dir.path(), &[], &[]);
     for path in ["/v1/metrics?metric=ad_clicks", "/", "/healthz"] {
         for _ in 0..5 {
-            let mut stream = TcpStream::connect(address(&tally)).unwrap();
+            let mut stream = TcpStream::connect(tally.address()).unwrap();
             write!(stream, "GET {path} HTTP/1.1\r\nHost: tally\r\n\r\n").unwrap();
             stream.shutdown(Shutdown::Write).unwrap();
             let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10));
@@ -492,4 +479,122 @@ fn subscriptions_per_connection_are_capped() {
         m.get("subscribed").is_some() || m.get("error").is_some()
     });
     assert_eq!(ack["subscribed"], topic(3), "{ack}");
+}
+
+fn now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn an_event_from_a_fast_clock_does_not_dead_letter_everyone_elses() {
+    let dir = tempfile::tempdir().unwrap();
+    // Partitions go idle quickly, so the watermark moves as far as the
+    // early event would drag it.
+    let tally = Tally::start(
+        dir.path(),
+        &[("TALLY__DATAFLOW__IDLE_TIMEOUT", "300ms")],
+        &[],
+    );
+    let read = || tally.prometheus("tally_events_read_total").unwrap_or(0);
+    // 290 s ahead of the server: within `max_future`, so it is accepted.
+    tally.post_events(&[json!({
+        "eventType": "ad_click",
+        "timestamp": now_s() + 290.0,
+        "dimensions": {"campaignId": "fast_clock"},
+    })]);
+    eventually(Duration::from_secs(10), || {
+        (read() >= 1)
+            .then_some(())
+            .ok_or("the early event was not read".to_string())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    // Everyone else's events, on time, one request each so they reach
+    // every partition.
+    for _ in 0..20 {
+        tally.post_events(&[
+            json!({"eventType": "ad_click", "dimensions": {"campaignId": "on_time"}}),
+        ]);
+    }
+    eventually(Duration::from_secs(10), || {
+        (read() >= 21)
+            .then_some(())
+            .ok_or(format!("{} events read", read()))
+    });
+    assert_eq!(tally.prometheus("tally_dead_letters_total"), Some(0));
+    assert_eq!(dead_letters(dir.path()), 0);
+    let (_, listed) = tally.get("/v1/deadletters");
+    assert_eq!(listed["deadLetters"], json!([]), "{listed}");
+}
+
+#[test]
+fn a_second_tally_on_a_port_in_use_stops_at_once_and_names_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Tally::start(dir.path(), &[], &[]);
+    let address = first.address().to_owned();
+    let other = tempfile::tempdir().unwrap();
+    let mut second = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["run", "--listen", &address, "--data-dir"])
+        .arg(other.path())
+        .arg("--config")
+        .arg(crate::util::default_config())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            second.kill().unwrap();
+            panic!("a second tally on {address} was still running after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "it exited with {status}");
+    assert!(stderr.contains(&format!("binding {address}")), "{stderr}");
+    // The first one is untouched.
+    assert_eq!(first.get("/healthz").0, 200);
+}
+
+#[test]
+fn tally_run_from_a_directory_without_cluster_toml_runs_the_default_metrics() {
+    let cwd = tempfile::tempdir().unwrap();
+    let data = cwd.path().join("data");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
+        .current_dir(cwd.path())
+        .args(["run", "--demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit());
+    let tally = Tally::launch(command, &data);
+    let (status, catalog) = tally.get("/v1/catalog");
+    assert_eq!(status, 200);
+    let names: Vec<&str> = catalog["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert!(names.contains(&"ad_clicks"), "{catalog}");
+    // The demo feed is flowing into them.
+    eventually(Duration::from_secs(20), || {
+        let read = tally.prometheus("tally_events_read_total").unwrap_or(0);
+        (read > 0)
+            .then_some(())
+            .ok_or("no demo events read".to_string())
+    });
 }

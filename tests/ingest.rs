@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::util::Tally;
+use crate::util::{error_details, Tally};
 
 const SEED_PAYLOAD: &str = r#"{
   "eventId": "evt_uuid_00981a",
@@ -69,17 +69,7 @@ fn refuses_bad_input_whole_and_says_why() {
         batch.to_string().as_bytes(),
     );
     assert_eq!(status, 400, "{answer}");
-    let details: Vec<(u64, String)> = answer["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["index"].as_u64().unwrap(),
-                d["field"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let details = error_details(&answer);
     assert_eq!(
         details,
         [

@@ -257,7 +257,7 @@ fn what_is_not_a_websocket_is_refused_and_the_server_keeps_serving() {
 /// Sends a `GET /v1/live` with `headers` by hand, and returns the response's
 /// head, with header names in lower case.
 fn handshake(tally: &Tally, headers: &str) -> String {
-    let address = tally.url.trim_start_matches("http://");
+    let address = tally.address();
     let mut stream = TcpStream::connect(address).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -295,7 +295,7 @@ fn a_client_that_stops_reading_is_dropped_for_a_full_queue_and_the_others_keep_u
     // a value per campaign: 10 changes every 50 ms, one update in its queue
     // each time, so its queue of 50 fills only once the kernel stops taking
     // its messages.
-    let address: std::net::SocketAddr = tally.url.trim_start_matches("http://").parse().unwrap();
+    let address: std::net::SocketAddr = tally.address().parse().unwrap();
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(&address.into()).unwrap();

@@ -7,7 +7,6 @@ mod cluster;
 mod crash;
 mod determinism;
 mod edge;
-mod edges;
 mod history;
 mod ingest;
 mod live;

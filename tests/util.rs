@@ -68,6 +68,11 @@ impl Tally {
         }
     }
 
+    /// The `host:port` it listens on.
+    pub fn address(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
     /// POSTs a body; returns the status and the JSON answer.
     pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
         let mut response = self
@@ -178,6 +183,21 @@ pub fn dead_letters(dir: &Path) -> usize {
         r.get::<_, i64>(0)
     })
     .unwrap() as usize
+}
+
+/// The (index, field) of each problem in a `400` answer's `details`.
+pub fn error_details(answer: &Value) -> Vec<(u64, String)> {
+    answer["details"]
+        .as_array()
+        .expect("details")
+        .iter()
+        .map(|d| {
+            (
+                d["index"].as_u64().expect("index"),
+                d["field"].as_str().expect("field").to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// Log partitions in the default configuration.

@@ -102,8 +102,9 @@ impl WindowState {
         }
     }
 
-    /// The number of groups held, for tests and observation.
-    pub fn groups(&self) -> usize {
+    /// The number of groups held.
+    #[cfg(test)]
+    fn groups(&self) -> usize {
         self.groups.len() - self.free.len()
     }
 
