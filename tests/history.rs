@@ -160,3 +160,171 @@ fn bad_queries_get_a_400_that_names_the_problem() {
         );
     }
 }
+
+/// Campaign `c` of 200 has `(7c mod 23) + 1` clicks, all in one minute:
+/// campaigns 0 to 99 in the first three minutes, the rest in the two after.
+fn campaigns() -> Vec<(String, usize, u64)> {
+    (0..200u64)
+        .map(|c| {
+            let minute = if c < 100 { c % 3 } else { 3 + c % 2 };
+            (format!("camp_{c:03}"), minute as usize, (c * 7) % 23 + 1)
+        })
+        .collect()
+}
+
+#[test]
+fn grouped_history_answers_the_top_groups_within_its_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three minutes of 100 campaigns are 300 points: more than the answer
+    // may hold, so the server must rank first and read the buckets after.
+    let tally = Tally::start(
+        dir.path(),
+        &[
+            ("TALLY__HISTORY__MAX_POINTS", "200"),
+            ("TALLY__HISTORY__MAX_GROUPS", "150"),
+        ],
+        &[],
+    );
+    let mut events: Vec<Value> = Vec::new();
+    for (campaign, minute, clicks) in campaigns() {
+        for k in 0..clicks {
+            let at = BASE_MS + minute as i64 * MINUTE + k as i64 * 100;
+            events.push(serde_json::json!({"eventType": "ad_click", "timestamp": at, "dimensions": {"campaignId": campaign}}));
+        }
+    }
+    events.sort_by_key(|e| e["timestamp"].as_i64());
+    for chunk in events.chunks(500) {
+        tally.post_events(chunk);
+    }
+    tally.flush(BASE_MS + 3_600_000);
+
+    let three_minutes = format!(
+        "metric=ad_clicks&groupBy=campaignId&resolution=1m&start={}&end={}",
+        BASE_MS / 1000,
+        (BASE_MS + 3 * MINUTE) / 1000
+    );
+    let mut expected: Vec<(String, usize, u64)> = campaigns().into_iter().take(100).collect();
+    expected.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    let top = |answer: &Value| -> Vec<(String, Vec<u64>)> {
+        answer["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["group"]["campaignId"].as_str().unwrap().to_string(),
+                    counts(s),
+                )
+            })
+            .collect()
+    };
+    let want = |n: usize| -> Vec<(String, Vec<u64>)> {
+        expected[..n]
+            .iter()
+            .map(|(c, minute, clicks)| {
+                let mut buckets = vec![0; 3];
+                buckets[*minute] = *clicks;
+                (c.clone(), buckets)
+            })
+            .collect()
+    };
+    // history.top (10) without a top parameter, largest first.
+    let answer = eventually(Duration::from_secs(30), || {
+        let answer = tally.metrics(&three_minutes);
+        if top(&answer) == want(10) {
+            Ok(answer)
+        } else {
+            Err(format!(
+                "top 10 {:?}, expected {:?}",
+                top(&answer),
+                want(10)
+            ))
+        }
+    });
+    assert_eq!(
+        (answer["top"].as_u64(), answer["groups"].as_u64()),
+        (Some(10), Some(100))
+    );
+    assert_eq!(
+        top(&tally.metrics(&format!("{three_minutes}&top=3"))),
+        want(3)
+    );
+
+    // Past a bound: a 400 that names the parameter, counted by reason.
+    let refused = |query: &str, parameter: &str| {
+        let (status, answer) = tally.get(&format!("/v1/metrics?{query}"));
+        assert_eq!(status, 400, "{query}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(
+            error.starts_with(&format!("{parameter}: ")),
+            "{query}: {error}"
+        );
+        error.to_string()
+    };
+    let error = refused(&format!("{three_minutes}&top=100"), "top");
+    assert!(error.contains("history.max_points"), "{error}");
+    let five_minutes = three_minutes.replace(
+        &format!("end={}", (BASE_MS + 3 * MINUTE) / 1000),
+        &format!("end={}", (BASE_MS + 5 * MINUTE) / 1000),
+    );
+    let error = refused(&five_minutes, "groupBy");
+    assert!(
+        error.contains("more than 150 groups of campaignId"),
+        "{error}"
+    );
+    assert_eq!(
+        tally.prometheus("tally_history_queries_refused_total{reason=\"max_points\"}"),
+        Some(1)
+    );
+    assert_eq!(
+        tally.prometheus("tally_history_queries_refused_total{reason=\"max_groups\"}"),
+        Some(1)
+    );
+    // Without groupBy the same range is one series, well within the bounds.
+    let all = counts(&tally.metrics(&five_minutes.replace("&groupBy=campaignId", "")));
+    let total: u64 = campaigns().iter().map(|c| c.2).sum();
+    assert_eq!(all.iter().sum::<u64>(), total);
+}
+
+#[test]
+fn a_parameter_given_twice_or_badly_encoded_gets_a_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    let base = "metric=ad_clicks&start=0&end=600";
+    for (query, needle) in [
+        (format!("{base}&metric=events"), "metric: is given twice"),
+        (
+            format!("{base}&resolution=1m&resolution=10s"),
+            "resolution: is given twice",
+        ),
+        (
+            format!("{base}&groupBy=country&groupBy=campaignId"),
+            "groupBy: is given twice",
+        ),
+        (format!("{base}&start=60"), "start: is given twice"),
+        (
+            format!("{base}&country=US&country=DE"),
+            "country: is given twice",
+        ),
+        (format!("{base}&campaignId=%zz"), "not percent-encoded"),
+        (format!("{base}&campaignId=%ff"), "not percent-encoded"),
+        (format!("{base}&campaignId=camp_1%"), "not percent-encoded"),
+        (format!("{base}&top=3"), "top: needs groupBy"),
+    ] {
+        let (status, answer) = tally.get(&format!("/v1/metrics?{query}"));
+        assert_eq!(status, 400, "{query}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(needle), "{query}: {error}");
+    }
+    assert_eq!(
+        tally.prometheus("tally_history_queries_refused_total{reason=\"invalid\"}"),
+        Some(9)
+    );
+    // Escapes that decode to UTF-8 are read, `+` as a space.
+    let answer = tally.metrics(&format!("{base}&campaignId=camp%5F1+%C3%A9"));
+    assert_eq!(answer["dimensions"]["campaignId"], "camp_1 é");
+    for query in ["limit=5&limit=6", "limit=5&planet=mars"] {
+        let (status, answer) = tally.get(&format!("/v1/deadletters?{query}"));
+        assert_eq!(status, 400, "{query}: {answer}");
+    }
+}

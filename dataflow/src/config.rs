@@ -37,6 +37,8 @@ pub struct Config {
     pub dataflow: DataflowConfig,
     /// `[live]`: pushing values to WebSocket subscribers.
     pub live: LiveConfig,
+    /// `[history]`: what one history query may cost.
+    pub history: HistoryConfig,
     /// `[checkpoint]`: snapshots of the job, for restarts without replay.
     pub checkpoint: CheckpointConfig,
     /// `[cluster]`: the timely processes of `tally worker`.
@@ -203,6 +205,26 @@ pub struct LiveConfig {
 /// work on each batch of its metric, so one client must not hold an
 /// unbounded number.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
+
+/// `[history]`: the bounds of one `GET /v1/metrics`. Its memory is
+/// bounded by `max_groups` totals while it ranks groups and by `max_points`
+/// buckets while it assembles the answer; neither grows with the rows it
+/// reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryConfig {
+    /// Groups a `groupBy` answer holds when the query names no `top`: the
+    /// largest by their total over the range. Default 10.
+    pub top: usize,
+    /// The largest `top` a query may ask for. Default 1,000.
+    pub max_top: usize,
+    /// Points (series × buckets) one answer may hold. Default 100,000.
+    pub max_points: usize,
+    /// Groups of its `groupBy` dimension one query may rank; past it the
+    /// query gets a `400` that asks for a filter or a shorter range. Each
+    /// costs about 100 bytes while it ranks, and up to 4 KiB for `uniq`.
+    /// Default 100,000.
+    pub max_groups: usize,
+}
 
 /// `[checkpoint]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -439,7 +461,7 @@ impl Reader {
             section("dataflow"),
             section("live"),
         );
-        let mut checkpoint = section("checkpoint");
+        let (mut history, mut checkpoint) = (section("history"), section("checkpoint"));
         let (mut cluster, mut kafka, mut clickhouse, mut redis) = (
             section("cluster"),
             section("kafka"),
@@ -493,6 +515,7 @@ impl Reader {
                     1..=1_000_000,
                 ) as usize,
             },
+            history: self.history(&mut history),
             checkpoint: CheckpointConfig {
                 interval: self.duration(&mut checkpoint, "interval", Duration::from_secs(10)),
                 url: checkpoint
@@ -543,11 +566,30 @@ impl Reader {
                 .push("checkpoint.interval: must be at least 100ms".into());
         }
         for section in [
-            server, storage, log, dataflow, live, checkpoint, cluster, kafka, clickhouse, redis,
+            server, storage, log, dataflow, live, history, checkpoint, cluster, kafka, clickhouse,
+            redis,
         ] {
             self.unknown_keys(section);
         }
         config
+    }
+
+    fn history(&mut self, s: &mut Section) -> HistoryConfig {
+        let mut count =
+            |key: &str, default: i64| self.integer(s, key, default, 1..=100_000_000) as usize;
+        let history = HistoryConfig {
+            top: count("top", 10),
+            max_top: count("max_top", 1000),
+            max_points: count("max_points", 100_000),
+            max_groups: count("max_groups", 100_000),
+        };
+        if history.top > history.max_top {
+            self.errors.push(format!(
+                "history.top: {} is more than history.max_top ({})",
+                history.top, history.max_top
+            ));
+        }
+        history
     }
 
     fn cluster(&mut self, s: &mut Section) -> ClusterConfig {
@@ -976,14 +1018,18 @@ windows = ["sliding 5m every 7s"]
             }
         );
         assert_eq!(file.live, config.live);
+        assert_eq!(file.history, config.history);
         let errors = Config::load(
-            Some(&format!("{FILE}\n[live]\nmax_subscriptions = 0\n")),
+            Some(&format!(
+                "{FILE}\n[live]\nmax_subscriptions = 0\n[history]\ntop = 20\nmax_top = 5\n"
+            )),
             [("TALLY__SERVER__HEADER_TIMEOUT".into(), "0s".into())],
         )
         .unwrap_err()
         .join("\n");
         assert!(errors.contains("server.header_timeout"), "{errors}");
         assert!(errors.contains("live.max_subscriptions"), "{errors}");
+        assert!(errors.contains("history.top"), "{errors}");
     }
 
     #[test]

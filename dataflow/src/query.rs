@@ -10,15 +10,16 @@
 //! merging them over buckets and groups gives exact counts and sums and
 //! correct distinct-count estimates.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 use crate::aggregate::{AggState, AggregateKind};
-use crate::config::Config;
+use crate::config::{Config, HistoryConfig};
 use crate::time::{parse_millis, parse_rfc3339, Millis};
 use crate::window::{align, WindowSpec};
 
-/// Most buckets one answer may hold.
-pub const MAX_BUCKETS: i64 = 100_000;
+/// The parameters a query may name besides dimension filters.
+const PARAMETERS: [&str; 6] = ["metric", "start", "end", "resolution", "groupBy", "top"];
 
 /// A validated history query.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,6 +34,9 @@ pub struct Query {
     pub filters: Vec<(usize, String)>,
     /// The dimension index to group by.
     pub group_by: Option<usize>,
+    /// With `group_by`, how many groups the answer holds: the largest by
+    /// their total over the range.
+    pub top: usize,
     /// The metric's dimension names.
     pub dimensions: Vec<String>,
     /// First bucket's start.
@@ -41,6 +45,10 @@ pub struct Query {
     pub end: Millis,
     /// Bucket width.
     pub resolution: Millis,
+    /// Groups the query may rank before it is refused.
+    pub max_groups: usize,
+    /// Points its answer may hold.
+    pub max_points: usize,
 }
 
 /// A query the client must fix, with the parameter at fault.
@@ -51,24 +59,38 @@ pub struct QueryError {
     pub parameter: String,
     /// What is wrong with it.
     pub problem: String,
+    /// Which rule it broke.
+    pub refusal: Refusal,
+}
+
+/// Why a query was refused, as `/metrics` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A parameter is missing, unknown, repeated or malformed.
+    Invalid,
+    /// The answer would hold more than `history.max_points` points.
+    Points,
+    /// The range holds more than `history.max_groups` groups to rank.
+    Groups,
+}
+
+impl Refusal {
+    /// The `reason` label of the refusal.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Invalid => "invalid",
+            Refusal::Points => "max_points",
+            Refusal::Groups => "max_groups",
+        }
+    }
 }
 
 fn bad(parameter: &str, problem: impl Into<String>) -> QueryError {
     QueryError {
         parameter: parameter.to_owned(),
         problem: problem.into(),
+        refusal: Refusal::Invalid,
     }
-}
-
-/// A stored window as the store returns it.
-#[derive(Clone, Debug)]
-pub struct StoredWindow {
-    /// Window start.
-    pub start: Millis,
-    /// The value of the query's `groupBy` dimension, if it has one.
-    pub group_value: Option<String>,
-    /// The aggregate state.
-    pub state: AggState,
 }
 
 /// One series of an answer: its group (empty without `groupBy`) and one
@@ -82,22 +104,29 @@ pub struct Series {
 }
 
 impl Query {
-    /// Checks raw parameters against the configuration.
+    /// Checks raw parameters against the configuration. A parameter may be
+    /// given once; so may each dimension's filter.
     ///
     /// `now` stands in for a missing `end`; a missing `start` means one hour
     /// before `end`; a missing `resolution` means the metric's narrowest
-    /// tumbling window.
+    /// tumbling window; a missing `top` means `history.top`.
     pub fn parse(
         params: &[(String, String)],
         config: &Config,
         now: Millis,
     ) -> Result<Query, QueryError> {
+        for (i, (key, _)) in params.iter().enumerate() {
+            if params[..i].iter().any(|(k, _)| k == key) {
+                return Err(bad(key, "is given twice; it takes one value"));
+            }
+        }
         let get = |name: &str| {
             params
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
+        let limits: &HistoryConfig = &config.history;
         let name = get("metric").ok_or_else(|| bad("metric", "is required"))?;
         let metric = config.metric(name).ok_or_else(|| {
             let known: Vec<&str> = config.metrics.iter().map(|m| m.name.as_str()).collect();
@@ -146,13 +175,6 @@ impl Query {
                     ),
                 )
             })?;
-        let start = align(start, resolution);
-        if (end - start + resolution - 1) / resolution > MAX_BUCKETS {
-            return Err(bad(
-                "resolution",
-                format!("the range would hold more than {MAX_BUCKETS} buckets"),
-            ));
-        }
         let dimension = |parameter: &str, dim: &str| {
             metric
                 .dimensions
@@ -172,12 +194,49 @@ impl Query {
         let group_by = get("groupBy")
             .map(|d| dimension("groupBy", d))
             .transpose()?;
+        let top = match (get("top"), group_by) {
+            (None, _) => limits.top,
+            (Some(_), None) => return Err(bad("top", "needs groupBy")),
+            (Some(v), Some(_)) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=limits.max_top).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "top",
+                        format!("'{v}' must be an integer from 1 to {}", limits.max_top),
+                    )
+                })?,
+        };
+        let start = align(start, resolution);
+        let buckets = (end - start + resolution - 1) / resolution;
+        let series = if group_by.is_some() { top } else { 1 };
+        if buckets.saturating_mul(series as i64) > limits.max_points as i64 {
+            let (parameter, problem) = if group_by.is_some() {
+                (
+                    if get("top").is_some() {
+                        "top"
+                    } else {
+                        "resolution"
+                    },
+                    format!("{series} series of {buckets} buckets"),
+                )
+            } else {
+                ("resolution", format!("{buckets} buckets"))
+            };
+            return Err(QueryError {
+                parameter: parameter.into(),
+                problem: format!(
+                    "the answer would hold {problem}, more than {} points (history.max_points); \
+                     widen the resolution, shorten the range or lower top",
+                    limits.max_points
+                ),
+                refusal: Refusal::Points,
+            });
+        }
         let mut filters = Vec::new();
         for (key, value) in params {
-            if !matches!(
-                key.as_str(),
-                "metric" | "start" | "end" | "resolution" | "groupBy"
-            ) {
+            if !PARAMETERS.contains(&key.as_str()) {
                 filters.push((dimension(key, key)?, value.clone()));
             }
         }
@@ -187,10 +246,13 @@ impl Query {
             window,
             filters,
             group_by,
+            top,
             dimensions: metric.dimensions.clone(),
             start,
             end,
             resolution,
+            max_groups: limits.max_groups,
+            max_points: limits.max_points,
         })
     }
 
@@ -202,58 +264,246 @@ impl Query {
             .collect()
     }
 
-    /// Whether a stored group, given as its dimension values, passes the
-    /// filters; if so, its value of the `groupBy` dimension.
-    pub fn select(&self, group: &[&str]) -> Option<Option<String>> {
-        if !self
-            .filters
-            .iter()
-            .all(|(d, v)| group.get(*d) == Some(&v.as_str()))
-        {
-            return None;
-        }
-        Some(
-            self.group_by
-                .map(|d| group.get(d).copied().unwrap_or_default().to_owned()),
-        )
+    /// The buckets of the answer.
+    fn buckets(&self) -> usize {
+        ((self.end - self.start + self.resolution - 1) / self.resolution) as usize
     }
 
-    /// Merges stored windows, already filtered by [`Query::select`], into the
-    /// answer's series. Rows outside the range are ignored; every bucket is
-    /// present.
-    pub fn assemble(&self, rows: impl IntoIterator<Item = StoredWindow>) -> Vec<Series> {
-        let buckets = ((self.end - self.start) + self.resolution - 1) / self.resolution;
-        let mut groups: BTreeMap<Option<String>, Vec<AggState>> = BTreeMap::new();
-        if self.group_by.is_none() {
-            groups.insert(None, vec![AggState::default(); buckets as usize]);
+    /// Whether a stored group, given as its dimension values, passes the
+    /// filters.
+    fn passes(&self, group: &[&str]) -> bool {
+        self.filters
+            .iter()
+            .all(|(d, v)| group.get(*d) == Some(&v.as_str()))
+    }
+}
+
+/// Stored windows folded, one row at a time, into a query's answer.
+///
+/// Without `groupBy` one pass reads the rows into the answer's buckets.
+/// With it, the first pass totals each group over the range, and keeps the
+/// groups' buckets too while they fit in `history.max_points`; if they did
+/// not, a second pass reads the buckets of the `top` groups alone. Memory
+/// is therefore bounded by the totals of `max_groups` groups and by
+/// `max_points` buckets, however many rows the store holds.
+#[derive(Debug)]
+pub struct Fold {
+    query: Query,
+    stage: Stage,
+    /// Set when a bound was hit; the scan stops there.
+    refused: Option<QueryError>,
+}
+
+#[derive(Debug)]
+enum Stage {
+    /// No `groupBy`: one series.
+    Single(Vec<AggState>),
+    /// Each group's total, and each group's buckets until they no longer
+    /// fit in the answer.
+    Rank {
+        totals: HashMap<String, AggState>,
+        buckets: Option<HashMap<String, Vec<AggState>>>,
+    },
+    /// The chosen groups' buckets, ranked, after a first pass found
+    /// `groups` groups.
+    Chosen {
+        groups: usize,
+        ranked: Vec<String>,
+        buckets: HashMap<String, Vec<AggState>>,
+    },
+}
+
+/// Where a scan of the store leaves a [`Fold`].
+#[derive(Debug)]
+pub enum Pass {
+    /// The answer is complete.
+    Done(Answer),
+    /// The store must be scanned again with this fold.
+    Again(Box<Fold>),
+}
+
+/// A history query's answer.
+#[derive(Debug, PartialEq)]
+pub struct Answer {
+    /// The series: one without `groupBy`, else at most `top`, largest first.
+    pub series: Vec<Series>,
+    /// With `groupBy`, how many groups the range holds.
+    pub groups: usize,
+}
+
+impl Fold {
+    /// A fold for the first scan of `query`.
+    pub fn new(query: Query) -> Fold {
+        let stage = match query.group_by {
+            None => Stage::Single(vec![AggState::default(); query.buckets()]),
+            Some(_) => Stage::Rank {
+                totals: HashMap::new(),
+                buckets: Some(HashMap::new()),
+            },
+        };
+        Fold {
+            query,
+            stage,
+            refused: None,
         }
-        for row in rows {
-            if row.start < self.start || row.start >= self.end {
-                continue;
+    }
+
+    /// The query the store must read rows for: its metric, window and range.
+    pub fn query(&self) -> &Query {
+        &self.query
+    }
+
+    /// Folds in one stored window: its start, its group's dimension values
+    /// and its state. Rows outside the range or the filters are ignored.
+    /// Breaks when the query has hit a bound; [`Fold::finish`] says which.
+    pub fn add(&mut self, start: Millis, group: &[&str], state: &AggState) -> ControlFlow<()> {
+        let q = &self.query;
+        if start < q.start || start >= q.end || !q.passes(group) {
+            return ControlFlow::Continue(());
+        }
+        let bucket = ((start - q.start) / q.resolution) as usize;
+        let value = || {
+            q.group_by
+                .and_then(|d| group.get(d).copied())
+                .unwrap_or_default()
+        };
+        match &mut self.stage {
+            Stage::Single(states) => states[bucket].merge(state),
+            Stage::Rank { totals, buckets } => {
+                let value = value();
+                if let Some(total) = totals.get_mut(value) {
+                    total.merge(state);
+                } else if totals.len() == q.max_groups {
+                    self.refused = Some(QueryError {
+                        parameter: "groupBy".into(),
+                        problem: format!(
+                            "the range holds more than {} groups of {} (history.max_groups); \
+                             filter by another dimension or shorten the range",
+                            q.max_groups,
+                            q.dimensions[q.group_by.unwrap_or(0)]
+                        ),
+                        refusal: Refusal::Groups,
+                    });
+                    return ControlFlow::Break(());
+                } else {
+                    totals.insert(value.to_owned(), state.clone());
+                }
+                if let Some(series) = buckets {
+                    let width = q.buckets();
+                    if !series.contains_key(value) && (series.len() + 1) * width > q.max_points {
+                        // From here on the second pass reads the buckets.
+                        *buckets = None;
+                    } else {
+                        series
+                            .entry(value.to_owned())
+                            .or_insert_with(|| vec![AggState::default(); width])[bucket]
+                            .merge(state);
+                    }
+                }
             }
-            let series = groups
-                .entry(row.group_value)
-                .or_insert_with(|| vec![AggState::default(); buckets as usize]);
-            series[((row.start - self.start) / self.resolution) as usize].merge(&row.state);
+            Stage::Chosen { buckets, .. } => {
+                if let Some(series) = buckets.get_mut(value()) {
+                    series[bucket].merge(state);
+                }
+            }
         }
-        groups
+        ControlFlow::Continue(())
+    }
+
+    /// The answer after a scan, or the fold for another scan, or the bound
+    /// the query hit.
+    pub fn finish(self) -> Result<Pass, QueryError> {
+        if let Some(refused) = self.refused {
+            return Err(refused);
+        }
+        let Fold { query, stage, .. } = self;
+        Ok(match stage {
+            Stage::Single(states) => Pass::Done(Answer {
+                series: vec![query.series(Vec::new(), &states)],
+                groups: 0,
+            }),
+            Stage::Rank { totals, buckets } => {
+                let groups = totals.len();
+                let ranked = query.rank(totals);
+                match buckets {
+                    Some(mut buckets) => Pass::Done(query.answer(groups, ranked, &mut buckets)),
+                    None => {
+                        let width = query.buckets();
+                        let buckets = ranked
+                            .iter()
+                            .map(|g| (g.clone(), vec![AggState::default(); width]))
+                            .collect();
+                        Pass::Again(Box::new(Fold {
+                            query,
+                            stage: Stage::Chosen {
+                                groups,
+                                ranked,
+                                buckets,
+                            },
+                            refused: None,
+                        }))
+                    }
+                }
+            }
+            Stage::Chosen {
+                groups,
+                ranked,
+                mut buckets,
+            } => Pass::Done(query.answer(groups, ranked, &mut buckets)),
+        })
+    }
+}
+
+impl Query {
+    /// The `top` groups, largest total first; groups without a value (avg
+    /// of nothing) last, and ties in the order of their names.
+    fn rank(&self, totals: HashMap<String, AggState>) -> Vec<String> {
+        let mut ranked: Vec<(Option<f64>, String)> = totals
             .into_iter()
-            .map(|(key, states)| Series {
-                group: key
-                    .map(|v| vec![(self.dimensions[self.group_by.unwrap_or(0)].clone(), v)])
-                    .unwrap_or_default(),
-                points: states
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| {
-                        (
-                            self.start + i as Millis * self.resolution,
-                            s.value(self.aggregate),
-                        )
-                    })
-                    .collect(),
+            .map(|(group, total)| (total.value(self.aggregate), group))
+            .collect();
+        ranked.sort_by(|(a, ga), (b, gb)| {
+            let by_value = match (a, b) {
+                (Some(a), Some(b)) => b.total_cmp(a),
+                (a, b) => b.is_some().cmp(&a.is_some()),
+            };
+            by_value.then_with(|| ga.cmp(gb))
+        });
+        ranked.truncate(self.top);
+        ranked.into_iter().map(|(_, group)| group).collect()
+    }
+
+    fn answer(
+        &self,
+        groups: usize,
+        ranked: Vec<String>,
+        buckets: &mut HashMap<String, Vec<AggState>>,
+    ) -> Answer {
+        let dimension = &self.dimensions[self.group_by.unwrap_or(0)];
+        let series = ranked
+            .into_iter()
+            .map(|group| {
+                let states = buckets.remove(&group).unwrap_or_default();
+                self.series(vec![(dimension.clone(), group)], &states)
             })
-            .collect()
+            .collect();
+        Answer { series, groups }
+    }
+
+    fn series(&self, group: Vec<(String, String)>, states: &[AggState]) -> Series {
+        Series {
+            group,
+            points: states
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    (
+                        self.start + i as Millis * self.resolution,
+                        s.value(self.aggregate),
+                    )
+                })
+                .collect(),
+        }
     }
 }
 
@@ -384,38 +634,152 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
         );
     }
 
+    fn query(pairs: &[(&str, &str)]) -> Query {
+        let mut all = vec![
+            ("metric", "ad_clicks"),
+            ("start", "2026-06-07T10:00:00Z"),
+            ("end", "2026-06-07T10:03:00Z"),
+            ("resolution", "1m"),
+        ];
+        all.extend_from_slice(pairs);
+        Query::parse(&params(&all), &config(), 0).unwrap()
+    }
+
+    fn count(n: u64) -> AggState {
+        AggState {
+            count: n,
+            ..Default::default()
+        }
+    }
+
+    /// Scans `rows` as a store would, as often as the fold asks.
+    fn scan(query: Query, rows: &[(Millis, [&str; 2], u64)]) -> Result<Answer, QueryError> {
+        let mut fold = Fold::new(query);
+        let mut scans = 0;
+        loop {
+            scans += 1;
+            assert!(scans <= 2, "a query takes at most two scans");
+            for (offset, group, n) in rows {
+                let start = fold.query().start + offset;
+                if fold.add(start, group, &count(*n)).is_break() {
+                    break;
+                }
+            }
+            match fold.finish()? {
+                Pass::Done(answer) => return Ok(answer),
+                Pass::Again(again) => fold = *again,
+            }
+        }
+    }
+
+    fn values(series: &Series) -> Vec<Option<f64>> {
+        series.points.iter().map(|p| p.1).collect()
+    }
+
     #[test]
-    fn every_bucket_is_present_and_groups_split() {
-        let q = Query::parse(
-            &params(&[
-                ("metric", "ad_clicks"),
-                ("start", "2026-06-07T10:00:00Z"),
-                ("end", "2026-06-07T10:03:00Z"),
-                ("resolution", "1m"),
-                ("groupBy", "country"),
-            ]),
-            &config(),
-            0,
+    fn every_bucket_is_present_and_groups_rank_by_their_total() {
+        let rows = [
+            (0, ["c1", "US"], 2),
+            (0, ["c1", "DE"], 1),
+            (120_000, ["c1", "US"], 5),
+            (60_000, ["c2", "FR"], 9),
+            // Outside the range, and outside the filter below.
+            (180_000, ["c1", "US"], 100),
+        ];
+        let answer = scan(query(&[("groupBy", "country")]), &rows).unwrap();
+        assert_eq!(answer.groups, 3);
+        let groups: Vec<&str> = answer
+            .series
+            .iter()
+            .map(|s| s.group[0].1.as_str())
+            .collect();
+        assert_eq!(groups, ["FR", "US", "DE"]);
+        assert_eq!(values(&answer.series[1]), [Some(2.0), Some(0.0), Some(5.0)]);
+
+        let answer = scan(
+            query(&[("groupBy", "country"), ("campaignId", "c1")]),
+            &rows,
         )
         .unwrap();
-        let row = |offset: Millis, country: &str, count| StoredWindow {
-            start: q.start + offset,
-            group_value: q.select(&["c1", country]).unwrap(),
-            state: AggState {
-                count,
-                ..Default::default()
-            },
+        assert_eq!(answer.groups, 2);
+        assert_eq!(values(&answer.series[0]), [Some(2.0), Some(0.0), Some(5.0)]);
+
+        let answer = scan(query(&[]), &rows).unwrap();
+        assert_eq!(values(&answer.series[0]), [Some(3.0), Some(9.0), Some(5.0)]);
+    }
+
+    #[test]
+    fn top_keeps_the_largest_groups_in_bounded_memory() {
+        let rows: Vec<(Millis, [&str; 2], u64)> = (0..50u64)
+            .map(|i| (60_000 * (i as i64 % 3), ["c1", COUNTRIES[i as usize]], i))
+            .collect();
+        let mut q = query(&[("groupBy", "country"), ("top", "3")]);
+        // Buckets for two groups fit, so the first scan cannot answer.
+        q.max_points = 6;
+        let answer = scan(q.clone(), &rows).unwrap();
+        assert_eq!(answer.groups, 50);
+        let groups: Vec<&str> = answer
+            .series
+            .iter()
+            .map(|s| s.group[0].1.as_str())
+            .collect();
+        assert_eq!(groups, [COUNTRIES[49], COUNTRIES[48], COUNTRIES[47]]);
+        assert_eq!(
+            values(&answer.series[0]),
+            [None, Some(49.0), None].map(|v| v.or(Some(0.0)))
+        );
+
+        q.max_groups = 49;
+        let refused = scan(q, &rows).unwrap_err();
+        assert_eq!(
+            (refused.parameter.as_str(), refused.refusal),
+            ("groupBy", Refusal::Groups)
+        );
+    }
+
+    const COUNTRIES: [&str; 50] = [
+        "a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9", "b0", "b1", "b2", "b3", "b4",
+        "b5", "b6", "b7", "b8", "b9", "c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9",
+        "d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d8", "d9", "e0", "e1", "e2", "e3", "e4",
+        "e5", "e6", "e7", "e8", "e9",
+    ];
+
+    #[test]
+    fn repeated_parameters_and_oversized_answers_are_refused() {
+        let c = config();
+        let refusal = |p: &[(&str, &str)]| {
+            let e = Query::parse(&params(p), &c, 3_600_000).unwrap_err();
+            (e.parameter, e.refusal)
         };
-        let series = q.assemble([row(0, "US", 2), row(0, "DE", 1), row(120_000, "US", 5)]);
-        assert_eq!(series.len(), 2);
-        assert_eq!(series[1].group, [("country".to_string(), "US".to_string())]);
+        let invalid = |name: &str| (name.to_string(), Refusal::Invalid);
+        let m = ("metric", "ad_clicks");
+        assert_eq!(refusal(&[m, m]), invalid("metric"));
         assert_eq!(
-            series[1].points.iter().map(|p| p.1).collect::<Vec<_>>(),
-            [Some(2.0), Some(0.0), Some(5.0)]
+            refusal(&[m, ("country", "US"), ("country", "DE")]),
+            invalid("country")
+        );
+        assert_eq!(refusal(&[m, ("top", "5")]), invalid("top"));
+        assert_eq!(
+            refusal(&[m, ("groupBy", "country"), ("top", "0")]),
+            invalid("top")
         );
         assert_eq!(
-            series[0].points.iter().map(|p| p.1).collect::<Vec<_>>(),
-            [Some(1.0), Some(0.0), Some(0.0)]
+            refusal(&[m, ("groupBy", "country"), ("top", "1001")]),
+            invalid("top")
         );
+        let day = [m, ("start", "0"), ("end", "86400"), ("resolution", "10s")];
+        assert!(
+            Query::parse(&params(&day), &c, 0).is_ok(),
+            "8,640 buckets fit"
+        );
+        let grouped = [&day[..], &[("groupBy", "country"), ("top", "20")]].concat();
+        assert_eq!(refusal(&grouped), ("top".to_string(), Refusal::Points));
+        let grouped = [&day[..], &[("groupBy", "country")]].concat();
+        assert!(
+            Query::parse(&params(&grouped), &c, 0).is_ok(),
+            "10 series of 8,640 fit"
+        );
+        let year = [m, ("start", "0"), ("end", "31536000"), ("resolution", "1m")];
+        assert_eq!(refusal(&year), ("resolution".to_string(), Refusal::Points));
     }
 }

@@ -99,12 +99,17 @@ class Chart {
       resolution: this.window.sizeText,
     });
     for (const [d, v] of this.config.filters) params.append(d, v);
-    if (this.config.groupBy) params.set("groupBy", this.config.groupBy);
+    // The server ranks the groups: only the top ones travel.
+    if (this.config.groupBy) {
+      params.set("groupBy", this.config.groupBy);
+      params.set("top", String(this.config.top));
+    }
     try {
       const response = await fetch(`/v1/metrics?${params}`);
       const body = await response.json();
       if (!response.ok) return this.showError(body.error ?? response.statusText);
       const series = body.series ?? [{ group: null, dataPoints: body.dataPoints }];
+      this.groups = body.groups ?? 0;
       const now = Date.now();
       for (const s of series) {
         const points = this.points(s.group ? Object.values(s.group)[0] : "");
@@ -233,7 +238,8 @@ class Chart {
       if (this.config.groupBy) legend.push(`<span style="--swatch:${colour}">${esc(g || "(none)")}</span>`);
     });
     this.el.querySelector(".plot").innerHTML = `<svg viewBox="0 0 ${width} ${height}" preserveAspectRatio="none" role="img">${parts.join("")}</svg>`;
-    const more = this.config.groupBy && this.series.size > groups.length ? `<span class="muted">top ${groups.length} of ${this.series.size}</span>` : "";
+    const total = Math.max(this.series.size, this.groups ?? 0);
+    const more = this.config.groupBy && total > groups.length ? `<span class="muted">top ${groups.length} of ${total}</span>` : "";
     this.el.querySelector(".legend").innerHTML = legend.join("") + more;
   }
 

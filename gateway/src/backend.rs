@@ -13,7 +13,7 @@ use tally_connectors::log::{EventLog, LogError};
 use tally_connectors::store::clickhouse::{self, ClickHouseStore};
 use tally_connectors::store::sqlite::{SqliteStore, StoreError};
 use tally_dataflow::model::DeadLetter;
-use tally_dataflow::query::{Query, StoredWindow};
+use tally_dataflow::query::Fold;
 
 /// A boxed future, as trait methods return.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -51,8 +51,8 @@ impl AppendError {
 
 /// Where history is read from.
 pub trait History: Send + Sync + 'static {
-    /// The stored windows a query needs.
-    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>>;
+    /// One scan of the stored windows a query needs, folded into `fold`.
+    fn scan(&self, fold: Fold) -> BoxFuture<Result<Fold, HistoryError>>;
     /// The newest dead letters, newest first.
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>>;
 }
@@ -131,11 +131,12 @@ impl EventSink for EmbeddedLog {
 pub struct EmbeddedStore(pub Arc<SqliteStore>);
 
 impl History for EmbeddedStore {
-    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>> {
+    fn scan(&self, mut fold: Fold) -> BoxFuture<Result<Fold, HistoryError>> {
         let store = Arc::clone(&self.0);
-        Box::pin(
-            async move { Ok(tokio::task::spawn_blocking(move || store.windows(&query)).await??) },
-        )
+        Box::pin(async move {
+            let scan = move || store.scan(&mut fold).map(|()| fold);
+            Ok(tokio::task::spawn_blocking(scan).await??)
+        })
     }
 
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>> {
@@ -160,9 +161,9 @@ impl EventSink for KafkaEvents {
 pub struct ClickHouseHistory(pub ClickHouseStore);
 
 impl History for ClickHouseHistory {
-    fn windows(&self, query: Query) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>> {
+    fn scan(&self, fold: Fold) -> BoxFuture<Result<Fold, HistoryError>> {
         let store = self.0.clone();
-        Box::pin(async move { Ok(store.windows(&query).await?) })
+        Box::pin(async move { Ok(store.scan(fold).await?) })
     }
 
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>> {

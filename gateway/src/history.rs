@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
-use tally_dataflow::query::Query;
+use tally_dataflow::query::{Fold, Pass, Query, QueryError};
 use tally_dataflow::time::format_rfc3339;
 use warp::http::StatusCode;
 use warp::reply::json;
@@ -15,15 +15,21 @@ use crate::{now_ms, Gateway};
 
 /// Answers a history query.
 pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
-    let params = parse_params(&raw_query)?;
-    let query = Query::parse(&params, &gateway.config, now_ms())
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let rows = gateway
-        .history
-        .windows(query.clone())
-        .await
-        .map_err(unavailable)?;
-    let series = query.assemble(rows);
+    let refused = |e: QueryError| {
+        gateway.ops.history_refused(e.refusal.reason());
+        ApiError::bad_request(e.to_string())
+    };
+    let params =
+        parse_params(&raw_query).inspect_err(|_| gateway.ops.history_refused("invalid"))?;
+    let query = Query::parse(&params, &gateway.config, now_ms()).map_err(refused)?;
+    let mut fold = Fold::new(query.clone());
+    let answer = loop {
+        fold = gateway.history.scan(fold).await.map_err(unavailable)?;
+        match fold.finish().map_err(refused)? {
+            Pass::Done(answer) => break answer,
+            Pass::Again(again) => fold = *again,
+        }
+    };
     let points = |points: &[(i64, Option<f64>)]| -> Vec<Value> {
         points
             .iter()
@@ -35,19 +41,22 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
         .into_iter()
         .map(|(k, v)| (k, Value::String(v)))
         .collect();
+    let resolution = tally_dataflow::time::format_millis(query.resolution);
     let body = match query.group_by {
         None => json!({
             "metric": query.metric,
             "dimensions": dimensions,
-            "resolution": tally_dataflow::time::format_millis(query.resolution),
-            "dataPoints": points(&series[0].points),
+            "resolution": resolution,
+            "dataPoints": points(&answer.series[0].points),
         }),
         Some(d) => json!({
             "metric": query.metric,
             "dimensions": dimensions,
             "groupBy": query.dimensions[d],
-            "resolution": tally_dataflow::time::format_millis(query.resolution),
-            "series": series.iter().map(|s| json!({
+            "top": query.top,
+            "groups": answer.groups,
+            "resolution": resolution,
+            "series": answer.series.iter().map(|s| json!({
                 "group": s.group.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<Map<String, Value>>(),
                 "dataPoints": points(&s.points),
             })).collect::<Vec<_>>(),
@@ -59,9 +68,19 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
 /// Lists the newest dead letters.
 pub async fn dead_letters(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
     let params = parse_params(&raw_query)?;
-    let limit = match params.iter().find(|(k, _)| k == "limit") {
-        None => 100,
-        Some((_, v)) => v
+    if let Some((key, _)) = params.iter().find(|(k, _)| k != "limit") {
+        return Err(ApiError::bad_request(format!(
+            "{key}: unknown parameter; dead letters take only limit"
+        )));
+    }
+    let limit = match params.as_slice() {
+        [] => 100,
+        [_, _, ..] => {
+            return Err(ApiError::bad_request(
+                "limit: is given twice; it takes one value",
+            ))
+        }
+        [(_, v)] => v
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=10_000).contains(n))
@@ -88,9 +107,39 @@ pub async fn dead_letters(gateway: Arc<Gateway>, raw_query: String) -> ApiResult
     Ok(json(&json!({"deadLetters": items})).into_response())
 }
 
+/// Reads a query string strictly: `+` is a space, and a `%` must start an
+/// escape of two hex digits that decodes, with the rest, to UTF-8. A lenient
+/// reader would turn `campaignId=%zz` into a filter no group matches, and
+/// answer zeros where the client made a mistake.
 fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_str::<Vec<(String, String)>>(raw)
-        .map_err(|e| ApiError::bad_request(format!("cannot read the query string: {e}")))
+    let decode = |text: &str| {
+        let bytes = text.as_bytes();
+        let escapes = text.match_indices('%').all(|(i, _)| {
+            bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+        });
+        let unreadable = || {
+            ApiError::bad_request(format!(
+                "cannot read the query string: '{text}' is not percent-encoded UTF-8"
+            ))
+        };
+        if !escapes {
+            return Err(unreadable());
+        }
+        let spaced = text.replace('+', " ");
+        percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8()
+            .map(|text| text.into_owned())
+            .map_err(|_| unreadable())
+    };
+    raw.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode(key)?, decode(value)?))
+        })
+        .collect()
 }
 
 /// The answer to a failed read. Every failure is the store's, not the

@@ -59,6 +59,7 @@ pub struct Ops {
     /// WebSocket clients dropped for falling behind.
     pub ws_slow_dropped: IntCounter,
     ws_refused: IntCounterVec,
+    history_refused: IntCounterVec,
     /// The accept loop's connections and refusals.
     pub connections: Arc<ConnectionMetrics>,
     job: Option<JobMetrics>,
@@ -301,6 +302,12 @@ impl Ops {
             "WebSocket client messages refused, by reason: bad_subscription, \
              too_many_subscriptions, unreadable (not a request), binary (closes the connection).",
         );
+        let history_refused = labelled(
+            &registry,
+            "tally_history_queries_refused_total",
+            "History queries refused with a 400, by reason: invalid (a parameter is missing, \
+             unknown, repeated or malformed), max_points, max_groups.",
+        );
         Ops {
             events_accepted: counter(
                 &registry,
@@ -324,6 +331,7 @@ impl Ops {
                 "WebSocket clients disconnected for a full queue.",
             ),
             ws_refused,
+            history_refused,
             connections: Arc::new(ConnectionMetrics::new()),
             registry,
             job,
@@ -340,6 +348,11 @@ impl Ops {
     /// Counts a WebSocket client's message refused for `reason`.
     pub fn ws_refused(&self, reason: &str) {
         self.ws_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a history query refused for `reason`.
+    pub fn history_refused(&self, reason: &str) {
+        self.history_refused.with_label_values(&[reason]).inc();
     }
 
     /// Marks the node ready (or not) for `/readyz`.

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::{ClickHouseConfig, MetricSpec};
 use tally_dataflow::model::DeadLetter;
-use tally_dataflow::query::{Query, StoredWindow};
+use tally_dataflow::query::Fold;
 use tracing::info;
 
 use super::{join_group, names, Durable, Failing, StoreWriter, Write, SEP};
@@ -91,6 +91,17 @@ const SCHEMA: [&str; 5] = [
     ) ENGINE = ReplacingMergeTree(next)
     ORDER BY partition",
 ];
+
+/// What a history query reads of a stored window.
+#[derive(Row, Deserialize)]
+struct ScanRow<'a> {
+    start: i64,
+    grp: &'a str,
+    count: u64,
+    sum: f64,
+    #[serde(with = "serde_bytes")]
+    sketch: &'a [u8],
+}
 
 #[derive(Row, Serialize, Deserialize)]
 struct WindowRow {
@@ -175,41 +186,37 @@ impl ClickHouseStore {
         })
     }
 
-    /// Reads the stored windows a history query needs.
-    pub async fn windows(&self, query: &Query) -> Result<Vec<StoredWindow>, Error> {
-        let rows: Vec<WindowRow> = self
+    /// Folds the stored windows a history query needs into `fold`, as
+    /// ClickHouse streams them, until it has them all or has hit a bound.
+    pub async fn scan(&self, mut fold: Fold) -> Result<Fold, Error> {
+        let query = fold.query();
+        let mut cursor = self
             .client
             .query(
-                "SELECT ?fields FROM windows FINAL
-                 WHERE metric = ? AND window = ? AND start >= ? AND start < ?
-                 ORDER BY start, grp",
+                "SELECT start, grp, count, sum, sketch FROM windows FINAL
+                 WHERE metric = ? AND window = ? AND start >= ? AND start < ?",
             )
             .bind(&query.metric)
             .bind(query.window.to_string())
             .bind(query.start)
             .bind(query.end)
-            .fetch_all()
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let Some(group_value) = query.select(&row.grp.split(SEP).collect::<Vec<_>>()) else {
-                continue;
-            };
+            .fetch::<ScanRow<'_>>()?;
+        while let Some(row) = cursor.next().await? {
             let sketch = if row.sketch.is_empty() {
                 None
             } else {
                 Some(
-                    Sketch::from_bytes(&row.sketch)
+                    Sketch::from_bytes(row.sketch)
                         .map_err(|e| Error::Custom(format!("corrupt sketch in the store: {e}")))?,
                 )
             };
-            out.push(StoredWindow {
-                start: row.start,
-                group_value,
-                state: AggState::from_parts(row.count, row.sum, sketch),
-            });
+            let state = AggState::from_parts(row.count, row.sum, sketch);
+            let group: Vec<&str> = row.grp.split(SEP).collect();
+            if fold.add(row.start, &group, &state).is_break() {
+                break;
+            }
         }
-        Ok(out)
+        Ok(fold)
     }
 
     /// The newest dead letters, newest first.

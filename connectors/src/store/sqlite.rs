@@ -8,7 +8,7 @@ use rusqlite::{params, Connection};
 use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::MetricSpec;
 use tally_dataflow::model::DeadLetter;
-use tally_dataflow::query::{Query, StoredWindow};
+use tally_dataflow::query::Fold;
 use tracing::info;
 
 use super::{join_group, names, Durable, Failing, StoreWriter, Write, SEP};
@@ -99,49 +99,38 @@ impl SqliteStore {
         Ok((store, writer))
     }
 
-    /// Reads the stored windows a history query needs. Blocking: call it
-    /// from a blocking thread.
-    pub fn windows(&self, query: &Query) -> Result<Vec<StoredWindow>, StoreError> {
+    /// Folds the stored windows a history query needs into `fold`, row by
+    /// row, until it has them all or has hit a bound. Blocking: call it from
+    /// a blocking thread.
+    pub fn scan(&self, fold: &mut Fold) -> Result<(), StoreError> {
         self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT start, grp, count, sum, sketch FROM windows
-                 WHERE metric = ?1 AND window = ?2 AND start >= ?3 AND start < ?4
-                 ORDER BY start, grp",
+                 WHERE metric = ?1 AND window = ?2 AND start >= ?3 AND start < ?4",
             )?;
-            let rows = stmt.query_map(
-                params![
-                    query.metric,
-                    query.window.to_string(),
-                    query.start,
-                    query.end
-                ],
-                |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                        row.get::<_, f64>(3)?,
-                        row.get::<_, Option<Vec<u8>>>(4)?,
-                    ))
-                },
-            )?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (start, grp, count, sum, sketch) = row?;
-                let Some(group_value) = query.select(&grp.split(SEP).collect::<Vec<_>>()) else {
-                    continue;
-                };
-                let sketch = sketch
-                    .map(|b| Sketch::from_bytes(&b))
+            let query = fold.query();
+            let mut rows = stmt.query(params![
+                query.metric,
+                query.window.to_string(),
+                query.start,
+                query.end
+            ])?;
+            while let Some(row) = rows.next()? {
+                let sketch = row
+                    .get_ref(4)?
+                    .as_blob_or_null()
+                    .map_err(rusqlite::Error::from)?
+                    .map(Sketch::from_bytes)
                     .transpose()
                     .map_err(StoreError::CorruptSketch)?;
-                out.push(StoredWindow {
-                    start,
-                    group_value,
-                    state: AggState::from_parts(count as u64, sum, sketch),
-                });
+                let state = AggState::from_parts(row.get::<_, i64>(2)? as u64, row.get(3)?, sketch);
+                let grp = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+                let group: Vec<&str> = grp.split(SEP).collect();
+                if fold.add(row.get(0)?, &group, &state).is_break() {
+                    break;
+                }
             }
-            Ok(out)
+            Ok(())
         })
     }
 
@@ -268,6 +257,7 @@ mod tests {
     use tally_dataflow::config::Config;
     use tally_dataflow::model::WindowUpdate;
     use tally_dataflow::ports::Sink;
+    use tally_dataflow::query::{Pass, Query};
     use tally_dataflow::window::Span;
 
     fn config() -> Config {
@@ -322,30 +312,31 @@ windows = ["tumbling 10s"]
         // A replay re-emits revision 0 with the same key: it must not win.
         sink.offer(&mut vec![Arc::new(update(0, "US", 2, 0))]);
         drop(sink);
-        let params: Vec<(String, String)> = [
-            ("metric", "ad_clicks"),
-            ("start", "0"),
-            ("end", "10"),
-            ("country", "US"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let query = Query::parse(&params, &config, 0).unwrap();
         writer.close();
-        let rows = store.windows(&query).unwrap();
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].state.count, 3);
-        let all: Vec<(String, String)> = [("metric", "ad_clicks"), ("start", "0"), ("end", "10")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        // What a query of the window's ten seconds reads, by country.
+        let counts = |filter: &[(&str, &str)]| {
+            let mut params = vec![("metric", "ad_clicks"), ("start", "0"), ("end", "10")];
+            params.extend_from_slice(filter);
+            let params: Vec<(String, String)> = params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let mut fold = Fold::new(Query::parse(&params, &config, 0).unwrap());
+            store.scan(&mut fold).unwrap();
+            match fold.finish().unwrap() {
+                Pass::Done(answer) => answer
+                    .series
+                    .iter()
+                    .map(|s| (s.group.clone(), s.points[0].1))
+                    .collect::<Vec<_>>(),
+                Pass::Again(_) => panic!("a small answer takes one scan"),
+            }
+        };
+        assert_eq!(counts(&[("country", "US")]), [(vec![], Some(3.0))]);
+        let country = |c: &str| vec![("country".to_string(), c.to_string())];
         assert_eq!(
-            store
-                .windows(&Query::parse(&all, &config, 0).unwrap())
-                .unwrap()
-                .len(),
-            2
+            counts(&[("groupBy", "country")]),
+            [(country("US"), Some(3.0)), (country("DE"), Some(1.0))]
         );
     }
 }
