@@ -194,7 +194,8 @@ impl ClickHouseStore {
             .client
             .query(
                 "SELECT start, grp, count, sum, sketch FROM windows FINAL
-                 WHERE metric = ? AND window = ? AND start >= ? AND start < ?",
+                 WHERE metric = ? AND window = ? AND start >= ? AND start < ?
+                 ORDER BY start, grp",
             )
             .bind(&query.metric)
             .bind(query.window.to_string())

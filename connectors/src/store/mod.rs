@@ -9,6 +9,10 @@
 //! revision in ClickHouse), so re-emitting results, as a restart that replays
 //! the log does, overwrites and never adds.
 //!
+//! **Reads.** A history query's rows are streamed in key order, `(start,
+//! grp)`, into a [`tally_dataflow::query::Fold`]: sketches merge in that
+//! order, so both stores give the same estimates for the same rows.
+//!
 //! **Backpressure.** Workers hand results to a writer thread over a bounded
 //! channel ([`StoreWriter`]). When the channel is full, or while the writer's
 //! last write failed, the worker's sink keeps the results and the dataflow

@@ -106,7 +106,8 @@ impl SqliteStore {
         self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT start, grp, count, sum, sketch FROM windows
-                 WHERE metric = ?1 AND window = ?2 AND start >= ?3 AND start < ?4",
+                 WHERE metric = ?1 AND window = ?2 AND start >= ?3 AND start < ?4
+                 ORDER BY start, grp",
             )?;
             let query = fold.query();
             let mut rows = stmt.query(params![
