@@ -148,7 +148,7 @@ impl Mode for Embedded {
     }
 
     fn live(&self) -> LivePublisher {
-        self.live.clone()
+        self.live.worker()
     }
 
     fn dead_letters(&self, store: DeadLetterSink) -> DeadLetterSink {

@@ -398,3 +398,50 @@ impl Drop for Poster {
         }
     }
 }
+
+/// The messages a new subscriber to `metrics:ad_clicks` (tumbling 10s) gets
+/// with its acknowledgement: one per window the hub still holds.
+fn current_values(tally: &Tally) -> Vec<Value> {
+    let mut socket = connect(tally);
+    let subscribe =
+        json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 10s"});
+    socket.send(Message::text(subscribe.to_string())).unwrap();
+    wait_for(&mut socket, Duration::from_secs(5), |m| {
+        m.get("subscribed").is_some()
+    });
+    let mut current = Vec::new();
+    let deadline = Instant::now() + Duration::from_millis(600);
+    while Instant::now() < deadline {
+        if let Ok(Message::Text(text)) = socket.read() {
+            current.push(serde_json::from_str(&text).unwrap());
+        }
+    }
+    current
+}
+
+#[test]
+fn a_metric_whose_events_stop_is_forgotten_once_no_event_can_revise_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    let click = json!({"eventType": "ad_click", "timestamp": BASE_MS + 5_000, "dimensions": {"campaignId": "c"}});
+    tally.post_events(&[click]);
+    // Events of another type only: ad_clicks gets no newer window. The
+    // watermark passes 10:00:10 and then the window's lateness (32 s).
+    tally.flush(BASE_MS + 20_000);
+    crate::util::eventually(Duration::from_secs(10), || {
+        let current = current_values(&tally);
+        match current.as_slice() {
+            [final_value] if final_value["final"] == true => Ok(()),
+            other => Err(format!("want the closed window's final, got {other:?}")),
+        }
+    });
+    tally.flush(BASE_MS + 45_000);
+    crate::util::eventually(Duration::from_secs(10), || {
+        let current = current_values(&tally);
+        if current.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("the hub still holds {current:?}"))
+        }
+    });
+}

@@ -233,11 +233,35 @@ impl WindowState {
         }
         if freed {
             self.dirty_panes.retain(|(g, _)| self.groups[*g].is_some());
-            // Hash maps keep their capacity; give it back after a burst of
-            // groups has gone.
-            if self.index.capacity() > 64 && self.index.len() * 4 < self.index.capacity() {
-                self.index.shrink_to_fit();
+            self.compact();
+        }
+    }
+
+    /// Gives back the capacity a burst of groups left behind: collections
+    /// keep theirs when emptied, and the groups' slots are kept for reuse.
+    fn compact(&mut self) {
+        fn sparse(len: usize, capacity: usize) -> bool {
+            capacity > 64 && len * 4 < capacity
+        }
+        if sparse(self.index.len(), self.index.capacity()) {
+            self.index.shrink_to_fit();
+        }
+        if sparse(self.closed.len(), self.closed.capacity()) {
+            self.closed.shrink_to_fit();
+        }
+        if sparse(self.dirty_panes.len(), self.dirty_panes.capacity()) {
+            self.dirty_panes.shrink_to_fit();
+        }
+        let live = self.groups.len() - self.free.len();
+        if sparse(live, self.groups.len()) && matches!(self.groups.last(), Some(None)) {
+            // Freed slots at the end are dropped rather than reused.
+            while matches!(self.groups.last(), Some(None)) {
+                self.groups.pop();
             }
+            let len = self.groups.len();
+            self.free.retain(|&g| g < len);
+            self.groups.shrink_to_fit();
+            self.free.shrink_to_fit();
         }
     }
 
@@ -602,6 +626,9 @@ mod tests {
         state.expire(60_000);
         assert_eq!(state.groups(), 0, "every group had nothing left");
         assert!(state.snapshot().is_empty());
+        // And the burst's capacity is given back.
+        assert!(state.groups.capacity() < 64, "{}", state.groups.capacity());
+        assert!(state.closed.capacity() < 64, "{}", state.closed.capacity());
         // Freed slots are reused, and a returning group starts afresh.
         step(&mut state, 60, vec![contribution("c7", 60, 1)]);
         assert_eq!(state.groups(), 1);

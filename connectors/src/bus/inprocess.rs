@@ -1,17 +1,31 @@
-//! The in-process live bus: a bounded tokio channel.
+//! The in-process live bus: a bounded tokio channel, which carries the
+//! workers' updates and, once every worker has passed it, their watermark.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
 use tokio::sync::mpsc::{self, error::TrySendError, Receiver, Sender};
 
-/// The publishing end, cloned once per worker.
+use super::Live;
+
+/// The publishing end. Each worker takes its own with
+/// [`LivePublisher::worker`].
 #[derive(Clone)]
 pub struct LivePublisher {
-    tx: Sender<Vec<Arc<WindowUpdate>>>,
+    tx: Sender<Live>,
     dropped: Arc<AtomicU64>,
+    /// Each worker's watermark, and the lowest one sent.
+    through: Arc<Mutex<Through>>,
+    /// This worker's index in `through`.
+    worker: Option<usize>,
+}
+
+#[derive(Default)]
+struct Through {
+    workers: Vec<u64>,
+    sent: u64,
 }
 
 impl LivePublisher {
@@ -19,15 +33,28 @@ impl LivePublisher {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// A worker's publisher. The bus passes on a watermark once every
+    /// worker that took one has passed it.
+    pub fn worker(&self) -> LivePublisher {
+        let mut through = self.through.lock().unwrap_or_else(|e| e.into_inner());
+        through.workers.push(0);
+        LivePublisher {
+            worker: Some(through.workers.len() - 1),
+            ..self.clone()
+        }
+    }
 }
 
 /// A bus holding at most `capacity` batches in flight.
-pub fn channel(capacity: usize) -> (LivePublisher, Receiver<Vec<Arc<WindowUpdate>>>) {
+pub fn channel(capacity: usize) -> (LivePublisher, Receiver<Live>) {
     let (tx, rx) = mpsc::channel(capacity);
     (
         LivePublisher {
             tx,
             dropped: Arc::default(),
+            through: Arc::default(),
+            worker: None,
         },
         rx,
     )
@@ -35,11 +62,60 @@ pub fn channel(capacity: usize) -> (LivePublisher, Receiver<Vec<Arc<WindowUpdate
 
 impl Sink<Arc<WindowUpdate>> for LivePublisher {
     fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
-        match self.tx.try_send(std::mem::take(items)) {
+        match self.tx.try_send(Live::Updates(std::mem::take(items))) {
             Ok(()) => {}
-            Err(TrySendError::Full(lost) | TrySendError::Closed(lost)) => {
+            Err(
+                TrySendError::Full(Live::Updates(lost)) | TrySendError::Closed(Live::Updates(lost)),
+            ) => {
                 self.dropped.fetch_add(lost.len() as u64, Ordering::Relaxed);
             }
+            Err(_) => unreachable!("updates were sent"),
         }
+    }
+
+    fn advance(&mut self, frontier: u64) -> bool {
+        let Some(worker) = self.worker else {
+            return true;
+        };
+        let mut through = self.through.lock().unwrap_or_else(|e| e.into_inner());
+        through.workers[worker] = through.workers[worker].max(frontier);
+        let lowest = through.workers.iter().copied().min().unwrap_or(0);
+        if lowest <= through.sent {
+            return true;
+        }
+        match self.tx.try_send(Live::Through(lowest)) {
+            Ok(()) => {
+                through.sent = lowest;
+                true
+            }
+            // Told again at the next advance: the fan-out keeps its windows
+            // a little longer meanwhile.
+            Err(TrySendError::Full(_)) => false,
+            Err(TrySendError::Closed(_)) => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watermark_passes_once_every_worker_has_passed_it() {
+        let (publisher, mut rx) = channel(8);
+        let (mut a, mut b) = (publisher.worker(), publisher.worker());
+        let mut through = || match rx.try_recv() {
+            Ok(Live::Through(t)) => Some(t),
+            Ok(Live::Updates(_)) => panic!("no updates were offered"),
+            Err(_) => None,
+        };
+        assert!(a.advance(100));
+        assert_eq!(through(), None, "worker b is still at 0");
+        assert!(b.advance(50));
+        assert_eq!(through(), Some(50));
+        assert!(b.advance(200));
+        assert_eq!(through(), Some(100));
+        assert!(b.advance(300));
+        assert_eq!(through(), None, "worker a is still at 100");
     }
 }

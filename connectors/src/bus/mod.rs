@@ -10,6 +10,21 @@
 //! history is unaffected, and every message carries (window, revision), so a
 //! client can tell a repeat from a correction.
 
+use std::sync::Arc;
+
+use tally_dataflow::model::WindowUpdate;
+
+/// What a bus hands the gateway's fan-out.
+#[derive(Debug)]
+pub enum Live {
+    /// Window values, in the order the workers emitted them.
+    Updates(Vec<Arc<WindowUpdate>>),
+    /// Every worker has emitted everything stamped before this watermark,
+    /// so a window that ended more than the allowed lateness before it will
+    /// not change again, and the fan-out may forget it.
+    Through(u64),
+}
+
 /// Batches of live updates in flight between the workers and a gateway's
 /// fan-out, on either bus, before a worker drops the next one.
 pub const BATCHES_IN_FLIGHT: usize = 1024;

@@ -28,6 +28,7 @@ use tally_dataflow::time::Millis;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::Live;
 use crate::retry::{self, Backoff};
 
 /// Batches waiting for the publisher thread.
@@ -203,7 +204,7 @@ impl RedisFeed {
 }
 
 /// Batches of window updates, as the hub takes them.
-pub type Updates = mpsc::Receiver<Vec<Arc<WindowUpdate>>>;
+pub type Updates = mpsc::Receiver<Live>;
 
 /// Starts the subscriber task of a gateway; updates come out of the
 /// receiver, as from the in-process bus, but only for wanted metrics.
@@ -231,7 +232,7 @@ struct Subscriber {
     prefix: String,
     metrics: Arc<Vec<MetricSpec>>,
     wanted: HashSet<String>,
-    updates: mpsc::Sender<Vec<Arc<WindowUpdate>>>,
+    updates: mpsc::Sender<Live>,
 }
 
 impl Subscriber {
@@ -320,7 +321,7 @@ impl Subscriber {
         if !updates.is_empty() {
             let _ = self
                 .updates
-                .send(updates.into_iter().map(Arc::new).collect())
+                .send(Live::Updates(updates.into_iter().map(Arc::new).collect()))
                 .await;
         }
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
+use tally_connectors::bus::Live;
 use tally_dataflow::aggregate::AggState;
 use tally_dataflow::config::MetricSpec;
 use tally_dataflow::model::Group;
@@ -78,7 +79,7 @@ impl Hub {
     pub fn start(
         metrics: Arc<Vec<MetricSpec>>,
         lateness: Millis,
-        bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>,
+        bus: mpsc::Receiver<Live>,
         ops: Arc<Ops>,
         interest: Option<Arc<dyn LiveInterest>>,
     ) -> Hub {
@@ -151,25 +152,31 @@ impl HubState {
         }
     }
 
-    async fn run(
-        mut self,
-        mut commands: mpsc::Receiver<Command>,
-        mut bus: mpsc::Receiver<Vec<Arc<WindowUpdate>>>,
-    ) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut bus: mpsc::Receiver<Live>) {
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.command(command),
                     None => break,
                 },
-                updates = bus.recv() => match updates {
-                    Some(mut updates) => {
+                live = bus.recv() => match live {
+                    Some(live) => {
                         // Take whatever else is queued too, so a topic is
                         // recomputed once for all of it.
-                        while let Ok(more) = bus.try_recv() {
-                            updates.extend(more);
+                        let mut updates = Vec::new();
+                        let mut through = None;
+                        for live in std::iter::once(live).chain(std::iter::from_fn(|| bus.try_recv().ok())) {
+                            match live {
+                                Live::Updates(more) => updates.extend(more),
+                                Live::Through(t) => through = Some(t),
+                            }
                         }
-                        self.updates(updates)
+                        if !updates.is_empty() {
+                            self.updates(updates);
+                        }
+                        if let Some(t) = through {
+                            self.through(t);
+                        }
                     }
                     None => break,
                 },
@@ -322,6 +329,31 @@ impl HubState {
         if full {
             self.ops.ws_slow_dropped.inc();
             self.drop_client(client);
+        }
+    }
+
+    /// Forgets the windows no event can revise any more: those that ended
+    /// more than the lateness before the workers' watermark. The windows of
+    /// a metric that stops receiving events go too, which its own newest
+    /// window never pushes out.
+    fn through(&mut self, watermark: u64) {
+        let watermark = Millis::try_from(watermark).unwrap_or(Millis::MAX);
+        for slots in self.windows.values_mut() {
+            while slots
+                .first_key_value()
+                .is_some_and(|(_, slot)| slot.end.saturating_add(self.lateness) < watermark)
+            {
+                slots.pop_first();
+            }
+        }
+        self.windows.retain(|_, slots| !slots.is_empty());
+        for (topic, sub) in self.subs.iter_mut() {
+            let oldest = self
+                .windows
+                .get(&(topic.metric(), topic.window()))
+                .and_then(|s| s.keys().next().copied())
+                .unwrap_or(Millis::MAX);
+            sub.sent.retain(|(start, _), _| *start >= oldest);
         }
     }
 
@@ -652,5 +684,23 @@ mod tests {
         // its acknowledgement.
         let (_, current) = subscribe(&mut hub, 2, 50, Some("country"));
         assert_eq!(current, 120);
+    }
+
+    #[test]
+    fn windows_are_forgotten_once_the_watermark_passes_their_lateness() {
+        let (mut hub, _) = hub();
+        hub.updates(vec![update(3, true, 0)]);
+        let (_, current) = subscribe(&mut hub, 1, 50, None);
+        assert_eq!(current, 1, "a final within its lateness is kept");
+        // The window ends at 10 s and may be revised for 32 s after.
+        hub.through(42_000);
+        assert_eq!(subscribe(&mut hub, 2, 50, None).1, 1);
+        hub.through(42_001);
+        assert_eq!(
+            subscribe(&mut hub, 3, 50, None).1,
+            0,
+            "no event can revise it"
+        );
+        assert!(hub.windows.is_empty());
     }
 }
