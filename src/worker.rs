@@ -89,8 +89,13 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .writer(config.metrics.clone())
         .context("starting the ClickHouse writer")?;
     let lateness = config.dataflow.revision_horizon();
-    let (live, publisher) = RedisPublisher::start(&config.redis, &config.metrics, lateness)
-        .context("configuring the Redis publisher")?;
+    let (live, publisher) = RedisPublisher::start(
+        &config.redis,
+        &config.metrics,
+        lateness,
+        (process, cluster.processes),
+    )
+    .context("configuring the Redis publisher")?;
     let owned = process_partitions(partitions, process, threads, workers);
     let archive = Archive::start(&config.kafka, store.clone(), owned.clone(), process == 0)
         .context("starting the raw-event archive")?;
@@ -208,7 +213,7 @@ impl Mode for Cluster {
     }
 
     fn live(&self) -> RedisPublisher {
-        self.live.clone()
+        self.live.worker()
     }
 
     fn dead_letters(&self, store: DeadLetterSink) -> DeadLetterTopic<DeadLetterSink> {

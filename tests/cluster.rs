@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::live::{connect, wait_for};
+use crate::live::{connect, current_values, wait_for};
 use crate::util::{
     clickstream, default_config, eventually, post_all, prometheus_value, Generated, Tally, BASE_MS,
 };
@@ -610,4 +610,47 @@ fn killed_workers_resume_from_a_checkpoint_and_count_exactly() {
         "{read} records read after the restart, of {} posted",
         events.len() + 1
     );
+}
+
+#[test]
+fn the_cluster_forgets_a_window_once_every_process_has_passed_its_lateness() {
+    let services = Services::from_env();
+    let cluster = Cluster::start(&services, 2, 1, 1);
+    let gateway = &cluster.gateways[0];
+    gateway.post_events(&[json!({
+        "eventType": "ad_click",
+        "timestamp": BASE_MS + 5_000,
+        "dimensions": {"campaignId": "c"},
+    })]);
+    // A subscriber holds the metric on the gateway meanwhile, so that the
+    // second one is answered from the gateway's hub, not from Redis.
+    let mut holder = connect(gateway);
+    holder
+        .send(tungstenite::Message::Text(
+            json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 10s"})
+                .to_string()
+                .into(),
+        ))
+        .unwrap();
+    eventually(Duration::from_secs(30), || {
+        match current_values(gateway).as_slice() {
+            [current] if current["value"] == 1 => Ok(()),
+            other => Err(format!("want the window's value, got {other:?}")),
+        }
+    });
+    // Only events of another type from here: no newer ad_clicks window
+    // pushes this one out; the watermark must.
+    close_windows(gateway);
+    eventually(Duration::from_secs(30), || {
+        let current = current_values(gateway);
+        current
+            .is_empty()
+            .then_some(())
+            .ok_or(format!("the gateway's hub still holds {current:?}"))
+    });
+    drop(holder);
+    // Without a holder the next subscriber reads Redis's latest values.
+    std::thread::sleep(Duration::from_millis(500));
+    let current = current_values(gateway);
+    assert!(current.is_empty(), "Redis still holds {current:?}");
 }

@@ -401,7 +401,7 @@ impl Drop for Poster {
 
 /// The messages a new subscriber to `metrics:ad_clicks` (tumbling 10s) gets
 /// with its acknowledgement: one per window the hub still holds.
-fn current_values(tally: &Tally) -> Vec<Value> {
+pub fn current_values(tally: &Tally) -> Vec<Value> {
     let mut socket = connect(tally);
     let subscribe =
         json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 10s"});

@@ -2,13 +2,13 @@
 //! workers' updates and, once every worker has passed it, their watermark.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
 use tokio::sync::mpsc::{self, error::TrySendError, Receiver, Sender};
 
-use super::Live;
+use super::{Live, Watermarks};
 
 /// The publishing end. Each worker takes its own with
 /// [`LivePublisher::worker`].
@@ -16,16 +16,9 @@ use super::Live;
 pub struct LivePublisher {
     tx: Sender<Live>,
     dropped: Arc<AtomicU64>,
-    /// Each worker's watermark, and the lowest one sent.
-    through: Arc<Mutex<Through>>,
-    /// This worker's index in `through`.
+    watermarks: Watermarks,
+    /// This worker's slot in `watermarks`.
     worker: Option<usize>,
-}
-
-#[derive(Default)]
-struct Through {
-    workers: Vec<u64>,
-    sent: u64,
 }
 
 impl LivePublisher {
@@ -37,10 +30,8 @@ impl LivePublisher {
     /// A worker's publisher. The bus passes on a watermark once every
     /// worker that took one has passed it.
     pub fn worker(&self) -> LivePublisher {
-        let mut through = self.through.lock().unwrap_or_else(|e| e.into_inner());
-        through.workers.push(0);
         LivePublisher {
-            worker: Some(through.workers.len() - 1),
+            worker: Some(self.watermarks.register()),
             ..self.clone()
         }
     }
@@ -53,7 +44,7 @@ pub fn channel(capacity: usize) -> (LivePublisher, Receiver<Live>) {
         LivePublisher {
             tx,
             dropped: Arc::default(),
-            through: Arc::default(),
+            watermarks: Watermarks::default(),
             worker: None,
         },
         rx,
@@ -74,18 +65,15 @@ impl Sink<Arc<WindowUpdate>> for LivePublisher {
     }
 
     fn advance(&mut self, frontier: u64) -> bool {
-        let Some(worker) = self.worker else {
+        let Some(lowest) = self
+            .worker
+            .and_then(|w| self.watermarks.advance(w, frontier))
+        else {
             return true;
         };
-        let mut through = self.through.lock().unwrap_or_else(|e| e.into_inner());
-        through.workers[worker] = through.workers[worker].max(frontier);
-        let lowest = through.workers.iter().copied().min().unwrap_or(0);
-        if lowest <= through.sent {
-            return true;
-        }
         match self.tx.try_send(Live::Through(lowest)) {
             Ok(()) => {
-                through.sent = lowest;
+                self.watermarks.sent(lowest);
                 true
             }
             // Told again at the next advance: the fan-out keeps its windows
@@ -95,7 +83,6 @@ impl Sink<Arc<WindowUpdate>> for LivePublisher {
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

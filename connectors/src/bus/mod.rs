@@ -10,7 +10,7 @@
 //! history is unaffected, and every message carries (window, revision), so a
 //! client can tell a repeat from a correction.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tally_dataflow::model::WindowUpdate;
 
@@ -23,6 +23,41 @@ pub enum Live {
     /// so a window that ended more than the allowed lateness before it will
     /// not change again, and the fan-out may forget it.
     Through(u64),
+}
+
+/// The watermark of a process's workers: each worker's publisher reports
+/// its own, and the lowest is what the bus passes on.
+#[derive(Clone, Default)]
+struct Watermarks(Arc<Mutex<Reported>>);
+
+#[derive(Default)]
+struct Reported {
+    workers: Vec<u64>,
+    sent: u64,
+}
+
+impl Watermarks {
+    /// A slot for one more worker, at 0 until it reports.
+    fn register(&self) -> usize {
+        let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        reported.workers.push(0);
+        reported.workers.len() - 1
+    }
+
+    /// Records `worker` at `watermark`, and returns the lowest of all
+    /// workers if it has risen past what was last passed on.
+    fn advance(&self, worker: usize, watermark: u64) -> Option<u64> {
+        let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        reported.workers[worker] = reported.workers[worker].max(watermark);
+        let lowest = reported.workers.iter().copied().min().unwrap_or(0);
+        (lowest > reported.sent).then_some(lowest)
+    }
+
+    /// Records that `watermark` was passed on.
+    fn sent(&self, watermark: u64) {
+        let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        reported.sent = reported.sent.max(watermark);
+    }
 }
 
 /// Batches of live updates in flight between the workers and a gateway's

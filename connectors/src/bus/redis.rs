@@ -8,6 +8,11 @@
 //! on subscribing reads the hash, so its first subscriber gets the current
 //! value at once.
 //!
+//! Each process also publishes its workers' watermark on
+//! `<prefix>:through`, as `(process, processes, watermark)`: a gateway
+//! forgets the windows that ended more than the lateness before the lowest
+//! of all processes, and the workers delete them from the hash.
+//!
 //! Messages are bincode-encoded [`WindowUpdate`]s. Publishing is best
 //! effort, like every live path: while Redis is unreachable, updates are
 //! dropped and counted, and history is unaffected.
@@ -28,7 +33,7 @@ use tally_dataflow::time::Millis;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::Live;
+use super::{Live, Watermarks};
 use crate::retry::{self, Backoff};
 
 /// Batches waiting for the publisher thread.
@@ -41,25 +46,35 @@ fn channel(prefix: &str, metric: &str) -> String {
     format!("{prefix}:live:{metric}")
 }
 
+fn through_channel(prefix: &str) -> String {
+    format!("{prefix}:through")
+}
+
 fn latest_key(prefix: &str, metric: &str) -> String {
     format!("{prefix}:latest:{metric}")
 }
 
-/// The publishing end, one per worker.
+/// The publishing end. Each worker takes its own with
+/// [`RedisPublisher::worker`].
 #[derive(Clone)]
 pub struct RedisPublisher {
-    tx: Sender<Vec<Arc<WindowUpdate>>>,
+    tx: Sender<Live>,
     dropped: Arc<AtomicU64>,
+    watermarks: Watermarks,
+    /// This worker's slot in `watermarks`.
+    worker: Option<usize>,
 }
 
 impl RedisPublisher {
-    /// Starts the publisher thread of a worker process. Windows are kept
-    /// in the latest-value hash while a late event can still revise them:
-    /// `lateness` is the allowed lateness plus the out-of-orderness.
+    /// Starts the publisher thread of worker process `process` of
+    /// `processes`. Windows are kept in the latest-value hash while a late
+    /// event can still revise them: `lateness` is the allowed lateness plus
+    /// the out-of-orderness.
     pub fn start(
         config: &RedisConfig,
         metrics: &[MetricSpec],
         lateness: Millis,
+        (process, processes): (usize, usize),
     ) -> Result<(RedisPublisher, JoinHandle<()>), redis::RedisError> {
         let client = redis::Client::open(config.url.as_str())?;
         let (tx, rx) = bounded(QUEUE);
@@ -69,6 +84,7 @@ impl RedisPublisher {
             prefix: config.prefix.clone(),
             names: metrics.iter().map(|m| m.name.clone()).collect(),
             lateness,
+            process: (process, processes),
             written: HashMap::new(),
             dropped: Arc::clone(&dropped),
         };
@@ -76,7 +92,22 @@ impl RedisPublisher {
             .name("redis-publisher".into())
             .spawn(move || publisher.run(&rx))
             .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
-        Ok((RedisPublisher { tx, dropped }, thread))
+        let publisher = RedisPublisher {
+            tx,
+            dropped,
+            watermarks: Watermarks::default(),
+            worker: None,
+        };
+        Ok((publisher, thread))
+    }
+
+    /// A worker's publisher. The process passes on a watermark once every
+    /// worker that took one has passed it.
+    pub fn worker(&self) -> RedisPublisher {
+        RedisPublisher {
+            worker: Some(self.watermarks.register()),
+            ..self.clone()
+        }
     }
 
     /// Updates dropped because Redis was unreachable or behind.
@@ -87,11 +118,32 @@ impl RedisPublisher {
 
 impl Sink<Arc<WindowUpdate>> for RedisPublisher {
     fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
-        match self.tx.try_send(std::mem::take(items)) {
+        match self.tx.try_send(Live::Updates(std::mem::take(items))) {
             Ok(()) => {}
-            Err(TrySendError::Full(lost) | TrySendError::Disconnected(lost)) => {
+            Err(
+                TrySendError::Full(Live::Updates(lost))
+                | TrySendError::Disconnected(Live::Updates(lost)),
+            ) => {
                 self.dropped.fetch_add(lost.len() as u64, Ordering::Relaxed);
             }
+            Err(_) => unreachable!("updates were sent"),
+        }
+    }
+
+    fn advance(&mut self, frontier: u64) -> bool {
+        let Some(lowest) = self
+            .worker
+            .and_then(|w| self.watermarks.advance(w, frontier))
+        else {
+            return true;
+        };
+        match self.tx.try_send(Live::Through(lowest)) {
+            Ok(()) => {
+                self.watermarks.sent(lowest);
+                true
+            }
+            Err(TrySendError::Full(_)) => false,
+            Err(TrySendError::Disconnected(_)) => true,
         }
     }
 }
@@ -101,6 +153,8 @@ struct Publisher {
     prefix: String,
     names: Vec<String>,
     lateness: Millis,
+    /// This process's index and the number of processes.
+    process: (usize, usize),
     /// Per (metric, window spec), the hash fields written, by window end,
     /// so those past the lateness can be deleted. Specs are kept apart: a
     /// sliding window closes long before the tumbling one beside it.
@@ -109,12 +163,16 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn run(mut self, rx: &Receiver<Vec<Arc<WindowUpdate>>>) {
+    fn run(mut self, rx: &Receiver<Live>) {
         let mut connection = None;
         let mut backoff = Backoff::new("publish live updates to Redis");
-        while let Ok(mut updates) = rx.recv() {
-            while let Ok(more) = rx.try_recv() {
-                updates.extend(more);
+        while let Ok(first) = rx.recv() {
+            let (mut updates, mut through) = (Vec::new(), None);
+            for live in std::iter::once(first).chain(rx.try_iter()) {
+                match live {
+                    Live::Updates(more) => updates.extend(more),
+                    Live::Through(t) => through = Some(t),
+                }
             }
             if connection.is_none() {
                 match self.client.get_connection() {
@@ -127,7 +185,11 @@ impl Publisher {
                 }
             }
             let conn = connection.as_mut().expect("connected above");
-            match self.pipeline(&updates).query::<()>(conn) {
+            let mut pipe = self.pipeline(&updates);
+            if let Some(t) = through {
+                self.through(&mut pipe, t);
+            }
+            match pipe.query::<()>(conn) {
                 Ok(()) => backoff.succeeded(),
                 Err(e) => {
                     self.drop_batch(&updates);
@@ -137,6 +199,29 @@ impl Publisher {
             }
         }
         info!("redis publisher stopped");
+    }
+
+    /// Deletes the windows that ended more than the lateness before the
+    /// process's watermark, and tells the gateways how far it has got.
+    fn through(&mut self, pipe: &mut redis::Pipeline, watermark: u64) {
+        let watermark = Millis::try_from(watermark).unwrap_or(Millis::MAX);
+        for (&(metric, _), written) in self.written.iter_mut() {
+            let keep = written.split_off(&(watermark.saturating_sub(self.lateness)));
+            let expired: Vec<String> = std::mem::replace(written, keep)
+                .into_values()
+                .flatten()
+                .collect();
+            if !expired.is_empty() {
+                let key = latest_key(&self.prefix, &self.names[metric as usize]);
+                pipe.hdel(key, expired).ignore();
+            }
+        }
+        self.written.retain(|_, written| !written.is_empty());
+        let (process, processes) = self.process;
+        let message = bincode::serialize(&(process as u32, processes as u32, watermark))
+            .expect("a watermark serializes");
+        pipe.publish(through_channel(&self.prefix), message)
+            .ignore();
     }
 
     fn drop_batch(&self, updates: &[Arc<WindowUpdate>]) {
@@ -222,6 +307,8 @@ pub fn subscribe(
         metrics,
         wanted: HashSet::new(),
         updates,
+        processes: Vec::new(),
+        forwarded: 0,
     };
     tokio::spawn(subscriber.run(rx));
     Ok((RedisFeed { commands }, out))
@@ -233,6 +320,10 @@ struct Subscriber {
     metrics: Arc<Vec<MetricSpec>>,
     wanted: HashSet<String>,
     updates: mpsc::Sender<Live>,
+    /// Each worker process's watermark, as it last published it.
+    processes: Vec<u64>,
+    /// The lowest of them, as last handed to the hub.
+    forwarded: u64,
 }
 
 impl Subscriber {
@@ -246,7 +337,8 @@ impl Subscriber {
                 })
                 .await;
             // After a reconnect, everything wanted is subscribed again.
-            let mut healthy = true;
+            let through = through_channel(&self.prefix);
+            let mut healthy = sink.subscribe(&through).await.is_ok();
             for metric in self.wanted.clone() {
                 healthy &= self.start(&mut sink, &mut reader, &metric).await;
             }
@@ -261,6 +353,12 @@ impl Subscriber {
                         }
                     }
                     message = stream.next() => match message {
+                        Some(message) if message.get_channel_name() == through => {
+                            match bincode::deserialize::<(u32, u32, Millis)>(message.get_payload_bytes()) {
+                                Ok(report) => self.through(report).await,
+                                Err(e) => warn!(error = %e, "unreadable watermark"),
+                            }
+                        }
                         Some(message) => {
                             let name = message
                                 .get_channel_name()
@@ -307,6 +405,23 @@ impl Subscriber {
             .collect();
         self.forward(metric, updates).await;
         true
+    }
+
+    /// Records a process's watermark, and hands the hub the lowest of all
+    /// processes once each has reported and it has risen.
+    async fn through(&mut self, (process, processes, watermark): (u32, u32, Millis)) {
+        let (process, processes) = (process as usize, processes as usize);
+        if process >= processes {
+            return;
+        }
+        self.processes.resize(processes, 0);
+        let reported = &mut self.processes[process];
+        *reported = (*reported).max(watermark.max(0) as u64);
+        let lowest = self.processes.iter().copied().min().unwrap_or(0);
+        if lowest > self.forwarded {
+            self.forwarded = lowest;
+            let _ = self.updates.send(Live::Through(lowest)).await;
+        }
     }
 
     /// Hands updates of `metric` to the hub, renumbered to this gateway's
