@@ -8,7 +8,7 @@ use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
 use tokio::sync::mpsc::{self, error::TrySendError, Receiver, Sender};
 
-use super::{Live, Watermarks};
+use super::{Full, Live, Watermarks};
 
 /// The publishing end. Each worker takes its own with
 /// [`LivePublisher::worker`].
@@ -65,24 +65,15 @@ impl Sink<Arc<WindowUpdate>> for LivePublisher {
     }
 
     fn advance(&mut self, frontier: u64) -> bool {
-        let Some(lowest) = self
-            .worker
-            .and_then(|w| self.watermarks.advance(w, frontier))
-        else {
-            return true;
-        };
-        match self.tx.try_send(Live::Through(lowest)) {
-            Ok(()) => {
-                self.watermarks.sent(lowest);
-                true
-            }
-            // Told again at the next advance: the fan-out keeps its windows
-            // a little longer meanwhile.
-            Err(TrySendError::Full(_)) => false,
-            Err(TrySendError::Closed(_)) => true,
-        }
+        self.watermarks
+            .pass_on(self.worker, frontier, |live| match self.tx.try_send(live) {
+                Err(TrySendError::Full(_)) => Err(Full),
+                // Closed only at shutdown, when nobody is listening.
+                Ok(()) | Err(TrySendError::Closed(_)) => Ok(()),
+            })
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,21 +44,38 @@ impl Watermarks {
         reported.workers.len() - 1
     }
 
-    /// Records `worker` at `watermark`, and returns the lowest of all
-    /// workers if it has risen past what was last passed on.
-    fn advance(&self, worker: usize, watermark: u64) -> Option<u64> {
+    /// Records `worker` (if it has a slot) at `watermark` and, if the
+    /// lowest of all workers has risen past what was passed on, offers it
+    /// to `send`, which says whether its channel was full. Returns false
+    /// when it is to be offered again at the next advance: the fan-out then
+    /// keeps its windows a little longer.
+    fn pass_on(
+        &self,
+        worker: Option<usize>,
+        watermark: u64,
+        send: impl FnOnce(Live) -> Result<(), Full>,
+    ) -> bool {
+        let Some(worker) = worker else {
+            return true;
+        };
         let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
         reported.workers[worker] = reported.workers[worker].max(watermark);
         let lowest = reported.workers.iter().copied().min().unwrap_or(0);
-        (lowest > reported.sent).then_some(lowest)
-    }
-
-    /// Records that `watermark` was passed on.
-    fn sent(&self, watermark: u64) {
-        let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        reported.sent = reported.sent.max(watermark);
+        if lowest <= reported.sent {
+            return true;
+        }
+        match send(Live::Through(lowest)) {
+            Ok(()) => {
+                reported.sent = lowest;
+                true
+            }
+            Err(Full) => false,
+        }
     }
 }
+
+/// A bus channel had no room.
+struct Full;
 
 /// Batches of live updates in flight between the workers and a gateway's
 /// fan-out, on either bus, before a worker drops the next one.

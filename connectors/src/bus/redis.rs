@@ -33,7 +33,7 @@ use tally_dataflow::time::Millis;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Live, Watermarks};
+use super::{Full, Live, Watermarks};
 use crate::retry::{self, Backoff};
 
 /// Batches waiting for the publisher thread.
@@ -131,20 +131,11 @@ impl Sink<Arc<WindowUpdate>> for RedisPublisher {
     }
 
     fn advance(&mut self, frontier: u64) -> bool {
-        let Some(lowest) = self
-            .worker
-            .and_then(|w| self.watermarks.advance(w, frontier))
-        else {
-            return true;
-        };
-        match self.tx.try_send(Live::Through(lowest)) {
-            Ok(()) => {
-                self.watermarks.sent(lowest);
-                true
-            }
-            Err(TrySendError::Full(_)) => false,
-            Err(TrySendError::Disconnected(_)) => true,
-        }
+        self.watermarks
+            .pass_on(self.worker, frontier, |live| match self.tx.try_send(live) {
+                Err(TrySendError::Full(_)) => Err(Full),
+                Ok(()) | Err(TrySendError::Disconnected(_)) => Ok(()),
+            })
     }
 }
 
