@@ -65,7 +65,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             let (config, ops) = (Arc::clone(&config), Arc::clone(&ops));
             tokio::spawn(async move {
                 kafka::ensure_topics(&config.kafka).await;
-                store.prepare().await;
+                store.prepare(&config.metrics).await;
                 ops.set_ready(true);
                 info!("Kafka and ClickHouse are reachable; ready");
             })

@@ -84,7 +84,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .transpose()?;
     let partitions = runtime.block_on(kafka::ensure_topics(&config.kafka));
     let store = ClickHouseStore::new(&config.clickhouse);
-    runtime.block_on(store.prepare());
+    runtime.block_on(store.prepare(&config.metrics));
     let writer = store
         .writer(config.metrics.clone())
         .context("starting the ClickHouse writer")?;

@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 
 use crate::live::{connect, current_values, wait_for};
 use crate::util::{
-    clickstream, default_config, eventually, post_all, prometheus_value, Generated, Tally, BASE_MS,
+    clickstream, default_config, eventually, post_all, prometheus_value, values, Generated, Tally,
+    BASE_MS,
 };
 
 const MINUTE: i64 = 60_000;
@@ -653,4 +654,39 @@ fn the_cluster_forgets_a_window_once_every_process_has_passed_its_lateness() {
     std::thread::sleep(Duration::from_millis(500));
     let current = current_values(gateway);
     assert!(current.is_empty(), "Redis still holds {current:?}");
+}
+
+#[test]
+fn results_stored_before_versions_are_read_after_an_upgrade() {
+    let services = Services::from_env();
+    let db = format!("legacy{:08x}", fastrand::u32(..));
+    services.clickhouse(&format!("CREATE DATABASE {db}"));
+    services.clickhouse(&format!(
+        "CREATE TABLE {db}.windows (metric String, window String, start Int64, end Int64, \
+         grp String, count UInt64, sum Float64, sketch String, revision UInt32) \
+         ENGINE = ReplacingMergeTree(revision) ORDER BY (metric, window, start, grp)"
+    ));
+    services.clickhouse(&format!(
+        "INSERT INTO {db}.windows VALUES \
+         ('ad_clicks', 'tumbling 1m', {BASE_MS}, {}, 'camp_1\\x1FUS\\x1FMOBILE', 7, 0, '', 0), \
+         ('gone', 'tumbling 1m', {BASE_MS}, {}, 'x', 9, 0, '', 0)",
+        BASE_MS + MINUTE,
+        BASE_MS + MINUTE
+    ));
+    let cluster = Cluster::start_with(&services, 1, 1, 1, &[("TALLY__CLICKHOUSE__DATABASE", &db)]);
+    let range = format!(
+        "start={}&end={}&resolution=1m",
+        BASE_MS / 1000,
+        (BASE_MS + MINUTE) / 1000
+    );
+    let answer = cluster.gateways[0].metrics(&format!("metric=ad_clicks&country=US&{range}"));
+    assert_eq!(values(&answer), [json!(7)], "{answer}");
+    assert_eq!(
+        services.clickhouse(&format!(
+            "SELECT count() FROM system.tables WHERE database = '{db}' AND name = 'windows_unversioned'"
+        )),
+        "0",
+        "the old table is gone once its rows moved"
+    );
+    services.clickhouse(&format!("DROP DATABASE {db}"));
 }

@@ -11,3 +11,4 @@ mod history;
 mod ingest;
 mod live;
 mod restart;
+mod versions;

@@ -27,12 +27,22 @@ impl Tally {
     /// Starts `tally run` on port 0 in `dir`, with `TALLY__*` overrides and
     /// extra flags, and waits until it listens.
     pub fn start(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Tally {
+        Tally::start_with_config(dir, &default_config(), env, args)
+    }
+
+    /// As [`Tally::start`], with the configuration file `config`.
+    pub fn start_with_config(
+        dir: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Tally {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
         command
             .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .arg("--config")
-            .arg(default_config())
+            .arg(config)
             .args(args)
             .env("RUST_LOG", "warn")
             .stderr(Stdio::inherit());

@@ -26,6 +26,9 @@ const PARAMETERS: [&str; 6] = ["metric", "start", "end", "resolution", "groupBy"
 pub struct Query {
     /// The metric's name.
     pub metric: String,
+    /// The version of its results to read: the fingerprint of its
+    /// definition as configured.
+    pub version: String,
     /// Its aggregate.
     pub aggregate: AggregateKind,
     /// The stored tumbling window the answer is built from.
@@ -242,6 +245,7 @@ impl Query {
         }
         Ok(Query {
             metric: metric.name.clone(),
+            version: crate::fingerprint::metric(metric),
             aggregate: metric.aggregate,
             window,
             filters,

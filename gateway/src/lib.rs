@@ -136,6 +136,7 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
                 .map(|m| {
                     json!({
                         "name": m.name,
+                        "version": tally_dataflow::fingerprint::metric(m),
                         "aggregate": m.aggregate.to_string(),
                         "field": m.field.as_ref().map(ToString::to_string),
                         "dimensions": m.dimensions,
@@ -151,7 +152,7 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
             "endpoints": {
                 "GET /": "the dashboard",
                 "GET /sdk/tally.js": "the browser SDK, an ES module",
-                "GET /v1/catalog": "the configured metrics: aggregate, dimensions, windows",
+                "GET /v1/catalog": "the configured metrics: version, aggregate, dimensions, windows",
                 "POST /v1/events": "ingest one event, a JSON array, or NDJSON",
                 "GET /v1/metrics": "history: ?metric=&start=&end=&resolution=&<dimension>=<value>&groupBy=",
                 "GET /v1/live": "WebSocket: {\"action\":\"subscribe\",\"topic\":\"metrics:<metric>[:<dimension>:<value>]\"}",

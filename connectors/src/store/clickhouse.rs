@@ -55,6 +55,7 @@ const SCHEMA: [&str; 5] = [
     "CREATE DATABASE IF NOT EXISTS {db}",
     "CREATE TABLE IF NOT EXISTS {db}.windows (
         metric   {label},
+        version  {label},
         window   {label},
         start    Int64,
         end      Int64,
@@ -64,7 +65,8 @@ const SCHEMA: [&str; 5] = [
         sketch   String,
         revision UInt32
     ) ENGINE = ReplacingMergeTree(revision)
-    ORDER BY (metric, window, start, grp)",
+    PARTITION BY version
+    ORDER BY (metric, version, window, start, grp)",
     "CREATE TABLE IF NOT EXISTS {db}.dead_letters (
         partition UInt32,
         offset    UInt64,
@@ -106,6 +108,7 @@ struct ScanRow<'a> {
 #[derive(Row, Serialize, Deserialize)]
 struct WindowRow {
     metric: String,
+    version: String,
     window: String,
     start: i64,
     end: i64,
@@ -144,16 +147,41 @@ impl ClickHouseStore {
         }
     }
 
-    /// Creates the database and the tables that are missing, waiting out a
-    /// server that is down.
-    pub async fn prepare(&self) {
-        retry::until_ok("create the ClickHouse tables", || self.create_tables()).await;
+    /// Creates the database and the tables that are missing, and gives
+    /// results stored before they carried versions those of `metrics`,
+    /// waiting out a server that is down.
+    pub async fn prepare(&self, metrics: &[MetricSpec]) {
+        retry::until_ok("create the ClickHouse tables", || {
+            self.create_tables(metrics)
+        })
+        .await;
     }
 
-    async fn create_tables(&self) -> Result<(), Error> {
+    async fn create_tables(&self, metrics: &[MetricSpec]) -> Result<(), Error> {
         // The database may not exist yet, so DDL runs without a default one.
         let admin = client(&self.config).with_database("default");
         let label = label_type(&admin).await?;
+        let db = &self.config.database;
+        let columns = |table: &'static str| {
+            admin
+                .query(
+                    "SELECT name FROM system.columns WHERE database = ? AND table = ? ORDER BY name",
+                )
+                .bind(db)
+                .bind(table)
+                .fetch_all::<String>()
+        };
+        // A table from before versions moves aside, then into the new one:
+        // if a crash comes between, the next start finishes the move.
+        let windows = columns("windows").await?;
+        if !windows.is_empty() && !windows.iter().any(|c| c == "version") {
+            admin
+                .query(&format!(
+                    "RENAME TABLE {db}.windows TO {db}.windows_unversioned"
+                ))
+                .execute()
+                .await?;
+        }
         for ddl in SCHEMA {
             admin
                 .query(
@@ -162,6 +190,28 @@ impl ClickHouseStore {
                 )
                 .execute()
                 .await?;
+        }
+        if !columns("windows_unversioned").await?.is_empty() {
+            let (names, versions): (Vec<String>, Vec<String>) =
+                names(metrics).into_iter().map(|(n, v, _)| (n, v)).unzip();
+            // Rows of metrics no longer configured get no version ('') and
+            // are never read.
+            admin
+                .query(&format!(
+                    "INSERT INTO {db}.windows
+                     SELECT metric, transform(toString(metric), ?, ?, '') AS version, window,
+                            start, end, grp, count, sum, sketch, revision
+                     FROM {db}.windows_unversioned FINAL"
+                ))
+                .bind(names)
+                .bind(versions)
+                .execute()
+                .await?;
+            admin
+                .query(&format!("DROP TABLE {db}.windows_unversioned"))
+                .execute()
+                .await?;
+            info!(database = %db, "gave the stored results their metrics' versions");
         }
         let version: String = admin.query("SELECT version()").fetch_one().await?;
         info!(%version, database = %self.config.database, label, "ClickHouse tables ready");
@@ -194,10 +244,11 @@ impl ClickHouseStore {
             .client
             .query(
                 "SELECT start, grp, count, sum, sketch FROM windows FINAL
-                 WHERE metric = ? AND window = ? AND start >= ? AND start < ?
+                 WHERE metric = ? AND version = ? AND window = ? AND start >= ? AND start < ?
                  ORDER BY start, grp",
             )
             .bind(&query.metric)
+            .bind(&query.version)
             .bind(query.window.to_string())
             .bind(query.start)
             .bind(query.end)
@@ -304,13 +355,14 @@ impl Batch {
         self.windows.len() + self.dead_letters.len()
     }
 
-    fn add(&mut self, write: Write, names: &[(String, Vec<String>)]) {
+    fn add(&mut self, write: Write, names: &[(String, String, Vec<String>)]) {
         match write {
             Write::Windows(updates) => {
                 self.windows.extend(updates.iter().map(|u| {
-                    let (metric, windows) = &names[u.metric as usize];
+                    let (metric, version, windows) = &names[u.metric as usize];
                     WindowRow {
                         metric: metric.clone(),
+                        version: version.clone(),
                         window: windows[u.window as usize].clone(),
                         start: u.span.start,
                         end: u.span.end,

@@ -3,8 +3,13 @@
 //! The embedded store is SQLite ([`sqlite`]), one file in the data
 //! directory; the cluster's is ClickHouse ([`clickhouse`]).
 //!
-//! **Delivery guarantee.** A window result is keyed by (metric, window, start,
-//! group) and carries a revision. Writing it replaces a stored row only with
+//! **Versions.** A result belongs to a version of its metric: the
+//! [`fingerprint`] of the definition that produced it, which is part of its
+//! key. A history query reads the version of the metric as configured, so
+//! a changed definition never mixes its results with the old one's.
+//!
+//! **Delivery guarantee.** A window result is keyed by (metric, version,
+//! window, start, group) and carries a revision. Writing it replaces a stored row only with
 //! a higher revision (an upsert in SQLite, a `ReplacingMergeTree` versioned by
 //! revision in ClickHouse), so re-emitting results, as a restart that replays
 //! the log does, overwrites and never adds.
@@ -29,6 +34,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use tally_dataflow::config::MetricSpec;
+use tally_dataflow::fingerprint;
 use tally_dataflow::model::DeadLetter;
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
@@ -234,13 +240,15 @@ impl Sink<DeadLetter> for DeadLetterSink {
     }
 }
 
-/// Each metric's stored name and its windows' stored specs, by index.
-fn names(metrics: &[MetricSpec]) -> Vec<(String, Vec<String>)> {
+/// Each metric's stored name, its version (the fingerprint of its
+/// definition) and its windows' stored specs, by index.
+fn names(metrics: &[MetricSpec]) -> Vec<(String, String, Vec<String>)> {
     metrics
         .iter()
         .map(|m| {
             (
                 m.name.clone(),
+                fingerprint::metric(m),
                 m.windows.iter().map(ToString::to_string).collect(),
             )
         })

@@ -14,11 +14,15 @@ use tracing::info;
 use super::{join_group, names, Durable, Failing, StoreWriter, Write, SEP};
 use crate::retry;
 
-const SCHEMA: &str = "
+const PRAGMAS: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
+";
+
+const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS windows (
     metric   TEXT    NOT NULL,
+    version  TEXT    NOT NULL,
     window   TEXT    NOT NULL,
     start    INTEGER NOT NULL,
     end      INTEGER NOT NULL,
@@ -27,7 +31,7 @@ CREATE TABLE IF NOT EXISTS windows (
     sum      REAL    NOT NULL,
     sketch   BLOB,
     revision INTEGER NOT NULL,
-    PRIMARY KEY (metric, window, start, grp)
+    PRIMARY KEY (metric, version, window, start, grp)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     partition INTEGER NOT NULL,
@@ -86,7 +90,9 @@ impl SqliteStore {
         path: &Path,
         metrics: Vec<MetricSpec>,
     ) -> Result<(SqliteStore, StoreWriter), StoreError> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
+        conn.execute_batch(PRAGMAS)?;
+        add_versions(&mut conn, &metrics)?;
         conn.execute_batch(SCHEMA)?;
         let writer = StoreWriter::start("store-writer", move |rx, durable, failing| {
             write_loop(conn, rx, metrics, durable, &failing)
@@ -106,12 +112,13 @@ impl SqliteStore {
         self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT start, grp, count, sum, sketch FROM windows
-                 WHERE metric = ?1 AND window = ?2 AND start >= ?3 AND start < ?4
+                 WHERE metric = ?1 AND version = ?2 AND window = ?3 AND start >= ?4 AND start < ?5
                  ORDER BY start, grp",
             )?;
             let query = fold.query();
             let mut rows = stmt.query(params![
                 query.metric,
+                query.version,
                 query.window.to_string(),
                 query.start,
                 query.end
@@ -173,6 +180,46 @@ impl SqliteStore {
     }
 }
 
+/// Gives the rows of a store written before results carried their
+/// metric's version the version of the metric of that name as configured
+/// now, in one transaction; rows of metrics no longer configured get none
+/// (`""`) and are never read. A store that has versions is left alone.
+fn add_versions(conn: &mut Connection, metrics: &[MetricSpec]) -> Result<(), rusqlite::Error> {
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('windows')")?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    if columns.is_empty() || columns.iter().any(|c| c == "version") {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(
+        "ALTER TABLE windows RENAME TO windows_unversioned;
+         CREATE TEMP TABLE versions (metric TEXT PRIMARY KEY, version TEXT NOT NULL);",
+    )?;
+    for (metric, version, _) in names(metrics) {
+        tx.execute(
+            "INSERT OR REPLACE INTO versions VALUES (?1, ?2)",
+            params![metric, version],
+        )?;
+    }
+    tx.execute_batch(SCHEMA)?;
+    let moved = tx.execute(
+        "INSERT INTO windows
+         SELECT w.metric, coalesce(v.version, ''), w.window, w.start, w.end, w.grp, w.count,
+                w.sum, w.sketch, w.revision
+         FROM windows_unversioned w LEFT JOIN versions v ON v.metric = w.metric",
+        [],
+    )?;
+    tx.execute_batch("DROP TABLE windows_unversioned; DROP TABLE versions;")?;
+    tx.commit()?;
+    info!(
+        rows = moved,
+        "gave the stored results their metrics' versions"
+    );
+    Ok(())
+}
+
 fn write_loop(
     mut conn: Connection,
     rx: Receiver<Write>,
@@ -197,15 +244,15 @@ fn write_loop(
 fn commit(
     conn: &mut Connection,
     batch: &[Write],
-    names: &[(String, Vec<String>)],
+    names: &[(String, String, Vec<String>)],
 ) -> Result<usize, rusqlite::Error> {
     let tx = conn.transaction()?;
     let mut rows = 0;
     {
         let mut upsert = tx.prepare_cached(
-            "INSERT INTO windows (metric, window, start, end, grp, count, sum, sketch, revision)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT (metric, window, start, grp) DO UPDATE SET
+            "INSERT INTO windows (metric, version, window, start, end, grp, count, sum, sketch, revision)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (metric, version, window, start, grp) DO UPDATE SET
                  end = excluded.end, count = excluded.count, sum = excluded.sum,
                  sketch = excluded.sketch, revision = excluded.revision
              WHERE excluded.revision > windows.revision",
@@ -217,10 +264,11 @@ fn commit(
             match write {
                 Write::Windows(updates) => {
                     for u in updates {
-                        let (metric, windows) = &names[u.metric as usize];
+                        let (metric, version, windows) = &names[u.metric as usize];
                         let sketch = u.state.sketch.as_ref().map(Sketch::to_bytes);
                         rows += upsert.execute(params![
                             metric,
+                            version,
                             windows[u.window as usize],
                             u.span.start,
                             u.span.end,
@@ -314,30 +362,74 @@ windows = ["tumbling 10s"]
         sink.offer(&mut vec![Arc::new(update(0, "US", 2, 0))]);
         drop(sink);
         writer.close();
-        // What a query of the window's ten seconds reads, by country.
-        let counts = |filter: &[(&str, &str)]| {
-            let mut params = vec![("metric", "ad_clicks"), ("start", "0"), ("end", "10")];
-            params.extend_from_slice(filter);
-            let params: Vec<(String, String)> = params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            let mut fold = Fold::new(Query::parse(&params, &config, 0).unwrap());
-            store.scan(&mut fold).unwrap();
-            match fold.finish().unwrap() {
-                Pass::Done(answer) => answer
-                    .series
-                    .iter()
-                    .map(|s| (s.group.clone(), s.points[0].1))
-                    .collect::<Vec<_>>(),
-                Pass::Again(_) => panic!("a small answer takes one scan"),
-            }
-        };
+        let counts = |filter| counts(&store, &config, filter);
         assert_eq!(counts(&[("country", "US")]), [(vec![], Some(3.0))]);
         let country = |c: &str| vec![("country".to_string(), c.to_string())];
         assert_eq!(
             counts(&[("groupBy", "country")]),
             [(country("US"), Some(3.0)), (country("DE"), Some(1.0))]
         );
+    }
+
+    /// What a query of the first ten seconds of ad_clicks reads, by series.
+    fn counts(
+        store: &SqliteStore,
+        config: &Config,
+        filter: &[(&str, &str)],
+    ) -> Vec<(Vec<(String, String)>, Option<f64>)> {
+        let mut params = vec![("metric", "ad_clicks"), ("start", "0"), ("end", "10")];
+        params.extend_from_slice(filter);
+        let params: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut fold = Fold::new(Query::parse(&params, config, 0).unwrap());
+        store.scan(&mut fold).unwrap();
+        match fold.finish().unwrap() {
+            Pass::Done(answer) => answer
+                .series
+                .iter()
+                .map(|s| (s.group.clone(), s.points[0].1))
+                .collect(),
+            Pass::Again(_) => panic!("a small answer takes one scan"),
+        }
+    }
+
+    #[test]
+    fn results_from_before_versions_take_their_metrics_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.db");
+        {
+            let legacy = Connection::open(&path).unwrap();
+            legacy
+                .execute_batch(
+                    "CREATE TABLE windows (
+                        metric TEXT NOT NULL, window TEXT NOT NULL, start INTEGER NOT NULL,
+                        end INTEGER NOT NULL, grp TEXT NOT NULL, count INTEGER NOT NULL,
+                        sum REAL NOT NULL, sketch BLOB, revision INTEGER NOT NULL,
+                        PRIMARY KEY (metric, window, start, grp)
+                    ) WITHOUT ROWID;
+                    INSERT INTO windows VALUES
+                        ('ad_clicks', 'tumbling 10s', 0, 10000, 'c1' || char(31) || 'US', 4, 0, NULL, 0),
+                        ('gone', 'tumbling 10s', 0, 10000, 'x', 9, 0, NULL, 0);",
+                )
+                .unwrap();
+        }
+        let config = config();
+        let (store, writer) = SqliteStore::open(&path, config.metrics.clone()).unwrap();
+        writer.close();
+        assert_eq!(counts(&store, &config, &[]), [(vec![], Some(4.0))]);
+        // Another definition of the metric does not read them.
+        let changed = Config::load(
+            Some("[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"campaignId\", \"country\"]\nwindows = [\"tumbling 10s\", \"tumbling 1m\"]\n"),
+            [],
+        )
+        .unwrap();
+        assert_eq!(counts(&store, &changed, &[]), [(vec![], Some(0.0))]);
+        // Opening again finds versions and leaves them.
+        drop(store);
+        let (store, writer) = SqliteStore::open(&path, changed.metrics.clone()).unwrap();
+        writer.close();
+        assert_eq!(counts(&store, &config, &[]), [(vec![], Some(4.0))]);
     }
 }
