@@ -22,7 +22,8 @@ pub fn run() {
     let config = default_config();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("results.db");
-    let (store, writer) = SqliteStore::open(&path, config.metrics.clone()).unwrap();
+    let (store, writer) =
+        SqliteStore::open(&path, config.metrics.clone(), config.backfill.keep_old).unwrap();
     let (ad_clicks, unique_users) = (index(&config, "ad_clicks"), index(&config, "unique_users"));
     let one_minute = |m: usize| {
         config.metrics[m]

@@ -65,15 +65,19 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             let (config, ops) = (Arc::clone(&config), Arc::clone(&ops));
             tokio::spawn(async move {
                 kafka::ensure_topics(&config.kafka).await;
-                store.prepare(&config.metrics).await;
+                store
+                    .prepare(&config.metrics, config.backfill.keep_old)
+                    .await;
                 ops.set_ready(true);
                 info!("Kafka and ClickHouse are reachable; ready");
             })
         };
+        // Before the word that tally listens: see `shutdown_signal`.
+        let shutdown = shutdown_signal();
         info!(%address, brokers = %config.kafka.brokers, "tally gateway is listening");
         // A line for scripts and tests that start the gateway on port 0.
         println!("listening on http://{address}");
-        tally_gateway::serve(listener, gateway, shutdown_signal()).await;
+        tally_gateway::serve(listener, gateway, shutdown).await;
         readiness.abort();
         info!("stopped cleanly");
         anyhow::Ok(())

@@ -177,22 +177,35 @@ pub fn job_observer(
     })
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
-            }
-        }
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is
+/// called, not when the future is first polled: call it before saying that
+/// tally listens, so that a signal sent on that word stops it cleanly
+/// rather than killing it. Call it within the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen = |kind: SignalKind, name: &'static str| {
+        signal(kind)
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for {name}"))
+            .ok()
     };
-    tokio::select! {
-        _ = terminate => info!("received SIGTERM"),
-        _ = tokio::signal::ctrl_c() => info!("received Ctrl-C"),
+    let (mut terminate, mut interrupt) = (
+        listen(SignalKind::terminate(), "SIGTERM"),
+        listen(SignalKind::interrupt(), "Ctrl-C"),
+    );
+    async move {
+        let received = |s: &mut Option<tokio::signal::unix::Signal>| {
+            let s = s.take();
+            async move {
+                match s {
+                    Some(mut s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            }
+        };
+        tokio::select! {
+            _ = received(&mut terminate) => info!("received SIGTERM"),
+            _ = received(&mut interrupt) => info!("received Ctrl-C"),
+        }
     }
 }
 

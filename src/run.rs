@@ -49,8 +49,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let log = open_log(&config, &data_dir.join("log"))?;
-    let (store, writer) = SqliteStore::open(&data_dir.join("results.db"), config.metrics.clone())
-        .context("opening the result store")?;
+    let (store, writer) = SqliteStore::open(
+        &data_dir.join("results.db"),
+        config.metrics.clone(),
+        config.backfill.keep_old,
+    )
+    .context("opening the result store")?;
     let workers = config.workers();
     let (live, bus) = inprocess::channel(bus::BATCHES_IN_FLIGHT);
     let mode = Embedded {
@@ -101,10 +105,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .demo
             .then(|| tokio::spawn(crate::demo::feed(Arc::clone(&events) as Arc<dyn EventSink>)));
         ops.set_ready(true);
+        // Before the word that tally listens: see `shutdown_signal`.
+        let shutdown = shutdown_signal();
         info!(%address, workers, data_dir = %data_dir.display(), "tally is listening");
         // A line for scripts and tests that start tally on port 0.
         println!("listening on http://{address}");
-        tally_gateway::serve(listener, gateway, shutdown_signal()).await;
+        tally_gateway::serve(listener, gateway, shutdown).await;
         info!("shutting down");
         retention.abort();
         if let Some(demo) = demo {

@@ -84,9 +84,9 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .transpose()?;
     let partitions = runtime.block_on(kafka::ensure_topics(&config.kafka));
     let store = ClickHouseStore::new(&config.clickhouse);
-    runtime.block_on(store.prepare(&config.metrics));
+    runtime.block_on(store.prepare(&config.metrics, config.backfill.keep_old));
     let writer = store
-        .writer(config.metrics.clone())
+        .writer(config.metrics.clone(), config.backfill.keep_old)
         .context("starting the ClickHouse writer")?;
     let lateness = config.dataflow.revision_horizon();
     let (live, publisher) = RedisPublisher::start(
@@ -140,10 +140,14 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let shutdown = {
+        let _runtime = runtime.enter();
+        shutdown_signal()
+    };
     let job = starting.run(mode)?;
     drop(live);
     info!(process, "tally worker is running");
-    runtime.block_on(shutdown_signal());
+    runtime.block_on(shutdown);
     // A peer that is gone, or a store that is down, can hold the steps
     // below; a restart resumes from the last checkpoint anyway.
     std::thread::spawn(|| {

@@ -688,5 +688,29 @@ fn results_stored_before_versions_are_read_after_an_upgrade() {
         "0",
         "the old table is gone once its rows moved"
     );
+    drop(cluster);
+
+    // The rows of the metric no longer configured go once unused for
+    // longer than backfill.keep_old; the configured ones stay.
+    std::thread::sleep(Duration::from_millis(1500));
+    let count = |metric: &str| {
+        services.clickhouse(&format!(
+            "SELECT count() FROM {db}.windows FINAL WHERE metric = '{metric}'"
+        ))
+    };
+    assert_eq!(count("gone"), "1", "kept until keep_old has passed");
+    let cluster = Cluster::start_with(
+        &services,
+        1,
+        1,
+        1,
+        &[
+            ("TALLY__CLICKHOUSE__DATABASE", &db),
+            ("TALLY__BACKFILL__KEEP_OLD", "1s"),
+        ],
+    );
+    assert_eq!(count("gone"), "0", "dropped with its partition");
+    assert_eq!(count("ad_clicks"), "1");
+    drop(cluster);
     services.clickhouse(&format!("DROP DATABASE {db}"));
 }

@@ -105,3 +105,57 @@ fn a_changed_metric_answers_from_its_new_definition_alone() {
         .collect();
     assert_eq!(got, expected, "the old version's results, at once");
 }
+
+/// The rows a metric version holds in the store.
+fn stored_rows(data: &Path, version: &str) -> i64 {
+    let db = rusqlite::Connection::open(data.join("results.db")).unwrap();
+    db.query_row(
+        "SELECT count(*) FROM windows WHERE metric = 'ad_clicks' AND version = ?1",
+        [version],
+        |row| row.get(0),
+    )
+    .unwrap()
+}
+
+fn version(tally: &Tally) -> String {
+    let (_, catalog) = tally.get("/v1/catalog");
+    catalog["metrics"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn an_old_version_is_deleted_once_unused_for_longer_than_keep_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let events = clickstream(15, 600);
+
+    let tally = start(&data, BY_CAMPAIGN);
+    let old = version(&tally);
+    post_all(&tally, &events, 100);
+    tally.flush(BASE_MS + 3_600_000);
+    clicks_are(&tally, &per_minute_clicks(&events));
+    tally.stop();
+    assert!(stored_rows(&data, &old) > 0);
+
+    // Another definition, with the default week to keep: the old one stays.
+    let tally = start(&data, BY_CAMPAIGN_AND_COUNTRY);
+    let new = version(&tally);
+    assert_ne!(new, old, "a changed definition is another version");
+    clicks_are(&tally, &per_minute_clicks(&events));
+    tally.stop();
+    assert!(stored_rows(&data, &old) > 0);
+
+    std::thread::sleep(Duration::from_millis(1500));
+    let file = data.with_extension("toml");
+    std::fs::write(&file, BY_CAMPAIGN_AND_COUNTRY).unwrap();
+    let tally = Tally::start_with_config(&data, &file, &[("TALLY__BACKFILL__KEEP_OLD", "1s")], &[]);
+    assert_eq!(
+        stored_rows(&data, &old),
+        0,
+        "unused for longer than keep_old"
+    );
+    assert!(stored_rows(&data, &new) > 0, "the configured version stays");
+    tally.stop();
+}

@@ -39,6 +39,8 @@ pub struct Config {
     pub live: LiveConfig,
     /// `[history]`: what one history query may cost.
     pub history: HistoryConfig,
+    /// `[backfill]`: metric versions that are no longer configured.
+    pub backfill: BackfillConfig,
     /// `[checkpoint]`: snapshots of the job, for restarts without replay.
     pub checkpoint: CheckpointConfig,
     /// `[cluster]`: the timely processes of `tally worker`.
@@ -224,6 +226,16 @@ pub struct HistoryConfig {
     /// costs about 100 bytes while it ranks, and up to 4 KiB for `uniq`.
     /// Default 100,000.
     pub max_groups: usize,
+}
+
+/// `[backfill]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackfillConfig {
+    /// How long the results of a metric version that is no longer
+    /// configured are kept after it last was, so that putting its
+    /// definition back within that time finds them; then they are deleted.
+    /// Default 7 days.
+    pub keep_old: Duration,
 }
 
 /// `[checkpoint]`.
@@ -461,7 +473,11 @@ impl Reader {
             section("dataflow"),
             section("live"),
         );
-        let (mut history, mut checkpoint) = (section("history"), section("checkpoint"));
+        let (mut history, mut backfill, mut checkpoint) = (
+            section("history"),
+            section("backfill"),
+            section("checkpoint"),
+        );
         let (mut cluster, mut kafka, mut clickhouse, mut redis) = (
             section("cluster"),
             section("kafka"),
@@ -516,6 +532,9 @@ impl Reader {
                 ) as usize,
             },
             history: self.history(&mut history),
+            backfill: BackfillConfig {
+                keep_old: self.duration(&mut backfill, "keep_old", Duration::from_secs(7 * 86_400)),
+            },
             checkpoint: CheckpointConfig {
                 interval: self.duration(&mut checkpoint, "interval", Duration::from_secs(10)),
                 url: checkpoint
@@ -566,8 +585,8 @@ impl Reader {
                 .push("checkpoint.interval: must be at least 100ms".into());
         }
         for section in [
-            server, storage, log, dataflow, live, history, checkpoint, cluster, kafka, clickhouse,
-            redis,
+            server, storage, log, dataflow, live, history, backfill, checkpoint, cluster, kafka,
+            clickhouse, redis,
         ] {
             self.unknown_keys(section);
         }
@@ -1019,6 +1038,7 @@ windows = ["sliding 5m every 7s"]
         );
         assert_eq!(file.live, config.live);
         assert_eq!(file.history, config.history);
+        assert_eq!(file.backfill, config.backfill);
         let errors = Config::load(
             Some(&format!(
                 "{FILE}\n[live]\nmax_subscriptions = 0\n[history]\ntop = 20\nmax_top = 5\n"

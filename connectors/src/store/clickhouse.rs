@@ -35,9 +35,9 @@ use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::{ClickHouseConfig, MetricSpec};
 use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::Fold;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::{join_group, names, Durable, Failing, StoreWriter, Write, SEP};
+use super::{join_group, names, Durable, Failing, StoreWriter, Write, SEP, VERSIONS_EVERY};
 use crate::retry;
 
 /// Errors of the ClickHouse store.
@@ -51,7 +51,7 @@ pub fn is_retryable(error: &Error) -> bool {
 
 /// The tables, in creation order. `{db}` is the database; `{label}` the
 /// type of short, often repeated strings (see [`label_type`]).
-const SCHEMA: [&str; 5] = [
+const SCHEMA: [&str; 6] = [
     "CREATE DATABASE IF NOT EXISTS {db}",
     "CREATE TABLE IF NOT EXISTS {db}.windows (
         metric   {label},
@@ -67,6 +67,12 @@ const SCHEMA: [&str; 5] = [
     ) ENGINE = ReplacingMergeTree(revision)
     PARTITION BY version
     ORDER BY (metric, version, window, start, grp)",
+    "CREATE TABLE IF NOT EXISTS {db}.versions (
+        metric    {label},
+        version   {label},
+        last_used Int64
+    ) ENGINE = ReplacingMergeTree(last_used)
+    ORDER BY (metric, version)",
     "CREATE TABLE IF NOT EXISTS {db}.dead_letters (
         partition UInt32,
         offset    UInt64,
@@ -147,12 +153,17 @@ impl ClickHouseStore {
         }
     }
 
-    /// Creates the database and the tables that are missing, and gives
-    /// results stored before they carried versions those of `metrics`,
-    /// waiting out a server that is down.
-    pub async fn prepare(&self, metrics: &[MetricSpec]) {
+    /// Creates the database and the tables that are missing, gives results
+    /// stored before they carried versions those of `metrics`, and deletes
+    /// the results of versions unused for longer than `keep_old`, waiting
+    /// out a server that is down.
+    pub async fn prepare(&self, metrics: &[MetricSpec], keep_old: Duration) {
         retry::until_ok("create the ClickHouse tables", || {
             self.create_tables(metrics)
+        })
+        .await;
+        retry::until_ok("date the metric versions in ClickHouse", || {
+            retire_versions(&self.client, &self.config.database, metrics, keep_old)
         })
         .await;
     }
@@ -207,6 +218,16 @@ impl ClickHouseStore {
                 .bind(versions)
                 .execute()
                 .await?;
+            // Dated now, so that versions no longer configured go after
+            // keep_old.
+            admin
+                .query(&format!(
+                    "INSERT INTO {db}.versions
+                     SELECT metric, version, ? FROM {db}.windows GROUP BY metric, version"
+                ))
+                .bind(super::now_ms())
+                .execute()
+                .await?;
             admin
                 .query(&format!("DROP TABLE {db}.windows_unversioned"))
                 .execute()
@@ -229,10 +250,17 @@ impl ClickHouseStore {
     }
 
     /// Starts the writer thread the workers' sinks feed.
-    pub fn writer(&self, metrics: Vec<MetricSpec>) -> std::io::Result<StoreWriter> {
+    /// Starts the writer thread the workers' sinks feed. Every hour it also
+    /// dates the configured versions and deletes those unused for longer
+    /// than `keep_old`.
+    pub fn writer(
+        &self,
+        metrics: Vec<MetricSpec>,
+        keep_old: Duration,
+    ) -> std::io::Result<StoreWriter> {
         let (client, config) = (self.client.clone(), self.config.clone());
         StoreWriter::start("clickhouse-writer", move |rx, durable, failing| {
-            write_loop(&client, &config, &metrics, rx, durable, &failing);
+            write_loop(&client, &config, &metrics, keep_old, rx, durable, &failing);
         })
     }
 
@@ -398,10 +426,60 @@ impl Batch {
     }
 }
 
+/// Records that the configured versions are in use now, and drops the
+/// partitions of every other version last in use more than `keep_old` ago.
+async fn retire_versions(
+    client: &Client,
+    db: &str,
+    metrics: &[MetricSpec],
+    keep_old: Duration,
+) -> Result<(), Error> {
+    let now = super::now_ms();
+    let configured: Vec<(String, String)> =
+        names(metrics).into_iter().map(|(m, v, _)| (m, v)).collect();
+    for (metric, version) in &configured {
+        client
+            .query(&format!("INSERT INTO {db}.versions VALUES (?, ?, ?)"))
+            .bind(metric)
+            .bind(version)
+            .bind(now)
+            .execute()
+            .await?;
+    }
+    let cutoff = now.saturating_sub(keep_old.as_millis() as i64);
+    let unused: Vec<VersionRow> = client
+        .query(&format!(
+            "SELECT ?fields FROM {db}.versions FINAL WHERE last_used < ?"
+        ))
+        .bind(cutoff)
+        .fetch_all()
+        .await?;
+    for row in unused {
+        if configured.contains(&(row.metric.clone(), row.version.clone())) {
+            continue;
+        }
+        client
+            .query(&format!("ALTER TABLE {db}.windows DROP PARTITION ?"))
+            .bind(&row.version)
+            .execute()
+            .await?;
+        info!(metric = %row.metric, version = %row.version, "dropped the results of a version no longer configured");
+    }
+    Ok(())
+}
+
+/// A metric version, as `versions` holds it.
+#[derive(Row, Deserialize)]
+struct VersionRow {
+    metric: String,
+    version: String,
+}
+
 fn write_loop(
     client: &Client,
     config: &ClickHouseConfig,
     metrics: &[MetricSpec],
+    keep_old: Duration,
     rx: Receiver<Write>,
     durable: Durable,
     failing: &Failing,
@@ -412,10 +490,19 @@ fn write_loop(
     let runtime = io_runtime();
     let mut batch = Batch::default();
     let mut open = true;
+    let mut versions_due = Instant::now() + VERSIONS_EVERY;
     while open {
-        let wait = batch.since.map_or(Duration::from_secs(3600), |since| {
-            config.batch_interval.saturating_sub(since.elapsed())
-        });
+        if Instant::now() >= versions_due {
+            let retire = retire_versions(client, &config.database, metrics, keep_old);
+            if let Err(e) = runtime.block_on(retire) {
+                warn!(error = %e, "cannot date or drop metric versions; trying again later");
+            }
+            versions_due = Instant::now() + VERSIONS_EVERY;
+        }
+        let wait = batch.since.map_or(
+            versions_due.saturating_duration_since(Instant::now()),
+            |since| config.batch_interval.saturating_sub(since.elapsed()),
+        );
         match rx.recv_timeout(wait) {
             Ok(write) => {
                 batch.add(write, &names);

@@ -8,6 +8,13 @@
 //! key. A history query reads the version of the metric as configured, so
 //! a changed definition never mixes its results with the old one's.
 //!
+//! Each store also records, per version, when it was last configured: at
+//! start and every hour while it is. The results of a version no longer
+//! configured for `backfill.keep_old` are deleted in bulk (a ranged delete
+//! in SQLite, `DROP PARTITION` in ClickHouse), so that a definition put
+//! back within that time finds its results, and one long gone costs
+//! nothing.
+//!
 //! **Delivery guarantee.** A window result is keyed by (metric, version,
 //! window, start, group) and carries a revision. Writing it replaces a stored row only with
 //! a higher revision (an upsert in SQLite, a `ReplacingMergeTree` versioned by
@@ -253,6 +260,18 @@ fn names(metrics: &[MetricSpec]) -> Vec<(String, String, Vec<String>)> {
             )
         })
         .collect()
+}
+
+/// How often a store records that the configured versions are in use, and
+/// deletes the results of versions unused for longer than `keep_old`.
+const VERSIONS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The current wall-clock time in Unix milliseconds, which versions are
+/// dated by.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A group's stored key: its dimension values joined by [`SEP`].

@@ -2,16 +2,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rusqlite::{params, Connection};
 use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::MetricSpec;
 use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::Fold;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::{join_group, names, Durable, Failing, StoreWriter, Write, SEP};
+use super::{join_group, names, now_ms, Durable, Failing, StoreWriter, Write, SEP, VERSIONS_EVERY};
 use crate::retry;
 
 const PRAGMAS: &str = "
@@ -32,6 +33,12 @@ CREATE TABLE IF NOT EXISTS windows (
     sketch   BLOB,
     revision INTEGER NOT NULL,
     PRIMARY KEY (metric, version, window, start, grp)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (
+    metric    TEXT    NOT NULL,
+    version   TEXT    NOT NULL,
+    last_used INTEGER NOT NULL,
+    PRIMARY KEY (metric, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     partition INTEGER NOT NULL,
@@ -85,17 +92,21 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (or creates) the store at `path` and starts its writer thread.
+    /// Opens (or creates) the store at `path`, deletes the results of
+    /// versions unused for longer than `keep_old`, and starts its writer
+    /// thread.
     pub fn open(
         path: &Path,
         metrics: Vec<MetricSpec>,
+        keep_old: Duration,
     ) -> Result<(SqliteStore, StoreWriter), StoreError> {
         let mut conn = Connection::open(path)?;
         conn.execute_batch(PRAGMAS)?;
         add_versions(&mut conn, &metrics)?;
         conn.execute_batch(SCHEMA)?;
+        retire_versions(&mut conn, &metrics, keep_old)?;
         let writer = StoreWriter::start("store-writer", move |rx, durable, failing| {
-            write_loop(conn, rx, metrics, durable, &failing)
+            write_loop(conn, rx, metrics, keep_old, durable, &failing)
         })
         .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let store = SqliteStore {
@@ -195,11 +206,11 @@ fn add_versions(conn: &mut Connection, metrics: &[MetricSpec]) -> Result<(), rus
     let tx = conn.transaction()?;
     tx.execute_batch(
         "ALTER TABLE windows RENAME TO windows_unversioned;
-         CREATE TEMP TABLE versions (metric TEXT PRIMARY KEY, version TEXT NOT NULL);",
+         CREATE TEMP TABLE configured (metric TEXT PRIMARY KEY, version TEXT NOT NULL);",
     )?;
     for (metric, version, _) in names(metrics) {
         tx.execute(
-            "INSERT OR REPLACE INTO versions VALUES (?1, ?2)",
+            "INSERT OR REPLACE INTO temp.configured VALUES (?1, ?2)",
             params![metric, version],
         )?;
     }
@@ -208,10 +219,15 @@ fn add_versions(conn: &mut Connection, metrics: &[MetricSpec]) -> Result<(), rus
         "INSERT INTO windows
          SELECT w.metric, coalesce(v.version, ''), w.window, w.start, w.end, w.grp, w.count,
                 w.sum, w.sketch, w.revision
-         FROM windows_unversioned w LEFT JOIN versions v ON v.metric = w.metric",
+         FROM windows_unversioned w LEFT JOIN temp.configured v ON v.metric = w.metric",
         [],
     )?;
-    tx.execute_batch("DROP TABLE windows_unversioned; DROP TABLE versions;")?;
+    // Dated now, so that versions no longer configured go after keep_old.
+    tx.execute(
+        "INSERT OR IGNORE INTO versions SELECT DISTINCT metric, version, ?1 FROM windows",
+        params![now_ms()],
+    )?;
+    tx.execute_batch("DROP TABLE windows_unversioned; DROP TABLE temp.configured;")?;
     tx.commit()?;
     info!(
         rows = moved,
@@ -220,15 +236,67 @@ fn add_versions(conn: &mut Connection, metrics: &[MetricSpec]) -> Result<(), rus
     Ok(())
 }
 
+/// Records that the configured versions are in use now, and deletes the
+/// results of every other version last in use more than `keep_old` ago.
+fn retire_versions(
+    conn: &mut Connection,
+    metrics: &[MetricSpec],
+    keep_old: Duration,
+) -> Result<(), rusqlite::Error> {
+    let now = now_ms();
+    let configured: Vec<(String, String)> =
+        names(metrics).into_iter().map(|(m, v, _)| (m, v)).collect();
+    let tx = conn.transaction()?;
+    for (metric, version) in &configured {
+        tx.execute(
+            "INSERT OR REPLACE INTO versions VALUES (?1, ?2, ?3)",
+            params![metric, version, now],
+        )?;
+    }
+    let cutoff = now.saturating_sub(keep_old.as_millis() as i64);
+    let unused: Vec<(String, String)> = tx
+        .prepare("SELECT metric, version FROM versions WHERE last_used < ?1")?
+        .query_map(params![cutoff], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (metric, version) in unused.iter().filter(|v| !configured.contains(v)) {
+        let rows = tx.execute(
+            "DELETE FROM windows WHERE metric = ?1 AND version = ?2",
+            params![metric, version],
+        )?;
+        tx.execute(
+            "DELETE FROM versions WHERE metric = ?1 AND version = ?2",
+            params![metric, version],
+        )?;
+        info!(
+            metric,
+            version, rows, "deleted the results of a version no longer configured"
+        );
+    }
+    tx.commit()
+}
+
 fn write_loop(
     mut conn: Connection,
     rx: Receiver<Write>,
     metrics: Vec<MetricSpec>,
+    keep_old: Duration,
     durable: Durable,
     failing: &Failing,
 ) {
     let names = names(&metrics);
-    while let Ok(first) = rx.recv() {
+    let mut versions_due = Instant::now() + VERSIONS_EVERY;
+    loop {
+        let first = match rx.recv_deadline(versions_due) {
+            Ok(first) => first,
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = retire_versions(&mut conn, &metrics, keep_old) {
+                    warn!(error = %e, "cannot date or delete metric versions; trying again later");
+                }
+                versions_due = Instant::now() + VERSIONS_EVERY;
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         // Commit everything queued in one transaction.
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -307,6 +375,8 @@ mod tests {
     use tally_dataflow::model::WindowUpdate;
     use tally_dataflow::ports::Sink;
     use tally_dataflow::query::{Pass, Query};
+
+    const WEEK: Duration = Duration::from_secs(7 * 86_400);
     use tally_dataflow::window::Span;
 
     fn config() -> Config {
@@ -347,7 +417,8 @@ windows = ["tumbling 10s"]
         let dir = tempfile::tempdir().unwrap();
         let config = config();
         let (store, writer) =
-            SqliteStore::open(&dir.path().join("results.db"), config.metrics.clone()).unwrap();
+            SqliteStore::open(&dir.path().join("results.db"), config.metrics.clone(), WEEK)
+                .unwrap();
         let mut sink = writer.window_sink();
         let mut batch = vec![
             update(0, "US", 2, 0),
@@ -371,12 +442,15 @@ windows = ["tumbling 10s"]
         );
     }
 
+    /// Each series' group and its first value.
+    type Counted = Vec<(Vec<(String, String)>, Option<f64>)>;
+
     /// What a query of the first ten seconds of ad_clicks reads, by series.
     fn counts(
         store: &SqliteStore,
         config: &Config,
         filter: &[(&str, &str)],
-    ) -> Vec<(Vec<(String, String)>, Option<f64>)> {
+    ) -> Counted {
         let mut params = vec![("metric", "ad_clicks"), ("start", "0"), ("end", "10")];
         params.extend_from_slice(filter);
         let params: Vec<(String, String)> = params
@@ -416,7 +490,7 @@ windows = ["tumbling 10s"]
                 .unwrap();
         }
         let config = config();
-        let (store, writer) = SqliteStore::open(&path, config.metrics.clone()).unwrap();
+        let (store, writer) = SqliteStore::open(&path, config.metrics.clone(), WEEK).unwrap();
         writer.close();
         assert_eq!(counts(&store, &config, &[]), [(vec![], Some(4.0))]);
         // Another definition of the metric does not read them.
@@ -428,8 +502,36 @@ windows = ["tumbling 10s"]
         assert_eq!(counts(&store, &changed, &[]), [(vec![], Some(0.0))]);
         // Opening again finds versions and leaves them.
         drop(store);
-        let (store, writer) = SqliteStore::open(&path, changed.metrics.clone()).unwrap();
+        let (store, writer) = SqliteStore::open(&path, changed.metrics.clone(), WEEK).unwrap();
         writer.close();
         assert_eq!(counts(&store, &config, &[]), [(vec![], Some(4.0))]);
+    }
+
+    #[test]
+    fn a_version_unused_for_longer_than_keep_old_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.db");
+        let config = config();
+        let (store, writer) = SqliteStore::open(&path, config.metrics.clone(), WEEK).unwrap();
+        let mut sink = writer.window_sink();
+        sink.offer(&mut vec![Arc::new(update(0, "US", 2, 0))]);
+        drop(sink);
+        writer.close();
+        assert_eq!(counts(&store, &config, &[]), [(vec![], Some(2.0))]);
+        // Another definition, opened with a week to keep: the old one stays.
+        let changed = Config::load(
+            Some("[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"country\"]\nwindows = [\"tumbling 10s\"]\n"),
+            [],
+        )
+        .unwrap();
+        let (_, writer) = SqliteStore::open(&path, changed.metrics.clone(), WEEK).unwrap();
+        writer.close();
+        assert_eq!(counts(&store, &config, &[]), [(vec![], Some(2.0))]);
+        // With nothing to keep, it goes; the configured one is dated anew.
+        std::thread::sleep(Duration::from_millis(5));
+        let (_, writer) =
+            SqliteStore::open(&path, changed.metrics.clone(), Duration::ZERO).unwrap();
+        writer.close();
+        assert_eq!(counts(&store, &config, &[]), [(vec![], Some(0.0))]);
     }
 }
