@@ -169,7 +169,13 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     last_partials = Instant::now();
                 }
                 if state.has_partials() {
-                    activator.activate_after(settings.live_interval);
+                    // The trailing edge: an interval after the last partials,
+                    // not after this change.
+                    activator.activate_after(
+                        settings
+                            .live_interval
+                            .saturating_sub(last_partials.elapsed()),
+                    );
                 }
                 if let Some(cap) = held.as_mut() {
                     let finals = emitted.iter().filter(|u| u.is_final).count();
