@@ -446,11 +446,7 @@ windows = ["tumbling 10s"]
     type Counted = Vec<(Vec<(String, String)>, Option<f64>)>;
 
     /// What a query of the first ten seconds of ad_clicks reads, by series.
-    fn counts(
-        store: &SqliteStore,
-        config: &Config,
-        filter: &[(&str, &str)],
-    ) -> Counted {
+    fn counts(store: &SqliteStore, config: &Config, filter: &[(&str, &str)]) -> Counted {
         let mut params = vec![("metric", "ad_clicks"), ("start", "0"), ("end", "10")];
         params.extend_from_slice(filter);
         let params: Vec<(String, String)> = params
