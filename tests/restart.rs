@@ -3,15 +3,10 @@
 
 use std::time::Duration;
 
-use crate::util::{clickstream, eventually, post_all, values, Tally, BASE_MS};
-
-fn per_minute_clicks(events: &[crate::util::Generated]) -> Vec<u64> {
-    let mut buckets = vec![0; 5];
-    for e in events.iter().filter(|e| e.event_type == "ad_click") {
-        buckets[((e.time_ms - BASE_MS) / 60_000) as usize] += 1;
-    }
-    buckets
-}
+use crate::util::{
+    clicks_per_minute_are, clickstream, eventually, per_minute_clicks, post_all, values, Tally,
+    BASE_MS,
+};
 
 const RANGE: &str = "start=2026-06-07T10:00:00Z&end=2026-06-07T10:05:00Z";
 
@@ -46,17 +41,5 @@ fn kill_9_and_sigterm_lose_nothing_and_double_nothing() {
     let tally = Tally::start(dir.path(), &[], &[]);
     post_all(&tally, third, 50);
     tally.flush(BASE_MS + 3_600_000);
-    let expected = per_minute_clicks(&events);
-    eventually(Duration::from_secs(60), || {
-        let got: Vec<u64> =
-            values(&tally.metrics(&format!("metric=ad_clicks&resolution=1m&{RANGE}")))
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .collect();
-        if got == expected {
-            Ok(())
-        } else {
-            Err(format!("got {got:?}, expected {expected:?}"))
-        }
-    });
+    clicks_per_minute_are(&tally, &per_minute_clicks(&events), Duration::from_secs(60));
 }

@@ -305,3 +305,30 @@ pub fn values(answer: &Value) -> Vec<Value> {
         .map(|p| p["value"].clone())
         .collect()
 }
+
+/// The `ad_click` events of a [`clickstream`] in each of its five minutes.
+pub fn per_minute_clicks(events: &[Generated]) -> Vec<u64> {
+    let mut buckets = vec![0; 5];
+    for e in events.iter().filter(|e| e.event_type == "ad_click") {
+        buckets[((e.time_ms - BASE_MS) / 60_000) as usize] += 1;
+    }
+    buckets
+}
+
+/// Waits up to `timeout` until `ad_clicks` per minute over the five
+/// minutes of a [`clickstream`] are `expected`.
+pub fn clicks_per_minute_are(tally: &Tally, expected: &[u64], timeout: Duration) {
+    let query =
+        "metric=ad_clicks&resolution=1m&start=2026-06-07T10:00:00Z&end=2026-06-07T10:05:00Z";
+    eventually(timeout, || {
+        let got: Vec<u64> = values(&tally.metrics(query))
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!("clicks per minute {got:?}, expected {expected:?}"))
+        }
+    });
+}

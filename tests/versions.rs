@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::{clickstream, eventually, post_all, values, Generated, Tally, BASE_MS};
+use crate::util::{
+    clicks_per_minute_are, clickstream, eventually, per_minute_clicks, post_all, values, Tally,
+    BASE_MS,
+};
 
 const BY_CAMPAIGN: &str = r#"
 [[metric]]
@@ -28,33 +31,14 @@ windows = ["tumbling 1m"]
 
 const RANGE: &str = "start=2026-06-07T10:00:00Z&end=2026-06-07T10:05:00Z&resolution=1m";
 
-fn per_minute_clicks(events: &[Generated]) -> Vec<u64> {
-    let mut buckets = vec![0; 5];
-    for e in events.iter().filter(|e| e.event_type == "ad_click") {
-        buckets[((e.time_ms - BASE_MS) / 60_000) as usize] += 1;
-    }
-    buckets
-}
-
 fn start(data: &Path, config: &str) -> Tally {
     let file = data.with_extension("toml");
     std::fs::write(&file, config).unwrap();
     Tally::start_with_config(data, &file, &[], &[])
 }
 
-/// Waits until the per-minute clicks are `expected`.
 fn clicks_are(tally: &Tally, expected: &[u64]) {
-    eventually(Duration::from_secs(30), || {
-        let got: Vec<u64> = values(&tally.metrics(&format!("metric=ad_clicks&{RANGE}")))
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        if got == expected {
-            Ok(())
-        } else {
-            Err(format!("clicks per minute {got:?}, expected {expected:?}"))
-        }
-    });
+    clicks_per_minute_are(tally, expected, Duration::from_secs(30));
 }
 
 #[test]
