@@ -25,23 +25,38 @@ pub enum Live {
     Through(u64),
 }
 
+/// The watermarks of several reporters (a process's workers, or a
+/// cluster's processes), and the lowest of them passed on so far. A
+/// reporter counts as 0 until it reports, so nothing passes on before
+/// every reporter has.
+#[derive(Default)]
+struct Lowest {
+    reported: Vec<u64>,
+    passed: u64,
+}
+
+impl Lowest {
+    /// Records `reporter` at `watermark`, and returns the lowest of all
+    /// reporters if it has risen past what was passed on.
+    fn report(&mut self, reporter: usize, watermark: u64) -> Option<u64> {
+        let slot = &mut self.reported[reporter];
+        *slot = (*slot).max(watermark);
+        let lowest = self.reported.iter().copied().min().unwrap_or(0);
+        (lowest > self.passed).then_some(lowest)
+    }
+}
+
 /// The watermark of a process's workers: each worker's publisher reports
 /// its own, and the lowest is what the bus passes on.
 #[derive(Clone, Default)]
-struct Watermarks(Arc<Mutex<Reported>>);
-
-#[derive(Default)]
-struct Reported {
-    workers: Vec<u64>,
-    sent: u64,
-}
+struct Watermarks(Arc<Mutex<Lowest>>);
 
 impl Watermarks {
-    /// A slot for one more worker, at 0 until it reports.
+    /// A slot for one more worker.
     fn register(&self) -> usize {
-        let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        reported.workers.push(0);
-        reported.workers.len() - 1
+        let mut lowest = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        lowest.reported.push(0);
+        lowest.reported.len() - 1
     }
 
     /// Records `worker` (if it has a slot) at `watermark` and, if the
@@ -58,15 +73,13 @@ impl Watermarks {
         let Some(worker) = worker else {
             return true;
         };
-        let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        reported.workers[worker] = reported.workers[worker].max(watermark);
-        let lowest = reported.workers.iter().copied().min().unwrap_or(0);
-        if lowest <= reported.sent {
+        let mut lowest = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(risen) = lowest.report(worker, watermark) else {
             return true;
-        }
-        match send(Live::Through(lowest)) {
+        };
+        match send(Live::Through(risen)) {
             Ok(()) => {
-                reported.sent = lowest;
+                lowest.passed = risen;
                 true
             }
             Err(Full) => false,

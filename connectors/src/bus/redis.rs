@@ -33,7 +33,7 @@ use tally_dataflow::time::Millis;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Full, Live, Watermarks};
+use super::{Full, Live, Lowest, Watermarks};
 use crate::retry::{self, Backoff};
 
 /// Batches waiting for the publisher thread.
@@ -197,11 +197,7 @@ impl Publisher {
     fn through(&mut self, pipe: &mut redis::Pipeline, watermark: u64) {
         let watermark = Millis::try_from(watermark).unwrap_or(Millis::MAX);
         for (&(metric, _), written) in self.written.iter_mut() {
-            let keep = written.split_off(&(watermark.saturating_sub(self.lateness)));
-            let expired: Vec<String> = std::mem::replace(written, keep)
-                .into_values()
-                .flatten()
-                .collect();
+            let expired = ended_before(written, watermark.saturating_sub(self.lateness));
             if !expired.is_empty() {
                 let key = latest_key(&self.prefix, &self.names[metric as usize]);
                 pipe.hdel(key, expired).ignore();
@@ -252,8 +248,7 @@ impl Publisher {
             let mut expired: Vec<String> = Vec::new();
             for (window, newest) in newest {
                 let written = self.written.entry((metric, window)).or_default();
-                let keep = written.split_off(&(newest - self.lateness));
-                expired.extend(std::mem::replace(written, keep).into_values().flatten());
+                expired.extend(ended_before(written, newest - self.lateness));
             }
             if !expired.is_empty() {
                 pipe.hdel(&key, expired).ignore();
@@ -262,6 +257,15 @@ impl Publisher {
         }
         pipe
     }
+}
+
+/// Takes out the hash fields of the windows that ended before `end`.
+fn ended_before(written: &mut BTreeMap<Millis, HashSet<String>>, end: Millis) -> Vec<String> {
+    let keep = written.split_off(&end);
+    std::mem::replace(written, keep)
+        .into_values()
+        .flatten()
+        .collect()
 }
 
 /// A gateway's subscriptions: which metrics its clients want.
@@ -298,8 +302,7 @@ pub fn subscribe(
         metrics,
         wanted: HashSet::new(),
         updates,
-        processes: Vec::new(),
-        forwarded: 0,
+        processes: Lowest::default(),
     };
     tokio::spawn(subscriber.run(rx));
     Ok((RedisFeed { commands }, out))
@@ -311,10 +314,9 @@ struct Subscriber {
     metrics: Arc<Vec<MetricSpec>>,
     wanted: HashSet<String>,
     updates: mpsc::Sender<Live>,
-    /// Each worker process's watermark, as it last published it.
-    processes: Vec<u64>,
-    /// The lowest of them, as last handed to the hub.
-    forwarded: u64,
+    /// Each worker process's watermark, as it last published it, and the
+    /// lowest handed to the hub.
+    processes: Lowest,
 }
 
 impl Subscriber {
@@ -405,12 +407,9 @@ impl Subscriber {
         if process >= processes {
             return;
         }
-        self.processes.resize(processes, 0);
-        let reported = &mut self.processes[process];
-        *reported = (*reported).max(watermark.max(0) as u64);
-        let lowest = self.processes.iter().copied().min().unwrap_or(0);
-        if lowest > self.forwarded {
-            self.forwarded = lowest;
+        self.processes.reported.resize(processes, 0);
+        if let Some(lowest) = self.processes.report(process, watermark.max(0) as u64) {
+            self.processes.passed = lowest;
             let _ = self.updates.send(Live::Through(lowest)).await;
         }
     }

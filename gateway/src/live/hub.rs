@@ -339,14 +339,14 @@ impl HubState {
     fn through(&mut self, watermark: u64) {
         let watermark = Millis::try_from(watermark).unwrap_or(Millis::MAX);
         for slots in self.windows.values_mut() {
-            while slots
-                .first_key_value()
-                .is_some_and(|(_, slot)| slot.end.saturating_add(self.lateness) < watermark)
-            {
-                slots.pop_first();
-            }
+            forget_before(slots, self.lateness, watermark);
         }
         self.windows.retain(|_, slots| !slots.is_empty());
+        self.forget_sent();
+    }
+
+    /// Forgets what each subscription was sent of windows no longer held.
+    fn forget_sent(&mut self) {
         for (topic, sub) in self.subs.iter_mut() {
             let oldest = self
                 .windows
@@ -384,25 +384,13 @@ impl HubState {
         for slots in self.windows.values_mut() {
             // Keep the windows a late event can still revise: those ending
             // within the lateness of the newest window's start.
-            let Some(newest) = slots.keys().next_back().copied() else {
-                continue;
-            };
-            while slots
-                .first_key_value()
-                .is_some_and(|(_, slot)| slot.end + self.lateness < newest)
-            {
-                slots.pop_first();
+            if let Some(newest) = slots.keys().next_back().copied() {
+                forget_before(slots, self.lateness, newest);
             }
         }
+        self.forget_sent();
         let mut outbox: Vec<(Vec<u64>, Batch)> = Vec::new();
         for (topic, sub) in self.subs.iter_mut() {
-            if let Some(oldest) = self
-                .windows
-                .get(&(topic.metric(), topic.window()))
-                .and_then(|s| s.keys().next())
-            {
-                sub.sent.retain(|(start, _), _| start >= oldest);
-            }
             let (metric, window) = (topic.metric(), topic.window());
             let mut batch = Vec::new();
             for &(_, _, start) in
@@ -426,6 +414,16 @@ impl HubState {
                 self.send_to(client, Arc::clone(&batch));
             }
         }
+    }
+}
+
+/// Drops the windows that ended more than `lateness` before `time`.
+fn forget_before(slots: &mut BTreeMap<Millis, Slot>, lateness: Millis, time: Millis) {
+    while slots
+        .first_key_value()
+        .is_some_and(|(_, slot)| slot.end.saturating_add(lateness) < time)
+    {
+        slots.pop_first();
     }
 }
 
