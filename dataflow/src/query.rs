@@ -212,7 +212,7 @@ impl Query {
                 })?,
         };
         let start = align(start, resolution);
-        let buckets = (end - start + resolution - 1) / resolution;
+        let buckets = bucket_count(start, end, resolution) as i64;
         let series = if group_by.is_some() { top } else { 1 };
         if buckets.saturating_mul(series as i64) > limits.max_points as i64 {
             let (parameter, problem) = if group_by.is_some() {
@@ -270,7 +270,7 @@ impl Query {
 
     /// The buckets of the answer.
     fn buckets(&self) -> usize {
-        ((self.end - self.start + self.resolution - 1) / self.resolution) as usize
+        bucket_count(self.start, self.end, self.resolution)
     }
 
     /// Whether a stored group, given as its dimension values, passes the
@@ -509,6 +509,12 @@ impl Query {
                 .collect(),
         }
     }
+}
+
+/// The buckets of `resolution` from `start`, which is aligned to it, that
+/// cover the range up to `end`.
+fn bucket_count(start: Millis, end: Millis, resolution: Millis) -> usize {
+    ((end - start + resolution - 1) / resolution) as usize
 }
 
 /// The latest time a query may name: the end of the year 9999, as for events.

@@ -37,7 +37,10 @@ use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::Fold;
 use tracing::{info, warn};
 
-use super::{join_group, names, Durable, Failing, StoreWriter, Write, SEP, VERSIONS_EVERY};
+use super::{
+    join_group, names, unused_since, versions, Durable, Failing, StoreWriter, Write, SEP,
+    VERSIONS_EVERY,
+};
 use crate::retry;
 
 /// Errors of the ClickHouse store.
@@ -204,7 +207,7 @@ impl ClickHouseStore {
         }
         if !columns("windows_unversioned").await?.is_empty() {
             let (names, versions): (Vec<String>, Vec<String>) =
-                names(metrics).into_iter().map(|(n, v, _)| (n, v)).unzip();
+                versions(metrics).into_iter().unzip();
             // Rows of metrics no longer configured get no version ('') and
             // are never read.
             admin
@@ -435,8 +438,7 @@ async fn retire_versions(
     keep_old: Duration,
 ) -> Result<(), Error> {
     let now = super::now_ms();
-    let configured: Vec<(String, String)> =
-        names(metrics).into_iter().map(|(m, v, _)| (m, v)).collect();
+    let configured = versions(metrics);
     for (metric, version) in &configured {
         client
             .query(&format!("INSERT INTO {db}.versions VALUES (?, ?, ?)"))
@@ -446,7 +448,7 @@ async fn retire_versions(
             .execute()
             .await?;
     }
-    let cutoff = now.saturating_sub(keep_old.as_millis() as i64);
+    let cutoff = unused_since(now, keep_old);
     let unused: Vec<VersionRow> = client
         .query(&format!(
             "SELECT ?fields FROM {db}.versions FINAL WHERE last_used < ?"
@@ -455,7 +457,10 @@ async fn retire_versions(
         .fetch_all()
         .await?;
     for row in unused {
-        if configured.contains(&(row.metric.clone(), row.version.clone())) {
+        if configured
+            .iter()
+            .any(|(m, v)| *m == row.metric && *v == row.version)
+        {
             continue;
         }
         client

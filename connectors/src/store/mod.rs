@@ -262,6 +262,20 @@ fn names(metrics: &[MetricSpec]) -> Vec<(String, String, Vec<String>)> {
         .collect()
 }
 
+/// Each metric's stored name and its version, by index.
+fn versions(metrics: &[MetricSpec]) -> Vec<(String, String)> {
+    metrics
+        .iter()
+        .map(|m| (m.name.clone(), fingerprint::metric(m)))
+        .collect()
+}
+
+/// The time before which a version must last have been in use for its
+/// results to be deleted, `keep_old` before `now`.
+fn unused_since(now: i64, keep_old: std::time::Duration) -> i64 {
+    now.saturating_sub(i64::try_from(keep_old.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// How often a store records that the configured versions are in use, and
 /// deletes the results of versions unused for longer than `keep_old`.
 const VERSIONS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);

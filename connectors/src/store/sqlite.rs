@@ -12,7 +12,10 @@ use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::Fold;
 use tracing::{info, warn};
 
-use super::{join_group, names, now_ms, Durable, Failing, StoreWriter, Write, SEP, VERSIONS_EVERY};
+use super::{
+    join_group, names, now_ms, unused_since, versions, Durable, Failing, StoreWriter, Write, SEP,
+    VERSIONS_EVERY,
+};
 use crate::retry;
 
 const PRAGMAS: &str = "
@@ -208,7 +211,7 @@ fn add_versions(conn: &mut Connection, metrics: &[MetricSpec]) -> Result<(), rus
         "ALTER TABLE windows RENAME TO windows_unversioned;
          CREATE TEMP TABLE configured (metric TEXT PRIMARY KEY, version TEXT NOT NULL);",
     )?;
-    for (metric, version, _) in names(metrics) {
+    for (metric, version) in versions(metrics) {
         tx.execute(
             "INSERT OR REPLACE INTO temp.configured VALUES (?1, ?2)",
             params![metric, version],
@@ -244,8 +247,7 @@ fn retire_versions(
     keep_old: Duration,
 ) -> Result<(), rusqlite::Error> {
     let now = now_ms();
-    let configured: Vec<(String, String)> =
-        names(metrics).into_iter().map(|(m, v, _)| (m, v)).collect();
+    let configured = versions(metrics);
     let tx = conn.transaction()?;
     for (metric, version) in &configured {
         tx.execute(
@@ -253,7 +255,7 @@ fn retire_versions(
             params![metric, version, now],
         )?;
     }
-    let cutoff = now.saturating_sub(keep_old.as_millis() as i64);
+    let cutoff = unused_since(now, keep_old);
     let unused: Vec<(String, String)> = tx
         .prepare("SELECT metric, version FROM versions WHERE last_used < ?1")?
         .query_map(params![cutoff], |row| Ok((row.get(0)?, row.get(1)?)))?
