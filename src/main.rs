@@ -182,29 +182,27 @@ pub fn job_observer(
 /// tally listens, so that a signal sent on that word stops it cleanly
 /// rather than killing it. Call it within the runtime.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{signal, Signal, SignalKind};
     let listen = |kind: SignalKind, name: &'static str| {
         signal(kind)
             .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for {name}"))
             .ok()
     };
-    let (mut terminate, mut interrupt) = (
-        listen(SignalKind::terminate(), "SIGTERM"),
-        listen(SignalKind::interrupt(), "Ctrl-C"),
-    );
-    async move {
-        let received = |s: &mut Option<tokio::signal::unix::Signal>| {
-            let s = s.take();
-            async move {
-                match s {
-                    Some(mut s) => s.recv().await,
-                    None => std::future::pending().await,
-                }
+    /// Resolves on the signal, or never if it cannot be listened for.
+    async fn received(signal: Option<Signal>) {
+        match signal {
+            Some(mut signal) => {
+                signal.recv().await;
             }
-        };
+            None => std::future::pending().await,
+        }
+    }
+    let terminate = received(listen(SignalKind::terminate(), "SIGTERM"));
+    let interrupt = received(listen(SignalKind::interrupt(), "Ctrl-C"));
+    async move {
         tokio::select! {
-            _ = received(&mut terminate) => info!("received SIGTERM"),
-            _ = received(&mut interrupt) => info!("received Ctrl-C"),
+            _ = terminate => info!("received SIGTERM"),
+            _ = interrupt => info!("received Ctrl-C"),
         }
     }
 }
