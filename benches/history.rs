@@ -32,7 +32,7 @@ pub fn run() {
             .position(|w| w.to_string() == "tumbling 1m")
             .unwrap() as u8
     };
-    let mut sink = writer.window_sink();
+    let mut sink = writer.sinks(&config.metrics, 1, false).windows.remove(0);
     let mut rng = fastrand::Rng::with_seed(4);
     let mut rows = 0;
     for minute in 0..MINUTES {
@@ -132,7 +132,8 @@ pub fn run() {
         ),
         ("unique_users (HLL merge), all groups", "unique_users", ""),
     ] {
-        let query = Query::parse(&params(extra, metric), &config, 0).unwrap();
+        let query =
+            Query::parse(&params(extra, metric), &config.metrics, &config.history, 0).unwrap();
         let ms = median(|| {
             let mut fold = Fold::new(query.clone());
             store.scan(&mut fold).unwrap();

@@ -12,6 +12,7 @@ use tally_connectors::bus::{self, redis};
 use tally_connectors::kafka::{self, producer::KafkaProducer};
 use tally_connectors::store::clickhouse::ClickHouseStore;
 use tally_gateway::backend::{ClickHouseHistory, EventSink, KafkaEvents};
+use tally_gateway::catalog::Catalog;
 use tally_gateway::live::Hub;
 use tally_gateway::ops::Ops;
 use tally_gateway::Gateway;
@@ -43,8 +44,9 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             redis::subscribe(&config.redis, Arc::clone(&metrics), bus::BATCHES_IN_FLIGHT)
                 .context("configuring the Redis subscriber")?;
         let lateness = config.dataflow.revision_horizon();
+        let catalog = Arc::new(Catalog::new(config.metrics.clone()));
         let hub = Hub::start(
-            metrics,
+            Arc::clone(&catalog),
             lateness,
             bus,
             Arc::clone(&ops),
@@ -55,6 +57,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         let store = ClickHouseStore::new(&config.clickhouse);
         let gateway = Arc::new(Gateway {
             config: Arc::clone(&config),
+            catalog,
             events: Arc::new(KafkaEvents(producer)) as Arc<dyn EventSink>,
             history: Arc::new(ClickHouseHistory(store.clone())),
             hub,

@@ -17,6 +17,10 @@
 //! letters go, and how a restored checkpoint is checked against the log.
 //! What a mode owns besides (the store writer, the log, the archive, the
 //! Redis publisher) it closes itself after [`Job::stop`].
+//!
+//! What a job computes is a [`Spec`]: its metrics, its checkpoints, and
+//! whether it is the live job or a backfill, which only writes results
+//! (see `crate::backfill`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,7 +32,7 @@ use tally_connectors::checkpoint::{
 };
 use tally_connectors::store::{DeadLetterSink, StoreWriter, WindowSink};
 use tally_dataflow::checkpoint::{Restore, Schedule};
-use tally_dataflow::config::Config;
+use tally_dataflow::config::{Config, MetricSpec};
 use tally_dataflow::coordination::Coordination;
 use tally_dataflow::fingerprint;
 use tally_dataflow::job::{self, JobSettings, Sinks};
@@ -67,6 +71,74 @@ pub trait Mode: Send + Sync + 'static {
     fn dead_letters(&self, store: DeadLetterSink) -> Self::DeadLetters;
 }
 
+/// What a job computes, and where its checkpoints go.
+pub struct Spec {
+    /// The metrics, whose indices its state and results use.
+    pub metrics: Vec<MetricSpec>,
+    /// Where its checkpoints are, of these metrics.
+    pub checkpoints: CheckpointStore,
+    /// The checkpoint it resumes from, indexed by `metrics`.
+    pub restored: Option<Checkpoint>,
+    /// Whether it is the live job, which publishes live values and writes
+    /// dead letters. A backfill writes only results, and its threads yield
+    /// the processor to the live job's.
+    pub live: bool,
+}
+
+impl Spec {
+    /// The live job of the configured metrics, resuming from the newest
+    /// checkpoint in `checkpoints` if the same metrics made it, or else
+    /// reading the log from the start.
+    pub fn configured(config: &Config, checkpoints: CheckpointStore) -> anyhow::Result<Spec> {
+        let restored = checkpoints
+            .latest()
+            .context("reading the last checkpoint")?
+            .filter(|c| {
+                let same = fingerprint::job(&c.metrics) == fingerprint::job(&config.metrics);
+                if !same {
+                    tracing::warn!("the newest checkpoint is of another configuration of metrics; starting from the log");
+                }
+                same
+            });
+        Ok(Spec {
+            metrics: config.metrics.clone(),
+            checkpoints,
+            restored,
+            live: true,
+        })
+    }
+}
+
+/// The checkpoint store of the live job under `config`, holding `metrics`.
+pub fn checkpoint_store(
+    config: &Config,
+    metrics: &[MetricSpec],
+) -> anyhow::Result<CheckpointStore> {
+    let dir = config.storage.data_dir.join("checkpoints");
+    CheckpointStore::open(config.checkpoint.url.as_deref(), &dir, metrics)
+        .context("opening the checkpoint store")
+}
+
+/// A job's counters, which outlive the job: the live job that takes over
+/// from a finished backfill counts on where the one before left off.
+#[derive(Clone)]
+pub struct Counters {
+    /// The workers'.
+    pub job: Arc<JobStats>,
+    /// The checkpoints'.
+    pub checkpoints: Arc<CheckpointStats>,
+}
+
+impl Counters {
+    /// Counters for a job of `workers` workers.
+    pub fn new(workers: usize) -> Counters {
+        Counters {
+            job: Arc::new(JobStats::new(workers)),
+            checkpoints: Arc::default(),
+        }
+    }
+}
+
 /// A job whose checkpoint is restored and whose committer runs, about to
 /// start its workers.
 pub struct Starting {
@@ -76,39 +148,39 @@ pub struct Starting {
     members: Members,
     store_sinks: Vec<WindowSink>,
     dead_sinks: Vec<DeadLetterSink>,
+    live: bool,
 }
 
 /// A running job: the timely workers of this process and the checkpoint
 /// committer.
 pub struct Job {
-    stats: Arc<JobStats>,
     committer: Committer,
     workers: timely::communication::WorkerGuards<()>,
     stop: Arc<AtomicBool>,
 }
 
 impl Job {
-    /// Prepares this process's share of the job, `members` saying which
-    /// share that is, over a log of `partitions` partitions, writing results
-    /// through `writer`: restores the newest checkpoint, checked by `mode`,
-    /// and starts the committer. [`Starting::run`] then starts the workers;
-    /// in between, the job's counters can already be served.
+    /// Prepares this process's share of the job `spec`, `members` saying
+    /// which share that is, over a log of `partitions` partitions, writing
+    /// results through `writer` and counting in `counters`: checks the
+    /// checkpoint it restores with `mode`, and starts the committer.
+    /// [`Starting::run`] then starts the workers; in between, the job's
+    /// counters can already be served.
     pub fn prepare(
         config: &Config,
         members: Members,
         partitions: u32,
         writer: &StoreWriter,
         mode: &impl Mode,
+        spec: Spec,
+        counters: &Counters,
     ) -> anyhow::Result<Starting> {
-        let checkpoints = CheckpointStore::open(
-            config.checkpoint.url.as_deref(),
-            &config.storage.data_dir.join("checkpoints"),
-            fingerprint::job(&config.metrics),
-        )
-        .context("opening the checkpoint store")?;
-        let mut restored = checkpoints
-            .latest()
-            .context("reading the last checkpoint")?;
+        let Spec {
+            metrics,
+            checkpoints,
+            mut restored,
+            live,
+        } = spec;
         if let Some(checkpoint) = restored.as_mut() {
             mode.check_restore(checkpoint)?;
         }
@@ -147,23 +219,28 @@ impl Job {
             Duration::ZERO
         };
         let schedule = Arc::new(Schedule::new(interval, gap, boundary));
-        let durable = writer.durable();
+        // One store sink of each kind per worker: checkpoints wait for all
+        // of them.
+        let sinks = writer.sinks(&metrics, members.threads, live);
+        let durable = sinks.durable;
         let (committer, parts) = Committer::start(
             checkpoints,
             members,
             config.checkpoint.keep,
             Arc::clone(&schedule),
             move || durable.through(),
+            Arc::clone(&counters.checkpoints),
         )
         .context("starting the checkpoint thread")?;
         let shared = Shared {
             partitions,
             restored,
             settings: JobSettings {
+                metrics,
                 processes: members.processes,
                 ..JobSettings::from_config(config)
             },
-            stats: Arc::new(JobStats::new(members.processes * members.threads)),
+            stats: Arc::clone(&counters.job),
             coordination: Coordination::default(),
             schedule,
             stop: Arc::new(AtomicBool::new(false)),
@@ -173,23 +250,10 @@ impl Job {
             committer,
             parts,
             members,
-            // One store sink of each kind per worker: checkpoints wait for
-            // all of them.
-            store_sinks: (0..members.threads).map(|_| writer.window_sink()).collect(),
-            dead_sinks: (0..members.threads)
-                .map(|_| writer.dead_letter_sink())
-                .collect(),
+            store_sinks: sinks.windows,
+            dead_sinks: sinks.dead_letters,
+            live,
         })
-    }
-
-    /// The job's counters, for `/metrics`.
-    pub fn stats(&self) -> &Arc<JobStats> {
-        &self.stats
-    }
-
-    /// The committer's counters, for `/metrics`.
-    pub fn checkpoint_stats(&self) -> &Arc<CheckpointStats> {
-        &self.committer.stats
     }
 
     /// Stops the workers and waits for them, then for the committer. What
@@ -206,16 +270,6 @@ impl Job {
 }
 
 impl Starting {
-    /// The job's counters, for `/metrics`.
-    pub fn stats(&self) -> &Arc<JobStats> {
-        &self.shared.stats
-    }
-
-    /// The committer's counters, for `/metrics`.
-    pub fn checkpoint_stats(&self) -> &Arc<CheckpointStats> {
-        &self.committer.stats
-    }
-
     /// Starts the timely workers of this process, which read, write and
     /// connect as `mode` says. In a cluster, this waits for timely to
     /// connect every process.
@@ -227,8 +281,9 @@ impl Starting {
             members,
             store_sinks,
             dead_sinks,
+            live,
         } = self;
-        let (stats, stop) = (Arc::clone(&shared.stats), Arc::clone(&shared.stop));
+        let stop = Arc::clone(&shared.stop);
         let timely_config = timely::Config {
             communication: mode.communication(),
             worker: WorkerConfig::default(),
@@ -236,10 +291,15 @@ impl Starting {
         let first = members.process * members.threads;
         let workers = timely::execute(timely_config, move |worker| {
             let local = worker.index() - first;
+            if !live {
+                yield_processor();
+            }
+            // A backfill's dead letters are the live job's too, which writes
+            // them; what it would publish live is long past.
             let sinks = Sinks {
                 store: store_sinks[local].clone(),
-                live: mode.live(),
-                dead_letters: mode.dead_letters(dead_sinks[local].clone()),
+                live: live.then(|| mode.live()),
+                dead_letters: dead_sinks.get(local).map(|d| mode.dead_letters(d.clone())),
             };
             shared.run(
                 worker,
@@ -250,11 +310,24 @@ impl Starting {
         })
         .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?;
         Ok(Job {
-            stats,
             committer,
             workers,
             stop,
         })
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to the lowest, so that
+/// a backfill takes only what the live job leaves of the processors.
+fn yield_processor() {
+    // On Linux a thread has a nice value of its own; `who` is its id.
+    // SAFETY: plain system calls on the calling thread.
+    let done = unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, 19)
+    };
+    if done != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot lower a backfill thread's priority");
     }
 }
 

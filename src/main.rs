@@ -5,6 +5,7 @@
 //! in-process live bus. The cluster runs the same pipeline as `tally worker`
 //! processes (Kafka in, ClickHouse and Redis out) and `tally gateway` nodes.
 
+mod backfill;
 mod demo;
 mod gateway;
 mod job;
@@ -24,9 +25,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tally_connectors::checkpoint::CheckpointStats;
 use tally_dataflow::config::Config;
-use tally_dataflow::stats::JobStats;
 use tally_gateway::ops::{Observe, Observed};
 use tracing::info;
 
@@ -155,11 +154,11 @@ pub fn toml_string(s: &str) -> String {
 /// What a process's job `/metrics` reads at scrape time: the job's counters,
 /// its checkpoints, and two values its log and live bus know.
 pub fn job_observer(
-    stats: Arc<JobStats>,
-    checkpoints: Arc<CheckpointStats>,
+    counters: &job::Counters,
     log_bytes: Box<dyn Fn() -> u64 + Send + Sync>,
     live_dropped: Box<dyn Fn() -> u64 + Send + Sync>,
 ) -> Observe {
+    let (stats, checkpoints) = (Arc::clone(&counters.job), Arc::clone(&counters.checkpoints));
     Box::new(move || Observed {
         checkpoints: checkpoints.committed.load(Ordering::Relaxed),
         checkpoint_failures: checkpoints.failures.load(Ordering::Relaxed),
@@ -174,6 +173,7 @@ pub fn job_observer(
         dead_letters: stats.dead_letters.load(Ordering::Relaxed),
         events_read: stats.events_read.load(Ordering::Relaxed),
         live_dropped: live_dropped(),
+        backfill: None,
     })
 }
 

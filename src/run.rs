@@ -7,19 +7,21 @@ use std::time::Duration;
 use anyhow::Context;
 use tally_connectors::bus;
 use tally_connectors::bus::inprocess::{self, LivePublisher};
-use tally_connectors::checkpoint::{Checkpoint, Members};
+use tally_connectors::checkpoint::Checkpoint;
 use tally_connectors::log::{EventLog, LogSource};
 use tally_connectors::store::sqlite::SqliteStore;
 use tally_connectors::store::DeadLetterSink;
 use tally_dataflow::checkpoint::PartitionCut;
 use tally_dataflow::config::Config;
 use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
+use tally_gateway::catalog::Catalog;
 use tally_gateway::live::Hub;
-use tally_gateway::ops::{JobMetrics, Ops};
+use tally_gateway::ops::{JobMetrics, Observed, Ops};
 use tally_gateway::Gateway;
 use tracing::info;
 
-use crate::job::{Job, Mode};
+use crate::backfill::{self, Start, Supervisor};
+use crate::job::{Counters, Mode};
 use crate::{job_observer, load_config, shutdown_signal, toml_string, RunArgs};
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -49,52 +51,52 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let log = open_log(&config, &data_dir.join("log"))?;
+    let start = Start::plan(&config)?;
     let (store, writer) = SqliteStore::open(
         &data_dir.join("results.db"),
-        config.metrics.clone(),
+        start.in_use(),
         config.backfill.keep_old,
     )
     .context("opening the result store")?;
+    let writer = Arc::new(writer);
     let workers = config.workers();
     let (live, bus) = inprocess::channel(bus::BATCHES_IN_FLIGHT);
-    let mode = Embedded {
-        log: log.clone(),
-        live: live.clone(),
-        workers,
-    };
-    let job = Job::prepare(
-        &config,
-        Members::single(workers),
-        log.partitions(),
-        &writer,
-        &mode,
-    )?
-    .run(mode)?;
-    let stats = Arc::clone(job.stats());
+    let catalog = Arc::new(Catalog::new(start.live.metrics.clone()));
+    let counters = Counters::new(workers);
+    let supervisor = Supervisor::start(
+        backfill::Wiring {
+            config: Arc::clone(&config),
+            log: log.clone(),
+            writer: Arc::clone(&writer),
+            live: live.clone(),
+            catalog: Arc::clone(&catalog),
+            counters: counters.clone(),
+        },
+        start,
+    )?;
 
     let events = Arc::new(EmbeddedLog::new(log.clone()));
     let observe = {
         let (events, live) = (Arc::clone(&events), live.clone());
-        job_observer(
-            Arc::clone(&stats),
-            Arc::clone(job.checkpoint_stats()),
+        let job = job_observer(
+            &counters,
             Box::new(move || events.log_bytes()),
             Box::new(move || live.dropped()),
-        )
+        );
+        let catalog = Arc::clone(&catalog);
+        Box::new(move || Observed {
+            backfill: catalog.backfill(),
+            ..job()
+        })
     };
     drop(live);
     let ops = Arc::new(Ops::new(Some(JobMetrics::new(observe))));
     runtime.block_on(async {
         let lateness = config.dataflow.revision_horizon();
-        let hub = Hub::start(
-            Arc::new(config.metrics.clone()),
-            lateness,
-            bus,
-            Arc::clone(&ops),
-            None,
-        );
+        let hub = Hub::start(Arc::clone(&catalog), lateness, bus, Arc::clone(&ops), None);
         let gateway = Arc::new(Gateway {
             config: Arc::clone(&config),
+            catalog: Arc::clone(&catalog),
             events: Arc::clone(&events) as Arc<dyn EventSink>,
             history: Arc::new(EmbeddedStore(Arc::new(store))),
             hub,
@@ -119,9 +121,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     drop(runtime);
 
-    job.stop();
+    supervisor.stop();
     drop(events);
-    writer.close();
+    match Arc::try_unwrap(writer) {
+        Ok(writer) => writer.close(),
+        Err(_) => tracing::error!("the store writer is still shared; results queued at shutdown are written on the next start"),
+    }
     log.close().context("closing the event log")?;
     info!("stopped cleanly");
     Ok(())
@@ -129,10 +134,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// `tally run`: the workers are threads of this process, reading the
 /// embedded log and publishing to the in-process bus.
-struct Embedded {
-    log: EventLog,
-    live: LivePublisher,
-    workers: usize,
+pub struct Embedded {
+    /// The log the workers read.
+    pub log: EventLog,
+    /// The bus they publish to.
+    pub live: LivePublisher,
+    /// Workers in the job.
+    pub workers: usize,
 }
 
 impl Mode for Embedded {

@@ -28,7 +28,7 @@ use tally_dataflow::routing::process_partitions;
 use tally_gateway::ops::JobMetrics;
 use tracing::info;
 
-use crate::job::{Job, Mode};
+use crate::job::{checkpoint_store, Counters, Job, Mode, Spec};
 use crate::{job_observer, load_config, shutdown_signal, WorkerArgs};
 
 /// How long a stopping worker may take to flush what it holds.
@@ -113,16 +113,18 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         live: live.clone(),
         runtime: runtime.handle().clone(),
     };
-    let starting = Job::prepare(&config, members, partitions, &writer, &mode)?;
-    let stats = Arc::clone(starting.stats());
+    let spec = Spec::configured(&config, checkpoint_store(&config, &config.metrics)?)?;
+    let counters = Counters::new(workers);
+    let starting = Job::prepare(
+        &config, members, partitions, &writer, &mode, spec, &counters,
+    )?;
     let metrics_server = match metrics_listener {
         Some(listener) => {
             // A line for scripts that start workers on port 0.
             println!("metrics on http://{}", listener.local_addr()?);
             let live = live.clone();
             let observe = job_observer(
-                Arc::clone(&stats),
-                Arc::clone(starting.checkpoint_stats()),
+                &counters,
                 // The brokers hold the log; their own metrics give its size.
                 Box::new(|| 0),
                 Box::new(move || live.dropped()),

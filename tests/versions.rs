@@ -1,15 +1,16 @@
 //! A changed metric: its results belong to the version of its definition,
-//! so history never mixes what two definitions computed.
+//! so history never mixes what two definitions computed, and a backfill
+//! computes the new one beside the old, which serves until it is done.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::util::{
-    clicks_per_minute_are, clickstream, eventually, per_minute_clicks, post_all, values, Tally,
-    BASE_MS,
+    clicks_per_minute_are, clickstream, eventually, per_minute_clicks, post_all, values, Generated,
+    Tally, BASE_MS,
 };
 
 const BY_CAMPAIGN: &str = r#"
@@ -29,6 +30,38 @@ dimensions = ["campaignId", "country"]
 windows = ["tumbling 1m"]
 "#;
 
+/// Before the change: clicks by campaign, and purchases.
+const BEFORE: &str = r#"
+[[metric]]
+name = "ad_clicks"
+event_type = "ad_click"
+dimensions = ["campaignId"]
+windows = ["tumbling 1m"]
+
+[[metric]]
+name = "purchases"
+event_type = "purchase"
+windows = ["tumbling 1m"]
+"#;
+
+/// After: clicks gain a dimension and a window, purchases are gone, and
+/// revenue is new.
+const AFTER: &str = r#"
+[[metric]]
+name = "ad_clicks"
+event_type = "ad_click"
+dimensions = ["campaignId", "country"]
+windows = ["tumbling 1m", "tumbling 10s"]
+
+[[metric]]
+name = "revenue"
+event_type = "purchase"
+aggregate = "sum"
+field = "values.amount"
+dimensions = ["country"]
+windows = ["tumbling 1m"]
+"#;
+
 const RANGE: &str = "start=2026-06-07T10:00:00Z&end=2026-06-07T10:05:00Z&resolution=1m";
 
 fn start(data: &Path, config: &str) -> Tally {
@@ -41,53 +74,254 @@ fn clicks_are(tally: &Tally, expected: &[u64]) {
     clicks_per_minute_are(tally, expected, Duration::from_secs(30));
 }
 
-#[test]
-fn a_changed_metric_answers_from_its_new_definition_alone() {
+fn catalog(tally: &Tally) -> Vec<Value> {
+    let (status, catalog) = tally.get("/v1/catalog");
+    assert_eq!(status, 200, "{catalog}");
+    catalog["metrics"].as_array().unwrap().clone()
+}
+
+/// The catalog's entry for `name`.
+fn entry(tally: &Tally, name: &str) -> Option<Value> {
+    catalog(tally).into_iter().find(|m| m["name"] == name)
+}
+
+/// Moves event time on a minute at a time, from `at`, as live traffic
+/// does, until no backfill runs; returns the catalog then.
+fn backfilled(tally: &Tally, mut at: i64) -> Vec<Value> {
+    eventually(Duration::from_secs(60), || {
+        at += 60_000;
+        tally.flush(at);
+        let metrics = catalog(tally);
+        match metrics.iter().find(|m| m.get("backfill").is_some()) {
+            Some(m) => Err(format!("still backfilling: {m}")),
+            None => Ok(metrics),
+        }
+    })
+}
+
+/// Every stored window of `version` of `metric`, as (window, start, group)
+/// to its value.
+fn stored(data: &Path, metric: &str, version: &str) -> BTreeMap<(String, i64, String), f64> {
+    let db = rusqlite::Connection::open(data.join("results.db")).unwrap();
+    let mut stmt = db
+        .prepare(
+            "SELECT window, start, grp, count, sum FROM windows WHERE metric = ?1 AND version = ?2",
+        )
+        .unwrap();
+    let rows = stmt
+        .query_map([metric, version], |row| {
+            let count: i64 = row.get(3)?;
+            let sum: f64 = row.get(4)?;
+            let value = if metric == "revenue" {
+                sum
+            } else {
+                count as f64
+            };
+            Ok(((row.get(0)?, row.get(1)?, row.get(2)?), value))
+        })
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// The same, aggregated in one pass over the events.
+fn batch(events: &[Generated], metric: &str) -> BTreeMap<(String, i64, String), f64> {
+    let mut out = BTreeMap::new();
+    let spans: &[(&str, i64)] = match metric {
+        "ad_clicks" => &[("tumbling 1m", 60_000), ("tumbling 10s", 10_000)],
+        _ => &[("tumbling 1m", 60_000)],
+    };
+    for e in events {
+        let (kind, group, value) = match metric {
+            "ad_clicks" => (
+                "ad_click",
+                format!("{}\u{1f}{}", e.campaign, e.country),
+                1.0,
+            ),
+            _ => ("purchase", e.country.to_string(), e.amount.unwrap_or(0.0)),
+        };
+        if e.event_type != kind {
+            continue;
+        }
+        for (window, width) in spans {
+            let start = e.time_ms - e.time_ms.rem_euclid(*width);
+            *out.entry((window.to_string(), start, group.clone()))
+                .or_insert(0.0) += value;
+        }
+    }
+    out
+}
+
+fn assert_equal(
+    stored: &BTreeMap<(String, i64, String), f64>,
+    batch: &BTreeMap<(String, i64, String), f64>,
+) {
+    assert_eq!(
+        stored.len(),
+        batch.len(),
+        "windows stored and computed in batch"
+    );
+    for (key, value) in batch {
+        let got = stored
+            .get(key)
+            .unwrap_or_else(|| panic!("window {key:?} is not stored"));
+        assert!(
+            (got - value).abs() < 1e-6,
+            "window {key:?}: stored {got}, batch {value}"
+        );
+    }
+}
+
+/// Changes one metric, adds one and removes one, then runs the backfill
+/// once straight through, and once with a kill -9 in the middle.
+fn backfill_after_a_change(kill: bool) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let events = clickstream(14, 3000);
     let expected = per_minute_clicks(&events);
 
-    let tally = start(&data, BY_CAMPAIGN);
+    let tally = start(&data, BEFORE);
+    let old = entry(&tally, "ad_clicks").unwrap()["version"].clone();
     post_all(&tally, &events, 100);
     tally.flush(BASE_MS + 3_600_000);
     clicks_are(&tally, &expected);
     tally.stop();
 
-    // The definition changes: its results are computed again from the log,
-    // beside the old ones, and only the new ones are read.
-    let tally = start(&data, BY_CAMPAIGN_AND_COUNTRY);
-    let want: BTreeSet<String> = events.iter().map(|e| e.country.to_string()).collect();
-    eventually(Duration::from_secs(30), || {
-        let answer = tally.metrics(&format!("metric=ad_clicks&groupBy=country&{RANGE}"));
-        let mut countries = BTreeSet::new();
-        let mut sums = vec![0; 5];
-        for series in answer["series"].as_array().unwrap() {
-            countries.insert(series["group"]["country"].as_str().unwrap().to_string());
-            for (i, v) in values(series).iter().enumerate() {
-                sums[i] += v.as_u64().unwrap();
-            }
-        }
-        if countries == want && sums == expected {
-            Ok(())
-        } else {
-            Err(format!(
-                "groups {countries:?} with {sums:?}, expected {want:?} with {expected:?}"
-            ))
-        }
+    let mut tally = start(&data, AFTER);
+    // While the backfill runs, the old definition answers, history and
+    // live: it has no country, and the totals are what they were.
+    let clicks = entry(&tally, "ad_clicks").unwrap();
+    assert_eq!(clicks["version"], old, "{clicks}");
+    let (status, answer) = tally.get(&format!(
+        "/v1/metrics?metric=ad_clicks&groupBy=country&{RANGE}"
+    ));
+    assert_eq!(status, 400, "the old definition has no country: {answer}");
+    clicks_are(&tally, &expected);
+    // The removed metric is gone; the new one is not served before its
+    // backfill is done.
+    let (status, _) = tally.get(&format!("/v1/metrics?metric=purchases&{RANGE}"));
+    assert_eq!(status, 400);
+    let (status, answer) = tally.get(&format!("/v1/metrics?metric=revenue&{RANGE}"));
+    assert_eq!(status, 503, "{answer}");
+    let revenue = eventually(Duration::from_secs(10), || {
+        let revenue = entry(&tally, "revenue").ok_or("revenue is not listed")?;
+        revenue
+            .get("backfill")
+            .is_some()
+            .then_some(revenue.clone())
+            .ok_or(format!("{revenue}"))
     });
-    // The replay has counted every event again: the totals are not doubled.
+    assert!(revenue["version"].is_null(), "{revenue}");
+    let progress = &revenue["backfill"];
+    assert!(progress["progress"].as_f64().unwrap() <= 1.0, "{progress}");
+    assert!(
+        progress["eventsToRead"].as_u64().unwrap() >= 3000,
+        "{progress}"
+    );
+    if kill {
+        tally.kill9();
+        tally = start(&data, AFTER);
+        assert_eq!(entry(&tally, "ad_clicks").unwrap()["version"], old);
+    }
+
+    let metrics = backfilled(&tally, BASE_MS + 3_600_000);
+    let names: Vec<&str> = metrics
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ad_clicks", "revenue"]);
+    for metric in &metrics {
+        let version = metric["version"].as_str().unwrap();
+        assert_ne!(metric["version"], old);
+        assert_eq!(
+            metric["coverage"]["since"], "2026-06-07T10:00:00Z",
+            "{metric}"
+        );
+        let name = metric["name"].as_str().unwrap();
+        assert_equal(&stored(&data, name, version), &batch(&events, name));
+    }
+    // The new definition answers, and no total is doubled.
+    let answer = tally.metrics(&format!("metric=ad_clicks&groupBy=country&{RANGE}"));
+    let mut sums = vec![0; 5];
+    for series in answer["series"].as_array().unwrap() {
+        for (i, v) in values(series).iter().enumerate() {
+            sums[i] += v.as_u64().unwrap();
+        }
+    }
+    assert_eq!(sums, expected);
+    clicks_are(&tally, &expected);
+    let (status, _) = tally.get(&format!("/v1/metrics?metric=purchases&{RANGE}"));
+    assert_eq!(status, 400, "a removed metric stays unknown");
+    tally.stop();
+
+    // A restart goes on from the merged checkpoint: nothing to backfill.
+    let tally = start(&data, AFTER);
+    assert!(catalog(&tally).iter().all(|m| m.get("backfill").is_none()));
+    clicks_are(&tally, &expected);
+    tally.stop();
+}
+
+#[test]
+fn a_changed_metric_is_backfilled_beside_the_old_one_and_then_replaces_it() {
+    backfill_after_a_change(false);
+}
+
+#[test]
+fn a_backfill_killed_midway_resumes_and_computes_the_same() {
+    backfill_after_a_change(true);
+}
+
+#[test]
+fn the_old_definition_put_back_cancels_the_backfill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let events = clickstream(16, 600);
+    let expected = per_minute_clicks(&events);
+
+    let tally = start(&data, BY_CAMPAIGN);
+    let old = entry(&tally, "ad_clicks").unwrap()["version"].clone();
+    post_all(&tally, &events, 100);
+    tally.flush(BASE_MS + 3_600_000);
     clicks_are(&tally, &expected);
     tally.stop();
 
-    // The old definition again: its results were kept.
+    let tally = start(&data, BY_CAMPAIGN_AND_COUNTRY);
+    eventually(Duration::from_secs(10), || {
+        let clicks = entry(&tally, "ad_clicks").unwrap();
+        clicks
+            .get("backfill")
+            .map(|_| ())
+            .ok_or(format!("{clicks}"))
+    });
+    let committed = || {
+        let dirs = data.join("checkpoints/backfill").read_dir().unwrap();
+        dirs.flatten()
+            .any(|d| d.path().join("manifest.json").exists())
+    };
+    eventually(Duration::from_secs(10), || {
+        committed()
+            .then_some(())
+            .ok_or("no backfill checkpoint yet".to_string())
+    });
+    tally.stop();
+
     let tally = start(&data, BY_CAMPAIGN);
-    let answer: Value = tally.metrics(&format!("metric=ad_clicks&{RANGE}"));
-    let got: Vec<u64> = values(&answer)
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    assert_eq!(got, expected, "the old version's results, at once");
+    let clicks = entry(&tally, "ad_clicks").unwrap();
+    assert_eq!(clicks["version"], old);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(entry(&tally, "ad_clicks")
+        .unwrap()
+        .get("backfill")
+        .is_none());
+    assert!(
+        data.join("checkpoints/backfill")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none(),
+        "the backfill's checkpoints are deleted"
+    );
+    clicks_are(&tally, &expected);
+    tally.stop();
 }
 
 /// The rows a metric version holds in the store.
@@ -125,6 +359,7 @@ fn an_old_version_is_deleted_once_unused_for_longer_than_keep_old() {
 
     // Another definition, with the default week to keep: the old one stays.
     let tally = start(&data, BY_CAMPAIGN_AND_COUNTRY);
+    backfilled(&tally, BASE_MS + 3_600_000);
     let new = version(&tally);
     assert_ne!(new, old, "a changed definition is another version");
     clicks_are(&tally, &per_minute_clicks(&events));

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
 use crate::aggregate::{AggregateKind, Field};
@@ -324,8 +325,10 @@ pub struct RedisConfig {
     pub prefix: String,
 }
 
-/// One `[[metric]]`.
-#[derive(Clone, Debug, PartialEq)]
+/// One `[[metric]]`. Checkpoints record the definitions their state was
+/// made by, so that a changed configuration can keep running the old ones
+/// while the new ones are backfilled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MetricSpec {
     /// The name queries and topics use.
     pub name: String,

@@ -43,6 +43,7 @@
 //! - [`query`]: history queries and how stored windows answer them.
 
 pub mod aggregate;
+pub mod backfill;
 pub mod checkpoint;
 pub mod config;
 pub mod coordination;

@@ -87,6 +87,21 @@ pub trait Sink<T>: 'static {
     }
 }
 
+/// No sink: takes everything and keeps nothing, for a job that has no
+/// use for one of its outputs.
+impl<T, S: Sink<T>> Sink<T> for Option<S> {
+    fn offer(&mut self, items: &mut Vec<T>) {
+        match self {
+            Some(sink) => sink.offer(items),
+            None => items.clear(),
+        }
+    }
+
+    fn advance(&mut self, frontier: u64) -> bool {
+        self.as_mut().is_none_or(|sink| sink.advance(frontier))
+    }
+}
+
 /// The number of sinks that are behind, shared by every worker of a process,
 /// and whether another process of the job has sinks behind.
 #[derive(Clone, Default)]

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use crate::aggregate::{AggState, AggregateKind};
-use crate::config::{Config, HistoryConfig};
+use crate::config::{HistoryConfig, MetricSpec};
 use crate::time::{parse_millis, parse_rfc3339, Millis};
 use crate::window::{align, WindowSpec};
 
@@ -115,7 +115,8 @@ impl Query {
     /// tumbling window; a missing `top` means `history.top`.
     pub fn parse(
         params: &[(String, String)],
-        config: &Config,
+        metrics: &[MetricSpec],
+        limits: &HistoryConfig,
         now: Millis,
     ) -> Result<Query, QueryError> {
         for (i, (key, _)) in params.iter().enumerate() {
@@ -129,10 +130,9 @@ impl Query {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
-        let limits: &HistoryConfig = &config.history;
         let name = get("metric").ok_or_else(|| bad("metric", "is required"))?;
-        let metric = config.metric(name).ok_or_else(|| {
-            let known: Vec<&str> = config.metrics.iter().map(|m| m.name.as_str()).collect();
+        let metric = metrics.iter().find(|m| m.name == name).ok_or_else(|| {
+            let known: Vec<&str> = metrics.iter().map(|m| m.name.as_str()).collect();
             bad(
                 "metric",
                 format!("unknown metric '{name}'; known: {}", known.join(", ")),
@@ -541,6 +541,7 @@ fn parse_time(parameter: &str, value: &str) -> Result<Millis, QueryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn config() -> Config {
         Config::load(
@@ -574,7 +575,8 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
                 ("end", "3600"),
                 ("resolution", "5m"),
             ]),
-            &config(),
+            &config().metrics,
+            &config().history,
             0,
         )
         .unwrap();
@@ -586,7 +588,8 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
                 ("end", "60"),
                 ("resolution", "30s"),
             ]),
-            &config(),
+            &config().metrics,
+            &config().history,
             0,
         )
         .unwrap();
@@ -596,7 +599,11 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
     #[test]
     fn names_the_bad_parameter() {
         let c = config();
-        let err = |p: &[(&str, &str)]| Query::parse(&params(p), &c, 0).unwrap_err().parameter;
+        let err = |p: &[(&str, &str)]| {
+            Query::parse(&params(p), &c.metrics, &c.history, 0)
+                .unwrap_err()
+                .parameter
+        };
         assert_eq!(err(&[("metric", "nope")]), "metric");
         assert_eq!(
             err(&[("metric", "ad_clicks"), ("start", "yesterday")]),
@@ -652,7 +659,7 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
             ("resolution", "1m"),
         ];
         all.extend_from_slice(pairs);
-        Query::parse(&params(&all), &config(), 0).unwrap()
+        Query::parse(&params(&all), &config().metrics, &config().history, 0).unwrap()
     }
 
     fn count(n: u64) -> AggState {
@@ -758,7 +765,7 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
     fn repeated_parameters_and_oversized_answers_are_refused() {
         let c = config();
         let refusal = |p: &[(&str, &str)]| {
-            let e = Query::parse(&params(p), &c, 3_600_000).unwrap_err();
+            let e = Query::parse(&params(p), &c.metrics, &c.history, 3_600_000).unwrap_err();
             (e.parameter, e.refusal)
         };
         let invalid = |name: &str| (name.to_string(), Refusal::Invalid);
@@ -779,14 +786,14 @@ windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
         );
         let day = [m, ("start", "0"), ("end", "86400"), ("resolution", "10s")];
         assert!(
-            Query::parse(&params(&day), &c, 0).is_ok(),
+            Query::parse(&params(&day), &c.metrics, &c.history, 0).is_ok(),
             "8,640 buckets fit"
         );
         let grouped = [&day[..], &[("groupBy", "country"), ("top", "20")]].concat();
         assert_eq!(refusal(&grouped), ("top".to_string(), Refusal::Points));
         let grouped = [&day[..], &[("groupBy", "country")]].concat();
         assert!(
-            Query::parse(&params(&grouped), &c, 0).is_ok(),
+            Query::parse(&params(&grouped), &c.metrics, &c.history, 0).is_ok(),
             "10 series of 8,640 fit"
         );
         let year = [m, ("start", "0"), ("end", "31536000"), ("resolution", "1m")];

@@ -14,6 +14,7 @@ use tally_connectors::store::clickhouse::{self, ClickHouseStore};
 use tally_connectors::store::sqlite::{SqliteStore, StoreError};
 use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::Fold;
+use tally_dataflow::time::Millis;
 
 /// A boxed future, as trait methods return.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -53,6 +54,12 @@ impl AppendError {
 pub trait History: Send + Sync + 'static {
     /// One scan of the stored windows a query needs, folded into `fold`.
     fn scan(&self, fold: Fold) -> BoxFuture<Result<Fold, HistoryError>>;
+    /// The start of the earliest stored window of a version of a metric.
+    fn since(
+        &self,
+        metric: String,
+        version: String,
+    ) -> BoxFuture<Result<Option<Millis>, HistoryError>>;
     /// The newest dead letters, newest first.
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>>;
 }
@@ -139,6 +146,17 @@ impl History for EmbeddedStore {
         })
     }
 
+    fn since(
+        &self,
+        metric: String,
+        version: String,
+    ) -> BoxFuture<Result<Option<Millis>, HistoryError>> {
+        let store = Arc::clone(&self.0);
+        Box::pin(async move {
+            Ok(tokio::task::spawn_blocking(move || store.since(&metric, &version)).await??)
+        })
+    }
+
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>> {
         let store = Arc::clone(&self.0);
         Box::pin(async move {
@@ -164,6 +182,15 @@ impl History for ClickHouseHistory {
     fn scan(&self, fold: Fold) -> BoxFuture<Result<Fold, HistoryError>> {
         let store = self.0.clone();
         Box::pin(async move { Ok(store.scan(fold).await?) })
+    }
+
+    fn since(
+        &self,
+        metric: String,
+        version: String,
+    ) -> BoxFuture<Result<Option<Millis>, HistoryError>> {
+        let store = self.0.clone();
+        Box::pin(async move { Ok(store.since(&metric, &version).await?) })
     }
 
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>> {

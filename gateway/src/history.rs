@@ -21,7 +21,27 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
     };
     let params =
         parse_params(&raw_query).inspect_err(|_| gateway.ops.history_refused("invalid"))?;
-    let query = Query::parse(&params, &gateway.config, now_ms()).map_err(refused)?;
+    let active = gateway.catalog.active();
+    if let Some(b) = gateway.catalog.backfill() {
+        let named = params.iter().find(|(k, _)| k == "metric").map(|(_, v)| v);
+        let new = b
+            .metrics
+            .iter()
+            .find(|m| named == Some(&m.name) && active.iter().all(|a| a.name != m.name));
+        if let Some(new) = new {
+            gateway.ops.history_refused("backfilling");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "metric '{}' is new and its backfill has read {:.0}% of the log; it answers once the backfill is done",
+                    new.name,
+                    b.progress() * 100.0
+                ),
+            ));
+        }
+    }
+    let query =
+        Query::parse(&params, &active, &gateway.config.history, now_ms()).map_err(refused)?;
     let mut fold = Fold::new(query.clone());
     let answer = loop {
         fold = gateway.history.scan(fold).await.map_err(unavailable)?;
@@ -30,12 +50,24 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
             Pass::Again(again) => fold = *again,
         }
     };
+    // A bucket that ended before the version's first window is not a
+    // zero: the version holds nothing from then, as the answer says.
+    let since = gateway
+        .history
+        .since(query.metric.clone(), query.version.clone())
+        .await
+        .map_err(unavailable)?;
+    let covered = |t: i64| since.is_some_and(|s| t.saturating_add(query.resolution) > s);
     let points = |points: &[(i64, Option<f64>)]| -> Vec<Value> {
         points
             .iter()
-            .map(|(t, v)| json!({"time": format_rfc3339(*t), "value": v.map(number)}))
+            .map(|(t, v)| {
+                let value = v.filter(|_| covered(*t)).map(number);
+                json!({"time": format_rfc3339(*t), "value": value})
+            })
             .collect()
     };
+    let coverage = json!({ "since": since.map(format_rfc3339) });
     let dimensions: Map<String, Value> = query
         .filter_names()
         .into_iter()
@@ -47,6 +79,7 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
             "metric": query.metric,
             "dimensions": dimensions,
             "resolution": resolution,
+            "coverage": coverage,
             "dataPoints": points(&answer.series[0].points),
         }),
         Some(d) => json!({
@@ -56,6 +89,7 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
             "top": query.top,
             "groups": answer.groups,
             "resolution": resolution,
+            "coverage": coverage,
             "series": answer.series.iter().map(|s| json!({
                 "group": s.group.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<Map<String, Value>>(),
                 "dataPoints": points(&s.points),
@@ -145,7 +179,7 @@ fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
 /// The answer to a failed read. Every failure is the store's, not the
 /// query's (the query was checked before it was sent), so each is a 503,
 /// even one that a retry will not cure, for which an operator must act.
-fn unavailable(e: HistoryError) -> ApiError {
+pub(crate) fn unavailable(e: HistoryError) -> ApiError {
     tracing::error!(error = %e, retryable = e.is_retryable(), "the result store failed a read");
     match e {
         HistoryError::Sqlite(_) | HistoryError::Task(_) | HistoryError::ClickHouse(_) => {

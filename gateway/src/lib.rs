@@ -12,6 +12,8 @@
 //!
 //! - [`backend`]: the event sink and history traits, their errors, and
 //!   their embedded and cluster forms.
+//! - [`catalog`]: the active metrics, the backfill under way, and
+//!   `GET /v1/catalog`.
 //! - [`dashboard`]: the page at `/` and `/sdk/tally.js`.
 //! - [`ingest`]: `POST /v1/events`.
 //! - [`history`]: `GET /v1/metrics` and `GET /v1/deadletters`.
@@ -25,6 +27,7 @@
 //!   timeout for a request head.
 
 pub mod backend;
+pub mod catalog;
 pub mod dashboard;
 pub mod history;
 pub mod ingest;
@@ -46,6 +49,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::backend::{EventSink, History};
+use crate::catalog::Catalog;
 use crate::live::Hub;
 use crate::ops::{ConnectionMetrics, Ops};
 use crate::reply::{render, ApiError};
@@ -54,6 +58,8 @@ use crate::reply::{render, ApiError};
 pub struct Gateway {
     /// The loaded configuration.
     pub config: Arc<Config>,
+    /// The metrics served, and the backfill under way.
+    pub catalog: Arc<Catalog>,
     /// Where accepted events go.
     pub events: Arc<dyn EventSink>,
     /// Where history comes from.
@@ -128,24 +134,7 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
     let catalog = warp::path!("v1" / "catalog")
         .and(warp::get())
         .and(with)
-        .map(|gw: Arc<Gateway>| {
-            let metrics: Vec<_> = gw
-                .config
-                .metrics
-                .iter()
-                .map(|m| {
-                    json!({
-                        "name": m.name,
-                        "version": tally_dataflow::fingerprint::metric(m),
-                        "aggregate": m.aggregate.to_string(),
-                        "field": m.field.as_ref().map(ToString::to_string),
-                        "dimensions": m.dimensions,
-                        "windows": m.windows.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
-            warp::reply::json(&json!({ "metrics": metrics })).into_response()
-        });
+        .then(|gw| async move { render(catalog::describe(gw).await) });
     let index = warp::path!("v1").and(warp::get()).map(|| {
         warp::reply::json(&json!({
             "name": "tally",

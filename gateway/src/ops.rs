@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::catalog::Backfill;
 use prometheus::{
     Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -41,6 +42,8 @@ pub struct Observed {
     pub checkpoint_bytes: u64,
     /// Time from the newest checkpoint's first part to its commit.
     pub checkpoint_duration_ms: u64,
+    /// The backfill under way, if one is.
+    pub backfill: Option<Backfill>,
 }
 
 /// Reads the values owned outside the gateway.
@@ -139,6 +142,10 @@ pub struct JobMetrics {
     checkpoint_boundary: IntGauge,
     checkpoint_bytes: IntGauge,
     checkpoint_duration: Gauge,
+    backfill_running: IntGauge,
+    backfill_behind: IntGauge,
+    backfill_lag: IntGauge,
+    backfill_rate: Gauge,
     observe: Observe,
 }
 
@@ -196,7 +203,31 @@ impl JobMetrics {
         registry
             .register(Box::new(checkpoint_duration.clone()))
             .expect("registered once");
+        let backfill_rate = Gauge::new(
+            "tally_backfill_events_per_second",
+            "Events the backfill reads per second, lately; 0 when none runs.",
+        )
+        .expect("valid metric name");
+        registry
+            .register(Box::new(backfill_rate.clone()))
+            .expect("registered once");
         JobMetrics {
+            backfill_running: gauge(
+                &registry,
+                "tally_backfill_running",
+                "1 while a backfill computes changed or new metrics from the log.",
+            ),
+            backfill_behind: gauge(
+                &registry,
+                "tally_backfill_events_behind",
+                "Events in the log the backfill has yet to read.",
+            ),
+            backfill_lag: gauge(
+                &registry,
+                "tally_backfill_lag_seconds",
+                "The live job's event-time watermark minus the backfill's.",
+            ),
+            backfill_rate,
             log_bytes: gauge(&registry, "tally_log_bytes", "Bytes held by the event log."),
             watermark_lag,
             windows_emitted: counter(
@@ -283,6 +314,13 @@ impl JobMetrics {
         self.checkpoint_bytes.set(o.checkpoint_bytes as i64);
         self.checkpoint_duration
             .set(o.checkpoint_duration_ms as f64 / 1000.0);
+        let backfill = o.backfill.unwrap_or_default();
+        self.backfill_running
+            .set(i64::from(!backfill.metrics.is_empty()));
+        self.backfill_behind
+            .set(backfill.to_read.saturating_sub(backfill.read) as i64);
+        self.backfill_lag.set(backfill.lag / 1000);
+        self.backfill_rate.set(backfill.rate);
         text(&self.registry, out);
     }
 }

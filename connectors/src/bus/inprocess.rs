@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tally_dataflow::config::MetricSpec;
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
 use tokio::sync::mpsc::{self, error::TrySendError, Receiver, Sender};
@@ -25,6 +26,21 @@ impl LivePublisher {
     /// Updates dropped because the subscriber was behind.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The publisher of a job that starts anew, with the metrics of
+    /// `metrics`: what the workers of the job before passed on no longer
+    /// holds the new workers' watermark back. The hub hears of the metrics
+    /// before any update of theirs. Blocks while the bus is full; call it
+    /// from no runtime's thread.
+    pub fn renew(&self, metrics: Arc<Vec<MetricSpec>>) -> LivePublisher {
+        // Closed only at shutdown, when nobody is listening.
+        let _ = self.tx.blocking_send(Live::Metrics(metrics));
+        LivePublisher {
+            watermarks: Watermarks::default(),
+            worker: None,
+            ..self.clone()
+        }
     }
 
     /// A worker's publisher. The bus passes on a watermark once every
@@ -84,7 +100,7 @@ mod tests {
         let (mut a, mut b) = (publisher.worker(), publisher.worker());
         let mut through = || match rx.try_recv() {
             Ok(Live::Through(t)) => Some(t),
-            Ok(Live::Updates(_)) => panic!("no updates were offered"),
+            Ok(_) => panic!("no updates were offered"),
             Err(_) => None,
         };
         assert!(a.advance(100));

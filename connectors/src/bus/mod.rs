@@ -12,6 +12,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use tally_dataflow::config::MetricSpec;
 use tally_dataflow::model::WindowUpdate;
 
 /// What a bus hands the gateway's fan-out.
@@ -23,6 +24,10 @@ pub enum Live {
     /// so a window that ended more than the allowed lateness before it will
     /// not change again, and the fan-out may forget it.
     Through(u64),
+    /// From here on, updates are of these metrics: a backfill has finished,
+    /// and its new definitions are active. Only the in-process bus carries
+    /// it, between the job and the hub of one process.
+    Metrics(Arc<Vec<MetricSpec>>),
 }
 
 /// The watermarks of several reporters (a process's workers, or a

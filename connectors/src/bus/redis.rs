@@ -163,6 +163,7 @@ impl Publisher {
                 match live {
                     Live::Updates(more) => updates.extend(more),
                     Live::Through(t) => through = Some(t),
+                    Live::Metrics(_) => {}
                 }
             }
             if connection.is_none() {

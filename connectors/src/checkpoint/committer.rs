@@ -119,9 +119,9 @@ impl Committer {
         keep: usize,
         schedule: Arc<Schedule>,
         durable: impl Fn() -> u64 + Send + 'static,
+        stats: Arc<CheckpointStats>,
     ) -> std::io::Result<(Committer, Vec<PartSink>)> {
         let (tx, rx) = bounded(members.threads.max(1) * PARTS_IN_FLIGHT_PER_WORKER);
-        let stats = Arc::new(CheckpointStats::default());
         let thread = {
             let stats = Arc::clone(&stats);
             std::thread::Builder::new()
@@ -312,6 +312,7 @@ impl CommitLoop<'_> {
             parts,
             cuts,
             job: self.store.job().to_owned(),
+            metrics: self.store.metrics().to_vec(),
             bytes,
         };
         let store = self.store;
@@ -368,12 +369,18 @@ mod tests {
     /// A committer of two workers over a store in `dir`, whose result store
     /// is durable through `durable`.
     fn start(dir: &std::path::Path, durable: &Arc<AtomicU64>) -> (Committer, Vec<PartSink>) {
-        let store = CheckpointStore::open(None, dir, "job".into()).unwrap();
+        let store = CheckpointStore::open(None, dir, &[]).unwrap();
         let schedule = Arc::new(Schedule::new(Duration::from_secs(10), Duration::ZERO, 0));
         let durable = Arc::clone(durable);
-        Committer::start(store, Members::single(2), 2, schedule, move || {
-            durable.load(Ordering::Relaxed)
-        })
+        let durable = move || durable.load(Ordering::Relaxed);
+        Committer::start(
+            store,
+            Members::single(2),
+            2,
+            schedule,
+            durable,
+            Arc::default(),
+        )
         .unwrap()
     }
 
@@ -411,7 +418,7 @@ mod tests {
     #[test]
     fn a_checkpoint_is_read_only_once_committed_and_old_ones_are_pruned() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || CheckpointStore::open(None, dir.path(), "job".into()).unwrap();
+        let open = || CheckpointStore::open(None, dir.path(), &[]).unwrap();
         let durable = Arc::new(AtomicU64::new(0));
         let (committer, mut sinks) = start(dir.path(), &durable);
         // One part of two: once it is written, nothing is committed.
@@ -450,9 +457,15 @@ mod tests {
         left.sort();
         assert_eq!(left, [format!("{:020}", 300), format!("{:020}", 400)]);
         assert_eq!(open().latest().unwrap().unwrap().boundary, 400);
-        // Another job's checkpoints are not restored.
-        let other = CheckpointStore::open(None, dir.path(), "other".into()).unwrap();
-        assert!(other.latest().unwrap().is_none());
+        // A job of other metrics reads it too, with the metrics that made it.
+        let config = tally_dataflow::config::Config::load(
+            Some("[[metric]]\nname = \"other\"\nwindows = [\"tumbling 1m\"]"),
+            [],
+        )
+        .unwrap();
+        let other = CheckpointStore::open(None, dir.path(), &config.metrics).unwrap();
+        let read = other.latest().unwrap().unwrap();
+        assert_eq!((read.boundary, read.metrics.len()), (400, 0));
     }
 
     #[test]
@@ -492,7 +505,7 @@ mod tests {
             !unfinished.join("manifest.json").exists(),
             "the checkpoint with a dropped part is not committed"
         );
-        let store = CheckpointStore::open(None, dir.path(), "job".into()).unwrap();
+        let store = CheckpointStore::open(None, dir.path(), &[]).unwrap();
         let latest = store.latest().unwrap().unwrap();
         assert_eq!((latest.boundary, latest.groups.len()), (200, 2));
     }

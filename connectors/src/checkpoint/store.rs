@@ -10,6 +10,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use tally_dataflow::checkpoint::{GroupSnapshot, PartitionCut, WorkerPart};
+use tally_dataflow::config::MetricSpec;
+use tally_dataflow::fingerprint;
 use tracing::warn;
 
 const MANIFEST: &str = "manifest.json";
@@ -66,6 +68,10 @@ pub(super) struct Manifest {
     /// The job the state belongs to: metric indexes mean nothing under
     /// another list of metrics.
     pub(super) job: String,
+    /// The definitions of that job's metrics, by index, whose fingerprint
+    /// `job` is. A manifest from before it has none.
+    #[serde(default)]
+    pub(super) metrics: Vec<MetricSpec>,
     pub(super) bytes: u64,
 }
 
@@ -108,6 +114,8 @@ pub struct Checkpoint {
     pub cuts: Vec<PartitionCut>,
     /// The window state of every group.
     pub groups: Vec<GroupSnapshot>,
+    /// The metrics that made the state, which its groups are indexed by.
+    pub metrics: Vec<MetricSpec>,
 }
 
 /// Checkpoints of one job in an object store.
@@ -117,7 +125,8 @@ pub struct Checkpoint {
 pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
-    /// Describes the job; a checkpoint of another job is not restored.
+    /// The metrics of the job that writes here, and their fingerprint.
+    metrics: Vec<MetricSpec>,
     job: String,
     runtime: tokio::runtime::Runtime,
     /// The directory, for a local store: object stores have no directories
@@ -128,11 +137,12 @@ pub struct CheckpointStore {
 impl CheckpointStore {
     /// Opens the store at `url` (`s3://bucket/prefix`, `file:///dir`, ...), or
     /// the local directory `dir` when there is no URL. S3 takes its
-    /// credentials and region from the usual `AWS_*` variables.
+    /// credentials and region from the usual `AWS_*` variables. The job
+    /// that writes there runs `metrics`.
     pub fn open(
         url: Option<&str>,
         dir: &FsPath,
-        job: String,
+        metrics: &[MetricSpec],
     ) -> Result<CheckpointStore, CheckpointError> {
         let local = url.is_none().then(|| dir.to_owned());
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url {
@@ -160,20 +170,26 @@ impl CheckpointStore {
         Ok(CheckpointStore {
             store,
             prefix,
-            job,
+            metrics: metrics.to_vec(),
+            job: fingerprint::job(metrics),
             runtime,
             local,
         })
     }
 
-    /// The job this store holds checkpoints of.
+    /// The fingerprint of the metrics of the job that writes here.
     pub(super) fn job(&self) -> &str {
         &self.job
     }
 
-    /// The newest committed checkpoint of this job, if there is one. A
-    /// checkpoint that cannot be read is skipped, with a warning, for the
-    /// one before it.
+    /// The metrics of the job that writes here.
+    pub(super) fn metrics(&self) -> &[MetricSpec] {
+        &self.metrics
+    }
+
+    /// The newest committed checkpoint, if there is one, of whichever
+    /// metrics made it: see [`Checkpoint::metrics`]. A checkpoint that
+    /// cannot be read is skipped, with a warning, for the one before it.
     pub fn latest(&self) -> Result<Option<Checkpoint>, CheckpointError> {
         let mut boundaries = self.runtime.block_on(self.boundaries())?;
         boundaries.reverse();
@@ -205,8 +221,69 @@ impl CheckpointStore {
         self.prefix.clone().join(format!("{boundary:020}"))
     }
 
-    /// Reads checkpoint `boundary`: `None` if it is not committed, belongs
-    /// to another job, or is of a format this build does not read.
+    /// The committed checkpoint at `boundary`, if there is one.
+    pub fn at(&self, boundary: u64) -> Result<Option<Checkpoint>, CheckpointError> {
+        self.runtime.block_on(self.read(boundary))
+    }
+
+    /// The boundary of the newest committed checkpoint, without reading it.
+    pub fn newest(&self) -> Result<Option<u64>, CheckpointError> {
+        self.runtime.block_on(async {
+            for b in self.boundaries().await?.into_iter().rev() {
+                if self.store.head(&self.dir(b).join(MANIFEST)).await.is_ok() {
+                    return Ok(Some(b));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    /// Makes `checkpoint`, of this store's metrics, the newest committed
+    /// one: deletes every checkpoint at or after its boundary, then writes
+    /// it as one part and commits it. A crash in between leaves an older
+    /// checkpoint newest, never a mix.
+    pub fn install(&self, checkpoint: Checkpoint) -> Result<(), CheckpointError> {
+        let boundary = checkpoint.boundary;
+        self.runtime.block_on(async {
+            for b in self.boundaries().await? {
+                if b >= boundary {
+                    self.delete(b).await?;
+                }
+            }
+            Ok::<_, CheckpointError>(())
+        })?;
+        let bytes = self.write_part(&WorkerPart {
+            boundary,
+            worker: 0,
+            workers: 1,
+            cuts: checkpoint.cuts.clone(),
+            groups: checkpoint.groups,
+        })?;
+        self.commit(&Manifest {
+            boundary,
+            workers: 1,
+            parts: vec![part_name(0)],
+            cuts: checkpoint.cuts,
+            job: self.job.clone(),
+            metrics: self.metrics.clone(),
+            bytes,
+        })
+    }
+
+    /// Deletes every checkpoint: those of a backfill that is cancelled, or
+    /// whose checkpoint the live job now holds.
+    pub fn clear(&self) -> Result<(), CheckpointError> {
+        self.runtime.block_on(async {
+            for b in self.boundaries().await? {
+                self.delete(b).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads checkpoint `boundary`: `None` if it is not committed, was
+    /// written by metrics it does not name (before manifests named them),
+    /// or is of a format this build does not read.
     async fn read(&self, boundary: u64) -> Result<Option<Checkpoint>, CheckpointError> {
         let dir = self.dir(boundary);
         let manifest = match self.store.get(&dir.clone().join(MANIFEST)).await {
@@ -217,8 +294,15 @@ impl CheckpointStore {
         let manifest: Manifest = serde_json::from_slice(&manifest).map_err(|e| {
             CheckpointError::Corrupt(dir.clone().join(MANIFEST).to_string(), e.to_string())
         })?;
-        if manifest.job != self.job {
-            warn!(boundary, "the newest checkpoint is of another configuration of metrics; starting from the log");
+        // A manifest from before manifests named their metrics is known
+        // only to a job of the same metrics.
+        let metrics = if manifest.metrics.is_empty() && manifest.job == self.job {
+            self.metrics.clone()
+        } else {
+            manifest.metrics
+        };
+        if fingerprint::job(&metrics) != manifest.job {
+            warn!(boundary, "the newest checkpoint is of other metrics, which it does not name; starting from the log");
             return Ok(None);
         }
         let mut groups = Vec::new();
@@ -241,6 +325,7 @@ impl CheckpointStore {
             workers: manifest.workers,
             cuts: manifest.cuts,
             groups,
+            metrics,
         }))
     }
 
@@ -429,7 +514,7 @@ mod tests {
     #[test]
     fn a_part_of_an_unknown_format_is_refused_and_not_restored() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CheckpointStore::open(None, dir.path(), "job".into()).unwrap();
+        let store = CheckpointStore::open(None, dir.path(), &[]).unwrap();
         let part = sample_part(100, 0);
         let bytes = store.write_part(&part).unwrap();
         store
@@ -438,7 +523,8 @@ mod tests {
                 workers: 1,
                 parts: vec![part_name(0)],
                 cuts: part.cuts.clone(),
-                job: "job".into(),
+                job: store.job().into(),
+                metrics: Vec::new(),
                 bytes,
             })
             .unwrap();
@@ -471,7 +557,7 @@ mod tests {
     #[test]
     fn a_share_of_an_unknown_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CheckpointStore::open(None, dir.path(), "job".into()).unwrap();
+        let store = CheckpointStore::open(None, dir.path(), &[]).unwrap();
         let share = Share {
             format: FORMAT + 1,
             ..Share::default()
@@ -483,5 +569,30 @@ mod tests {
         ));
         store.write_share(100, 0, &Share::default()).unwrap();
         assert_eq!(store.read_shares(100, 1).unwrap().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_installed_checkpoint_replaces_those_from_its_boundary_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(None, dir.path(), &[]).unwrap();
+        let checkpoint = |boundary, groups| Checkpoint {
+            boundary,
+            workers: 2,
+            cuts: sample_part(boundary, 0).cuts,
+            groups,
+            metrics: Vec::new(),
+        };
+        for boundary in [100, 200, 300] {
+            store.install(checkpoint(boundary, Vec::new())).unwrap();
+        }
+        let groups = sample_part(200, 0).groups;
+        let count = groups.len();
+        store.install(checkpoint(200, groups)).unwrap();
+        assert_eq!(store.newest().unwrap(), Some(200));
+        let newest = store.latest().unwrap().unwrap();
+        assert_eq!((newest.boundary, newest.groups.len()), (200, count));
+        assert!(store.at(100).unwrap().is_some());
+        store.clear().unwrap();
+        assert!(store.latest().unwrap().is_none());
     }
 }

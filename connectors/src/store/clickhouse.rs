@@ -38,7 +38,7 @@ use tally_dataflow::query::Fold;
 use tracing::{info, warn};
 
 use super::{
-    join_group, names, unused_since, versions, Durable, Failing, StoreWriter, Write, SEP,
+    join_group, unused_since, versions, Durable, Failing, InUse, StoreWriter, Write, SEP,
     VERSIONS_EVERY,
 };
 use crate::retry;
@@ -262,8 +262,8 @@ impl ClickHouseStore {
         keep_old: Duration,
     ) -> std::io::Result<StoreWriter> {
         let (client, config) = (self.client.clone(), self.config.clone());
-        StoreWriter::start("clickhouse-writer", move |rx, durable, failing| {
-            write_loop(&client, &config, &metrics, keep_old, rx, durable, &failing);
+        StoreWriter::start("clickhouse-writer", metrics, move |rx, in_use, failing| {
+            write_loop(&client, &config, &in_use, keep_old, rx, &failing);
         })
     }
 
@@ -300,6 +300,23 @@ impl ClickHouseStore {
             }
         }
         Ok(fold)
+    }
+
+    /// The newest dead letters, newest first.
+    /// The start of the earliest stored window of `version` of `metric`:
+    /// from when it holds data.
+    pub async fn since(&self, metric: &str, version: &str) -> Result<Option<i64>, Error> {
+        // Not min(), which answers 0 over no rows on 18.16.
+        let starts: Vec<i64> = self
+            .client
+            .query(
+                "SELECT start FROM windows WHERE metric = ? AND version = ? ORDER BY start LIMIT 1",
+            )
+            .bind(metric)
+            .bind(version)
+            .fetch_all()
+            .await?;
+        Ok(starts.first().copied())
     }
 
     /// The newest dead letters, newest first.
@@ -386,9 +403,9 @@ impl Batch {
         self.windows.len() + self.dead_letters.len()
     }
 
-    fn add(&mut self, write: Write, names: &[(String, String, Vec<String>)]) {
+    fn add(&mut self, write: Write) {
         match write {
-            Write::Windows(updates) => {
+            Write::Windows(names, updates) => {
                 self.windows.extend(updates.iter().map(|u| {
                     let (metric, version, windows) = &names[u.metric as usize];
                     WindowRow {
@@ -483,13 +500,11 @@ struct VersionRow {
 fn write_loop(
     client: &Client,
     config: &ClickHouseConfig,
-    metrics: &[MetricSpec],
+    in_use: &InUse,
     keep_old: Duration,
     rx: Receiver<Write>,
-    durable: Durable,
     failing: &Failing,
 ) {
-    let names = names(metrics);
     // The HTTP client's connections are driven by the runtime's own thread,
     // so they stay serviced while this thread waits for rows.
     let runtime = io_runtime();
@@ -498,7 +513,8 @@ fn write_loop(
     let mut versions_due = Instant::now() + VERSIONS_EVERY;
     while open {
         if Instant::now() >= versions_due {
-            let retire = retire_versions(client, &config.database, metrics, keep_old);
+            let metrics = in_use.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let retire = retire_versions(client, &config.database, &metrics, keep_old);
             if let Err(e) = runtime.block_on(retire) {
                 warn!(error = %e, "cannot date or drop metric versions; trying again later");
             }
@@ -510,11 +526,11 @@ fn write_loop(
         );
         match rx.recv_timeout(wait) {
             Ok(write) => {
-                batch.add(write, &names);
+                batch.add(write);
                 // Take what else is queued without waiting.
                 while batch.rows() < config.batch_rows {
                     match rx.try_recv() {
-                        Ok(write) => batch.add(write, &names),
+                        Ok(write) => batch.add(write),
                         Err(_) => break,
                     }
                 }
@@ -529,14 +545,14 @@ fn write_loop(
             || !open;
         if batch.rows() == 0 {
             // Frontiers with nothing before them still unwritten.
-            durable.committed(&std::mem::take(&mut batch.frontiers));
+            Durable::committed(&std::mem::take(&mut batch.frontiers));
         } else if due {
             let full = std::mem::take(&mut batch);
             runtime.block_on(retry::until_ok(
                 "insert results into ClickHouse",
                 || async { failing.note(insert(client, &full).await) },
             ));
-            durable.committed(&full.frontiers);
+            Durable::committed(&full.frontiers);
         }
     }
     info!("clickhouse writer stopped");

@@ -57,14 +57,25 @@ const SEP: char = '\u{1f}';
 
 /// What a writer thread is asked to do.
 enum Write {
-    Windows(Vec<Arc<WindowUpdate>>),
+    /// Window values of the job whose metrics `.0` names.
+    Windows(Names, Vec<Arc<WindowUpdate>>),
     DeadLetters(Vec<DeadLetter>),
-    /// Sink `.0` has sent everything before time `.1`.
-    Frontier(usize, u64),
+    /// Sink `.1` of the job `.0` is for has sent everything before time `.2`.
+    Frontier(Durable, usize, u64),
 }
 
-/// How far the store holds each sink's records: the frontier every sink has
-/// reported, once what came before the report is committed.
+/// Each metric's stored name, its version and its windows' stored specs,
+/// by its index in a job: see [`names`].
+type Names = Arc<Vec<(String, String, Vec<String>)>>;
+
+/// The metrics whose versions are in use, which a writer dates every
+/// [`VERSIONS_EVERY`] so that `backfill.keep_old` keeps their results.
+type InUse = Arc<Mutex<Vec<MetricSpec>>>;
+
+/// How far the store holds each of one job's sinks' records: the frontier
+/// every sink has reported, once what came before the report is committed.
+/// Each job has its own, so that a backfill far behind does not hold back
+/// the live job's checkpoints.
 #[derive(Clone, Default)]
 pub struct Durable(Arc<Mutex<Vec<u64>>>);
 
@@ -81,10 +92,10 @@ impl Durable {
     }
 
     /// Records the frontiers reported in `writes`, once they are committed.
-    fn committed(&self, writes: &[Write]) {
+    fn committed(writes: &[Write]) {
         for write in writes {
-            if let Write::Frontier(sink, frontier) = write {
-                self.set(*sink, *frontier);
+            if let Write::Frontier(durable, sink, frontier) = write {
+                durable.set(*sink, *frontier);
             }
         }
     }
@@ -122,52 +133,71 @@ impl Failing {
 pub struct StoreWriter {
     tx: Sender<Write>,
     thread: JoinHandle<()>,
-    durable: Durable,
     failing: Failing,
+    in_use: InUse,
+}
+
+/// One job's sinks into the store, one of each kind per worker, and how
+/// far the store holds what they were given.
+pub struct JobSinks {
+    /// Each worker's sink of final window values.
+    pub windows: Vec<WindowSink>,
+    /// Each worker's sink of dead letters, if the job writes them.
+    pub dead_letters: Vec<DeadLetterSink>,
+    /// The frontier every one of these sinks has reached in the store.
+    pub durable: Durable,
 }
 
 impl StoreWriter {
-    /// Starts a writer thread running `write_loop` until every sink is gone.
+    /// Starts a writer thread running `write_loop` until every sink is
+    /// gone, with `metrics` in use.
     fn start(
         name: &str,
-        write_loop: impl FnOnce(Receiver<Write>, Durable, Failing) + Send + 'static,
+        metrics: Vec<MetricSpec>,
+        write_loop: impl FnOnce(Receiver<Write>, InUse, Failing) + Send + 'static,
     ) -> std::io::Result<StoreWriter> {
         let (tx, rx) = bounded(QUEUE);
-        let (durable, failing) = (Durable::default(), Failing::default());
-        let (reports, outcome) = (durable.clone(), failing.clone());
+        let (in_use, failing) = (Arc::new(Mutex::new(metrics)), Failing::default());
+        let (dated, outcome) = (Arc::clone(&in_use), failing.clone());
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || write_loop(rx, reports, outcome))?;
+            .spawn(move || write_loop(rx, dated, outcome))?;
         Ok(StoreWriter {
             tx,
             thread,
-            durable,
             failing,
+            in_use,
         })
     }
 
-    /// A sink for a worker's final window values. Take one per worker: the
-    /// store's [`Durable`] frontier waits for every sink taken.
-    pub fn window_sink(&self) -> WindowSink {
-        WindowSink(self.feed())
-    }
-
-    /// A sink for a worker's dead letters; one per worker, as above.
-    pub fn dead_letter_sink(&self) -> DeadLetterSink {
-        DeadLetterSink(self.feed())
-    }
-
-    fn feed(&self) -> Feed {
-        Feed {
+    /// The sinks of a job of `workers` workers computing `metrics`: the
+    /// store keys what they write by the version of each metric. A job
+    /// that writes no dead letters gets no sinks for them, which would
+    /// otherwise hold its durable frontier back.
+    pub fn sinks(&self, metrics: &[MetricSpec], workers: usize, dead_letters: bool) -> JobSinks {
+        let (names, durable) = (Arc::new(names(metrics)), Durable::default());
+        let feed = || Feed {
             tx: self.tx.clone(),
-            sink: self.durable.register(),
+            durable: durable.clone(),
+            sink: durable.register(),
             failing: self.failing.clone(),
+        };
+        JobSinks {
+            windows: (0..workers)
+                .map(|_| WindowSink(feed(), Arc::clone(&names)))
+                .collect(),
+            dead_letters: (0..workers)
+                .filter(|_| dead_letters)
+                .map(|_| DeadLetterSink(feed()))
+                .collect(),
+            durable: durable.clone(),
         }
     }
 
-    /// How far the store holds what its sinks were given.
-    pub fn durable(&self) -> Durable {
-        self.durable.clone()
+    /// Says which metrics' versions are in use from now on: see
+    /// [`VERSIONS_EVERY`].
+    pub fn in_use(&self, metrics: Vec<MetricSpec>) {
+        *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) = metrics;
     }
 
     /// Waits until everything queued has been written. Drop every sink
@@ -184,7 +214,8 @@ impl StoreWriter {
 #[derive(Clone)]
 struct Feed {
     tx: Sender<Write>,
-    /// The sink's index in [`Durable`].
+    /// The job's frontiers, and the sink's index there.
+    durable: Durable,
     sink: usize,
     failing: Failing,
 }
@@ -192,7 +223,12 @@ struct Feed {
 impl Feed {
     /// Queues all of `items` if the writer is writing and has room, or
     /// leaves them for a later offer.
-    fn offer<T>(&self, items: &mut Vec<T>, wrap: fn(Vec<T>) -> Write, unwrap: fn(Write) -> Vec<T>) {
+    fn offer<T>(
+        &self,
+        items: &mut Vec<T>,
+        wrap: impl FnOnce(Vec<T>) -> Write,
+        unwrap: fn(Write) -> Vec<T>,
+    ) {
         if self.failing.is_set() {
             return;
         }
@@ -208,21 +244,26 @@ impl Feed {
 
     fn advance(&self, frontier: u64) -> bool {
         self.tx
-            .try_send(Write::Frontier(self.sink, frontier))
+            .try_send(Write::Frontier(self.durable.clone(), self.sink, frontier))
             .is_ok()
     }
 }
 
-/// The store as a sink of final window values.
+/// The store as a sink of final window values, of one job's metrics.
 #[derive(Clone)]
-pub struct WindowSink(Feed);
+pub struct WindowSink(Feed, Names);
 
 impl Sink<Arc<WindowUpdate>> for WindowSink {
     fn offer(&mut self, items: &mut Vec<Arc<WindowUpdate>>) {
-        self.0.offer(items, Write::Windows, |w| match w {
-            Write::Windows(v) => v,
-            _ => unreachable!("only windows are offered here"),
-        });
+        let names = Arc::clone(&self.1);
+        self.0.offer(
+            items,
+            |v| Write::Windows(names, v),
+            |w| match w {
+                Write::Windows(_, v) => v,
+                _ => unreachable!("only windows are offered here"),
+            },
+        );
     }
 
     fn advance(&mut self, frontier: u64) -> bool {

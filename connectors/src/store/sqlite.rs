@@ -13,7 +13,7 @@ use tally_dataflow::query::Fold;
 use tracing::{info, warn};
 
 use super::{
-    join_group, names, now_ms, unused_since, versions, Durable, Failing, StoreWriter, Write, SEP,
+    join_group, now_ms, unused_since, versions, Durable, Failing, InUse, StoreWriter, Write, SEP,
     VERSIONS_EVERY,
 };
 use crate::retry;
@@ -108,8 +108,8 @@ impl SqliteStore {
         add_versions(&mut conn, &metrics)?;
         conn.execute_batch(SCHEMA)?;
         retire_versions(&mut conn, &metrics, keep_old)?;
-        let writer = StoreWriter::start("store-writer", move |rx, durable, failing| {
-            write_loop(conn, rx, metrics, keep_old, durable, &failing)
+        let writer = StoreWriter::start("store-writer", metrics, move |rx, in_use, failing| {
+            write_loop(conn, rx, &in_use, keep_old, &failing)
         })
         .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let store = SqliteStore {
@@ -153,6 +153,17 @@ impl SqliteStore {
                 }
             }
             Ok(())
+        })
+    }
+
+    /// The start of the earliest stored window of `version` of `metric`:
+    /// from when it holds data. Blocking, as [`SqliteStore::scan`].
+    pub fn since(&self, metric: &str, version: &str) -> Result<Option<i64>, StoreError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT min(start) FROM windows WHERE metric = ?1 AND version = ?2",
+            )?;
+            Ok(stmt.query_row(params![metric, version], |row| row.get(0))?)
         })
     }
 
@@ -280,17 +291,16 @@ fn retire_versions(
 fn write_loop(
     mut conn: Connection,
     rx: Receiver<Write>,
-    metrics: Vec<MetricSpec>,
+    in_use: &InUse,
     keep_old: Duration,
-    durable: Durable,
     failing: &Failing,
 ) {
-    let names = names(&metrics);
     let mut versions_due = Instant::now() + VERSIONS_EVERY;
     loop {
         let first = match rx.recv_deadline(versions_due) {
             Ok(first) => first,
             Err(RecvTimeoutError::Timeout) => {
+                let metrics = in_use.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 if let Err(e) = retire_versions(&mut conn, &metrics, keep_old) {
                     warn!(error = %e, "cannot date or delete metric versions; trying again later");
                 }
@@ -303,19 +313,15 @@ fn write_loop(
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let rows = retry::blocking("write results to SQLite", || {
-            failing.note(commit(&mut conn, &batch, &names))
+            failing.note(commit(&mut conn, &batch))
         });
         tracing::trace!(rows, "committed results");
-        durable.committed(&batch);
+        Durable::committed(&batch);
     }
     info!("store writer stopped");
 }
 
-fn commit(
-    conn: &mut Connection,
-    batch: &[Write],
-    names: &[(String, String, Vec<String>)],
-) -> Result<usize, rusqlite::Error> {
+fn commit(conn: &mut Connection, batch: &[Write]) -> Result<usize, rusqlite::Error> {
     let tx = conn.transaction()?;
     let mut rows = 0;
     {
@@ -332,7 +338,7 @@ fn commit(
         )?;
         for write in batch {
             match write {
-                Write::Windows(updates) => {
+                Write::Windows(names, updates) => {
                     for u in updates {
                         let (metric, version, windows) = &names[u.metric as usize];
                         let sketch = u.state.sketch.as_ref().map(Sketch::to_bytes);
@@ -421,7 +427,7 @@ windows = ["tumbling 10s"]
         let (store, writer) =
             SqliteStore::open(&dir.path().join("results.db"), config.metrics.clone(), WEEK)
                 .unwrap();
-        let mut sink = writer.window_sink();
+        let mut sink = writer.sinks(&config.metrics, 1, false).windows.remove(0);
         let mut batch = vec![
             update(0, "US", 2, 0),
             update(0, "US", 3, 1),
@@ -455,7 +461,8 @@ windows = ["tumbling 10s"]
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut fold = Fold::new(Query::parse(&params, config, 0).unwrap());
+        let mut fold =
+            Fold::new(Query::parse(&params, &config.metrics, &config.history, 0).unwrap());
         store.scan(&mut fold).unwrap();
         match fold.finish().unwrap() {
             Pass::Done(answer) => answer
@@ -511,7 +518,7 @@ windows = ["tumbling 10s"]
         let path = dir.path().join("results.db");
         let config = config();
         let (store, writer) = SqliteStore::open(&path, config.metrics.clone(), WEEK).unwrap();
-        let mut sink = writer.window_sink();
+        let mut sink = writer.sinks(&config.metrics, 1, false).windows.remove(0);
         sink.offer(&mut vec![Arc::new(update(0, "US", 2, 0))]);
         drop(sink);
         writer.close();

@@ -239,13 +239,18 @@ async fn read_requests(
         };
         let error = match serde_json::from_str::<Request>(&text) {
             Ok(request) if request.action == "subscribe" => {
+                let metrics = hub.catalog.active();
                 let command = match Topic::parse(
                     &request.topic,
                     request.window.as_deref(),
                     request.group_by.as_deref(),
-                    &hub.metrics,
+                    &metrics,
                 ) {
-                    Ok(topic) => Command::Subscribe { client, topic },
+                    Ok(topic) => Command::Subscribe {
+                        client,
+                        topic,
+                        metrics,
+                    },
                     Err(error) => Command::Refuse {
                         client,
                         topic: request.topic,

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::topic::{Topic, TopicError};
 use crate::backend::LiveInterest;
+use crate::catalog::Catalog;
 use crate::now_ms;
 use crate::ops::Ops;
 use crate::reply::number;
@@ -36,8 +37,9 @@ pub struct Hub {
     pub(super) commands: mpsc::Sender<Command>,
     /// The id the next client gets.
     pub(super) next_client: Arc<AtomicU64>,
-    /// The configured metrics, which a client's topics are checked against.
-    pub(super) metrics: Arc<Vec<MetricSpec>>,
+    /// The metrics served, whose active list a client's topics are
+    /// checked against.
+    pub(super) catalog: Arc<Catalog>,
 }
 
 /// What a connection tells the hub.
@@ -49,9 +51,14 @@ pub(super) enum Command {
         queue: mpsc::Sender<Batch>,
         max_subscriptions: usize,
     },
-    /// A client subscribed. The hub answers with an acknowledgement, then
-    /// the current value, or with an error past the client's bound.
-    Subscribe { client: u64, topic: Topic },
+    /// A client subscribed to `topic`, checked against `metrics`. The hub
+    /// answers with an acknowledgement, then the current value, or with an
+    /// error past the client's bound or if the metrics have changed since.
+    Subscribe {
+        client: u64,
+        topic: Topic,
+        metrics: Arc<Vec<MetricSpec>>,
+    },
     /// A client's subscription was refused. The error goes through the
     /// client's queue, so it arrives after what earlier subscriptions
     /// queued.
@@ -76,21 +83,24 @@ impl Hub {
     /// With `interest`, the bus delivers only the metrics asked for: the hub
     /// asks for a metric when its first topic is subscribed, and releases
     /// it, forgetting its windows, when the last one is.
+    ///
+    /// The bus says when the active metrics change: then every client is
+    /// disconnected, to reconnect and subscribe anew to the new ones.
     pub fn start(
-        metrics: Arc<Vec<MetricSpec>>,
+        catalog: Arc<Catalog>,
         lateness: Millis,
         bus: mpsc::Receiver<Live>,
         ops: Arc<Ops>,
         interest: Option<Arc<dyn LiveInterest>>,
     ) -> Hub {
         let (commands, rx) = mpsc::channel(4096);
-        let mut state = HubState::new(Arc::clone(&metrics), lateness, ops);
+        let mut state = HubState::new(catalog.active(), lateness, ops);
         state.interest = interest;
         tokio::spawn(state.run(rx, bus));
         Hub {
             commands,
             next_client: Arc::new(AtomicU64::new(1)),
-            metrics,
+            catalog,
         }
     }
 }
@@ -169,6 +179,12 @@ impl HubState {
                             match live {
                                 Live::Updates(more) => updates.extend(more),
                                 Live::Through(t) => through = Some(t),
+                                Live::Metrics(metrics) => {
+                                    // What came before is of the old metrics.
+                                    self.switch(metrics);
+                                    updates.clear();
+                                    through = None;
+                                }
                             }
                         }
                         if !updates.is_empty() {
@@ -199,7 +215,19 @@ impl HubState {
                 self.clients.insert(client, client_state);
             }
             Command::Leave { client } => self.drop_client(client),
-            Command::Subscribe { client, topic } => self.subscribe(client, topic),
+            Command::Subscribe {
+                client,
+                topic,
+                metrics,
+            } => {
+                if Arc::ptr_eq(&metrics, &self.metrics) {
+                    self.subscribe(client, topic);
+                } else {
+                    self.ops.ws_refused("bad_subscription");
+                    let error = "the metrics changed while subscribing; subscribe again";
+                    self.refuse(client, topic.text(), error);
+                }
+            }
             Command::Refuse {
                 client,
                 topic,
@@ -228,6 +256,26 @@ impl HubState {
                 self.send_to(client, Batch::from([Utf8Bytes::from(ack)]));
             }
         }
+    }
+
+    /// Serves `metrics` from now on: forgets every window and subscription
+    /// of the old ones, whose indices mean other metrics now, and
+    /// disconnects every client, each to subscribe anew.
+    fn switch(&mut self, metrics: Arc<Vec<MetricSpec>>) {
+        if let Some(interest) = &self.interest {
+            for metric in self.refs.keys() {
+                interest.want(&self.metrics[*metric as usize].name, false);
+            }
+        }
+        tracing::info!(
+            clients = self.clients.len(),
+            "the active metrics changed; disconnecting live clients to subscribe anew"
+        );
+        self.metrics = metrics;
+        self.windows.clear();
+        self.subs.clear();
+        self.refs.clear();
+        self.clients.clear();
     }
 
     /// Sends `client` the error of a subscription to `topic`.
@@ -545,7 +593,12 @@ mod tests {
             max_subscriptions: 10,
         });
         let topic = Topic::parse("metrics:ad_clicks", None, group_by, &hub.metrics).unwrap();
-        hub.command(Command::Subscribe { client, topic });
+        let metrics = Arc::clone(&hub.metrics);
+        hub.command(Command::Subscribe {
+            client,
+            topic,
+            metrics,
+        });
         let answer = rx.try_recv().expect("an acknowledgement");
         let ack: Value = serde_json::from_str(&answer[0]).unwrap();
         assert_eq!(ack["subscribed"], "metrics:ad_clicks", "{ack}");
@@ -569,7 +622,11 @@ mod tests {
         };
         for country in ["US", "DE", "US", "FR"] {
             let topic = topic(country);
-            hub.command(Command::Subscribe { client: 1, topic });
+            hub.command(Command::Subscribe {
+                client: 1,
+                topic,
+                metrics: Arc::clone(&metrics),
+            });
         }
         hub.command(Command::Unsubscribe {
             client: 1,
@@ -578,6 +635,7 @@ mod tests {
         hub.command(Command::Subscribe {
             client: 1,
             topic: topic("FR"),
+            metrics,
         });
         let answers: Vec<Value> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|batch| serde_json::from_str(&batch[0]).unwrap())
