@@ -58,48 +58,47 @@ impl Start {
     /// and says what to run.
     pub fn plan(config: &Config) -> anyhow::Result<Start> {
         let configured = &config.metrics;
-        let backfills = backfill_store(config, &[])?;
-        let newest = checkpoint_store(config, configured)?
+        let checkpoints = checkpoint_store(config, configured)?;
+        let newest = checkpoints
             .latest()
             .context("reading the last checkpoint")?;
-        let Some(mut restored) = newest else {
-            backfills
-                .clear()
-                .context("deleting a backfill's checkpoints")?;
-            let checkpoints = checkpoint_store(config, configured)?;
-            return Ok(Start {
-                live: Spec {
+        let (live, plan) = match newest {
+            None => {
+                let live = Spec {
                     metrics: configured.clone(),
                     checkpoints,
                     restored: None,
                     live: true,
-                },
-                backfill: None,
-            });
+                };
+                (live, None)
+            }
+            Some(mut restored) => {
+                let plan = Plan::new(configured, &restored.metrics);
+                if !plan.removed.is_empty() {
+                    info!(metrics = ?plan.removed, "metrics no longer configured stop; their results are kept for backfill.keep_old");
+                }
+                restored.groups = remap(restored.groups, &restored.metrics, &plan.live);
+                restored.metrics.clone_from(&plan.live);
+                let live = Spec {
+                    checkpoints: checkpoint_store(config, &plan.live)?,
+                    metrics: plan.live.clone(),
+                    restored: Some(restored),
+                    live: true,
+                };
+                (live, Some(plan).filter(|p| !p.is_settled()))
+            }
         };
-        let plan = Plan::new(configured, &restored.metrics);
-        if !plan.removed.is_empty() {
-            info!(metrics = ?plan.removed, "metrics no longer configured stop; their results are kept for backfill.keep_old");
-        }
-        restored.groups = remap(restored.groups, &restored.metrics, &plan.live);
-        restored.metrics.clone_from(&plan.live);
-        let live = Spec {
-            checkpoints: checkpoint_store(config, &plan.live)?,
-            metrics: plan.live.clone(),
-            restored: Some(restored),
-            live: true,
-        };
-        if plan.is_settled() {
+        let Some(plan) = plan else {
             // A backfill the last run left is of definitions no longer
             // configured: it is cancelled.
-            backfills
+            backfill_store(config, &[])?
                 .clear()
                 .context("deleting a backfill's checkpoints")?;
             return Ok(Start {
                 live,
                 backfill: None,
             });
-        }
+        };
         let checkpoints = backfill_store(config, &plan.backfill)?;
         let resumed = checkpoints
             .latest()
@@ -210,16 +209,12 @@ impl Supervisor {
 }
 
 impl Wiring {
-    /// Starts the job of `spec`.
+    /// Starts the live job of `spec`, counting in the live job's counters.
     fn run(&self, spec: Spec) -> anyhow::Result<Job> {
-        let counters = if spec.live {
-            self.counters.clone()
-        } else {
-            Counters::new(self.config.workers())
-        };
-        self.job(spec, &counters)
+        self.job(spec, &self.counters)
     }
 
+    /// Starts the job of `spec`, counting in `counters`.
     fn job(&self, spec: Spec, counters: &Counters) -> anyhow::Result<Job> {
         let workers = self.config.workers();
         let mode = Embedded {

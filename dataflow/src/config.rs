@@ -376,11 +376,6 @@ impl Config {
         }
     }
 
-    /// The metric called `name`.
-    pub fn metric(&self, name: &str) -> Option<&MetricSpec> {
-        self.metrics.iter().find(|m| m.name == name)
-    }
-
     /// The number of worker threads to run.
     pub fn workers(&self) -> usize {
         threads_or_cores(self.dataflow.workers)
