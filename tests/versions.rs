@@ -67,8 +67,12 @@ const RANGE: &str = "start=2026-06-07T10:00:00Z&end=2026-06-07T10:05:00Z&resolut
 fn start(data: &Path, config: &str) -> Tally {
     let file = data.with_extension("toml");
     std::fs::write(&file, config).unwrap();
-    Tally::start_with_config(data, &file, &[], &[])
+    Tally::start_with_config(data, &file, &[CHECKPOINTS], &[])
 }
+
+/// Checkpoints every second of event time, so that a backfill meets the
+/// live job within seconds of traffic.
+const CHECKPOINTS: (&str, &str) = ("TALLY__CHECKPOINT__INTERVAL", "1s");
 
 fn clicks_are(tally: &Tally, expected: &[u64]) {
     clicks_per_minute_are(tally, expected, Duration::from_secs(30));
@@ -85,11 +89,15 @@ fn entry(tally: &Tally, name: &str) -> Option<Value> {
     catalog(tally).into_iter().find(|m| m["name"] == name)
 }
 
-/// Moves event time on a minute at a time, from `at`, as live traffic
-/// does, until no backfill runs; returns the catalog then.
+/// Moves event time on from `at` about as fast as the wall clock, as live
+/// traffic does, until no backfill runs; returns the catalog then. Each
+/// job takes a boundary at most once per half interval of wall time, so
+/// the two meet at a checkpoint only when event time passes at most one
+/// boundary in that time.
 fn backfilled(tally: &Tally, mut at: i64) -> Vec<Value> {
     eventually(Duration::from_secs(60), || {
-        at += 60_000;
+        std::thread::sleep(Duration::from_millis(600));
+        at += 1_000;
         tally.flush(at);
         let metrics = catalog(tally);
         match metrics.iter().find(|m| m.get("backfill").is_some()) {
@@ -369,7 +377,12 @@ fn an_old_version_is_deleted_once_unused_for_longer_than_keep_old() {
     std::thread::sleep(Duration::from_millis(1500));
     let file = data.with_extension("toml");
     std::fs::write(&file, BY_CAMPAIGN_AND_COUNTRY).unwrap();
-    let tally = Tally::start_with_config(&data, &file, &[("TALLY__BACKFILL__KEEP_OLD", "1s")], &[]);
+    let tally = Tally::start_with_config(
+        &data,
+        &file,
+        &[("TALLY__BACKFILL__KEEP_OLD", "1s"), CHECKPOINTS],
+        &[],
+    );
     assert_eq!(
         stored_rows(&data, &old),
         0,
