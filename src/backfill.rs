@@ -17,32 +17,79 @@
 //! [`merge`]s the two checkpoints into one of the configured metrics,
 //! installs it as the live job's newest, activates the new definitions in
 //! the catalog and the hub, and starts the live job again from it.
+//!
+//! What differs between `tally run` and a cluster is a [`Host`]. In a
+//! cluster each worker process runs its share of both jobs, the backfill a
+//! second timely computation on `cluster.backfill_addresses`. Process 0
+//! leads: it alone deletes what a plan leaves behind, and it decides where
+//! the backfill ends, recording the new definitions as active from that
+//! boundary (in ClickHouse, where the gateways read them). Every process
+//! stops both jobs on that word, and the others start the live job again
+//! once process 0 has installed the merged checkpoint.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use tally_connectors::bus::inprocess::LivePublisher;
-use tally_connectors::checkpoint::{Checkpoint, CheckpointStore, Members};
-use tally_connectors::log::EventLog;
-use tally_connectors::store::StoreWriter;
+use anyhow::{bail, Context};
+use tally_connectors::checkpoint::{Checkpoint, CheckpointStore};
 use tally_dataflow::backfill::{merge, remap, Plan, Side};
 use tally_dataflow::checkpoint::PartitionCut;
 use tally_dataflow::config::{Config, MetricSpec};
 use tally_dataflow::fingerprint;
-use tally_gateway::catalog::{self, Catalog};
+use tally_gateway::catalog;
 use tracing::{info, warn};
 
 use crate::job::{checkpoint_store, Counters, Job, Spec};
-use crate::run::Embedded;
 
 /// How often the supervisor looks at the backfill.
 const TICK: Duration = Duration::from_millis(250);
 
 /// How often `tally run` logs a backfill's progress.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the end of the log is read again for the progress.
+const ENDS_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a process that did not lead waits for the merged checkpoint.
+const INSTALL_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Where the jobs of a process run: `tally run`, or one worker process of
+/// a cluster.
+pub trait Host: Send + 'static {
+    /// Whether this process leads: it deletes what a plan leaves behind,
+    /// and decides where a backfill ends.
+    fn leads(&self) -> bool;
+
+    /// Workers in a job, over every process.
+    fn workers(&self) -> usize;
+
+    /// Starts this process's share of the job `spec`, counting in
+    /// `counters`. In a cluster this waits for every process to start it.
+    fn start(&self, spec: Spec, counters: &Counters) -> anyhow::Result<Job>;
+
+    /// Whether this process reads `partition`.
+    fn reads(&self, partition: u32) -> bool;
+
+    /// Where each partition of the log ends now, in partition order.
+    fn ends(&mut self) -> anyhow::Result<Vec<u64>>;
+
+    /// Shows this process's share of the backfill, or that none runs.
+    fn report(&mut self, share: Option<&catalog::Backfill>);
+
+    /// Tells every process that the backfill ends at `boundary`, where the
+    /// live job goes on with `metrics`. Only the leader decides.
+    fn decide(&mut self, metrics: &[MetricSpec], boundary: u64) -> anyhow::Result<()>;
+
+    /// The boundary the leader decided that the backfill to `metrics`
+    /// ends at, once it has.
+    fn decided(&mut self, metrics: &[MetricSpec]) -> anyhow::Result<Option<u64>>;
+
+    /// Serves `metrics` from now on: the live job that starts next computes
+    /// them.
+    fn activate(&mut self, metrics: &[MetricSpec]);
+}
 
 /// What `tally run` starts with: the live job's spec, the backfill's if
 /// one is needed, and the metrics the live job runs meanwhile.
@@ -55,8 +102,10 @@ pub struct Start {
 
 impl Start {
     /// Compares the configured metrics with those of the newest checkpoint
-    /// and says what to run.
-    pub fn plan(config: &Config) -> anyhow::Result<Start> {
+    /// and says what to run. Only a process that `leads` deletes the
+    /// checkpoints of a backfill that is cancelled or begun anew; the others
+    /// come to the same plan over the same checkpoints.
+    pub fn plan(config: &Config, leads: bool) -> anyhow::Result<Start> {
         let configured = &config.metrics;
         let checkpoints = checkpoint_store(config, configured)?;
         let newest = checkpoints
@@ -91,9 +140,11 @@ impl Start {
         let Some(plan) = plan else {
             // A backfill the last run left is of definitions no longer
             // configured: it is cancelled.
-            backfill_store(config, &[])?
-                .clear()
-                .context("deleting a backfill's checkpoints")?;
+            if leads {
+                backfill_store(config, &[])?
+                    .clear()
+                    .context("deleting a backfill's checkpoints")?;
+            }
             return Ok(Start {
                 live,
                 backfill: None,
@@ -109,9 +160,10 @@ impl Start {
                 boundary = c.boundary,
                 "resuming the backfill from its checkpoint"
             ),
-            None => checkpoints
+            None if leads => checkpoints
                 .clear()
                 .context("deleting a backfill's checkpoints")?,
+            None => {}
         }
         info!(
             metrics = ?plan.backfill.iter().map(|m| &m.name).collect::<Vec<_>>(),
@@ -149,44 +201,35 @@ fn backfill_store(config: &Config, metrics: &[MetricSpec]) -> anyhow::Result<Che
         .context("opening the backfill's checkpoint store")
 }
 
-/// What the supervisor needs to start jobs.
-pub struct Wiring {
-    /// The configuration.
-    pub config: Arc<Config>,
-    /// The log both jobs read.
-    pub log: EventLog,
-    /// The store both jobs write.
-    pub writer: Arc<StoreWriter>,
-    /// The live bus, which the live job publishes to.
-    pub live: LivePublisher,
-    /// What the gateway serves.
-    pub catalog: Arc<Catalog>,
-    /// The live job's counters.
-    pub counters: Counters,
-}
-
-/// The thread that runs the jobs of `tally run` and ends a backfill.
+/// The thread that runs the jobs of a process and ends a backfill.
 pub struct Supervisor {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
 
 impl Supervisor {
-    /// Starts the jobs of `start` and watches them.
-    pub fn start(context: Wiring, start: Start) -> anyhow::Result<Supervisor> {
-        let job = context.run(start.live)?;
+    /// Starts the jobs of `start` on `host` and watches them, the live
+    /// job counting in `counters`.
+    pub fn start<H: Host>(
+        config: Arc<Config>,
+        mut host: H,
+        counters: Counters,
+        start: Start,
+    ) -> anyhow::Result<Supervisor> {
+        let job = host.start(start.live, &counters)?;
         let mut backfill = match start.backfill {
-            Some(spec) => Some(Backfill::start(&context, spec)?),
+            Some(spec) => Some(Backfill::start(&config, &mut host, spec)?),
             None => None,
         };
         if let Some(backfill) = backfill.as_mut() {
-            context
-                .catalog
-                .set_backfill(Some(backfill.status(&context)));
+            let share = backfill.status(&mut host, &counters);
+            host.report(Some(&share));
         }
         let stop = Arc::new(AtomicBool::new(false));
         let jobs = Jobs {
-            context,
+            config,
+            host,
+            counters,
             job: Some(job),
             backfill,
         };
@@ -208,66 +251,54 @@ impl Supervisor {
     }
 }
 
-impl Wiring {
-    /// Starts the live job of `spec`, counting in the live job's counters.
-    fn run(&self, spec: Spec) -> anyhow::Result<Job> {
-        self.job(spec, &self.counters)
-    }
-
-    /// Starts the job of `spec`, counting in `counters`.
-    fn job(&self, spec: Spec, counters: &Counters) -> anyhow::Result<Job> {
-        let workers = self.config.workers();
-        let mode = Embedded {
-            log: self.log.clone(),
-            live: self.live.clone(),
-            workers,
-        };
-        Job::prepare(
-            &self.config,
-            Members::single(workers),
-            self.log.partitions(),
-            &self.writer,
-            &mode,
-            spec,
-            counters,
-        )?
-        .run(mode)
-    }
-}
-
 /// The running jobs.
-struct Jobs {
-    context: Wiring,
+struct Jobs<H> {
+    config: Arc<Config>,
+    host: H,
+    /// The live job's.
+    counters: Counters,
     /// The live job; `None` only while it is replaced.
     job: Option<Job>,
     backfill: Option<Backfill>,
 }
 
-impl Jobs {
+impl<H: Host> Jobs<H> {
     fn supervise(mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(TICK);
             let Some(backfill) = self.backfill.as_mut() else {
                 continue;
             };
-            let status = backfill.status(&self.context);
-            self.context.catalog.set_backfill(Some(status));
-            let ready = match backfill.ready(&self.context.config.metrics) {
-                Ok(ready) => ready,
-                Err(e) => {
-                    warn!(error = %e, "cannot read the checkpoints that would end the backfill; trying again");
-                    None
-                }
+            let share = backfill.status(&mut self.host, &self.counters);
+            self.host.report(Some(&share));
+            let configured = &self.config.metrics;
+            let end = if self.host.leads() {
+                backfill
+                    .ready(configured)
+                    .map(|ready| ready.map(End::Merged))
+            } else {
+                self.host
+                    .decided(configured)
+                    .map(|decided| decided.map(End::Installed))
             };
-            if let Some(merged) = ready {
-                if let Err(e) = self.switch(merged) {
-                    // Both jobs are stopped; a restart resumes from the
-                    // newest checkpoints, which are whole.
-                    tracing::error!(
+            match end {
+                Ok(Some(end)) => {
+                    if let Err(e) = self.switch(end) {
+                        // Both jobs are stopped; a restart resumes from the
+                        // newest checkpoints, which are whole.
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            "cannot activate the backfilled metrics; exiting"
+                        );
+                        std::process::exit(1);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(
                         error = format!("{e:#}"),
-                        "cannot activate the backfilled metrics; exiting"
+                        "cannot tell whether the backfill has ended; trying again"
                     );
-                    std::process::exit(1);
                 }
             }
         }
@@ -279,45 +310,88 @@ impl Jobs {
         }
     }
 
-    /// Ends the backfill: the live job starts again from `merged`, with the
-    /// configured metrics active.
-    fn switch(&mut self, merged: Checkpoint) -> anyhow::Result<()> {
+    /// Ends the backfill: the live job starts again at the end's boundary,
+    /// with the configured metrics active.
+    fn switch(&mut self, end: End) -> anyhow::Result<()> {
         let backfill = self.backfill.take().expect("a backfill to end");
-        let boundary = merged.boundary;
+        let configured = self.config.metrics.clone();
+        let boundary = match &end {
+            End::Merged(merged) => merged.boundary,
+            End::Installed(boundary) => *boundary,
+        };
+        if let End::Merged(_) = end {
+            self.host.decide(&configured, boundary)?;
+        }
+        // Every process stops both jobs, in this order, on the decision.
         backfill.job.stop();
         if let Some(job) = self.job.take() {
             job.stop();
         }
-        let context = &mut self.context;
-        let configured = context.config.metrics.clone();
-        let checkpoints = checkpoint_store(&context.config, &configured)?;
-        checkpoints
-            .install(merged)
-            .context("installing the merged checkpoint")?;
-        backfill
-            .checkpoints
-            .clear()
-            .context("deleting the backfill's checkpoints")?;
-        let metrics = Arc::new(configured.clone());
-        context.writer.in_use(configured.clone());
-        context.catalog.activate(Arc::clone(&metrics));
-        context.catalog.set_backfill(None);
-        context.live = context.live.renew(metrics);
+        let checkpoints = checkpoint_store(&self.config, &configured)?;
+        match end {
+            End::Merged(merged) => {
+                checkpoints
+                    .install(merged)
+                    .context("installing the merged checkpoint")?;
+                backfill
+                    .checkpoints
+                    .clear()
+                    .context("deleting the backfill's checkpoints")?;
+            }
+            End::Installed(_) => wait_for_install(&checkpoints, &configured, boundary)?,
+        }
+        self.host.activate(&configured);
+        self.host.report(None);
         let restored = checkpoints
             .latest()
             .context("reading the merged checkpoint")?;
-        self.job = Some(context.run(Spec {
-            metrics: configured,
-            checkpoints,
-            restored,
-            live: true,
-        })?);
+        self.job = Some(self.host.start(
+            Spec {
+                metrics: configured,
+                checkpoints,
+                restored,
+                live: true,
+            },
+            &self.counters,
+        )?);
         info!(
             boundary,
             took = ?backfill.started.elapsed(),
             "backfill done; the new definitions are active"
         );
         Ok(())
+    }
+}
+
+/// How a process learns that the backfill ends.
+enum End {
+    /// It leads, and has merged the two jobs' checkpoints into this one.
+    Merged(Checkpoint),
+    /// The leader decided on this boundary, and installs the merged
+    /// checkpoint there.
+    Installed(u64),
+}
+
+/// Waits until the leader has installed the merged checkpoint of `metrics`
+/// at `boundary` (or one after it) in `checkpoints`.
+fn wait_for_install(
+    checkpoints: &CheckpointStore,
+    metrics: &[MetricSpec],
+    boundary: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + INSTALL_DEADLINE;
+    let job = fingerprint::job(metrics);
+    loop {
+        let latest = checkpoints
+            .latest()
+            .context("reading the last checkpoint")?;
+        if latest.is_some_and(|c| c.boundary >= boundary && fingerprint::job(&c.metrics) == job) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("process 0 did not install the merged checkpoint at {boundary} within {INSTALL_DEADLINE:?}");
+        }
+        std::thread::sleep(TICK);
     }
 }
 
@@ -331,12 +405,15 @@ struct Backfill {
     live: CheckpointStore,
     /// What it computes.
     metrics: Vec<MetricSpec>,
-    /// Events before the checkpoint it resumed from.
+    /// Log positions before the checkpoint it resumed from, in the
+    /// partitions this process reads.
     resumed: u64,
     /// The end of each partition of the log when it started: the two jobs
     /// meet at a checkpoint past it, one both took side by side on events
     /// that arrived since.
     ends: Vec<u64>,
+    /// Log positions in this process's partitions, when last read.
+    to_read: (u64, Instant),
     started: Instant,
     /// The newest of its checkpoints that did not end it.
     tried: Option<u64>,
@@ -347,23 +424,27 @@ struct Backfill {
 }
 
 impl Backfill {
-    fn start(context: &Wiring, spec: Spec) -> anyhow::Result<Backfill> {
-        let ends = context.log.next_offsets();
+    fn start(config: &Config, host: &mut impl Host, spec: Spec) -> anyhow::Result<Backfill> {
+        let ends = host.ends().context("reading where the log ends")?;
         let metrics = spec.metrics.clone();
-        let resumed = spec
-            .restored
-            .as_ref()
-            .map_or(0, |c| c.cuts.iter().map(|c| c.next_offset).sum());
-        let counters = Counters::new(context.config.workers());
-        let job = context.job(spec, &counters)?;
+        let resumed = spec.restored.as_ref().map_or(0, |c| {
+            c.cuts
+                .iter()
+                .filter(|c| host.reads(c.partition))
+                .map(|c| c.next_offset)
+                .sum()
+        });
+        let counters = Counters::new(host.workers());
+        let job = host.start(spec, &counters)?;
         let now = Instant::now();
         Ok(Backfill {
             job,
             counters,
-            checkpoints: backfill_store(&context.config, &metrics)?,
-            live: checkpoint_store(&context.config, &[])?,
+            checkpoints: backfill_store(config, &metrics)?,
+            live: checkpoint_store(config, &[])?,
             metrics,
             resumed,
+            to_read: (read_here(host, &ends), now),
             ends,
             started: now,
             tried: None,
@@ -373,10 +454,17 @@ impl Backfill {
         })
     }
 
-    /// Where it stands, and its progress in the log now and then.
-    fn status(&mut self, context: &Wiring) -> catalog::Backfill {
-        let read = self.resumed + self.counters.job.events_read.load(Ordering::Relaxed);
-        let to_read: u64 = context.log.next_offsets().iter().sum();
+    /// Where this process's share stands, beside the live job counting in
+    /// `live`, and its progress in the log now and then.
+    fn status(&mut self, host: &mut impl Host, live: &Counters) -> catalog::Backfill {
+        let read = self.resumed + self.counters.job.positions_read.load(Ordering::Relaxed);
+        if self.to_read.1.elapsed() >= ENDS_EVERY {
+            match host.ends() {
+                Ok(ends) => self.to_read = (read_here(host, &ends), Instant::now()),
+                Err(e) => warn!(error = format!("{e:#}"), "cannot read where the log ends"),
+            }
+        }
+        let to_read = self.to_read.0;
         let (before, at) = self.last;
         let elapsed = at.elapsed().as_secs_f64();
         if elapsed > 0.0 {
@@ -390,7 +478,7 @@ impl Backfill {
         }
         self.last = (read, Instant::now());
         let lowest = |counters: &Counters| counters.job.watermarks().into_iter().flatten().min();
-        let lag = match (lowest(&context.counters), lowest(&self.counters)) {
+        let lag = match (lowest(live), lowest(&self.counters)) {
             (Some(live), Some(backfill)) => live.saturating_sub(backfill).max(0),
             (Some(live), None) => live,
             _ => 0,
@@ -444,6 +532,7 @@ impl Backfill {
         let Some(built) = self.checkpoints.at(boundary)? else {
             return Ok(None);
         };
+        let workers = live.workers;
         let groups = merge(
             Side {
                 cuts: &live.cuts,
@@ -465,10 +554,19 @@ impl Backfill {
         };
         Ok(Some(Checkpoint {
             boundary,
-            workers: 1,
+            workers,
             cuts: live.cuts,
             groups,
             metrics: configured.to_vec(),
         }))
     }
+}
+
+/// The log positions up to `ends` in the partitions `host` reads.
+fn read_here(host: &impl Host, ends: &[u64]) -> u64 {
+    (0u32..)
+        .zip(ends)
+        .filter(|(partition, _)| host.reads(*partition))
+        .map(|(_, end)| end)
+        .sum()
 }

@@ -34,7 +34,6 @@ use tally_connectors::store::{DeadLetterSink, StoreWriter, WindowSink};
 use tally_dataflow::checkpoint::{Restore, Schedule};
 use tally_dataflow::config::{Config, MetricSpec};
 use tally_dataflow::coordination::Coordination;
-use tally_dataflow::fingerprint;
 use tally_dataflow::job::{self, JobSettings, Sinks};
 use tally_dataflow::model::{DeadLetter, WindowUpdate};
 use tally_dataflow::ports::{BatchSource, Sink};
@@ -83,30 +82,6 @@ pub struct Spec {
     /// dead letters. A backfill writes only results, and its threads yield
     /// the processor to the live job's.
     pub live: bool,
-}
-
-impl Spec {
-    /// The live job of the configured metrics, resuming from the newest
-    /// checkpoint in `checkpoints` if the same metrics made it, or else
-    /// reading the log from the start.
-    pub fn configured(config: &Config, checkpoints: CheckpointStore) -> anyhow::Result<Spec> {
-        let restored = checkpoints
-            .latest()
-            .context("reading the last checkpoint")?
-            .filter(|c| {
-                let same = fingerprint::job(&c.metrics) == fingerprint::job(&config.metrics);
-                if !same {
-                    tracing::warn!("the newest checkpoint is of another configuration of metrics; starting from the log");
-                }
-                same
-            });
-        Ok(Spec {
-            metrics: config.metrics.clone(),
-            checkpoints,
-            restored,
-            live: true,
-        })
-    }
 }
 
 /// The checkpoint store of the live job under `config`, holding `metrics`.

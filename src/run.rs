@@ -7,21 +7,21 @@ use std::time::Duration;
 use anyhow::Context;
 use tally_connectors::bus;
 use tally_connectors::bus::inprocess::{self, LivePublisher};
-use tally_connectors::checkpoint::Checkpoint;
+use tally_connectors::checkpoint::{Checkpoint, Members};
 use tally_connectors::log::{EventLog, LogSource};
 use tally_connectors::store::sqlite::SqliteStore;
-use tally_connectors::store::DeadLetterSink;
+use tally_connectors::store::{DeadLetterSink, StoreWriter};
 use tally_dataflow::checkpoint::PartitionCut;
-use tally_dataflow::config::Config;
+use tally_dataflow::config::{Config, MetricSpec};
 use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
-use tally_gateway::catalog::Catalog;
+use tally_gateway::catalog::{self, Catalog};
 use tally_gateway::live::Hub;
 use tally_gateway::ops::{JobMetrics, Observed, Ops};
 use tally_gateway::Gateway;
 use tracing::info;
 
-use crate::backfill::{self, Start, Supervisor};
-use crate::job::{Counters, Mode};
+use crate::backfill::{Host, Start, Supervisor};
+use crate::job::{Counters, Job, Mode, Spec};
 use crate::{job_observer, load_config, shutdown_signal, toml_string, RunArgs};
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -51,7 +51,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let log = open_log(&config, &data_dir.join("log"))?;
-    let start = Start::plan(&config)?;
+    let start = Start::plan(&config, true)?;
     let (store, writer) = SqliteStore::open(
         &data_dir.join("results.db"),
         start.in_use(),
@@ -64,14 +64,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let catalog = Arc::new(Catalog::new(start.live.metrics.clone()));
     let counters = Counters::new(workers);
     let supervisor = Supervisor::start(
-        backfill::Wiring {
+        Arc::clone(&config),
+        Process {
             config: Arc::clone(&config),
             log: log.clone(),
             writer: Arc::clone(&writer),
             live: live.clone(),
             catalog: Arc::clone(&catalog),
-            counters: counters.clone(),
         },
+        counters.clone(),
         start,
     )?;
 
@@ -134,13 +135,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// `tally run`: the workers are threads of this process, reading the
 /// embedded log and publishing to the in-process bus.
-pub struct Embedded {
+struct Embedded {
     /// The log the workers read.
-    pub log: EventLog,
+    log: EventLog,
     /// The bus they publish to.
-    pub live: LivePublisher,
+    live: LivePublisher,
     /// Workers in the job.
-    pub workers: usize,
+    workers: usize,
 }
 
 impl Mode for Embedded {
@@ -167,6 +168,73 @@ impl Mode for Embedded {
 
     fn dead_letters(&self, store: DeadLetterSink) -> DeadLetterSink {
         store
+    }
+}
+
+/// The one process of `tally run`, as the jobs' supervisor sees it.
+struct Process {
+    config: Arc<Config>,
+    log: EventLog,
+    writer: Arc<StoreWriter>,
+    /// The bus the live job publishes to.
+    live: LivePublisher,
+    /// What the gateway serves.
+    catalog: Arc<Catalog>,
+}
+
+impl Host for Process {
+    fn leads(&self) -> bool {
+        true
+    }
+
+    fn workers(&self) -> usize {
+        self.config.workers()
+    }
+
+    fn start(&self, spec: Spec, counters: &Counters) -> anyhow::Result<Job> {
+        let workers = self.config.workers();
+        let mode = Embedded {
+            log: self.log.clone(),
+            live: self.live.clone(),
+            workers,
+        };
+        Job::prepare(
+            &self.config,
+            Members::single(workers),
+            self.log.partitions(),
+            &self.writer,
+            &mode,
+            spec,
+            counters,
+        )?
+        .run(mode)
+    }
+
+    fn reads(&self, _: u32) -> bool {
+        true
+    }
+
+    fn ends(&mut self) -> anyhow::Result<Vec<u64>> {
+        Ok(self.log.next_offsets())
+    }
+
+    fn report(&mut self, share: Option<&catalog::Backfill>) {
+        self.catalog.set_backfill(share.cloned());
+    }
+
+    fn decide(&mut self, _: &[MetricSpec], _: u64) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn decided(&mut self, _: &[MetricSpec]) -> anyhow::Result<Option<u64>> {
+        Ok(None)
+    }
+
+    fn activate(&mut self, metrics: &[MetricSpec]) {
+        let metrics = Arc::new(metrics.to_vec());
+        self.writer.in_use(metrics.to_vec());
+        self.catalog.activate(Arc::clone(&metrics));
+        self.live = self.live.renew(metrics);
     }
 }
 

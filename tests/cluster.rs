@@ -11,6 +11,7 @@ use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -23,18 +24,37 @@ use crate::util::{
 
 const MINUTE: i64 = 60_000;
 
-/// The services' addresses.
+/// The services' addresses, and a hold on them: a test that stops a
+/// service holds them alone, so that no other test sees the outage.
 pub struct Services {
     kafka: String,
     clickhouse: String,
     redis: String,
+    _shared: Option<RwLockReadGuard<'static, ()>>,
+    _alone: Option<RwLockWriteGuard<'static, ()>>,
 }
+
+static OUTAGES: RwLock<()> = RwLock::new(());
 
 impl Services {
     /// The services from the environment. Without them the test fails,
     /// in CI or not: a cluster test that passes without its cluster would
     /// say nothing.
     pub fn from_env() -> Services {
+        let hold = OUTAGES.read().unwrap_or_else(|e| e.into_inner());
+        Services::with(Some(hold), None)
+    }
+
+    /// The services, for a test that stops one of them meanwhile.
+    pub fn alone() -> Services {
+        let hold = OUTAGES.write().unwrap_or_else(|e| e.into_inner());
+        Services::with(None, Some(hold))
+    }
+
+    fn with(
+        shared: Option<RwLockReadGuard<'static, ()>>,
+        alone: Option<RwLockWriteGuard<'static, ()>>,
+    ) -> Services {
         let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         match (
             get("KAFKA_BROKERS"),
@@ -45,6 +65,8 @@ impl Services {
                 kafka,
                 clickhouse,
                 redis,
+                _shared: shared,
+                _alone: alone,
             },
             _ => panic!(
                 "KAFKA_BROKERS, CLICKHOUSE_URL and REDIS_URL are not all set: run the tests with \
@@ -81,6 +103,8 @@ pub struct Cluster {
     workers: Vec<(Child, String)>,
     dir: tempfile::TempDir,
     env: Vec<(String, String)>,
+    /// The configuration file the processes start with.
+    config: PathBuf,
 }
 
 impl Cluster {
@@ -103,9 +127,28 @@ impl Cluster {
         gateways: usize,
         settings: &[(&str, &str)],
     ) -> Cluster {
+        Cluster::start_with_config(
+            services,
+            (processes, threads, gateways),
+            &default_config(),
+            settings,
+        )
+    }
+
+    /// As [`Cluster::start_with`], `processes` of `threads` threads and
+    /// `gateways`, from the configuration file `config`.
+    pub fn start_with_config(
+        services: &Services,
+        (processes, threads, gateways): (usize, usize, usize),
+        config: &Path,
+        settings: &[(&str, &str)],
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let name = format!("t{:08x}", fastrand::u32(..));
         let addresses: Vec<String> = (0..processes)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let backfill_addresses: Vec<String> = (0..processes)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
         let env: Vec<(String, String)> = [
@@ -118,6 +161,10 @@ impl Cluster {
             ("TALLY__CLUSTER__PROCESSES", processes.to_string()),
             ("TALLY__CLUSTER__THREADS", threads.to_string()),
             ("TALLY__CLUSTER__ADDRESSES", format!("{addresses:?}")),
+            (
+                "TALLY__CLUSTER__BACKFILL_ADDRESSES",
+                format!("{backfill_addresses:?}"),
+            ),
             ("TALLY__STORAGE__DATA_DIR", format!("{:?}", dir.path())),
             ("TALLY__DATAFLOW__IDLE_TIMEOUT", "1s".into()),
             ("TALLY__LIVE__INTERVAL", "200ms".into()),
@@ -133,6 +180,7 @@ impl Cluster {
             workers: Vec::new(),
             dir,
             env,
+            config: config.to_path_buf(),
         };
         for process in 0..processes {
             let worker = cluster.start_worker(process);
@@ -158,7 +206,7 @@ impl Cluster {
         command
             .arg(role)
             .arg("--config")
-            .arg(default_config())
+            .arg(&self.config)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stderr(
                 OpenOptions::new()
@@ -220,6 +268,24 @@ impl Cluster {
             worker.kill().expect("SIGKILL");
             worker.wait().expect("reap");
         }
+        self.workers = (0..self.workers.len())
+            .map(|process| self.start_worker(process))
+            .collect();
+    }
+
+    /// Stops every worker process with SIGTERM, then starts them again
+    /// with the configuration file `config`. The gateways go on.
+    pub fn restart_workers_with(&mut self, config: &Path) {
+        for (worker, _) in &mut self.workers {
+            let pid = worker.id().to_string();
+            let stopped = Command::new("kill").args(["-TERM", &pid]).status();
+            assert!(stopped.expect("kill").success());
+        }
+        for (worker, _) in &mut self.workers {
+            let status = worker.wait().expect("reap");
+            assert!(status.success(), "a worker stopped with {status}");
+        }
+        self.config = config.to_path_buf();
         self.workers = (0..self.workers.len())
             .map(|process| self.start_worker(process))
             .collect();
@@ -513,7 +579,7 @@ print(events)
 
 #[test]
 fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
-    let services = Services::from_env();
+    let services = Services::alone();
     // Two processes: the one whose sinks fall behind first tells the other.
     let cluster = Cluster::start(&services, 2, 1, 1);
     let gateway = &cluster.gateways[0];
@@ -713,4 +779,139 @@ fn results_stored_before_versions_are_read_after_an_upgrade() {
     assert_eq!(count("ad_clicks"), "1");
     drop(cluster);
     services.clickhouse(&format!("DROP DATABASE {db}"));
+}
+
+/// Every stored window of `version` of `metric` in the cluster's database,
+/// as (window, start, group) to its value.
+fn stored_windows(
+    services: &Services,
+    db: &str,
+    metric: &str,
+    version: &str,
+) -> BTreeMap<(String, i64, String), f64> {
+    let rows = services.clickhouse(&format!(
+        "SELECT window, start, grp, count, sum FROM {db}.windows FINAL \
+         WHERE metric = '{metric}' AND version = '{version}' FORMAT JSONEachRow"
+    ));
+    rows.lines()
+        .map(|line| {
+            let row: Value = serde_json::from_str(line).unwrap();
+            let number = |v: &Value| match v {
+                Value::String(s) => s.parse::<f64>().unwrap(),
+                v => v.as_f64().unwrap(),
+            };
+            let value = if metric == "revenue" {
+                number(&row["sum"])
+            } else {
+                number(&row["count"])
+            };
+            let start = number(&row["start"]) as i64;
+            let key = (
+                row["window"].as_str().unwrap().to_string(),
+                start,
+                row["grp"].as_str().unwrap().to_string(),
+            );
+            (key, value)
+        })
+        .collect()
+}
+
+/// The catalog's entry for `name`.
+fn catalog_entry(gateway: &Tally, name: &str) -> Option<Value> {
+    let (status, catalog) = gateway.get("/v1/catalog");
+    assert_eq!(status, 200, "{catalog}");
+    catalog["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .cloned()
+}
+
+#[test]
+fn a_changed_metric_is_backfilled_on_the_cluster_and_then_replaces_the_old_one() {
+    let services = Services::from_env();
+    let dir = tempfile::tempdir().unwrap();
+    let (before, after) = (
+        dir.path().join("before.toml"),
+        dir.path().join("after.toml"),
+    );
+    std::fs::write(&before, crate::versions::BEFORE).unwrap();
+    std::fs::write(&after, crate::versions::AFTER).unwrap();
+    let mut cluster = Cluster::start_with_config(
+        &services,
+        (2, 1, 1),
+        &before,
+        &[("TALLY__CHECKPOINT__INTERVAL", "1s")],
+    );
+    let db = cluster.name.clone();
+    let events = clickstream(15, 3000);
+    post_through(&[&cluster.gateways[0]], &events);
+    assert_clicks_per_minute(&cluster.gateways[0], &events);
+    let old = catalog_entry(&cluster.gateways[0], "ad_clicks").unwrap()["version"].clone();
+
+    cluster.restart_workers_with(&after);
+    // While the backfill runs, the old definition answers; the removed
+    // metric is unknown and the new one is listed with its progress.
+    let gateway = &cluster.gateways[0];
+    let revenue = eventually(Duration::from_secs(60), || {
+        let revenue = catalog_entry(gateway, "revenue").ok_or("revenue is not listed")?;
+        // Kafka's records are messages: one per request of 50 events, and
+        // every process reports its share.
+        let to_read = revenue["backfill"]["eventsToRead"].as_u64().unwrap_or(0);
+        (to_read >= 3000 / 50)
+            .then_some(revenue.clone())
+            .ok_or(format!("{revenue}"))
+    });
+    assert!(revenue["version"].is_null(), "{revenue}");
+    assert_eq!(catalog_entry(gateway, "ad_clicks").unwrap()["version"], old);
+    assert_clicks_per_minute(gateway, &events);
+    let range = format!(
+        "start={}&end={}",
+        BASE_MS / 1000,
+        (BASE_MS + 5 * MINUTE) / 1000
+    );
+    let (status, answer) = gateway.get(&format!("/v1/metrics?metric=purchases&{range}"));
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = gateway.get(&format!(
+        "/v1/metrics?metric=ad_clicks&groupBy=country&{range}"
+    ));
+    assert_eq!(status, 400, "the old definition has no country: {answer}");
+
+    // A kill -9 in the middle: the backfill resumes from its checkpoint.
+    cluster.kill_and_restart_workers();
+    let gateway = &cluster.gateways[0];
+
+    // Event time moves on as live traffic moves it, until the two jobs meet.
+    let mut at = BASE_MS + 10 * MINUTE;
+    let clicks = eventually(Duration::from_secs(120), || {
+        std::thread::sleep(Duration::from_millis(600));
+        at += 1_000;
+        gateway.flush(at);
+        let clicks = catalog_entry(gateway, "ad_clicks").unwrap();
+        match clicks.get("backfill") {
+            None if clicks["version"] != old => Ok(clicks),
+            _ => Err(format!("still backfilling: {clicks}")),
+        }
+    });
+    assert_eq!(
+        clicks["coverage"]["since"], "2026-06-07T10:00:00Z",
+        "{clicks}"
+    );
+    for name in ["ad_clicks", "revenue"] {
+        let metric = catalog_entry(gateway, name).unwrap();
+        let version = metric["version"].as_str().unwrap();
+        crate::versions::assert_equal(
+            &stored_windows(&services, &db, name, version),
+            &crate::versions::batch(&events, name),
+        );
+    }
+    // The new definition answers, by the dimension it added.
+    let answer = gateway.metrics(&format!(
+        "metric=ad_clicks&groupBy=country&resolution=1m&{range}"
+    ));
+    let countries = answer["series"].as_array().unwrap();
+    assert!(countries.len() > 1, "{answer}");
+    let (status, _) = gateway.get(&format!("/v1/metrics?metric=purchases&{range}"));
+    assert_eq!(status, 400, "a removed metric stays unknown");
 }

@@ -31,7 +31,7 @@ windows = ["tumbling 1m"]
 "#;
 
 /// Before the change: clicks by campaign, and purchases.
-const BEFORE: &str = r#"
+pub const BEFORE: &str = r#"
 [[metric]]
 name = "ad_clicks"
 event_type = "ad_click"
@@ -46,7 +46,7 @@ windows = ["tumbling 1m"]
 
 /// After: clicks gain a dimension and a window, purchases are gone, and
 /// revenue is new.
-const AFTER: &str = r#"
+pub const AFTER: &str = r#"
 [[metric]]
 name = "ad_clicks"
 event_type = "ad_click"
@@ -132,7 +132,7 @@ fn stored(data: &Path, metric: &str, version: &str) -> BTreeMap<(String, i64, St
 }
 
 /// The same, aggregated in one pass over the events.
-fn batch(events: &[Generated], metric: &str) -> BTreeMap<(String, i64, String), f64> {
+pub fn batch(events: &[Generated], metric: &str) -> BTreeMap<(String, i64, String), f64> {
     let mut out = BTreeMap::new();
     let spans: &[(&str, i64)] = match metric {
         "ad_clicks" => &[("tumbling 1m", 60_000), ("tumbling 10s", 10_000)],
@@ -159,7 +159,7 @@ fn batch(events: &[Generated], metric: &str) -> BTreeMap<(String, i64, String), 
     out
 }
 
-fn assert_equal(
+pub fn assert_equal(
     stored: &BTreeMap<(String, i64, String), f64>,
     batch: &BTreeMap<(String, i64, String), f64>,
 ) {

@@ -274,6 +274,10 @@ pub struct ClusterConfig {
     /// `host:port` of each process, in process order, for timely's own
     /// connections between them. Default `127.0.0.1:4100`, `:4101`, ….
     pub addresses: Vec<String>,
+    /// `host:port` of each process for the backfill's computation, which
+    /// runs beside the live job's while a changed metric is recomputed.
+    /// Default: each of `addresses` with its port plus 100.
+    pub backfill_addresses: Vec<String>,
 }
 
 /// `[kafka]`.
@@ -634,10 +638,25 @@ impl Reader {
                 addresses.len()
             ));
         }
+        let mut backfill_addresses = self.strings(s, "backfill_addresses");
+        if backfill_addresses.is_empty() {
+            backfill_addresses = addresses.iter().filter_map(|a| shifted(a, 100)).collect();
+            if backfill_addresses.len() != addresses.len() {
+                self.errors.push(
+                    "cluster.backfill_addresses: give them, one per process, when an address has no port below 65436".into(),
+                );
+            }
+        } else if backfill_addresses.len() != processes {
+            self.errors.push(format!(
+                "cluster.backfill_addresses: {} addresses for {processes} processes; give one per process",
+                backfill_addresses.len()
+            ));
+        }
         ClusterConfig {
             processes,
             threads,
             addresses,
+            backfill_addresses,
         }
     }
 
@@ -949,6 +968,13 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         Some(0) | None => Err(format!("'{text}' must be a positive size")),
         Some(bytes) => Ok(bytes),
     }
+}
+
+/// `host:port` with the port moved on by `by`, if it has one that can be.
+fn shifted(address: &str, by: u16) -> Option<String> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok()?.checked_add(by)?;
+    Some(format!("{host}:{port}"))
 }
 
 #[cfg(test)]

@@ -19,6 +19,9 @@ pub struct JobStats {
     pub dead_letters: AtomicU64,
     /// Records the sources have read from the log.
     pub events_read: AtomicU64,
+    /// Log positions the sources have passed: records of the embedded
+    /// log, messages of Kafka. A backfill's progress is counted in them.
+    pub positions_read: AtomicU64,
 }
 
 impl JobStats {
@@ -30,6 +33,7 @@ impl JobStats {
             late_updates: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             events_read: AtomicU64::new(0),
+            positions_read: AtomicU64::new(0),
         }
     }
 

@@ -21,7 +21,7 @@ const tally = new Tally(undefined, {
     const pill = $("connection");
     pill.dataset.state = state;
     pill.textContent = { open: "live", connecting: "connecting", reconnecting: "reconnecting", closed: "offline" }[state] ?? state;
-    if (state === "open" && wasDown) charts.forEach((c) => c.loadHistory());
+    if (state === "open" && wasDown) refreshCatalog().then(() => charts.forEach((c) => c.loadHistory()));
     wasDown = state !== "open";
   },
 });
@@ -410,6 +410,55 @@ function wireForm() {
   fillForm();
 }
 
+// ---- the catalog: versions and backfills ----
+
+const CATALOG_EVERY_MS = 5000;
+
+/** Reads the catalog again: a chart whose metric has a new active version reloads its history. */
+async function refreshCatalog() {
+  let fresh;
+  try {
+    fresh = (await (await fetch("/v1/catalog")).json()).metrics;
+  } catch {
+    return;
+  }
+  const before = new Map(catalog.map((m) => [m.name, m.version]));
+  catalog = fresh;
+  for (const chart of charts) {
+    const metric = catalog.find((m) => m.name === chart.config.metric);
+    if (!metric || before.get(metric.name) === metric.version) continue;
+    chart.metric = metric;
+    chart.series.clear();
+    chart.loadHistory();
+  }
+  if (catalog.map((m) => m.name).join() !== [...before.keys()].join()) {
+    const chosen = $("metric").value;
+    $("metric").innerHTML = catalog.map((m) => `<option>${esc(m.name)}</option>`).join("");
+    if (catalog.some((m) => m.name === chosen)) $("metric").value = chosen;
+    fillForm();
+  }
+  showBackfills();
+}
+
+/** A progress bar per metric whose next version is being computed from the log. */
+function showBackfills() {
+  const building = catalog.filter((m) => m.backfill);
+  $("backfills").hidden = building.length === 0;
+  $("backfills").innerHTML = building
+    .map((m) => {
+      const b = m.backfill;
+      const percent = Math.floor(b.progress * 100);
+      const end = b.expectedEnd ? ` · done about ${new Date(b.expectedEnd).toLocaleTimeString()}` : "";
+      const serving = m.version ? "the current version serves meanwhile" : "new metric";
+      return `<div class="backfill" data-metric="${esc(m.name)}">
+        <span><b>${esc(m.name)}</b>: computing its new definition from the log (${serving})</span>
+        <progress max="100" value="${percent}"></progress>
+        <span class="muted">${percent}% · ${format(b.eventsPerSecond)} records/s${end}</span>
+      </div>`;
+    })
+    .join("");
+}
+
 // ---- start ----
 
 async function start() {
@@ -425,6 +474,8 @@ async function start() {
   wireForm();
   for (const config of restore()) addChart(config);
   save();
+  showBackfills();
+  setInterval(refreshCatalog, CATALOG_EVERY_MS);
   // Relative ranges slide with the clock; the freshness line ages.
   setInterval(() => {
     for (const c of charts) if (typeof c.config.range !== "object") schedule(c);

@@ -9,6 +9,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tally_dataflow::config::MetricSpec;
 use tally_dataflow::fingerprint;
@@ -25,22 +26,37 @@ pub struct Catalog {
     backfill: RwLock<Option<Backfill>>,
 }
 
-/// Where a backfill stands.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Where a backfill stands: in a cluster, each worker process reports its
+/// share, and [`Backfill::combine`] makes the whole of them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Backfill {
     /// The definitions it computes: changed metrics and new ones.
     pub metrics: Vec<MetricSpec>,
-    /// Events read from the log so far.
+    /// Records read from the log so far: events in the embedded log,
+    /// messages (one per accepted request or part of one) in Kafka.
     pub read: u64,
-    /// Events in the log to read, those already read included.
+    /// Records in the log to read, those already read included.
     pub to_read: u64,
-    /// Events read per second, lately.
+    /// Records read per second, lately.
     pub rate: f64,
     /// How far its event-time watermark is behind the live job's.
     pub lag: Millis,
 }
 
 impl Backfill {
+    /// The whole of the processes' shares: what they read and have to
+    /// read, at the sum of their rates, as far behind as the furthest.
+    /// `None` if no process has a share.
+    pub fn combine(shares: impl IntoIterator<Item = Backfill>) -> Option<Backfill> {
+        shares.into_iter().reduce(|mut whole, share| {
+            whole.read += share.read;
+            whole.to_read += share.to_read;
+            whole.rate += share.rate;
+            whole.lag = whole.lag.max(share.lag);
+            whole
+        })
+    }
+
     /// How much of the log it has read, from 0 to 1.
     pub fn progress(&self) -> f64 {
         if self.to_read == 0 {

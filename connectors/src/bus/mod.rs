@@ -25,8 +25,9 @@ pub enum Live {
     /// not change again, and the fan-out may forget it.
     Through(u64),
     /// From here on, updates are of these metrics: a backfill has finished,
-    /// and its new definitions are active. Only the in-process bus carries
-    /// it, between the job and the hub of one process.
+    /// and its new definitions are active. The job's publisher hears it
+    /// first, then the hub: from the in-process bus, or from a gateway's
+    /// Redis subscriber once the gateway has read the activation.
     Metrics(Arc<Vec<MetricSpec>>),
 }
 

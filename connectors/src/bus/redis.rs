@@ -1,17 +1,23 @@
 //! The cluster's live bus: Redis pub/sub, plus the latest values under a key.
 //!
-//! Workers publish each metric's window values on its own channel,
-//! `<prefix>:live:<metric>`, and keep every group's latest value of the
-//! windows that can still change in a hash, `<prefix>:latest:<metric>`,
-//! field `<window>:<start>:<group>`. A gateway subscribes to a metric's
-//! channel only while one of its clients holds a topic of that metric, and
-//! on subscribing reads the hash, so its first subscriber gets the current
-//! value at once.
+//! Workers publish each metric's window values on a channel of its
+//! version, `<prefix>:live:<metric>:<version>`, and keep every group's
+//! latest value of the windows that can still change in a hash,
+//! `<prefix>:latest:<metric>:<version>`, field `<window>:<start>:<group>`.
+//! A gateway subscribes to the channel of a metric's active version only
+//! while one of its clients holds a topic of that metric, and on
+//! subscribing reads the hash, so its first subscriber gets the current
+//! value at once. When a backfill makes a new version active, what the old
+//! one still publishes goes to a channel nobody reads any more.
 //!
 //! Each process also publishes its workers' watermark on
 //! `<prefix>:through`, as `(process, processes, watermark)`: a gateway
 //! forgets the windows that ended more than the lateness before the lowest
 //! of all processes, and the workers delete them from the hash.
+//!
+//! While a backfill runs, each process keeps its share of the progress
+//! under `<prefix>:backfill:<process>` ([`Progress`]), for the gateways'
+//! catalog.
 //!
 //! Messages are bincode-encoded [`WindowUpdate`]s. Publishing is best
 //! effort, like every live path: while Redis is unreachable, updates are
@@ -25,8 +31,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use futures_util::StreamExt;
-use redis::AsyncCommands;
+use redis::{AsyncCommands, Commands};
 use tally_dataflow::config::{MetricSpec, RedisConfig};
+use tally_dataflow::fingerprint;
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
 use tally_dataflow::time::Millis;
@@ -41,6 +48,15 @@ const QUEUE: usize = 1024;
 /// The latest-value hash expires this long after its last write, so a
 /// metric that stops flowing leaves nothing behind.
 const LATEST_TTL_SECS: i64 = 3600;
+
+/// A process's backfill progress expires this long after its last report,
+/// so a process that is gone does not report one for ever.
+const PROGRESS_TTL_SECS: u64 = 5;
+
+/// A metric's version, as its channel and its hash name it.
+fn versioned(metric: &MetricSpec) -> String {
+    format!("{}:{}", metric.name, fingerprint::metric(metric))
+}
 
 fn channel(prefix: &str, metric: &str) -> String {
     format!("{prefix}:live:{metric}")
@@ -82,7 +98,7 @@ impl RedisPublisher {
         let publisher = Publisher {
             client,
             prefix: config.prefix.clone(),
-            names: metrics.iter().map(|m| m.name.clone()).collect(),
+            names: metrics.iter().map(versioned).collect(),
             lateness,
             process: (process, processes),
             written: HashMap::new(),
@@ -106,6 +122,18 @@ impl RedisPublisher {
     pub fn worker(&self) -> RedisPublisher {
         RedisPublisher {
             worker: Some(self.watermarks.register()),
+            ..self.clone()
+        }
+    }
+
+    /// The publisher of a new live job, of `metrics`: what comes after
+    /// this is of them. A backfill has finished and made them active.
+    pub fn renew(&self, metrics: &[MetricSpec]) -> RedisPublisher {
+        // Closed only once the process stops.
+        let _ = self.tx.send(Live::Metrics(Arc::new(metrics.to_vec())));
+        RedisPublisher {
+            watermarks: Watermarks::default(),
+            worker: None,
             ..self.clone()
         }
     }
@@ -142,6 +170,7 @@ impl Sink<Arc<WindowUpdate>> for RedisPublisher {
 struct Publisher {
     client: redis::Client,
     prefix: String,
+    /// Each metric's name and version, by index.
     names: Vec<String>,
     lateness: Millis,
     /// This process's index and the number of processes.
@@ -158,13 +187,25 @@ impl Publisher {
         let mut connection = None;
         let mut backoff = Backoff::new("publish live updates to Redis");
         while let Ok(first) = rx.recv() {
-            let (mut updates, mut through) = (Vec::new(), None);
+            let (mut updates, mut through, mut renewed) = (Vec::new(), None, None);
             for live in std::iter::once(first).chain(rx.try_iter()) {
                 match live {
                     Live::Updates(more) => updates.extend(more),
                     Live::Through(t) => through = Some(t),
-                    Live::Metrics(_) => {}
+                    Live::Metrics(metrics) => {
+                        // What follows is of other metrics: it waits for
+                        // the next round.
+                        renewed = Some(metrics);
+                        break;
+                    }
                 }
+            }
+            if let Some(metrics) = renewed {
+                // The old job's last updates go nowhere now: gateways read
+                // the new versions' channels, which the new job fills from
+                // its checkpoint on.
+                updates.clear();
+                self.renew(&metrics);
             }
             if connection.is_none() {
                 match self.client.get_connection() {
@@ -191,6 +232,13 @@ impl Publisher {
             }
         }
         info!("redis publisher stopped");
+    }
+
+    /// Publishes `metrics` from here on. The old versions' hashes expire
+    /// unread.
+    fn renew(&mut self, metrics: &[MetricSpec]) {
+        self.names = metrics.iter().map(versioned).collect();
+        self.written.clear();
     }
 
     /// Deletes the windows that ended more than the lateness before the
@@ -272,7 +320,15 @@ fn ended_before(written: &mut BTreeMap<Millis, HashSet<String>>, end: Millis) ->
 /// A gateway's subscriptions: which metrics its clients want.
 #[derive(Clone)]
 pub struct RedisFeed {
-    commands: mpsc::UnboundedSender<(String, bool)>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// What a gateway asks of its subscriber task.
+enum Command {
+    /// Start or stop receiving a metric.
+    Want(String, bool),
+    /// Read the channels of these versions from now on.
+    Metrics(Arc<Vec<MetricSpec>>),
 }
 
 impl RedisFeed {
@@ -280,7 +336,13 @@ impl RedisFeed {
     /// or stops.
     pub fn want(&self, metric: &str, wanted: bool) {
         // The task only ends with the runtime.
-        let _ = self.commands.send((metric.to_owned(), wanted));
+        let _ = self.commands.send(Command::Want(metric.to_owned(), wanted));
+    }
+
+    /// Reads the versions of `metrics` from now on: a backfill has made
+    /// them active. The hub hears of it before their first update.
+    pub fn renew(&self, metrics: Arc<Vec<MetricSpec>>) {
+        let _ = self.commands.send(Command::Metrics(metrics));
     }
 }
 
@@ -297,14 +359,16 @@ pub fn subscribe(
     let client = redis::Client::open(config.url.as_str())?;
     let (commands, rx) = mpsc::unbounded_channel();
     let (updates, out) = mpsc::channel(capacity);
-    let subscriber = Subscriber {
+    let mut subscriber = Subscriber {
         client,
         prefix: config.prefix.clone(),
-        metrics,
-        wanted: HashSet::new(),
+        metrics: Arc::default(),
+        channels: HashMap::new(),
+        wanted: HashMap::new(),
         updates,
         processes: Lowest::default(),
     };
+    subscriber.read(metrics);
     tokio::spawn(subscriber.run(rx));
     Ok((RedisFeed { commands }, out))
 }
@@ -313,7 +377,10 @@ struct Subscriber {
     client: redis::Client,
     prefix: String,
     metrics: Arc<Vec<MetricSpec>>,
-    wanted: HashSet<String>,
+    /// The channel of each metric's version, to the metric's index.
+    channels: HashMap<String, u16>,
+    /// Each wanted metric, and the channel subscribed for it.
+    wanted: HashMap<String, String>,
     updates: mpsc::Sender<Live>,
     /// Each worker process's watermark, as it last published it, and the
     /// lowest handed to the hub.
@@ -321,7 +388,17 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<(String, bool)>) {
+    /// Reads the versions of `metrics`.
+    fn read(&mut self, metrics: Arc<Vec<MetricSpec>>) {
+        self.channels = metrics
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (channel(&self.prefix, &versioned(m)), i as u16))
+            .collect();
+        self.metrics = metrics;
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         loop {
             let (mut sink, mut stream, mut reader) =
                 retry::until_ok("subscribe to live updates in Redis", || async {
@@ -333,19 +410,30 @@ impl Subscriber {
             // After a reconnect, everything wanted is subscribed again.
             let through = through_channel(&self.prefix);
             let mut healthy = sink.subscribe(&through).await.is_ok();
-            for metric in self.wanted.clone() {
-                healthy &= self.start(&mut sink, &mut reader, &metric).await;
+            let wanted: Vec<String> = self.wanted.drain().map(|(metric, _)| metric).collect();
+            for metric in wanted {
+                healthy &= self.start(&mut sink, &mut reader, metric).await;
             }
             while healthy {
                 tokio::select! {
-                    command = commands.recv() => {
-                        let Some((metric, wanted)) = command else { return };
-                        if wanted && self.wanted.insert(metric.clone()) {
-                            healthy = self.start(&mut sink, &mut reader, &metric).await;
-                        } else if !wanted && self.wanted.remove(&metric) {
-                            healthy = sink.unsubscribe(channel(&self.prefix, &metric)).await.is_ok();
+                    command = commands.recv() => match command {
+                        None => return,
+                        Some(Command::Want(metric, true)) if !self.wanted.contains_key(&metric) => {
+                            healthy = self.start(&mut sink, &mut reader, metric).await;
                         }
-                    }
+                        Some(Command::Want(metric, false)) => {
+                            if let Some(channel) = self.wanted.remove(&metric) {
+                                healthy = sink.unsubscribe(channel).await.is_ok();
+                            }
+                        }
+                        Some(Command::Want(..)) => {}
+                        Some(Command::Metrics(metrics)) => {
+                            // The hub lets its clients go and they subscribe
+                            // anew, to the new versions.
+                            self.read(Arc::clone(&metrics));
+                            let _ = self.updates.send(Live::Metrics(metrics)).await;
+                        }
+                    },
                     message = stream.next() => match message {
                         Some(message) if message.get_channel_name() == through => {
                             match bincode::deserialize::<(u32, u32, Millis)>(message.get_payload_bytes()) {
@@ -354,14 +442,12 @@ impl Subscriber {
                             }
                         }
                         Some(message) => {
-                            let name = message
-                                .get_channel_name()
-                                .rsplit(':')
-                                .next()
-                                .unwrap_or_default()
-                                .to_owned();
+                            // A version no longer active has none.
+                            let Some(&index) = self.channels.get(message.get_channel_name()) else {
+                                continue;
+                            };
                             match bincode::deserialize::<Vec<WindowUpdate>>(message.get_payload_bytes()) {
-                                Ok(updates) => self.forward(&name, updates).await,
+                                Ok(updates) => self.forward(index, updates).await,
                                 Err(e) => warn!(error = %e, channel = message.get_channel_name(), "unreadable live update"),
                             }
                         }
@@ -374,19 +460,31 @@ impl Subscriber {
         }
     }
 
-    /// Subscribes to a metric's channel, then forwards its latest values.
-    /// Returns false if the connection failed.
+    /// Subscribes to the channel of the active version of `metric`, then
+    /// forwards its latest values. Returns false if the connection failed;
+    /// the metric is wanted either way.
     async fn start(
-        &self,
+        &mut self,
         sink: &mut redis::aio::PubSubSink,
         reader: &mut redis::aio::MultiplexedConnection,
-        metric: &str,
+        metric: String,
     ) -> bool {
-        if let Err(e) = sink.subscribe(channel(&self.prefix, metric)).await {
+        let Some((index, spec)) = self
+            .metrics
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.name == metric)
+        else {
+            return true;
+        };
+        let version = versioned(spec);
+        let subscribed = channel(&self.prefix, &version);
+        self.wanted.insert(metric.clone(), subscribed.clone());
+        if let Err(e) = sink.subscribe(&subscribed).await {
             warn!(error = %e, metric, "cannot subscribe to live updates");
             return false;
         }
-        let latest: Vec<Vec<u8>> = match reader.hvals(latest_key(&self.prefix, metric)).await {
+        let latest: Vec<Vec<u8>> = match reader.hvals(latest_key(&self.prefix, &version)).await {
             Ok(values) => values,
             Err(e) => {
                 warn!(error = %e, metric, "cannot read the latest live values");
@@ -397,7 +495,7 @@ impl Subscriber {
             .iter()
             .filter_map(|bytes| bincode::deserialize::<WindowUpdate>(bytes).ok())
             .collect();
-        self.forward(metric, updates).await;
+        self.forward(index as u16, updates).await;
         true
     }
 
@@ -415,14 +513,11 @@ impl Subscriber {
         }
     }
 
-    /// Hands updates of `metric` to the hub, renumbered to this gateway's
-    /// configuration.
-    async fn forward(&self, metric: &str, mut updates: Vec<WindowUpdate>) {
-        let Some(index) = self.metrics.iter().position(|m| m.name == metric) else {
-            return;
-        };
+    /// Hands updates of the metric at `index` to the hub, renumbered to
+    /// this gateway's metrics.
+    async fn forward(&self, index: u16, mut updates: Vec<WindowUpdate>) {
         for u in &mut updates {
-            u.metric = index as u16;
+            u.metric = index;
         }
         if !updates.is_empty() {
             let _ = self
@@ -430,5 +525,76 @@ impl Subscriber {
                 .send(Live::Updates(updates.into_iter().map(Arc::new).collect()))
                 .await;
         }
+    }
+}
+
+/// Where each worker process keeps its share of a backfill's progress, and
+/// where the gateways read it: `<prefix>:backfill:<process>`, expiring
+/// unless renewed. Best effort, like the live values.
+pub struct Progress {
+    client: redis::Client,
+    prefix: String,
+    connection: Option<redis::Connection>,
+}
+
+impl Progress {
+    /// Progress kept on `config`'s server; nothing is sent until it is.
+    pub fn new(config: &RedisConfig) -> Result<Progress, redis::RedisError> {
+        Ok(Progress {
+            client: redis::Client::open(config.url.as_str())?,
+            prefix: config.prefix.clone(),
+            connection: None,
+        })
+    }
+
+    fn key(prefix: &str, process: usize) -> String {
+        format!("{prefix}:backfill:{process}")
+    }
+
+    /// Keeps `report` as process `process`'s share for a few seconds, or
+    /// deletes its share when there is none.
+    pub fn report(&mut self, process: usize, report: Option<&str>) {
+        let key = Progress::key(&self.prefix, process);
+        let connection = match self.connection.take() {
+            Some(c) => c,
+            None => match self
+                .client
+                .get_connection_with_timeout(Duration::from_secs(1))
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot report the backfill's progress to Redis");
+                    return;
+                }
+            },
+        };
+        let mut connection = connection;
+        let done = match report {
+            Some(report) => connection.set_ex::<_, _, ()>(key, report, PROGRESS_TTL_SECS),
+            None => connection.del::<_, ()>(key),
+        };
+        match done {
+            Ok(()) => self.connection = Some(connection),
+            Err(e) => tracing::debug!(error = %e, "cannot report the backfill's progress to Redis"),
+        }
+    }
+
+    /// Every process's share, of `processes`; `None` for a process with
+    /// none, or when Redis cannot be read.
+    pub async fn read(&self, processes: usize) -> Vec<Option<String>> {
+        let keys: Vec<String> = (0..processes)
+            .map(|p| Progress::key(&self.prefix, p))
+            .collect();
+        let read = async {
+            let mut connection = self.client.get_multiplexed_async_connection().await?;
+            redis::cmd("MGET")
+                .arg(&keys)
+                .query_async::<Vec<Option<String>>>(&mut connection)
+                .await
+        };
+        read.await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot read the backfill's progress from Redis");
+            vec![None; processes]
+        })
     }
 }

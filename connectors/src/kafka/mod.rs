@@ -11,6 +11,7 @@
 //! - [`source`]: a worker's partitions, read without blocking the worker.
 //! - [`dead_letters`]: copies dead letters to the dead-letter topic.
 //! - [`ensure_topics`]: creates the events topic and its dead-letter topic.
+//! - [`TopicEnds`]: where the events topic ends now, for a backfill.
 //! - [`KafkaError`]: what these return, and whether a retry can help.
 
 pub mod dead_letters;
@@ -138,6 +139,37 @@ pub fn check_offsets(config: &KafkaConfig, cuts: &[(u32, u64)]) -> Result<(), Ka
         }
     }
     Ok(())
+}
+
+/// Where the events topic's partitions end: a backfill reads up to there.
+pub struct TopicEnds {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+impl TopicEnds {
+    /// A client of the brokers in `config`; it connects when first asked.
+    pub fn new(config: &KafkaConfig) -> Result<TopicEnds, KafkaError> {
+        Ok(TopicEnds {
+            consumer: client_config(&config.brokers).create::<BaseConsumer>()?,
+            topic: config.topic.clone(),
+        })
+    }
+
+    /// The offset after the last record of each of the first `partitions`
+    /// partitions, in partition order.
+    pub fn read(&self, partitions: u32) -> Result<Vec<u64>, KafkaError> {
+        (0..partitions)
+            .map(|partition| {
+                let (_, high) = self.consumer.fetch_watermarks(
+                    &self.topic,
+                    partition as i32,
+                    REQUEST_TIMEOUT,
+                )?;
+                Ok(high.max(0) as u64)
+            })
+            .collect()
+    }
 }
 
 /// The number of partitions of `topic`, or an error if it has none yet.

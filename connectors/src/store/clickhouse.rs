@@ -13,6 +13,11 @@
 //! - `raw_events`: every event, partitioned by day and kept for
 //!   `clickhouse.raw_retention` by dropping old partitions, and `archived`,
 //!   how far each partition has been copied (see [`crate::archive`]).
+//! - `versions`: when each metric version was last in use; a version
+//!   unused for `backfill.keep_old` is dropped with its partition of
+//!   `windows`.
+//! - `active`: one row per change of the definitions the cluster serves,
+//!   the newest of which is in force (see [`ClickHouseStore::activate`]).
 //!
 //! The DDL uses only what ClickHouse 18.16 already had: `ReplacingMergeTree`
 //! with a version column, `PARTITION BY`, `FINAL`. The one newer feature it
@@ -33,6 +38,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::{Deserialize, Serialize};
 use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::{ClickHouseConfig, MetricSpec};
+use tally_dataflow::fingerprint;
 use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::Fold;
 use tracing::{info, warn};
@@ -54,7 +60,7 @@ pub fn is_retryable(error: &Error) -> bool {
 
 /// The tables, in creation order. `{db}` is the database; `{label}` the
 /// type of short, often repeated strings (see [`label_type`]).
-const SCHEMA: [&str; 6] = [
+const SCHEMA: [&str; 7] = [
     "CREATE DATABASE IF NOT EXISTS {db}",
     "CREATE TABLE IF NOT EXISTS {db}.windows (
         metric   {label},
@@ -96,12 +102,36 @@ const SCHEMA: [&str; 6] = [
     ) ENGINE = ReplacingMergeTree
     PARTITION BY day
     ORDER BY (partition, offset, idx)",
+    "CREATE TABLE IF NOT EXISTS {db}.active (
+        at       Int64,
+        boundary UInt64,
+        metrics  String
+    ) ENGINE = MergeTree
+    ORDER BY at",
     "CREATE TABLE IF NOT EXISTS {db}.archived (
         partition UInt32,
         next      UInt64
     ) ENGINE = ReplacingMergeTree(next)
     ORDER BY partition",
 ];
+
+/// The metric definitions the cluster serves, from a checkpoint on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Activation {
+    /// When it was made, in milliseconds since the epoch.
+    pub at: i64,
+    /// The live job's checkpoint boundary from which they are computed.
+    pub boundary: u64,
+    /// The definitions.
+    pub metrics: Vec<MetricSpec>,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct ActiveRow {
+    at: i64,
+    boundary: u64,
+    metrics: String,
+}
 
 /// What a history query reads of a stored window.
 #[derive(Row, Deserialize)]
@@ -302,7 +332,6 @@ impl ClickHouseStore {
         Ok(fold)
     }
 
-    /// The newest dead letters, newest first.
     /// The start of the earliest stored window of `version` of `metric`:
     /// from when it holds data.
     pub async fn since(&self, metric: &str, version: &str) -> Result<Option<i64>, Error> {
@@ -317,6 +346,53 @@ impl ClickHouseStore {
             .fetch_all()
             .await?;
         Ok(starts.first().copied())
+    }
+
+    /// Makes `metrics` the cluster's active definitions, from the
+    /// checkpoint at `boundary` on. One row, the newest of which is the
+    /// activation: an insert of one row is atomic on every release, so a
+    /// reader sees the old definitions or the new ones, never a mix.
+    /// Nothing is written if they are active already.
+    pub async fn activate(&self, metrics: &[MetricSpec], boundary: u64) -> Result<(), Error> {
+        let newest = self.active().await?;
+        if newest
+            .as_ref()
+            .is_some_and(|a| fingerprint::job(&a.metrics) == fingerprint::job(metrics))
+        {
+            return Ok(());
+        }
+        let after = newest.map_or(0, |a| a.at + 1);
+        let row = ActiveRow {
+            at: super::now_ms().max(after),
+            boundary,
+            metrics: serde_json::to_string(metrics).expect("metric definitions serialize"),
+        };
+        let mut insert = self.client.insert::<ActiveRow>("active").await?;
+        insert.write(&row).await?;
+        insert.end().await
+    }
+
+    /// The newest activation, if any process has made one.
+    pub async fn active(&self) -> Result<Option<Activation>, Error> {
+        let rows: Vec<ActiveRow> = self
+            .client
+            .query("SELECT ?fields FROM active ORDER BY at DESC LIMIT 1")
+            .fetch_all()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .and_then(|row| match serde_json::from_str(&row.metrics) {
+                Ok(metrics) => Some(Activation {
+                    at: row.at,
+                    boundary: row.boundary,
+                    metrics,
+                }),
+                Err(e) => {
+                    warn!(error = %e, "an unreadable activation; ignoring it");
+                    None
+                }
+            }))
     }
 
     /// The newest dead letters, newest first.

@@ -153,6 +153,10 @@ pub fn log_source<'scope, S: BatchSource>(
             if read > 0 {
                 stats.events_read.fetch_add(read as u64, Ordering::Relaxed);
             }
+            let passed: u64 = batches.iter().map(|b| b.next_offset - b.offset).sum();
+            if passed > 0 {
+                stats.positions_read.fetch_add(passed, Ordering::Relaxed);
+            }
             for batch in batches {
                 let Some(clock) = clocks.iter_mut().find(|c| c.partition == batch.partition) else {
                     continue;
