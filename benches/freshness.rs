@@ -37,6 +37,48 @@ fn run_at(rate: usize) {
     // The defaults, as a user runs them (a `TALLY__*` variable in the
     // bench's environment reaches tally too).
     let tally = Tally::start(dir.path(), &[]);
+    let mut measured = measure(&tally, rate, SECONDS);
+    let mut latencies: Vec<f64> = measured.latencies.iter().map(|l| l.1).collect();
+    latencies.sort_by(f64::total_cmp);
+    let interval = std::env::var("TALLY__LIVE__INTERVAL").unwrap_or_else(|_| "the default".into());
+    println!("(c) freshness, POST to the first WebSocket frame that includes it, live.interval = {interval}");
+    println!(
+        "    offered {rate} events/s in batches of {BATCH} for {SECONDS} s from {SENDERS} senders (achieved {:.0}/s, {} sends behind schedule), {} batches never seen",
+        measured.achieved, measured.late_sends, measured.unseen
+    );
+    measured.acks.sort_by(f64::total_cmp);
+    println!(
+        "    baseline, POST to its 202 (durable):  p50 {:>6.1} ms, p99 {:>6.1} ms",
+        quantile(&measured.acks, 0.5),
+        quantile(&measured.acks, 0.99)
+    );
+    println!(
+        "    POST to the first frame with it:      p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms",
+        quantile(&latencies, 0.5),
+        quantile(&latencies, 0.99),
+        latencies.last().unwrap()
+    );
+}
+
+/// What [`measure`] saw.
+pub struct Measured {
+    /// Per batch seen, when it was sent (from the start) and its freshness
+    /// in milliseconds.
+    pub latencies: Vec<(Duration, f64)>,
+    /// Each POST's round trip to its `202`, in milliseconds.
+    pub acks: Vec<f64>,
+    /// Events per second sent.
+    pub achieved: f64,
+    /// Requests sent later than their schedule.
+    pub late_sends: usize,
+    /// Batches never seen in a frame.
+    pub unseen: usize,
+}
+
+/// Offers `rate` events/s to `tally` for `seconds`, stamped with the
+/// current time, and times each batch from its POST to the first frame of
+/// `metrics:events` in 10 s windows that includes it.
+pub fn measure(tally: &Tally, rate: usize, seconds: u64) -> Measured {
     let (mut socket, _) =
         tungstenite::connect(format!("{}/v1/live", tally.url.replace("http://", "ws://"))).unwrap();
     if let MaybeTlsStream::Plain(s) = socket.get_ref() {
@@ -87,7 +129,7 @@ fn run_at(rate: usize) {
     // a request sent later but finished sooner can only make this estimate
     // later, never earlier.
     let interval = Duration::from_secs_f64(BATCH as f64 / rate as f64);
-    let total = (rate as u64 * SECONDS) as usize / BATCH;
+    let total = (rate as u64 * seconds) as usize / BATCH;
     let ledger: Arc<Mutex<Ledger>> = Arc::default();
     let senders: Vec<_> = (0..SENDERS)
         .map(|_| {
@@ -147,7 +189,7 @@ fn run_at(rate: usize) {
     reader.join().unwrap();
 
     let frames = frames.lock().unwrap();
-    let mut latencies: Vec<f64> = Vec::new();
+    let mut latencies = Vec::new();
     let mut unseen = 0;
     for (sent, window, count) in &sends {
         let start = format_rfc3339(*window);
@@ -155,28 +197,18 @@ fn run_at(rate: usize) {
             .iter()
             .find(|(at, s, v)| at >= sent && *s == start && v >= count)
         {
-            Some((at, _, _)) => latencies.push((*at - *sent).as_secs_f64() * 1000.0),
+            Some((at, _, _)) => latencies.push((*sent, (*at - *sent).as_secs_f64() * 1000.0)),
             None => unseen += 1,
         }
     }
-    latencies.sort_by(f64::total_cmp);
     let last_sent = sends.iter().map(|s| s.0).max().unwrap();
-    let achieved = (total * BATCH) as f64 / last_sent.as_secs_f64();
-    let interval = std::env::var("TALLY__LIVE__INTERVAL").unwrap_or_else(|_| "the default".into());
-    println!("(c) freshness, POST to the first WebSocket frame that includes it, live.interval = {interval}");
-    println!("    offered {rate} events/s in batches of {BATCH} for {SECONDS} s from {SENDERS} senders (achieved {achieved:.0}/s, {late_sends} sends behind schedule), {unseen} batches never seen");
-    acks.sort_by(f64::total_cmp);
-    println!(
-        "    baseline, POST to its 202 (durable):  p50 {:>6.1} ms, p99 {:>6.1} ms",
-        quantile(&acks, 0.5),
-        quantile(&acks, 0.99)
-    );
-    println!(
-        "    POST to the first frame with it:      p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms",
-        quantile(&latencies, 0.5),
-        quantile(&latencies, 0.99),
-        latencies.last().unwrap()
-    );
+    Measured {
+        latencies,
+        acks: std::mem::take(&mut acks),
+        achieved: (total * BATCH) as f64 / last_sent.as_secs_f64(),
+        late_sends,
+        unseen,
+    }
 }
 
 /// What the senders share.

@@ -11,8 +11,10 @@
 //! cargo bench --bench tally -- fanout       # (f) WebSocket clients on one server: delay, memory, CPU, stalled clients
 //! cargo bench --bench tally -- cluster      # (g) cluster mode vs tally run: ingest and end to end (needs scripts/services.sh)
 //! cargo bench --bench tally -- memory       # (h) resident memory before, at the peak of and after a burst of 200k new groups
+//! cargo bench --bench tally -- backfill     # (i) a changed metric's backfill rate, and live freshness during it vs without
 //! ```
 
+mod backfill;
 mod cluster;
 mod dataflow;
 mod fanout;
@@ -56,5 +58,8 @@ fn main() {
     }
     if run("memory") {
         memory::run();
+    }
+    if run("backfill") {
+        backfill::run();
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,8 +13,7 @@ use tally_dataflow::config::Config;
 
 /// The repository's default configuration.
 pub fn default_config() -> Config {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.toml"))
-        .unwrap();
+    let text = std::fs::read_to_string(repository_config()).unwrap();
     Config::load(Some(&text), []).unwrap()
 }
 
@@ -50,7 +49,12 @@ pub struct Tally {
 impl Tally {
     /// Starts the release binary on port 0 in `dir` with `TALLY__*` overrides.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Tally {
-        let mut command = tally_command("run", env);
+        Tally::start_with_config(dir, &repository_config(), env)
+    }
+
+    /// As [`Tally::start`], from the configuration file `config`.
+    pub fn start_with_config(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Tally {
+        let mut command = tally_command_with(config, "run", env);
         command
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir);
@@ -78,6 +82,13 @@ impl Tally {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Stops the server with SIGTERM and waits for it.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap();
+    }
 }
 
 impl Drop for Tally {
@@ -90,11 +101,22 @@ impl Drop for Tally {
 /// `tally <subcommand> --config cluster.toml`, quiet, with `TALLY__*`
 /// overrides.
 pub fn tally_command(subcommand: &str, env: &[(&str, &str)]) -> Command {
+    tally_command_with(&repository_config(), subcommand, env)
+}
+
+/// The repository's `cluster.toml`.
+pub fn repository_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.toml")
+}
+
+/// `tally <subcommand> --config <config>`, quiet, with `TALLY__*`
+/// overrides.
+pub fn tally_command_with(config: &Path, subcommand: &str, env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
     command
         .arg(subcommand)
         .arg("--config")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.toml"))
+        .arg(config)
         .env("RUST_LOG", "warn");
     for (k, v) in env {
         command.env(k, v);
