@@ -490,7 +490,13 @@ impl Backfill {
             rate: self.rate,
             lag,
         };
-        if self.logged.elapsed() >= LOG_EVERY {
+        if self.logged.elapsed() >= LOG_EVERY && status.read >= status.to_read {
+            self.logged = Instant::now();
+            info!(
+                read = status.read,
+                "the backfill has read the log; its metrics become active at a checkpoint on the next events"
+            );
+        } else if self.logged.elapsed() >= LOG_EVERY {
             self.logged = Instant::now();
             info!(
                 progress = format!("{:.1}%", status.progress() * 100.0),

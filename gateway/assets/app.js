@@ -448,12 +448,18 @@ function showBackfills() {
     .map((m) => {
       const b = m.backfill;
       const percent = Math.floor(b.progress * 100);
-      const end = b.expectedEnd ? ` · done about ${new Date(b.expectedEnd).toLocaleTimeString()}` : "";
       const serving = m.version ? "the current version serves meanwhile" : "new metric";
+      // Once the log is read, it meets the live job on the next events.
+      const end =
+        b.progress >= 1
+          ? " · caught up; active with the next events"
+          : b.expectedEnd
+            ? ` · done about ${new Date(b.expectedEnd).toLocaleTimeString()}`
+            : "";
       return `<div class="backfill" data-metric="${esc(m.name)}">
         <span><b>${esc(m.name)}</b>: computing its new definition from the log (${serving})</span>
         <progress max="100" value="${percent}"></progress>
-        <span class="muted">${percent}% · ${format(b.eventsPerSecond)} records/s${end}</span>
+        <span class="muted">${percent}%${b.progress >= 1 ? "" : ` · ${format(b.eventsPerSecond)} records/s`}${end}</span>
       </div>`;
     })
     .join("");
