@@ -382,11 +382,17 @@ fn wait_for_install(
     let deadline = Instant::now() + INSTALL_DEADLINE;
     let job = fingerprint::job(metrics);
     loop {
-        let latest = checkpoints
-            .latest()
+        // Only a checkpoint at the boundary or after it is worth reading.
+        let newest = checkpoints
+            .newest()
             .context("reading the last checkpoint")?;
-        if latest.is_some_and(|c| c.boundary >= boundary && fingerprint::job(&c.metrics) == job) {
-            return Ok(());
+        if newest.is_some_and(|b| b >= boundary) {
+            let latest = checkpoints
+                .latest()
+                .context("reading the last checkpoint")?;
+            if latest.is_some_and(|c| fingerprint::job(&c.metrics) == job) {
+                return Ok(());
+            }
         }
         if Instant::now() >= deadline {
             bail!("process 0 did not install the merged checkpoint at {boundary} within {INSTALL_DEADLINE:?}");
@@ -490,22 +496,23 @@ impl Backfill {
             rate: self.rate,
             lag,
         };
-        if self.logged.elapsed() >= LOG_EVERY && status.read >= status.to_read {
+        if self.logged.elapsed() >= LOG_EVERY {
             self.logged = Instant::now();
-            info!(
-                read = status.read,
-                "the backfill has read the log; its metrics become active at a checkpoint on the next events"
-            );
-        } else if self.logged.elapsed() >= LOG_EVERY {
-            self.logged = Instant::now();
-            info!(
-                progress = format!("{:.1}%", status.progress() * 100.0),
-                read = status.read,
-                to_read = status.to_read,
-                events_per_second = status.rate.round(),
-                lag_seconds = lag / 1000,
-                "backfilling"
-            );
+            if status.read >= status.to_read {
+                info!(
+                    read = status.read,
+                    "the backfill has read the log; its metrics become active at a checkpoint on the next events"
+                );
+            } else {
+                info!(
+                    progress = format!("{:.1}%", status.progress() * 100.0),
+                    read = status.read,
+                    to_read = status.to_read,
+                    events_per_second = status.rate.round(),
+                    lag_seconds = lag / 1000,
+                    "backfilling"
+                );
+            }
         }
         status
     }

@@ -80,7 +80,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 store
                     .prepare(&config.metrics, config.backfill.keep_old)
                     .await;
-                let follow = Follow {
+                let mut follow = Follow {
                     store,
                     progress,
                     catalog,
@@ -118,7 +118,7 @@ struct Follow {
 }
 
 impl Follow {
-    async fn run(&self) {
+    async fn run(&mut self) {
         loop {
             tokio::time::sleep(FOLLOW_EVERY).await;
             self.look().await;
@@ -127,7 +127,7 @@ impl Follow {
 
     /// Takes the newest active metrics, if they changed, and the
     /// backfill's progress.
-    async fn look(&self) {
+    async fn look(&mut self) {
         match self.store.active().await {
             Ok(Some(active)) => {
                 let serving = self.catalog.active();

@@ -534,7 +534,10 @@ impl Subscriber {
 pub struct Progress {
     client: redis::Client,
     prefix: String,
+    /// A worker's, to report on.
     connection: Option<redis::Connection>,
+    /// A gateway's, to read on.
+    reader: Option<redis::aio::MultiplexedConnection>,
 }
 
 impl Progress {
@@ -544,6 +547,7 @@ impl Progress {
             client: redis::Client::open(config.url.as_str())?,
             prefix: config.prefix.clone(),
             connection: None,
+            reader: None,
         })
     }
 
@@ -555,7 +559,7 @@ impl Progress {
     /// deletes its share when there is none.
     pub fn report(&mut self, process: usize, report: Option<&str>) {
         let key = Progress::key(&self.prefix, process);
-        let connection = match self.connection.take() {
+        let mut connection = match self.connection.take() {
             Some(c) => c,
             None => match self
                 .client
@@ -568,7 +572,6 @@ impl Progress {
                 }
             },
         };
-        let mut connection = connection;
         let done = match report {
             Some(report) => connection.set_ex::<_, _, ()>(key, report, PROGRESS_TTL_SECS),
             None => connection.del::<_, ()>(key),
@@ -581,16 +584,21 @@ impl Progress {
 
     /// Every process's share, of `processes`; `None` for a process with
     /// none, or when Redis cannot be read.
-    pub async fn read(&self, processes: usize) -> Vec<Option<String>> {
+    pub async fn read(&mut self, processes: usize) -> Vec<Option<String>> {
         let keys: Vec<String> = (0..processes)
             .map(|p| Progress::key(&self.prefix, p))
             .collect();
         let read = async {
-            let mut connection = self.client.get_multiplexed_async_connection().await?;
-            redis::cmd("MGET")
+            let mut reader = match self.reader.take() {
+                Some(reader) => reader,
+                None => self.client.get_multiplexed_async_connection().await?,
+            };
+            let shares = redis::cmd("MGET")
                 .arg(&keys)
-                .query_async::<Vec<Option<String>>>(&mut connection)
-                .await
+                .query_async::<Vec<Option<String>>>(&mut reader)
+                .await?;
+            self.reader = Some(reader);
+            Ok::<_, redis::RedisError>(shares)
         };
         read.await.unwrap_or_else(|e| {
             tracing::debug!(error = %e, "cannot read the backfill's progress from Redis");
