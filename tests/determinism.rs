@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use serde_json::json;
 use tally_dataflow::aggregate::Sketch;
 
-use crate::util::{clickstream, dead_letters, eventually, Generated, Tally, BASE_MS};
+use crate::util::{base_ms, clickstream, dead_letters, eventually, Generated, Tally};
 
 /// A stored window: metric, window, start, group, count, sum, sketch
 /// estimate, revision.
@@ -46,7 +46,7 @@ fn settle(tally: &Tally) {
         let rows = stored(&tally.dir);
         let closed_last = rows
             .iter()
-            .any(|r| r.0 == "events" && r.2 == BASE_MS + 290_000);
+            .any(|r| r.0 == "events" && r.2 == base_ms() + 290_000);
         let same = last.as_ref() == Some(&rows);
         last = Some(rows);
         if closed_last && same {
@@ -84,7 +84,7 @@ fn one_worker_and_four_store_the_same_results() {
         }
         tally.post_events(&batch);
     }
-    tally.flush(BASE_MS + 600_000);
+    tally.flush(base_ms() + 600_000);
     settle(&tally);
     tally.stop();
     let four = stored(first.path());

@@ -3,13 +3,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use crate::util::{clickstream, eventually, post_all, values, Generated, Tally, BASE_MS};
+use crate::util::{at, base_ms, clickstream, eventually, post_all, values, Generated, Tally};
 
 const MINUTE: i64 = 60_000;
 
-/// Per-minute buckets over `minutes` minutes from BASE_MS.
+/// Per-minute buckets over `minutes` minutes from base_ms().
 fn per_minute<T: Default + Clone>(
     minutes: usize,
     events: &[Generated],
@@ -17,7 +17,7 @@ fn per_minute<T: Default + Clone>(
 ) -> Vec<T> {
     let mut buckets = vec![T::default(); minutes];
     for e in events {
-        let i = ((e.time_ms - BASE_MS) / MINUTE) as usize;
+        let i = ((e.time_ms - base_ms()) / MINUTE) as usize;
         if i < minutes {
             add(&mut buckets[i], e);
         }
@@ -38,12 +38,12 @@ fn history_matches_an_independent_aggregation() {
     let tally = Tally::start(dir.path(), &[], &[]);
     let events = clickstream(7, 3000);
     post_all(&tally, &events, 100);
-    tally.flush(BASE_MS + 3_600_000);
+    tally.flush(base_ms() + 3_600_000);
 
     let range = format!(
         "start={}&end={}",
-        BASE_MS / 1000,
-        (BASE_MS + 7 * MINUTE) / 1000
+        base_ms() / 1000,
+        (base_ms() + 7 * MINUTE) / 1000
     );
     let clicks: Vec<&Generated> = events
         .iter()
@@ -54,7 +54,12 @@ fn history_matches_an_independent_aggregation() {
     });
     assert_eq!(expected[5..], [0, 0], "the last two minutes hold no events");
     eventually(Duration::from_secs(30), || {
-        let got = counts(&tally.metrics(&format!("metric=ad_clicks&resolution=1m&{range}")));
+        // Until the first result is stored, the range is not covered.
+        let answer = tally.metrics(&format!("metric=ad_clicks&resolution=1m&{range}"));
+        if answer["coverage"]["since"].is_null() {
+            return Err(format!("nothing stored yet: {answer}"));
+        }
+        let got = counts(&answer);
         if got == expected {
             Ok(())
         } else {
@@ -63,11 +68,14 @@ fn history_matches_an_independent_aggregation() {
     });
 
     // RFC 3339 times, a filter, and a resolution of several windows.
-    let answer = tally.metrics("metric=ad_clicks&campaignId=camp_1&resolution=5m&start=2026-06-07T10:00:00Z&end=2026-06-07T10:05:00Z");
+    let answer = tally.metrics(&format!(
+        "metric=ad_clicks&campaignId=camp_1&resolution=5m&{}",
+        crate::util::range()
+    ));
     let camp1 = clicks.iter().filter(|e| e.campaign == "camp_1").count() as u64;
     assert_eq!(counts(&answer), [camp1]);
     assert_eq!(answer["dimensions"]["campaignId"], "camp_1");
-    assert_eq!(answer["dataPoints"][0]["time"], "2026-06-07T10:00:00Z");
+    assert_eq!(answer["dataPoints"][0]["time"], at(0).as_str());
 
     // groupBy: one series per country, with every bucket present.
     let answer = tally.metrics(&format!(
@@ -77,7 +85,7 @@ fn history_matches_an_independent_aggregation() {
     for e in clicks.iter().filter(|e| e.campaign == "camp_2") {
         expected_groups
             .entry(e.country.to_string())
-            .or_insert_with(|| vec![0; 7])[((e.time_ms - BASE_MS) / MINUTE) as usize] += 1;
+            .or_insert_with(|| vec![0; 7])[((e.time_ms - base_ms()) / MINUTE) as usize] += 1;
     }
     let got: BTreeMap<String, Vec<u64>> = answer["series"]
         .as_array()
@@ -92,6 +100,49 @@ fn history_matches_an_independent_aggregation() {
         .collect();
     assert_eq!(got, expected_groups);
     assert_eq!(answer["groupBy"], "country");
+    // No rollup holds (campaign, country): the metric's own rows answer.
+    assert_eq!(answer["read"]["rollup"], false, "{}", answer["read"]);
+
+    // By country alone, the country rollup answers: a row per minute and
+    // country, not one per group of every dimension.
+    let answer = tally.metrics(&format!(
+        "metric=ad_clicks&groupBy=country&resolution=1m&{range}"
+    ));
+    assert_eq!(
+        (&answer["read"]["rollup"], &answer["read"]["dimensions"]),
+        (&json!(true), &json!(["country"])),
+        "{}",
+        answer["read"]
+    );
+    assert!(
+        answer["read"]["rows"].as_u64().unwrap() <= 5 * 3,
+        "{}",
+        answer["read"]
+    );
+    let mut by_country: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in &clicks {
+        by_country
+            .entry(e.country.to_string())
+            .or_insert_with(|| vec![0; 7])[((e.time_ms - base_ms()) / MINUTE) as usize] += 1;
+    }
+    let got: BTreeMap<String, Vec<u64>> = answer["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["group"]["country"].as_str().unwrap().to_string(),
+                counts(s),
+            )
+        })
+        .collect();
+    assert_eq!(got, by_country);
+    let read = |table: &str| {
+        tally.prometheus(&format!(
+            "tally_history_rows_read_total{{table=\"{table}\"}}"
+        ))
+    };
+    assert!(read("rollup") > Some(0) && read("metric") > Some(0));
 
     // sum and avg of values.amount over purchases; avg of nothing is null.
     let sums: Vec<f64> = per_minute(7, &events, |s: &mut f64, e| *s += e.amount.unwrap_or(0.0));
@@ -133,9 +184,10 @@ fn history_matches_an_independent_aggregation() {
     }
     // Sketches merge across groups and windows: the whole range at once.
     let all: BTreeSet<&String> = clicks.iter().map(|e| &e.user).collect();
-    let whole = values(&tally.metrics(
-        "metric=unique_users&resolution=5m&start=2026-06-07T10:00:00Z&end=2026-06-07T10:05:00Z",
-    ));
+    let whole = values(&tally.metrics(&format!(
+        "metric=unique_users&resolution=5m&{}",
+        crate::util::range()
+    )));
     assert!((whole[0].as_f64().unwrap() - all.len() as f64).abs() <= all.len() as f64 * 0.03);
 }
 
@@ -188,7 +240,7 @@ fn grouped_history_answers_the_top_groups_within_its_bounds() {
     let mut events: Vec<Value> = Vec::new();
     for (campaign, minute, clicks) in campaigns() {
         for k in 0..clicks {
-            let at = BASE_MS + minute as i64 * MINUTE + k as i64 * 100;
+            let at = base_ms() + minute as i64 * MINUTE + k as i64 * 100;
             events.push(serde_json::json!({"eventType": "ad_click", "timestamp": at, "dimensions": {"campaignId": campaign}}));
         }
     }
@@ -196,12 +248,12 @@ fn grouped_history_answers_the_top_groups_within_its_bounds() {
     for chunk in events.chunks(500) {
         tally.post_events(chunk);
     }
-    tally.flush(BASE_MS + 3_600_000);
+    tally.flush(base_ms() + 3_600_000);
 
     let three_minutes = format!(
         "metric=ad_clicks&groupBy=campaignId&resolution=1m&start={}&end={}",
-        BASE_MS / 1000,
-        (BASE_MS + 3 * MINUTE) / 1000
+        base_ms() / 1000,
+        (base_ms() + 3 * MINUTE) / 1000
     );
     let mut expected: Vec<(String, usize, u64)> = campaigns().into_iter().take(100).collect();
     expected.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
@@ -264,8 +316,8 @@ fn grouped_history_answers_the_top_groups_within_its_bounds() {
     let error = refused(&format!("{three_minutes}&top=100"), "top");
     assert!(error.contains("history.max_points"), "{error}");
     let five_minutes = three_minutes.replace(
-        &format!("end={}", (BASE_MS + 3 * MINUTE) / 1000),
-        &format!("end={}", (BASE_MS + 5 * MINUTE) / 1000),
+        &format!("end={}", (base_ms() + 3 * MINUTE) / 1000),
+        &format!("end={}", (base_ms() + 5 * MINUTE) / 1000),
     );
     let error = refused(&five_minutes, "groupBy");
     assert!(
@@ -327,4 +379,63 @@ fn a_parameter_given_twice_or_badly_encoded_gets_a_400() {
         let (status, answer) = tally.get(&format!("/v1/deadletters?{query}"));
         assert_eq!(status, 400, "{query}: {answer}");
     }
+}
+
+#[test]
+fn a_range_older_than_the_minute_windows_keep_is_answered_by_the_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[], &[]);
+    // Forty days ago, past the 30 days one-minute windows are kept.
+    let day = 24 * 60 * MINUTE;
+    let old = (base_ms() - 40 * day).div_euclid(day) * day;
+    let events: Vec<Generated> = clickstream(3, 600)
+        .into_iter()
+        .map(|mut e| {
+            e.time_ms += old - base_ms();
+            e
+        })
+        .collect();
+    post_all(&tally, &events, 100);
+    // Past the end of that day: its hour and day windows close.
+    tally.flush(old + day + 3_000);
+    let clicks = events.iter().filter(|e| e.event_type == "ad_click").count() as u64;
+    let range = format!("start={}&end={}", old / 1000, (old + 2 * 3_600_000) / 1000);
+    let answer = eventually(Duration::from_secs(30), || {
+        let answer = tally.metrics(&format!("metric=ad_clicks&resolution=1m&{range}"));
+        match answer["dataPoints"][0]["value"].as_u64() {
+            Some(n) if n == clicks => Ok(answer),
+            _ => Err(format!("{answer}")),
+        }
+    });
+    // Asked by minute, it answers by hour, and says so.
+    assert_eq!(answer["resolution"], "1h", "{answer}");
+    assert_eq!(answer["read"]["window"], "tumbling 1h", "{answer}");
+    assert_eq!(counts(&answer), [clicks, 0]);
+    let by_day = tally.metrics(&format!(
+        "metric=ad_clicks&resolution=1d&start={}&end={}",
+        old / 1000,
+        (old + day) / 1000
+    ));
+    assert_eq!(by_day["read"]["window"], "tumbling 1d", "{by_day}");
+    assert_eq!(counts(&by_day), [clicks]);
+
+    // The store deletes the minute and ten-second rows it no longer keeps,
+    // and keeps the hour's.
+    let rows = |window: &str| -> i64 {
+        rusqlite::Connection::open(dir.path().join("results.db"))
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM windows WHERE metric = 'ad_clicks' AND window = ?1",
+                [window],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    eventually(Duration::from_secs(90), || match rows("tumbling 1m") {
+        0 => Ok(()),
+        n => Err(format!("{n} one-minute rows past their retention")),
+    });
+    assert_eq!(rows("tumbling 10s"), 0);
+    assert!(rows("tumbling 1h") > 0);
+    tally.stop();
 }

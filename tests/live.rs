@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
-use crate::util::{Tally, BASE_MS};
+use crate::util::{at, base_ms, Tally};
 
 pub type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
 
@@ -60,18 +60,23 @@ fn partials_then_final_then_revision() {
     let subscribe = json!({"action": "subscribe", "topic": "metrics:ad_clicks:country:US", "window": "tumbling 10s"});
     socket.send(Message::text(subscribe.to_string())).unwrap();
 
-    let at = |seconds: i64, country: &str| json!({"eventType": "ad_click", "timestamp": (BASE_MS / 1000 + seconds), "dimensions": {"country": country, "campaignId": "c"}});
-    let window_start = "2026-06-07T10:00:30Z";
-    tally.post_events(&[at(31, "US"), at(32, "US"), at(33, "DE"), at(34, "US")]);
+    let click = |seconds: i64, country: &str| json!({"eventType": "ad_click", "timestamp": (base_ms() / 1000 + seconds), "dimensions": {"country": country, "campaignId": "c"}});
+    let window_start = at(30_000);
+    tally.post_events(&[
+        click(31, "US"),
+        click(32, "US"),
+        click(33, "DE"),
+        click(34, "US"),
+    ]);
     let partial = wait_for(&mut socket, Duration::from_secs(10), |m| {
         m["windowStart"] == window_start && m["value"] == 3
     });
     assert_eq!(partial["final"], false, "{partial}");
     assert_eq!(partial["topic"], "metrics:ad_clicks:country:US");
-    assert_eq!(partial["windowEnd"], "2026-06-07T10:00:40Z");
+    assert_eq!(partial["windowEnd"], at(40_000).as_str());
 
     // Every partition's watermark passes 10:00:43: the window closes.
-    tally.flush(BASE_MS + 45_000);
+    tally.flush(base_ms() + 45_000);
     let fin = wait_for(&mut socket, Duration::from_secs(10), |m| {
         m["windowStart"] == window_start && m["final"] == true
     });
@@ -83,7 +88,7 @@ fn partials_then_final_then_revision() {
 
     // A late event within the allowed lateness revises it, once event time
     // moves on or, as here, every partition has been idle for 5 s.
-    tally.post_events(&[at(35, "US")]);
+    tally.post_events(&[click(35, "US")]);
     let revised = wait_for(&mut socket, Duration::from_secs(15), |m| {
         m["windowStart"] == window_start && m["revision"] == 1
     });
@@ -119,7 +124,11 @@ fn partials_then_final_then_revision() {
         "{error}"
     );
 
-    let stored = tally.metrics("metric=ad_clicks&country=US&resolution=10s&start=2026-06-07T10:00:30Z&end=2026-06-07T10:00:40Z");
+    let stored = tally.metrics(&format!(
+        "metric=ad_clicks&country=US&resolution=10s&start={}&end={}",
+        at(30_000),
+        at(40_000)
+    ));
     assert_eq!(stored["dataPoints"][0]["value"], 4);
 }
 
@@ -127,11 +136,11 @@ fn partials_then_final_then_revision() {
 fn too_late_events_go_to_the_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
     let tally = Tally::start(dir.path(), &[], &[]);
-    tally.flush(BASE_MS + 120_000);
+    tally.flush(base_ms() + 120_000);
     // Every partition's watermark is at 1:58; 30 s of lateness reaches back
     // to 1:28. An event at 0:10 is far past that.
     let late =
-        json!({"eventId": "late_1", "eventType": "ad_click", "timestamp": BASE_MS / 1000 + 10});
+        json!({"eventId": "late_1", "eventType": "ad_click", "timestamp": base_ms() / 1000 + 10});
     tally.post_events(&[late]);
     let letters = crate::util::eventually(Duration::from_secs(10), || {
         let (status, body) = tally.get("/v1/deadletters?limit=5");
@@ -373,7 +382,7 @@ impl Poster {
     fn start(url: &str, campaigns: usize) -> Poster {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let events: Vec<Value> = (0..campaigns)
-            .map(|c| json!({"eventType": "ad_click", "timestamp": BASE_MS / 1000 + 31, "dimensions": {"country": "US", "campaignId": format!("c{c}")}}))
+            .map(|c| json!({"eventType": "ad_click", "timestamp": base_ms() / 1000 + 31, "dimensions": {"country": "US", "campaignId": format!("c{c}")}}))
             .collect();
         let (url, stopped) = (format!("{url}/v1/events"), stop.clone());
         let thread = std::thread::spawn(move || {
@@ -423,11 +432,11 @@ pub fn current_values(tally: &Tally) -> Vec<Value> {
 fn a_metric_whose_events_stop_is_forgotten_once_no_event_can_revise_it() {
     let dir = tempfile::tempdir().unwrap();
     let tally = Tally::start(dir.path(), &[], &[]);
-    let click = json!({"eventType": "ad_click", "timestamp": BASE_MS + 5_000, "dimensions": {"campaignId": "c"}});
+    let click = json!({"eventType": "ad_click", "timestamp": base_ms() + 5_000, "dimensions": {"campaignId": "c"}});
     tally.post_events(&[click]);
     // Events of another type only: ad_clicks gets no newer window. The
     // watermark passes 10:00:10 and then the window's lateness (32 s).
-    tally.flush(BASE_MS + 20_000);
+    tally.flush(base_ms() + 20_000);
     crate::util::eventually(Duration::from_secs(10), || {
         let current = current_values(&tally);
         match current.as_slice() {
@@ -435,7 +444,7 @@ fn a_metric_whose_events_stop_is_forgotten_once_no_event_can_revise_it() {
             other => Err(format!("want the closed window's final, got {other:?}")),
         }
     });
-    tally.flush(BASE_MS + 45_000);
+    tally.flush(base_ms() + 45_000);
     crate::util::eventually(Duration::from_secs(10), || {
         let current = current_values(&tally);
         if current.is_empty() {

@@ -4,11 +4,9 @@
 use std::time::Duration;
 
 use crate::util::{
-    clicks_per_minute_are, clickstream, eventually, per_minute_clicks, post_all, values, Tally,
-    BASE_MS,
+    base_ms, clicks_per_minute_are, clickstream, eventually, per_minute_clicks, post_all, range,
+    values, Tally,
 };
-
-const RANGE: &str = "start=2026-06-07T10:00:00Z&end=2026-06-07T10:05:00Z";
 
 #[test]
 fn kill_9_and_sigterm_lose_nothing_and_double_nothing() {
@@ -26,10 +24,10 @@ fn kill_9_and_sigterm_lose_nothing_and_double_nothing() {
     // the log on from there, into the same store.
     let tally = Tally::start(dir.path(), &[], &[]);
     post_all(&tally, second, 50);
-    tally.flush(BASE_MS + 150_000);
+    tally.flush(base_ms() + 150_000);
     // Some windows are final now; a clean stop must not disturb them.
     eventually(Duration::from_secs(30), || {
-        let got = values(&tally.metrics(&format!("metric=ad_clicks&resolution=1m&{RANGE}")));
+        let got = values(&tally.metrics(&format!("metric=ad_clicks&resolution=1m&{}", range())));
         if got[0].as_u64() > Some(0) {
             Ok(())
         } else {
@@ -40,6 +38,6 @@ fn kill_9_and_sigterm_lose_nothing_and_double_nothing() {
 
     let tally = Tally::start(dir.path(), &[], &[]);
     post_all(&tally, third, 50);
-    tally.flush(BASE_MS + 3_600_000);
+    tally.flush(base_ms() + 3_600_000);
     clicks_per_minute_are(&tally, &per_minute_clicks(&events), Duration::from_secs(60));
 }

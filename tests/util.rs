@@ -234,8 +234,29 @@ pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, Str
     }
 }
 
-/// 2026-06-07T10:00:00Z, where the generated events start.
-pub const BASE_MS: i64 = 1_780_826_400_000;
+/// Where the generated events start: the whole hour three hours before the
+/// tests started, recent enough for every window's retention (a day for
+/// ten-second windows) and far enough back that no event is in the future.
+pub fn base_ms() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        (now - 3 * 3_600_000) / 3_600_000 * 3_600_000
+    })
+}
+
+/// [`base_ms`] plus `offset_ms`, in RFC 3339, as the API writes times.
+pub fn at(offset_ms: i64) -> String {
+    tally_dataflow::time::format_rfc3339(base_ms() + offset_ms)
+}
+
+/// The five minutes of a [`clickstream`], as a query's `start` and `end`.
+pub fn range() -> String {
+    format!("start={}&end={}", at(0), at(300_000))
+}
 
 /// One generated event, kept in plain fields for the expectations.
 #[derive(Clone, Debug)]
@@ -267,7 +288,7 @@ impl Generated {
     }
 }
 
-/// `count` events over five minutes from [`BASE_MS`], in time order with a
+/// `count` events over five minutes from [`base_ms()`], in time order with a
 /// jitter well under the 2 s out-of-orderness, so none is late.
 pub fn clickstream(seed: u64, count: usize) -> Vec<Generated> {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -277,7 +298,7 @@ pub fn clickstream(seed: u64, count: usize) -> Vec<Generated> {
             let purchase = rng.u32(..10) == 0;
             Generated {
                 event_type: if purchase { "purchase" } else { "ad_click" },
-                time_ms: BASE_MS
+                time_ms: base_ms()
                     + ((i as i64 * span) / count as i64 + rng.i64(0..800)).min(span - 1),
                 campaign: format!("camp_{}", rng.u32(..4)),
                 country: ["US", "DE", "IN"][rng.usize(..3)],
@@ -310,7 +331,7 @@ pub fn values(answer: &Value) -> Vec<Value> {
 pub fn per_minute_clicks(events: &[Generated]) -> Vec<u64> {
     let mut buckets = vec![0; 5];
     for e in events.iter().filter(|e| e.event_type == "ad_click") {
-        buckets[((e.time_ms - BASE_MS) / 60_000) as usize] += 1;
+        buckets[((e.time_ms - base_ms()) / 60_000) as usize] += 1;
     }
     buckets
 }
@@ -318,10 +339,9 @@ pub fn per_minute_clicks(events: &[Generated]) -> Vec<u64> {
 /// Waits up to `timeout` until `ad_clicks` per minute over the five
 /// minutes of a [`clickstream`] are `expected`.
 pub fn clicks_per_minute_are(tally: &Tally, expected: &[u64], timeout: Duration) {
-    let query =
-        "metric=ad_clicks&resolution=1m&start=2026-06-07T10:00:00Z&end=2026-06-07T10:05:00Z";
+    let query = format!("metric=ad_clicks&resolution=1m&{}", range());
     eventually(timeout, || {
-        let got: Vec<u64> = values(&tally.metrics(query))
+        let got: Vec<u64> = values(&tally.metrics(&query))
             .iter()
             .map(|v| v.as_u64().unwrap())
             .collect();

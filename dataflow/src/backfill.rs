@@ -21,6 +21,7 @@
 use crate::checkpoint::{GroupSnapshot, PartitionCut};
 use crate::config::MetricSpec;
 use crate::fingerprint;
+use crate::rollup::expand;
 use crate::routing::group_hash;
 
 /// The metrics each job runs, for a configuration started on a checkpoint
@@ -72,14 +73,16 @@ impl Plan {
 
 /// The groups of `groups`, made by metrics `from`, that belong to a metric
 /// of `to` (the same definition, by fingerprint), re-indexed and re-hashed
-/// for `to`. The others are dropped.
+/// for `to`. The others are dropped. A metric's rollups
+/// ([`expand`]) go with it.
 pub fn remap(
     groups: Vec<GroupSnapshot>,
     from: &[MetricSpec],
     to: &[MetricSpec],
 ) -> Vec<GroupSnapshot> {
-    let targets: Vec<String> = to.iter().map(fingerprint::metric).collect();
-    let index: Vec<Option<u16>> = from
+    // State is indexed by the metrics' tables, which follow them.
+    let targets: Vec<String> = expand(to).iter().map(fingerprint::metric).collect();
+    let index: Vec<Option<u16>> = expand(from)
         .iter()
         .map(|m| {
             let version = fingerprint::metric(m);
@@ -159,6 +162,10 @@ mod tests {
             dimensions: dimensions.iter().map(|d| d.to_string()).collect(),
             pane: pane_width(&windows),
             windows,
+            keep: Vec::new(),
+            rollups: Vec::new(),
+            projections: Vec::new(),
+            rollup_of: None,
         }
     }
 

@@ -22,7 +22,7 @@ use toml::{Table, Value};
 
 use crate::aggregate::{AggregateKind, Field};
 use crate::event::EventLimits;
-use crate::time::{parse_duration, parse_millis, Millis};
+use crate::time::{format_millis, parse_duration, parse_millis, Millis};
 use crate::window::{pane_width, WindowSpec};
 
 /// The whole configuration of a tally deployment.
@@ -220,6 +220,10 @@ pub const DEFAULT_LIVE_INTERVAL: Duration = Duration::from_millis(100);
 /// unbounded number.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
 
+/// A metric's rollups when it declares none: an hour and a day, kept for
+/// ever, less any it declares as a window or its panes do not divide.
+pub const DEFAULT_ROLLUPS: [&str; 2] = ["tumbling 1h", "tumbling 1d"];
+
 /// `[history]`: the bounds of one `GET /v1/metrics`. Its memory is
 /// bounded by `max_groups` totals while it ranks groups and by `max_points`
 /// buckets while it assembles the answer; neither grows with the rows it
@@ -346,6 +350,24 @@ pub struct MetricSpec {
     pub dimensions: Vec<String>,
     /// Windows to compute; at least one is tumbling.
     pub windows: Vec<WindowSpec>,
+    /// How long the results of each window, by its index, are kept; `None`
+    /// keeps them for ever. Not part of the definition: changing it
+    /// changes no result.
+    #[serde(default)]
+    pub keep: Vec<Option<Millis>>,
+    /// Coarser tumbling windows kept for history only, each on panes of its
+    /// own width, with how long they are kept (see [`crate::rollup`]).
+    #[serde(default)]
+    pub rollups: Vec<(WindowSpec, Option<Millis>)>,
+    /// Subsets of `dimensions`, in their order, that results are also kept
+    /// by, so that a query grouping by or filtering on fewer dimensions
+    /// reads fewer rows (see [`crate::rollup`]).
+    #[serde(default)]
+    pub projections: Vec<Vec<String>>,
+    /// For a table [`crate::rollup::expand`] made of a metric, the index of
+    /// that metric; `None` for a configured metric.
+    #[serde(default)]
+    pub rollup_of: Option<u16>,
     /// The pane width: the gcd of the windows' sizes and slides.
     pub pane: Millis,
 }
@@ -355,6 +377,48 @@ impl MetricSpec {
     pub fn accepts(&self, event_type: &str) -> bool {
         self.event_type.as_deref().is_none_or(|t| t == event_type)
     }
+
+    /// How long the results of window `w` are kept; `None` for ever.
+    pub fn keep(&self, w: usize) -> Option<Millis> {
+        self.keep.get(w).copied().flatten()
+    }
+}
+
+/// How long a window's results are kept when its declaration does not say:
+/// a day for windows a new row every few seconds, 30 days for windows of
+/// minutes, for ever from an hour up.
+pub fn default_keep(window: &WindowSpec) -> Option<Millis> {
+    const MINUTE: Millis = 60_000;
+    match window.slide() {
+        s if s < MINUTE => Some(24 * 60 * MINUTE),
+        s if s < 60 * MINUTE => Some(30 * 24 * 60 * MINUTE),
+        _ => None,
+    }
+}
+
+/// Parses a window declaration with an optional retention: `tumbling 1m`,
+/// `tumbling 1m keep 30d`, `tumbling 1h keep forever`.
+pub fn parse_kept_window(text: &str) -> Result<(WindowSpec, Option<Millis>), String> {
+    let (window, keep) = match text.split_once(" keep ") {
+        None => (text, None),
+        Some((window, keep)) => (window, Some(keep.trim())),
+    };
+    let spec = WindowSpec::parse(window)?;
+    let keep = match keep {
+        None => default_keep(&spec),
+        Some("forever") => None,
+        Some(d) => {
+            let keep = parse_millis(d).map_err(|e| format!("in '{text}', keep: {e}"))?;
+            if keep < spec.size() {
+                return Err(format!(
+                    "in '{text}', results would be deleted before their window ends: keep at least {}",
+                    format_millis(spec.size())
+                ));
+            }
+            Some(keep)
+        }
+    };
+    Ok((spec, keep))
 }
 
 impl Config {
@@ -738,22 +802,54 @@ impl Reader {
                     ));
                 }
             }
-            let windows: Vec<WindowSpec> = self
+            let (windows, keep): (Vec<WindowSpec>, Vec<Option<Millis>>) = self
                 .strings(&mut m, "windows")
                 .iter()
                 .filter_map(|w| {
-                    WindowSpec::parse(w)
+                    parse_kept_window(w)
                         .map_err(|e| self.errors.push(format!("metric[{i}].windows: {e}")))
                         .ok()
                 })
-                .collect();
+                .unzip();
             if !windows.iter().any(WindowSpec::is_tumbling) {
                 self.errors.push(format!(
                     "metric[{i}].windows: at least one tumbling window is needed for history"
                 ));
             }
-            self.unknown_keys(m);
             let pane = pane_width(&windows).max(1);
+            let rollups = match m.table.contains_key("rollups") {
+                false => DEFAULT_ROLLUPS
+                    .iter()
+                    .filter_map(|w| parse_kept_window(w).ok())
+                    .filter(|(w, _)| w.size() % pane == 0 && !windows.contains(w))
+                    .collect(),
+                true => self
+                    .strings(&mut m, "rollups")
+                    .iter()
+                    .filter_map(|w| {
+                        let rollup = parse_kept_window(w).and_then(|(spec, keep)| match spec {
+                            WindowSpec::Tumbling { size } if size % pane == 0 => Ok((spec, keep)),
+                            WindowSpec::Tumbling { .. } => Err(format!(
+                                "'{w}' is not a whole number of the metric's panes ({})",
+                                format_millis(pane)
+                            )),
+                            WindowSpec::Sliding { .. } => {
+                                Err(format!("'{w}': a rollup is a tumbling window"))
+                            }
+                        });
+                        rollup
+                            .map_err(|e| self.errors.push(format!("metric[{i}].rollups: {e}")))
+                            .ok()
+                    })
+                    .collect(),
+            };
+            let projections = match m.take("projections") {
+                None => std::iter::once(Vec::new())
+                    .chain(dimensions.iter().map(|d| vec![d.clone()]))
+                    .collect(),
+                Some((path, value)) => self.projections(&path, value, &dimensions),
+            };
+            self.unknown_keys(m);
             metrics.push(MetricSpec {
                 name,
                 event_type,
@@ -761,10 +857,54 @@ impl Reader {
                 field,
                 dimensions,
                 windows,
+                keep,
+                rollups,
+                projections,
+                rollup_of: None,
                 pane,
             });
         }
         metrics
+    }
+
+    /// `projections = [[], ["country"], ["campaignId", "country"]]`: each a
+    /// list of the metric's dimensions, put in their declared order.
+    fn projections(&mut self, path: &str, value: Value, dimensions: &[String]) -> Vec<Vec<String>> {
+        let Value::Array(items) = value else {
+            self.errors.push(format!(
+                "{path}: must be an array of arrays of dimension names, such as [[], [\"country\"]]"
+            ));
+            return Vec::new();
+        };
+        let mut projections = Vec::new();
+        for item in items {
+            let Value::Array(names) = item else {
+                self.errors.push(format!(
+                    "{path}: each projection is an array of dimension names"
+                ));
+                continue;
+            };
+            let names: Vec<String> = names
+                .into_iter()
+                .filter_map(|v| self.as_string(path, v))
+                .collect();
+            if let Some(unknown) = names.iter().find(|n| !dimensions.contains(n)) {
+                self.errors.push(format!(
+                    "{path}: '{unknown}' is not one of the metric's dimensions ({})",
+                    dimensions.join(", ")
+                ));
+                continue;
+            }
+            let ordered: Vec<String> = dimensions
+                .iter()
+                .filter(|d| names.contains(d))
+                .cloned()
+                .collect();
+            if !projections.contains(&ordered) {
+                projections.push(ordered);
+            }
+        }
+        projections
     }
 
     fn unknown_keys(&mut self, section: Section) {

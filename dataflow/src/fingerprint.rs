@@ -2,7 +2,8 @@
 //!
 //! A metric's stored results and its checkpointed state mean something only
 //! for the definition that produced them: its name, event type, aggregate,
-//! field, dimensions and windows. [`metric`] gives that definition a
+//! field, dimensions and windows, and the
+//! rollups it is also kept as. [`metric`] gives that definition a
 //! fingerprint that is the same on every build and every machine, so a
 //! restart can tell whether what it finds was made by the metrics it runs.
 //!
@@ -56,6 +57,17 @@ fn canonical(spec: &MetricSpec) -> String {
     for window in &spec.windows {
         part("window", &window.to_string());
     }
+    // What a metric is also kept as, and what a table is of. Absent, they
+    // leave the text as it was before rollups.
+    for (rollup, _) in &spec.rollups {
+        part("rollup", &rollup.to_string());
+    }
+    for projection in &spec.projections {
+        part("projection", &projection.join(","));
+    }
+    if spec.rollup_of.is_some() {
+        part("table_of", &spec.name);
+    }
     text
 }
 
@@ -83,6 +95,10 @@ mod tests {
             dimensions: vec!["campaignId".into(), "country".into()],
             pane: pane_width(&windows),
             windows,
+            keep: Vec::new(),
+            rollups: Vec::new(),
+            projections: Vec::new(),
+            rollup_of: None,
         }
     }
 

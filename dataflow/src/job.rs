@@ -22,12 +22,15 @@ use crate::operators::gossip;
 use crate::operators::source::{log_source, SourceSettings};
 use crate::operators::windows::{Checkpointing, WindowSettings, Windows};
 use crate::ports::{BatchSource, CheckpointSink, Sink};
+use crate::rollup;
 use crate::stats::JobStats;
 
 /// Everything the job needs to know, taken from the configuration.
 #[derive(Clone, Debug)]
 pub struct JobSettings {
-    /// The metrics to compute, in configuration order.
+    /// The metrics to compute, in configuration order; the job also
+    /// computes their rollups ([`rollup::expand`]), whose results the store
+    /// sink gets after theirs.
     pub metrics: Vec<MetricSpec>,
     /// Event-time rules of the source.
     pub source: SourceSettings,
@@ -101,7 +104,9 @@ where
     Li: Sink<Arc<WindowUpdate>>,
     De: Sink<DeadLetter>,
 {
-    let metrics = Rc::new(settings.metrics.clone());
+    // The configured metrics keep their indices; their rollups follow.
+    let metrics = Rc::new(rollup::expand(&settings.metrics));
+    let configured = settings.metrics.len();
     let progress = Rc::new(RefCell::new(Progress::new(&restore.cuts)));
     let partitions = input.partitions();
     if settings.processes > 1 {
@@ -129,6 +134,7 @@ where
     let backpressure = &coordination.backpressure;
     updates
         .clone()
+        .filter(move |u: &Arc<WindowUpdate>| (u.metric as usize) < configured)
         .deliver("LiveSink", sinks.live, backpressure);
     updates
         .clone()
@@ -227,6 +233,10 @@ mod tests {
                 dimensions: vec!["country".into()],
                 pane: crate::window::pane_width(&windows),
                 windows,
+                keep: Vec::new(),
+                rollups: Vec::new(),
+                projections: Vec::new(),
+                rollup_of: None,
             }],
             source: SourceSettings {
                 out_of_orderness: 2_000,

@@ -31,6 +31,7 @@
 //! - [`aggregate`]: aggregate state and merging.
 //! - [`config`]: layered configuration and its validation.
 //! - [`fingerprint`]: the stable identity of a metric's definition.
+//! - [`rollup`]: the tables a metric is kept in, and the query planner.
 //! - [`model`]: the records operators exchange and emit.
 //! - [`routing`]: which worker owns a group, and reads a partition.
 //! - [`checkpoint`]: what a checkpoint holds, and when one is taken.
@@ -54,6 +55,7 @@ pub mod model;
 pub mod operators;
 pub mod ports;
 pub mod query;
+pub mod rollup;
 pub mod routing;
 pub mod state;
 pub mod stats;

@@ -1,9 +1,11 @@
 //! History queries: what `GET /v1/metrics` asks, checked against the
 //! configuration, and how stored windows become its answer.
 //!
-//! History is answered from a metric's tumbling windows. A query's
-//! `resolution` must be a whole multiple of one of them; the widest such
-//! window is read, and its rows are merged into buckets of the resolution.
+//! History is answered from the tumbling windows of a metric or of one of
+//! its rollups. A query's `resolution` must be a whole multiple of one of
+//! the metric's windows; the planner ([`rollup::choose`]) picks the table
+//! and window with the fewest rows that answer it exactly, and their rows
+//! are merged into buckets of the resolution.
 //! Buckets are aligned to the epoch, the first one being the bucket that holds
 //! `start`, and every bucket up to `end` is present in the answer, empty or
 //! not. Because stored rows keep full aggregate state (sketches included),
@@ -15,6 +17,7 @@ use std::ops::ControlFlow;
 
 use crate::aggregate::{AggState, AggregateKind};
 use crate::config::{HistoryConfig, MetricSpec};
+use crate::rollup;
 use crate::time::{parse_millis, parse_rfc3339, Millis};
 use crate::window::{align, WindowSpec};
 
@@ -26,13 +29,17 @@ const PARAMETERS: [&str; 6] = ["metric", "start", "end", "resolution", "groupBy"
 pub struct Query {
     /// The metric's name.
     pub metric: String,
-    /// The version of its results to read: the fingerprint of its
-    /// definition as configured.
+    /// The version of the results to read: the fingerprint of the table
+    /// the planner chose, the metric's own or one of its rollups.
     pub version: String,
     /// Its aggregate.
     pub aggregate: AggregateKind,
     /// The stored tumbling window the answer is built from.
     pub window: WindowSpec,
+    /// What the store reads, in order: `version` and `window` first, then
+    /// from the end of the last window stored, the finer windows of the same
+    /// dimensions ([`rollup::Choice::finer`]).
+    pub reads: Vec<Read>,
     /// `(dimension index, value)` filters.
     pub filters: Vec<(usize, String)>,
     /// The dimension index to group by.
@@ -40,18 +47,29 @@ pub struct Query {
     /// With `group_by`, how many groups the answer holds: the largest by
     /// their total over the range.
     pub top: usize,
-    /// The metric's dimension names.
+    /// The dimension names of the table read, which `filters` and
+    /// `group_by` index: the metric's, or a rollup's (see [`rollup`]).
     pub dimensions: Vec<String>,
     /// First bucket's start.
     pub start: Millis,
     /// End of the range, exclusive.
     pub end: Millis,
-    /// Bucket width.
+    /// Bucket width: the one asked for, or a coarser one when no window
+    /// that fine still holds the range.
     pub resolution: Millis,
     /// Groups the query may rank before it is refused.
     pub max_groups: usize,
     /// Points its answer may hold.
     pub max_points: usize,
+}
+
+/// One stored table and window a query reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Read {
+    /// The table's version.
+    pub version: String,
+    /// The window.
+    pub window: WindowSpec,
 }
 
 /// A query the client must fix, with the parameter at fault.
@@ -155,7 +173,7 @@ impl Query {
             .copied()
             .filter(WindowSpec::is_tumbling)
             .collect();
-        let resolution = match get("resolution") {
+        let asked = match get("resolution") {
             None => tumbling
                 .iter()
                 .map(WindowSpec::size)
@@ -163,21 +181,6 @@ impl Query {
                 .unwrap_or(60_000),
             Some(v) => parse_millis(v).map_err(|e| bad("resolution", e))?,
         };
-        let window = tumbling
-            .iter()
-            .filter(|w| resolution % w.size() == 0)
-            .max_by_key(|w| w.size())
-            .copied()
-            .ok_or_else(|| {
-                let sizes: Vec<String> = tumbling.iter().map(|w| w.to_string()).collect();
-                bad(
-                    "resolution",
-                    format!(
-                        "must be a multiple of one of the metric's windows: {}",
-                        sizes.join(", ")
-                    ),
-                )
-            })?;
         let dimension = |parameter: &str, dim: &str| {
             metric
                 .dimensions
@@ -211,6 +214,47 @@ impl Query {
                     )
                 })?,
         };
+        let mut filters = Vec::new();
+        for (key, value) in params {
+            if !PARAMETERS.contains(&key.as_str()) {
+                filters.push((dimension(key, key)?, value.clone()));
+            }
+        }
+        let needed: Vec<&str> = filters
+            .iter()
+            .map(|(d, _)| *d)
+            .chain(group_by)
+            .map(|d| metric.dimensions[d].as_str())
+            .collect();
+        let tables = rollup::tables(metric);
+        let choice = rollup::choose(&tables, &needed, start, end, asked, now).ok_or_else(|| {
+            let sizes: Vec<String> = tumbling.iter().map(|w| w.to_string()).collect();
+            bad(
+                "resolution",
+                format!(
+                    "must be a multiple of one of the metric's windows: {}",
+                    sizes.join(", ")
+                ),
+            )
+        })?;
+        let (table, window, resolution) = (choice.table, choice.window, choice.resolution);
+        let reads = std::iter::once((table, window))
+            .chain(choice.finer.iter().copied())
+            .map(|(t, window)| Read {
+                version: crate::fingerprint::metric(t),
+                window,
+            })
+            .collect();
+        // Filters and the grouping index the table's dimensions.
+        let place = |d: usize| {
+            table
+                .dimensions
+                .iter()
+                .position(|t| *t == metric.dimensions[d])
+                .expect("the planner chose a table with every dimension needed")
+        };
+        let filters = filters.into_iter().map(|(d, v)| (place(d), v)).collect();
+        let group_by = group_by.map(place);
         let start = align(start, resolution);
         let buckets = bucket_count(start, end, resolution) as i64;
         let series = if group_by.is_some() { top } else { 1 };
@@ -237,21 +281,16 @@ impl Query {
                 refusal: Refusal::Points,
             });
         }
-        let mut filters = Vec::new();
-        for (key, value) in params {
-            if !PARAMETERS.contains(&key.as_str()) {
-                filters.push((dimension(key, key)?, value.clone()));
-            }
-        }
         Ok(Query {
             metric: metric.name.clone(),
-            version: crate::fingerprint::metric(metric),
+            version: crate::fingerprint::metric(table),
             aggregate: metric.aggregate,
             window,
+            reads,
             filters,
             group_by,
             top,
-            dimensions: metric.dimensions.clone(),
+            dimensions: table.dimensions.clone(),
             start,
             end,
             resolution,
@@ -296,6 +335,8 @@ pub struct Fold {
     stage: Stage,
     /// Set when a bound was hit; the scan stops there.
     refused: Option<QueryError>,
+    /// Rows the store has streamed in, over every pass.
+    rows: u64,
 }
 
 #[derive(Debug)]
@@ -333,6 +374,8 @@ pub struct Answer {
     pub series: Vec<Series>,
     /// With `groupBy`, how many groups the range holds.
     pub groups: usize,
+    /// Rows read from the store to make it, over every pass.
+    pub rows: u64,
 }
 
 impl Fold {
@@ -349,6 +392,7 @@ impl Fold {
             query,
             stage,
             refused: None,
+            rows: 0,
         }
     }
 
@@ -361,6 +405,7 @@ impl Fold {
     /// and its state. Rows outside the range or the filters are ignored.
     /// Breaks when the query has hit a bound; [`Fold::finish`] says which.
     pub fn add(&mut self, start: Millis, group: &[&str], state: &AggState) -> ControlFlow<()> {
+        self.rows += 1;
         let q = &self.query;
         if start < q.start || start >= q.end || !q.passes(group) {
             return ControlFlow::Continue(());
@@ -420,17 +465,24 @@ impl Fold {
         if let Some(refused) = self.refused {
             return Err(refused);
         }
-        let Fold { query, stage, .. } = self;
+        let Fold {
+            query, stage, rows, ..
+        } = self;
+        let done = |mut answer: Answer| {
+            answer.rows = rows;
+            Pass::Done(answer)
+        };
         Ok(match stage {
-            Stage::Single(states) => Pass::Done(Answer {
+            Stage::Single(states) => done(Answer {
                 series: vec![query.series(Vec::new(), &states)],
                 groups: 0,
+                rows,
             }),
             Stage::Rank { totals, buckets } => {
                 let groups = totals.len();
                 let ranked = query.rank(totals);
                 match buckets {
-                    Some(mut buckets) => Pass::Done(query.answer(groups, ranked, &mut buckets)),
+                    Some(mut buckets) => done(query.answer(groups, ranked, &mut buckets)),
                     None => {
                         let width = query.buckets();
                         let buckets = ranked
@@ -445,6 +497,7 @@ impl Fold {
                                 buckets,
                             },
                             refused: None,
+                            rows,
                         }))
                     }
                 }
@@ -453,7 +506,7 @@ impl Fold {
                 groups,
                 ranked,
                 mut buckets,
-            } => Pass::Done(query.answer(groups, ranked, &mut buckets)),
+            } => done(query.answer(groups, ranked, &mut buckets)),
         })
     }
 }
@@ -491,7 +544,11 @@ impl Query {
                 self.series(vec![(dimension.clone(), group)], &states)
             })
             .collect();
-        Answer { series, groups }
+        Answer {
+            series,
+            groups,
+            rows: 0,
+        }
     }
 
     fn series(&self, group: Vec<(String, String)>, states: &[AggState]) -> Series {
@@ -552,6 +609,9 @@ name = "ad_clicks"
 event_type = "ad_click"
 dimensions = ["campaignId", "country"]
 windows = ["tumbling 10s", "tumbling 1m", "sliding 5m every 10s"]
+# The fold is tested on the metric's own rows; the planner in rollup.rs.
+rollups = []
+projections = []
 "#,
             ),
             [],

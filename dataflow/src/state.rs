@@ -333,7 +333,10 @@ impl WindowState {
     pub fn stage(&mut self, c: Contribution) -> Staged {
         let group = self.intern(c.metric, &c.group, c.hash);
         self.group_mut(group).staged += 1;
-        self.dirty_panes.insert((group, c.pane));
+        // Rollups are for history alone: they have no partials.
+        if self.metrics[c.metric as usize].rollup_of.is_none() {
+            self.dirty_panes.insert((group, c.pane));
+        }
         Staged {
             group,
             pane: c.pane,
@@ -486,6 +489,10 @@ mod tests {
             dimensions: vec!["country".into()],
             pane: pane_width(&windows),
             windows,
+            keep: Vec::new(),
+            rollups: Vec::new(),
+            projections: Vec::new(),
+            rollup_of: None,
         };
         WindowState::new(Rc::new(vec![metric]), LATENESS)
     }

@@ -54,11 +54,12 @@ impl AppendError {
 pub trait History: Send + Sync + 'static {
     /// One scan of the stored windows a query needs, folded into `fold`.
     fn scan(&self, fold: Fold) -> BoxFuture<Result<Fold, HistoryError>>;
-    /// The start of the earliest stored window of a version of a metric.
+    /// The start of the earliest stored window of any of `versions` of a
+    /// metric (its own, or its rollups').
     fn since(
         &self,
         metric: String,
-        version: String,
+        versions: Vec<String>,
     ) -> BoxFuture<Result<Option<Millis>, HistoryError>>;
     /// The newest dead letters, newest first.
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>>;
@@ -149,11 +150,11 @@ impl History for EmbeddedStore {
     fn since(
         &self,
         metric: String,
-        version: String,
+        versions: Vec<String>,
     ) -> BoxFuture<Result<Option<Millis>, HistoryError>> {
         let store = Arc::clone(&self.0);
         Box::pin(async move {
-            Ok(tokio::task::spawn_blocking(move || store.since(&metric, &version)).await??)
+            Ok(tokio::task::spawn_blocking(move || store.since(&metric, &versions)).await??)
         })
     }
 
@@ -187,10 +188,10 @@ impl History for ClickHouseHistory {
     fn since(
         &self,
         metric: String,
-        version: String,
+        versions: Vec<String>,
     ) -> BoxFuture<Result<Option<Millis>, HistoryError>> {
         let store = self.0.clone();
-        Box::pin(async move { Ok(store.since(&metric, &version).await?) })
+        Box::pin(async move { Ok(store.since(&metric, &versions).await?) })
     }
 
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>> {

@@ -10,10 +10,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tally_dataflow::config::MetricSpec;
 use tally_dataflow::fingerprint;
-use tally_dataflow::time::{format_rfc3339, Millis};
+use tally_dataflow::rollup;
+use tally_dataflow::time::{format_millis, format_rfc3339, Millis};
 use warp::Reply;
 
 use crate::history::unavailable;
@@ -132,7 +133,13 @@ pub async fn describe(gateway: Arc<Gateway>) -> ApiResult {
         let version = fingerprint::metric(metric);
         let since = gateway
             .history
-            .since(metric.name.clone(), version.clone())
+            .since(
+                metric.name.clone(),
+                rollup::tables(metric)
+                    .iter()
+                    .map(fingerprint::metric)
+                    .collect(),
+            )
             .await
             .map_err(unavailable)?;
         let mut entry = definition(metric);
@@ -155,12 +162,37 @@ pub async fn describe(gateway: Arc<Gateway>) -> ApiResult {
 }
 
 /// What a metric computes, as the catalog shows it.
+///
+/// `keep` says how long each window's results are kept (`null`: for
+/// ever), and `rollups` the tables history may read instead of the
+/// metric's own rows (see `tally_dataflow::rollup`).
 fn definition(metric: &MetricSpec) -> Value {
+    let tables = rollup::tables(metric);
     json!({
         "name": metric.name,
         "aggregate": metric.aggregate.to_string(),
         "field": metric.field.as_ref().map(ToString::to_string),
         "dimensions": metric.dimensions,
         "windows": metric.windows.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "keep": keep(metric),
+        "rollups": tables[1..].iter().map(|t| json!({
+            "dimensions": t.dimensions,
+            "windows": t.windows.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "keep": keep(t),
+            "version": fingerprint::metric(t),
+        })).collect::<Vec<_>>(),
     })
+}
+
+/// Each window's retention, by the window.
+fn keep(metric: &MetricSpec) -> Map<String, Value> {
+    metric
+        .windows
+        .iter()
+        .enumerate()
+        .map(|(w, window)| {
+            let keep = metric.keep(w).map(|k| json!(format_millis(k)));
+            (window.to_string(), keep.unwrap_or(Value::Null))
+        })
+        .collect()
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
+use tally_dataflow::fingerprint;
 use tally_dataflow::query::{Fold, Pass, Query, QueryError};
 use tally_dataflow::time::format_rfc3339;
 use warp::http::StatusCode;
@@ -54,7 +55,10 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
     // zero: the version holds nothing from then, as the answer says.
     let since = gateway
         .history
-        .since(query.metric.clone(), query.version.clone())
+        .since(
+            query.metric.clone(),
+            query.reads.iter().map(|r| r.version.clone()).collect(),
+        )
         .await
         .map_err(unavailable)?;
     let covered = |t: i64| since.is_some_and(|s| t.saturating_add(query.resolution) > s);
@@ -74,11 +78,27 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
         .map(|(k, v)| (k, Value::String(v)))
         .collect();
     let resolution = tally_dataflow::time::format_millis(query.resolution);
+    // The table the planner read, which says what a coarser resolution
+    // than asked came from.
+    let rollup = active
+        .iter()
+        .find(|m| m.name == query.metric)
+        .is_some_and(|m| fingerprint::metric(m) != query.version);
+    gateway
+        .ops
+        .history_read(if rollup { "rollup" } else { "metric" }, answer.rows);
+    let read = json!({
+        "window": query.window.to_string(),
+        "dimensions": query.dimensions,
+        "rollup": rollup,
+        "rows": answer.rows,
+    });
     let body = match query.group_by {
         None => json!({
             "metric": query.metric,
             "dimensions": dimensions,
             "resolution": resolution,
+            "read": read,
             "coverage": coverage,
             "dataPoints": points(&answer.series[0].points),
         }),
@@ -89,6 +109,7 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
             "top": query.top,
             "groups": answer.groups,
             "resolution": resolution,
+            "read": read,
             "coverage": coverage,
             "series": answer.series.iter().map(|s| json!({
                 "group": s.group.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<Map<String, Value>>(),

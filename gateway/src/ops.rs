@@ -63,6 +63,7 @@ pub struct Ops {
     pub ws_slow_dropped: IntCounter,
     ws_refused: IntCounterVec,
     history_refused: IntCounterVec,
+    history_rows: IntCounterVec,
     /// The accept loop's connections and refusals.
     pub connections: Arc<ConnectionMetrics>,
     job: Option<JobMetrics>,
@@ -166,7 +167,11 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 fn labelled(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), &["reason"]).expect("valid metric");
+    labelled_by(registry, name, help, "reason")
+}
+
+fn labelled_by(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
     registry
         .register(Box::new(c.clone()))
         .expect("registered once");
@@ -346,6 +351,13 @@ impl Ops {
             "History queries refused with a 400, by reason: invalid (a parameter is missing, \
              unknown, repeated or malformed), max_points, max_groups.",
         );
+        let history_rows = labelled_by(
+            &registry,
+            "tally_history_rows_read_total",
+            "Stored rows history queries read, by table: metric (every dimension, the \
+             metric's own windows) or rollup (fewer dimensions or a coarser window).",
+            "table",
+        );
         Ops {
             events_accepted: counter(
                 &registry,
@@ -370,6 +382,7 @@ impl Ops {
             ),
             ws_refused,
             history_refused,
+            history_rows,
             connections: Arc::new(ConnectionMetrics::new()),
             registry,
             job,
@@ -391,6 +404,12 @@ impl Ops {
     /// Counts a history query refused for `reason`.
     pub fn history_refused(&self, reason: &str) {
         self.history_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts the rows a history query read from a `table` (`metric` or
+    /// `rollup`).
+    pub fn history_read(&self, table: &str, rows: u64) {
+        self.history_rows.with_label_values(&[table]).inc_by(rows);
     }
 
     /// Marks the node ready (or not) for `/readyz`.

@@ -31,6 +31,7 @@
 //! A failed insert is retried with the same rows until it succeeds; in the
 //! meantime the writer's queue fills and the dataflow stalls behind it.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use clickhouse::{Client, Row};
@@ -44,8 +45,8 @@ use tally_dataflow::query::Fold;
 use tracing::{info, warn};
 
 use super::{
-    join_group, unused_since, versions, Durable, Failing, InUse, StoreWriter, Write, SEP,
-    VERSIONS_EVERY,
+    expired, join_group, metric_versions, unused_since, versions, Durable, Failing, InUse,
+    StoreWriter, Write, RETENTION_EVERY, SEP, VERSIONS_EVERY,
 };
 use crate::retry;
 
@@ -237,7 +238,7 @@ impl ClickHouseStore {
         }
         if !columns("windows_unversioned").await?.is_empty() {
             let (names, versions): (Vec<String>, Vec<String>) =
-                versions(metrics).into_iter().unzip();
+                metric_versions(metrics).into_iter().unzip();
             // Rows of metrics no longer configured get no version ('') and
             // are never read.
             admin
@@ -300,51 +301,70 @@ impl ClickHouseStore {
     /// Folds the stored windows a history query needs into `fold`, as
     /// ClickHouse streams them, until it has them all or has hit a bound.
     pub async fn scan(&self, mut fold: Fold) -> Result<Fold, Error> {
-        let query = fold.query();
-        let mut cursor = self
-            .client
-            .query(
-                "SELECT start, grp, count, sum, sketch FROM windows FINAL
-                 WHERE metric = ? AND version = ? AND window = ? AND start >= ? AND start < ?
-                 ORDER BY start, grp",
-            )
-            .bind(&query.metric)
-            .bind(&query.version)
-            .bind(query.window.to_string())
-            .bind(query.start)
-            .bind(query.end)
-            .fetch::<ScanRow<'_>>()?;
-        while let Some(row) = cursor.next().await? {
-            let sketch = if row.sketch.is_empty() {
-                None
-            } else {
-                Some(
-                    Sketch::from_bytes(row.sketch)
-                        .map_err(|e| Error::Custom(format!("corrupt sketch in the store: {e}")))?,
+        let (metric, reads, end) = {
+            let q = fold.query();
+            (q.metric.clone(), q.reads.clone(), q.end)
+        };
+        // Each read goes on from the end of the last window the one before
+        // it found.
+        let mut from = fold.query().start;
+        for read in reads {
+            let mut cursor = self
+                .client
+                .query(
+                    "SELECT start, grp, count, sum, sketch FROM windows FINAL
+                     WHERE metric = ? AND version = ? AND window = ? AND start >= ? AND start < ?
+                     ORDER BY start, grp",
                 )
-            };
-            let state = AggState::from_parts(row.count, row.sum, sketch);
-            let group: Vec<&str> = row.grp.split(SEP).collect();
-            if fold.add(row.start, &group, &state).is_break() {
-                break;
+                .bind(&metric)
+                .bind(&read.version)
+                .bind(read.window.to_string())
+                .bind(from)
+                .bind(end)
+                .fetch::<ScanRow<'_>>()?;
+            let mut last = None;
+            while let Some(row) = cursor.next().await? {
+                let sketch =
+                    if row.sketch.is_empty() {
+                        None
+                    } else {
+                        Some(Sketch::from_bytes(row.sketch).map_err(|e| {
+                            Error::Custom(format!("corrupt sketch in the store: {e}"))
+                        })?)
+                    };
+                let state = AggState::from_parts(row.count, row.sum, sketch);
+                let group: Vec<&str> = row.grp.split(SEP).collect();
+                last = Some(row.start);
+                if fold.add(row.start, &group, &state).is_break() {
+                    return Ok(fold);
+                }
+            }
+            if let Some(last) = last {
+                from = last + read.window.size();
             }
         }
         Ok(fold)
     }
 
-    /// The start of the earliest stored window of `version` of `metric`:
-    /// from when it holds data.
-    pub async fn since(&self, metric: &str, version: &str) -> Result<Option<i64>, Error> {
+    /// The start of the earliest stored window of any of `versions` of
+    /// `metric`: from when they hold data.
+    pub async fn since(&self, metric: &str, versions: &[String]) -> Result<Option<i64>, Error> {
         // Not min(), which answers 0 over no rows on 18.16.
-        let starts: Vec<i64> = self
+        if versions.is_empty() {
+            return Ok(None);
+        }
+        // A tuple, which 18.16 takes after IN; an array it does not.
+        let listed = vec!["?"; versions.len()].join(", ");
+        let mut query = self
             .client
-            .query(
-                "SELECT start FROM windows WHERE metric = ? AND version = ? ORDER BY start LIMIT 1",
-            )
-            .bind(metric)
-            .bind(version)
-            .fetch_all()
-            .await?;
+            .query(&format!(
+                "SELECT start FROM windows WHERE metric = ? AND version IN ({listed}) ORDER BY start LIMIT 1"
+            ))
+            .bind(metric);
+        for version in versions {
+            query = query.bind(version);
+        }
+        let starts: Vec<i64> = query.fetch_all().await?;
         Ok(starts.first().copied())
     }
 
@@ -566,6 +586,47 @@ async fn retire_versions(
     Ok(())
 }
 
+/// Deletes, by a mutation ClickHouse applies in the background, the
+/// results past their retention, a whole day at a time: a window's cutoff
+/// moves once a day, and `deleted` remembers the cutoff each window was
+/// last deleted to.
+async fn delete_expired(
+    client: &Client,
+    db: &str,
+    metrics: &[MetricSpec],
+    deleted: &mut HashMap<(String, String, String), i64>,
+) -> Result<(), Error> {
+    const DAY: i64 = 86_400_000;
+    for e in expired(metrics, super::now_ms(), DAY) {
+        let key = (e.metric.clone(), e.version.clone(), e.window.clone());
+        if deleted.get(&key) == Some(&e.before) {
+            continue;
+        }
+        let filter = "metric = ? AND version = ? AND window = ? AND start < ?";
+        let rows: u64 = client
+            .query(&format!("SELECT count() FROM {db}.windows WHERE {filter}"))
+            .bind(&e.metric)
+            .bind(&e.version)
+            .bind(&e.window)
+            .bind(e.before)
+            .fetch_one()
+            .await?;
+        if rows > 0 {
+            client
+                .query(&format!("ALTER TABLE {db}.windows DELETE WHERE {filter}"))
+                .bind(&e.metric)
+                .bind(&e.version)
+                .bind(&e.window)
+                .bind(e.before)
+                .execute()
+                .await?;
+            info!(metric = %e.metric, window = %e.window, rows, "deleting results past their retention");
+        }
+        deleted.insert(key, e.before);
+    }
+    Ok(())
+}
+
 /// A metric version, as `versions` holds it.
 #[derive(Row, Deserialize)]
 struct VersionRow {
@@ -587,6 +648,7 @@ fn write_loop(
     let mut batch = Batch::default();
     let mut open = true;
     let mut versions_due = Instant::now() + VERSIONS_EVERY;
+    let (mut retention_due, mut deleted) = (Instant::now(), HashMap::new());
     while open {
         if Instant::now() >= versions_due {
             let metrics = in_use.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -596,8 +658,18 @@ fn write_loop(
             }
             versions_due = Instant::now() + VERSIONS_EVERY;
         }
+        if Instant::now() >= retention_due {
+            let metrics = in_use.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let delete = delete_expired(client, &config.database, &metrics, &mut deleted);
+            if let Err(e) = runtime.block_on(delete) {
+                warn!(error = %e, "cannot delete results past their retention; trying again later");
+            }
+            retention_due = Instant::now() + RETENTION_EVERY;
+        }
         let wait = batch.since.map_or(
-            versions_due.saturating_duration_since(Instant::now()),
+            versions_due
+                .min(retention_due)
+                .saturating_duration_since(Instant::now()),
             |since| config.batch_interval.saturating_sub(since.elapsed()),
         );
         match rx.recv_timeout(wait) {

@@ -15,6 +15,12 @@
 //! back within that time finds its results, and one long gone costs
 //! nothing.
 //!
+//! **Retention.** Each window of a metric and of its rollups keeps its
+//! results for its `keep` ([`MetricSpec::keep`]); older ones are removed in
+//! bulk, a ranged delete at a time in SQLite between the writer's commits,
+//! an `ALTER TABLE … DELETE` a day at a time in ClickHouse, which applies
+//! it in the background. Neither holds up the results being written.
+//!
 //! **Delivery guarantee.** A window result is keyed by (metric, version,
 //! window, start, group) and carries a revision. Writing it replaces a stored row only with
 //! a higher revision (an upsert in SQLite, a `ReplacingMergeTree` versioned by
@@ -45,6 +51,7 @@ use tally_dataflow::fingerprint;
 use tally_dataflow::model::DeadLetter;
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
+use tally_dataflow::rollup;
 use tracing::error;
 
 /// Batches a writer may have queued before sinks must wait.
@@ -289,9 +296,10 @@ impl Sink<DeadLetter> for DeadLetterSink {
 }
 
 /// Each metric's stored name, its version (the fingerprint of its
-/// definition) and its windows' stored specs, by index.
+/// definition) and its windows' stored specs, by index, followed by its
+/// rollups', as the job indexes them ([`rollup::expand`]).
 fn names(metrics: &[MetricSpec]) -> Vec<(String, String, Vec<String>)> {
-    metrics
+    rollup::expand(metrics)
         .iter()
         .map(|m| {
             (
@@ -303,13 +311,58 @@ fn names(metrics: &[MetricSpec]) -> Vec<(String, String, Vec<String>)> {
         .collect()
 }
 
-/// Each metric's stored name and its version, by index.
+/// The stored name and version of each metric and each of its rollups.
 fn versions(metrics: &[MetricSpec]) -> Vec<(String, String)> {
+    rollup::expand(metrics)
+        .iter()
+        .map(|m| (m.name.clone(), fingerprint::metric(m)))
+        .collect()
+}
+
+/// The stored name and version of each metric itself, which results from
+/// before versions take.
+fn metric_versions(metrics: &[MetricSpec]) -> Vec<(String, String)> {
     metrics
         .iter()
         .map(|m| (m.name.clone(), fingerprint::metric(m)))
         .collect()
 }
+
+/// The stored rows of one window of one table that its retention no
+/// longer keeps: those that start before `before`.
+#[derive(Clone, Debug, PartialEq)]
+struct Expired {
+    metric: String,
+    version: String,
+    window: String,
+    /// The width of the window.
+    size: i64,
+    before: i64,
+}
+
+/// What the retention of each window of `metrics` and their rollups
+/// removes at `now`, with `before` rounded down to a whole `unit`.
+fn expired(metrics: &[MetricSpec], now: i64, unit: i64) -> Vec<Expired> {
+    let mut expired = Vec::new();
+    for table in rollup::expand(metrics) {
+        let version = fingerprint::metric(&table);
+        for (w, window) in table.windows.iter().enumerate() {
+            if let Some(keep) = table.keep(w) {
+                expired.push(Expired {
+                    metric: table.name.clone(),
+                    version: version.clone(),
+                    window: window.to_string(),
+                    size: window.size(),
+                    before: (now.saturating_sub(keep)).div_euclid(unit) * unit,
+                });
+            }
+        }
+    }
+    expired
+}
+
+/// How often a store looks for results past their retention.
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The time before which a version must last have been in use for its
 /// results to be deleted, `keep_old` before `now`.

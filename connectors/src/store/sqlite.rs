@@ -13,8 +13,8 @@ use tally_dataflow::query::Fold;
 use tracing::{info, warn};
 
 use super::{
-    join_group, now_ms, unused_since, versions, Durable, Failing, InUse, StoreWriter, Write, SEP,
-    VERSIONS_EVERY,
+    expired, join_group, metric_versions, now_ms, unused_since, versions, Durable, Failing, InUse,
+    StoreWriter, Write, RETENTION_EVERY, SEP, VERSIONS_EVERY,
 };
 use crate::retry;
 
@@ -129,41 +129,63 @@ impl SqliteStore {
                  WHERE metric = ?1 AND version = ?2 AND window = ?3 AND start >= ?4 AND start < ?5
                  ORDER BY start, grp",
             )?;
-            let query = fold.query();
-            let mut rows = stmt.query(params![
-                query.metric,
-                query.version,
-                query.window.to_string(),
-                query.start,
-                query.end
-            ])?;
-            while let Some(row) = rows.next()? {
-                let sketch = row
-                    .get_ref(4)?
-                    .as_blob_or_null()
-                    .map_err(rusqlite::Error::from)?
-                    .map(Sketch::from_bytes)
-                    .transpose()
-                    .map_err(StoreError::CorruptSketch)?;
-                let state = AggState::from_parts(row.get::<_, i64>(2)? as u64, row.get(3)?, sketch);
-                let grp = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
-                let group: Vec<&str> = grp.split(SEP).collect();
-                if fold.add(row.get(0)?, &group, &state).is_break() {
-                    break;
+            let (metric, reads, end) = {
+                let q = fold.query();
+                (q.metric.clone(), q.reads.clone(), q.end)
+            };
+            // Each read goes on from the end of the last window the one
+            // before it found.
+            let mut from = fold.query().start;
+            for read in reads {
+                let mut rows = stmt.query(params![
+                    metric,
+                    read.version,
+                    read.window.to_string(),
+                    from,
+                    end
+                ])?;
+                let mut last = None;
+                while let Some(row) = rows.next()? {
+                    let sketch = row
+                        .get_ref(4)?
+                        .as_blob_or_null()
+                        .map_err(rusqlite::Error::from)?
+                        .map(Sketch::from_bytes)
+                        .transpose()
+                        .map_err(StoreError::CorruptSketch)?;
+                    let state =
+                        AggState::from_parts(row.get::<_, i64>(2)? as u64, row.get(3)?, sketch);
+                    let grp = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+                    let group: Vec<&str> = grp.split(SEP).collect();
+                    let start: i64 = row.get(0)?;
+                    last = Some(start);
+                    if fold.add(start, &group, &state).is_break() {
+                        return Ok(());
+                    }
+                }
+                if let Some(last) = last {
+                    from = last + read.window.size();
                 }
             }
             Ok(())
         })
     }
 
-    /// The start of the earliest stored window of `version` of `metric`:
-    /// from when it holds data. Blocking, as [`SqliteStore::scan`].
-    pub fn since(&self, metric: &str, version: &str) -> Result<Option<i64>, StoreError> {
+    /// The start of the earliest stored window of any of `versions` of
+    /// `metric`: from when they hold data. Blocking, as
+    /// [`SqliteStore::scan`].
+    pub fn since(&self, metric: &str, versions: &[String]) -> Result<Option<i64>, StoreError> {
         self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT min(start) FROM windows WHERE metric = ?1 AND version = ?2",
             )?;
-            Ok(stmt.query_row(params![metric, version], |row| row.get(0))?)
+            let mut since: Option<i64> = None;
+            for version in versions {
+                let first: Option<i64> =
+                    stmt.query_row(params![metric, version], |row| row.get(0))?;
+                since = since.into_iter().chain(first).min();
+            }
+            Ok(since)
         })
     }
 
@@ -222,7 +244,7 @@ fn add_versions(conn: &mut Connection, metrics: &[MetricSpec]) -> Result<(), rus
         "ALTER TABLE windows RENAME TO windows_unversioned;
          CREATE TEMP TABLE configured (metric TEXT PRIMARY KEY, version TEXT NOT NULL);",
     )?;
-    for (metric, version) in versions(metrics) {
+    for (metric, version) in metric_versions(metrics) {
         tx.execute(
             "INSERT OR REPLACE INTO temp.configured VALUES (?1, ?2)",
             params![metric, version],
@@ -288,6 +310,41 @@ fn retire_versions(
     tx.commit()
 }
 
+/// Windows a chunk of retention deletes at most: about 25,000 rows for a
+/// metric of 250 groups, a few tens of milliseconds of the writer's time.
+const RETENTION_CHUNK: i64 = 100;
+
+/// Deletes one chunk of the results past their retention: the oldest
+/// [`RETENTION_CHUNK`] windows of the first window that has any. Returns
+/// whether there may be more.
+fn delete_expired(conn: &mut Connection, metrics: &[MetricSpec]) -> Result<bool, rusqlite::Error> {
+    for e in expired(metrics, now_ms(), 1) {
+        let oldest: Option<i64> = conn
+            .prepare_cached(
+                "SELECT min(start) FROM windows WHERE metric = ?1 AND version = ?2 AND window = ?3",
+            )?
+            .query_row(params![e.metric, e.version, e.window], |row| row.get(0))?;
+        let Some(oldest) = oldest.filter(|&o| o < e.before) else {
+            continue;
+        };
+        let until = e
+            .before
+            .min(oldest.saturating_add(RETENTION_CHUNK * e.size));
+        let rows = conn.prepare_cached(
+            "DELETE FROM windows WHERE metric = ?1 AND version = ?2 AND window = ?3 AND start >= ?4 AND start < ?5",
+        )?
+        .execute(params![e.metric, e.version, e.window, oldest, until])?;
+        tracing::debug!(
+            metric = e.metric,
+            window = e.window,
+            rows,
+            "deleted results past their retention"
+        );
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 fn write_loop(
     mut conn: Connection,
     rx: Receiver<Write>,
@@ -296,27 +353,43 @@ fn write_loop(
     failing: &Failing,
 ) {
     let mut versions_due = Instant::now() + VERSIONS_EVERY;
+    let mut retention_due = Instant::now();
     loop {
-        let first = match rx.recv_deadline(versions_due) {
-            Ok(first) => first,
-            Err(RecvTimeoutError::Timeout) => {
-                let metrics = in_use.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                if let Err(e) = retire_versions(&mut conn, &metrics, keep_old) {
-                    warn!(error = %e, "cannot date or delete metric versions; trying again later");
-                }
-                versions_due = Instant::now() + VERSIONS_EVERY;
-                continue;
+        match rx.recv_deadline(versions_due.min(retention_due)) {
+            Ok(first) => {
+                // Commit everything queued in one transaction.
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter());
+                let rows = retry::blocking("write results to SQLite", || {
+                    failing.note(commit(&mut conn, &batch))
+                });
+                tracing::trace!(rows, "committed results");
+                Durable::committed(&batch);
             }
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
-        };
-        // Commit everything queued in one transaction.
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
-        let rows = retry::blocking("write results to SQLite", || {
-            failing.note(commit(&mut conn, &batch))
-        });
-        tracing::trace!(rows, "committed results");
-        Durable::committed(&batch);
+        }
+        // Housekeeping runs between commits, however busy the writer is.
+        let now = Instant::now();
+        if now >= versions_due {
+            let metrics = in_use.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Err(e) = retire_versions(&mut conn, &metrics, keep_old) {
+                warn!(error = %e, "cannot date or delete metric versions; trying again later");
+            }
+            versions_due = now + VERSIONS_EVERY;
+        }
+        if now >= retention_due {
+            let metrics = in_use.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            retention_due = match delete_expired(&mut conn, &metrics) {
+                // More to delete: the next chunk after the next commit.
+                Ok(true) => now,
+                Ok(false) => now + RETENTION_EVERY,
+                Err(e) => {
+                    warn!(error = %e, "cannot delete results past their retention; trying again later");
+                    now + RETENTION_EVERY
+                }
+            };
+        }
     }
     info!("store writer stopped");
 }
@@ -394,7 +467,10 @@ mod tests {
 [[metric]]
 name = "ad_clicks"
 dimensions = ["campaignId", "country"]
-windows = ["tumbling 10s"]
+# The store's own rows, kept for ever: these tests write windows of 1970.
+windows = ["tumbling 10s keep forever"]
+rollups = []
+projections = []
 "#,
             ),
             [],
@@ -500,7 +576,7 @@ windows = ["tumbling 10s"]
         assert_eq!(counts(&store, &config, &[]), [(vec![], Some(4.0))]);
         // Another definition of the metric does not read them.
         let changed = Config::load(
-            Some("[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"campaignId\", \"country\"]\nwindows = [\"tumbling 10s\", \"tumbling 1m\"]\n"),
+            Some("[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"campaignId\", \"country\"]\nwindows = [\"tumbling 10s keep forever\", \"tumbling 1m\"]\nrollups = []\nprojections = []\n"),
             [],
         )
         .unwrap();
@@ -525,7 +601,7 @@ windows = ["tumbling 10s"]
         assert_eq!(counts(&store, &config, &[]), [(vec![], Some(2.0))]);
         // Another definition, opened with a week to keep: the old one stays.
         let changed = Config::load(
-            Some("[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"country\"]\nwindows = [\"tumbling 10s\"]\n"),
+            Some("[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"country\"]\nwindows = [\"tumbling 10s keep forever\"]\nrollups = []\nprojections = []\n"),
             [],
         )
         .unwrap();
@@ -538,5 +614,43 @@ windows = ["tumbling 10s"]
             SqliteStore::open(&path, changed.metrics.clone(), Duration::ZERO).unwrap();
         writer.close();
         assert_eq!(counts(&store, &config, &[]), [(vec![], Some(0.0))]);
+    }
+
+    #[test]
+    fn results_past_their_retention_are_deleted_a_chunk_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.db");
+        let config = Config::load(
+            Some("[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"campaignId\", \"country\"]\nwindows = [\"tumbling 10s keep 1d\"]\nrollups = []\nprojections = []\n"),
+            [],
+        )
+        .unwrap();
+        let now = now_ms() / 10_000 * 10_000;
+        let day = 86_400_000;
+        // 250 old windows, more than one chunk, and one that is kept.
+        let mut batch: Vec<_> = (0..250)
+            .map(|i| Arc::new(update(now - 2 * day + i * 10_000, "US", 1, 0)))
+            .collect();
+        batch.push(Arc::new(update(now - 3_600_000, "US", 1, 0)));
+        let (_, writer) = SqliteStore::open(&path, config.metrics.clone(), WEEK).unwrap();
+        let mut sink = writer.sinks(&config.metrics, 1, false).windows.remove(0);
+        sink.offer(&mut batch);
+        drop(sink);
+        writer.close();
+        let rows = || -> i64 {
+            Connection::open(&path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM windows", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(rows(), 251, "the writer wrote every row");
+        // A writer deletes at start, a chunk between commits.
+        let (_, writer) = SqliteStore::open(&path, config.metrics.clone(), WEEK).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rows() > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        writer.close();
+        assert_eq!(rows(), 1, "only the window within a day is left");
     }
 }

@@ -96,6 +96,7 @@ pub fn log_source<'scope, S: BatchSource>(
         .map(|c| (c.partition, c.watermark))
         .collect();
     let worker = scope.index();
+    let derived = Derived::new(&metrics);
     source(scope, "LogSource", move |capability, info| {
         let activator = scope.activator_for(Rc::clone(&info.address));
         let sync = scope.worker().sync_activator_for(info.address.to_vec());
@@ -162,8 +163,13 @@ pub fn log_source<'scope, S: BatchSource>(
                     continue;
                 };
                 let stamp = clock.watermark.unwrap_or(0).max(*cap.time());
-                let (records, newest) =
-                    fold_batch(&batch, &metrics, stamp as Millis, settings.allowed_lateness);
+                let (records, newest) = fold_batch(
+                    &batch,
+                    &metrics,
+                    &derived,
+                    stamp as Millis,
+                    settings.allowed_lateness,
+                );
                 dead += records.iter().filter(|r| r.is_err()).count();
                 if !records.is_empty() {
                     let time = cap.delayed(&stamp);
@@ -216,6 +222,7 @@ pub fn log_source<'scope, S: BatchSource>(
 pub fn fold_batch(
     batch: &SourceBatch,
     metrics: &[MetricSpec],
+    derived: &Derived,
     watermark: Millis,
     allowed_lateness: Millis,
 ) -> (Vec<SourceRecord>, Option<Millis>) {
@@ -277,6 +284,7 @@ pub fn fold_batch(
         }
         fold_event(&event, timestamp, metrics, &mut folded);
     }
+    derived.fold(metrics, &mut folded);
     let mut contributions: Vec<_> = folded.into_iter().collect();
     contributions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     out.extend(
@@ -307,7 +315,7 @@ pub fn fold_event(
     folded: &mut HashMap<(u16, Millis, Group), AggState>,
 ) {
     for (index, metric) in metrics.iter().enumerate() {
-        if !metric.accepts(&event.event_type) {
+        if metric.rollup_of.is_some() || !metric.accepts(&event.event_type) {
             continue;
         }
         let group: Group = metric
@@ -320,5 +328,49 @@ pub fn fold_event(
             .entry((index as u16, pane, group))
             .or_default()
             .observe(metric.aggregate, metric.field.as_ref(), event);
+    }
+}
+
+/// How each metric's tables ([`crate::rollup`]) are made of its batch: per
+/// metric, each table's index and the places of its dimensions in the
+/// metric's group.
+pub struct Derived(Vec<Vec<(u16, Vec<usize>)>>);
+
+impl Derived {
+    /// The tables among `metrics`, by the metric they are of.
+    pub fn new(metrics: &[MetricSpec]) -> Derived {
+        let mut derived = vec![Vec::new(); metrics.len()];
+        for (index, table) in metrics.iter().enumerate() {
+            let Some(of) = table.rollup_of else { continue };
+            let metric = &metrics[of as usize];
+            let places = table
+                .dimensions
+                .iter()
+                .filter_map(|d| metric.dimensions.iter().position(|m| m == d))
+                .collect();
+            derived[of as usize].push((index as u16, places));
+        }
+        Derived(derived)
+    }
+
+    /// Adds to `folded` the tables' contributions, from their metrics'.
+    /// A table's panes are whole numbers of its metric's, so each of the
+    /// metric's panes lies in one of the table's.
+    fn fold(&self, metrics: &[MetricSpec], folded: &mut HashMap<(u16, Millis, Group), AggState>) {
+        if self.0.iter().all(Vec::is_empty) {
+            return;
+        }
+        let mut tables: HashMap<(u16, Millis, Group), AggState> = HashMap::default();
+        for ((metric, pane, group), state) in folded.iter() {
+            for (table, places) in &self.0[*metric as usize] {
+                let projected = places.iter().map(|&p| group[p].clone()).collect();
+                let pane = align(*pane, metrics[*table as usize].pane);
+                tables
+                    .entry((*table, pane, projected))
+                    .or_default()
+                    .merge(state);
+            }
+        }
+        folded.extend(tables);
     }
 }
