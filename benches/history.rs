@@ -1,156 +1,527 @@
-//! (d) History queries on the SQLite store: a day of one-minute windows for
-//! 252 groups, queried at one-hour resolution through the same code as
-//! `GET /v1/metrics`, against SQLite summing the same rows by itself.
+//! (d) History queries: 30 days of 12 campaigns x 7 countries x 3 devices
+//! (252 groups) for a count and a `uniq` metric, the last day in one-minute
+//! windows, stored with the rollups the job keeps, and queried through the
+//! same code as `GET /v1/metrics`: p50 and p99 of 50 queries each, on SQLite
+//! and, with `CLICKHOUSE_URL` set, on ClickHouse.
+//!
+//! Baselines in the same run: the store summing, by itself, the rows the
+//! plan reads; and DuckDB (from PyPI, in a virtualenv under `target/`)
+//! answering the same day's queries by scanning its raw events, stored as
+//! Parquet.
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
 use rusqlite::Connection;
+use tally_connectors::store::clickhouse::ClickHouseStore;
 use tally_connectors::store::sqlite::SqliteStore;
-use tally_dataflow::aggregate::{AggState, Sketch};
+use tally_connectors::store::StoreWriter;
+use tally_dataflow::aggregate::{AggState, AggregateKind, Sketch};
+use tally_dataflow::config::Config;
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
 use tally_dataflow::query::{Fold, Pass, Query};
+use tally_dataflow::rollup;
 use tally_dataflow::window::Span;
 
 use crate::support::default_config;
 
-const DAY_START: i64 = 1_780_790_400_000;
-const MINUTES: i64 = 24 * 60;
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 60 * MINUTE;
+const DAY: i64 = 24 * HOUR;
+const DAYS: i64 = 30;
+const RUNS: usize = 50;
+const COUNTRIES: [&str; 7] = ["US", "GB", "DE", "FR", "IN", "BR", "JP"];
+const DEVICES: [&str; 3] = ["MOBILE", "DESKTOP", "TABLET"];
+
+/// The stored windows of one group, at one width: (start, group, clicks, users).
+type Cells = Vec<(i64, usize, u64, Sketch)>;
 
 pub fn run() {
     let config = default_config();
+    let now = now_ms();
+    // The last whole day, and 29 before it.
+    let last_day = now.div_euclid(DAY) * DAY - DAY;
+    let first_day = last_day - (DAYS - 1) * DAY;
+    let groups = groups();
+    let (minutes, hours) = cells(&groups, first_day, last_day);
+    let updates = updates(&config, &groups, &minutes, &hours);
+    let events: u64 = minutes.iter().map(|c| c.2).sum();
+    println!(
+        "(d) history queries: {DAYS} days of 252 groups, the last in 1 m windows ({} stored rows with rollups; \
+         the day holds {events} events); p50 / p99 of {RUNS}",
+        updates.len()
+    );
+
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("results.db");
     let (store, writer) =
         SqliteStore::open(&path, config.metrics.clone(), config.backfill.keep_old).unwrap();
-    let (ad_clicks, unique_users) = (index(&config, "ad_clicks"), index(&config, "unique_users"));
-    let one_minute = |m: usize| {
-        config.metrics[m]
-            .windows
-            .iter()
-            .position(|w| w.to_string() == "tumbling 1m")
-            .unwrap() as u8
-    };
-    let mut sink = writer.sinks(&config.metrics, 1, false).windows.remove(0);
+    let updates_len = updates.len();
+    write(&config, writer, updates.clone());
+    let queries = queries(last_day);
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    let bytes = std::fs::metadata(&path).unwrap().len();
+    let sketched: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM windows WHERE sketch IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    println!(
+        "  SQLite: {:.1} MB on disk, {:.0} bytes per row ({sketched} of the rows hold a sketch)",
+        bytes as f64 / 1e6,
+        bytes as f64 / updates_len as f64
+    );
+    for (label, params) in &queries {
+        let query = parse(&config, params, now);
+        let times = timed(|| {
+            let mut fold = Fold::new(query.clone());
+            loop {
+                store.scan(&mut fold).unwrap();
+                match fold.finish().unwrap() {
+                    Pass::Done(answer) => break answer.rows,
+                    Pass::Again(again) => fold = *again,
+                }
+            }
+        });
+        let baseline = timed(|| own_sum(&conn, &query));
+        report(label, &times, &baseline);
+    }
+
+    if let Ok(url) = std::env::var("CLICKHOUSE_URL") {
+        clickhouse(&config, &url, updates, &queries, now);
+    } else {
+        println!("  ClickHouse: set CLICKHOUSE_URL (scripts/services.sh start) to measure it");
+    }
+    duckdb(dir.path(), &minutes, &groups, last_day);
+}
+
+/// (campaign, country, device) of every group.
+fn groups() -> Vec<[String; 3]> {
+    let mut groups = Vec::new();
+    for campaign in 0..12 {
+        for country in COUNTRIES {
+            for device in DEVICES {
+                groups.push([
+                    format!("camp_{}", 1000 + campaign),
+                    country.to_string(),
+                    device.to_string(),
+                ]);
+            }
+        }
+    }
+    groups
+}
+
+/// Each group's minutes of the last day, and its hours of the days before.
+fn cells(groups: &[[String; 3]], first_day: i64, last_day: i64) -> (Cells, Cells) {
     let mut rng = fastrand::Rng::with_seed(4);
-    let mut rows = 0;
-    for minute in 0..MINUTES {
-        let mut batch = Vec::new();
-        for campaign in 0..12 {
-            for country in ["US", "GB", "DE", "FR", "IN", "BR", "JP"] {
-                for device in ["MOBILE", "DESKTOP", "TABLET"] {
-                    let group = vec![
-                        format!("camp_{}", 1000 + campaign),
-                        country.to_string(),
-                        device.to_string(),
-                    ];
-                    let span = Span {
-                        start: DAY_START + minute * 60_000,
-                        end: DAY_START + (minute + 1) * 60_000,
-                    };
-                    let count = rng.u64(1..50);
-                    let mut sketch = Sketch::new();
-                    for _ in 0..count {
-                        let mut one = AggState::default();
-                        one.observe(
-                            tally_dataflow::aggregate::AggregateKind::Uniq,
-                            config.metrics[unique_users].field.as_ref(),
-                            &user(rng.u32(..5000)),
-                        );
-                        sketch.merge(one.sketch.as_ref().unwrap());
-                    }
-                    for (metric, state) in [
-                        (
-                            ad_clicks,
-                            AggState {
-                                count,
-                                ..Default::default()
-                            },
-                        ),
-                        (
-                            unique_users,
-                            AggState {
-                                count,
-                                sum: 0,
-                                sketch: Some(sketch.clone()),
-                            },
-                        ),
-                    ] {
-                        batch.push(Arc::new(WindowUpdate {
-                            metric: metric as u16,
-                            window: one_minute(metric),
-                            span,
-                            group: group.clone(),
-                            state,
-                            revision: 0,
-                            is_final: true,
-                        }));
-                        rows += 1;
+    let users = |n: u64, rng: &mut fastrand::Rng| {
+        let mut state = AggState::default();
+        let field = tally_dataflow::aggregate::Field::parse("dimensions.userId").unwrap();
+        for _ in 0..n {
+            state.observe(AggregateKind::Uniq, Some(&field), &user(rng.u32(..5000)));
+        }
+        state.sketch.unwrap_or_default()
+    };
+    let mut minutes = Vec::new();
+    for minute in 0..DAY / MINUTE {
+        for g in 0..groups.len() {
+            let count = rng.u64(1..50);
+            let sketch = users(count, &mut rng);
+            minutes.push((last_day + minute * MINUTE, g, count, sketch));
+        }
+    }
+    let mut hours = Vec::new();
+    for hour in 0..(last_day - first_day) / HOUR {
+        for g in 0..groups.len() {
+            let sketch = users(50, &mut rng);
+            hours.push((first_day + hour * HOUR, g, rng.u64(60..3000), sketch));
+        }
+    }
+    (minutes, hours)
+}
+
+/// The final windows the job would store for the cells: `ad_clicks` and
+/// `unique_users`, and every table of theirs at 1 m, 1 h and 1 d.
+fn updates(
+    config: &Config,
+    groups: &[[String; 3]],
+    minutes: &Cells,
+    hours: &Cells,
+) -> Vec<Arc<WindowUpdate>> {
+    let tables = rollup::expand(&config.metrics);
+    let metric = |name: &str| config.metrics.iter().position(|m| m.name == name).unwrap();
+    let (clicks, users) = (metric("ad_clicks"), metric("unique_users"));
+    let mut out = Vec::new();
+    for (t, table) in tables.iter().enumerate() {
+        let of = table.rollup_of.map_or(t, usize::from);
+        if of != clicks && of != users {
+            continue;
+        }
+        let places: Vec<usize> = table
+            .dimensions
+            .iter()
+            .map(|d| tables[of].dimensions.iter().position(|p| p == d).unwrap())
+            .collect();
+        for (w, window) in table.windows.iter().enumerate() {
+            let size = window.size();
+            if !window.is_tumbling() || ![MINUTE, HOUR, DAY].contains(&size) {
+                continue;
+            }
+            let sources = minutes.iter().chain(hours.iter().filter(|_| size > MINUTE));
+            let mut folded: HashMap<(i64, Vec<String>), AggState> = HashMap::new();
+            for (start, g, count, sketch) in sources {
+                let group = places.iter().map(|&p| groups[*g][p].clone()).collect();
+                let state = folded
+                    .entry((start.div_euclid(size) * size, group))
+                    .or_default();
+                state.count += count;
+                if of == users {
+                    match &mut state.sketch {
+                        Some(s) => s.merge(sketch),
+                        None => state.sketch = Some(sketch.clone()),
                     }
                 }
             }
+            out.extend(folded.into_iter().map(|((start, group), state)| {
+                Arc::new(WindowUpdate {
+                    metric: t as u16,
+                    window: w as u8,
+                    span: Span {
+                        start,
+                        end: start + size,
+                    },
+                    group,
+                    state,
+                    revision: 0,
+                    is_final: true,
+                })
+            }));
         }
+    }
+    out
+}
+
+fn write(config: &Config, writer: StoreWriter, updates: Vec<Arc<WindowUpdate>>) {
+    let mut sink = writer.sinks(&config.metrics, 1, false).windows.remove(0);
+    for chunk in updates.chunks(10_000) {
+        let mut batch = chunk.to_vec();
         while !batch.is_empty() {
             sink.offer(&mut batch);
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
     drop(sink);
     writer.close();
+}
 
-    let params = |extra: &str, metric: &str| -> Vec<(String, String)> {
-        let q = format!(
-            "metric={metric}&start={}&end={}&resolution=1h{extra}",
-            DAY_START / 1000,
-            (DAY_START + MINUTES * 60_000) / 1000
-        );
-        serde_urlencoded::from_str(&q).unwrap()
-    };
-    println!("(d) history queries, SQLite, a day of 1 m windows for 252 groups ({rows} rows), answered at 1 h resolution, median of 5");
-    let conn = Connection::open(&path).unwrap();
-    let baseline = median(|| {
-        let _: (i64, i64) = conn
-            .query_row(
-                "SELECT count(*), sum(count) FROM windows WHERE metric = 'ad_clicks' AND window = 'tumbling 1m' AND start >= ?1 AND start < ?2",
-                [DAY_START, DAY_START + MINUTES * 60_000],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
-    });
-    println!("    baseline, SQLite sums the same rows itself:        {baseline:>7.1} ms");
-    for (label, metric, extra) in [
-        ("ad_clicks, all groups", "ad_clicks", ""),
+/// What a dashboard asks: the day by minute, a week by hour, 30 days by day.
+fn queries(last_day: i64) -> Vec<(&'static str, String)> {
+    let range = |start: i64, end: i64| format!("start={}&end={}", start / 1000, end / 1000);
+    let day = range(last_day, last_day + DAY);
+    let week = range(last_day + DAY - 7 * DAY, last_day + DAY);
+    let month = range(last_day + DAY - DAYS * DAY, last_day + DAY);
+    [
         (
-            "ad_clicks, campaignId filter",
-            "ad_clicks",
-            "&campaignId=camp_1003",
+            "a day at 1 m, all groups",
+            format!("metric=ad_clicks&resolution=1m&{day}"),
         ),
         (
-            "ad_clicks, groupBy country",
-            "ad_clicks",
-            "&groupBy=country",
+            "a day at 1 m, campaignId filter",
+            format!("metric=ad_clicks&resolution=1m&campaignId=camp_1003&{day}"),
         ),
-        ("unique_users (HLL merge), all groups", "unique_users", ""),
-    ] {
-        let query =
-            Query::parse(&params(extra, metric), &config.metrics, &config.history, 0).unwrap();
-        let ms = median(|| {
-            let mut fold = Fold::new(query.clone());
-            store.scan(&mut fold).unwrap();
-            let Ok(Pass::Done(answer)) = fold.finish() else {
-                panic!("a day of 24 buckets takes one scan");
-            };
-            assert_eq!(answer.series[0].points.len(), 24);
+        (
+            "a day at 1 m, groupBy country",
+            format!("metric=ad_clicks&resolution=1m&groupBy=country&{day}"),
+        ),
+        (
+            "a day at 1 m, uniq (HLL merge)",
+            format!("metric=unique_users&resolution=1m&{day}"),
+        ),
+        (
+            "a week at 1 h, all groups",
+            format!("metric=ad_clicks&resolution=1h&{week}"),
+        ),
+        (
+            "a week at 1 h, groupBy country",
+            format!("metric=ad_clicks&resolution=1h&groupBy=country&{week}"),
+        ),
+        (
+            "30 days at 1 d, all groups",
+            format!("metric=ad_clicks&resolution=1d&{month}"),
+        ),
+        (
+            "30 days at 1 d, uniq (HLL merge)",
+            format!("metric=unique_users&resolution=1d&{month}"),
+        ),
+    ]
+    .into_iter()
+    .collect()
+}
+
+fn parse(config: &Config, params: &str, now: i64) -> Query {
+    let params: Vec<(String, String)> = serde_urlencoded::from_str(params).unwrap();
+    Query::parse(&params, &config.metrics, &config.history, now).unwrap()
+}
+
+/// SQLite summing the rows of the plan's first read by itself.
+fn own_sum(conn: &Connection, query: &Query) -> u64 {
+    let read = &query.reads[0];
+    let (rows, _): (i64, Option<i64>) = conn
+        .prepare_cached(
+            "SELECT count(*), sum(count) FROM windows
+             WHERE metric = ?1 AND version = ?2 AND window = ?3 AND start >= ?4 AND start < ?5",
+        )
+        .unwrap()
+        .query_row(
+            rusqlite::params![
+                query.metric,
+                read.version,
+                read.window.to_string(),
+                query.start,
+                query.end
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    rows as u64
+}
+
+fn clickhouse(
+    config: &Config,
+    url: &str,
+    updates: Vec<Arc<WindowUpdate>>,
+    queries: &[(&str, String)],
+    now: i64,
+) {
+    let mut settings = config.clickhouse.clone();
+    settings.url = url.to_string();
+    settings.database = format!("bench_history_{:08x}", fastrand::u32(..));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = ClickHouseStore::new(&settings);
+    runtime.block_on(store.prepare(&config.metrics, config.backfill.keep_old));
+    let writer = store
+        .writer(config.metrics.clone(), config.backfill.keep_old)
+        .unwrap();
+    write(config, writer, updates);
+    println!("  ClickHouse ({url}, database {})", settings.database);
+    let db = settings.database.clone();
+    ch(url, &format!("OPTIMIZE TABLE {db}.windows FINAL"));
+    for (label, params) in queries {
+        let query = parse(config, params, now);
+        let times = timed(|| {
+            runtime.block_on(async {
+                let mut fold = Fold::new(query.clone());
+                loop {
+                    fold = store.scan(fold).await.unwrap();
+                    match fold.finish().unwrap() {
+                        Pass::Done(answer) => break answer.rows,
+                        Pass::Again(again) => fold = *again,
+                    }
+                }
+            })
         });
+        let read = &query.reads[0];
+        let sum = format!(
+            "SELECT count(), sum(count) FROM {db}.windows FINAL WHERE metric = '{}' AND version = '{}' \
+             AND window = '{}' AND start >= {} AND start < {}",
+            query.metric, read.version, read.window, query.start, query.end
+        );
+        let baseline = timed(|| {
+            ch(url, &sum);
+            0
+        });
+        report(label, &times, &baseline);
+        let only = query.only_group().map_or(String::new(), |g| {
+            format!(" AND grp = '{}'", g.join("\u{1f}"))
+        });
+        let fetch = format!(
+            "SELECT start, grp, count, sum, sketch FROM {db}.windows FINAL WHERE metric = '{}' \
+             AND version = '{}' AND window = '{}' AND start >= {} AND start < {}{only} \
+             ORDER BY start, grp FORMAT RowBinary",
+            query.metric, read.version, read.window, query.start, query.end
+        );
+        let fetched = timed(|| ch(url, &fetch).len() as u64);
         println!(
-            "    {label:<38} {ms:>7.1} ms  ({:.1}x the baseline)",
-            ms / baseline
+            "      the same rows fetched raw: p50 {:>6.1} ms, {} bytes",
+            percentile(&fetched.0, 0.5),
+            fetched.1
+        );
+    }
+    ch(url, &format!("DROP DATABASE {db}"));
+}
+
+/// DuckDB over the last day's raw events: the cells expanded into one row
+/// per event, written as Parquet, then each query of the day as SQL.
+fn duckdb(dir: &Path, minutes: &Cells, groups: &[[String; 3]], last_day: i64) {
+    let Some(python) = duckdb_python() else {
+        println!("  DuckDB: not measured (python3 -m venv and pip install duckdb failed)");
+        return;
+    };
+    let cells = dir.join("cells.csv");
+    let mut csv = String::from("start,campaign,country,device,count\n");
+    for (start, g, count, _) in minutes {
+        let [campaign, country, device] = &groups[*g];
+        csv.push_str(&format!("{start},{campaign},{country},{device},{count}\n"));
+    }
+    std::fs::write(&cells, csv).unwrap();
+    let script = format!(
+        r#"
+import duckdb, json, time
+con = duckdb.connect()
+con.execute("""COPY (
+    SELECT make_timestamp(CAST((start + floor(random() * 60000)) * 1000 AS BIGINT)) AS ts,
+           campaign, country, device, 'usr_' || CAST(floor(random() * 5000) AS INT) AS user_id
+    FROM read_csv_auto('{cells}'), range(count)
+    ORDER BY ts) TO '{parquet}' (FORMAT PARQUET)""")
+events = con.execute("SELECT count(*) FROM '{parquet}'").fetchone()[0]
+day = "ts >= make_timestamp({start} * 1000) AND ts < make_timestamp({end} * 1000)"
+bucket = "time_bucket(INTERVAL 1 minute, ts)"
+queries = [
+    f"SELECT {{bucket}} b, count(*) FROM '{parquet}' WHERE {{day}} GROUP BY b",
+    f"SELECT {{bucket}} b, count(*) FROM '{parquet}' WHERE {{day}} AND campaign = 'camp_1003' GROUP BY b",
+    f"SELECT {{bucket}} b, country, count(*) FROM '{parquet}' WHERE {{day}} GROUP BY b, country",
+    f"SELECT {{bucket}} b, approx_count_distinct(user_id) FROM '{parquet}' WHERE {{day}} GROUP BY b",
+]
+out = []
+for q in queries:
+    times = []
+    for _ in range({runs}):
+        t = time.perf_counter()
+        con.execute(q).fetchall()
+        times.append((time.perf_counter() - t) * 1000)
+    out.append(sorted(times))
+print(json.dumps({{"events": events, "times": out}}))
+"#,
+        cells = cells.display(),
+        parquet = dir.join("events.parquet").display(),
+        start = last_day,
+        end = last_day + DAY,
+        runs = RUNS,
+    );
+    let output = Command::new(python).arg("-c").arg(script).output().unwrap();
+    if !output.status.success() {
+        println!(
+            "  DuckDB failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return;
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let Some(result) = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    else {
+        println!("  DuckDB answered no figures: {stdout}");
+        return;
+    };
+    println!(
+        "  DuckDB {}, the day's {} raw events as Parquet (2 threads)",
+        duckdb_version(),
+        result["events"]
+    );
+    let labels = [
+        "a day at 1 m, all groups",
+        "a day at 1 m, campaignId filter",
+        "a day at 1 m, groupBy country",
+        "a day at 1 m, uniq (approx_count_distinct)",
+    ];
+    for (label, times) in labels.iter().zip(result["times"].as_array().unwrap()) {
+        let times: Vec<f64> = times
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap())
+            .collect();
+        println!(
+            "    {label:<34} p50 {:>6.1} ms  p99 {:>6.1} ms",
+            percentile(&times, 0.5),
+            percentile(&times, 0.99)
         );
     }
 }
 
-fn index(config: &tally_dataflow::config::Config, name: &str) -> usize {
-    config.metrics.iter().position(|m| m.name == name).unwrap()
+/// A python with duckdb: `target/duckdb-venv`, made on first use.
+fn duckdb_python() -> Option<std::path::PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/duckdb-venv");
+    let python = venv.join("bin/python");
+    let has = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import duckdb"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has(&python) {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "duckdb"])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !made {
+            return None;
+        }
+    }
+    has(&python).then_some(python)
+}
+
+fn duckdb_version() -> String {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/duckdb-venv/bin/python");
+    Command::new(python)
+        .args(["-c", "import duckdb; print(duckdb.__version__)"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Runs `f` [`RUNS`] times after one warm-up; its milliseconds, sorted,
+/// and what it returned (the rows read).
+fn timed(mut f: impl FnMut() -> u64) -> (Vec<f64>, u64) {
+    let rows = f();
+    let mut times: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            let started = Instant::now();
+            f();
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times, rows)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// A query's times and rows read, beside the store's own sum of the rows of
+/// its first read.
+fn report(label: &str, (times, rows): &(Vec<f64>, u64), baseline: &(Vec<f64>, u64)) {
+    println!(
+        "    {label:<34} p50 {:>6.1} ms  p99 {:>6.1} ms  {rows:>6} rows   baseline p50 {:>6.1} ms",
+        percentile(times, 0.5),
+        percentile(times, 0.99),
+        percentile(&baseline.0, 0.5),
+    );
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 fn user(id: u32) -> tally_dataflow::event::Event {
@@ -163,14 +534,13 @@ fn user(id: u32) -> tally_dataflow::event::Event {
     }
 }
 
-fn median(mut f: impl FnMut()) -> f64 {
-    let mut times: Vec<f64> = (0..5)
-        .map(|_| {
-            let started = Instant::now();
-            f();
-            started.elapsed().as_secs_f64() * 1000.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[2]
+/// One statement over ClickHouse's HTTP interface; its answer's text.
+fn ch(url: &str, sql: &str) -> String {
+    ureq::post(url)
+        .send(sql)
+        .unwrap_or_else(|e| panic!("ClickHouse: {sql}: {e}"))
+        .body_mut()
+        .read_to_vec()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap()
 }

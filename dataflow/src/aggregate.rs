@@ -238,10 +238,14 @@ impl Sketch {
         .round()
     }
 
-    /// The sketch in DataSketches' portable binary form (HLL_8).
+    /// The sketch in DataSketches' portable binary form, HLL_4: half the
+    /// bytes of HLL_8 for a dense sketch, the same registers, and so the
+    /// same estimate. A day's minutes of a metric's total are 1,440 dense
+    /// sketches, which a history query reads over the network from
+    /// ClickHouse.
     pub fn to_bytes(&self) -> Vec<u8> {
         match &self.0 {
-            Form::Union(union) => union.to_sketch(HllType::Hll8).serialize(),
+            Form::Union(union) => union.to_sketch(HllType::Hll4).serialize(),
             Form::Read(sketch) => sketch.serialize(),
         }
     }

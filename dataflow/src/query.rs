@@ -307,6 +307,20 @@ impl Query {
             .collect()
     }
 
+    /// The one group a store needs to read, when the filters name a value
+    /// for every dimension of the table read: its values in the table's
+    /// order. A store may then read that group's rows alone.
+    pub fn only_group(&self) -> Option<Vec<String>> {
+        (0..self.dimensions.len())
+            .map(|d| {
+                self.filters
+                    .iter()
+                    .find(|(f, _)| *f == d)
+                    .map(|(_, v)| v.clone())
+            })
+            .collect()
+    }
+
     /// The buckets of the answer.
     fn buckets(&self) -> usize {
         bucket_count(self.start, self.end, self.resolution)

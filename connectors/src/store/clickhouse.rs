@@ -301,27 +301,38 @@ impl ClickHouseStore {
     /// Folds the stored windows a history query needs into `fold`, as
     /// ClickHouse streams them, until it has them all or has hit a bound.
     pub async fn scan(&self, mut fold: Fold) -> Result<Fold, Error> {
-        let (metric, reads, end) = {
+        let (metric, reads, end, only) = {
             let q = fold.query();
-            (q.metric.clone(), q.reads.clone(), q.end)
+            let only = q.only_group().map(|g| join_group(&g));
+            (q.metric.clone(), q.reads.clone(), q.end, only)
         };
+        // Filters on every dimension of the table name one group, which is
+        // read alone.
+        let sql = format!(
+            "SELECT start, grp, count, sum, sketch FROM windows FINAL
+             WHERE metric = ? AND version = ? AND window = ? AND start >= ? AND start < ?{}
+             ORDER BY start, grp",
+            if only.is_some() { " AND grp = ?" } else { "" }
+        );
         // Each read goes on from the end of the last window the one before
         // it found.
         let mut from = fold.query().start;
         for read in reads {
-            let mut cursor = self
+            if from >= end {
+                break;
+            }
+            let mut query = self
                 .client
-                .query(
-                    "SELECT start, grp, count, sum, sketch FROM windows FINAL
-                     WHERE metric = ? AND version = ? AND window = ? AND start >= ? AND start < ?
-                     ORDER BY start, grp",
-                )
+                .query(&sql)
                 .bind(&metric)
                 .bind(&read.version)
                 .bind(read.window.to_string())
                 .bind(from)
-                .bind(end)
-                .fetch::<ScanRow<'_>>()?;
+                .bind(end);
+            if let Some(group) = &only {
+                query = query.bind(group);
+            }
+            let mut cursor = query.fetch::<ScanRow<'_>>()?;
             let mut last = None;
             while let Some(row) = cursor.next().await? {
                 let sketch =
