@@ -21,7 +21,7 @@
 use crate::checkpoint::{GroupSnapshot, PartitionCut};
 use crate::config::MetricSpec;
 use crate::fingerprint;
-use crate::rollup::expand;
+use crate::rollup::{expand, routes};
 use crate::routing::group_hash;
 
 /// The metrics each job runs, for a configuration started on a checkpoint
@@ -81,7 +81,9 @@ pub fn remap(
     to: &[MetricSpec],
 ) -> Vec<GroupSnapshot> {
     // State is indexed by the metrics' tables, which follow them.
-    let targets: Vec<String> = expand(to).iter().map(fingerprint::metric).collect();
+    let to = expand(to);
+    let targets: Vec<String> = to.iter().map(fingerprint::metric).collect();
+    let routes = routes(&to);
     let index: Vec<Option<u16>> = expand(from)
         .iter()
         .map(|m| {
@@ -93,10 +95,8 @@ pub fn remap(
         .into_iter()
         .filter_map(|mut g| {
             let metric = index.get(g.metric as usize).copied().flatten()?;
-            if metric != g.metric {
-                g.metric = metric;
-                g.hash = group_hash(metric, &g.group);
-            }
+            g.metric = metric;
+            g.hash = group_hash(routes[metric as usize], &g.group);
             Some(g)
         })
         .collect()

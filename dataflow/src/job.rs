@@ -234,8 +234,11 @@ mod tests {
                 pane: crate::window::pane_width(&windows),
                 windows,
                 keep: Vec::new(),
-                rollups: Vec::new(),
-                projections: Vec::new(),
+                // The total, and a minute's rollup of each: tables made
+                // from the batch and in the window state, which a restore
+                // must also go on with.
+                rollups: vec![(WindowSpec::parse("tumbling 1m").unwrap(), None)],
+                projections: vec![Vec::new()],
                 rollup_of: None,
             }],
             source: SourceSettings {
@@ -251,11 +254,12 @@ mod tests {
         }
     }
 
-    /// (window, start s, end s, count, revision) for each final, and the
-    /// offsets of the dead letters.
-    type Finals = Vec<(u8, i64, i64, u64, u32)>;
+    /// ((table, window), start s, end s, count, revision) for each final,
+    /// and the offsets of the dead letters.
+    type Finals = Vec<Final>;
+    type Final = ((u16, u8), i64, i64, u64, u32);
     /// Finals with the time they were emitted at.
-    type Timed = Vec<(u64, (u8, i64, i64, u64, u32))>;
+    type Timed = Vec<(u64, Final)>;
 
     /// A checkpoint sink that keeps parts in memory.
     #[derive(Clone, Default)]
@@ -310,7 +314,7 @@ mod tests {
                 .filter(|u: &Arc<WindowUpdate>| u.is_final)
                 .map(|u| {
                     (
-                        u.window,
+                        (u.metric, u.window),
                         u.span.start / 1000,
                         u.span.end / 1000,
                         u.state.count,
@@ -343,9 +347,7 @@ mod tests {
 
     /// What the store holds after taking `finals` in order: per window, the
     /// value of the highest revision.
-    fn store(
-        finals: impl IntoIterator<Item = (u8, i64, i64, u64, u32)>,
-    ) -> BTreeMap<(u8, i64), (u32, u64)> {
+    fn store(finals: impl IntoIterator<Item = Final>) -> BTreeMap<((u16, u8), i64), (u32, u64)> {
         let mut table = BTreeMap::new();
         for (w, start, _, count, revision) in finals {
             let row = table.entry((w, start)).or_insert((revision, count));
@@ -385,6 +387,12 @@ mod tests {
             "the input revises windows more than once"
         );
         assert!(!full_dead.is_empty(), "the input has too-late events");
+        assert!(
+            expected
+                .iter()
+                .any(|(((table, _), _), &(revision, _))| *table == 3 && revision > 0),
+            "the minute's rollup of the total takes late data"
+        );
         for part in parts {
             let resume_at = part.cuts[0].next_offset;
             let rest: VecDeque<SourceBatch> = input
@@ -438,7 +446,7 @@ mod tests {
         ]));
         let tumbling: Vec<_> = finals
             .iter()
-            .filter(|f| f.0 == 0)
+            .filter(|f| f.0 == (0, 0))
             .map(|f| (f.1, f.3, f.4))
             .collect();
         assert_eq!(
@@ -447,7 +455,7 @@ mod tests {
         );
         let sliding: Vec<_> = finals
             .iter()
-            .filter(|f| f.0 == 1)
+            .filter(|f| f.0 == (0, 1))
             .map(|f| (f.1, f.2, f.3, f.4))
             .collect();
         assert_eq!(
@@ -480,7 +488,7 @@ mod tests {
         let (finals, _) = run(batches(&[&[30], &[5]]));
         // [0,10) had no data when the watermark (28 s) passed it; the late
         // event makes it a correction of an empty window.
-        assert!(finals.contains(&(0, 0, 10, 1, 1)));
+        assert!(finals.contains(&((0, 0), 0, 10, 1, 1)));
     }
 
     #[test]
@@ -493,8 +501,8 @@ mod tests {
         }
         let (finals, dead) = run(input);
         assert_eq!(dead, [] as [u64; 0], "on-time events were dead-lettered");
-        assert!(finals.contains(&(0, 10, 20, 2, 0)), "{finals:?}");
+        assert!(finals.contains(&((0, 0), 10, 20, 2, 0)), "{finals:?}");
         // The early event is kept at its own time.
-        assert!(finals.contains(&(0, 300, 310, 1, 0)), "{finals:?}");
+        assert!(finals.contains(&((0, 0), 300, 310, 1, 0)), "{finals:?}");
     }
 }

@@ -16,11 +16,16 @@
 //! [`expand`] lists the tables as metric specs after the configured
 //! metrics, whose indices stay as they were, so that the job computes them
 //! as it computes any metric and the stores key their rows by their own
-//! version. The source derives a table from its metric's pre-aggregated
-//! batch, one merge per (table, group, pane) and batch rather than per
-//! event; the window operator keeps no partials for them, and they never
-//! reach the live bus. Counts and sums add up and sketches merge, so every
-//! table holds exactly what its metric's rows would sum to.
+//! version. [`made`] says where each table's contributions come from. The
+//! source derives a projection from its metric's pre-aggregated batch, one
+//! merge per (table, group, pane) and batch rather than per event. A time
+//! rollup has the dimensions of a table the job has already (the metric or
+//! one of its projections), so it needs no exchange of its own: its groups
+//! are routed with that table's, and the window state merges each of that
+//! table's contributions into the rollup's pane as it applies it. Tables
+//! have no partials, and never reach the live bus. Counts and sums add up
+//! and sketches merge, so every table holds exactly what its metric's rows
+//! would sum to.
 //!
 //! [`choose`] is the query planner: of the tables that hold the dimensions a
 //! query filters on or groups by, and a window that divides its resolution,
@@ -80,6 +85,58 @@ pub fn expand(metrics: &[MetricSpec]) -> Vec<MetricSpec> {
         }
     }
     tables
+}
+
+/// Where the contributions of a table of [`expand`] come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Made {
+    /// A configured metric: from events.
+    Events,
+    /// A projection: from the batch of the metric with this index.
+    Batch(u16),
+    /// A time rollup: from the contributions of the table with this index,
+    /// which has the same dimensions, as the window state applies them. Its
+    /// groups are routed with that table's.
+    Table(u16),
+}
+
+/// How each of `tables` (as [`expand`] lists them) is made: a table is made
+/// from the first of its metric's tables with the same dimensions, or from
+/// the metric's batch when that is itself.
+pub fn made(tables: &[MetricSpec]) -> Vec<Made> {
+    tables
+        .iter()
+        .enumerate()
+        .map(|(i, table)| {
+            let Some(of) = table.rollup_of else {
+                return Made::Events;
+            };
+            let first = (of as usize..tables.len())
+                .find(|&j| {
+                    (j == of as usize || tables[j].rollup_of == Some(of))
+                        && tables[j].dimensions == table.dimensions
+                })
+                .unwrap_or(i);
+            if first == i {
+                Made::Batch(of)
+            } else {
+                Made::Table(first as u16)
+            }
+        })
+        .collect()
+}
+
+/// The metric index whose routing hash each of `tables` uses for its
+/// groups: its own, or for a time rollup the table it is made from.
+pub fn routes(tables: &[MetricSpec]) -> Vec<u16> {
+    made(tables)
+        .into_iter()
+        .enumerate()
+        .map(|(i, made)| match made {
+            Made::Table(from) => from,
+            Made::Events | Made::Batch(_) => i as u16,
+        })
+        .collect()
 }
 
 /// The tables of one metric: itself first, then its rollups.
@@ -224,6 +281,22 @@ mod tests {
         );
         assert_eq!(listed.len(), 1 + 4 + 5 * 2);
         assert!(tables[1..].iter().all(|t| t.rollup_of == Some(0)));
+        // Projections from the batch; each hour and day from the table of
+        // its dimensions.
+        let made = made(&tables);
+        assert_eq!(
+            made[..5],
+            [
+                Made::Events,
+                Made::Batch(0),
+                Made::Batch(0),
+                Made::Batch(0),
+                Made::Batch(0)
+            ]
+        );
+        assert_eq!(made[5..7], [Made::Table(0), Made::Table(0)]);
+        assert_eq!(made[7..9], [Made::Table(1), Made::Table(1)]);
+        assert_eq!(routes(&tables)[14], 4);
         // A day's rollup keeps one pane per group.
         assert_eq!(tables[6].pane, DAY);
     }

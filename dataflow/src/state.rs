@@ -13,6 +13,14 @@
 //! contribution arrives, and freed once it has no pane, no window and no
 //! contribution waiting: a dimension with ever-new values costs memory only
 //! while its windows are kept.
+//!
+//! A time rollup ([`crate::rollup::Made::Table`]) takes no contributions of
+//! its own. Its groups have the dimension values of a group of the table it
+//! is made from, under the rollup's index, and take that group's panes: each
+//! pane once, when time passes its end and it holds all its on-time data,
+//! and after that each late contribution to it as it is applied. A rollup
+//! window therefore closes, takes late data and expires as any other, at the
+//! cost of one merge per pane rather than per contribution.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,8 +32,9 @@ use crate::aggregate::AggState;
 use crate::checkpoint::GroupSnapshot;
 use crate::config::MetricSpec;
 use crate::model::{Contribution, Group, WindowUpdate};
+use crate::rollup::{made, Made};
 use crate::time::Millis;
-use crate::window::{Span, WindowSpec};
+use crate::window::{align, Span, WindowSpec};
 
 /// A window of one group: (group index, window spec index, window end).
 type WindowKey = (usize, u8, Millis);
@@ -36,6 +45,11 @@ pub struct WindowState {
     allowed_lateness: Millis,
     /// The widest window of each metric.
     widest: Vec<Millis>,
+    /// The time rollups made from each metric's contributions.
+    rollups: Vec<Vec<u16>>,
+    /// Panes of groups with rollups not merged into them yet, by end:
+    /// (end, group, pane start).
+    unrolled: BTreeSet<(Millis, usize, Millis)>,
     /// Interned (metric, group) keys, by their routing hash.
     index: HashMap<u64, Vec<usize>>,
     /// Groups by index; `None` for a freed slot, which [`Self::free`] lists.
@@ -87,10 +101,18 @@ impl WindowState {
             .iter()
             .map(|m| m.windows.iter().map(WindowSpec::size).max().unwrap_or(0))
             .collect();
+        let mut rollups = vec![Vec::new(); metrics.len()];
+        for (table, made) in made(&metrics).into_iter().enumerate() {
+            if let Made::Table(from) = made {
+                rollups[from as usize].push(table as u16);
+            }
+        }
         WindowState {
             metrics,
             allowed_lateness,
             widest,
+            rollups,
+            unrolled: BTreeSet::new(),
             index: HashMap::default(),
             groups: Vec::new(),
             free: Vec::new(),
@@ -120,6 +142,7 @@ impl WindowState {
 
     /// Emits every open window that ends at or before `time` as final.
     pub fn close_until(&mut self, time: Millis, out: &mut Vec<WindowUpdate>) {
+        self.roll_until(time);
         while let Some(&(end, group, window)) = self.open.first() {
             if end > time {
                 break;
@@ -145,50 +168,22 @@ impl WindowState {
         // Merges commute, and late windows are emitted in key order, so the
         // order contributions arrive in does not matter.
         let mut late = BTreeSet::new();
-        let metrics = Rc::clone(&self.metrics);
         for c in batch {
             let g = c.group;
             let group = self.groups[g].as_mut().expect("a staged group is live");
             group.staged -= 1;
             let metric = group.metric as usize;
-            let spec = &metrics[metric];
-            let new_pane = !group.panes.contains_key(&c.pane);
-            group.panes.entry(c.pane).or_default().merge(&c.state);
-            // The earliest window containing a pane ends at or after the
-            // pane's end. Before that time, none of its windows can have
-            // closed, and an existing pane's windows are registered already:
-            // the common case costs one merge. The pane was marked for
-            // partials when the contribution arrived (`stage`), and applying
-            // it does not change the value a partial shows.
-            if !new_pane && time < c.pane + spec.pane {
+            let new_pane = self.merge_pane(g, c.pane, &c.state, time, &mut late);
+            if self.rollups[metric].is_empty() {
                 continue;
             }
-            if new_pane {
-                let expiry = c.pane + self.widest[metric] + self.allowed_lateness;
-                self.pane_expiry.insert((expiry, g, c.pane));
+            let end = c.pane + self.metrics[metric].pane;
+            if end <= time {
+                // The pane is in its rollups already: late data follows it.
+                self.roll(g, c.pane, &c.state, time, &mut late);
+            } else if new_pane {
+                self.unrolled.insert((end, g, c.pane));
             }
-            let mut added = 0;
-            for (w, window) in spec.windows.iter().enumerate() {
-                for span in window.windows_of_pane(c.pane) {
-                    let key = (g, w as u8, span.end);
-                    match self.closed.entry(key) {
-                        Entry::Occupied(_) => {
-                            late.insert(key);
-                        }
-                        Entry::Vacant(closed) if span.end <= time => {
-                            // A window that closed empty gets its first data late.
-                            closed.insert(0);
-                            self.closed_by_end.insert((span.end, g, w as u8));
-                            added += 1;
-                            late.insert(key);
-                        }
-                        Entry::Vacant(_) => {
-                            added += u32::from(self.open.insert((span.end, g, w as u8)));
-                        }
-                    }
-                }
-            }
-            self.group_mut(g).windows += added;
         }
         let revised = late.len();
         for key in late {
@@ -201,6 +196,95 @@ impl WindowState {
             }
         }
         revised
+    }
+
+    /// Merges the panes that end at or before `time` into their groups'
+    /// rollups. Every window of a rollup over such a pane ends at or after
+    /// the pane does, and is still open.
+    fn roll_until(&mut self, time: Millis) {
+        let mut late = BTreeSet::new();
+        while let Some(&(end, g, pane)) = self.unrolled.first() {
+            if end > time {
+                break;
+            }
+            self.unrolled.pop_first();
+            let state = self.group(g).panes[&pane].clone();
+            self.roll(g, pane, &state, end - 1, &mut late);
+        }
+        debug_assert!(late.is_empty(), "a rollup window closed before its panes");
+    }
+
+    /// Merges `state`, of pane `pane` of group `g`, into the group's
+    /// rollups at `time`.
+    fn roll(
+        &mut self,
+        g: usize,
+        pane: Millis,
+        state: &AggState,
+        time: Millis,
+        late: &mut BTreeSet<WindowKey>,
+    ) {
+        let metric = self.group(g).metric as usize;
+        for k in 0..self.rollups[metric].len() {
+            let table = self.rollups[metric][k];
+            let rollup = self.intern_rollup(table, g);
+            let pane = align(pane, self.metrics[table as usize].pane);
+            self.merge_pane(rollup, pane, state, time, late);
+        }
+    }
+
+    /// Merges `state` into pane `pane` of group `g`, at `time`, and
+    /// registers the pane's windows: open ones, or in `late` the closed
+    /// ones it revises. Returns whether the pane is new.
+    fn merge_pane(
+        &mut self,
+        g: usize,
+        pane: Millis,
+        state: &AggState,
+        time: Millis,
+        late: &mut BTreeSet<WindowKey>,
+    ) -> bool {
+        let group = self.groups[g].as_mut().expect("a live group index");
+        let metric = group.metric as usize;
+        let new_pane = !group.panes.contains_key(&pane);
+        group.panes.entry(pane).or_default().merge(state);
+        // The earliest window containing a pane ends at or after the
+        // pane's end. Before that time, none of its windows can have
+        // closed, and an existing pane's windows are registered already:
+        // the common case costs one merge. The pane was marked for
+        // partials when the contribution arrived (`stage`), and applying
+        // it does not change the value a partial shows.
+        if !new_pane && time < pane + self.metrics[metric].pane {
+            return false;
+        }
+        if new_pane {
+            let expiry = pane + self.widest[metric] + self.allowed_lateness;
+            self.pane_expiry.insert((expiry, g, pane));
+        }
+        let metrics = Rc::clone(&self.metrics);
+        let mut added = 0;
+        for (w, window) in metrics[metric].windows.iter().enumerate() {
+            for span in window.windows_of_pane(pane) {
+                let key = (g, w as u8, span.end);
+                match self.closed.entry(key) {
+                    Entry::Occupied(_) => {
+                        late.insert(key);
+                    }
+                    Entry::Vacant(closed) if span.end <= time => {
+                        // A window that closed empty gets its first data late.
+                        closed.insert(0);
+                        self.closed_by_end.insert((span.end, g, w as u8));
+                        added += 1;
+                        late.insert(key);
+                    }
+                    Entry::Vacant(_) => {
+                        added += u32::from(self.open.insert((span.end, g, w as u8)));
+                    }
+                }
+            }
+        }
+        self.group_mut(g).windows += added;
+        new_pane
     }
 
     /// Drops closed windows and panes that no kept window needs any more,
@@ -344,9 +428,12 @@ impl WindowState {
         }
     }
 
-    /// A copy of the state, group by group, for a checkpoint. Groups with
+    /// A copy of the state, group by group, for a checkpoint at `boundary`,
+    /// when the data before it has been applied and none after it: the
+    /// panes it has ended are merged into their rollups first. Groups with
     /// nothing left are not written, which is how a restart forgets them.
-    pub fn snapshot(&self) -> Vec<GroupSnapshot> {
+    pub fn snapshot(&mut self, boundary: Millis) -> Vec<GroupSnapshot> {
+        self.roll_until(boundary);
         let mut open: HashMap<usize, Vec<(u8, Millis)>> = HashMap::default();
         for &(end, g, w) in &self.open {
             open.entry(g).or_default().push((w, end));
@@ -381,8 +468,8 @@ impl WindowState {
             .collect()
     }
 
-    /// Takes back the state of restored groups.
-    pub fn restore(&mut self, groups: Vec<GroupSnapshot>) {
+    /// Takes back the state of groups a checkpoint at `boundary` restored.
+    pub fn restore(&mut self, groups: Vec<GroupSnapshot>, boundary: Millis) {
         for snapshot in groups {
             let g = self.intern(snapshot.metric, &snapshot.group, snapshot.hash);
             let metric = snapshot.metric as usize;
@@ -390,6 +477,10 @@ impl WindowState {
             for (pane, state) in snapshot.panes {
                 let expiry = pane + self.widest[metric] + self.allowed_lateness;
                 self.pane_expiry.insert((expiry, g, pane));
+                let end = pane + self.metrics[metric].pane;
+                if !self.rollups[metric].is_empty() && end > boundary {
+                    self.unrolled.insert((end, g, pane));
+                }
                 self.group_mut(g).panes.insert(pane, state);
             }
             for (w, end) in snapshot.open {
@@ -406,6 +497,24 @@ impl WindowState {
     /// True while some pane has changed since the last partials.
     pub fn has_partials(&self) -> bool {
         !self.dirty_panes.is_empty()
+    }
+
+    /// The group of time rollup `table` with the dimension values of group
+    /// `of`, and its routing hash.
+    fn intern_rollup(&mut self, table: u16, of: usize) -> usize {
+        let from = self.group(of);
+        let found = self.index.get(&from.hash).and_then(|candidates| {
+            candidates.iter().copied().find(|&g| {
+                self.groups[g]
+                    .as_ref()
+                    .is_some_and(|s| s.metric == table && s.group == from.group)
+            })
+        });
+        if let Some(g) = found {
+            return g;
+        }
+        let (group, hash) = (from.group.clone(), from.hash);
+        self.intern(table, &group, hash)
     }
 
     fn intern(&mut self, metric: u16, group: &Group, hash: u64) -> usize {
@@ -629,10 +738,10 @@ mod tests {
         // widest ends at 30 s, so everything is kept until 60 s.
         state.expire(59_999);
         assert_eq!(state.groups(), 1000);
-        assert!(!state.snapshot().is_empty());
+        assert!(!state.snapshot(59_999).is_empty());
         state.expire(60_000);
         assert_eq!(state.groups(), 0, "every group had nothing left");
-        assert!(state.snapshot().is_empty());
+        assert!(state.snapshot(60_000).is_empty());
         // And the burst's capacity is given back.
         assert!(state.groups.capacity() < 64, "{}", state.groups.capacity());
         assert!(state.closed.capacity() < 64, "{}", state.closed.capacity());
@@ -663,6 +772,38 @@ mod tests {
     }
 
     #[test]
+    fn a_time_rollup_takes_its_tables_contributions_and_their_late_data() {
+        let metric = state().metrics[0].clone();
+        let minute = MetricSpec {
+            windows: vec![WindowSpec::parse("tumbling 1m").unwrap()],
+            pane: 60_000,
+            rollup_of: Some(0),
+            ..metric.clone()
+        };
+        let mut state = WindowState::new(Rc::new(vec![metric, minute]), LATENESS);
+        let of_minute = |updates: &[WindowUpdate]| -> Vec<Row> {
+            let minute: Vec<WindowUpdate> =
+                updates.iter().filter(|u| u.metric == 1).cloned().collect();
+            rows(&minute)
+        };
+        let first = step(
+            &mut state,
+            0,
+            vec![contribution("US", 0, 2), contribution("US", 50, 1)],
+        );
+        assert!(first.is_empty());
+        assert_eq!(of_minute(&step(&mut state, 30, vec![])), []);
+        let closed = step(&mut state, 60, vec![]);
+        assert_eq!(of_minute(&closed), [row("US", 0, (0, 60), 3, 0)]);
+        // Late data for a pane of that minute revises it with its table.
+        let late = step(&mut state, 70, vec![contribution("US", 20, 4)]);
+        assert_eq!(of_minute(&late), [row("US", 0, (0, 60), 7, 1)]);
+        // The rollup's group is routed with its table's.
+        let hashes: Vec<u64> = state.snapshot(70_000).iter().map(|g| g.hash).collect();
+        assert_eq!(hashes, [group_hash(0, &vec!["US".into()]); 2]);
+    }
+
+    #[test]
     fn a_restored_snapshot_goes_on_as_the_original() {
         let script = |state: &mut WindowState| -> Vec<Row> {
             let mut all = Vec::new();
@@ -685,14 +826,14 @@ mod tests {
             vec![contribution("US", 0, 2), contribution("US", 10, 1)],
         );
         step(&mut original, 12, vec![]);
-        let snapshot = original.snapshot();
+        let snapshot = original.snapshot(12_000);
         let mut restored = state();
-        restored.restore(snapshot);
+        restored.restore(snapshot, 12_000);
         assert_eq!(script(&mut restored), script(&mut original));
         assert_eq!(restored.groups(), original.groups());
         assert_eq!(
-            format!("{:?}", restored.snapshot()),
-            format!("{:?}", original.snapshot())
+            format!("{:?}", restored.snapshot(50_000)),
+            format!("{:?}", original.snapshot(50_000))
         );
     }
 }

@@ -42,6 +42,7 @@ use crate::coordination::Coordination;
 use crate::event::{parse_event_ref, EventRef, Fields};
 use crate::model::{Contribution, DeadLetter, Group};
 use crate::ports::{BatchSource, Poll, SourceBatch};
+use crate::rollup::{made, Made};
 use crate::routing::group_hash;
 use crate::stats::JobStats;
 use crate::time::Millis;
@@ -331,17 +332,18 @@ pub fn fold_event(
     }
 }
 
-/// How each metric's tables ([`crate::rollup`]) are made of its batch: per
-/// metric, each table's index and the places of its dimensions in the
-/// metric's group.
+/// How each metric's projections ([`crate::rollup`]) are made of its
+/// batch: per metric, each projection's index and the places of its
+/// dimensions in the metric's group.
 pub struct Derived(Vec<Vec<(u16, Vec<usize>)>>);
 
 impl Derived {
-    /// The tables among `metrics`, by the metric they are of.
+    /// The projections among `metrics`, by the metric they are of.
     pub fn new(metrics: &[MetricSpec]) -> Derived {
         let mut derived = vec![Vec::new(); metrics.len()];
-        for (index, table) in metrics.iter().enumerate() {
-            let Some(of) = table.rollup_of else { continue };
+        for (index, made) in made(metrics).into_iter().enumerate() {
+            let Made::Batch(of) = made else { continue };
+            let table = &metrics[index];
             let metric = &metrics[of as usize];
             let places = table
                 .dimensions
@@ -353,9 +355,9 @@ impl Derived {
         Derived(derived)
     }
 
-    /// Adds to `folded` the tables' contributions, from their metrics'.
-    /// A table's panes are whole numbers of its metric's, so each of the
-    /// metric's panes lies in one of the table's.
+    /// Adds to `folded` the projections' contributions, from their
+    /// metrics'. A projection's panes are whole numbers of its metric's, so
+    /// each of the metric's panes lies in one of the projection's.
     fn fold(&self, metrics: &[MetricSpec], folded: &mut HashMap<(u16, Millis, Group), AggState>) {
         if self.0.iter().all(Vec::is_empty) {
             return;

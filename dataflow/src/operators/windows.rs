@@ -105,11 +105,11 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                 resume: (boundary, groups),
                 mut target,
             } = checkpointing;
-            state.restore(groups);
+            state.restore(groups, boundary as Millis);
             // Everything before this time has been applied, and no boundary
             // at or below it is still to be taken.
             let mut passed = boundary;
-            let mut take_checkpoints = move |through: u64, state: &WindowState| {
+            let mut take_checkpoints = move |through: u64, state: &mut WindowState| {
                 if through <= passed {
                     return;
                 }
@@ -121,7 +121,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                             worker,
                             workers,
                             cuts,
-                            groups: state.snapshot(),
+                            groups: state.snapshot(boundary as Millis),
                         });
                     }
                 }
@@ -146,7 +146,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     .take_while(|t| frontier.is_none_or(|f| *t < f))
                     .collect();
                 for time in ready {
-                    take_checkpoints(time, &state);
+                    take_checkpoints(time, &mut state);
                     let batch = stash.remove(&time).unwrap_or_default();
                     state.close_until(time as Millis, &mut emitted);
                     let revised = state.apply(time as Millis, batch, &mut emitted);
@@ -158,7 +158,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                 }
                 match frontier {
                     Some(f) => {
-                        take_checkpoints(f, &state);
+                        take_checkpoints(f, &mut state);
                         state.close_until(f as Millis, &mut emitted);
                         state.expire(f as Millis);
                     }
