@@ -25,6 +25,35 @@ fn per_minute<T: Default + Clone>(
     buckets
 }
 
+/// Per country, the per-minute counts of `events` over `minutes` minutes.
+fn by_country<'a>(
+    minutes: usize,
+    events: impl IntoIterator<Item = &'a &'a Generated>,
+) -> BTreeMap<String, Vec<u64>> {
+    let mut counts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in events {
+        counts
+            .entry(e.country.to_string())
+            .or_insert_with(|| vec![0; minutes])[((e.time_ms - base_ms()) / MINUTE) as usize] += 1;
+    }
+    counts
+}
+
+/// The counts of an answer grouped by country, per country.
+fn series_by_country(answer: &Value) -> BTreeMap<String, Vec<u64>> {
+    answer["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["group"]["country"].as_str().unwrap().to_string(),
+                counts(s),
+            )
+        })
+        .collect()
+}
+
 fn counts(answer: &Value) -> Vec<u64> {
     values(answer)
         .iter()
@@ -81,24 +110,10 @@ fn history_matches_an_independent_aggregation() {
     let answer = tally.metrics(&format!(
         "metric=ad_clicks&campaignId=camp_2&groupBy=country&resolution=1m&{range}"
     ));
-    let mut expected_groups: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for e in clicks.iter().filter(|e| e.campaign == "camp_2") {
-        expected_groups
-            .entry(e.country.to_string())
-            .or_insert_with(|| vec![0; 7])[((e.time_ms - base_ms()) / MINUTE) as usize] += 1;
-    }
-    let got: BTreeMap<String, Vec<u64>> = answer["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["group"]["country"].as_str().unwrap().to_string(),
-                counts(s),
-            )
-        })
-        .collect();
-    assert_eq!(got, expected_groups);
+    assert_eq!(
+        series_by_country(&answer),
+        by_country(7, clicks.iter().filter(|e| e.campaign == "camp_2"))
+    );
     assert_eq!(answer["groupBy"], "country");
     // No rollup holds (campaign, country): the metric's own rows answer.
     assert_eq!(answer["read"]["rollup"], false, "{}", answer["read"]);
@@ -119,24 +134,7 @@ fn history_matches_an_independent_aggregation() {
         "{}",
         answer["read"]
     );
-    let mut by_country: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for e in &clicks {
-        by_country
-            .entry(e.country.to_string())
-            .or_insert_with(|| vec![0; 7])[((e.time_ms - base_ms()) / MINUTE) as usize] += 1;
-    }
-    let got: BTreeMap<String, Vec<u64>> = answer["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["group"]["country"].as_str().unwrap().to_string(),
-                counts(s),
-            )
-        })
-        .collect();
-    assert_eq!(got, by_country);
+    assert_eq!(series_by_country(&answer), by_country(7, &clicks));
     let read = |table: &str| {
         tally.prometheus(&format!(
             "tally_history_rows_read_total{{table=\"{table}\"}}"

@@ -321,6 +321,17 @@ impl Query {
             .collect()
     }
 
+    /// Whether each bucket of the answer is one stored window of `read`, so
+    /// that a `uniq` needs the estimate stored with its sketch rather than
+    /// the sketch: no `groupBy`, a filter on every dimension of the table
+    /// (or none to filter), and the read's window as wide as a bucket.
+    pub fn by_estimate(&self, read: &Read) -> bool {
+        self.aggregate == AggregateKind::Uniq
+            && self.group_by.is_none()
+            && self.only_group().is_some()
+            && read.window.size() == self.resolution
+    }
+
     /// The buckets of the answer.
     fn buckets(&self) -> usize {
         bucket_count(self.start, self.end, self.resolution)
@@ -355,8 +366,9 @@ pub struct Fold {
 
 #[derive(Debug)]
 enum Stage {
-    /// No `groupBy`: one series.
-    Single(Vec<AggState>),
+    /// No `groupBy`: one series, and the buckets a stored estimate answers
+    /// (see [`Fold::add_estimated`]).
+    Single(Vec<AggState>, Vec<Option<f64>>),
     /// Each group's total, and each group's buckets until they no longer
     /// fit in the answer.
     Rank {
@@ -396,7 +408,7 @@ impl Fold {
     /// A fold for the first scan of `query`.
     pub fn new(query: Query) -> Fold {
         let stage = match query.group_by {
-            None => Stage::Single(vec![AggState::default(); query.buckets()]),
+            None => Stage::Single(vec![AggState::default(); query.buckets()], Vec::new()),
             Some(_) => Stage::Rank {
                 totals: HashMap::new(),
                 buckets: Some(HashMap::new()),
@@ -431,7 +443,7 @@ impl Fold {
                 .unwrap_or_default()
         };
         match &mut self.stage {
-            Stage::Single(states) => states[bucket].merge(state),
+            Stage::Single(states, _) => states[bucket].merge(state),
             Stage::Rank { totals, buckets } => {
                 let value = value();
                 if let Some(total) = totals.get_mut(value) {
@@ -473,6 +485,28 @@ impl Fold {
         ControlFlow::Continue(())
     }
 
+    /// Folds in a stored window of a read the query answers by estimates
+    /// ([`Query::by_estimate`]): `state` without its sketch, and the value
+    /// the sketch estimated when it was stored. The window is the only one
+    /// its bucket holds, so its estimate is the bucket's value.
+    pub fn add_estimated(
+        &mut self,
+        start: Millis,
+        group: &[&str],
+        state: &AggState,
+        estimate: f64,
+    ) -> ControlFlow<()> {
+        let flow = self.add(start, group, state);
+        let q = &self.query;
+        if let Stage::Single(states, estimates) = &mut self.stage {
+            if start >= q.start && start < q.end && q.passes(group) {
+                estimates.resize(states.len(), None);
+                estimates[((start - q.start) / q.resolution) as usize] = Some(estimate);
+            }
+        }
+        flow
+    }
+
     /// The answer after a scan, or the fold for another scan, or the bound
     /// the query hit.
     pub fn finish(self) -> Result<Pass, QueryError> {
@@ -487,11 +521,19 @@ impl Fold {
             Pass::Done(answer)
         };
         Ok(match stage {
-            Stage::Single(states) => done(Answer {
-                series: vec![query.series(Vec::new(), &states)],
-                groups: 0,
-                rows,
-            }),
+            Stage::Single(states, estimates) => {
+                let mut series = query.series(Vec::new(), &states);
+                for (point, estimate) in series.points.iter_mut().zip(estimates) {
+                    if estimate.is_some() {
+                        point.1 = estimate;
+                    }
+                }
+                done(Answer {
+                    series: vec![series],
+                    groups: 0,
+                    rows,
+                })
+            }
             Stage::Rank { totals, buckets } => {
                 let groups = totals.len();
                 let ranked = query.rank(totals);

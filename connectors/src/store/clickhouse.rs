@@ -7,7 +7,9 @@
 //!   or a late correction replaces a row rather than adding one. Reads use
 //!   `FINAL`. `uniq` sketches are stored as DataSketches HLL bytes and are
 //!   merged at query time, so any range and any set of groups can be
-//!   combined.
+//!   combined; each with its `estimate`, which a query whose every bucket is
+//!   one stored window reads instead (-1 where a row has none: it was
+//!   written before the column was).
 //! - `dead_letters`: events too late for any window, keyed by their place
 //!   in the events topic, so a replay cannot add them twice.
 //! - `raw_events`: every event, partitioned by day and kept for
@@ -73,7 +75,8 @@ const SCHEMA: [&str; 7] = [
         count    UInt64,
         sum      Float64,
         sketch   String,
-        revision UInt32
+        revision UInt32,
+        estimate Float64 DEFAULT -1
     ) ENGINE = ReplacingMergeTree(revision)
     PARTITION BY version
     ORDER BY (metric, version, window, start, grp)",
@@ -143,6 +146,7 @@ struct ScanRow<'a> {
     sum: f64,
     #[serde(with = "serde_bytes")]
     sketch: &'a [u8],
+    estimate: f64,
 }
 
 #[derive(Row, Serialize, Deserialize)]
@@ -158,6 +162,7 @@ struct WindowRow {
     #[serde(with = "serde_bytes")]
     sketch: Vec<u8>,
     revision: u32,
+    estimate: f64,
 }
 
 #[derive(Row, Serialize, Deserialize)]
@@ -236,6 +241,15 @@ impl ClickHouseStore {
                 .execute()
                 .await?;
         }
+        if !columns("windows").await?.iter().any(|c| c == "estimate") {
+            // Rows written before take -1: they are read by their sketches.
+            admin
+                .query(&format!(
+                    "ALTER TABLE {db}.windows ADD COLUMN estimate Float64 DEFAULT -1"
+                ))
+                .execute()
+                .await?;
+        }
         if !columns("windows_unversioned").await?.is_empty() {
             let (names, versions): (Vec<String>, Vec<String>) =
                 metric_versions(metrics).into_iter().unzip();
@@ -244,6 +258,7 @@ impl ClickHouseStore {
             admin
                 .query(&format!(
                     "INSERT INTO {db}.windows
+                     (metric, version, window, start, end, grp, count, sum, sketch, revision)
                      SELECT metric, transform(toString(metric), ?, ?, '') AS version, window,
                             start, end, grp, count, sum, sketch, revision
                      FROM {db}.windows_unversioned FINAL"
@@ -307,13 +322,21 @@ impl ClickHouseStore {
             (q.metric.clone(), q.reads.clone(), q.end, only)
         };
         // Filters on every dimension of the table name one group, which is
-        // read alone.
-        let sql = format!(
-            "SELECT start, grp, count, sum, sketch FROM windows FINAL
-             WHERE metric = ? AND version = ? AND window = ? AND start >= ? AND start < ?{}
-             ORDER BY start, grp",
-            if only.is_some() { " AND grp = ?" } else { "" }
-        );
+        // read alone. A read answered by estimates fetches a sketch only
+        // where a row has no estimate.
+        let sql = |by_estimate: bool| {
+            format!(
+                "SELECT start, grp, count, sum, {} FROM windows FINAL
+                 WHERE metric = ? AND version = ? AND window = ? AND start >= ? AND start < ?{}
+                 ORDER BY start, grp",
+                if by_estimate {
+                    "if(estimate < 0, sketch, '') AS sketch, estimate"
+                } else {
+                    "sketch, toFloat64(-1) AS estimate"
+                },
+                if only.is_some() { " AND grp = ?" } else { "" }
+            )
+        };
         // Each read goes on from the end of the last window the one before
         // it found.
         let mut from = fold.query().start;
@@ -321,9 +344,10 @@ impl ClickHouseStore {
             if from >= end {
                 break;
             }
+            let by_estimate = fold.query().by_estimate(&read);
             let mut query = self
                 .client
-                .query(&sql)
+                .query(&sql(by_estimate))
                 .bind(&metric)
                 .bind(&read.version)
                 .bind(read.window.to_string())
@@ -346,7 +370,12 @@ impl ClickHouseStore {
                 let state = AggState::from_parts(row.count, row.sum, sketch);
                 let group: Vec<&str> = row.grp.split(SEP).collect();
                 last = Some(row.start);
-                if fold.add(row.start, &group, &state).is_break() {
+                let flow = if by_estimate && row.estimate >= 0.0 {
+                    fold.add_estimated(row.start, &group, &state, row.estimate)
+                } else {
+                    fold.add(row.start, &group, &state)
+                };
+                if flow.is_break() {
                     return Ok(fold);
                 }
             }
@@ -531,6 +560,7 @@ impl Batch {
                             .map(Sketch::to_bytes)
                             .unwrap_or_default(),
                         revision: u.revision,
+                        estimate: u.state.sketch.as_ref().map_or(-1.0, Sketch::estimate),
                     }
                 }));
             }

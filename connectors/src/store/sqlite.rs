@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS windows (
     sum      REAL    NOT NULL,
     sketch   BLOB,
     revision INTEGER NOT NULL,
+    estimate REAL,
     PRIMARY KEY (metric, version, window, start, grp)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS versions (
@@ -107,6 +108,7 @@ impl SqliteStore {
         conn.execute_batch(PRAGMAS)?;
         add_versions(&mut conn, &metrics)?;
         conn.execute_batch(SCHEMA)?;
+        add_estimates(&conn)?;
         retire_versions(&mut conn, &metrics, keep_old)?;
         let writer = StoreWriter::start("store-writer", metrics, move |rx, in_use, failing| {
             write_loop(conn, rx, &in_use, keep_old, &failing)
@@ -125,9 +127,13 @@ impl SqliteStore {
     pub fn scan(&self, fold: &mut Fold) -> Result<(), StoreError> {
         self.with_reader(|conn| {
             // Filters on every dimension of the table name one group, which
-            // is read alone.
+            // is read alone. A read answered by estimates (?7) takes a
+            // sketch only where a row has no estimate.
             let mut stmt = conn.prepare_cached(
-                "SELECT start, grp, count, sum, sketch FROM windows
+                "SELECT start, grp, count, sum,
+                        CASE WHEN ?7 AND estimate IS NOT NULL THEN NULL ELSE sketch END,
+                        CASE WHEN ?7 THEN estimate END
+                 FROM windows
                  WHERE metric = ?1 AND version = ?2 AND window = ?3 AND start >= ?4 AND start < ?5
                    AND (?6 IS NULL OR grp = ?6)
                  ORDER BY start, grp",
@@ -145,8 +151,16 @@ impl SqliteStore {
                     break;
                 }
                 let window = read.window.to_string();
-                let mut rows =
-                    stmt.query(params![metric, read.version, window, from, end, only])?;
+                let by_estimate = fold.query().by_estimate(&read);
+                let mut rows = stmt.query(params![
+                    metric,
+                    read.version,
+                    window,
+                    from,
+                    end,
+                    only,
+                    by_estimate
+                ])?;
                 let mut last = None;
                 while let Some(row) = rows.next()? {
                     let sketch = row
@@ -162,7 +176,11 @@ impl SqliteStore {
                     let group: Vec<&str> = grp.split(SEP).collect();
                     let start: i64 = row.get(0)?;
                     last = Some(start);
-                    if fold.add(start, &group, &state).is_break() {
+                    let flow = match row.get::<_, Option<f64>>(5)? {
+                        Some(estimate) => fold.add_estimated(start, &group, &state, estimate),
+                        None => fold.add(start, &group, &state),
+                    };
+                    if flow.is_break() {
                         return Ok(());
                     }
                 }
@@ -230,15 +248,28 @@ impl SqliteStore {
     }
 }
 
+/// The columns of table `windows`; none before it exists.
+fn columns(conn: &Connection) -> Result<Vec<String>, rusqlite::Error> {
+    conn.prepare("SELECT name FROM pragma_table_info('windows')")?
+        .query_map([], |row| row.get(0))?
+        .collect()
+}
+
+/// Gives a store written before sketches carried their estimates the
+/// column; its rows have none, and are read by their sketches.
+fn add_estimates(conn: &Connection) -> Result<(), rusqlite::Error> {
+    if !columns(conn)?.iter().any(|c| c == "estimate") {
+        conn.execute_batch("ALTER TABLE windows ADD COLUMN estimate REAL")?;
+    }
+    Ok(())
+}
+
 /// Gives the rows of a store written before results carried their
 /// metric's version the version of the metric of that name as configured
 /// now, in one transaction; rows of metrics no longer configured get none
 /// (`""`) and are never read. A store that has versions is left alone.
 fn add_versions(conn: &mut Connection, metrics: &[MetricSpec]) -> Result<(), rusqlite::Error> {
-    let columns: Vec<String> = conn
-        .prepare("SELECT name FROM pragma_table_info('windows')")?
-        .query_map([], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
+    let columns = columns(conn)?;
     if columns.is_empty() || columns.iter().any(|c| c == "version") {
         return Ok(());
     }
@@ -255,7 +286,7 @@ fn add_versions(conn: &mut Connection, metrics: &[MetricSpec]) -> Result<(), rus
     }
     tx.execute_batch(SCHEMA)?;
     let moved = tx.execute(
-        "INSERT INTO windows
+        "INSERT INTO windows (metric, version, window, start, end, grp, count, sum, sketch, revision)
          SELECT w.metric, coalesce(v.version, ''), w.window, w.start, w.end, w.grp, w.count,
                 w.sum, w.sketch, w.revision
          FROM windows_unversioned w LEFT JOIN temp.configured v ON v.metric = w.metric",
@@ -402,11 +433,11 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> Result<usize, rusqlite::Err
     let mut rows = 0;
     {
         let mut upsert = tx.prepare_cached(
-            "INSERT INTO windows (metric, version, window, start, end, grp, count, sum, sketch, revision)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+            "INSERT INTO windows (metric, version, window, start, end, grp, count, sum, sketch, revision, estimate)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (metric, version, window, start, grp) DO UPDATE SET
                  end = excluded.end, count = excluded.count, sum = excluded.sum,
-                 sketch = excluded.sketch, revision = excluded.revision
+                 sketch = excluded.sketch, revision = excluded.revision, estimate = excluded.estimate
              WHERE excluded.revision > windows.revision",
         )?;
         let mut dead = tx.prepare_cached(
@@ -429,6 +460,7 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> Result<usize, rusqlite::Err
                             u.state.sum_f64(),
                             sketch,
                             u.revision,
+                            u.state.sketch.as_ref().map(Sketch::estimate),
                         ])?;
                     }
                 }
