@@ -3,10 +3,14 @@
 //!
 //! Senders post batches of 1000 events stamped with the current time, on a
 //! fixed schedule (an open loop: a late send does not push the schedule
-//! back). A subscriber follows `metrics:events` in 10 s windows. A batch is
-//! seen when a frame for its window carries a count at least the number of
-//! events posted to that window up to and including the batch. The baseline
-//! is the same POST's own round trip to its `202`.
+//! back). Beside them a probe posts one event of campaign `probe` every
+//! 100 ms, as a dashboard's own traffic would. One subscriber follows the
+//! probe's campaign, `metrics:ad_clicks:campaignId:probe` in 1 m windows,
+//! which changes with each probe; and `metrics:events` in 10 s windows,
+//! which changes with every batch and so is always busy. A POST is seen
+//! when a frame for its window carries a count at least the number of
+//! events posted to that window up to and including it. The baseline is the
+//! load's POSTs' own round trip to their `202`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,10 +28,13 @@ const RATE: usize = 100_000;
 const BATCH: usize = 1000;
 const SECONDS: u64 = 20;
 const SENDERS: usize = 4;
+/// How often the probe posts its one event.
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+const PROBE_TOPIC: &str = "metrics:ad_clicks:campaignId:probe";
 
 pub fn run() {
-    // The target rate, and half of it, to show where the knee is.
-    for rate in [RATE, RATE / 2] {
+    // The targets' rates: the load and a fifth of it.
+    for rate in [RATE, RATE / 5] {
         run_at(rate);
     }
 }
@@ -38,8 +45,12 @@ fn run_at(rate: usize) {
     // bench's environment reaches tally too).
     let tally = Tally::start(dir.path(), &[]);
     let mut measured = measure(&tally, rate, SECONDS);
-    let mut latencies: Vec<f64> = measured.latencies.iter().map(|l| l.1).collect();
-    latencies.sort_by(f64::total_cmp);
+    let sorted = |latencies: &[(Duration, f64)]| {
+        let mut sorted: Vec<f64> = latencies.iter().map(|l| l.1).collect();
+        sorted.sort_by(f64::total_cmp);
+        sorted
+    };
+    let (probe, latencies) = (sorted(&measured.probe), sorted(&measured.latencies));
     let interval = std::env::var("TALLY__LIVE__INTERVAL").unwrap_or_else(|_| "the default".into());
     println!("(c) freshness, POST to the first WebSocket frame that includes it, live.interval = {interval}");
     println!(
@@ -53,7 +64,15 @@ fn run_at(rate: usize) {
         quantile(&measured.acks, 0.99)
     );
     println!(
-        "    POST to the first frame with it:      p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms",
+        "    probe POST to the first frame with it: p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms ({} probes, {} never seen)",
+        quantile(&probe, 0.5),
+        quantile(&probe, 0.99),
+        probe.last().unwrap(),
+        probe.len(),
+        measured.probes_unseen
+    );
+    println!(
+        "    load POST to the first frame of metrics:events with it (always busy): p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms",
         quantile(&latencies, 0.5),
         quantile(&latencies, 0.99),
         latencies.last().unwrap()
@@ -62,9 +81,13 @@ fn run_at(rate: usize) {
 
 /// What [`measure`] saw.
 pub struct Measured {
-    /// Per batch seen, when it was sent (from the start) and its freshness
-    /// in milliseconds.
+    /// Per batch seen in `metrics:events`, when it was sent (from the
+    /// start) and its freshness in milliseconds.
     pub latencies: Vec<(Duration, f64)>,
+    /// The same for each probe seen in its campaign's topic.
+    pub probe: Vec<(Duration, f64)>,
+    /// Probes never seen in a frame.
+    pub probes_unseen: usize,
     /// Each POST's round trip to its `202`, in milliseconds.
     pub acks: Vec<f64>,
     /// Events per second sent.
@@ -76,8 +99,9 @@ pub struct Measured {
 }
 
 /// Offers `rate` events/s to `tally` for `seconds`, stamped with the
-/// current time, and times each batch from its POST to the first frame of
-/// `metrics:events` in 10 s windows that includes it.
+/// current time, and a probe event every [`PROBE_EVERY`]; times each batch
+/// from its POST to the first frame of `metrics:events` in 10 s windows that
+/// includes it, and each probe to the first of its campaign's topic.
 pub fn measure(tally: &Tally, rate: usize, seconds: u64) -> Measured {
     let (mut socket, _) =
         tungstenite::connect(format!("{}/v1/live", tally.url.replace("http://", "ws://"))).unwrap();
@@ -85,12 +109,16 @@ pub fn measure(tally: &Tally, rate: usize, seconds: u64) -> Measured {
         s.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
     }
-    let subscribe =
-        json!({"action": "subscribe", "topic": "metrics:events", "window": "tumbling 10s"});
-    socket.send(Message::text(subscribe.to_string())).unwrap();
+    for (topic, window) in [
+        ("metrics:events", "tumbling 10s"),
+        (PROBE_TOPIC, "tumbling 1m"),
+    ] {
+        let subscribe = json!({"action": "subscribe", "topic": topic, "window": window});
+        socket.send(Message::text(subscribe.to_string())).unwrap();
+    }
 
     let epoch = Instant::now();
-    let frames: Arc<Mutex<Vec<(Duration, String, u64)>>> = Arc::default();
+    let frames: Arc<Mutex<Vec<Frame>>> = Arc::default();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (frames, done) = (Arc::clone(&frames), Arc::clone(&done));
@@ -99,14 +127,17 @@ pub fn measure(tally: &Tally, rate: usize, seconds: u64) -> Measured {
                 match socket.read() {
                     Ok(Message::Text(text)) => {
                         let m: Value = serde_json::from_str(&text).unwrap();
-                        if let (Some(start), Some(value)) =
-                            (m["windowStart"].as_str(), m["value"].as_u64())
-                        {
-                            frames.lock().unwrap().push((
-                                epoch.elapsed(),
-                                start.to_string(),
+                        if let (Some(topic), Some(start), Some(value)) = (
+                            m["topic"].as_str(),
+                            m["windowStart"].as_str(),
+                            m["value"].as_u64(),
+                        ) {
+                            frames.lock().unwrap().push(Frame {
+                                at: epoch.elapsed(),
+                                probe: topic == PROBE_TOPIC,
+                                start: start.to_string(),
                                 value,
-                            ));
+                            });
                         }
                     }
                     Ok(_) => {}
@@ -175,6 +206,34 @@ pub fn measure(tally: &Tally, rate: usize, seconds: u64) -> Measured {
             })
         })
         .collect();
+    let stop_probe = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let (url, done) = (tally.url.clone(), Arc::clone(&stop_probe));
+        std::thread::spawn(move || {
+            let agent = agent();
+            let mut rng = fastrand::Rng::with_seed(7);
+            let mut posted: HashMap<i64, u64> = HashMap::new();
+            let mut sends = Vec::new();
+            for i in 1.. {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if let Some(wait) = (PROBE_EVERY * i).checked_sub(epoch.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                let now_ms = now_ms();
+                let mut event = crate::support::event(&mut rng, now_ms);
+                event["eventType"] = json!("ad_click");
+                event["dimensions"]["campaignId"] = json!("probe");
+                let window = now_ms - now_ms.rem_euclid(60_000);
+                let count = posted.entry(window).or_default();
+                *count += 1;
+                sends.push((epoch.elapsed(), window, *count));
+                post_events(&agent, &url, &serde_json::to_vec(&[event]).unwrap());
+            }
+            sends
+        })
+    };
     for s in senders {
         s.join().unwrap();
     }
@@ -184,31 +243,49 @@ pub fn measure(tally: &Tally, rate: usize, seconds: u64) -> Measured {
         behind: late_sends,
         ..
     } = std::mem::take(&mut *ledger.lock().unwrap());
+    // The probe stops with the load; what it sent last gets time to show.
+    stop_probe.store(true, std::sync::atomic::Ordering::Relaxed);
+    let probes = probe.join().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();
 
     let frames = frames.lock().unwrap();
-    let mut latencies = Vec::new();
-    let mut unseen = 0;
-    for (sent, window, count) in &sends {
-        let start = format_rfc3339(*window);
-        match frames
-            .iter()
-            .find(|(at, s, v)| at >= sent && *s == start && v >= count)
-        {
-            Some((at, _, _)) => latencies.push((*sent, (*at - *sent).as_secs_f64() * 1000.0)),
-            None => unseen += 1,
+    let seen = |sends: &[(Duration, i64, u64)], probe: bool| {
+        let mut latencies = Vec::new();
+        let mut unseen = 0;
+        for (sent, window, count) in sends {
+            let start = format_rfc3339(*window);
+            match frames.iter().find(|f| {
+                f.probe == probe && f.at >= *sent && f.start == start && f.value >= *count
+            }) {
+                Some(f) => latencies.push((*sent, (f.at - *sent).as_secs_f64() * 1000.0)),
+                None => unseen += 1,
+            }
         }
-    }
+        (latencies, unseen)
+    };
+    let (latencies, unseen) = seen(&sends, false);
+    let (probe, probes_unseen) = seen(&probes, true);
     let last_sent = sends.iter().map(|s| s.0).max().unwrap();
     Measured {
         latencies,
+        probe,
+        probes_unseen,
         acks: std::mem::take(&mut acks),
         achieved: (total * BATCH) as f64 / last_sent.as_secs_f64(),
         late_sends,
         unseen,
     }
+}
+
+/// A frame of either topic, as the subscriber got it.
+struct Frame {
+    at: Duration,
+    /// Whether it is of the probe's topic, else of `metrics:events`.
+    probe: bool,
+    start: String,
+    value: u64,
 }
 
 /// What the senders share.

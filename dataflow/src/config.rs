@@ -193,9 +193,9 @@ impl DataflowConfig {
 /// `[live]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LiveConfig {
-    /// Most frequent partial update of an open window. The first change
-    /// after a quiet interval goes out at once, later ones at the interval's
-    /// end. Default [`DEFAULT_LIVE_INTERVAL`].
+    /// How often a busy window's partials go out: on ticks this far apart,
+    /// a group's first change since the last tick at once, later ones at the
+    /// next tick. Default [`DEFAULT_LIVE_INTERVAL`].
     pub interval: Duration,
     /// Updates a WebSocket client may have queued before it is dropped: what
     /// one subscription gets at once, one message or one per group. Default 50.
@@ -205,11 +205,12 @@ pub struct LiveConfig {
     pub max_subscriptions: usize,
 }
 
-/// The default of `live.interval`: 100 ms. A busy window's change waits at
-/// most this long for its partial, on average half of it; at 100k events/s
-/// on two cores it put an event on the screen within 117 ms at p99, where
-/// 1 s gave 1,013 ms and 50 ms, with the workers busier, 133 ms
-/// (BENCHMARKS.md (c)). A busy window sends a subscriber up to ten
+/// The default of `live.interval`: 100 ms. A change to a group not shown
+/// since the last tick goes out at once; a busy group's waits for the next
+/// tick, at most this long and on average half of it. At 100k events/s on
+/// two cores 1 s put a busy window's events on the screen within 1,013 ms
+/// at p99, 100 ms within 117 ms, and 50 ms, with the workers busier, 133 ms
+/// (BENCHMARKS.md (c)). A busy window sends a subscriber about ten
 /// messages a second; a gateway with many thousands of clients on busy
 /// topics may want a longer one.
 pub const DEFAULT_LIVE_INTERVAL: Duration = Duration::from_millis(100);

@@ -5,9 +5,17 @@
 //! timely: the operator stashes contributions by the time they travelled at
 //! and calls, for each time the frontier passes, [`WindowState::close_until`]
 //! then [`WindowState::apply`]; when the frontier moves,
-//! [`WindowState::expire`]; and once per live interval,
-//! [`WindowState::partials`]. Every emission is a function of the calls, so
-//! the unit tests below check the semantics without a dataflow.
+//! [`WindowState::expire`]; and whenever [`WindowState::next_partials`]
+//! comes, [`WindowState::partials`]. Every emission is a function of the
+//! calls, so the unit tests below check the semantics without a dataflow.
+//!
+//! Partials are coalesced per group, on ticks one live interval apart: a
+//! group shown since the last tick shows its next changes at the next one
+//! (the trailing edge), where every busy group goes out together, and a
+//! group not shown since then shows a change at once (the leading edge). So
+//! a window is sent at most twice an interval and once an interval while it
+//! is busy, a change waits at most until the next tick, and a busy group
+//! never holds back a quiet one.
 //!
 //! A group (a metric's dimension values) is interned when its first
 //! contribution arrives, and freed once it has no pane, no window and no
@@ -25,6 +33,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
@@ -67,6 +76,22 @@ pub struct WindowState {
     /// Panes (group, pane start) changed or awaiting data since the last
     /// partial emission; their open windows get partials.
     dirty_panes: HashSet<(usize, Millis)>,
+    /// A group shows its partials at most this often.
+    live_interval: Duration,
+    /// When the earliest group with a dirty pane may show it.
+    due: Option<Instant>,
+    /// The first tick: ticks are a live interval apart from it.
+    epoch: Instant,
+}
+
+/// The first tick after `time`, of ticks `interval` apart from `epoch`.
+fn tick_after(epoch: Instant, interval: Duration, time: Instant) -> Instant {
+    let interval = interval.as_nanos();
+    if interval == 0 {
+        return time;
+    }
+    let ticks = time.saturating_duration_since(epoch).as_nanos() / interval + 1;
+    epoch + Duration::from_nanos((ticks * interval) as u64)
 }
 
 /// A contribution waiting for the frontier, its group interned.
@@ -85,6 +110,8 @@ struct GroupState {
     windows: u32,
     /// Contributions staged for this group and not applied yet.
     staged: u32,
+    /// When its partials last went out.
+    shown: Option<Instant>,
 }
 
 impl GroupState {
@@ -95,8 +122,13 @@ impl GroupState {
 
 impl WindowState {
     /// Empty state for `metrics`, keeping closed windows for
-    /// `allowed_lateness`.
-    pub fn new(metrics: Rc<Vec<MetricSpec>>, allowed_lateness: Millis) -> Self {
+    /// `allowed_lateness` and showing each group's partials at most once per
+    /// `live_interval`.
+    pub fn new(
+        metrics: Rc<Vec<MetricSpec>>,
+        allowed_lateness: Millis,
+        live_interval: Duration,
+    ) -> Self {
         let widest = metrics
             .iter()
             .map(|m| m.windows.iter().map(WindowSpec::size).max().unwrap_or(0))
@@ -121,6 +153,9 @@ impl WindowState {
             closed_by_end: BTreeSet::new(),
             pane_expiry: BTreeSet::new(),
             dirty_panes: HashSet::default(),
+            live_interval,
+            due: None,
+            epoch: Instant::now(),
         }
     }
 
@@ -362,21 +397,49 @@ impl WindowState {
         self.free.push(g);
     }
 
-    /// Emits partial values of the open windows changed since the last call.
+    /// Emits, at `now`, partial values of the open windows changed since
+    /// their group last showed them, for the groups whose interval has
+    /// passed since (see the [module](self)); the others wait for
+    /// [`Self::next_partials`].
     ///
     /// Partials include the stashed data the frontier has not released yet,
     /// so live views do not wait for the slowest partition. They are never
     /// stored, so this does not touch the determinism of finals.
     pub fn partials<'a>(
         &mut self,
+        now: Instant,
         stash: impl IntoIterator<Item = &'a Staged>,
         out: &mut Vec<WindowUpdate>,
     ) {
-        if self.dirty_panes.is_empty() {
+        if self.due.is_none_or(|due| due > now) {
             return;
         }
+        let groups = &self.groups;
+        let (epoch, interval) = (self.epoch, self.live_interval);
+        let tick = |shown| tick_after(epoch, interval, shown);
+        let due = |g: usize| {
+            let group = groups[g].as_ref().expect("dirty groups are live");
+            group.shown.map_or(now, tick)
+        };
+        let mut showing: Vec<(usize, Millis)> = Vec::new();
+        let mut next: Option<Instant> = None;
+        self.dirty_panes.retain(|&(g, pane)| {
+            let at = due(g);
+            if at <= now {
+                showing.push((g, pane));
+                false
+            } else {
+                next = Some(next.map_or(at, |n| n.min(at)));
+                true
+            }
+        });
+        self.due = next;
+        let shown: HashSet<usize> = showing.iter().map(|&(g, _)| g).collect();
+        for &g in &shown {
+            self.group_mut(g).shown = Some(now);
+        }
         let mut pending: HashMap<usize, BTreeMap<Millis, AggState>> = HashMap::default();
-        for c in stash {
+        for c in stash.into_iter().filter(|c| shown.contains(&c.group)) {
             pending
                 .entry(c.group)
                 .or_default()
@@ -385,7 +448,7 @@ impl WindowState {
                 .merge(&c.state);
         }
         let mut dirty = BTreeSet::new();
-        for (g, pane) in self.dirty_panes.drain() {
+        for (g, pane) in showing {
             let metric = self.groups[g]
                 .as_ref()
                 .expect("dirty groups are live")
@@ -412,14 +475,20 @@ impl WindowState {
         }
     }
 
-    /// Interns an arriving contribution's group, and marks its pane so the
-    /// next partials show it.
-    pub fn stage(&mut self, c: Contribution) -> Staged {
+    /// Interns a contribution's group as it arrives at `now`, and marks its
+    /// pane so that the group's next partials show it.
+    pub fn stage(&mut self, c: Contribution, now: Instant) -> Staged {
         let group = self.intern(c.metric, &c.group, c.hash);
-        self.group_mut(group).staged += 1;
+        let state = self.group_mut(group);
+        state.staged += 1;
+        let shown = state.shown;
+        let at = shown.map_or(now, |shown| {
+            tick_after(self.epoch, self.live_interval, shown).max(now)
+        });
         // Rollups are for history alone: they have no partials.
         if self.metrics[c.metric as usize].rollup_of.is_none() {
             self.dirty_panes.insert((group, c.pane));
+            self.due = Some(self.due.map_or(at, |due| due.min(at)));
         }
         Staged {
             group,
@@ -494,9 +563,10 @@ impl WindowState {
         }
     }
 
-    /// True while some pane has changed since the last partials.
-    pub fn has_partials(&self) -> bool {
-        !self.dirty_panes.is_empty()
+    /// When [`Self::partials`] next has something to show: `None` while no
+    /// pane has changed since its group's last partials.
+    pub fn next_partials(&self) -> Option<Instant> {
+        self.due
     }
 
     /// The group of time rollup `table` with the dimension values of group
@@ -534,6 +604,7 @@ impl WindowState {
             panes: BTreeMap::new(),
             windows: 0,
             staged: 0,
+            shown: None,
         };
         let g = match self.free.pop() {
             Some(g) => {
@@ -585,6 +656,7 @@ mod tests {
     use crate::window::pane_width;
 
     const LATENESS: Millis = 30_000;
+    const INTERVAL: Duration = Duration::from_millis(100);
 
     fn state() -> WindowState {
         let windows: Vec<_> = ["tumbling 10s", "sliding 30s every 10s"]
@@ -603,7 +675,7 @@ mod tests {
             projections: Vec::new(),
             rollup_of: None,
         };
-        WindowState::new(Rc::new(vec![metric]), LATENESS)
+        WindowState::new(Rc::new(vec![metric]), LATENESS, INTERVAL)
     }
 
     fn contribution(country: &str, pane_s: i64, count: u64) -> Contribution {
@@ -656,7 +728,11 @@ mod tests {
         time_s: i64,
         contributions: Vec<Contribution>,
     ) -> Vec<WindowUpdate> {
-        let staged: Vec<Staged> = contributions.into_iter().map(|c| state.stage(c)).collect();
+        let now = Instant::now();
+        let staged: Vec<Staged> = contributions
+            .into_iter()
+            .map(|c| state.stage(c, now))
+            .collect();
         let mut out = Vec::new();
         state.close_until(time_s * 1000, &mut out);
         state.apply(time_s * 1000, staged, &mut out);
@@ -707,10 +783,11 @@ mod tests {
         let mut state = state();
         step(&mut state, 0, vec![contribution("US", 0, 2)]);
         // Staged, not yet applied: the partial includes it.
-        let waiting = state.stage(contribution("US", 0, 5));
-        assert!(state.has_partials());
+        let now = Instant::now();
+        let waiting = state.stage(contribution("US", 0, 5), now);
+        assert!(state.next_partials().is_some_and(|due| due <= now));
         let mut out = Vec::new();
-        state.partials([&waiting], &mut out);
+        state.partials(now, [&waiting], &mut out);
         assert_eq!(
             rows(&out),
             [
@@ -718,10 +795,46 @@ mod tests {
                 ("US".into(), 1, -20, 10, 7, 0, false)
             ]
         );
-        assert!(!state.has_partials());
+        assert_eq!(state.next_partials(), None);
         out.clear();
-        state.partials([&waiting], &mut out);
+        state.partials(now + INTERVAL, [&waiting], &mut out);
         assert!(out.is_empty(), "nothing changed since the last partials");
+    }
+
+    #[test]
+    fn a_change_after_a_quiet_tick_goes_at_once_and_a_busy_group_at_the_next() {
+        let mut state = state();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let us = state.stage(contribution("US", 0, 1), t0);
+        state.partials(t0, [&us], &mut out);
+        assert_eq!(out.len(), 2, "the first change goes at once");
+        // US changes again within its interval: it waits for the next tick...
+        let later = t0 + INTERVAL / 4;
+        let again = state.stage(contribution("US", 0, 1), later);
+        let tick = state.next_partials().unwrap();
+        assert!(tick > later && tick <= t0 + INTERVAL);
+        out.clear();
+        state.partials(later, [&us, &again], &mut out);
+        assert!(out.is_empty(), "{:?}", rows(&out));
+        // ...and FR, quiet until now, does not wait for it.
+        let fr = state.stage(contribution("FR", 0, 1), later);
+        assert_eq!(state.next_partials(), Some(later));
+        let stash = [&us, &again, &fr];
+        state.partials(later, stash, &mut out);
+        let shown: Vec<String> = out.iter().map(|u| u.group[0].clone()).collect();
+        assert_eq!(shown, ["FR", "FR"]);
+        assert_eq!(state.next_partials(), Some(tick));
+        out.clear();
+        state.partials(tick, stash, &mut out);
+        assert_eq!(
+            rows(&out),
+            [
+                ("US".into(), 0, 0, 10, 2, 0, false),
+                ("US".into(), 1, -20, 10, 2, 0, false)
+            ]
+        );
+        assert_eq!(state.next_partials(), None);
     }
 
     #[test]
@@ -762,7 +875,7 @@ mod tests {
         state.close_until(40_000, &mut out);
         // A contribution arrives for a pane that expires with the others,
         // but waits in the stash while the frontier moves on.
-        let waiting = state.stage(contribution("US", 60, 1));
+        let waiting = state.stage(contribution("US", 60, 1), Instant::now());
         state.expire(60_000);
         assert_eq!(state.groups(), 1);
         state.apply(60_000, vec![waiting], &mut out);
@@ -780,7 +893,7 @@ mod tests {
             rollup_of: Some(0),
             ..metric.clone()
         };
-        let mut state = WindowState::new(Rc::new(vec![metric, minute]), LATENESS);
+        let mut state = WindowState::new(Rc::new(vec![metric, minute]), LATENESS, INTERVAL);
         let of_minute = |updates: &[WindowUpdate]| -> Vec<Row> {
             let minute: Vec<WindowUpdate> =
                 updates.iter().filter(|u| u.metric == 1).cloned().collect();

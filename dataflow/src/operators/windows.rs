@@ -14,10 +14,11 @@
 //! - a closed window's state is kept until the frontier reaches
 //!   `end + allowed_lateness`, then dropped, panes and all.
 //!
-//! Between those points, windows touched since the last tick are emitted as
-//! partials (`is_final: false`), at most once per `live_interval` of
-//! processing time; of the sliding windows over a pane, only the one closing
-//! next. Partials also count data still waiting for the frontier,
+//! Between those points, changed windows are emitted as partials
+//! (`is_final: false`), coalesced per group on ticks one `live_interval` of
+//! processing time apart: a group's first change since the last tick at
+//! once, later ones at the next tick (see [`crate::state`]); of the sliding
+//! windows over a pane, only the one closing next. Partials also count data still waiting for the frontier,
 //! so a live view is as fresh as the data that has arrived. They are for live
 //! views only and are not stored.
 //!
@@ -98,7 +99,8 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
             let activator = scope.activator_for(Rc::clone(&info.address));
             let mut held: Option<Capability<u64>> = Some(capability);
             let mut stash: BTreeMap<u64, Vec<Staged>> = BTreeMap::new();
-            let mut state = WindowState::new(metrics, settings.allowed_lateness);
+            let mut state =
+                WindowState::new(metrics, settings.allowed_lateness, settings.live_interval);
             let Checkpointing {
                 progress,
                 partitions,
@@ -128,14 +130,14 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                 progress.borrow_mut().forget_before(through);
                 passed = through;
             };
-            let mut last_partials = Instant::now();
             move |(input, frontier), output| {
+                let now = Instant::now();
                 input.for_each_stamp(|cap, data| {
                     // Every message of the source carries a capability.
                     let Some(&time) = cap.least() else { return };
                     let batch = stash.entry(time).or_default();
                     for container in data {
-                        batch.extend(container.drain(..).map(|c| state.stage(c)));
+                        batch.extend(container.drain(..).map(|c| state.stage(c, now)));
                     }
                 });
                 let frontier = frontier.frontier().iter().next().copied();
@@ -164,18 +166,11 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     }
                     None => state.close_until(Millis::MAX, &mut emitted),
                 }
-                if last_partials.elapsed() >= settings.live_interval {
-                    state.partials(stash.values().flatten(), &mut emitted);
-                    last_partials = Instant::now();
-                }
-                if state.has_partials() {
-                    // The trailing edge: an interval after the last partials,
-                    // not after this change.
-                    activator.activate_after(
-                        settings
-                            .live_interval
-                            .saturating_sub(last_partials.elapsed()),
-                    );
+                state.partials(now, stash.values().flatten(), &mut emitted);
+                if let Some(due) = state.next_partials() {
+                    // The trailing edge of a busy group: an interval after
+                    // its last partials, not after this change.
+                    activator.activate_after(due.saturating_duration_since(now));
                 }
                 if let Some(cap) = held.as_mut() {
                     let finals = emitted.iter().filter(|u| u.is_final).count();
