@@ -337,6 +337,13 @@ impl Query {
         bucket_count(self.start, self.end, self.resolution)
     }
 
+    /// The bucket of a stored window of `group` starting at `start`; `None`
+    /// outside the range or the filters.
+    fn bucket(&self, start: Millis, group: &[&str]) -> Option<usize> {
+        (start >= self.start && start < self.end && self.passes(group))
+            .then(|| ((start - self.start) / self.resolution) as usize)
+    }
+
     /// Whether a stored group, given as its dimension values, passes the
     /// filters.
     fn passes(&self, group: &[&str]) -> bool {
@@ -433,10 +440,9 @@ impl Fold {
     pub fn add(&mut self, start: Millis, group: &[&str], state: &AggState) -> ControlFlow<()> {
         self.rows += 1;
         let q = &self.query;
-        if start < q.start || start >= q.end || !q.passes(group) {
+        let Some(bucket) = q.bucket(start, group) else {
             return ControlFlow::Continue(());
-        }
-        let bucket = ((start - q.start) / q.resolution) as usize;
+        };
         let value = || {
             q.group_by
                 .and_then(|d| group.get(d).copied())
@@ -497,12 +503,10 @@ impl Fold {
         estimate: f64,
     ) -> ControlFlow<()> {
         let flow = self.add(start, group, state);
-        let q = &self.query;
-        if let Stage::Single(states, estimates) = &mut self.stage {
-            if start >= q.start && start < q.end && q.passes(group) {
-                estimates.resize(states.len(), None);
-                estimates[((start - q.start) / q.resolution) as usize] = Some(estimate);
-            }
+        let bucket = self.query.bucket(start, group);
+        if let (Stage::Single(states, estimates), Some(bucket)) = (&mut self.stage, bucket) {
+            estimates.resize(states.len(), None);
+            estimates[bucket] = Some(estimate);
         }
         flow
     }

@@ -84,14 +84,19 @@ pub struct WindowState {
     epoch: Instant,
 }
 
-/// The first tick after `time`, of ticks `interval` apart from `epoch`.
-fn tick_after(epoch: Instant, interval: Duration, time: Instant) -> Instant {
+/// When a group last shown at `shown` may show a change made at `now`: at
+/// once if never, else at the first tick after `shown` (ticks `interval`
+/// apart from `epoch`), and never before `now`.
+fn may_show(epoch: Instant, interval: Duration, shown: Option<Instant>, now: Instant) -> Instant {
+    let Some(shown) = shown else {
+        return now;
+    };
     let interval = interval.as_nanos();
     if interval == 0 {
-        return time;
+        return now;
     }
-    let ticks = time.saturating_duration_since(epoch).as_nanos() / interval + 1;
-    epoch + Duration::from_nanos((ticks * interval) as u64)
+    let ticks = shown.saturating_duration_since(epoch).as_nanos() / interval + 1;
+    (epoch + Duration::from_nanos((ticks * interval) as u64)).max(now)
 }
 
 /// A contribution waiting for the frontier, its group interned.
@@ -416,10 +421,9 @@ impl WindowState {
         }
         let groups = &self.groups;
         let (epoch, interval) = (self.epoch, self.live_interval);
-        let tick = |shown| tick_after(epoch, interval, shown);
         let due = |g: usize| {
             let group = groups[g].as_ref().expect("dirty groups are live");
-            group.shown.map_or(now, tick)
+            may_show(epoch, interval, group.shown, now)
         };
         let mut showing: Vec<(usize, Millis)> = Vec::new();
         let mut next: Option<Instant> = None;
@@ -482,12 +486,10 @@ impl WindowState {
         let state = self.group_mut(group);
         state.staged += 1;
         let shown = state.shown;
-        let at = shown.map_or(now, |shown| {
-            tick_after(self.epoch, self.live_interval, shown).max(now)
-        });
         // Rollups are for history alone: they have no partials.
         if self.metrics[c.metric as usize].rollup_of.is_none() {
             self.dirty_panes.insert((group, c.pane));
+            let at = may_show(self.epoch, self.live_interval, shown, now);
             self.due = Some(self.due.map_or(at, |due| due.min(at)));
         }
         Staged {

@@ -18,9 +18,9 @@
 //! (`is_final: false`), coalesced per group on ticks one `live_interval` of
 //! processing time apart: a group's first change since the last tick at
 //! once, later ones at the next tick (see [`crate::state`]); of the sliding
-//! windows over a pane, only the one closing next. Partials also count data still waiting for the frontier,
-//! so a live view is as fresh as the data that has arrived. They are for live
-//! views only and are not stored.
+//! windows over a pane, only the one closing next. Partials also count data
+//! still waiting for the frontier, so a live view is as fresh as the data
+//! that has arrived. They are for live views only and are not stored.
 //!
 //! The state and its rules are [`crate::state`]; this operator moves data
 //! and capabilities around it.
