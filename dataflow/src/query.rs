@@ -47,6 +47,11 @@ pub struct Query {
     /// With `group_by`, how many groups the answer holds: the largest by
     /// their total over the range.
     pub top: usize,
+    /// Where a grouped `uniq` ranks its groups from, when coarser windows
+    /// of the table fit in the range (see [`Query::by_estimate`]): the
+    /// ranking then merges one sketch per group and coarse window, not one
+    /// per bucket. Empty when the ranking reads the query's own rows.
+    pub rank: Vec<Span>,
     /// The dimension names of the table read, which `filters` and
     /// `group_by` index: the metric's, or a rollup's (see [`rollup`]).
     pub dimensions: Vec<String>,
@@ -70,6 +75,45 @@ pub struct Read {
     pub version: String,
     /// The window.
     pub window: WindowSpec,
+}
+
+/// A part of a query's range and what is read for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Span {
+    /// First window's start.
+    pub start: Millis,
+    /// End of the span, exclusive.
+    pub end: Millis,
+    /// The reads, as [`Query::reads`].
+    pub reads: Vec<Read>,
+}
+
+/// What a store reads for one scan of a [`Fold`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scan {
+    /// The metric's name.
+    pub metric: String,
+    /// What is read, in order; each read goes on from the end of the last
+    /// window the one before it found.
+    pub reads: Vec<Read>,
+    /// The first read's start.
+    pub start: Millis,
+    /// End of the range, exclusive.
+    pub end: Millis,
+    /// The one group to read, as [`Query::only_group`].
+    pub only: Option<Vec<String>>,
+    /// The width of a bucket, when each bucket of a group is one stored
+    /// window of a read that wide, whose estimate answers it: such a read
+    /// may leave its sketches out.
+    estimates: Option<Millis>,
+}
+
+impl Scan {
+    /// Whether the rows of `read` may carry their estimates in place of
+    /// their sketches, for [`Fold::add_estimated`].
+    pub fn by_estimate(&self, read: &Read) -> bool {
+        self.estimates == Some(read.window.size())
+    }
 }
 
 /// A query the client must fix, with the parameter at fault.
@@ -238,13 +282,7 @@ impl Query {
             )
         })?;
         let (table, window, resolution) = (choice.table, choice.window, choice.resolution);
-        let reads = std::iter::once((table, window))
-            .chain(choice.finer.iter().copied())
-            .map(|(t, window)| Read {
-                version: crate::fingerprint::metric(t),
-                window,
-            })
-            .collect();
+        let reads = reads(&choice);
         // Filters and the grouping index the table's dimensions.
         let place = |d: usize| {
             table
@@ -281,7 +319,7 @@ impl Query {
                 refusal: Refusal::Points,
             });
         }
-        Ok(Query {
+        let mut query = Query {
             metric: metric.name.clone(),
             version: crate::fingerprint::metric(table),
             aggregate: metric.aggregate,
@@ -290,13 +328,66 @@ impl Query {
             filters,
             group_by,
             top,
+            rank: Vec::new(),
             dimensions: table.dimensions.clone(),
             start,
             end,
             resolution,
             max_groups: limits.max_groups,
             max_points: limits.max_points,
-        })
+        };
+        if query.group_by.is_some() && query.by_estimate(&query.reads[0]) {
+            query.rank = query.rank_spans(&tables, now);
+        }
+        Ok(query)
+    }
+
+    /// The spans a grouped `uniq` answered by estimates ranks from: the
+    /// part of the range the widest coarser window of the table tiles, read
+    /// from that window, and the edges around it from the query's own
+    /// reads. Empty when no coarser window fits whole in the range.
+    fn rank_spans(&self, tables: &[MetricSpec], now: Millis) -> Vec<Span> {
+        let last = self.start + self.buckets() as Millis * self.resolution;
+        let mut sizes: Vec<Millis> = tables
+            .iter()
+            .filter(|t| t.dimensions == self.dimensions)
+            .flat_map(|t| t.windows.iter().filter(|w| w.is_tumbling()))
+            .map(WindowSpec::size)
+            .filter(|size| *size > self.resolution && size % self.resolution == 0)
+            .collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let needed: Vec<&str> = self.dimensions.iter().map(String::as_str).collect();
+        for size in sizes {
+            let (from, to) = (align(self.start + size - 1, size), align(last, size));
+            if to <= from {
+                continue;
+            }
+            let Some(choice) = rollup::choose(tables, &needed, from, to, size, now) else {
+                continue;
+            };
+            if choice.table.dimensions != self.dimensions || choice.resolution != size {
+                continue;
+            }
+            let own = |start, end| Span {
+                start,
+                end,
+                reads: self.reads.clone(),
+            };
+            let mut spans = Vec::new();
+            if self.start < from {
+                spans.push(own(self.start, from));
+            }
+            spans.push(Span {
+                start: from,
+                end: to,
+                reads: reads(&choice),
+            });
+            if to < self.end {
+                spans.push(own(to, self.end));
+            }
+            return spans;
+        }
+        Vec::new()
     }
 
     /// The filters as `(dimension, value)` names.
@@ -321,15 +412,16 @@ impl Query {
             .collect()
     }
 
-    /// Whether each bucket of the answer is one stored window of `read`, so
+    /// Whether each bucket of a series is one stored window of `read`, so
     /// that a `uniq` needs the estimate stored with its sketch rather than
-    /// the sketch: no `groupBy`, a filter on every dimension of the table
-    /// (or none to filter), and the read's window as wide as a bucket.
+    /// the sketch: a filter on every dimension of the table but the one
+    /// grouped by (or none to filter), and the read's window as wide as a
+    /// bucket. A grouped query still merges sketches to rank its groups.
     pub fn by_estimate(&self, read: &Read) -> bool {
         self.aggregate == AggregateKind::Uniq
-            && self.group_by.is_none()
-            && self.only_group().is_some()
             && read.window.size() == self.resolution
+            && (0..self.dimensions.len())
+                .all(|d| self.group_by == Some(d) || self.filters.iter().any(|(f, _)| *f == d))
     }
 
     /// The buckets of the answer.
@@ -360,8 +452,10 @@ impl Query {
 /// groups' buckets too while they fit in `history.max_points`; if they did
 /// not, a second pass reads the buckets of the `top` groups alone. Memory
 /// is therefore bounded by the totals of `max_groups` groups and by
-/// `max_points` buckets, however many rows the store holds.
-#[derive(Debug)]
+/// `max_points` buckets, however many rows the store holds. A query with
+/// [`Query::rank`] spans totals its groups over them, one pass each, and
+/// then reads the buckets of the `top` groups.
+#[derive(Clone, Debug)]
 pub struct Fold {
     query: Query,
     stage: Stage,
@@ -371,24 +465,55 @@ pub struct Fold {
     rows: u64,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Stage {
-    /// No `groupBy`: one series, and the buckets a stored estimate answers
-    /// (see [`Fold::add_estimated`]).
-    Single(Vec<AggState>, Vec<Option<f64>>),
+    /// No `groupBy`: one series.
+    Single(Buckets),
     /// Each group's total, and each group's buckets until they no longer
-    /// fit in the answer.
+    /// fit in the answer (or, ranking from `query.rank`, none); `span` is
+    /// the rank span this pass reads.
     Rank {
         totals: HashMap<String, AggState>,
-        buckets: Option<HashMap<String, Vec<AggState>>>,
+        buckets: Option<HashMap<String, Buckets>>,
+        span: usize,
     },
     /// The chosen groups' buckets, ranked, after a first pass found
     /// `groups` groups.
     Chosen {
         groups: usize,
         ranked: Vec<String>,
-        buckets: HashMap<String, Vec<AggState>>,
+        buckets: HashMap<String, Buckets>,
     },
+}
+
+/// One series' buckets: the states merged into each, and the estimate
+/// that answers a bucket which is one stored window (see
+/// [`Fold::add_estimated`]).
+#[derive(Clone, Debug, Default)]
+struct Buckets {
+    states: Vec<AggState>,
+    estimates: Vec<Option<f64>>,
+}
+
+impl Buckets {
+    fn new(width: usize) -> Buckets {
+        Buckets {
+            states: vec![AggState::default(); width],
+            estimates: Vec::new(),
+        }
+    }
+
+    fn estimate(&mut self, bucket: usize, estimate: f64) {
+        self.estimates.resize(self.states.len(), None);
+        self.estimates[bucket] = Some(estimate);
+    }
+
+    fn value(&self, bucket: usize, aggregate: AggregateKind) -> Option<f64> {
+        match self.estimates.get(bucket) {
+            Some(Some(estimate)) => Some(*estimate),
+            _ => self.states[bucket].value(aggregate),
+        }
+    }
 }
 
 /// Where a scan of the store leaves a [`Fold`].
@@ -415,10 +540,11 @@ impl Fold {
     /// A fold for the first scan of `query`.
     pub fn new(query: Query) -> Fold {
         let stage = match query.group_by {
-            None => Stage::Single(vec![AggState::default(); query.buckets()], Vec::new()),
+            None => Stage::Single(Buckets::new(query.buckets())),
             Some(_) => Stage::Rank {
                 totals: HashMap::new(),
-                buckets: Some(HashMap::new()),
+                buckets: query.rank.is_empty().then(HashMap::new),
+                span: 0,
             },
         };
         Fold {
@@ -429,9 +555,30 @@ impl Fold {
         }
     }
 
-    /// The query the store must read rows for: its metric, window and range.
+    /// The query being answered.
     pub fn query(&self) -> &Query {
         &self.query
+    }
+
+    /// What the store must read for this pass.
+    pub fn scan(&self) -> Scan {
+        let q = &self.query;
+        let (start, end, reads) = match &self.stage {
+            Stage::Rank { span, .. } if !q.rank.is_empty() => {
+                let span = &q.rank[*span];
+                (span.start, span.end, span.reads.clone())
+            }
+            _ => (q.start, q.end, q.reads.clone()),
+        };
+        let ranking = matches!(self.stage, Stage::Rank { .. });
+        Scan {
+            metric: q.metric.clone(),
+            reads,
+            start,
+            end,
+            only: q.only_group(),
+            estimates: (!ranking && q.by_estimate(&q.reads[0])).then_some(q.resolution),
+        }
     }
 
     /// Folds in one stored window: its start, its group's dimension values
@@ -443,15 +590,12 @@ impl Fold {
         let Some(bucket) = q.bucket(start, group) else {
             return ControlFlow::Continue(());
         };
-        let value = || {
-            q.group_by
-                .and_then(|d| group.get(d).copied())
-                .unwrap_or_default()
-        };
         match &mut self.stage {
-            Stage::Single(states, _) => states[bucket].merge(state),
-            Stage::Rank { totals, buckets } => {
-                let value = value();
+            Stage::Single(series) => series.states[bucket].merge(state),
+            Stage::Rank {
+                totals, buckets, ..
+            } => {
+                let value = q.group_value(group);
                 if let Some(total) = totals.get_mut(value) {
                     total.merge(state);
                 } else if totals.len() == q.max_groups {
@@ -477,22 +621,23 @@ impl Fold {
                     } else {
                         series
                             .entry(value.to_owned())
-                            .or_insert_with(|| vec![AggState::default(); width])[bucket]
+                            .or_insert_with(|| Buckets::new(width))
+                            .states[bucket]
                             .merge(state);
                     }
                 }
             }
             Stage::Chosen { buckets, .. } => {
-                if let Some(series) = buckets.get_mut(value()) {
-                    series[bucket].merge(state);
+                if let Some(series) = buckets.get_mut(q.group_value(group)) {
+                    series.states[bucket].merge(state);
                 }
             }
         }
         ControlFlow::Continue(())
     }
 
-    /// Folds in a stored window of a read the query answers by estimates
-    /// ([`Query::by_estimate`]): `state` without its sketch, and the value
+    /// Folds in a stored window of a read the scan answers by estimates
+    /// ([`Scan::by_estimate`]): `state` without its sketch, and the value
     /// the sketch estimated when it was stored. The window is the only one
     /// its bucket holds, so its estimate is the bucket's value.
     pub fn add_estimated(
@@ -503,10 +648,15 @@ impl Fold {
         estimate: f64,
     ) -> ControlFlow<()> {
         let flow = self.add(start, group, state);
-        let bucket = self.query.bucket(start, group);
-        if let (Stage::Single(states, estimates), Some(bucket)) = (&mut self.stage, bucket) {
-            estimates.resize(states.len(), None);
-            estimates[bucket] = Some(estimate);
+        if let Some(bucket) = self.query.bucket(start, group) {
+            let series = match &mut self.stage {
+                Stage::Single(series) => Some(series),
+                Stage::Chosen { buckets, .. } => buckets.get_mut(self.query.group_value(group)),
+                Stage::Rank { .. } => None,
+            };
+            if let Some(series) = series {
+                series.estimate(bucket, estimate);
+            }
         }
         flow
     }
@@ -524,21 +674,35 @@ impl Fold {
             answer.rows = rows;
             Pass::Done(answer)
         };
+        let again = |query, stage| {
+            Pass::Again(Box::new(Fold {
+                query,
+                stage,
+                refused: None,
+                rows,
+            }))
+        };
         Ok(match stage {
-            Stage::Single(states, estimates) => {
-                let mut series = query.series(Vec::new(), &states);
-                for (point, estimate) in series.points.iter_mut().zip(estimates) {
-                    if estimate.is_some() {
-                        point.1 = estimate;
-                    }
-                }
-                done(Answer {
-                    series: vec![series],
-                    groups: 0,
-                    rows,
-                })
-            }
-            Stage::Rank { totals, buckets } => {
+            Stage::Single(series) => done(Answer {
+                series: vec![query.series(Vec::new(), &series)],
+                groups: 0,
+                rows,
+            }),
+            Stage::Rank {
+                totals,
+                buckets,
+                span,
+            } if span + 1 < query.rank.len() => again(
+                query,
+                Stage::Rank {
+                    totals,
+                    buckets,
+                    span: span + 1,
+                },
+            ),
+            Stage::Rank {
+                totals, buckets, ..
+            } => {
                 let groups = totals.len();
                 let ranked = query.rank(totals);
                 match buckets {
@@ -547,18 +711,16 @@ impl Fold {
                         let width = query.buckets();
                         let buckets = ranked
                             .iter()
-                            .map(|g| (g.clone(), vec![AggState::default(); width]))
+                            .map(|g| (g.clone(), Buckets::new(width)))
                             .collect();
-                        Pass::Again(Box::new(Fold {
+                        again(
                             query,
-                            stage: Stage::Chosen {
+                            Stage::Chosen {
                                 groups,
                                 ranked,
                                 buckets,
                             },
-                            refused: None,
-                            rows,
-                        }))
+                        )
                     }
                 }
             }
@@ -572,6 +734,13 @@ impl Fold {
 }
 
 impl Query {
+    /// The value of the dimension grouped by in a stored group.
+    fn group_value<'g>(&self, group: &[&'g str]) -> &'g str {
+        self.group_by
+            .and_then(|d| group.get(d).copied())
+            .unwrap_or_default()
+    }
+
     /// The `top` groups, largest total first; groups without a value (avg
     /// of nothing) last, and ties in the order of their names.
     fn rank(&self, totals: HashMap<String, AggState>) -> Vec<String> {
@@ -594,14 +763,14 @@ impl Query {
         &self,
         groups: usize,
         ranked: Vec<String>,
-        buckets: &mut HashMap<String, Vec<AggState>>,
+        buckets: &mut HashMap<String, Buckets>,
     ) -> Answer {
         let dimension = &self.dimensions[self.group_by.unwrap_or(0)];
         let series = ranked
             .into_iter()
             .map(|group| {
-                let states = buckets.remove(&group).unwrap_or_default();
-                self.series(vec![(dimension.clone(), group)], &states)
+                let series = buckets.remove(&group).unwrap_or_default();
+                self.series(vec![(dimension.clone(), group)], &series)
             })
             .collect();
         Answer {
@@ -611,21 +780,30 @@ impl Query {
         }
     }
 
-    fn series(&self, group: Vec<(String, String)>, states: &[AggState]) -> Series {
+    fn series(&self, group: Vec<(String, String)>, series: &Buckets) -> Series {
         Series {
             group,
-            points: states
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
+            points: (0..series.states.len())
+                .map(|i| {
                     (
                         self.start + i as Millis * self.resolution,
-                        s.value(self.aggregate),
+                        series.value(i, self.aggregate),
                     )
                 })
                 .collect(),
         }
     }
+}
+
+/// What is read for a planner's choice: its window, then the finer ones.
+fn reads(choice: &rollup::Choice) -> Vec<Read> {
+    std::iter::once((choice.table, choice.window))
+        .chain(choice.finer.iter().copied())
+        .map(|(t, window)| Read {
+            version: crate::fingerprint::metric(t),
+            window,
+        })
+        .collect()
 }
 
 /// The buckets of `resolution` from `start`, which is aligned to it, that
@@ -658,6 +836,7 @@ fn parse_time(parameter: &str, value: &str) -> Result<Millis, QueryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::Field;
     use crate::config::Config;
 
     fn config() -> Config {
@@ -872,6 +1051,146 @@ projections = []
             (refused.parameter.as_str(), refused.refusal),
             ("groupBy", Refusal::Groups)
         );
+    }
+
+    /// A store of `(read, start, country, state)` rows, scanned as
+    /// SQLite and ClickHouse do; the answer, and how many rows came with
+    /// their sketch.
+    fn scan_store(query: Query, rows: &[(Read, Millis, &str, AggState)]) -> (Answer, usize) {
+        let mut fold = Fold::new(query);
+        let mut sketches = 0;
+        loop {
+            let scan = fold.scan();
+            let mut from = scan.start;
+            for read in &scan.reads {
+                let mut last = None;
+                for (_, start, country, state) in rows
+                    .iter()
+                    .filter(|(r, start, ..)| r == read && (from..scan.end).contains(start))
+                {
+                    last = Some(*start);
+                    let group = [*country];
+                    if scan.by_estimate(read) {
+                        let bare = AggState::from_parts(state.count, 0.0, None);
+                        let estimate = state.value(AggregateKind::Uniq).unwrap();
+                        let _ = fold.add_estimated(*start, &group, &bare, estimate);
+                    } else {
+                        sketches += 1;
+                        let _ = fold.add(*start, &group, state);
+                    }
+                }
+                if let Some(last) = last {
+                    from = last + read.window.size();
+                }
+            }
+            match fold.finish().unwrap() {
+                Pass::Done(answer) => return (answer, sketches),
+                Pass::Again(again) => fold = *again,
+            }
+        }
+    }
+
+    #[test]
+    fn a_grouped_uniq_ranks_from_the_days_and_answers_from_the_hours_estimates() {
+        struct User(String);
+        impl crate::event::Fields for User {
+            fn dimension(&self, _: &str) -> Option<&str> {
+                Some(&self.0)
+            }
+            fn value(&self, _: &str) -> Option<f64> {
+                None
+            }
+        }
+        let config = Config::load(
+            Some(
+                r#"
+[[metric]]
+name = "visitors"
+event_type = "visit"
+dimensions = ["country"]
+aggregate = "uniq"
+field = "dimensions.userId"
+windows = ["tumbling 1h"]
+rollups = ["tumbling 1d"]
+projections = []
+"#,
+            ),
+            [],
+        )
+        .unwrap();
+        let tables = rollup::tables(&config.metrics[0]);
+        let read = |t: usize| Read {
+            version: crate::fingerprint::metric(&tables[t]),
+            window: tables[t].windows[0],
+        };
+        let (hour, day) = (read(0), read(1));
+        const H: Millis = 3_600_000;
+        let day0 = 20_000 * 24 * H;
+        let field = Field::Dimension("userId".into());
+        let users = |ids: &mut dyn Iterator<Item = u64>| {
+            let mut state = AggState::default();
+            for id in ids {
+                state.observe(AggregateKind::Uniq, Some(&field), &User(format!("u{id}")));
+            }
+            state
+        };
+        // US: the same 20 users every hour. DE: 5 new users each hour, so
+        // more over the range, fewer in any hour. The day rollup of day 2
+        // is not made yet: its hours are read instead.
+        let mut rows = Vec::new();
+        for h in 0..4 * 24 {
+            let start = day0 + h * H;
+            rows.push((hour.clone(), start, "US", users(&mut (0..20))));
+            rows.push((
+                hour.clone(),
+                start,
+                "DE",
+                users(&mut (h as u64 * 5..h as u64 * 5 + 5)),
+            ));
+        }
+        for d in [0, 1, 3] {
+            for country in ["US", "DE"] {
+                let mut total = AggState::default();
+                for (_, start, c, state) in &rows {
+                    if *c == country && (start - day0) / (24 * H) == d {
+                        total.merge(state);
+                    }
+                }
+                rows.push((day.clone(), day0 + d * 24 * H, country, total));
+            }
+        }
+        let q = Query::parse(
+            &params(&[
+                ("metric", "visitors"),
+                ("start", &((day0 + 20 * H) / 1000).to_string()),
+                ("end", &((day0 + 3 * 24 * H + 5 * H) / 1000).to_string()),
+                ("resolution", "1h"),
+                ("groupBy", "country"),
+            ]),
+            &config.metrics,
+            &config.history,
+            day0 + 10 * 24 * H,
+        )
+        .unwrap();
+        let spans: Vec<(Millis, Millis, usize)> = q
+            .rank
+            .iter()
+            .map(|s| ((s.start - day0) / H, (s.end - day0) / H, s.reads.len()))
+            .collect();
+        assert_eq!(spans, [(20, 24, 1), (24, 72, 2), (72, 77, 1)]);
+
+        let (answer, sketches) = scan_store(q.clone(), &rows);
+        let plain = Query {
+            rank: Vec::new(),
+            ..q
+        };
+        let (expected, all) = scan_store(plain, &rows);
+        assert_eq!(answer.series, expected.series);
+        assert_eq!(answer.series[0].group[0].1, "DE");
+        assert_eq!(values(&answer.series[1])[..2], [Some(20.0), Some(20.0)]);
+        // 4 + 5 hours at the edges, day 1, and the 24 hours of day 2, for
+        // each country; the plain plan merges all 57 hours.
+        assert_eq!((sketches, all), (2 * (4 + 1 + 24 + 5), 2 * 57));
     }
 
     const COUNTRIES: [&str; 50] = [

@@ -43,7 +43,7 @@ use tally_dataflow::aggregate::{AggState, Sketch};
 use tally_dataflow::config::{ClickHouseConfig, MetricSpec};
 use tally_dataflow::fingerprint;
 use tally_dataflow::model::DeadLetter;
-use tally_dataflow::query::Fold;
+use tally_dataflow::query::{Fold, Scan};
 use tracing::{info, warn};
 
 use super::{
@@ -315,22 +315,44 @@ impl ClickHouseStore {
 
     /// Folds the stored windows a history query needs into `fold`, as
     /// ClickHouse streams them, until it has them all or has hit a bound.
-    pub async fn scan(&self, mut fold: Fold) -> Result<Fold, Error> {
-        let (metric, reads, end, only) = {
-            let q = fold.query();
-            let only = q.only_group().map(|g| join_group(&g));
-            (q.metric.clone(), q.reads.clone(), q.end, only)
+    pub async fn scan(&self, fold: Fold) -> Result<Fold, Error> {
+        let scan = fold.scan();
+        // A read answered by estimates leaves the sketch column, most of
+        // the bytes, unread. A row stored before estimates were kept has
+        // none, and then the pass is read again with the sketches.
+        let fold = if scan.reads.iter().any(|r| scan.by_estimate(r)) {
+            let again = fold.clone();
+            match self.read(fold, &scan, true).await? {
+                Some(fold) => return Ok(fold),
+                None => again,
+            }
+        } else {
+            fold
         };
+        Ok(self
+            .read(fold, &scan, false)
+            .await?
+            .expect("a read with sketches takes every row"))
+    }
+
+    /// One pass of [`ClickHouseStore::scan`], taking estimates where the
+    /// scan may; `None` if a row it took one from has none.
+    async fn read(
+        &self,
+        mut fold: Fold,
+        scan: &Scan,
+        estimates: bool,
+    ) -> Result<Option<Fold>, Error> {
+        let only = scan.only.as_deref().map(join_group);
         // Filters on every dimension of the table name one group, which is
-        // read alone. A read answered by estimates fetches a sketch only
-        // where a row has no estimate.
+        // read alone.
         let sql = |by_estimate: bool| {
             format!(
                 "SELECT start, grp, count, sum, {} FROM windows FINAL
                  WHERE metric = ? AND version = ? AND window = ? AND start >= ? AND start < ?{}
                  ORDER BY start, grp",
                 if by_estimate {
-                    "if(estimate < 0, sketch, '') AS sketch, estimate"
+                    "'' AS sketch, estimate"
                 } else {
                     "sketch, toFloat64(-1) AS estimate"
                 },
@@ -339,51 +361,51 @@ impl ClickHouseStore {
         };
         // Each read goes on from the end of the last window the one before
         // it found.
-        let mut from = fold.query().start;
-        for read in reads {
-            if from >= end {
+        let mut from = scan.start;
+        for read in &scan.reads {
+            if from >= scan.end {
                 break;
             }
-            let by_estimate = fold.query().by_estimate(&read);
+            let by_estimate = estimates && scan.by_estimate(read);
             let mut query = self
                 .client
                 .query(&sql(by_estimate))
-                .bind(&metric)
+                .bind(&scan.metric)
                 .bind(&read.version)
                 .bind(read.window.to_string())
                 .bind(from)
-                .bind(end);
+                .bind(scan.end);
             if let Some(group) = &only {
                 query = query.bind(group);
             }
             let mut cursor = query.fetch::<ScanRow<'_>>()?;
             let mut last = None;
             while let Some(row) = cursor.next().await? {
-                let sketch =
-                    if row.sketch.is_empty() {
-                        None
-                    } else {
-                        Some(Sketch::from_bytes(row.sketch).map_err(|e| {
-                            Error::Custom(format!("corrupt sketch in the store: {e}"))
-                        })?)
-                    };
-                let state = AggState::from_parts(row.count, row.sum, sketch);
                 let group: Vec<&str> = row.grp.split(SEP).collect();
                 last = Some(row.start);
-                let flow = if by_estimate && row.estimate >= 0.0 {
+                let flow = if by_estimate {
+                    if row.estimate < 0.0 {
+                        return Ok(None);
+                    }
+                    let state = AggState::from_parts(row.count, row.sum, None);
                     fold.add_estimated(row.start, &group, &state, row.estimate)
                 } else {
+                    let sketch = (!row.sketch.is_empty())
+                        .then(|| Sketch::from_bytes(row.sketch))
+                        .transpose()
+                        .map_err(|e| Error::Custom(format!("corrupt sketch in the store: {e}")))?;
+                    let state = AggState::from_parts(row.count, row.sum, sketch);
                     fold.add(row.start, &group, &state)
                 };
                 if flow.is_break() {
-                    return Ok(fold);
+                    return Ok(Some(fold));
                 }
             }
             if let Some(last) = last {
                 from = last + read.window.size();
             }
         }
-        Ok(fold)
+        Ok(Some(fold))
     }
 
     /// The start of the earliest stored window of any of `versions` of

@@ -138,28 +138,23 @@ impl SqliteStore {
                    AND (?6 IS NULL OR grp = ?6)
                  ORDER BY start, grp",
             )?;
-            let (metric, reads, end, only) = {
-                let q = fold.query();
-                let only = q.only_group().map(|g| join_group(&g));
-                (q.metric.clone(), q.reads.clone(), q.end, only)
-            };
+            let scan = fold.scan();
+            let only = scan.only.as_deref().map(join_group);
             // Each read goes on from the end of the last window the one
             // before it found.
-            let mut from = fold.query().start;
-            for read in reads {
-                if from >= end {
+            let mut from = scan.start;
+            for read in &scan.reads {
+                if from >= scan.end {
                     break;
                 }
-                let window = read.window.to_string();
-                let by_estimate = fold.query().by_estimate(&read);
                 let mut rows = stmt.query(params![
-                    metric,
+                    scan.metric,
                     read.version,
-                    window,
+                    read.window.to_string(),
                     from,
-                    end,
+                    scan.end,
                     only,
-                    by_estimate
+                    scan.by_estimate(read)
                 ])?;
                 let mut last = None;
                 while let Some(row) = rows.next()? {
