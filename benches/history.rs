@@ -25,6 +25,7 @@ use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
 use tally_dataflow::query::{Fold, Pass, Query};
 use tally_dataflow::rollup;
+use tally_dataflow::time::now_ms;
 use tally_dataflow::window::Span;
 
 use crate::support::default_config;
@@ -203,6 +204,7 @@ fn updates(
                     state,
                     revision: 0,
                     is_final: true,
+                    appended_at: None,
                 })
             }));
         }
@@ -536,13 +538,6 @@ fn report(label: &str, (times, rows): &(Vec<f64>, u64), baseline: &(Vec<f64>, u6
         percentile(times, 0.99),
         percentile(&baseline.0, 0.5),
     );
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn user(id: u32) -> tally_dataflow::event::Event {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tally_dataflow::config::Config;
+pub use tally_dataflow::time::now_ms;
 
 /// The repository's default configuration.
 pub fn default_config() -> Config {
@@ -245,14 +246,6 @@ pub fn stamp(template: &[u8], now_ms: i64) -> Vec<u8> {
         }
     }
     body
-}
-
-/// The wall clock in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// The resident memory of process `pid`, in KiB.

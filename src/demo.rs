@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_dataflow::event::Event;
+use tally_dataflow::time::now_ms;
 use tally_gateway::backend::EventSink;
-use tally_gateway::now_ms;
 
 const CAMPAIGNS: usize = 12;
 const COUNTRIES: [&str; 7] = ["US", "GB", "DE", "FR", "IN", "BR", "JP"];

@@ -267,7 +267,7 @@ async fn enforce_retention(log: EventLog) {
     loop {
         tick.tick().await;
         let log = log.clone();
-        let now = tally_gateway::now_ms();
+        let now = tally_dataflow::time::now_ms();
         match tokio::task::spawn_blocking(move || log.enforce_retention(now)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(deleted)) => info!(deleted, "deleted log segments past retention"),

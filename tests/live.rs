@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
+use tally_dataflow::time::{now_ms, parse_rfc3339};
+
 use crate::util::{at, base_ms, Tally};
 
 pub type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
@@ -62,6 +64,7 @@ fn partials_then_final_then_revision() {
 
     let click = |seconds: i64, country: &str| json!({"eventType": "ad_click", "timestamp": (base_ms() / 1000 + seconds), "dimensions": {"country": country, "campaignId": "c"}});
     let window_start = at(30_000);
+    let posted = now_ms();
     tally.post_events(&[
         click(31, "US"),
         click(32, "US"),
@@ -72,6 +75,13 @@ fn partials_then_final_then_revision() {
         m["windowStart"] == window_start && m["value"] == 3
     });
     assert_eq!(partial["final"], false, "{partial}");
+    // Its freshness: when tally took the batch, after the POST was sent and
+    // before the partial arrived.
+    let ingested = partial["ingestedAt"].as_str().and_then(parse_rfc3339);
+    assert!(
+        ingested.is_some_and(|at| posted <= at && at <= now_ms()),
+        "posted at {posted}: {partial}"
+    );
     assert_eq!(partial["topic"], "metrics:ad_clicks:country:US");
     assert_eq!(partial["windowEnd"], at(40_000).as_str());
 

@@ -26,6 +26,9 @@ pub struct Contribution {
     pub pane: Millis,
     /// The aggregate of the batch's events in this pane.
     pub state: AggState,
+    /// When the log took the batch, if it says: how fresh a live value
+    /// showing it is.
+    pub appended_at: Option<Millis>,
 }
 
 /// The value of one window of one group, as emitted. The operator emits
@@ -46,6 +49,10 @@ pub struct WindowUpdate {
     pub revision: u32,
     /// False for a partial value of a window that is still open.
     pub is_final: bool,
+    /// When the log took the newest batch this group's live values have
+    /// shown, if known; `None` after a restart until a new batch arrives.
+    /// For freshness alone: it is never stored.
+    pub appended_at: Option<Millis>,
 }
 
 /// An event that arrived too late for any window that still has state.

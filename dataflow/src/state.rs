@@ -117,6 +117,8 @@ struct GroupState {
     staged: u32,
     /// When its partials last went out.
     shown: Option<Instant>,
+    /// When the log took the newest batch staged for it.
+    appended_at: Option<Millis>,
 }
 
 impl GroupState {
@@ -485,6 +487,7 @@ impl WindowState {
         let group = self.intern(c.metric, &c.group, c.hash);
         let state = self.group_mut(group);
         state.staged += 1;
+        state.appended_at = state.appended_at.max(c.appended_at);
         let shown = state.shown;
         // Rollups are for history alone: they have no partials.
         if self.metrics[c.metric as usize].rollup_of.is_none() {
@@ -607,6 +610,7 @@ impl WindowState {
             windows: 0,
             staged: 0,
             shown: None,
+            appended_at: None,
         };
         let g = match self.free.pop() {
             Some(g) => {
@@ -642,6 +646,7 @@ impl WindowState {
             state,
             revision,
             is_final,
+            appended_at: group.appended_at,
         }
     }
 }
@@ -688,6 +693,7 @@ mod tests {
             group,
             pane: pane_s * 1000,
             state: AggState::from_parts(count, 0.0, None),
+            appended_at: None,
         }
     }
 

@@ -6,6 +6,11 @@ use std::time::Duration;
 /// Event time in milliseconds since the Unix epoch.
 pub type Millis = i64;
 
+/// The wall clock in Unix milliseconds.
+pub fn now_ms() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
 /// Parses an RFC 3339 time into Unix milliseconds.
 pub fn parse_rfc3339(s: &str) -> Option<Millis> {
     chrono::DateTime::parse_from_rfc3339(s)

@@ -135,8 +135,13 @@ class Chart {
 
   live(m) {
     const now = Date.now();
-    lags.push(now - Date.parse(m.timestamp));
-    if (lags.length > 50) lags.shift();
+    // Freshness is event to screen: from when tally took the newest batch
+    // this value includes. A final comes when its window closes, so it
+    // says nothing about freshness.
+    if (!m.final && m.ingestedAt) {
+      lags.push(now - Date.parse(m.ingestedAt));
+      if (lags.length > 50) lags.shift();
+    }
     lastUpdate = now;
     const points = this.points(m.group ? Object.values(m.group)[0] : "");
     const start = Date.parse(m.windowStart);
@@ -488,7 +493,7 @@ async function start() {
     const sorted = [...lags].sort((a, b) => a - b);
     const lag = sorted.length ? sorted[Math.floor(sorted.length / 2)] : null;
     const age = lastUpdate ? ((Date.now() - lastUpdate) / 1000).toFixed(1) : null;
-    $("freshness").textContent = lag === null ? "waiting for data" : `lag ${Math.max(0, lag)} ms · updated ${age} s ago`;
+    $("freshness").textContent = lag === null ? "waiting for data" : `event to screen ${Math.max(0, lag)} ms · updated ${age} s ago`;
   }, 1000);
 }
 

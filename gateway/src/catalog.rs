@@ -19,7 +19,9 @@ use warp::Reply;
 
 use crate::history::unavailable;
 use crate::reply::{number, ApiResult};
-use crate::{now_ms, Gateway};
+use tally_dataflow::time::now_ms;
+
+use crate::Gateway;
 
 /// The active metrics and the backfill, shared by every request.
 pub struct Catalog {

@@ -12,7 +12,9 @@ use warp::Reply;
 
 use crate::backend::HistoryError;
 use crate::reply::{number, ApiError, ApiResult};
-use crate::{now_ms, Gateway};
+use tally_dataflow::time::now_ms;
+
+use crate::Gateway;
 
 /// Answers a history query.
 pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {

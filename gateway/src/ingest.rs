@@ -33,7 +33,9 @@ use warp::Reply;
 
 use crate::backend::AppendError;
 use crate::reply::{ApiError, ApiResult};
-use crate::{now_ms, Gateway};
+use tally_dataflow::time::now_ms;
+
+use crate::Gateway;
 
 /// Bodies larger than this are parsed on the blocking pool, so one large
 /// request does not hold up the connections sharing its runtime thread.

@@ -42,6 +42,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 use tally_dataflow::config::{Config, ServerConfig};
+use tally_dataflow::time::now_ms;
 use tokio::net::TcpListener;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
@@ -68,11 +69,6 @@ pub struct Gateway {
     pub hub: Hub,
     /// Metrics and readiness.
     pub ops: Arc<Ops>,
-}
-
-/// The current wall-clock time in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// All routes.

@@ -1,9 +1,11 @@
 //! The cluster's live bus: Redis pub/sub, plus the latest values under a key.
 //!
 //! Workers publish each metric's window values on a channel of its
-//! version, `<prefix>:live:<metric>:<version>`, and keep every group's
-//! latest value of the windows that can still change in a hash,
-//! `<prefix>:latest:<metric>:<version>`, field `<window>:<start>:<group>`.
+//! version, `<prefix>:live:<metric>:<version>:<encoding>`, and keep every
+//! group's latest value of the windows that can still change in a hash,
+//! `<prefix>:latest:<metric>:<version>:<encoding>`, field
+//! `<window>:<start>:<group>`. `<encoding>` is [`ENCODING`], so processes
+//! of releases whose messages differ never read each other's.
 //! A gateway subscribes to the channel of a metric's active version only
 //! while one of its clients holds a topic of that metric, and on
 //! subscribing reads the hash, so its first subscriber gets the current
@@ -53,9 +55,14 @@ const LATEST_TTL_SECS: i64 = 3600;
 /// so a process that is gone does not report one for ever.
 const PROGRESS_TTL_SECS: u64 = 5;
 
-/// A metric's version, as its channel and its hash name it.
+/// The encoding of the messages, as channel and hash names carry it. It
+/// changes whenever [`WindowUpdate`] does.
+const ENCODING: &str = "e2";
+
+/// A metric's version and the encoding, as its channel and its hash name
+/// them.
 fn versioned(metric: &MetricSpec) -> String {
-    format!("{}:{}", metric.name, fingerprint::metric(metric))
+    format!("{}:{}:{ENCODING}", metric.name, fingerprint::metric(metric))
 }
 
 fn channel(prefix: &str, metric: &str) -> String {

@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tally_dataflow::config::{Fsync, LogConfig};
+use tally_dataflow::time::now_ms;
 
 use super::*;
 
@@ -60,13 +61,6 @@ fn segments(dir: &Path, partition: u32) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[test]

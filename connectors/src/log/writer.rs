@@ -10,10 +10,11 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tally_dataflow::config::Fsync;
+use tally_dataflow::time::now_ms;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tracing::{debug, error};
 
@@ -326,11 +327,4 @@ impl PartitionWriter {
         );
         Ok(())
     }
-}
-
-/// The wall clock in Unix milliseconds.
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |age| i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
 }

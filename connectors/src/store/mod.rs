@@ -52,6 +52,7 @@ use tally_dataflow::model::DeadLetter;
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::ports::Sink;
 use tally_dataflow::rollup;
+use tally_dataflow::time::now_ms;
 use tracing::error;
 
 /// Batches a writer may have queued before sinks must wait.
@@ -373,14 +374,6 @@ fn unused_since(now: i64, keep_old: std::time::Duration) -> i64 {
 /// How often a store records that the configured versions are in use, and
 /// deletes the results of versions unused for longer than `keep_old`.
 const VERSIONS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// The current wall-clock time in Unix milliseconds, which versions are
-/// dated by.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 /// A group's stored key: its dimension values joined by [`SEP`].
 fn join_group(group: &[String]) -> String {

@@ -523,6 +523,7 @@ projections = []
             },
             revision,
             is_final: true,
+            appended_at: None,
         }
     }
 

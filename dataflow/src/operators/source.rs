@@ -298,6 +298,7 @@ pub fn fold_batch(
                     group,
                     pane,
                     state,
+                    appended_at: batch.appended_at,
                 })
             }),
     );

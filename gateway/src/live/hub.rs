@@ -19,9 +19,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::topic::{Topic, TopicError};
 use crate::backend::LiveInterest;
 use crate::catalog::Catalog;
-use crate::now_ms;
 use crate::ops::Ops;
 use crate::reply::number;
+use tally_dataflow::time::now_ms;
 
 /// One entry of a client's queue: what one subscription has for it from one
 /// batch of the bus (a value per window, or per group and window), a
@@ -119,11 +119,10 @@ struct Sent {
     is_final: bool,
 }
 
-/// The latest value of every group in one window: its state, whether it
-/// is final, and its revision.
+/// The latest update of every group in one window.
 struct Slot {
     end: Millis,
-    groups: HashMap<Group, (AggState, bool, u32)>,
+    groups: HashMap<Group, Arc<WindowUpdate>>,
 }
 
 /// A connected client: its queue, its subscriptions, and how many it may
@@ -419,15 +418,12 @@ impl HubState {
             if slot
                 .groups
                 .get(&u.group)
-                .is_some_and(|&(_, is_final, revision)| {
-                    is_final && (!u.is_final || u.revision < revision)
-                })
+                .is_some_and(|last| last.is_final && (!u.is_final || u.revision < last.revision))
             {
                 continue;
             }
-            slot.groups
-                .insert(u.group.clone(), (u.state.clone(), u.is_final, u.revision));
             touched.insert((u.metric, u.window, u.span.start));
+            slot.groups.insert(u.group.clone(), u);
         }
         for slots in self.windows.values_mut() {
             // Keep the windows a late event can still revise: those ending
@@ -479,7 +475,9 @@ fn forget_before(slots: &mut BTreeMap<Millis, Slot>, lateness: Millis, time: Mil
 ///
 /// With `changes_only`, values equal to the last one sent are left out, as
 /// a batch may touch a window without changing what this topic sees. A final
-/// value's revision is the sum of its groups' revisions.
+/// value's revision is the sum of its groups' revisions. `ingestedAt` is
+/// when the log took the newest batch the value includes: the dashboard's
+/// freshness is the time since.
 fn messages(
     metrics: &[MetricSpec],
     topic: &Topic,
@@ -490,8 +488,8 @@ fn messages(
 ) -> Vec<Utf8Bytes> {
     let metric = &metrics[topic.metric() as usize];
     let spec = metric.windows[topic.window() as usize];
-    let mut merged: BTreeMap<Option<String>, (AggState, bool, u32)> = BTreeMap::new();
-    for (group, (state, is_final, revision)) in &slot.groups {
+    let mut merged: BTreeMap<Option<String>, Merged> = BTreeMap::new();
+    for (group, u) in &slot.groups {
         if !topic
             .filters()
             .iter()
@@ -501,15 +499,22 @@ fn messages(
         }
         let entry = merged
             .entry(topic.group_by().map(|d| group[d].clone()))
-            .or_insert((AggState::default(), true, 0));
-        entry.0.merge(state);
-        entry.1 &= *is_final;
-        entry.2 += revision;
+            .or_default();
+        entry.state.merge(&u.state);
+        entry.is_final &= u.is_final;
+        entry.revisions += u.revision;
+        entry.appended_at = entry.appended_at.max(u.appended_at);
     }
     let now = format_rfc3339(now_ms());
     merged
         .into_iter()
-        .filter_map(|(group, (state, is_final, revisions))| {
+        .filter_map(|(group, merged)| {
+            let Merged {
+                state,
+                is_final,
+                revisions,
+                appended_at,
+            } = merged;
             let value = state.value(metric.aggregate);
             let last = sub.sent.get(&(start, group.clone())).copied();
             if changes_only && last.is_some_and(|l| l.value == value && l.is_final == is_final) {
@@ -525,6 +530,7 @@ fn messages(
                 "windowEnd": format_rfc3339(slot.end),
                 "value": value.map(number),
                 "timestamp": now,
+                "ingestedAt": appended_at.map(format_rfc3339),
                 "revision": revision,
                 "final": is_final,
             });
@@ -536,6 +542,25 @@ fn messages(
             Some(Utf8Bytes::from(body.to_string()))
         })
         .collect()
+}
+
+/// The groups of one window that a topic shows as one value.
+struct Merged {
+    state: AggState,
+    is_final: bool,
+    revisions: u32,
+    appended_at: Option<Millis>,
+}
+
+impl Default for Merged {
+    fn default() -> Self {
+        Merged {
+            state: AggState::default(),
+            is_final: true,
+            revisions: 0,
+            appended_at: None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -574,6 +599,7 @@ mod tests {
             },
             revision,
             is_final,
+            appended_at: None,
         })
     }
 
