@@ -15,6 +15,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tally_dataflow::time::{now_ms, parse_rfc3339};
 
 use crate::live::{connect, current_values, wait_for};
 use crate::util::{
@@ -483,11 +484,19 @@ fn a_cluster_answers_as_tally_run_does() {
         ))
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    let posted = now_ms();
     cluster.gateways[0].post_events(&events[..50].iter().map(Generated::json).collect::<Vec<_>>());
     let live = wait_for(&mut socket, Duration::from_secs(20), |m| {
         m["topic"] == "metrics:ad_clicks:campaignId:camp_1" && m["value"].as_f64() > Some(0.0)
     });
     assert_eq!(live["windowStart"], at(0).as_str(), "{live}");
+    // Its freshness comes through Kafka and Redis: when the broker took the
+    // batch.
+    let ingested = live["ingestedAt"].as_str().and_then(parse_rfc3339);
+    assert!(
+        ingested.is_some_and(|at| posted <= at && at <= now_ms()),
+        "posted at {posted}: {live}"
+    );
 
     let gateways: Vec<&Tally> = cluster.gateways.iter().collect();
     post_through(&gateways, &events[50..]);
