@@ -7,6 +7,7 @@
 //! `CLICKHOUSE_URL` and `REDIS_URL`. The cluster is one worker process of two
 //! threads and one gateway, the same two workers `tally run` has.
 
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +21,7 @@ const BATCHES: usize = 300;
 const CONNECTIONS: usize = 4;
 
 pub fn run() {
-    let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let (Some(kafka), Some(clickhouse), Some(redis)) = (
-        get("KAFKA_BROKERS"),
-        get("CLICKHOUSE_URL"),
-        get("REDIS_URL"),
-    ) else {
+    let Some(services) = Services::from_env() else {
         println!("(g) cluster mode: skipped; start the services with scripts/services.sh and export their addresses");
         return;
     };
@@ -39,41 +35,10 @@ pub fn run() {
     let (embedded_ingest, embedded_e2e) = measure(&embedded.url, &bodies, events, now);
     drop(embedded);
 
-    let name = format!("bench{:08x}", fastrand::u32(..));
-    let data_dir = format!("{:?}", dir.path().join("cluster"));
-    let env = [
-        idle[0],
-        ("TALLY__KAFKA__BROKERS", kafka.as_str()),
-        ("TALLY__KAFKA__TOPIC", name.as_str()),
-        ("TALLY__CLICKHOUSE__URL", clickhouse.as_str()),
-        ("TALLY__CLICKHOUSE__DATABASE", name.as_str()),
-        ("TALLY__REDIS__URL", redis.as_str()),
-        ("TALLY__REDIS__PREFIX", name.as_str()),
-        ("TALLY__CLUSTER__THREADS", "2"),
-        ("TALLY__STORAGE__DATA_DIR", data_dir.as_str()),
-    ];
-    let worker = Worker(
-        tally_command("worker", &env)
-            .args(["--process", "0"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start tally worker"),
-    );
-    let mut gateway = tally_command("gateway", &env);
-    gateway.args(["--listen", "127.0.0.1:0"]);
-    let gateway = Tally::launch(gateway);
-    let client = agent();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client
-        .get(format!("{}/readyz", gateway.url))
-        .call()
-        .map_or(true, |r| r.status() != 200)
-    {
-        assert!(Instant::now() < deadline, "the gateway did not get ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let cluster = Cluster::start(&services, &dir.path().join("cluster"), &idle);
+    let gateway = &cluster.gateway;
     let (cluster_ingest, cluster_e2e) = measure(&gateway.url, &bodies, events, now);
-    drop(worker);
+    drop(cluster);
 
     println!("(g) cluster mode vs tally run, {events} events in batches of {BATCH}, {CONNECTIONS} connections; 2 timely workers each");
     println!(
@@ -88,6 +53,77 @@ pub fn run() {
         "    end to end, gateway + worker + ClickHouse:        {cluster_e2e:>10.0} events/s  ({:.2}x tally run)",
         cluster_e2e / embedded_e2e
     );
+}
+
+/// The addresses of the services `scripts/services.sh` starts.
+pub struct Services {
+    kafka: String,
+    clickhouse: String,
+    redis: String,
+}
+
+impl Services {
+    /// From `KAFKA_BROKERS`, `CLICKHOUSE_URL` and `REDIS_URL`, if all are set.
+    pub fn from_env() -> Option<Services> {
+        let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Some(Services {
+            kafka: get("KAFKA_BROKERS")?,
+            clickhouse: get("CLICKHOUSE_URL")?,
+            redis: get("REDIS_URL")?,
+        })
+    }
+}
+
+/// One worker process of two threads, the two workers `tally run` has, and
+/// one gateway, on a topic, database and prefix of their own. Stopped on
+/// drop.
+pub struct Cluster {
+    pub gateway: Tally,
+    _worker: Worker,
+}
+
+impl Cluster {
+    /// Starts the cluster with its data in `dir` and `TALLY__*` overrides
+    /// `env`, and waits until its gateway is ready.
+    pub fn start(services: &Services, dir: &Path, env: &[(&str, &str)]) -> Cluster {
+        let name = format!("bench{:08x}", fastrand::u32(..));
+        let data_dir = format!("{dir:?}");
+        let mut env = env.to_vec();
+        env.extend([
+            ("TALLY__KAFKA__BROKERS", services.kafka.as_str()),
+            ("TALLY__KAFKA__TOPIC", name.as_str()),
+            ("TALLY__CLICKHOUSE__URL", services.clickhouse.as_str()),
+            ("TALLY__CLICKHOUSE__DATABASE", name.as_str()),
+            ("TALLY__REDIS__URL", services.redis.as_str()),
+            ("TALLY__REDIS__PREFIX", name.as_str()),
+            ("TALLY__CLUSTER__THREADS", "2"),
+            ("TALLY__STORAGE__DATA_DIR", data_dir.as_str()),
+        ]);
+        let worker = Worker(
+            tally_command("worker", &env)
+                .args(["--process", "0"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start tally worker"),
+        );
+        let mut gateway = tally_command("gateway", &env);
+        gateway.args(["--listen", "127.0.0.1:0"]);
+        let gateway = Tally::launch(gateway);
+        let client = agent();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client
+            .get(format!("{}/readyz", gateway.url))
+            .call()
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(Instant::now() < deadline, "the gateway did not get ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Cluster {
+            gateway,
+            _worker: worker,
+        }
+    }
 }
 
 /// A worker process, killed on drop.

@@ -10,7 +10,14 @@
 //! which changes with every batch and so is always busy. A POST is seen
 //! when a frame for its window carries a count at least the number of
 //! events posted to that window up to and including it. The baseline is the
-//! load's POSTs' own round trip to their `202`.
+//! load's POSTs' own round trip to their `202`. Beside the probe's figure go
+//! the part of it until the log took the probe (its frame's `ingestedAt`)
+//! and the server's `tally_live_freshness_seconds` over the run.
+//!
+//! It measures `tally run` at 100,000 and 20,000 events/s, then, with the
+//! services of `scripts/services.sh` named by `KAFKA_BROKERS`,
+//! `CLICKHOUSE_URL` and `REDIS_URL`, `tally run` and the cluster of (g) at
+//! 50,000 events/s.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,9 +27,14 @@ use serde_json::{json, Value};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::Message;
 
-use tally_dataflow::time::format_rfc3339;
+use tally_dataflow::time::{format_rfc3339, parse_rfc3339};
 
-use crate::support::{agent, now_ms, post_events, quantile, stamp, templates, Tally};
+use crate::cluster::{Cluster, Services};
+use crate::support::{
+    agent, bucket_quantile, buckets, now_ms, post_events, quantile, stamp, templates, Tally,
+};
+
+type Socket = tungstenite::WebSocket<MaybeTlsStream<std::net::TcpStream>>;
 
 const RATE: usize = 100_000;
 const BATCH: usize = 1000;
@@ -31,20 +43,44 @@ const SENDERS: usize = 4;
 /// How often the probe posts its one event.
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 const PROBE_TOPIC: &str = "metrics:ad_clicks:campaignId:probe";
+/// The server's histogram of partials' freshness at the live hub.
+const HUB_FRESHNESS: &str = "tally_live_freshness_seconds";
+
+/// The cluster's load: the target for it.
+const CLUSTER_RATE: usize = 50_000;
 
 pub fn run() {
     // The targets' rates: the load and a fifth of it.
-    for rate in [RATE, RATE / 5] {
-        run_at(rate);
+    for rate in [RATE, RATE / 5]
+        .into_iter()
+        .filter(|_| std::env::var("ONLY_CLUSTER").is_err())
+    {
+        let dir = tempfile::tempdir().unwrap();
+        // The defaults, as a user runs them (a `TALLY__*` variable in the
+        // bench's environment reaches tally too).
+        let tally = Tally::start(dir.path(), &[]);
+        report("tally run", rate, measure(&tally, rate, SECONDS));
     }
+    let Some(services) = Services::from_env() else {
+        println!("(c) freshness on the cluster: skipped; start the services with scripts/services.sh and export their addresses");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tally = Tally::start(dir.path(), &[]);
+    let embedded = measure(&tally, CLUSTER_RATE, SECONDS);
+    drop(tally);
+    let cluster = Cluster::start(&services, &dir.path().join("cluster"), &[]);
+    let measured = measure(&cluster.gateway, CLUSTER_RATE, SECONDS);
+    drop(cluster);
+    report("tally run", CLUSTER_RATE, embedded);
+    report(
+        "cluster: gateway, Kafka, a worker process, Redis, gateway",
+        CLUSTER_RATE,
+        measured,
+    );
 }
 
-fn run_at(rate: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    // The defaults, as a user runs them (a `TALLY__*` variable in the
-    // bench's environment reaches tally too).
-    let tally = Tally::start(dir.path(), &[]);
-    let mut measured = measure(&tally, rate, SECONDS);
+fn report(what: &str, rate: usize, mut measured: Measured) {
     let sorted = |latencies: &[(Duration, f64)]| {
         let mut sorted: Vec<f64> = latencies.iter().map(|l| l.1).collect();
         sorted.sort_by(f64::total_cmp);
@@ -52,12 +88,13 @@ fn run_at(rate: usize) {
     };
     let (probe, latencies) = (sorted(&measured.probe), sorted(&measured.latencies));
     let interval = std::env::var("TALLY__LIVE__INTERVAL").unwrap_or_else(|_| "the default".into());
-    println!("(c) freshness, POST to the first WebSocket frame that includes it, live.interval = {interval}");
+    println!("(c) freshness of {what}, POST to the first WebSocket frame that includes it, live.interval = {interval}");
     println!(
         "    offered {rate} events/s in batches of {BATCH} for {SECONDS} s from {SENDERS} senders (achieved {:.0}/s, {} sends behind schedule), {} batches never seen",
         measured.achieved, measured.late_sends, measured.unseen
     );
     measured.acks.sort_by(f64::total_cmp);
+    measured.probe_to_log.sort_by(f64::total_cmp);
     println!(
         "    baseline, POST to its 202 (durable):  p50 {:>6.1} ms, p99 {:>6.1} ms",
         quantile(&measured.acks, 0.5),
@@ -70,6 +107,15 @@ fn run_at(rate: usize) {
         probe.last().unwrap(),
         probe.len(),
         measured.probes_unseen
+    );
+    println!(
+        "      of which POST to the log taking it:  p50 {:>6.1} ms, p99 {:>6.1} ms",
+        quantile(&measured.probe_to_log, 0.5),
+        quantile(&measured.probe_to_log, 0.99)
+    );
+    println!(
+        "    every partial, the log to the live hub (tally_live_freshness_seconds): p50 {:>6.1} ms, p99 {:>6.1} ms",
+        measured.log_to_hub.0, measured.log_to_hub.1
     );
     println!(
         "    load POST to the first frame of metrics:events with it (always busy): p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms",
@@ -86,6 +132,14 @@ pub struct Measured {
     pub latencies: Vec<(Duration, f64)>,
     /// The same for each probe seen in its campaign's topic.
     pub probe: Vec<(Duration, f64)>,
+    /// Of each probe's freshness, the milliseconds from its POST to when
+    /// the log took it, as its frame's `ingestedAt` says: the rest is the
+    /// way from the log to the screen.
+    pub probe_to_log: Vec<f64>,
+    /// The p50 and p99 in milliseconds of the server's own
+    /// `tally_live_freshness_seconds` over the run: every partial, from the
+    /// log to the live hub.
+    pub log_to_hub: (f64, f64),
     /// Probes never seen in a frame.
     pub probes_unseen: usize,
     /// Each POST's round trip to its `202`, in milliseconds.
@@ -116,37 +170,31 @@ pub fn measure(tally: &Tally, rate: usize, seconds: u64) -> Measured {
         let subscribe = json!({"action": "subscribe", "topic": topic, "window": window});
         socket.send(Message::text(subscribe.to_string())).unwrap();
     }
+    warm_up(tally, &mut socket);
+    let hub_before = buckets(&tally.url, HUB_FRESHNESS);
 
     let epoch = Instant::now();
+    let epoch_ms = now_ms();
     let frames: Arc<Mutex<Vec<Frame>>> = Arc::default();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (frames, done) = (Arc::clone(&frames), Arc::clone(&done));
         std::thread::spawn(move || {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                match socket.read() {
-                    Ok(Message::Text(text)) => {
-                        let m: Value = serde_json::from_str(&text).unwrap();
-                        if let (Some(topic), Some(start), Some(value)) = (
-                            m["topic"].as_str(),
-                            m["windowStart"].as_str(),
-                            m["value"].as_u64(),
-                        ) {
-                            frames.lock().unwrap().push(Frame {
-                                at: epoch.elapsed(),
-                                probe: topic == PROBE_TOPIC,
-                                start: start.to_string(),
-                                value,
-                            });
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(tungstenite::Error::Io(e))
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(e) => panic!("WebSocket: {e}"),
+                let Some(m) = read(&mut socket) else { continue };
+                let ingested = m["ingestedAt"].as_str().and_then(parse_rfc3339);
+                if let (Some(topic), Some(start), Some(value)) = (
+                    m["topic"].as_str(),
+                    m["windowStart"].as_str(),
+                    m["value"].as_u64(),
+                ) {
+                    frames.lock().unwrap().push(Frame {
+                        at: epoch.elapsed(),
+                        probe: topic == PROBE_TOPIC,
+                        start: start.to_string(),
+                        value,
+                        ingested,
+                    });
                 }
             }
         })
@@ -250,32 +298,86 @@ pub fn measure(tally: &Tally, rate: usize, seconds: u64) -> Measured {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();
 
+    let hub_after = buckets(&tally.url, HUB_FRESHNESS);
+    let log_to_hub = (
+        bucket_quantile(&hub_before, &hub_after, 0.5) * 1000.0,
+        bucket_quantile(&hub_before, &hub_after, 0.99) * 1000.0,
+    );
     let frames = frames.lock().unwrap();
     let seen = |sends: &[(Duration, i64, u64)], probe: bool| {
         let mut latencies = Vec::new();
+        let mut to_log = Vec::new();
         let mut unseen = 0;
         for (sent, window, count) in sends {
             let start = format_rfc3339(*window);
             match frames.iter().find(|f| {
                 f.probe == probe && f.at >= *sent && f.start == start && f.value >= *count
             }) {
-                Some(f) => latencies.push((*sent, (f.at - *sent).as_secs_f64() * 1000.0)),
+                Some(f) => {
+                    latencies.push((*sent, (f.at - *sent).as_secs_f64() * 1000.0));
+                    if let Some(ingested) = f.ingested {
+                        to_log.push((ingested - epoch_ms) as f64 - sent.as_secs_f64() * 1000.0);
+                    }
+                }
                 None => unseen += 1,
             }
         }
-        (latencies, unseen)
+        (latencies, to_log, unseen)
     };
-    let (latencies, unseen) = seen(&sends, false);
-    let (probe, probes_unseen) = seen(&probes, true);
+    let (latencies, _, unseen) = seen(&sends, false);
+    let (probe, probe_to_log, probes_unseen) = seen(&probes, true);
     let last_sent = sends.iter().map(|s| s.0).max().unwrap();
     Measured {
         latencies,
         probe,
+        probe_to_log,
+        log_to_hub,
         probes_unseen,
         acks: std::mem::take(&mut acks),
         achieved: (total * BATCH) as f64 / last_sent.as_secs_f64(),
         late_sends,
         unseen,
+    }
+}
+
+/// Posts one event and waits for `metrics:events` to show it, so the
+/// measurement starts once the whole path is up: on a cluster, the worker
+/// may join after the gateway is ready. It adds one event to the count of
+/// its window, less than a batch, so no batch is seen sooner for it.
+fn warm_up(tally: &Tally, socket: &mut Socket) {
+    let now_ms = now_ms();
+    let mut event = crate::support::event(&mut fastrand::Rng::with_seed(1), now_ms);
+    event["eventType"] = json!("warm_up");
+    post_events(&agent(), &tally.url, &serde_json::to_vec(&[event]).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no frame within 60 s of the first event"
+        );
+        if read(socket)
+            .is_some_and(|m| m["topic"] == "metrics:events" && m["value"].as_u64() > Some(0))
+        {
+            return;
+        }
+    }
+}
+
+/// The next text message, or `None` once the socket's read timeout passes
+/// without one.
+fn read(socket: &mut Socket) -> Option<Value> {
+    match socket.read() {
+        Ok(Message::Text(text)) => Some(serde_json::from_str(&text).unwrap()),
+        Ok(_) => None,
+        Err(tungstenite::Error::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("WebSocket: {e}"),
     }
 }
 
@@ -286,6 +388,8 @@ struct Frame {
     probe: bool,
     start: String,
     value: u64,
+    /// Its `ingestedAt`, in Unix milliseconds.
+    ingested: Option<i64>,
 }
 
 /// What the senders share.

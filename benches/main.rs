@@ -5,7 +5,7 @@
 //! cargo bench --bench tally                 # all of them
 //! cargo bench --bench tally -- ingest       # (a) HTTP ingest vs raw serde_json parsing
 //! cargo bench --bench tally -- dataflow     # (b) the timely job vs a hand-written HashMap loop
-//! cargo bench --bench tally -- freshness    # (c) POST to WebSocket frame, p50 and p99
+//! cargo bench --bench tally -- freshness    # (c) POST to WebSocket frame, p50 and p99; tally run, and the cluster with scripts/services.sh
 //! cargo bench --bench tally -- history      # (d) GET /v1/metrics over a day vs SQLite's own sum
 //! cargo bench --bench tally -- recovery     # (e) checkpoint cost at 100k events/s; restart with 60 s of backlog
 //! cargo bench --bench tally -- fanout       # (f) WebSocket clients on one server: delay, memory, CPU, stalled clients

@@ -225,6 +225,51 @@ pub fn scrape(url: &str) -> HashMap<String, f64> {
         .collect()
 }
 
+/// The cumulative buckets `(le, count)` of the histogram `name` in
+/// `/metrics`, in order; `+Inf` last.
+pub fn buckets(url: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    metrics_text(url)
+        .lines()
+        .filter_map(|l| {
+            let (le, count) = l.strip_prefix(&prefix)?.split_once("\"} ")?;
+            Some((le.parse().ok()?, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile of what a histogram counted between two scrapes of its
+/// [`buckets`], interpolated within its bucket as Prometheus does.
+pub fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+            (le, n - was)
+        })
+        .collect();
+    let Some(&(_, total)) = counts.last() else {
+        return f64::NAN;
+    };
+    let rank = q * total;
+    let mut below = (0.0, 0.0);
+    for &(le, n) in &counts {
+        if n >= rank {
+            if le.is_infinite() {
+                return below.0;
+            }
+            let within = if n > below.1 {
+                (rank - below.1) / (n - below.1)
+            } else {
+                0.0
+            };
+            return below.0 + (le - below.0) * within;
+        }
+        below = (le, n);
+    }
+    f64::NAN
+}
+
 /// A 13-digit time that [`stamp`] replaces.
 pub const PLACEHOLDER: i64 = 1_000_000_000_000;
 

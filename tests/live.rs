@@ -82,6 +82,10 @@ fn partials_then_final_then_revision() {
         ingested.is_some_and(|at| posted <= at && at <= now_ms()),
         "posted at {posted}: {partial}"
     );
+    assert!(
+        tally.prometheus("tally_live_freshness_seconds_count") > Some(0),
+        "the hub counts each partial's freshness"
+    );
     assert_eq!(partial["topic"], "metrics:ad_clicks:country:US");
     assert_eq!(partial["windowEnd"], at(40_000).as_str());
 

@@ -10,8 +10,15 @@ use std::sync::Arc;
 
 use crate::catalog::Backfill;
 use prometheus::{
-    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
+
+/// The bounds of the live freshness histogram, in seconds: fine around
+/// the 100 ms that a live value should take at most.
+const FRESHNESS_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Values read at scrape time.
 #[derive(Clone, Debug, Default)]
@@ -61,6 +68,9 @@ pub struct Ops {
     pub ws_clients: IntGauge,
     /// WebSocket clients dropped for falling behind.
     pub ws_slow_dropped: IntCounter,
+    /// From when the log took a batch to when a partial including it
+    /// reached the hub.
+    pub live_freshness: Histogram,
     ws_refused: IntCounterVec,
     history_refused: IntCounterVec,
     history_rows: IntCounterVec,
@@ -380,6 +390,20 @@ impl Ops {
                 "tally_ws_slow_clients_dropped_total",
                 "WebSocket clients disconnected for a full queue.",
             ),
+            live_freshness: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tally_live_freshness_seconds",
+                        "From when the log took the newest batch a partial value includes to when the value reached the live hub, which sends it on at once.",
+                    )
+                    .buckets(FRESHNESS_BUCKETS.to_vec()),
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("registered once");
+                h
+            },
             ws_refused,
             history_refused,
             history_rows,

@@ -406,7 +406,13 @@ impl HubState {
 
     fn updates(&mut self, updates: Vec<Arc<WindowUpdate>>) {
         let mut touched = BTreeSet::new();
+        let now = now_ms();
         for u in updates {
+            if let (false, Some(at)) = (u.is_final, u.appended_at) {
+                self.ops
+                    .live_freshness
+                    .observe((now - at).max(0) as f64 / 1000.0);
+            }
             let slots = self.windows.entry((u.metric, u.window)).or_default();
             let slot = slots.entry(u.span.start).or_insert_with(|| Slot {
                 end: u.span.end,
