@@ -96,9 +96,8 @@ fn report(what: &str, rate: usize, mut measured: Measured) {
     measured.acks.sort_by(f64::total_cmp);
     measured.probe_to_log.sort_by(f64::total_cmp);
     println!(
-        "    baseline, POST to its 202 (durable):  p50 {:>6.1} ms, p99 {:>6.1} ms",
-        quantile(&measured.acks, 0.5),
-        quantile(&measured.acks, 0.99)
+        "    baseline, POST to its 202 (durable):  {}",
+        p50_p99(&measured.acks)
     );
     println!(
         "    probe POST to the first frame with it: p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms ({} probes, {} never seen)",
@@ -109,9 +108,8 @@ fn report(what: &str, rate: usize, mut measured: Measured) {
         measured.probes_unseen
     );
     println!(
-        "      of which POST to the log taking it:  p50 {:>6.1} ms, p99 {:>6.1} ms",
-        quantile(&measured.probe_to_log, 0.5),
-        quantile(&measured.probe_to_log, 0.99)
+        "      of which POST to the log taking it:  {}",
+        p50_p99(&measured.probe_to_log)
     );
     println!(
         "    every partial, the log to the live hub (tally_live_freshness_seconds): p50 {:>6.1} ms, p99 {:>6.1} ms",
@@ -123,6 +121,15 @@ fn report(what: &str, rate: usize, mut measured: Measured) {
         quantile(&latencies, 0.99),
         latencies.last().unwrap()
     );
+}
+
+/// The median and the 99th percentile of `sorted` milliseconds.
+fn p50_p99(sorted: &[f64]) -> String {
+    format!(
+        "p50 {:>6.1} ms, p99 {:>6.1} ms",
+        quantile(sorted, 0.5),
+        quantile(sorted, 0.99)
+    )
 }
 
 /// What [`measure`] saw.
