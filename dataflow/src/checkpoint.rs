@@ -21,7 +21,7 @@
 //! its part and the sinks hold every result emitted before the boundary.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap as HashMap;
@@ -52,8 +52,11 @@ pub struct GroupSnapshot {
     pub group: Group,
     /// The routing hash of (metric, group); it decides the owning worker.
     pub hash: u64,
-    /// Panes still needed by an open window or a kept closed one.
-    pub panes: Vec<(Millis, AggState)>,
+    /// Panes still needed by an open window or a kept closed one. They are
+    /// shared with the window state that took the snapshot, which copies a
+    /// pane only when it changes one still held here (see
+    /// [`crate::state`]); on disk they are plain states.
+    pub panes: Vec<(Millis, Arc<AggState>)>,
     /// Open windows with data, as (window index, end).
     pub open: Vec<(u8, Millis)>,
     /// Closed windows kept for late data, as (window index, end, revision).

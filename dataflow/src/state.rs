@@ -22,6 +22,11 @@
 //! contribution waiting: a dimension with ever-new values costs memory only
 //! while its windows are kept.
 //!
+//! A checkpoint's snapshot shares the panes with the state rather than
+//! copying them (a `uniq` pane is a sketch of kilobytes): the state copies a
+//! pane only if it changes one that a snapshot still holds, which the
+//! checkpoint thread lets go once it has written it.
+//!
 //! A time rollup ([`crate::rollup::Made::Table`]) takes no contributions of
 //! its own. Its groups have the dimension values of a group of the table it
 //! is made from, under the rollup's index, and take that group's panes: each
@@ -33,6 +38,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
@@ -110,7 +116,9 @@ struct GroupState {
     metric: u16,
     group: Group,
     hash: u64,
-    panes: BTreeMap<Millis, AggState>,
+    /// Shared with the snapshots that hold them: a pane is copied when it
+    /// changes while a snapshot still holds it, never when it is taken.
+    panes: BTreeMap<Millis, Arc<AggState>>,
     /// Entries of `open` and `closed` for this group.
     windows: u32,
     /// Contributions staged for this group and not applied yet.
@@ -250,7 +258,7 @@ impl WindowState {
                 break;
             }
             self.unrolled.pop_first();
-            let state = self.group(g).panes[&pane].clone();
+            let state = Arc::clone(&self.group(g).panes[&pane]);
             self.roll(g, pane, &state, end - 1, &mut late);
         }
         debug_assert!(late.is_empty(), "a rollup window closed before its panes");
@@ -289,7 +297,7 @@ impl WindowState {
         let group = self.groups[g].as_mut().expect("a live group index");
         let metric = group.metric as usize;
         let new_pane = !group.panes.contains_key(&pane);
-        group.panes.entry(pane).or_default().merge(state);
+        Arc::make_mut(group.panes.entry(pane).or_default()).merge(state);
         // The earliest window containing a pane ends at or after the
         // pane's end. Before that time, none of its windows can have
         // closed, and an existing pane's windows are registered already:
@@ -502,10 +510,12 @@ impl WindowState {
         }
     }
 
-    /// A copy of the state, group by group, for a checkpoint at `boundary`,
-    /// when the data before it has been applied and none after it: the
-    /// panes it has ended are merged into their rollups first. Groups with
-    /// nothing left are not written, which is how a restart forgets them.
+    /// The state, group by group, for a checkpoint at `boundary`, when the
+    /// data before it has been applied and none after it: the panes it has
+    /// ended are merged into their rollups first. Groups with nothing left
+    /// are not written, which is how a restart forgets them. Panes are
+    /// shared with the snapshot, not copied: taking it costs a pointer per
+    /// pane, so the worker does not stall on it while its live views wait.
     pub fn snapshot(&mut self, boundary: Millis) -> Vec<GroupSnapshot> {
         self.roll_until(boundary);
         let mut open: HashMap<usize, Vec<(u8, Millis)>> = HashMap::default();
@@ -533,7 +543,7 @@ impl WindowState {
                     panes: group
                         .panes
                         .iter()
-                        .map(|(&start, state)| (start, state.clone()))
+                        .map(|(&start, state)| (start, Arc::clone(state)))
                         .collect(),
                     open: open.remove(&g).unwrap_or_default(),
                     closed,
@@ -956,5 +966,26 @@ mod tests {
             format!("{:?}", restored.snapshot(50_000)),
             format!("{:?}", original.snapshot(50_000))
         );
+    }
+
+    #[test]
+    fn a_snapshot_keeps_what_it_held_while_the_state_goes_on() {
+        let mut state = state();
+        step(&mut state, 0, vec![contribution("US", 0, 2)]);
+        let snapshot = state.snapshot(5_000);
+        // More data for the pane the snapshot shares: the state changes a
+        // copy of its own, and the snapshot still holds 2.
+        step(&mut state, 5, vec![contribution("US", 0, 3)]);
+        let closed = step(&mut state, 10, vec![]);
+        assert_eq!(
+            rows(&closed),
+            [row("US", 0, (0, 10), 5, 0), row("US", 1, (-20, 10), 5, 0)]
+        );
+        let counts: Vec<(Millis, u64)> = snapshot[0]
+            .panes
+            .iter()
+            .map(|(start, pane)| (*start, pane.count))
+            .collect();
+        assert_eq!(counts, [(0, 2)]);
     }
 }

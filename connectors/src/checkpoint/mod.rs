@@ -66,6 +66,7 @@ use tally_dataflow::checkpoint::WorkerPart;
 /// the tests of both the store and the committer.
 #[cfg(test)]
 fn sample_part(boundary: u64, worker: usize) -> WorkerPart {
+    use std::sync::Arc;
     use tally_dataflow::aggregate::AggState;
     use tally_dataflow::checkpoint::{GroupSnapshot, PartitionCut};
     WorkerPart {
@@ -81,7 +82,10 @@ fn sample_part(boundary: u64, worker: usize) -> WorkerPart {
             metric: 0,
             group: vec![format!("w{worker}")],
             hash: worker as u64,
-            panes: vec![(boundary as i64, AggState::from_parts(3, 1.5, None))],
+            panes: vec![(
+                boundary as i64,
+                Arc::new(AggState::from_parts(3, 1.5, None)),
+            )],
             open: vec![(0, boundary as i64 + 10)],
             closed: vec![(0, boundary as i64, 1)],
         }],
