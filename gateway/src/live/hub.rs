@@ -418,18 +418,22 @@ impl HubState {
                 end: u.span.end,
                 groups: HashMap::new(),
             });
-            // A bus may repeat an older value of a final window (a latest
-            // value read while the final or a correction was on its way):
-            // keep the newest.
-            if slot
-                .groups
-                .get(&u.group)
-                .is_some_and(|last| last.is_final && (!u.is_final || u.revision < last.revision))
-            {
-                continue;
+            let key = (u.metric, u.window, u.span.start);
+            // Most updates are of a group the window holds already: one
+            // lookup, and its dimension values are not copied again.
+            match slot.groups.get_mut(&u.group) {
+                // A bus may repeat an older value of a final window (a
+                // latest value read while the final or a correction was on
+                // its way): keep the newest.
+                Some(last) if last.is_final && (!u.is_final || u.revision < last.revision) => {
+                    continue
+                }
+                Some(last) => *last = u,
+                None => {
+                    slot.groups.insert(u.group.clone(), u);
+                }
             }
-            touched.insert((u.metric, u.window, u.span.start));
-            slot.groups.insert(u.group.clone(), u);
+            touched.insert(key);
         }
         for slots in self.windows.values_mut() {
             // Keep the windows a late event can still revise: those ending
