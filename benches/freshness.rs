@@ -12,7 +12,9 @@
 //! events posted to that window up to and including it. The baseline is the
 //! load's POSTs' own round trip to their `202`. Beside the probe's figure go
 //! the part of it until the log took the probe (its frame's `ingestedAt`)
-//! and the server's `tally_live_freshness_seconds` over the run.
+//! and the server's `tally_live_freshness_seconds` over the run, and the
+//! probe's figure without the first second of load, when every group is new
+//! to the job.
 //!
 //! It measures `tally run` at 100,000 and 20,000 events/s, then, with the
 //! services of `scripts/services.sh` named by `KAFKA_BROKERS`,
@@ -43,6 +45,9 @@ const SENDERS: usize = 4;
 /// How often the probe posts its one event.
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 const PROBE_TOPIC: &str = "metrics:ad_clicks:campaignId:probe";
+/// The load starts from idle: every group is new to the job then, and the
+/// first second of it is reported apart as well.
+const COLD: Duration = Duration::from_secs(1);
 /// The server's histogram of partials' freshness at the live hub.
 const HUB_FRESHNESS: &str = "tally_live_freshness_seconds";
 
@@ -106,6 +111,22 @@ fn report(what: &str, rate: usize, mut measured: Measured) {
         probe.last().unwrap(),
         probe.len(),
         measured.probes_unseen
+    );
+    let warm = sorted(
+        &measured
+            .probe
+            .iter()
+            .filter(|(sent, _)| *sent >= COLD)
+            .copied()
+            .collect::<Vec<_>>(),
+    );
+    println!(
+        "      after the first {:?} of load (from idle before): p50 {:>6.1} ms, p99 {:>6.1} ms, max {:.1} ms ({} probes)",
+        COLD,
+        quantile(&warm, 0.5),
+        quantile(&warm, 0.99),
+        warm.last().unwrap(),
+        warm.len()
     );
     println!(
         "      of which POST to the log taking it:  {}",
