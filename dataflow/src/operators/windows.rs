@@ -27,8 +27,9 @@
 //!
 //! The operator also takes checkpoints (see [`crate::checkpoint`]): when it
 //! is about to apply the first data at or past a chosen boundary, its state
-//! holds exactly the data stamped before the boundary, and it hands a copy to
-//! the checkpoint sink with the source's offsets at that boundary. On start,
+//! holds exactly the data stamped before the boundary, and it hands a
+//! snapshot of it (see [`WindowState::snapshot`]) to the checkpoint sink
+//! with the source's offsets at that boundary. On start,
 //! it takes back the state a restored checkpoint gave it.
 
 use std::cell::RefCell;
