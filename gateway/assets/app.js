@@ -240,12 +240,16 @@ class Chart {
         const last = points.at(-1);
         if (last) parts.push(`<circle cx="${mid(last[0])}" cy="${y(last[1].value)}" r="2.5" fill="${colour}"><title>${esc(g)} ${format(last[1].value)}${last[1].final ? "" : " (open)"}</title></circle>`);
       }
-      if (this.config.groupBy) legend.push(`<span style="--swatch:${colour}">${esc(g || "(none)")}</span>`);
+      if (this.config.groupBy) legend.push(`<span data-swatch="${colour}">${esc(g || "(none)")}</span>`);
     });
     this.el.querySelector(".plot").innerHTML = `<svg viewBox="0 0 ${width} ${height}" preserveAspectRatio="none" role="img">${parts.join("")}</svg>`;
     const total = Math.max(this.series.size, this.groups ?? 0);
     const more = this.config.groupBy && total > groups.length ? `<span class="muted">top ${groups.length} of ${total}</span>` : "";
-    this.el.querySelector(".legend").innerHTML = legend.join("") + more;
+    const legendEl = this.el.querySelector(".legend");
+    legendEl.innerHTML = legend.join("") + more;
+    // Through the CSS object model: the page's Content-Security-Policy
+    // allows no style attributes.
+    for (const s of legendEl.querySelectorAll("[data-swatch]")) s.style.setProperty("--swatch", s.dataset.swatch);
   }
 
   renderTiles(group) {

@@ -2,6 +2,9 @@
 //! from files compiled into the binary: no CDN, no network, no build step.
 
 use warp::filters::BoxedFilter;
+use warp::http::header::{
+    HeaderValue, CACHE_CONTROL, CONTENT_SECURITY_POLICY, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
+};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
@@ -10,13 +13,26 @@ const APP: &str = include_str!("../assets/app.js");
 const STYLE: &str = include_str!("../assets/style.css");
 const SDK: &str = include_str!("../assets/tally.js");
 
+/// What the page may load and connect to: its own files and its own
+/// server, over HTTP and WebSocket, and nothing inline. No other site may
+/// frame it.
+const POLICY: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; \
+    style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; \
+    form-action 'self'; frame-ancestors 'none'";
+
 /// The dashboard's routes.
 pub fn routes() -> BoxedFilter<(Response,)> {
     let file = |body: &'static str, content_type: &'static str| {
         move || {
-            let reply = warp::reply::with_header(body, "content-type", content_type);
+            let mut reply =
+                warp::reply::with_header(body, "content-type", content_type).into_response();
+            let headers = reply.headers_mut();
             // A new binary may serve new files: browsers check each time.
-            warp::reply::with_header(reply, "cache-control", "no-cache").into_response()
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+            headers.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+            headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(POLICY));
+            reply
         }
     };
     let index = warp::path::end()

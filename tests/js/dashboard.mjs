@@ -59,22 +59,27 @@ async function post(url, events) {
 
 const click = (ms) => ({ eventType: "ad_click", timestamp: ms, dimensions: { campaignId: "camp_1", country: "US", deviceType: "MOBILE", userId: "usr_1" } });
 
-/** Waits until the bar of the window starting at `start` satisfies `check`. */
+/**
+ * Waits until the bar of the window starting at `start` satisfies `check`.
+ * The check runs here, not in the page, whose Content-Security-Policy
+ * allows no code made from strings.
+ */
 async function bar(page, start, check, timeout) {
-  const handle = await page.waitForFunction(
-    ([start, check]) => {
-      const rect = document.querySelector(`.card[data-metric="events"] rect.bar[data-start="${start}"]`);
-      if (!rect) return false;
-      const bar = { value: Number(rect.dataset.value), final: rect.dataset.final === "true", revision: Number(rect.dataset.revision), revised: rect.classList.contains("revised") };
-      return new Function("bar", `return (${check})(bar)`)(bar) && bar;
-    },
-    [start, check.toString()],
-    { timeout, polling: 50 },
-  ).catch(async (e) => {
-    const seen = await page.evaluate((start) => document.querySelector(`.card[data-metric="events"] rect.bar[data-start="${start}"]`)?.outerHTML ?? "no bar", start);
-    throw new Error(`${e.message}\n  waiting for ${check} on the bar at ${start}; it is: ${seen}`);
-  });
-  return handle.jsonValue();
+  const read = () => page.evaluate((start) => {
+    const rect = document.querySelector(`.card[data-metric="events"] rect.bar[data-start="${start}"]`);
+    if (!rect) return { seen: "no bar" };
+    return {
+      seen: rect.outerHTML,
+      bar: { value: Number(rect.dataset.value), final: rect.dataset.final === "true", revision: Number(rect.dataset.revision), revised: rect.classList.contains("revised") },
+    };
+  }, start);
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const { seen, bar } = await read();
+    if (bar && check(bar)) return bar;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeout} ms waiting for ${check} on the bar at ${start}; it is: ${seen}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }
 
 function step(name, since) {
@@ -94,6 +99,11 @@ async function main() {
     const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
     page.on("pageerror", (e) => {
       throw new Error(`page error: ${e.message}`);
+    });
+    // The page must work within its own Content-Security-Policy.
+    const violations = [];
+    page.on("console", (m) => {
+      if (m.text().includes("Content Security Policy")) violations.push(m.text());
     });
     const charts = [
       { metric: "events", window: "tumbling 10s", filters: [], groupBy: "", top: 5, range: "15m" },
@@ -157,6 +167,8 @@ async function main() {
     step("and shows a correction made after the restart", since);
 
     mkdirSync(artifacts, { recursive: true });
+    if (violations.length) throw new Error(`the page broke its Content-Security-Policy:\n${violations.join("\n")}`);
+    step("nothing the page did broke its Content-Security-Policy", Date.now());
     await page.screenshot({ path: join(artifacts, "dashboard.png"), fullPage: true });
     console.log(`screenshot: ${join(artifacts, "dashboard.png")}`);
   } finally {
