@@ -3,6 +3,7 @@
 
 mod util;
 
+mod auth;
 mod cluster;
 mod crash;
 mod determinism;

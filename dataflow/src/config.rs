@@ -52,6 +52,8 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     /// `[redis]`: the live bus of the cluster.
     pub redis: RedisConfig,
+    /// `[auth]`: who may call the API, and how fast.
+    pub auth: AuthConfig,
     /// `[[metric]]`: what to compute.
     pub metrics: Vec<MetricSpec>,
 }
@@ -83,6 +85,10 @@ pub struct ServerConfig {
     /// How large an event's fields may be, and how many it may have.
     /// Defaults: [`EventLimits::default`].
     pub event_limits: EventLimits,
+    /// Web origins (`https://app.example.com`) whose pages may call the API
+    /// and open `/v1/live` from a browser, besides the server's own. Default
+    /// none.
+    pub allowed_origins: Vec<String>,
 }
 
 /// The default of `server.max_connections`: 10,000 connections, far more
@@ -334,6 +340,67 @@ pub struct RedisConfig {
     pub prefix: String,
 }
 
+/// `[auth]`.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct AuthConfig {
+    /// `[[auth.keys]]`: the secrets that may call the API. Default none.
+    pub keys: Vec<ApiKey>,
+    /// Serve without keys on a non-loopback address. Without keys, tally
+    /// refuses to start on such an address unless this is set. Default
+    /// `false`.
+    pub allow_anonymous: bool,
+}
+
+/// One `[[auth.keys]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiKey {
+    /// A name for logs and `/metrics`; never the secret.
+    pub name: String,
+    /// The secret a client sends as `Authorization: Bearer <secret>`, from
+    /// `secret` or from the variable `secret_env` names.
+    pub secret: Secret,
+    /// What the key may do.
+    pub scopes: Vec<Scope>,
+    /// Events per second this key may send, refilling a bucket of
+    /// `burst`; `None` for no limit.
+    pub events_per_second: Option<u32>,
+    /// The bucket's size: the most events the key may send at once.
+    /// Default: one second of `events_per_second`.
+    pub burst: Option<u32>,
+}
+
+/// A secret: compared, never printed.
+#[derive(Clone, PartialEq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// What a key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// `POST /v1/events`.
+    Write,
+    /// `/v1/metrics`, `/v1/catalog` and `/v1/live`.
+    Read,
+    /// Everything, including `/v1/deadletters` and `/metrics`.
+    Admin,
+}
+
+impl Scope {
+    fn parse(text: &str) -> Result<Scope, String> {
+        match text {
+            "write" => Ok(Scope::Write),
+            "read" => Ok(Scope::Read),
+            "admin" => Ok(Scope::Admin),
+            other => Err(format!("'{other}' is not a scope: write, read or admin")),
+        }
+    }
+}
+
 /// One `[[metric]]`. Checkpoints record the definitions their state was
 /// made by, so that a changed configuration can keep running the old ones
 /// while the new ones are backfilled.
@@ -435,8 +502,9 @@ impl Config {
             Some(Ok(table)) => table,
             Some(Err(e)) => return Err(vec![format!("cluster.toml is not valid TOML: {e}")]),
         };
-        overlay_env(&mut root, env, &mut errors);
-        let mut reader = Reader { errors };
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        overlay_env(&mut root, env.iter().cloned(), &mut errors);
+        let mut reader = Reader { errors, env };
         let config = reader.config(root);
         if reader.errors.is_empty() {
             Ok(config)
@@ -498,6 +566,8 @@ fn overlay_env(
 /// Reads typed values out of TOML tables, collecting errors as it goes.
 struct Reader {
     errors: Vec<String>,
+    /// Every variable, for the secrets a key names with `secret_env`.
+    env: Vec<(String, String)>,
 }
 
 /// One TOML table being read, with the keys not yet consumed.
@@ -556,11 +626,12 @@ impl Reader {
             section("backfill"),
             section("checkpoint"),
         );
-        let (mut cluster, mut kafka, mut clickhouse, mut redis) = (
+        let (mut cluster, mut kafka, mut clickhouse, mut redis, mut auth) = (
             section("cluster"),
             section("kafka"),
             section("clickhouse"),
             section("redis"),
+            section("auth"),
         );
         for (key, _) in root {
             self.errors.push(format!("{key}: unknown section"));
@@ -583,6 +654,7 @@ impl Reader {
                 header_timeout: self.timeout(&mut server, "header_timeout", DEFAULT_HEADER_TIMEOUT),
                 body_timeout: self.timeout(&mut server, "body_timeout", DEFAULT_BODY_TIMEOUT),
                 event_limits: self.event_limits(&mut server),
+                allowed_origins: self.origins(&mut server),
             },
             storage: StorageConfig {
                 data_dir: PathBuf::from(self.string(&mut storage, "data_dir", "./data")),
@@ -650,8 +722,18 @@ impl Reader {
                 url: self.string(&mut redis, "url", "redis://127.0.0.1:6379"),
                 prefix: self.string(&mut redis, "prefix", "tally"),
             },
+            auth: self.auth(&mut auth),
             metrics,
         };
+        if config.auth.keys.is_empty()
+            && !config.auth.allow_anonymous
+            && !config.server.listen.ip().is_loopback()
+        {
+            self.errors.push(format!(
+                "server.listen: {} is not a loopback address, and no [[auth.keys]] are configured, so anyone who can reach it could write and read everything; add a key (a [[auth.keys]] table with name, secret or secret_env, and scopes), or set auth.allow_anonymous = true",
+                config.server.listen
+            ));
+        }
         if !is_identifier(&config.clickhouse.database) {
             self.errors.push(format!(
                 "clickhouse.database: '{}' must be letters, digits and '_'",
@@ -664,11 +746,158 @@ impl Reader {
         }
         for section in [
             server, storage, log, dataflow, live, history, backfill, checkpoint, cluster, kafka,
-            clickhouse, redis,
+            clickhouse, redis, auth,
         ] {
             self.unknown_keys(section);
         }
         config
+    }
+
+    fn origins(&mut self, s: &mut Section) -> Vec<String> {
+        let origins = self.strings(s, "allowed_origins");
+        for origin in &origins {
+            let valid = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"))
+                .is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#', ' ']));
+            if !valid {
+                self.errors.push(format!(
+                    "server.allowed_origins: '{origin}' is not an origin such as https://app.example.com (a scheme and a host, with an optional port, and no path)"
+                ));
+            }
+        }
+        origins
+    }
+
+    fn auth(&mut self, s: &mut Section) -> AuthConfig {
+        let allow_anonymous = match s.take("allow_anonymous") {
+            None => false,
+            Some((_, Value::Boolean(b))) => b,
+            Some((path, other)) => {
+                self.errors.push(format!(
+                    "{path}: must be true or false, found {}",
+                    other.type_str()
+                ));
+                false
+            }
+        };
+        let items = match s.take("keys") {
+            None => Vec::new(),
+            Some((_, Value::Array(items))) => items,
+            Some((path, _)) => {
+                self.errors.push(format!(
+                    "{path}: must be an array of tables, written [[auth.keys]]"
+                ));
+                Vec::new()
+            }
+        };
+        let mut names = BTreeSet::new();
+        let mut keys: Vec<ApiKey> = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let Value::Table(table) = item else {
+                self.errors.push(format!("auth.keys[{i}]: must be a table"));
+                continue;
+            };
+            let mut k = Section {
+                path: format!("auth.keys[{i}]."),
+                table,
+            };
+            let name = self.string(&mut k, "name", "");
+            if name.is_empty() {
+                self.errors
+                    .push(format!("auth.keys[{i}].name: give each key a name"));
+            } else if !names.insert(name.clone()) {
+                self.errors
+                    .push(format!("auth.keys[{i}].name: '{name}' is declared twice"));
+            }
+            let secret = self.secret(&mut k, i);
+            let scopes: Vec<Scope> = self
+                .strings(&mut k, "scopes")
+                .iter()
+                .filter_map(|text| {
+                    Scope::parse(text)
+                        .map_err(|e| self.errors.push(format!("auth.keys[{i}].scopes: {e}")))
+                        .ok()
+                })
+                .collect();
+            if scopes.is_empty() {
+                self.errors.push(format!(
+                    "auth.keys[{i}].scopes: give at least one of write, read and admin"
+                ));
+            }
+            let limit = |reader: &mut Reader, k: &mut Section, key: &str| {
+                k.table
+                    .contains_key(key)
+                    .then(|| reader.integer(k, key, 1, 1..=u32::MAX as i64) as u32)
+            };
+            let events_per_second = limit(self, &mut k, "events_per_second");
+            let burst = limit(self, &mut k, "burst");
+            if burst.is_some() && events_per_second.is_none() {
+                self.errors.push(format!(
+                    "auth.keys[{i}].burst: a burst needs events_per_second"
+                ));
+            }
+            if let Some(secret) = secret {
+                if keys.iter().any(|other| other.secret == secret) {
+                    self.errors.push(format!(
+                        "auth.keys[{i}]: its secret is another key's too; give each key its own"
+                    ));
+                }
+                keys.push(ApiKey {
+                    name,
+                    secret,
+                    scopes,
+                    events_per_second,
+                    burst,
+                });
+            }
+            self.unknown_keys(k);
+        }
+        AuthConfig {
+            keys,
+            allow_anonymous,
+        }
+    }
+
+    /// Key `i`'s secret: `secret`, or the variable `secret_env` names. A
+    /// secret is at least 16 bytes, so that guessing it is hopeless.
+    fn secret(&mut self, k: &mut Section, i: usize) -> Option<Secret> {
+        let inline = k
+            .take("secret")
+            .and_then(|(path, v)| self.as_string(&path, v));
+        let named = k
+            .take("secret_env")
+            .and_then(|(path, v)| self.as_string(&path, v));
+        let secret = match (inline, named) {
+            (Some(_), Some(_)) => {
+                self.errors.push(format!(
+                    "auth.keys[{i}]: give secret or secret_env, not both"
+                ));
+                return None;
+            }
+            (Some(secret), None) => secret,
+            (None, Some(variable)) => match self.env.iter().find(|(name, _)| *name == variable) {
+                Some((_, value)) => value.clone(),
+                None => {
+                    self.errors.push(format!(
+                        "auth.keys[{i}].secret_env: the variable {variable} is not set"
+                    ));
+                    return None;
+                }
+            },
+            (None, None) => {
+                self.errors
+                    .push(format!("auth.keys[{i}]: give secret or secret_env"));
+                return None;
+            }
+        };
+        if secret.len() < 16 || secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.errors.push(format!(
+                "auth.keys[{i}]: a secret must be at least 16 characters, without spaces"
+            ));
+            return None;
+        }
+        Some(Secret(secret))
     }
 
     fn history(&mut self, s: &mut Section) -> HistoryConfig {
@@ -1226,6 +1455,78 @@ windows = ["sliding 5m every 7s"]
         assert!(errors.contains("server.header_timeout"), "{errors}");
         assert!(errors.contains("live.max_subscriptions"), "{errors}");
         assert!(errors.contains("history.top"), "{errors}");
+    }
+
+    #[test]
+    fn keys_are_read_with_their_secrets_and_every_mistake_is_listed() {
+        let keys = r#"
+[[auth.keys]]
+name = "sdk"
+secret = "wk_0123456789abcdef"
+scopes = ["write"]
+events_per_second = 100
+
+[[auth.keys]]
+name = "ops"
+secret_env = "OPS_SECRET"
+scopes = ["read", "admin"]
+"#;
+        let env = [("OPS_SECRET".to_string(), "ak_0123456789abcdef".to_string())];
+        let config = Config::load(Some(&format!("{FILE}{keys}")), env).unwrap();
+        let [sdk, ops] = &config.auth.keys[..] else {
+            panic!("two keys: {:?}", config.auth.keys);
+        };
+        assert_eq!((sdk.events_per_second, sdk.burst), (Some(100), None));
+        assert_eq!(ops.secret.0, "ak_0123456789abcdef");
+        assert_eq!(ops.scopes, [Scope::Read, Scope::Admin]);
+        // The secrets never print.
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+
+        let bad = r#"
+[server]
+listen = "0.0.0.0:8080"
+allowed_origins = ["https://ok.example", "ok.example/path"]
+
+[[auth.keys]]
+name = "a"
+secret = "short"
+scopes = ["write"]
+
+[[auth.keys]]
+name = "a"
+secret_env = "MISSING"
+scopes = ["everything"]
+burst = 5
+"#;
+        let metric = &FILE[FILE.find("[[metric]]").expect("a metric")..];
+        let errors = Config::load(Some(&format!("{bad}{metric}")), [])
+            .unwrap_err()
+            .join("\n");
+        for expected in [
+            "auth.keys[0]: a secret must be at least 16 characters",
+            "auth.keys[1].name: 'a' is declared twice",
+            "auth.keys[1].secret_env: the variable MISSING is not set",
+            "auth.keys[1].scopes: 'everything' is not a scope",
+            "auth.keys[1].burst: a burst needs events_per_second",
+            "server.allowed_origins: 'ok.example/path' is not an origin",
+        ] {
+            assert!(errors.contains(expected), "{expected} not in {errors}");
+        }
+
+        // No keys on a public address: refused, unless anonymous is allowed.
+        let public = FILE.replace("127.0.0.1:9000", "0.0.0.0:9000");
+        let errors = Config::load(Some(&public), []).unwrap_err().join("\n");
+        assert!(errors.contains("not a loopback address"), "{errors}");
+        let env = [(
+            "TALLY__AUTH__ALLOW_ANONYMOUS".to_string(),
+            "true".to_string(),
+        )];
+        assert!(Config::load(Some(&public), env).is_ok());
+        assert!(Config::load(
+            Some(&format!("{public}{keys}")),
+            [("OPS_SECRET".into(), "ak_0123456789abcdef".into())]
+        )
+        .is_ok());
     }
 
     #[test]

@@ -41,12 +41,14 @@ use crate::Gateway;
 /// request does not hold up the connections sharing its runtime thread.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
 
-/// Handles one ingest request.
+/// Handles one ingest request. Once its events are valid, `admit` says
+/// whether they may go in (the caller's rate limit), all or none.
 pub async fn ingest<S, B>(
     gateway: Arc<Gateway>,
     content_type: Option<String>,
     content_length: Option<u64>,
     body: S,
+    admit: impl FnOnce(usize) -> Result<(), ApiError>,
 ) -> ApiResult
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
@@ -123,6 +125,8 @@ where
         }
     };
     let accepted = records.len();
+    // The caller's rate limit, for the whole request or none of it.
+    admit(accepted)?;
     if let Err(e) = gateway.events.append(records).await {
         tracing::error!(
             error = %e,

@@ -10,6 +10,7 @@
 //!
 //! # Layout
 //!
+//! - [`auth`]: keys, their scopes and their rate limits.
 //! - [`backend`]: the event sink and history traits, their errors, and
 //!   their embedded and cluster forms.
 //! - [`catalog`]: the active metrics, the backfill under way, and
@@ -21,11 +22,13 @@
 //!   `connection` (one client), `hub` (the fan-out task) and `topic` (a
 //!   subscription, parsed once).
 //! - [`ops`]: Prometheus metrics and health.
+//! - [`origins`]: CORS, and which pages may open a WebSocket.
 //! - [`reply`]: JSON errors.
 //! - `server`: the accept loop, with each connection's socket options and
 //!   the bounds on connections: the cap, its health reserve, and the
 //!   timeout for a request head.
 
+pub mod auth;
 pub mod backend;
 pub mod catalog;
 pub mod dashboard;
@@ -33,6 +36,7 @@ pub mod history;
 pub mod ingest;
 pub mod live;
 pub mod ops;
+pub mod origins;
 pub mod reply;
 mod server;
 
@@ -49,11 +53,15 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
+use tally_dataflow::config::Scope;
+
+use crate::auth::{Access, Auth};
 use crate::backend::{EventSink, History};
 use crate::catalog::Catalog;
 use crate::live::Hub;
 use crate::ops::{ConnectionMetrics, Ops};
-use crate::reply::{render, ApiError};
+use crate::origins::Origins;
+use crate::reply::{render, ApiError, ApiResult};
 
 /// Everything a request handler can reach.
 pub struct Gateway {
@@ -72,48 +80,87 @@ pub struct Gateway {
 }
 
 /// All routes.
+///
+/// Every route but health, the dashboard and the SDK needs a key with its
+/// scope once keys are configured ([`auth`]); pages of other origins reach
+/// them only as [`origins`] allows.
 pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
     let with = {
         let gateway = Arc::clone(&gateway);
         warp::any().map(move || Arc::clone(&gateway))
     };
-    let raw_query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    let auth = Arc::new(Auth::new(&gateway.config.auth));
+    let origins = Arc::new(Origins::new(&gateway.config.server.allowed_origins));
+    // The caller's key checked for `scope`, and the query without it.
+    let guard = |scope: Scope| {
+        let (auth, ops) = (Arc::clone(&auth), Arc::clone(&gateway.ops));
+        warp::header::optional::<String>("authorization")
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .map(move |authorization: Option<String>, query: String| {
+                auth.check(authorization.as_deref(), &query, scope, &ops)
+            })
+    };
 
-    let events = warp::path!("v1" / "events")
-        .and(warp::post())
-        .and(with.clone())
-        .and(warp::header::optional::<String>("content-type"))
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::body::stream())
-        .then(|gw, ct, len, body| async move {
-            render(ingest::ingest(gw, ct, len, Box::pin(body)).await)
-        });
+    let events = {
+        let (auth, ops) = (Arc::clone(&auth), Arc::clone(&gateway.ops));
+        warp::path!("v1" / "events")
+            .and(warp::post())
+            .and(guard(Scope::Write))
+            .and(with.clone())
+            .and(warp::header::optional::<String>("content-type"))
+            .and(warp::header::optional::<u64>("content-length"))
+            .and(warp::body::stream())
+            .then(move |access: Result<Access, ApiError>, gw, ct, len, body| {
+                let (auth, ops) = (Arc::clone(&auth), Arc::clone(&ops));
+                async move {
+                    let caller = match access {
+                        Ok(access) => access.caller,
+                        Err(refused) => return refused.into_response(),
+                    };
+                    let admit = move |events| auth.admit(caller, events, &ops);
+                    render(ingest::ingest(gw, ct, len, Box::pin(body), admit).await)
+                }
+            })
+    };
     let metrics = warp::path!("v1" / "metrics")
         .and(warp::get())
+        .and(guard(Scope::Read))
         .and(with.clone())
-        .and(raw_query)
-        .then(|gw, q| async move { render(history::metrics(gw, q).await) });
+        .then(|access, gw| guarded(access, |a: Access| history::metrics(gw, a.query)));
     let dead = warp::path!("v1" / "deadletters")
         .and(warp::get())
+        .and(guard(Scope::Admin))
         .and(with.clone())
-        .and(raw_query)
-        .then(|gw, q| async move { render(history::dead_letters(gw, q).await) });
-    let live = live::route(
-        gateway.hub.clone(),
-        &gateway.config.live,
-        Arc::clone(&gateway.ops),
-    );
+        .then(|access, gw| guarded(access, |a: Access| history::dead_letters(gw, a.query)));
+    let live = warp::path!("v1" / "live")
+        .and(guard(Scope::Read))
+        .and(live::route(
+            gateway.hub.clone(),
+            &gateway.config.live,
+            Arc::clone(&gateway.ops),
+            Arc::clone(&origins),
+        ))
+        .map(
+            |access: Result<Access, ApiError>, handshake: live::Handshake| match access {
+                Ok(_) => handshake(),
+                Err(refused) => refused.into_response(),
+            },
+        );
     let prometheus = warp::path!("metrics")
         .and(warp::get())
+        .and(guard(Scope::Admin))
         .and(with.clone())
-        .map(|gw: Arc<Gateway>| {
-            warp::reply::with_header(
-                gw.ops.render(now_ms()),
-                "content-type",
-                "text/plain; version=0.0.4",
-            )
-            .into_response()
-        });
+        .map(
+            |access: Result<Access, ApiError>, gw: Arc<Gateway>| match access {
+                Ok(_) => warp::reply::with_header(
+                    gw.ops.render(now_ms()),
+                    "content-type",
+                    "text/plain; version=0.0.4",
+                )
+                .into_response(),
+                Err(refused) => refused.into_response(),
+            },
+        );
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
@@ -129,8 +176,9 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         });
     let catalog = warp::path!("v1" / "catalog")
         .and(warp::get())
+        .and(guard(Scope::Read))
         .and(with)
-        .then(|gw| async move { render(catalog::describe(gw).await) });
+        .then(|access, gw| guarded(access, |_| catalog::describe(gw)));
     let index = warp::path!("v1").and(warp::get()).map(|| {
         warp::reply::json(&json!({
             "name": "tally",
@@ -149,8 +197,16 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         }))
         .into_response()
     });
+    let preflight = {
+        let origins = Arc::clone(&origins);
+        warp::options()
+            .and(warp::header::optional::<String>("origin"))
+            .map(move |origin: Option<String>| origins.preflight(origin.as_deref()))
+    };
 
-    events
+    let routes = preflight
+        .or(events)
+        .unify()
         .or(metrics)
         .unify()
         .or(dead)
@@ -170,8 +226,23 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .or(dashboard::routes())
         .unify()
         .recover(rejection)
-        .unify()
+        .unify();
+    warp::header::optional::<String>("origin")
+        .and(routes)
+        .map(move |origin: Option<String>, response| origins.decorate(origin.as_deref(), response))
         .boxed()
+}
+
+/// Runs `handler` for a request whose key passed, or answers the refusal.
+async fn guarded<F, Fut>(access: Result<Access, ApiError>, handler: F) -> Response
+where
+    F: FnOnce(Access) -> Fut,
+    Fut: Future<Output = ApiResult>,
+{
+    match access {
+        Ok(access) => render(handler(access).await),
+        Err(refused) => refused.into_response(),
+    }
 }
 
 /// Turns warp's rejections into JSON errors.

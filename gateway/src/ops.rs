@@ -72,6 +72,7 @@ pub struct Ops {
     /// reached the hub.
     pub live_freshness: Histogram,
     ws_refused: IntCounterVec,
+    auth_refused: IntCounterVec,
     history_refused: IntCounterVec,
     history_rows: IntCounterVec,
     /// The accept loop's connections and refusals.
@@ -355,6 +356,23 @@ impl Ops {
             "WebSocket client messages refused, by reason: bad_subscription, \
              too_many_subscriptions, unreadable (not a request), binary (closes the connection).",
         );
+        let auth_refused = {
+            let c = IntCounterVec::new(
+                Opts::new(
+                    "tally_auth_refused_total",
+                    "Requests refused by key and reason: missing (no secret, 401), unknown (a secret \
+                     of no key, 401; key=\"\"), scope (the key may not, 403), rate (over the key's \
+                     events per second, 429), burst (more events in one request than the key's \
+                     burst, 413), origin (a WebSocket from an origin not allowed, 403; key=\"\").",
+                ),
+                &["key", "reason"],
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("registered once");
+            c
+        };
         let history_refused = labelled(
             &registry,
             "tally_history_queries_refused_total",
@@ -405,6 +423,7 @@ impl Ops {
                 h
             },
             ws_refused,
+            auth_refused,
             history_refused,
             history_rows,
             connections: Arc::new(ConnectionMetrics::new()),
@@ -423,6 +442,11 @@ impl Ops {
     /// Counts a WebSocket client's message refused for `reason`.
     pub fn ws_refused(&self, reason: &str) {
         self.ws_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a request refused for `reason`, by the key it came with.
+    pub fn auth_refused(&self, key: &str, reason: &str) {
+        self.auth_refused.with_label_values(&[key, reason]).inc();
     }
 
     /// Counts a history query refused for `reason`.

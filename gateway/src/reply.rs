@@ -1,7 +1,7 @@
 //! JSON replies and errors.
 
 use serde::Serialize;
-use warp::http::header::{HeaderValue, CONNECTION};
+use warp::http::header::{HeaderMap, HeaderValue, CONNECTION};
 use warp::http::StatusCode;
 use warp::reply::{json, with_status, Response};
 use warp::Reply;
@@ -19,6 +19,8 @@ pub struct ApiError {
     /// Whether the connection closes after this answer (`Connection:
     /// close`), as it must when the rest of the request cannot be read.
     pub close: bool,
+    /// Headers the answer carries, such as `Retry-After`.
+    pub headers: HeaderMap,
 }
 
 impl ApiError {
@@ -29,6 +31,7 @@ impl ApiError {
             message: message.into(),
             details: None,
             close: false,
+            headers: HeaderMap::new(),
         }
     }
 
@@ -55,6 +58,7 @@ impl Reply for ApiError {
             self.status,
         )
         .into_response();
+        response.headers_mut().extend(self.headers);
         if self.close {
             response
                 .headers_mut()

@@ -14,7 +14,13 @@ use warp::{Filter, Rejection, Reply};
 use super::connection;
 use super::hub::Hub;
 use crate::ops::Ops;
+use crate::origins::Origins;
 use crate::reply::ApiError;
+
+/// The answer to `GET /v1/live`, to be given once the request's key has
+/// passed: the switch to the WebSocket, with the client's connection
+/// served from then on, or a refusal.
+pub type Handshake = Box<dyn FnOnce() -> Response + Send>;
 
 /// `GET /v1/live`: the WebSocket handshake, then the client's connection.
 ///
@@ -25,42 +31,55 @@ use crate::reply::ApiError;
 /// large share of the server's CPU.
 ///
 /// Each connection gets a queue of `live.queue` updates and may hold
-/// `live.max_subscriptions` subscriptions.
+/// `live.max_subscriptions` subscriptions. A browser's page must be of an
+/// origin `origins` allows.
 pub fn route(
     hub: Hub,
     live: &LiveConfig,
     ops: Arc<Ops>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    origins: Arc<Origins>,
+) -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone {
     let bounds = connection::Bounds {
         queue: live.queue,
         max_subscriptions: live.max_subscriptions,
     };
-    warp::path!("v1" / "live")
-        .and(warp::get())
+    warp::get()
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .map(move |headers: HeaderMap, upgrade: Option<OnUpgrade>| {
-            let (key, upgrade) = match handshake(&headers, upgrade) {
-                Ok(accepted) => accepted,
-                Err(refusal) => return refusal.into_response(),
-            };
-            let (hub, ops) = (hub.clone(), Arc::clone(&ops));
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(upgraded) => connection::serve(hub, upgraded, bounds, ops).await,
-                    Err(e) => tracing::debug!("a WebSocket upgrade failed: {e}"),
+            let (hub, ops, origins) = (hub.clone(), Arc::clone(&ops), Arc::clone(&origins));
+            Box::new(move || {
+                let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or("null"));
+                let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+                if origin.is_some_and(|origin| !origins.allows(origin, host)) {
+                    ops.auth_refused("", "origin");
+                    return ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "a page of this origin may not open /v1/live: list it in server.allowed_origins",
+                    )
+                    .into_response();
                 }
-            });
-            let mut response = Response::default();
-            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let headers = response.headers_mut();
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            // The accept key is base64, which is always a valid header value.
-            let accept = HeaderValue::try_from(derive_accept_key(key.as_bytes()))
-                .expect("base64 is a valid header value");
-            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-            response
+                let (key, upgrade) = match handshake(&headers, upgrade) {
+                    Ok(accepted) => accepted,
+                    Err(refusal) => return refusal.into_response(),
+                };
+                tokio::spawn(async move {
+                    match upgrade.await {
+                        Ok(upgraded) => connection::serve(hub, upgraded, bounds, ops).await,
+                        Err(e) => tracing::debug!("a WebSocket upgrade failed: {e}"),
+                    }
+                });
+                let mut response = Response::default();
+                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                let headers = response.headers_mut();
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                // The accept key is base64, which is always a valid header value.
+                let accept = HeaderValue::try_from(derive_accept_key(key.as_bytes()))
+                    .expect("base64 is a valid header value");
+                headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+                response
+            }) as Handshake
         })
 }
 

@@ -42,5 +42,5 @@ mod handshake;
 mod hub;
 mod topic;
 
-pub use handshake::route;
+pub use handshake::{route, Handshake};
 pub use hub::Hub;
