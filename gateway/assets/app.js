@@ -16,7 +16,28 @@ const lags = [];
 let lastUpdate = 0;
 let wasDown = false;
 
+// Where the server needs a key, the dashboard asks for one (a key with the
+// read scope) and keeps it for this tab only.
+const TOKEN_KEY = "tally.token";
+let token = sessionStorage.getItem(TOKEN_KEY) ?? "";
+
+/** GETs an API path, with the tab's key if it has one. */
+function api(path) {
+  return fetch(path, token ? { headers: { authorization: `Bearer ${token}` } } : {});
+}
+
+/** Asks for a key after a 401; the live connection uses it from then on. */
+function askForToken(message) {
+  const given = prompt(`${message}\n\nThis tally needs a key with the read scope. Paste its secret; it is kept for this tab only.`);
+  if (given === null) return false;
+  token = given.trim();
+  sessionStorage.setItem(TOKEN_KEY, token);
+  tally.options.token = token;
+  return true;
+}
+
 const tally = new Tally(undefined, {
+  token: token || undefined,
   onState(state) {
     const pill = $("connection");
     pill.dataset.state = state;
@@ -105,7 +126,7 @@ class Chart {
       params.set("top", String(this.config.top));
     }
     try {
-      const response = await fetch(`/v1/metrics?${params}`);
+      const response = await api(`/v1/metrics?${params}`);
       const body = await response.json();
       if (!response.ok) return this.showError(body.error ?? response.statusText);
       const series = body.series ?? [{ group: null, dataPoints: body.dataPoints }];
@@ -367,7 +388,7 @@ async function suggestValues() {
   const tumbling = m.windows.map(parseWindow).filter((w) => w.tumbling).sort((a, b) => b.size - a.size)[0];
   const params = new URLSearchParams({ metric, start: String(now - 3600), end: String(now), resolution: tumbling.sizeText, groupBy: dim });
   try {
-    const body = await (await fetch(`/v1/metrics?${params}`)).json();
+    const body = await (await api(`/v1/metrics?${params}`)).json();
     const values = (body.series ?? []).map((s) => Object.values(s.group)[0]).filter(Boolean);
     $("filter-values").innerHTML = values.map((v) => `<option value="${esc(v)}">`).join("");
   } catch {
@@ -427,7 +448,7 @@ const CATALOG_EVERY_MS = 5000;
 async function refreshCatalog() {
   let fresh;
   try {
-    fresh = (await (await fetch("/v1/catalog")).json()).metrics;
+    fresh = (await (await api("/v1/catalog")).json()).metrics;
   } catch {
     return;
   }
@@ -479,8 +500,13 @@ function showBackfills() {
 async function start() {
   for (;;) {
     try {
-      const response = await fetch("/v1/catalog");
-      catalog = (await response.json()).metrics;
+      const response = await api("/v1/catalog");
+      const body = await response.json();
+      if (response.status === 401 || response.status === 403) {
+        if (!askForToken(body.error)) await new Promise((r) => setTimeout(r, 2000));
+        continue;
+      }
+      catalog = body.metrics;
       break;
     } catch {
       await new Promise((r) => setTimeout(r, 2000));

@@ -3,6 +3,7 @@
 //
 //   import { Tally } from "/sdk/tally.js";
 //   const tally = new Tally();                      // same origin, or new Tally("https://tally.example")
+//   // where the server needs a key: new Tally("https://tally.example", { token: "<secret>" })
 //   const stop = tally.subscribe("metrics:ad_clicks:country:US", { window: "tumbling 1m" }, (update) => {
 //     console.log(update.windowStart, update.value, update.final, update.revision);
 //   });
@@ -12,6 +13,8 @@
 // exponential backoff, subscribes again, and the server sends each topic's
 // current value. Updates already seen, by (window, revision), are dropped, so
 // `onUpdate` sees every correction once and never an older value after a newer.
+// A refused batch that says when to come back (429 or 503 with Retry-After) is
+// sent again no sooner than that.
 
 const FINAL_KEEP = 512;
 
@@ -23,6 +26,7 @@ export class Tally {
    * @param {number} [options.maxBackoffMs=15000] longest reconnect delay
    * @param {number} [options.flushEveryMs=1000] how often tracked events are sent
    * @param {number} [options.maxBatch=500] events per request at most
+   * @param {string} [options.token] the secret of a key, where the server needs one
    * @param {(state: string) => void} [options.onState] "connecting", "open", "reconnecting", "closed"
    * @param {typeof WebSocket} [options.WebSocket] for tests and non-browser runtimes
    * @param {typeof fetch} [options.fetch]
@@ -101,21 +105,28 @@ export class Tally {
   }
 
   async post(batch) {
+    let retryAfter = 0;
     for (let attempt = 0; ; attempt++) {
       try {
         const response = await this.options.fetch(`${this.baseUrl}/v1/events`, {
           method: "POST",
-          headers: { "content-type": "application/json" },
+          headers: {
+            "content-type": "application/json",
+            ...(this.options.token && { authorization: `Bearer ${this.options.token}` }),
+          },
           body: JSON.stringify(batch),
         });
         if (response.ok) return;
         if (response.status >= 400 && response.status < 500 && response.status !== 429) {
           throw new Error(`tally refused the events: ${response.status} ${await response.text()}`);
         }
+        // Seconds, as the server says when it may take the batch again.
+        retryAfter = Number(response.headers?.get?.("retry-after")) * 1000 || 0;
       } catch (error) {
         if (error.message?.startsWith("tally refused")) throw error;
       }
-      await sleep(this.backoff(attempt));
+      await sleep(Math.max(this.backoff(attempt), retryAfter));
+      retryAfter = 0;
     }
   }
 
@@ -134,7 +145,9 @@ export class Tally {
     if (this.closed) return;
     this.reconnectTimer = null;
     this.setState(this.attempt === 0 ? "connecting" : "reconnecting");
-    const url = this.baseUrl.replace(/^http/, "ws") + "/v1/live";
+    // A browser's WebSocket cannot send headers: the key goes in the query.
+    const token = this.options.token ? `?access_token=${encodeURIComponent(this.options.token)}` : "";
+    const url = this.baseUrl.replace(/^http/, "ws") + "/v1/live" + token;
     const socket = new this.options.WebSocket(url);
     this.socket = socket;
     socket.onopen = () => {

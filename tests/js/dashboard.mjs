@@ -1,12 +1,13 @@
 // The dashboard in real headless Chromium, against a real `tally run`:
 // values appear within 2 s of a POST, a late event visibly revises its bar,
-// and after a server restart the page reconnects and updates again.
+// and after a server restart the page reconnects and updates again. Then,
+// on a server that needs keys, the page asks for one and works with it.
 //
 //   TALLY_BIN=target/debug/tally node tests/js/dashboard.mjs
 //
 // A screenshot is saved to tests/artifacts/dashboard.png.
 import { spawn } from "node:child_process";
-import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -30,8 +31,8 @@ function freePort() {
 }
 
 /** Starts `tally run` and resolves once it listens. */
-function startTally(port, dataDir) {
-  const child = spawn(binary, ["run", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir, "--config", join(root, "cluster.toml")], {
+function startTally(port, dataDir, config = join(root, "cluster.toml")) {
+  const child = spawn(binary, ["run", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir, "--config", config], {
     env: { ...process.env, RUST_LOG: "warn" },
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -52,8 +53,9 @@ function stopTally(child) {
   });
 }
 
-async function post(url, events) {
-  const response = await fetch(`${url}/v1/events`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(events) });
+async function post(url, events, key) {
+  const headers = { "content-type": "application/json", ...(key && { authorization: `Bearer ${key}` }) };
+  const response = await fetch(`${url}/v1/events`, { method: "POST", headers, body: JSON.stringify(events) });
   if (response.status !== 202) throw new Error(`POST answered ${response.status}: ${await response.text()}`);
 }
 
@@ -171,6 +173,40 @@ async function main() {
     step("nothing the page did broke its Content-Security-Policy", Date.now());
     await page.screenshot({ path: join(artifacts, "dashboard.png"), fullPage: true });
     console.log(`screenshot: ${join(artifacts, "dashboard.png")}`);
+
+    // A server that needs keys: a new tab asks for one, once, and then
+    // shows history and live values with it.
+    since = Date.now();
+    await stopTally(tally);
+    const [read, write] = ["rk_dashboard_0123456789", "wk_dashboard_0123456789"];
+    const config = join(dataDir, "keys.toml");
+    writeFileSync(config, `${readFileSync(join(root, "cluster.toml"), "utf8")}
+[[auth.keys]]
+name = "dashboard"
+secret = "${read}"
+scopes = ["read"]
+
+[[auth.keys]]
+name = "sdk"
+secret = "${write}"
+scopes = ["write"]
+`);
+    tally = await startTally(port, dataDir, config);
+    const keyed = await browser.newPage({ viewport: { width: 1280, height: 860 } });
+    let asked = 0;
+    keyed.on("dialog", (dialog) => {
+      asked++;
+      dialog.accept(read);
+    });
+    await keyed.goto(`${url}/#charts=${hash}`);
+    await keyed.waitForSelector('#connection[data-state="open"]', { timeout: 10_000 });
+    await keyed.waitForSelector('.card[data-metric="events"]');
+    const at = Date.now();
+    await post(url, [click(at), click(at)], write);
+    const keyedStart = at - (at % WINDOW);
+    await bar(keyed, keyedStart, (b) => b.value >= 2, 5000);
+    if (asked !== 1) throw new Error(`the page asked for a key ${asked} times`);
+    step("on a server with keys, the page asks for one once and shows live values", since);
   } finally {
     await browser.close();
     await stopTally(tally);

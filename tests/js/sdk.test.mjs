@@ -173,3 +173,31 @@ test("track does not retry events the server refuses", async () => {
   await assert.rejects(tally.flush(), /refused the events: 400/);
   assert.equal(calls, 1);
 });
+
+test("a token goes in the Authorization header and the WebSocket's query, and Retry-After is honoured", async () => {
+  FakeSocket.all = [];
+  const sent = [];
+  const answers = [
+    () => ({ ok: false, status: 429, headers: new Headers({ "retry-after": "1" }), text: async () => "" }),
+    () => ({ ok: true, status: 202 }),
+  ];
+  const tally = new Tally("http://tally.test", {
+    token: "wk_secret/+=",
+    WebSocket: FakeSocket,
+    minBackoffMs: 1,
+    maxBackoffMs: 4,
+    fetch: async (url, init) => {
+      sent.push({ at: Date.now(), authorization: init.headers.authorization });
+      return answers[sent.length - 1]();
+    },
+  });
+  tally.subscribe("metrics:ad_clicks", {}, () => {});
+  const socket = await nextSocket(1);
+  assert.equal(socket.url, "ws://tally.test/v1/live?access_token=wk_secret%2F%2B%3D");
+  tally.track("ad_click", {});
+  await tally.flush();
+  assert.equal(sent.length, 2);
+  assert.equal(sent[0].authorization, "Bearer wk_secret/+=");
+  assert.ok(sent[1].at - sent[0].at >= 950, `retried after ${sent[1].at - sent[0].at} ms, not the 1 s asked`);
+  await tally.close();
+});
