@@ -1,10 +1,12 @@
 //! (a) HTTP ingest, end to end: batches of 1000 events posted to `tally run`
 //! until each is fsync'd in the log, against parsing the same bytes with
-//! serde_json into `Value`s on one thread.
+//! serde_json into `Value`s on one thread; and the same with a key whose
+//! requests are checked and rate-limited, against without, taken in turn
+//! in the same run.
 
 use std::time::Instant;
 
-use crate::support::{bodies, now_ms, post_bodies, Tally};
+use crate::support::{bodies, now_ms, post_bodies, post_bodies_as, repository_config, Tally};
 
 const BATCH: usize = 1000;
 const BATCHES: usize = 600;
@@ -30,6 +32,34 @@ pub fn run() {
     let started = Instant::now();
     post_bodies(&tally.url, &bodies, CONNECTIONS);
     let ingest_rate = events as f64 / started.elapsed().as_secs_f64();
+    drop(tally);
+
+    // Keys: each request's bearer token checked and its events taken from
+    // a bucket that never runs dry, against no keys; two rounds in turn.
+    let mut config = std::fs::read_to_string(repository_config()).unwrap();
+    config.push_str(&format!(
+        "\n[[auth.keys]]\nname = \"bench\"\nsecret = \"{KEY}\"\nscopes = [\"write\"]\nevents_per_second = 100000000\n"
+    ));
+    let keyed = dir.path().join("keys.toml");
+    std::fs::write(&keyed, config).unwrap();
+    let (mut open, mut checked) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        for key in [None, Some(KEY)] {
+            let data = tempfile::tempdir().unwrap();
+            let tally = match key {
+                None => Tally::start(data.path(), &[]),
+                Some(_) => Tally::start_with_config(data.path(), &keyed, &[]),
+            };
+            let started = Instant::now();
+            post_bodies_as(&tally.url, &bodies, CONNECTIONS, key);
+            let rate = events as f64 / started.elapsed().as_secs_f64();
+            match key {
+                None => open.push(rate),
+                Some(_) => checked.push(rate),
+            }
+        }
+    }
+    let (open, checked) = (median(&mut open), median(&mut checked));
 
     println!("(a) HTTP ingest, batches of {BATCH}, {CONNECTIONS} connections, fsync always, {events} events, {:.0} bytes/event", bytes as f64 / events as f64);
     println!(
@@ -37,4 +67,21 @@ pub fn run() {
         parse_rate
     );
     println!("    tally run, POST until durable:                {:>10.0} events/s  ({:.2}x the parse rate)", ingest_rate, ingest_rate / parse_rate);
+    println!(
+        "    without keys, 2 rounds (median of 2):         {:>10.0} events/s",
+        open
+    );
+    println!(
+        "    with a key and its rate limit, in turn:       {:>10.0} events/s  ({:+.1}% against without)",
+        checked,
+        (checked / open - 1.0) * 100.0
+    );
+}
+
+/// The secret of the benchmark's key.
+const KEY: &str = "wk_bench_0123456789abcdef";
+
+fn median(rates: &mut [f64]) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    (rates[(rates.len() - 1) / 2] + rates[rates.len() / 2]) / 2.0
 }

@@ -144,16 +144,27 @@ pub fn bodies(seed: u64, batches: usize, batch: usize, now_ms: i64) -> Arc<Vec<V
 /// POSTs every body once, over `connections` concurrent keep-alive
 /// connections, each waiting for its `202`.
 pub fn post_bodies(url: &str, bodies: &Arc<Vec<Vec<u8>>>, connections: usize) {
+    post_bodies_as(url, bodies, connections, None)
+}
+
+/// As [`post_bodies`], with the secret of a key.
+pub fn post_bodies_as(
+    url: &str,
+    bodies: &Arc<Vec<Vec<u8>>>,
+    connections: usize,
+    key: Option<&str>,
+) {
     let next = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..connections)
         .map(|_| {
             let (bodies, next, url) = (Arc::clone(bodies), Arc::clone(&next), url.to_string());
+            let key = key.map(str::to_owned);
             std::thread::spawn(move || {
                 let agent = agent();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(body) = bodies.get(i) else { break };
-                    post_events(&agent, &url, body);
+                    post_events_as(&agent, &url, body, key.as_deref());
                 }
             })
         })
@@ -181,11 +192,18 @@ pub fn agent() -> ureq::Agent {
 
 /// POSTs a JSON body of events and insists on a 202.
 pub fn post_events(agent: &ureq::Agent, url: &str, body: &[u8]) {
-    let response = agent
+    post_events_as(agent, url, body, None)
+}
+
+/// As [`post_events`], with the secret of a key.
+pub fn post_events_as(agent: &ureq::Agent, url: &str, body: &[u8], key: Option<&str>) {
+    let mut request = agent
         .post(format!("{url}/v1/events"))
-        .header("content-type", "application/json")
-        .send(body)
-        .unwrap();
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    let response = request.send(body).unwrap();
     assert_eq!(response.status(), 202);
 }
 
