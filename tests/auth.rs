@@ -7,77 +7,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
 use tungstenite::Message;
 
-use crate::util::{default_config, Tally};
-
-const WRITE: &str = "wk_test_0123456789abcdef";
-const READ: &str = "rk_test_0123456789abcdef";
-const ADMIN: &str = "ak_test_0123456789abcdef";
-const APP: &str = "https://app.example.com";
-
-/// The repository's configuration with three keys: a writer limited to 5
-/// events a second in bursts of 10, a reader whose secret comes from the
-/// environment, and an admin.
-fn config(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut text = std::fs::read_to_string(default_config()).unwrap();
-    text.push_str(&format!(
-        r#"
-[[auth.keys]]
-name = "web-sdk"
-secret = "{WRITE}"
-scopes = ["write"]
-events_per_second = 5
-burst = 10
-
-[[auth.keys]]
-name = "dashboard"
-secret_env = "TALLY_TEST_READ_SECRET"
-scopes = ["read"]
-
-[[auth.keys]]
-name = "ops"
-secret = "{ADMIN}"
-scopes = ["admin"]
-"#
-    ));
-    let path = dir.join("cluster.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// A request's status, headers and JSON body.
-struct Answer {
-    status: u16,
-    headers: ureq::http::HeaderMap,
-    body: Value,
-}
-
-fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&Value>) -> Answer {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut builder = ureq::http::Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        builder = builder.header(*k, *v);
-    }
-    let mut response = match body {
-        Some(body) => agent
-            .run(
-                builder
-                    .header("content-type", "application/json")
-                    .body(serde_json::to_vec(body).unwrap())
-                    .unwrap(),
-            )
-            .unwrap(),
-        None => agent.run(builder.body(()).unwrap()).unwrap(),
-    };
-    let text = response.body_mut().read_to_string().unwrap_or_default();
-    Answer {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    }
-}
+use crate::util::{default_config, keyed_config, request, Tally, ADMIN, APP, READ, WRITE};
 
 fn bearer(secret: &str) -> String {
     format!("Bearer {secret}")
@@ -92,7 +22,7 @@ fn clicks(n: usize) -> Value {
 #[test]
 fn keys_scopes_and_rate_limits_guard_every_route_but_health_and_the_page() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
+    let config = keyed_config(dir.path());
     let tally = Tally::start_with_config(
         dir.path(),
         &config,

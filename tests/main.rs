@@ -11,5 +11,6 @@ mod edge;
 mod history;
 mod ingest;
 mod live;
+mod openapi;
 mod restart;
 mod versions;

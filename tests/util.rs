@@ -352,3 +352,77 @@ pub fn clicks_per_minute_are(tally: &Tally, expected: &[u64], timeout: Duration)
         }
     });
 }
+
+/// The secret of [`keyed_config`]'s writer.
+pub const WRITE: &str = "wk_test_0123456789abcdef";
+/// The secret of its reader, which it reads from `TALLY_TEST_READ_SECRET`.
+pub const READ: &str = "rk_test_0123456789abcdef";
+/// The secret of its admin.
+pub const ADMIN: &str = "ak_test_0123456789abcdef";
+/// A web origin for tests to list in `server.allowed_origins`.
+pub const APP: &str = "https://app.example.com";
+
+/// The repository's configuration with three keys: a writer limited to 5
+/// events a second in bursts of 10, a reader whose secret comes from the
+/// environment, and an admin.
+pub fn keyed_config(dir: &Path) -> PathBuf {
+    let mut text = std::fs::read_to_string(default_config()).unwrap();
+    text.push_str(&format!(
+        r#"
+[[auth.keys]]
+name = "web-sdk"
+secret = "{WRITE}"
+scopes = ["write"]
+events_per_second = 5
+burst = 10
+
+[[auth.keys]]
+name = "dashboard"
+secret_env = "TALLY_TEST_READ_SECRET"
+scopes = ["read"]
+
+[[auth.keys]]
+name = "ops"
+secret = "{ADMIN}"
+scopes = ["admin"]
+"#
+    ));
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A request's status, headers and JSON body (or text).
+pub struct Answer {
+    pub status: u16,
+    pub headers: ureq::http::HeaderMap,
+    pub body: Value,
+}
+
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&Value>) -> Answer {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut builder = ureq::http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let mut response = match body {
+        Some(body) => agent
+            .run(
+                builder
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(body).unwrap())
+                    .unwrap(),
+            )
+            .unwrap(),
+        None => agent.run(builder.body(()).unwrap()).unwrap(),
+    };
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    Answer {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    }
+}

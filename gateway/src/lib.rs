@@ -79,6 +79,10 @@ pub struct Gateway {
     pub ops: Arc<Ops>,
 }
 
+/// The HTTP API as an OpenAPI 3.1 document, written by hand and checked
+/// against the running server by the integration tests.
+const OPENAPI: &str = include_str!("../assets/openapi.json");
+
 /// All routes.
 ///
 /// Every route but health, the dashboard and the SDK needs a key with its
@@ -179,6 +183,9 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .and(guard(Scope::Read))
         .and(with)
         .then(|access, gw| guarded(access, |_| catalog::describe(gw)));
+    let openapi = warp::path!("v1" / "openapi.json").and(warp::get()).map(|| {
+        warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()
+    });
     let index = warp::path!("v1").and(warp::get()).map(|| {
         warp::reply::json(&json!({
             "name": "tally",
@@ -190,6 +197,7 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
                 "GET /v1/metrics": "history: ?metric=&start=&end=&resolution=&<dimension>=<value>&groupBy=",
                 "GET /v1/live": "WebSocket: {\"action\":\"subscribe\",\"topic\":\"metrics:<metric>[:<dimension>:<value>]\"}",
                 "GET /v1/deadletters": "events too late to count: ?limit=",
+                "GET /v1/openapi.json": "this API as an OpenAPI 3.1 document",
                 "GET /metrics": "Prometheus text",
                 "GET /healthz": "liveness",
                 "GET /readyz": "readiness",
@@ -220,6 +228,8 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .or(readyz)
         .unify()
         .or(catalog)
+        .unify()
+        .or(openapi)
         .unify()
         .or(index)
         .unify()

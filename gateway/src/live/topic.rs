@@ -45,6 +45,10 @@ pub(super) enum TopicError {
         /// The metric's name.
         metric: String,
     },
+    /// A dimension is filtered twice: so that a topic holds at most one
+    /// filter per dimension, which bounds what the hub checks per group.
+    #[error("'{0}' is filtered twice; a topic filters each dimension once")]
+    RepeatedFilter(String),
     /// The `window` is not a window spec; the message says why.
     #[error("{0}")]
     BadWindow(String),
@@ -93,6 +97,11 @@ impl Topic {
             .chunks(2)
             .map(|pair| Ok((dimension(pair[0])?, pair[1].to_owned())))
             .collect::<Result<Vec<_>, TopicError>>()?;
+        for (i, (d, _)) in filters.iter().enumerate() {
+            if filters[..i].iter().any(|(e, _)| e == d) {
+                return Err(TopicError::RepeatedFilter(spec.dimensions[*d].clone()));
+            }
+        }
         let window = match window {
             None => 0,
             Some(text) => {
@@ -211,6 +220,14 @@ mod tests {
         assert_eq!(
             parse("metrics", None, None),
             Err(TopicError::UnknownMetric(String::new()))
+        );
+    }
+
+    #[test]
+    fn a_dimension_is_filtered_once() {
+        assert_eq!(
+            parse("metrics:ad_clicks:country:US:country:US", None, None),
+            Err(TopicError::RepeatedFilter("country".into()))
         );
     }
 
