@@ -12,6 +12,9 @@
 #
 # The dashboard and SDK tests need Node.js (with npm) and Chromium, which are
 # installed from Debian's packages when missing, and playwright-core from npm.
+#
+# The fuzz targets run briefly through scripts/fuzz.sh, which installs
+# cargo-fuzz with cargo when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +43,9 @@ eval "$(scripts/services.sh start)"
 set +a
 
 cargo test --locked --workspace
+
+# A short run of each fuzz target (scripts/fuzz.sh), from its seeds.
+scripts/fuzz.sh 10
 
 # The cluster as a user starts it: two workers of two threads, two gateways.
 export TALLY_BIN=target/debug/tally TALLY_CLUSTER_DIR=${TMPDIR:-/tmp}/tally-test-cluster

@@ -168,7 +168,7 @@ pub async fn dead_letters(gateway: Arc<Gateway>, raw_query: String) -> ApiResult
 /// escape of two hex digits that decodes, with the rest, to UTF-8. A lenient
 /// reader would turn `campaignId=%zz` into a filter no group matches, and
 /// answer zeros where the client made a mistake.
-fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
     let decode = |text: &str| {
         let bytes = text.as_bytes();
         let escapes = text.match_indices('%').all(|(i, _)| {

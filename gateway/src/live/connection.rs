@@ -26,8 +26,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::hub::{Batch, Command, Hub};
-use super::topic::Topic;
+use super::topic::{Topic, TopicError};
 use crate::ops::Ops;
+use tally_dataflow::config::MetricSpec;
 
 /// How often the server pings a client.
 const PING_EVERY: Duration = Duration::from_secs(15);
@@ -78,6 +79,40 @@ struct Request {
     /// only.
     #[serde(rename = "groupBy")]
     group_by: Option<String>,
+}
+
+/// What a client's message asks for.
+pub(super) enum Read {
+    /// A subscription, checked against the metrics it was checked with.
+    Subscribe(Topic, Arc<Vec<MetricSpec>>),
+    /// A subscription refused, with the topic's text and why.
+    Refuse(String, TopicError),
+    /// An unsubscription from the topic with this text.
+    Unsubscribe(String),
+}
+
+/// Reads a client's text message against the active `metrics`; an error
+/// says why it cannot be read at all.
+pub(super) fn read_request(text: &str, metrics: &Arc<Vec<MetricSpec>>) -> Result<Read, String> {
+    match serde_json::from_str::<Request>(text) {
+        Ok(request) if request.action == "subscribe" => Ok(
+            match Topic::parse(
+                &request.topic,
+                request.window.as_deref(),
+                request.group_by.as_deref(),
+                metrics,
+            ) {
+                Ok(topic) => Read::Subscribe(topic, Arc::clone(metrics)),
+                Err(error) => Read::Refuse(request.topic, error),
+            },
+        ),
+        Ok(request) if request.action == "unsubscribe" => Ok(Read::Unsubscribe(request.topic)),
+        Ok(request) => Err(format!(
+            "unknown action '{}': use subscribe or unsubscribe",
+            request.action
+        )),
+        Err(e) => Err(format!("cannot read the message: {e}")),
+    }
 }
 
 /// Serves one WebSocket client, on a connection that has just been
@@ -237,42 +272,37 @@ async fn read_requests(
             // The next read sends the reply to a close, then ends.
             _ => continue,
         };
-        let error = match serde_json::from_str::<Request>(&text) {
-            Ok(request) if request.action == "subscribe" => {
-                let metrics = hub.catalog.active();
-                let command = match Topic::parse(
-                    &request.topic,
-                    request.window.as_deref(),
-                    request.group_by.as_deref(),
-                    &metrics,
-                ) {
-                    Ok(topic) => Command::Subscribe {
+        let error = match read_request(&text, &hub.catalog.active()) {
+            Ok(Read::Subscribe(topic, metrics)) => {
+                let _ = hub
+                    .commands
+                    .send(Command::Subscribe {
                         client,
                         topic,
                         metrics,
-                    },
-                    Err(error) => Command::Refuse {
-                        client,
-                        topic: request.topic,
-                        error,
-                    },
-                };
-                let _ = hub.commands.send(command).await;
+                    })
+                    .await;
                 continue;
             }
-            Ok(request) if request.action == "unsubscribe" => {
-                let topic = request.topic;
+            Ok(Read::Refuse(topic, error)) => {
+                let _ = hub
+                    .commands
+                    .send(Command::Refuse {
+                        client,
+                        topic,
+                        error,
+                    })
+                    .await;
+                continue;
+            }
+            Ok(Read::Unsubscribe(topic)) => {
                 let _ = hub
                     .commands
                     .send(Command::Unsubscribe { client, topic })
                     .await;
                 continue;
             }
-            Ok(request) => format!(
-                "unknown action '{}': use subscribe or unsubscribe",
-                request.action
-            ),
-            Err(e) => format!("cannot read the message: {e}"),
+            Err(error) => error,
         };
         ops.ws_refused("unreadable");
         let reply = Reply::Text(json!({ "error": error }).to_string());

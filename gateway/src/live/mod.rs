@@ -43,4 +43,16 @@ mod hub;
 mod topic;
 
 pub use handshake::{route, Handshake};
+
+use std::sync::Arc;
+
+use tally_dataflow::config::MetricSpec;
+
+/// Reads a client's message as a connection does: `Ok` for a request the
+/// hub would take (a subscription, valid or refused with a reason, or an
+/// unsubscription), else the error the client would get. It never panics,
+/// whatever the text: the fuzz target `subscribe` checks that.
+pub fn read_message(text: &str, metrics: &Arc<Vec<MetricSpec>>) -> Result<(), String> {
+    connection::read_request(text, metrics).map(|_| ())
+}
 pub use hub::Hub;
