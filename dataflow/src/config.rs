@@ -391,13 +391,20 @@ pub enum Scope {
 }
 
 impl Scope {
-    fn parse(text: &str) -> Result<Scope, String> {
-        match text {
-            "write" => Ok(Scope::Write),
-            "read" => Ok(Scope::Read),
-            "admin" => Ok(Scope::Admin),
-            other => Err(format!("'{other}' is not a scope: write, read or admin")),
+    /// The scope as `cluster.toml` writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Write => "write",
+            Scope::Read => "read",
+            Scope::Admin => "admin",
         }
+    }
+
+    fn parse(text: &str) -> Result<Scope, String> {
+        [Scope::Write, Scope::Read, Scope::Admin]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+            .ok_or_else(|| format!("'{text}' is not a scope: write, read or admin"))
     }
 }
 

@@ -31,6 +31,7 @@ use tally_dataflow::config::{AuthConfig, Scope};
 use warp::http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use warp::http::StatusCode;
 
+use crate::history::parse_params;
 use crate::ops::Ops;
 use crate::reply::ApiError;
 
@@ -144,7 +145,7 @@ impl Auth {
                 format!(
                     "the key '{}' may not do this: it needs the {} scope",
                     key.name,
-                    name(scope)
+                    scope.as_str()
                 ),
             ));
         }
@@ -201,14 +202,6 @@ fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-fn name(scope: Scope) -> &'static str {
-    match scope {
-        Scope::Write => "write",
-        Scope::Read => "read",
-        Scope::Admin => "admin",
-    }
-}
-
 fn unauthorized(message: &str, error: Option<&str>) -> ApiError {
     let mut e = ApiError::new(StatusCode::UNAUTHORIZED, message);
     let challenge = match error {
@@ -230,11 +223,13 @@ fn split_token(query: &str) -> (Option<String>, String) {
     let rest: Vec<&str> = query
         .split('&')
         .filter(|pair| match pair.split_once('=') {
-            Some((ACCESS_TOKEN, value)) => {
-                token = percent_encoding::percent_decode_str(&value.replace('+', " "))
-                    .decode_utf8()
+            Some((ACCESS_TOKEN, _)) => {
+                // Decoded by the API's one query reader; a malformed
+                // escape leaves no token.
+                token = parse_params(pair)
                     .ok()
-                    .map(|v| v.into_owned());
+                    .and_then(|params| params.into_iter().next())
+                    .map(|(_, value)| value);
                 false
             }
             _ => !pair.is_empty(),
