@@ -59,10 +59,17 @@ pub enum Poll {
 /// Wakes a source operator from any thread.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
+/// The records one [`BatchSource::poll`] takes at most, unless its first
+/// batch alone holds more. It bounds the source operator's work in one
+/// activation, so the operators after it run between its polls, and a
+/// backlog enters the dataflow as fast as they take it, never all at once.
+pub const POLL_RECORDS: usize = 16_384;
+
 /// A worker's view of the log: the partitions it owns.
 ///
 /// Implementations never block in `poll`: I/O happens elsewhere, behind a
-/// bounded buffer, and `poll` takes what is there.
+/// bounded buffer, and `poll` takes what is there, up to [`POLL_RECORDS`];
+/// if it leaves some, it calls the waker.
 pub trait BatchSource: 'static {
     /// The partitions this source reads.
     fn partitions(&self) -> Vec<u32>;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, TryRecvError};
-use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker};
+use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
 use tracing::{error, warn};
 
 use super::{EventLog, LogError};
@@ -31,6 +31,7 @@ pub struct LogSource {
     /// Where each partition starts, by position in `partitions`.
     starts: Vec<u64>,
     rx: Option<Receiver<SourceBatch>>,
+    waker: Option<Waker>,
     stop: Arc<AtomicBool>,
 }
 
@@ -52,6 +53,7 @@ impl LogSource {
             partitions,
             starts,
             rx: None,
+            waker: None,
             stop: Arc::default(),
         }
     }
@@ -71,6 +73,7 @@ impl BatchSource for LogSource {
     fn start(&mut self, waker: Waker) {
         let (tx, rx) = bounded(CHANNEL_BATCHES);
         self.rx = Some(rx);
+        self.waker = Some(Arc::clone(&waker));
         let (log, stop) = (self.log.clone(), Arc::clone(&self.stop));
         let (partitions, starts) = (self.partitions.clone(), self.starts.clone());
         let spawned = std::thread::Builder::new().name("log-reader".into()).spawn(move || {
@@ -92,13 +95,23 @@ impl BatchSource for LogSource {
             return Poll::Pending;
         };
         let mut batches = Vec::new();
-        while batches.len() < CHANNEL_BATCHES {
+        let mut records = 0;
+        while records < POLL_RECORDS {
             match rx.try_recv() {
-                Ok(batch) => batches.push(batch),
+                Ok(batch) => {
+                    records += batch.records.len();
+                    batches.push(batch);
+                }
                 Err(TryRecvError::Empty) => break,
                 // The reader has stopped and logged why, at ERROR. Its
                 // partitions go idle and stop holding the watermark back.
                 Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        if records >= POLL_RECORDS && !rx.is_empty() {
+            // The reader wakes the source only when it hands a batch over.
+            if let Some(waker) = &self.waker {
+                waker();
             }
         }
         if batches.is_empty() {

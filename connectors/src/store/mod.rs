@@ -55,8 +55,11 @@ use tally_dataflow::rollup;
 use tally_dataflow::time::now_ms;
 use tracing::error;
 
-/// Batches a writer may have queued before sinks must wait.
-const QUEUE: usize = 256;
+/// Batches a writer may have queued before sinks must wait…
+const QUEUE: usize = 64;
+/// …of at most this many rows each: what the queue holds is bounded in
+/// rows, however many results an activation of a worker closes.
+const CHUNK: usize = 4096;
 
 /// Separates dimension values in the stored group key. It cannot appear in a
 /// value that came from JSON text without an escape, and is never produced by
@@ -229,23 +232,32 @@ struct Feed {
 }
 
 impl Feed {
-    /// Queues all of `items` if the writer is writing and has room, or
-    /// leaves them for a later offer.
+    /// Queues `items`, in chunks, while the writer is writing and has
+    /// room, and leaves the rest for a later offer.
     fn offer<T>(
         &self,
         items: &mut Vec<T>,
-        wrap: impl FnOnce(Vec<T>) -> Write,
+        wrap: impl Fn(Vec<T>) -> Write,
         unwrap: fn(Write) -> Vec<T>,
     ) {
         if self.failing.is_set() {
             return;
         }
-        match self.tx.try_send(wrap(std::mem::take(items))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(back)) => *items = unwrap(back),
-            Err(TrySendError::Disconnected(back)) => {
-                // Only at shutdown; the log still holds these events.
-                *items = unwrap(back);
+        let mut rest = std::mem::take(items).into_iter();
+        loop {
+            let chunk: Vec<T> = rest.by_ref().take(CHUNK).collect();
+            if chunk.is_empty() {
+                return;
+            }
+            match self.tx.try_send(wrap(chunk)) {
+                Ok(()) => {}
+                // Disconnected only at shutdown; the log still holds these
+                // events.
+                Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
+                    *items = unwrap(back);
+                    items.extend(rest);
+                    return;
+                }
             }
         }
     }
@@ -266,7 +278,7 @@ impl Sink<Arc<WindowUpdate>> for WindowSink {
         let names = Arc::clone(&self.1);
         self.0.offer(
             items,
-            |v| Write::Windows(names, v),
+            |v| Write::Windows(Arc::clone(&names), v),
             |w| match w {
                 Write::Windows(_, v) => v,
                 _ => unreachable!("only windows are offered here"),
