@@ -174,6 +174,7 @@ pub fn job_observer(
         events_read: stats.events_read.load(Ordering::Relaxed),
         live_dropped: live_dropped(),
         backfill: None,
+        groups: stats.groups(),
     })
 }
 

@@ -1,5 +1,5 @@
 //! The same log gives the same stored results for one worker and for four,
-//! revisions and dead letters included.
+//! revisions, dead letters and overflow groups included.
 
 use std::time::Duration;
 
@@ -61,13 +61,22 @@ fn settle(tally: &Tally) {
 fn one_worker_and_four_store_the_same_results() {
     let first = tempfile::tempdir().unwrap();
     // No partition may go idle while the test posts: idleness is the one
-    // input that depends on the wall clock.
-    let env = [("TALLY__DATAFLOW__IDLE_TIMEOUT", "1h")];
+    // input that depends on the wall clock. A cap of about a group per
+    // shard: which groups overflow must not depend on the workers either.
+    let env = [
+        ("TALLY__DATAFLOW__IDLE_TIMEOUT", "1h"),
+        ("TALLY__DATAFLOW__MAX_GROUPS", "1"),
+    ];
     let tally = Tally::start(first.path(), &env, &["--workers", "4"]);
     let events = clickstream(3, 2000);
     let chunks: Vec<&[Generated]> = events.chunks(40).collect();
     for (i, chunk) in chunks.iter().enumerate() {
         let mut batch: Vec<_> = chunk.iter().map(Generated::json).collect();
+        // Campaigns seen once, more than the cap holds.
+        batch.extend(chunk.iter().take(8).enumerate().map(|(k, e)| {
+            json!({"eventType": "ad_click", "timestamp": e.time_ms as f64 / 1000.0,
+                   "dimensions": {"campaignId": format!("once_{i}_{k}"), "country": "US"}})
+        }));
         // Requests go to the partitions in turn, so request i lands behind
         // request i - 8, whose newest event, less the 2 s out-of-orderness,
         // is the partition's watermark. Lateness is judged against it.
@@ -95,6 +104,10 @@ fn one_worker_and_four_store_the_same_results() {
     assert!(
         dead_letters(first.path()) > 0,
         "the input should cause dead letters"
+    );
+    assert!(
+        four.iter().any(|r| r.3.contains("__overflow__")),
+        "the input should overflow the cap"
     );
 
     // The same log, replayed by one worker into a fresh store.

@@ -4,6 +4,7 @@
 mod util;
 
 mod auth;
+mod caps;
 mod cluster;
 mod crash;
 mod determinism;

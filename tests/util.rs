@@ -78,6 +78,18 @@ impl Tally {
         }
     }
 
+    /// Its resident memory, from `/proc`.
+    pub fn resident_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its /proc");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
     /// The `host:port` it listens on.
     pub fn address(&self) -> &str {
         self.url.trim_start_matches("http://")

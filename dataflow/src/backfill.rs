@@ -166,6 +166,7 @@ mod tests {
             rollups: Vec::new(),
             projections: Vec::new(),
             rollup_of: None,
+            max_groups: crate::config::DEFAULT_MAX_GROUPS,
         }
     }
 

@@ -184,6 +184,9 @@ pub struct DataflowConfig {
     /// How long a window's state is kept after it closes, for late events.
     /// Default `30s`.
     pub allowed_lateness: Millis,
+    /// The groups a metric holds unless it says otherwise. Default
+    /// [`DEFAULT_MAX_GROUPS`].
+    pub max_groups: usize,
 }
 
 impl DataflowConfig {
@@ -445,6 +448,19 @@ pub struct MetricSpec {
     pub rollup_of: Option<u16>,
     /// The pane width: the gcd of the windows' sizes and slides.
     pub pane: Millis,
+    /// The groups the metric holds, and each of its tables (see
+    /// [`crate::cap`]): past it, events of new groups count in the overflow
+    /// group. Not part of the definition: it bounds memory, and changing it
+    /// changes which groups later events may start.
+    #[serde(default = "default_max_groups")]
+    pub max_groups: usize,
+}
+
+/// The default of `dataflow.max_groups`.
+pub const DEFAULT_MAX_GROUPS: usize = 100_000;
+
+fn default_max_groups() -> usize {
+    DEFAULT_MAX_GROUPS
 }
 
 impl MetricSpec {
@@ -593,19 +609,7 @@ impl Section {
 
 impl Reader {
     fn config(&mut self, mut root: Table) -> Config {
-        let metrics = match root.remove("metric") {
-            None => Vec::new(),
-            Some(Value::Array(items)) => self.metrics(items),
-            Some(_) => {
-                self.errors
-                    .push("metric: must be an array of tables, written [[metric]]".into());
-                Vec::new()
-            }
-        };
-        if metrics.is_empty() {
-            self.errors
-                .push("metric: declare at least one [[metric]]".into());
-        }
+        let metrics = root.remove("metric");
         let mut section = |name: &str| {
             let table = match root.remove(name) {
                 None => Table::new(),
@@ -643,6 +647,25 @@ impl Reader {
         for (key, _) in root {
             self.errors.push(format!("{key}: unknown section"));
         }
+        let max_groups = self.integer(
+            &mut dataflow,
+            "max_groups",
+            DEFAULT_MAX_GROUPS as i64,
+            1..=1_000_000_000,
+        ) as usize;
+        let metrics = match metrics {
+            None => Vec::new(),
+            Some(Value::Array(items)) => self.metrics(items, max_groups),
+            Some(_) => {
+                self.errors
+                    .push("metric: must be an array of tables, written [[metric]]".into());
+                Vec::new()
+            }
+        };
+        if metrics.is_empty() {
+            self.errors
+                .push("metric: declare at least one [[metric]]".into());
+        }
         let config = Config {
             server: ServerConfig {
                 listen: self.parsed(
@@ -677,6 +700,7 @@ impl Reader {
                 out_of_orderness: self.millis(&mut dataflow, "out_of_orderness", 2_000),
                 idle_timeout: self.duration(&mut dataflow, "idle_timeout", Duration::from_secs(5)),
                 allowed_lateness: self.millis(&mut dataflow, "allowed_lateness", 30_000),
+                max_groups,
             },
             live: LiveConfig {
                 interval: self.duration(&mut live, "interval", DEFAULT_LIVE_INTERVAL),
@@ -987,7 +1011,7 @@ impl Reader {
         }
     }
 
-    fn metrics(&mut self, items: Vec<Value>) -> Vec<MetricSpec> {
+    fn metrics(&mut self, items: Vec<Value>, max_groups: usize) -> Vec<MetricSpec> {
         let mut names = BTreeSet::new();
         let mut metrics = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
@@ -1086,6 +1110,8 @@ impl Reader {
                     .collect(),
                 Some((path, value)) => self.projections(&path, value, &dimensions),
             };
+            let max_groups =
+                self.integer(&mut m, "max_groups", max_groups as i64, 1..=1_000_000_000) as usize;
             self.unknown_keys(m);
             metrics.push(MetricSpec {
                 name,
@@ -1099,6 +1125,7 @@ impl Reader {
                 projections,
                 rollup_of: None,
                 pane,
+                max_groups,
             });
         }
         metrics
@@ -1390,6 +1417,22 @@ windows = ["tumbling 10s", "sliding 5m every 10s"]
     }
 
     #[test]
+    fn a_metric_caps_its_groups_at_its_own_max_or_the_default() {
+        let file = format!(
+            "{FILE}\n[dataflow]\nmax_groups = 500\n\n[[metric]]\nname = \"sessions\"\n\
+             windows = [\"tumbling 1m\"]\nmax_groups = 20\n"
+        );
+        let config = Config::load(Some(&file), []).unwrap();
+        let caps: Vec<usize> = config.metrics.iter().map(|m| m.max_groups).collect();
+        assert_eq!(caps[0], 500);
+        assert_eq!(caps.last(), Some(&20));
+        let errors = Config::load(Some(&format!("{FILE}\n[dataflow]\nmax_groups = 0\n")), [])
+            .unwrap_err()
+            .join("\n");
+        assert!(errors.contains("dataflow.max_groups"), "{errors}");
+    }
+
+    #[test]
     fn every_error_is_listed() {
         let file = r#"
 [server]
@@ -1451,6 +1494,12 @@ windows = ["sliding 5m every 7s"]
         assert_eq!(file.live, config.live);
         assert_eq!(file.history, config.history);
         assert_eq!(file.backfill, config.backfill);
+        assert_eq!(config.dataflow.max_groups, DEFAULT_MAX_GROUPS);
+        assert_eq!(file.dataflow.max_groups, DEFAULT_MAX_GROUPS);
+        assert!(file
+            .metrics
+            .iter()
+            .all(|m| m.max_groups == DEFAULT_MAX_GROUPS));
         let errors = Config::load(
             Some(&format!(
                 "{FILE}\n[live]\nmax_subscriptions = 0\n[history]\ntop = 20\nmax_top = 5\n"

@@ -1,9 +1,9 @@
 //! The whole job: source, exchange, windows, and the three sinks.
 //!
 //! ```text
-//! log partitions ─▶ LogSource ─┬─▶ Windows (exchanged by metric, group) ─┬─▶ finals  ─▶ store
-//!                              │                                         └─▶ all     ─▶ live bus
-//!                              └─▶ dead letters ─────────────────────────────────────▶ dead-letter sink
+//! log partitions ─▶ LogSource ─┬─▶ Cap ─▶ Windows (both exchanged by shard) ─┬─▶ finals  ─▶ store
+//!                              │                                            └─▶ all     ─▶ live bus
+//!                              └─▶ dead letters ────────────────────────────────────────▶ dead-letter sink
 //! ```
 
 use std::cell::RefCell;
@@ -13,10 +13,12 @@ use std::sync::Arc;
 use timely::dataflow::operators::core::{Filter, OkErr};
 use timely::dataflow::{Scope, Stream};
 
+use crate::cap::Overflowed;
 use crate::checkpoint::{Progress, Restore, Schedule};
 use crate::config::{Config, MetricSpec};
 use crate::coordination::Coordination;
 use crate::model::{Contribution, DeadLetter, WindowUpdate};
+use crate::operators::cap::Cap;
 use crate::operators::deliver::Deliver;
 use crate::operators::gossip;
 use crate::operators::source::{log_source, SourceSettings};
@@ -124,13 +126,28 @@ where
     );
     let (contributions, dead) =
         records.ok_err::<Vec<Contribution>, _, Vec<DeadLetter>, _, _>(|r| r);
+    let overflowed = Rc::new(RefCell::new(Overflowed::new()));
+    let capped = contributions.cap(
+        Rc::clone(&metrics),
+        settings.windows.allowed_lateness,
+        &restore.groups,
+        Arc::clone(&stats),
+        Rc::clone(&overflowed),
+    );
     let checkpointing = Checkpointing {
         progress,
         partitions,
         resume: (restore.boundary, restore.groups),
         target: checkpoints,
     };
-    let updates = contributions.windows(metrics, settings.windows.clone(), stats, checkpointing);
+    let updates = capped.windows(
+        metrics,
+        settings.windows.clone(),
+        stats,
+        checkpointing,
+        overflowed,
+        coordination.backpressure.clone(),
+    );
     let backpressure = &coordination.backpressure;
     updates
         .clone()
@@ -153,7 +170,7 @@ mod tests {
     //! The job's semantics on small, hand-checked inputs: windows, panes,
     //! watermarks, late revisions and dead letters.
 
-    use std::collections::{BTreeMap, VecDeque};
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
     use std::sync::Mutex;
     use std::time::Duration;
 
@@ -197,7 +214,11 @@ mod tests {
     }
 
     fn event(seconds: i64) -> Vec<u8> {
-        serde_json::json!({"eventType": "ad_click", "timestamp": seconds, "dimensions": {"country": "US"}})
+        event_in(seconds, "US")
+    }
+
+    fn event_in(seconds: i64, country: &str) -> Vec<u8> {
+        serde_json::json!({"eventType": "ad_click", "timestamp": seconds, "dimensions": {"country": country}})
             .to_string()
             .into_bytes()
     }
@@ -240,6 +261,7 @@ mod tests {
                 rollups: vec![(WindowSpec::parse("tumbling 1m").unwrap(), None)],
                 projections: vec![Vec::new()],
                 rollup_of: None,
+                max_groups: crate::config::DEFAULT_MAX_GROUPS,
             }],
             source: SourceSettings {
                 out_of_orderness: 2_000,
@@ -283,7 +305,29 @@ mod tests {
     /// Runs the job from `restore` over `input`, taking a checkpoint at
     /// every 10 s boundary into `parts`.
     fn run_from(input: VecDeque<SourceBatch>, restore: Restore, parts: Parts) -> (Timed, Vec<u64>) {
-        let settings = settings();
+        let (finals, dead) = run_with(settings(), input, restore, parts);
+        let timed = finals
+            .into_iter()
+            .map(|(time, (metric, window, start, end, _, count, revision))| {
+                let f = ((metric, window), start / 1000, end / 1000, count, revision);
+                (time, f)
+            })
+            .collect();
+        (timed, dead)
+    }
+
+    /// A final as captured: table, window, start, end, group (its values
+    /// joined by '/'), count, revision.
+    type Emitted = (u16, u8, i64, i64, String, u64, u32);
+
+    /// Runs the job with `settings`: the finals with the time they were
+    /// emitted at, and the offsets of the dead letters.
+    fn run_with(
+        settings: JobSettings,
+        input: VecDeque<SourceBatch>,
+        restore: Restore,
+        parts: Parts,
+    ) -> (Vec<(u64, Emitted)>, Vec<u64>) {
         let (updates, dead) = timely::example(move |scope| {
             let source = VecSource {
                 batches: input,
@@ -314,9 +358,11 @@ mod tests {
                 .filter(|u: &Arc<WindowUpdate>| u.is_final)
                 .map(|u| {
                     (
-                        (u.metric, u.window),
-                        u.span.start / 1000,
-                        u.span.end / 1000,
+                        u.metric,
+                        u.window,
+                        u.span.start,
+                        u.span.end,
+                        u.group.join("/"),
                         u.state.count,
                         u.revision,
                     )
@@ -343,6 +389,15 @@ mod tests {
         let mut finals: Finals = timed.into_iter().map(|(_, f)| f).collect();
         finals.sort_by_key(|&(w, start, _, _, rev)| (w, start, rev));
         (finals, dead)
+    }
+
+    /// The batches of `input` from offset `offset` on: what a restore reads.
+    fn from_offset(input: &VecDeque<SourceBatch>, offset: u64) -> VecDeque<SourceBatch> {
+        input
+            .iter()
+            .filter(|b| b.offset >= offset)
+            .cloned()
+            .collect()
     }
 
     /// What the store holds after taking `finals` in order: per window, the
@@ -395,11 +450,7 @@ mod tests {
         );
         for part in parts {
             let resume_at = part.cuts[0].next_offset;
-            let rest: VecDeque<SourceBatch> = input
-                .iter()
-                .filter(|b| b.offset >= resume_at)
-                .cloned()
-                .collect();
+            let rest = from_offset(&input, resume_at);
             assert!(
                 input.iter().any(|b| b.offset == resume_at) || rest.is_empty(),
                 "cuts fall between batches"
@@ -430,6 +481,99 @@ mod tests {
                 "dead letters restored at boundary {}",
                 part.boundary
             );
+        }
+    }
+
+    #[test]
+    fn a_capped_metric_counts_every_event_and_restores_to_the_same_groups() {
+        // A cap of one group per shard, and two minutes of events from 600
+        // countries, a few late ones among them.
+        let mut settings = settings();
+        settings.metrics[0].max_groups = 1;
+        let mut offset = 0;
+        let input: VecDeque<SourceBatch> = (0..40i64)
+            .map(|i| {
+                let records: Vec<Vec<u8>> = (0..30i64)
+                    .map(|k| {
+                        let late = if k == 0 && i >= 10 { 15 } else { 0 };
+                        event_in(
+                            i * 3 + k % 3 - late,
+                            &format!("c{}", (i * 37 + k * 11) % 600),
+                        )
+                    })
+                    .collect();
+                let batch = SourceBatch {
+                    partition: 0,
+                    offset,
+                    next_offset: offset + records.len() as u64,
+                    records,
+                    appended_at: None,
+                };
+                offset = batch.next_offset;
+                batch
+            })
+            .collect();
+        /// Per (table, window, start, group), the highest revision's count.
+        fn store<'a>(
+            finals: impl IntoIterator<Item = &'a Emitted>,
+        ) -> BTreeMap<(u16, u8, i64, String), (u32, u64)> {
+            let mut table = BTreeMap::new();
+            for (metric, window, start, _, group, count, revision) in finals {
+                let key = (*metric, *window, *start, group.clone());
+                let row = table.entry(key).or_insert((*revision, *count));
+                if *revision >= row.0 {
+                    *row = (*revision, *count);
+                }
+            }
+            table
+        }
+        let parts = Parts::default();
+        let (full, dead) = run_with(
+            settings.clone(),
+            input.clone(),
+            Restore::default(),
+            parts.clone(),
+        );
+        let expected = store(full.iter().map(|(_, f)| f));
+        assert!(dead.is_empty());
+        // Every event counts: in its group, or in the overflow group.
+        let counted = |table: u16| -> u64 {
+            expected
+                .iter()
+                .filter(|(k, _)| k.0 == table && k.1 == 0)
+                .map(|(_, (_, count))| count)
+                .sum()
+        };
+        assert_eq!(counted(0), 1200);
+        assert_eq!(counted(2), 1200, "the minute's rollup by country");
+        let groups = |table: u16| -> BTreeSet<&str> {
+            expected
+                .keys()
+                .filter(|k| k.0 == table)
+                .map(|k| k.3.as_str())
+                .collect()
+        };
+        assert!(groups(0).contains(crate::cap::OVERFLOW));
+        assert!(
+            groups(0).len() <= crate::routing::SHARDS * 3,
+            "{}",
+            groups(0).len()
+        );
+        assert_eq!(groups(1).len(), 1, "the total has one group");
+        let parts = parts.0.lock().unwrap().clone();
+        assert!(parts.len() >= 8, "{} checkpoints", parts.len());
+        for part in parts {
+            let rest = from_offset(&input, part.cuts[0].next_offset);
+            let boundary = part.boundary;
+            let restore = Restore {
+                boundary,
+                cuts: part.cuts,
+                groups: part.groups,
+            };
+            let (after, _) = run_with(settings.clone(), rest, restore, Parts::default());
+            let before = full.iter().filter(|(time, _)| *time < boundary);
+            let stored = store(before.chain(&after).map(|(_, f)| f));
+            assert_eq!(stored, expected, "restored at boundary {boundary}");
         }
     }
 

@@ -14,6 +14,7 @@
 //! The **job** ([`job`]) is the dataflow: a source per worker over its log
 //! partitions, which stamps batches with their partition's watermark and
 //! pre-aggregates them; an exchange by (metric, group) ([`routing`]); the
+//! cap, which keeps each metric within its groups ([`cap`]); the
 //! window operator around the window state ([`state`]), which emits partial
 //! values while a window is open, a final value when the watermark passes
 //! its end, and revisions for late events; and sinks, which hand results to
@@ -38,13 +39,15 @@
 //! - [`ports`]: the sources, sinks and checkpoint sinks the job talks to.
 //! - [`coordination`]: the high watermark and backpressure workers share.
 //! - [`stats`]: counters for `/metrics`.
+//! - [`cap`]: the groups each metric holds, and its overflow group.
 //! - [`state`]: the window state machine.
-//! - [`operators`]: the source, window, deliver and gossip operators.
+//! - [`operators`]: the source, cap, window, deliver and gossip operators.
 //! - [`job`]: the operators wired together.
 //! - [`query`]: history queries and how stored windows answer them.
 
 pub mod aggregate;
 pub mod backfill;
+pub mod cap;
 pub mod checkpoint;
 pub mod config;
 pub mod coordination;

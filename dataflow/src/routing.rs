@@ -5,13 +5,22 @@
 //! by that hash when restoring onto any number of workers, so the hash is
 //! part of the checkpoint format: [`group_hash`] must give the same value on
 //! every worker, every process and every build. A test pins it.
+//!
+//! Groups are owned in [`SHARDS`] fixed shares of the hash space, and a
+//! worker owns whole shards. A decision that must not depend on the number
+//! of workers, such as which groups a metric's cap admits
+//! ([`crate::cap`]), is taken per shard: each shard sees the same groups
+//! in the same order whichever worker owns it. A job therefore spreads its
+//! groups over at most [`SHARDS`] workers.
 
 use std::hash::{Hash, Hasher};
 
 use rustc_hash::FxHasher;
 use timely::dataflow::channels::pact::Exchange;
 
+use crate::aggregate::AggState;
 use crate::model::{Contribution, Group};
+use crate::time::Millis;
 
 /// The routing hash of a (metric, group): the same on every worker and
 /// process (FxHash has no random seed), so each group's state lives in
@@ -23,17 +32,48 @@ pub fn group_hash(metric: u16, group: &Group) -> u64 {
     hasher.finish()
 }
 
-/// The worker that owns routing hash `hash`, as [`exchange`] decides it.
+impl Contribution {
+    /// A contribution of `state` to pane `pane` of `group` of table
+    /// `metric`, with the routing hash of (metric, group).
+    pub fn new(
+        metric: u16,
+        group: Group,
+        pane: Millis,
+        state: AggState,
+        appended_at: Option<Millis>,
+    ) -> Contribution {
+        Contribution {
+            metric,
+            hash: group_hash(metric, &group),
+            group,
+            pane,
+            state,
+            appended_at,
+        }
+    }
+}
+
+/// The shares of the hash space that groups are owned in.
+pub const SHARDS: usize = 128;
+
+/// The shard of routing hash `hash`: its top bits, which FxHash mixes best.
+pub fn shard(hash: u64) -> usize {
+    (hash >> (64 - SHARDS.trailing_zeros())) as usize
+}
+
+/// The worker that owns routing hash `hash`, as [`exchange`] decides it:
+/// the owner of its shard.
 pub fn owner(hash: u64, workers: usize) -> usize {
-    (hash % workers as u64) as usize
+    shard(hash) % workers
 }
 
 /// The exchange of contributions to the worker that owns their group.
 ///
-/// Timely sends a record of hash `h` to worker `h % workers` (for a power of
-/// two it masks, which is the same), which is what [`owner`] says.
+/// Timely sends a record of key `k` to worker `k % workers` (for a power of
+/// two it masks, which is the same); the key is the shard, so this is what
+/// [`owner`] says.
 pub fn exchange() -> Exchange<Contribution, fn(&Contribution) -> u64> {
-    Exchange::new(|c: &Contribution| c.hash)
+    Exchange::new(|c: &Contribution| shard(c.hash) as u64)
 }
 
 /// The partitions of a log with `partitions` partitions that worker `worker`
@@ -93,8 +133,13 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|&n| n == 1), "{workers} workers");
-            assert!((0..100).all(|h| owner(h, workers) < workers));
+            let mut hashes = (0..100u64).map(|h| h.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            assert!(hashes.clone().all(|h| owner(h, workers) < workers));
+            // A shard is owned whole.
+            assert!(hashes.all(|h| owner(h, workers) == shard(h) % workers));
         }
+        assert_eq!(shard(u64::MAX), SHARDS - 1);
+        assert_eq!(shard(u64::MAX >> 7), 0);
         // Two processes of two threads: process 0 runs workers 0 and 1.
         assert_eq!(process_partitions(8, 0, 2, 4), [0, 1, 4, 5]);
         assert_eq!(process_partitions(8, 1, 2, 4), [2, 3, 6, 7]);

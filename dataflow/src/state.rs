@@ -112,13 +112,71 @@ pub struct Staged {
     state: AggState,
 }
 
+/// A group's panes by start, in a sorted vector: most groups have one or
+/// two, which a map's nodes would hold in ten times the memory.
+#[derive(Default)]
+struct Panes(Vec<(Millis, Arc<AggState>)>);
+
+impl Panes {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn find(&self, start: Millis) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&start, |&(s, _)| s)
+    }
+
+    fn contains(&self, start: Millis) -> bool {
+        self.find(start).is_ok()
+    }
+
+    fn get(&self, start: Millis) -> Option<&Arc<AggState>> {
+        self.find(start).ok().map(|i| &self.0[i].1)
+    }
+
+    /// The pane starting at `start`, empty if it was not there.
+    fn entry(&mut self, start: Millis) -> &mut Arc<AggState> {
+        let i = self.find(start).unwrap_or_else(|i| {
+            self.0.insert(i, (start, Arc::default()));
+            i
+        });
+        &mut self.0[i].1
+    }
+
+    fn insert(&mut self, start: Millis, state: Arc<AggState>) {
+        *self.entry(start) = state;
+    }
+
+    fn remove(&mut self, start: Millis) {
+        if let Ok(i) = self.find(start) {
+            self.0.remove(i);
+            if self.0.capacity() > 4 * self.0.len().max(1) {
+                self.0.shrink_to_fit();
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(Millis, Arc<AggState>)> {
+        self.0.iter()
+    }
+
+    /// The panes that start in `start..end`.
+    fn range(&self, start: Millis, end: Millis) -> impl Iterator<Item = &Arc<AggState>> {
+        let from = self.find(start).unwrap_or_else(|i| i);
+        self.0[from..]
+            .iter()
+            .take_while(move |&&(s, _)| s < end)
+            .map(|(_, state)| state)
+    }
+}
+
 struct GroupState {
     metric: u16,
     group: Group,
     hash: u64,
     /// Shared with the snapshots that hold them: a pane is copied when it
     /// changes while a snapshot still holds it, never when it is taken.
-    panes: BTreeMap<Millis, Arc<AggState>>,
+    panes: Panes,
     /// Entries of `open` and `closed` for this group.
     windows: u32,
     /// Contributions staged for this group and not applied yet.
@@ -192,10 +250,19 @@ impl WindowState {
 
     /// Emits every open window that ends at or before `time` as final.
     pub fn close_until(&mut self, time: Millis, out: &mut Vec<WindowUpdate>) {
+        self.close_some(time, out, usize::MAX);
+    }
+
+    /// As [`Self::close_until`], but stops once `out` holds `limit`
+    /// updates; returns whether every window ending by `time` is closed.
+    pub fn close_some(&mut self, time: Millis, out: &mut Vec<WindowUpdate>, limit: usize) -> bool {
         self.roll_until(time);
         while let Some(&(end, group, window)) = self.open.first() {
             if end > time {
                 break;
+            }
+            if out.len() >= limit {
+                return false;
             }
             self.open.pop_first();
             let key = (group, window, end);
@@ -205,6 +272,7 @@ impl WindowState {
             self.closed_by_end.insert((end, group, window));
             out.push(self.update(key, 0, true));
         }
+        true
     }
 
     /// Applies the contributions that travelled at `time`, and returns how
@@ -248,6 +316,44 @@ impl WindowState {
         revised
     }
 
+    /// Takes out of `batch` the contributions of the groups the cap sent to
+    /// the overflow group ([`crate::cap`]), and frees those groups if they
+    /// have nothing else.
+    pub fn drop_overflowed(
+        &mut self,
+        batch: Vec<Staged>,
+        overflowed: &HashSet<(u16, u64, Group)>,
+    ) -> Vec<Staged> {
+        if overflowed.is_empty() {
+            return batch;
+        }
+        let mut freed = false;
+        let mut kept = Vec::with_capacity(batch.len());
+        for c in batch {
+            let group = self.group(c.group);
+            // The cap turns away only groups it does not hold, which have
+            // nothing left once their time has expired what they had: the
+            // key is built for those alone.
+            if group.panes.is_empty()
+                && group.windows == 0
+                && overflowed.contains(&(group.metric, group.hash, group.group.clone()))
+            {
+                let group = self.group_mut(c.group);
+                group.staged -= 1;
+                if group.unused() {
+                    self.release(c.group);
+                    freed = true;
+                }
+            } else {
+                kept.push(c);
+            }
+        }
+        if freed {
+            self.dirty_panes.retain(|(g, _)| self.groups[*g].is_some());
+        }
+        kept
+    }
+
     /// Merges the panes that end at or before `time` into their groups'
     /// rollups. Every window of a rollup over such a pane ends at or after
     /// the pane does, and is still open.
@@ -258,7 +364,7 @@ impl WindowState {
                 break;
             }
             self.unrolled.pop_first();
-            let state = Arc::clone(&self.group(g).panes[&pane]);
+            let state = Arc::clone(self.group(g).panes.get(pane).expect("an unrolled pane"));
             self.roll(g, pane, &state, end - 1, &mut late);
         }
         debug_assert!(late.is_empty(), "a rollup window closed before its panes");
@@ -296,8 +402,8 @@ impl WindowState {
     ) -> bool {
         let group = self.groups[g].as_mut().expect("a live group index");
         let metric = group.metric as usize;
-        let new_pane = !group.panes.contains_key(&pane);
-        Arc::make_mut(group.panes.entry(pane).or_default()).merge(state);
+        let new_pane = !group.panes.contains(pane);
+        Arc::make_mut(group.panes.entry(pane)).merge(state);
         // The earliest window containing a pane ends at or after the
         // pane's end. Before that time, none of its windows can have
         // closed, and an existing pane's windows are registered already:
@@ -355,7 +461,7 @@ impl WindowState {
                 break;
             }
             self.pane_expiry.pop_first();
-            self.group_mut(g).panes.remove(&pane);
+            self.group_mut(g).panes.remove(pane);
             touched.push(g);
         }
         let mut freed = false;
@@ -543,7 +649,7 @@ impl WindowState {
                     panes: group
                         .panes
                         .iter()
-                        .map(|(&start, state)| (start, Arc::clone(state)))
+                        .map(|(start, state)| (*start, Arc::clone(state)))
                         .collect(),
                     open: open.remove(&g).unwrap_or_default(),
                     closed,
@@ -616,7 +722,7 @@ impl WindowState {
             metric,
             group: group.clone(),
             hash,
-            panes: BTreeMap::new(),
+            panes: Panes::default(),
             windows: 0,
             staged: 0,
             shown: None,
@@ -645,7 +751,7 @@ impl WindowState {
             end,
         };
         let mut state = AggState::default();
-        for (_, pane) in group.panes.range(span.start..span.end) {
+        for pane in group.panes.range(span.start, span.end) {
             state.merge(pane);
         }
         WindowUpdate {
@@ -691,20 +797,14 @@ mod tests {
             rollups: Vec::new(),
             projections: Vec::new(),
             rollup_of: None,
+            max_groups: crate::config::DEFAULT_MAX_GROUPS,
         };
         WindowState::new(Rc::new(vec![metric]), LATENESS, INTERVAL)
     }
 
     fn contribution(country: &str, pane_s: i64, count: u64) -> Contribution {
-        let group = vec![country.to_owned()];
-        Contribution {
-            metric: 0,
-            hash: group_hash(0, &group),
-            group,
-            pane: pane_s * 1000,
-            state: AggState::from_parts(count, 0.0, None),
-            appended_at: None,
-        }
+        let state = AggState::from_parts(count, 0.0, None);
+        Contribution::new(0, vec![country.to_owned()], pane_s * 1000, state, None)
     }
 
     /// (country, window, start s, end s, count, revision, final) per update.

@@ -5,6 +5,7 @@
 //! Prometheus scrapes, through the [`Observe`] callback, so nothing is
 //! counted per record.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -51,6 +52,9 @@ pub struct Observed {
     pub checkpoint_duration_ms: u64,
     /// The backfill under way, if one is.
     pub backfill: Option<Backfill>,
+    /// Per metric name: the groups it holds, and the events counted in its
+    /// overflow group.
+    pub groups: BTreeMap<String, (u64, u64)>,
 }
 
 /// Reads the values owned outside the gateway.
@@ -158,6 +162,8 @@ pub struct JobMetrics {
     backfill_behind: IntGauge,
     backfill_lag: IntGauge,
     backfill_rate: Gauge,
+    groups: IntGaugeVec,
+    overflowed: IntCounterVec,
     observe: Observe,
 }
 
@@ -227,7 +233,26 @@ impl JobMetrics {
         registry
             .register(Box::new(backfill_rate.clone()))
             .expect("registered once");
+        let groups = IntGaugeVec::new(
+            Opts::new(
+                "tally_metric_groups",
+                "Groups the metric holds by all its dimensions, of at most about its max_groups.",
+            ),
+            &["metric"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(groups.clone()))
+            .expect("registered once");
+        let overflowed = labelled_by(
+            &registry,
+            "tally_overflowed_events_total",
+            "Events counted in the metric's __overflow__ group because it held max_groups groups.",
+            "metric",
+        );
         JobMetrics {
+            groups,
+            overflowed,
             backfill_running: gauge(
                 &registry,
                 "tally_backfill_running",
@@ -330,6 +355,11 @@ impl JobMetrics {
         self.checkpoint_bytes.set(o.checkpoint_bytes as i64);
         self.checkpoint_duration
             .set(o.checkpoint_duration_ms as f64 / 1000.0);
+        for (metric, (held, overflowed)) in &o.groups {
+            self.groups.with_label_values(&[metric]).set(*held as i64);
+            let counter = self.overflowed.with_label_values(&[metric]);
+            counter.inc_by(overflowed.saturating_sub(counter.get()));
+        }
         let backfill = o.backfill.unwrap_or_default();
         self.backfill_running
             .set(i64::from(!backfill.metrics.is_empty()));

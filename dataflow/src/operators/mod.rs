@@ -1,5 +1,6 @@
 //! The job's timely operators, one per file.
 
+pub mod cap;
 pub mod deliver;
 pub mod gossip;
 pub mod source;

@@ -43,7 +43,6 @@ use crate::event::{parse_event_ref, EventRef, Fields};
 use crate::model::{Contribution, DeadLetter, Group};
 use crate::ports::{BatchSource, Poll, SourceBatch};
 use crate::rollup::{made, Made};
-use crate::routing::group_hash;
 use crate::stats::JobStats;
 use crate::time::Millis;
 use crate::window::align;
@@ -292,14 +291,13 @@ pub fn fold_batch(
         contributions
             .into_iter()
             .map(|((metric, pane, group), state)| {
-                Ok(Contribution {
+                Ok(Contribution::new(
                     metric,
-                    hash: group_hash(metric, &group),
                     group,
                     pane,
                     state,
-                    appended_at: batch.appended_at,
-                })
+                    batch.appended_at,
+                ))
             }),
     );
     let newest = match (newest, batch.appended_at) {

@@ -23,7 +23,10 @@
 //! that has arrived. They are for live views only and are not stored.
 //!
 //! The state and its rules are [`crate::state`]; this operator moves data
-//! and capabilities around it.
+//! and capabilities around it. Before it applies a time, it lets the state
+//! expire what that time has passed, and drops the contributions the cap
+//! ([`crate::cap`]) sent to an overflow group at that time: the cap decides
+//! a time before this operator's frontier can pass it.
 //!
 //! The operator also takes checkpoints (see [`crate::checkpoint`]): when it
 //! is about to apply the first data at or past a chosen boundary, its state
@@ -43,14 +46,21 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
+use crate::cap::Overflowed;
 use crate::checkpoint::{GroupSnapshot, Progress, Schedule, WorkerPart};
 use crate::config::MetricSpec;
 use crate::model::{Contribution, WindowUpdate};
-use crate::ports::CheckpointSink;
+use crate::ports::{Backpressure, CheckpointSink};
 use crate::routing;
 use crate::state::{Staged, WindowState};
 use crate::stats::JobStats;
 use crate::time::Millis;
+
+/// The finals one activation emits at most; the rest wait in the state
+/// for the next, which comes at once.
+const FINALS_PER_ACTIVATION: usize = 65_536;
+/// How soon an operator whose finals wait for a sink looks again.
+const STALLED_RETRY: Duration = Duration::from_millis(10);
 
 /// Timing rules of the operator.
 #[derive(Clone, Debug)]
@@ -75,13 +85,17 @@ pub struct Checkpointing {
 
 /// Extension trait for the `windows` operator.
 pub trait Windows<'scope> {
-    /// Aggregates contributions into the windows of `metrics`.
+    /// Aggregates contributions into the windows of `metrics`, less those
+    /// the cap of the same worker says `overflowed`. While a sink of the
+    /// process is behind (`backpressure`), finals wait in the state.
     fn windows(
         self,
         metrics: Rc<Vec<MetricSpec>>,
         settings: WindowSettings,
         stats: Arc<JobStats>,
         checkpointing: Checkpointing,
+        overflowed: Rc<RefCell<Overflowed>>,
+        backpressure: Backpressure,
     ) -> Stream<'scope, u64, Vec<Arc<WindowUpdate>>>;
 }
 
@@ -92,6 +106,8 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
         settings: WindowSettings,
         stats: Arc<JobStats>,
         checkpointing: Checkpointing,
+        overflowed: Rc<RefCell<Overflowed>>,
+        backpressure: Backpressure,
     ) -> Stream<'scope, u64, Vec<Arc<WindowUpdate>>> {
         let exchange = routing::exchange();
         let scope = self.scope();
@@ -148,10 +164,30 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     .copied()
                     .take_while(|t| frontier.is_none_or(|f| *t < f))
                     .collect();
+                // Whether the finals due wait for a later activation: the
+                // state holds them until a sink that is behind catches up,
+                // or past a budget, so that a frontier that moves far at
+                // once does not turn every window it closes into an update
+                // in memory.
+                let mut held_back = false;
+                let limit = if backpressure.stalled_here() {
+                    0
+                } else {
+                    FINALS_PER_ACTIVATION
+                };
                 for time in ready {
                     take_checkpoints(time, &mut state);
+                    if !state.close_some(time as Millis, &mut emitted, limit) {
+                        held_back = true;
+                        break;
+                    }
                     let batch = stash.remove(&time).unwrap_or_default();
-                    state.close_until(time as Millis, &mut emitted);
+                    state.expire(time as Millis);
+                    let turned_away = overflowed.borrow_mut().remove(&time);
+                    let batch = match turned_away {
+                        Some(groups) => state.drop_overflowed(batch, &groups),
+                        None => batch,
+                    };
                     let revised = state.apply(time as Millis, batch, &mut emitted);
                     if revised > 0 {
                         stats
@@ -160,12 +196,28 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     }
                 }
                 match frontier {
+                    _ if held_back => {}
                     Some(f) => {
+                        // Every time the cap decided below the frontier has
+                        // been applied.
+                        let mut turned_away = overflowed.borrow_mut();
+                        if turned_away.first_key_value().is_some_and(|(t, _)| *t < f) {
+                            *turned_away = turned_away.split_off(&f);
+                        }
+                        drop(turned_away);
                         take_checkpoints(f, &mut state);
-                        state.close_until(f as Millis, &mut emitted);
-                        state.expire(f as Millis);
+                        held_back = !state.close_some(f as Millis, &mut emitted, limit);
+                        if !held_back {
+                            state.expire(f as Millis);
+                        }
                     }
-                    None => state.close_until(Millis::MAX, &mut emitted),
+                    None => held_back = !state.close_some(Millis::MAX, &mut emitted, limit),
+                }
+                if held_back {
+                    activator.activate_after(match limit {
+                        0 => STALLED_RETRY,
+                        _ => Duration::ZERO,
+                    });
                 }
                 state.partials(now, stash.values().flatten(), &mut emitted);
                 if let Some(due) = state.next_partials() {
@@ -186,6 +238,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                             .give_iterator(emitted.into_iter().map(Arc::new));
                     }
                     match frontier {
+                        _ if held_back => {}
                         Some(f) if f > *cap.time() => cap.downgrade(&f),
                         Some(_) => {}
                         None => held = None,

@@ -1,0 +1,612 @@
+//! The cardinality cap: which groups each table holds, and which events
+//! count in its overflow group instead.
+//!
+//! A dimension with ever-new values (a request id sent as a campaign, say)
+//! would grow the window state until the worker runs out of memory. So each
+//! metric has `max_groups`, and each of its tables ([`crate::rollup`]) holds
+//! at most about that many groups. The contributions of a group the table
+//! does not hold, once it is full, go to the table's overflow group, whose
+//! every dimension value is [`OVERFLOW`]: totals stay right, and memory
+//! stays bounded.
+//!
+//! A group is held from the first contribution admitted for it until the
+//! state of every window it has, its time rollups' included, has expired:
+//! for a contribution to pane `p`, until `p + widest window + allowed
+//! lateness`, the latest of the table's and its time rollups'. That is when
+//! the window state forgets the group (see [`crate::state`]), so a held
+//! group is one the window state keeps, and a table's time rollups hold no
+//! group it does not.
+//!
+//! Which contributions overflow is a function of the log, whatever the
+//! number of workers. The cap is kept per shard ([`crate::routing::SHARDS`]),
+//! which one worker owns whole, and decided time by time in the order of
+//! timely's timestamps, as the window state applies them: at time `t`, the
+//! groups whose hold ended at or before `t` are let go, then the groups new
+//! at `t` are admitted in the order of (table, hash, values) while their
+//! shard has room. A shard's room is [`share`] of `max_groups`: groups do
+//! not spread exactly evenly over the shards, so a share is a little more
+//! than an even split, and a table starts to overflow at about `max_groups`
+//! groups and never holds more than `SHARDS × share(max_groups)`.
+//!
+//! A contribution of a held group goes on to the window state as it
+//! arrives, and so does one of a new group while its shard has room for
+//! every new group waiting to be decided: live views show a new group at
+//! once. Should such a group overflow after all (an earlier time, decided
+//! first, took the room), the state drops its contributions when it applies
+//! their time ([`Overflowed`]). Once a shard is full, the contributions of
+//! new groups wait for their time to be decided, and go on only if it
+//! admits them: a flood of new groups reaches neither the window state nor
+//! the live views.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+
+use crate::aggregate::AggState;
+use crate::checkpoint::GroupSnapshot;
+use crate::config::MetricSpec;
+use crate::model::{Contribution, Group};
+use crate::rollup::{made, routes, Made};
+use crate::routing::{shard, SHARDS};
+use crate::time::Millis;
+use crate::window::{align, WindowSpec};
+
+/// The dimension value of a table's overflow group, in every dimension.
+pub const OVERFLOW: &str = "__overflow__";
+
+/// The overflow group of a table with `dimensions` dimensions.
+pub fn overflow_group(dimensions: usize) -> Group {
+    vec![OVERFLOW.to_owned(); dimensions]
+}
+
+/// Whether `group` is an overflow group. It is never capped: an event whose
+/// dimensions all say [`OVERFLOW`] counts in it.
+pub fn is_overflow(group: &Group) -> bool {
+    !group.is_empty() && group.iter().all(|v| v == OVERFLOW)
+}
+
+/// The groups one shard of a table with `max_groups` may hold: an even
+/// split, plus three standard deviations of how many groups a shard gets
+/// when `max_groups` groups spread over the shards by hash.
+pub fn share(max_groups: usize) -> usize {
+    let even = max_groups as f64 / SHARDS as f64;
+    ((even + 3.0 * even.sqrt()).ceil() as usize).max(1)
+}
+
+/// The groups, by (table, routing hash, values), that the cap sent to the
+/// overflow group at each time. The window state drops their contributions
+/// when it applies that time.
+pub type Overflowed = BTreeMap<u64, HashSet<(u16, u64, Group)>>;
+
+/// A contribution seen by [`CapState::arrive`], waiting for its time to be
+/// decided.
+pub enum Pending {
+    /// Of a group held past its time: it only makes the hold longer.
+    Held { slot: usize, until: Millis },
+    /// Of a group not held: the contribution, or a copy if it was `sent`
+    /// on already.
+    New {
+        c: Contribution,
+        until: Millis,
+        sent: bool,
+    },
+}
+
+struct Held {
+    table: u16,
+    group: Group,
+    hash: u64,
+    until: Millis,
+}
+
+/// The cap of one worker's shards.
+pub struct CapState {
+    /// Per table: (pane width, widest window) of it and of its time rollups,
+    /// which decide how long a contribution holds its group.
+    spans: Vec<Vec<(Millis, Millis)>>,
+    lateness: Millis,
+    /// Per table: the dimensions, and the groups a shard may hold.
+    dimensions: Vec<usize>,
+    shares: Vec<usize>,
+    /// Per table and shard: the groups held, and the contributions of new
+    /// groups waiting for their time to be decided.
+    counts: Vec<Vec<usize>>,
+    waiting: Vec<Vec<usize>>,
+    /// Held groups by routing hash.
+    index: HashMap<u64, Vec<usize>>,
+    slots: Vec<Option<Held>>,
+    free: Vec<usize>,
+    /// Held groups by the end of their hold.
+    by_until: BTreeSet<(Millis, usize)>,
+    /// Per table: events sent to the overflow group since the last
+    /// [`Self::take_overflowed`].
+    overflowed: Vec<u64>,
+}
+
+impl CapState {
+    /// An empty cap for `tables` (as [`crate::rollup::expand`] lists them),
+    /// whose closed windows are kept for `lateness`.
+    pub fn new(tables: &[MetricSpec], lateness: Millis) -> CapState {
+        let widest = |t: &MetricSpec| t.windows.iter().map(WindowSpec::size).max().unwrap_or(0);
+        let mut spans: Vec<Vec<(Millis, Millis)>> =
+            tables.iter().map(|t| vec![(t.pane, widest(t))]).collect();
+        for (table, made) in made(tables).into_iter().enumerate() {
+            if let Made::Table(from) = made {
+                let t = &tables[table];
+                spans[from as usize].push((t.pane, widest(t)));
+            }
+        }
+        CapState {
+            spans,
+            lateness,
+            dimensions: tables.iter().map(|t| t.dimensions.len()).collect(),
+            shares: tables.iter().map(|t| share(t.max_groups)).collect(),
+            counts: vec![vec![0; SHARDS]; tables.len()],
+            waiting: vec![vec![0; SHARDS]; tables.len()],
+            index: HashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_until: BTreeSet::new(),
+            overflowed: vec![0; tables.len()],
+        }
+    }
+
+    /// Until when a contribution to pane `pane` of `table` holds its group.
+    fn until(&self, table: u16, pane: Millis) -> Millis {
+        self.spans[table as usize]
+            .iter()
+            .map(|&(width, widest)| align(pane, width) + widest + self.lateness)
+            .max()
+            .unwrap_or(pane)
+    }
+
+    fn find(&self, table: u16, hash: u64, group: &Group) -> Option<usize> {
+        self.index.get(&hash)?.iter().copied().find(|&slot| {
+            self.slots[slot]
+                .as_ref()
+                .is_some_and(|h| h.table == table && h.group == *group)
+        })
+    }
+
+    /// Takes contribution `c`, which travels at `time`: pushes it to `send`
+    /// if it goes on now, and returns what to decide at that time, or
+    /// `None` for the overflow group.
+    pub fn arrive(
+        &mut self,
+        c: Contribution,
+        time: Millis,
+        send: &mut Vec<Contribution>,
+    ) -> Option<Pending> {
+        if is_overflow(&c.group) {
+            send.push(c);
+            return None;
+        }
+        let until = self.until(c.metric, c.pane);
+        // A hold that outlasts `time` is still there when `time` is decided:
+        // holds end in time order, and contributions only lengthen them.
+        let held = self
+            .find(c.metric, c.hash, &c.group)
+            .filter(|&slot| self.slots[slot].as_ref().is_some_and(|h| h.until > time));
+        if let Some(slot) = held {
+            send.push(c);
+            return Some(Pending::Held { slot, until });
+        }
+        let (table, s) = (c.metric as usize, shard(c.hash));
+        let room = self.counts[table][s] + self.waiting[table][s] < self.shares[table];
+        self.waiting[table][s] += 1;
+        Some(if room {
+            send.push(c.clone());
+            Pending::New {
+                c,
+                until,
+                sent: true,
+            }
+        } else {
+            Pending::New {
+                c,
+                until,
+                sent: false,
+            }
+        })
+    }
+
+    /// Decides `time`, the next time the frontier has passed, with the
+    /// contributions that travelled at it: lets the holds that ended go,
+    /// then admits new groups in order while their shard has room. Returns
+    /// what goes on now: the admitted contributions that waited, and the
+    /// overflow groups' contributions, one per (table, pane). Adds the
+    /// groups that overflowed after their contributions were sent on to
+    /// `overflowed`.
+    pub fn decide(
+        &mut self,
+        time: Millis,
+        pending: Vec<Pending>,
+        overflowed: &mut HashSet<(u16, u64, Group)>,
+    ) -> Vec<Contribution> {
+        self.expire(time);
+        let mut new = Vec::new();
+        for p in pending {
+            match p {
+                Pending::Held { slot, until } => self.hold(slot, until),
+                Pending::New { c, until, sent } => new.push((c, until, sent)),
+            }
+        }
+        new.sort_unstable_by(|(a, ..), (b, ..)| {
+            (a.metric, a.hash, &a.group).cmp(&(b.metric, b.hash, &b.group))
+        });
+        let mut send = Vec::new();
+        let mut overflow: BTreeMap<(u16, Millis), (AggState, Option<Millis>)> = BTreeMap::new();
+        for (c, until, sent) in new {
+            let (table, s) = (c.metric as usize, shard(c.hash));
+            self.waiting[table][s] -= 1;
+            let admitted = match self.find(c.metric, c.hash, &c.group) {
+                Some(slot) => {
+                    self.hold(slot, until);
+                    true
+                }
+                None if self.counts[table][s] < self.shares[table] => {
+                    self.admit(c.metric, c.group.clone(), c.hash, until);
+                    true
+                }
+                None => false,
+            };
+            match (admitted, sent) {
+                (true, true) => {}
+                (true, false) => send.push(c),
+                (false, _) => {
+                    self.overflowed[table] += c.state.count;
+                    let (state, appended_at) = overflow.entry((c.metric, c.pane)).or_default();
+                    state.merge(&c.state);
+                    *appended_at = (*appended_at).max(c.appended_at);
+                    if sent {
+                        overflowed.insert((c.metric, c.hash, c.group));
+                    }
+                }
+            }
+        }
+        send.extend(
+            overflow
+                .into_iter()
+                .map(|((table, pane), (state, appended_at))| {
+                    let group = overflow_group(self.dimensions[table as usize]);
+                    Contribution::new(table, group, pane, state, appended_at)
+                }),
+        );
+        send
+    }
+
+    fn hold(&mut self, slot: usize, until: Millis) {
+        let held = self.slots[slot].as_mut().expect("a held slot");
+        if until > held.until {
+            self.by_until.remove(&(held.until, slot));
+            held.until = until;
+            self.by_until.insert((until, slot));
+        }
+    }
+
+    fn admit(&mut self, table: u16, group: Group, hash: u64, until: Millis) {
+        self.counts[table as usize][shard(hash)] += 1;
+        let held = Held {
+            table,
+            group,
+            hash,
+            until,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(held);
+                slot
+            }
+            None => {
+                self.slots.push(Some(held));
+                self.slots.len() - 1
+            }
+        };
+        self.index.entry(hash).or_default().push(slot);
+        self.by_until.insert((until, slot));
+    }
+
+    /// Lets go of the groups whose hold ended at or before `frontier`.
+    pub fn expire(&mut self, frontier: Millis) {
+        while let Some(&(until, slot)) = self.by_until.first() {
+            if until > frontier {
+                break;
+            }
+            self.by_until.pop_first();
+            let held = self.slots[slot].take().expect("a held slot");
+            self.counts[held.table as usize][shard(held.hash)] -= 1;
+            if let Some(slots) = self.index.get_mut(&held.hash) {
+                slots.retain(|&s| s != slot);
+                if slots.is_empty() {
+                    self.index.remove(&held.hash);
+                }
+            }
+            self.free.push(slot);
+        }
+        if self.slots.len() > 64 && self.by_until.len() * 4 < self.slots.len() {
+            // A burst of groups has gone: give back its capacity.
+            while matches!(self.slots.last(), Some(None)) {
+                self.slots.pop();
+            }
+            let len = self.slots.len();
+            self.free.retain(|&s| s < len);
+            self.slots.shrink_to_fit();
+            self.free.shrink_to_fit();
+            self.index.shrink_to_fit();
+        }
+    }
+
+    /// Holds the groups of a restored checkpoint's window state: each for
+    /// as long as its panes would have held it.
+    pub fn restore(&mut self, tables: &[MetricSpec], groups: &[GroupSnapshot]) {
+        let routes = routes(tables);
+        for g in groups {
+            let table = routes[g.metric as usize];
+            if is_overflow(&g.group) {
+                continue;
+            }
+            let until = g
+                .panes
+                .iter()
+                .map(|&(pane, _)| match table == g.metric {
+                    true => self.until(table, pane),
+                    false => self.until_of_rollup(&tables[g.metric as usize], pane),
+                })
+                .max();
+            let Some(until) = until else { continue };
+            match self.find(table, g.hash, &g.group) {
+                Some(slot) => self.hold(slot, until),
+                None => self.admit(table, g.group.clone(), g.hash, until),
+            }
+        }
+    }
+
+    fn until_of_rollup(&self, rollup: &MetricSpec, pane: Millis) -> Millis {
+        let widest = rollup
+            .windows
+            .iter()
+            .map(WindowSpec::size)
+            .max()
+            .unwrap_or(0);
+        pane + widest + self.lateness
+    }
+
+    /// The groups `table` holds in this worker's shards.
+    pub fn held(&self, table: usize) -> usize {
+        self.counts[table].iter().sum()
+    }
+
+    /// Per table, the events sent to its overflow group since the last
+    /// call.
+    pub fn take_overflowed(&mut self) -> Vec<u64> {
+        let zero = vec![0; self.overflowed.len()];
+        std::mem::replace(&mut self.overflowed, zero)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The cap of one `count` metric by campaign, with `tumbling 10s` and
+    //! 30 s of allowed lateness: a contribution to pane `p` holds its group
+    //! until `p + 40 s`.
+
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::aggregate::AggregateKind;
+    use crate::routing::group_hash;
+
+    const LATENESS: Millis = 30_000;
+
+    fn tables(max_groups: usize) -> Vec<MetricSpec> {
+        vec![MetricSpec {
+            name: "clicks".into(),
+            event_type: None,
+            aggregate: AggregateKind::Count,
+            field: None,
+            dimensions: vec!["campaignId".into()],
+            windows: vec![WindowSpec::parse("tumbling 10s").unwrap()],
+            keep: Vec::new(),
+            rollups: Vec::new(),
+            projections: Vec::new(),
+            rollup_of: None,
+            pane: 10_000,
+            max_groups,
+        }]
+    }
+
+    fn contribution(campaign: &str, pane_s: i64, count: u64) -> Contribution {
+        let state = AggState::from_parts(count, 0.0, None);
+        Contribution::new(0, vec![campaign.to_owned()], pane_s * 1000, state, None)
+    }
+
+    /// Campaigns `prefix0`, `prefix1`, … whose groups fall in shard `s`.
+    fn in_shard(s: usize, prefix: &str, n: usize) -> Vec<String> {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .filter(|c| shard(group_hash(0, &vec![c.clone()])) == s)
+            .take(n)
+            .collect()
+    }
+
+    /// Decides `time_s` with `contributions`: the groups that overflowed,
+    /// and the overflow group's (pane s, count) contributions.
+    fn decide(
+        cap: &mut CapState,
+        time_s: i64,
+        contributions: &[Contribution],
+    ) -> (BTreeSet<String>, Vec<(i64, u64)>) {
+        let mut sent = Vec::new();
+        let pending = contributions
+            .iter()
+            .filter_map(|c| cap.arrive(c.clone(), time_s * 1000, &mut sent))
+            .collect();
+        decided(cap, time_s, contributions, pending, sent)
+    }
+
+    /// Decides `time_s` with the `pending` of `contributions`, where `sent`
+    /// went on as they arrived: the groups that overflowed, and the
+    /// overflow group's (pane s, count) contributions.
+    fn decided(
+        cap: &mut CapState,
+        time_s: i64,
+        contributions: &[Contribution],
+        pending: Vec<Pending>,
+        sent: Vec<Contribution>,
+    ) -> (BTreeSet<String>, Vec<(i64, u64)>) {
+        let mut turned_away = HashSet::default();
+        let send = cap.decide(time_s * 1000, pending, &mut turned_away);
+        let (overflow, admitted): (Vec<_>, Vec<_>) =
+            send.into_iter().partition(|c| is_overflow(&c.group));
+        let turned_away: BTreeSet<&str> =
+            turned_away.iter().map(|(_, _, g)| g[0].as_str()).collect();
+        // A group went on if it was sent and not turned away after, or was
+        // admitted when its time was decided.
+        let went_on: BTreeSet<&str> = sent
+            .iter()
+            .map(|c| c.group[0].as_str())
+            .filter(|g| !turned_away.contains(g))
+            .chain(admitted.iter().map(|c| c.group[0].as_str()))
+            .collect();
+        (
+            contributions
+                .iter()
+                .map(|c| c.group[0].as_str())
+                .filter(|g| !went_on.contains(g))
+                .map(str::to_owned)
+                .collect(),
+            overflow
+                .iter()
+                .map(|c| (c.pane / 1000, c.state.count))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_share_is_an_even_split_with_room_for_uneven_hashes() {
+        assert_eq!(share(100_000), 866);
+        assert_eq!(SHARDS * share(100_000), 110_848);
+        assert_eq!(share(1), 1);
+        assert!(share(1_000) * SHARDS < 2_200);
+    }
+
+    #[test]
+    fn a_full_shard_sends_new_groups_to_the_overflow_group_in_key_order() {
+        let mut cap = CapState::new(&tables(1), LATENESS);
+        let names = in_shard(5, "camp_", 4);
+        let batch: Vec<Contribution> = names.iter().map(|c| contribution(c, 0, 2)).collect();
+        let (overflowed, overflow) = decide(&mut cap, 0, &batch);
+        // One group fits the shard: the least by hash, then by value.
+        let first = batch
+            .iter()
+            .min_by(|a, b| (a.hash, &a.group).cmp(&(b.hash, &b.group)))
+            .unwrap();
+        let expected: BTreeSet<String> = names
+            .iter()
+            .filter(|c| **c != first.group[0])
+            .cloned()
+            .collect();
+        assert_eq!(overflowed, expected);
+        // Their events are all counted, in the overflow group.
+        assert_eq!(overflow, [(0, 6)]);
+        assert_eq!(cap.held(0), 1);
+        assert_eq!(cap.take_overflowed(), [6]);
+        // A held group goes on being admitted; other shards have room.
+        let other = in_shard(6, "camp_", 1);
+        let (overflowed, _) = decide(
+            &mut cap,
+            1,
+            &[
+                contribution(&first.group[0], 0, 1),
+                contribution(&other[0], 0, 1),
+            ],
+        );
+        assert!(overflowed.is_empty());
+        assert_eq!(cap.held(0), 2);
+    }
+
+    #[test]
+    fn decisions_do_not_depend_on_arrival_order_or_on_when_times_are_decided() {
+        // Three times, each with new groups in two shards of one group each.
+        let names: Vec<String> = [in_shard(1, "a", 6), in_shard(2, "b", 6)].concat();
+        let times: Vec<(i64, Vec<Contribution>)> = (0..3)
+            .map(|t| {
+                let batch = names
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| i % 3 == t as usize || i % 4 == 0)
+                    .map(|(_, c)| contribution(c, t * 10, 1))
+                    .collect();
+                (t * 20, batch)
+            })
+            .collect();
+        // In order, each time decided as soon as it arrives.
+        let mut one = CapState::new(&tables(1), LATENESS);
+        let a: Vec<_> = times
+            .iter()
+            .map(|(t, batch)| decide(&mut one, *t, batch))
+            .collect();
+        // Every contribution arrives before any time is decided, each batch
+        // reversed, and the later times first.
+        let mut two = CapState::new(&tables(1), LATENESS);
+        let mut arrived: Vec<(Vec<Pending>, Vec<Contribution>)> =
+            times.iter().map(|_| Default::default()).collect();
+        for (i, (t, batch)) in times.iter().enumerate().rev() {
+            let (pending, sent) = &mut arrived[i];
+            for c in batch.iter().rev() {
+                pending.extend(two.arrive(c.clone(), t * 1000, sent));
+            }
+        }
+        let b: Vec<_> = times
+            .iter()
+            .zip(arrived)
+            .map(|((t, batch), (pending, sent))| decided(&mut two, *t, batch, pending, sent))
+            .collect();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|(overflowed, _)| !overflowed.is_empty()));
+    }
+
+    #[test]
+    fn a_group_is_held_until_its_windows_state_expires() {
+        let mut cap = CapState::new(&tables(1), LATENESS);
+        let [first, second] = <[String; 2]>::try_from(in_shard(9, "c", 2)).unwrap();
+        assert!(decide(&mut cap, 0, &[contribution(&first, 0, 1)])
+            .0
+            .is_empty());
+        // The window [0, 10 s) is kept until 40 s: until then the shard is full.
+        let (overflowed, _) = decide(&mut cap, 39, &[contribution(&second, 30, 1)]);
+        assert_eq!(overflowed, BTreeSet::from([second.clone()]));
+        let (overflowed, _) = decide(&mut cap, 40, &[contribution(&second, 40, 1)]);
+        assert!(overflowed.is_empty());
+        assert_eq!(cap.held(0), 1);
+        // The overflow group itself is never capped, nor held.
+        let mut sent = Vec::new();
+        assert!(cap
+            .arrive(contribution(OVERFLOW, 40, 1), 40_000, &mut sent)
+            .is_none());
+        assert_eq!(sent.len(), 1);
+    }
+
+    #[test]
+    fn a_restored_cap_holds_the_groups_of_the_restored_state() {
+        let tables = tables(1);
+        let [first, second] = <[String; 2]>::try_from(in_shard(3, "r", 2)).unwrap();
+        let kept = contribution(&first, 20, 1);
+        let snapshot = GroupSnapshot {
+            metric: 0,
+            group: kept.group.clone(),
+            hash: kept.hash,
+            panes: vec![(20_000, Arc::new(AggState::from_parts(1, 0.0, None)))],
+            open: vec![(0, 30_000)],
+            closed: Vec::new(),
+        };
+        let mut cap = CapState::new(&tables, LATENESS);
+        cap.restore(&tables, &[snapshot]);
+        assert_eq!(cap.held(0), 1);
+        let (overflowed, _) = decide(&mut cap, 25, &[contribution(&second, 20, 1)]);
+        assert_eq!(overflowed, BTreeSet::from([second.clone()]));
+        // Held until 20 s + 40 s.
+        let (overflowed, _) = decide(&mut cap, 60, &[contribution(&second, 60, 1)]);
+        assert!(overflowed.is_empty());
+    }
+}
