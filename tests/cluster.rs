@@ -384,13 +384,29 @@ fn answers(gateway: &Tally, events: &[Generated]) -> BTreeMap<String, Value> {
             ))
         }
     });
-    queries()
-        .into_iter()
-        .map(|q| {
-            let answer = gateway.metrics(&q);
-            (q, answer)
-        })
-        .collect()
+    // The total is one group's; the groups of the other workers may store
+    // their last windows a moment later. The answers are complete once
+    // they stop changing.
+    let read = || -> BTreeMap<String, Value> {
+        queries()
+            .into_iter()
+            .map(|q| {
+                let answer = gateway.metrics(&q);
+                (q, answer)
+            })
+            .collect()
+    };
+    let mut last = read();
+    eventually(Duration::from_secs(90), || {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = read();
+        if now == last {
+            Ok(now)
+        } else {
+            last = now;
+            Err("the answers are still changing".to_string())
+        }
+    })
 }
 
 /// Posts the events in requests of 50, alternating between `gateways`,

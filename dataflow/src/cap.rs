@@ -30,7 +30,7 @@
 //!
 //! A contribution of a held group goes on to the window state as it
 //! arrives, and so does one of a new group while its shard has room for
-//! every new group waiting to be decided: live views show a new group at
+//! every contribution of new groups waiting to be decided: live views show a new group at
 //! once. Should such a group overflow after all (an earlier time, decided
 //! first, took the room), the state drops its contributions when it applies
 //! their time ([`Overflowed`]). Once a shard is full, the contributions of
@@ -306,8 +306,10 @@ impl CapState {
         self.by_until.insert((until, slot));
     }
 
-    /// Lets go of the groups whose hold ended at or before `frontier`.
-    pub fn expire(&mut self, frontier: Millis) {
+    /// Lets go of the groups whose hold ended at or before `frontier`, and
+    /// says whether there were any.
+    pub fn expire(&mut self, frontier: Millis) -> bool {
+        let mut released = false;
         while let Some(&(until, slot)) = self.by_until.first() {
             if until > frontier {
                 break;
@@ -322,8 +324,10 @@ impl CapState {
                 }
             }
             self.free.push(slot);
+            released = true;
         }
-        if self.slots.len() > 64 && self.by_until.len() * 4 < self.slots.len() {
+        let sparse = self.slots.len() > 64 && self.by_until.len() * 4 < self.slots.len();
+        if released && sparse && matches!(self.slots.last(), Some(None)) {
             // A burst of groups has gone: give back its capacity.
             while matches!(self.slots.last(), Some(None)) {
                 self.slots.pop();
@@ -334,10 +338,13 @@ impl CapState {
             self.free.shrink_to_fit();
             self.index.shrink_to_fit();
         }
+        released
     }
 
     /// Holds the groups of a restored checkpoint's window state: each for
-    /// as long as its panes would have held it.
+    /// as long as its panes would have held it. They are held even past a
+    /// share that a lowered `max_groups` made smaller, until their holds
+    /// end; until then no new group is admitted in their shard.
     pub fn restore(&mut self, tables: &[MetricSpec], groups: &[GroupSnapshot]) {
         let routes = routes(tables);
         for g in groups {

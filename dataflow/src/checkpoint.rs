@@ -92,8 +92,8 @@ pub struct Restore {
 
 impl Restore {
     /// Takes worker `worker`'s share of a whole checkpoint: the cuts of the
-    /// partitions it reads, and the groups whose routing hash lands on it.
-    /// Timely's exchange sends hash `h` to worker `h % workers`.
+    /// partitions it reads, and the groups whose routing hash lands on it
+    /// ([`owner`]: the owner of the hash's shard).
     pub fn share(
         boundary: u64,
         cuts: &[PartitionCut],

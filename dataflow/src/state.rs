@@ -3,10 +3,11 @@
 //!
 //! This is the state machine of [`crate::operators::windows`], without
 //! timely: the operator stashes contributions by the time they travelled at
-//! and calls, for each time the frontier passes, [`WindowState::close_until`]
-//! then [`WindowState::apply`]; when the frontier moves,
-//! [`WindowState::expire`]; and whenever [`WindowState::next_partials`]
-//! comes, [`WindowState::partials`]. Every emission is a function of the
+//! and calls, for each time the frontier passes, [`WindowState::close_some`]
+//! (a budget at a time), [`WindowState::expire`], then
+//! [`WindowState::apply`]; the first two again when the frontier moves;
+//! and whenever [`WindowState::next_partials`] comes,
+//! [`WindowState::partials`]. Every emission is a function of the
 //! calls, so the unit tests below check the semantics without a dataflow.
 //!
 //! Partials are coalesced per group, on ticks one live interval apart: a

@@ -56,7 +56,7 @@ use tally_dataflow::time::now_ms;
 use tracing::error;
 
 /// Batches a writer may have queued before sinks must wait…
-const QUEUE: usize = 64;
+const QUEUE: usize = 256;
 /// …of at most this many rows each: what the queue holds is bounded in
 /// rows, however many results an activation of a worker closes.
 const CHUNK: usize = 4096;

@@ -94,10 +94,8 @@ impl<'scope> Cap<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                         output.session(&cap).give_container(&mut send);
                     }
                 }
-                if let Some(f) = frontier {
-                    state.expire(f as Millis);
-                }
-                if decided || !published {
+                let released = frontier.is_some_and(|f| state.expire(f as Millis));
+                if decided || released || !published {
                     stats.set_groups(worker, &tables, |table| state.held(table));
                     stats.add_overflowed(&tables, &state.take_overflowed());
                     published = true;
