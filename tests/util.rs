@@ -104,11 +104,7 @@ impl Tally {
             .send(body)
             .expect("POST");
         let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, json_or_text(response.body_mut().read_to_string()))
     }
 
     /// POSTs events as a JSON array and insists on a 202.
@@ -133,11 +129,7 @@ impl Tally {
             .call()
             .expect("GET");
         let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, json_or_text(response.body_mut().read_to_string()))
     }
 
     /// Posts one event at `at_ms` to every partition, so that every
@@ -431,10 +423,15 @@ pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&
             .unwrap(),
         None => agent.run(builder.body(()).unwrap()).unwrap(),
     };
-    let text = response.body_mut().read_to_string().unwrap_or_default();
     Answer {
         status: response.status().as_u16(),
         headers: response.headers().clone(),
-        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        body: json_or_text(response.body_mut().read_to_string()),
     }
+}
+
+/// An answer's body: its JSON, or its text when it is not JSON.
+fn json_or_text(read: Result<String, ureq::Error>) -> Value {
+    let text = read.unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(Value::String(text))
 }

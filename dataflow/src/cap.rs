@@ -49,7 +49,7 @@ use crate::model::{Contribution, Group};
 use crate::rollup::{made, routes, Made};
 use crate::routing::{shard, SHARDS};
 use crate::time::Millis;
-use crate::window::{align, WindowSpec};
+use crate::window::align;
 
 /// The dimension value of a table's overflow group, in every dimension.
 pub const OVERFLOW: &str = "__overflow__";
@@ -104,6 +104,9 @@ pub struct CapState {
     /// Per table: (pane width, widest window) of it and of its time rollups,
     /// which decide how long a contribution holds its group.
     spans: Vec<Vec<(Millis, Millis)>>,
+    /// Per table: the table whose groups it counts with, itself or for a
+    /// time rollup the table it is made from.
+    routes: Vec<u16>,
     lateness: Millis,
     /// Per table: the dimensions, and the groups a shard may hold.
     dimensions: Vec<usize>,
@@ -127,17 +130,17 @@ impl CapState {
     /// An empty cap for `tables` (as [`crate::rollup::expand`] lists them),
     /// whose closed windows are kept for `lateness`.
     pub fn new(tables: &[MetricSpec], lateness: Millis) -> CapState {
-        let widest = |t: &MetricSpec| t.windows.iter().map(WindowSpec::size).max().unwrap_or(0);
         let mut spans: Vec<Vec<(Millis, Millis)>> =
-            tables.iter().map(|t| vec![(t.pane, widest(t))]).collect();
+            tables.iter().map(|t| vec![(t.pane, t.widest())]).collect();
         for (table, made) in made(tables).into_iter().enumerate() {
             if let Made::Table(from) = made {
                 let t = &tables[table];
-                spans[from as usize].push((t.pane, widest(t)));
+                spans[from as usize].push((t.pane, t.widest()));
             }
         }
         CapState {
             spans,
+            routes: routes(tables),
             lateness,
             dimensions: tables.iter().map(|t| t.dimensions.len()).collect(),
             shares: tables.iter().map(|t| share(t.max_groups)).collect(),
@@ -345,37 +348,25 @@ impl CapState {
     /// as long as its panes would have held it. They are held even past a
     /// share that a lowered `max_groups` made smaller, until their holds
     /// end; until then no new group is admitted in their shard.
-    pub fn restore(&mut self, tables: &[MetricSpec], groups: &[GroupSnapshot]) {
-        let routes = routes(tables);
+    pub fn restore(&mut self, groups: &[GroupSnapshot]) {
         for g in groups {
-            let table = routes[g.metric as usize];
             if is_overflow(&g.group) {
                 continue;
             }
+            // A time rollup's pane holds as long as its own windows need
+            // it: a rollup has no rollups of its own.
             let until = g
                 .panes
                 .iter()
-                .map(|&(pane, _)| match table == g.metric {
-                    true => self.until(table, pane),
-                    false => self.until_of_rollup(&tables[g.metric as usize], pane),
-                })
+                .map(|&(pane, _)| self.until(g.metric, pane))
                 .max();
             let Some(until) = until else { continue };
+            let table = self.routes[g.metric as usize];
             match self.find(table, g.hash, &g.group) {
                 Some(slot) => self.hold(slot, until),
                 None => self.admit(table, g.group.clone(), g.hash, until),
             }
         }
-    }
-
-    fn until_of_rollup(&self, rollup: &MetricSpec, pane: Millis) -> Millis {
-        let widest = rollup
-            .windows
-            .iter()
-            .map(WindowSpec::size)
-            .max()
-            .unwrap_or(0);
-        pane + widest + self.lateness
     }
 
     /// The groups `table` holds in this worker's shards.
@@ -402,6 +393,7 @@ mod tests {
     use super::*;
     use crate::aggregate::AggregateKind;
     use crate::routing::group_hash;
+    use crate::window::WindowSpec;
 
     const LATENESS: Millis = 30_000;
 
@@ -608,7 +600,7 @@ mod tests {
             closed: Vec::new(),
         };
         let mut cap = CapState::new(&tables, LATENESS);
-        cap.restore(&tables, &[snapshot]);
+        cap.restore(&[snapshot]);
         assert_eq!(cap.held(0), 1);
         let (overflowed, _) = decide(&mut cap, 25, &[contribution(&second, 20, 1)]);
         assert_eq!(overflowed, BTreeSet::from([second.clone()]));

@@ -469,6 +469,12 @@ impl MetricSpec {
         self.event_type.as_deref().is_none_or(|t| t == event_type)
     }
 
+    /// The size of the widest window: how long after its start a pane is
+    /// needed.
+    pub fn widest(&self) -> Millis {
+        self.windows.iter().map(WindowSpec::size).max().unwrap_or(0)
+    }
+
     /// How long the results of window `w` are kept; `None` for ever.
     pub fn keep(&self, w: usize) -> Option<Millis> {
         self.keep.get(w).copied().flatten()

@@ -50,7 +50,7 @@ use crate::config::MetricSpec;
 use crate::model::{Contribution, Group, WindowUpdate};
 use crate::rollup::{made, Made};
 use crate::time::Millis;
-use crate::window::{align, Span, WindowSpec};
+use crate::window::{align, Span};
 
 /// A window of one group: (group index, window spec index, window end).
 type WindowKey = (usize, u8, Millis);
@@ -203,10 +203,7 @@ impl WindowState {
         allowed_lateness: Millis,
         live_interval: Duration,
     ) -> Self {
-        let widest = metrics
-            .iter()
-            .map(|m| m.windows.iter().map(WindowSpec::size).max().unwrap_or(0))
-            .collect();
+        let widest = metrics.iter().map(MetricSpec::widest).collect();
         let mut rollups = vec![Vec::new(); metrics.len()];
         for (table, made) in made(&metrics).into_iter().enumerate() {
             if let Made::Table(from) = made {
@@ -249,13 +246,16 @@ impl WindowState {
         self.groups[g].as_mut().expect("a live group index")
     }
 
-    /// Emits every open window that ends at or before `time` as final.
-    pub fn close_until(&mut self, time: Millis, out: &mut Vec<WindowUpdate>) {
+    /// Emits every open window that ends at or before `time` as final, as
+    /// the tests step the state.
+    #[cfg(test)]
+    fn close_until(&mut self, time: Millis, out: &mut Vec<WindowUpdate>) {
         self.close_some(time, out, usize::MAX);
     }
 
-    /// As [`Self::close_until`], but stops once `out` holds `limit`
-    /// updates; returns whether every window ending by `time` is closed.
+    /// Emits open windows that end at or before `time` as final, in order
+    /// of their end, until `out` holds `limit` updates; returns whether
+    /// every such window is closed.
     pub fn close_some(&mut self, time: Millis, out: &mut Vec<WindowUpdate>, limit: usize) -> bool {
         self.roll_until(time);
         while let Some(&(end, group, window)) = self.open.first() {
@@ -777,7 +777,7 @@ mod tests {
     use super::*;
     use crate::aggregate::AggregateKind;
     use crate::routing::group_hash;
-    use crate::window::pane_width;
+    use crate::window::{pane_width, WindowSpec};
 
     const LATENESS: Millis = 30_000;
     const INTERVAL: Duration = Duration::from_millis(100);

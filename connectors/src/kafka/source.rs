@@ -18,7 +18,7 @@ use tally_dataflow::config::KafkaConfig;
 use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
 use tracing::warn;
 
-use super::producer::records as records_of;
+use super::producer::records;
 use super::{consumer_config, KafkaError};
 
 /// Messages taken per poll, so one activation stays short.
@@ -95,14 +95,14 @@ impl BatchSource for KafkaSource {
 
     fn poll(&mut self) -> Poll {
         let mut batches = Vec::new();
-        let mut records = 0;
-        while batches.len() < MESSAGES_PER_POLL && records < POLL_RECORDS {
+        let mut taken = 0;
+        while batches.len() < MESSAGES_PER_POLL && taken < POLL_RECORDS {
             match self.consumer.poll(Duration::ZERO) {
                 None => break,
                 Some(Ok(message)) => {
                     let offset = message.offset() as u64;
-                    let message_records = records_of(message.payload().unwrap_or_default());
-                    records += message_records.len();
+                    let message_records = records(message.payload().unwrap_or_default());
+                    taken += message_records.len();
                     batches.push(SourceBatch {
                         partition: message.partition() as u32,
                         offset,
@@ -133,7 +133,7 @@ impl BatchSource for KafkaSource {
         if batches.is_empty() {
             return Poll::Pending;
         }
-        if batches.len() == MESSAGES_PER_POLL || records >= POLL_RECORDS {
+        if batches.len() == MESSAGES_PER_POLL || taken >= POLL_RECORDS {
             // More may be queued, and the queue only calls when it was empty.
             if let Some(waker) = &self.waker {
                 waker();

@@ -53,7 +53,7 @@ impl<'scope> Cap<'scope> for Stream<'scope, u64, Vec<Contribution>> {
         overflowed: Rc<RefCell<Overflowed>>,
     ) -> Stream<'scope, u64, Vec<Contribution>> {
         let mut state = CapState::new(&tables, lateness);
-        state.restore(&tables, restored);
+        state.restore(restored);
         let worker = self.scope().index();
         self.unary_frontier(routing::exchange(), "Cap", move |_, _| {
             let mut pending: BTreeMap<u64, (Capability<u64>, Vec<Pending>)> = BTreeMap::new();

@@ -198,13 +198,6 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                 match frontier {
                     _ if held_back => {}
                     Some(f) => {
-                        // Every time the cap decided below the frontier has
-                        // been applied.
-                        let mut turned_away = overflowed.borrow_mut();
-                        if turned_away.first_key_value().is_some_and(|(t, _)| *t < f) {
-                            *turned_away = turned_away.split_off(&f);
-                        }
-                        drop(turned_away);
                         take_checkpoints(f, &mut state);
                         held_back = !state.close_some(f as Millis, &mut emitted, limit);
                         if !held_back {
