@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_dataflow::event::Event;
+use tally_dataflow::dedupe::IdKey;
+use tally_dataflow::event::{Accepted, Event};
 use tally_dataflow::time::now_ms;
 use tally_gateway::backend::EventSink;
 
@@ -25,14 +26,20 @@ const PER_TICK: usize = 20;
 pub async fn feed(sink: Arc<dyn EventSink>) {
     let mut rng = fastrand::Rng::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // Ids unique to this run: a restarted feed must not repeat the last one's.
+    let run = rng.u64(..);
     let mut serial: u64 = 0;
     loop {
         tick.tick().await;
         let now = now_ms();
-        let records: Vec<Vec<u8>> = (0..PER_TICK)
+        let records: Vec<Accepted> = (0..PER_TICK)
             .map(|_| {
                 serial += 1;
-                event(&mut rng, now, serial).to_json()
+                let id = format!("demo_{run:x}_{serial}");
+                Accepted {
+                    id: Some(IdKey::of(&id)),
+                    record: event(&mut rng, now, id).to_json(),
+                }
             })
             .collect();
         if let Err(e) = sink.append(records).await {
@@ -41,7 +48,7 @@ pub async fn feed(sink: Arc<dyn EventSink>) {
     }
 }
 
-fn event(rng: &mut fastrand::Rng, now: i64, serial: u64) -> Event {
+fn event(rng: &mut fastrand::Rng, now: i64, id: String) -> Event {
     // Skewed choices, so some campaigns and countries lead.
     let campaign = 1000 + (rng.usize(..CAMPAIGNS) * rng.usize(..CAMPAIGNS)) / CAMPAIGNS;
     let country = COUNTRIES[rng
@@ -61,7 +68,7 @@ fn event(rng: &mut fastrand::Rng, now: i64, serial: u64) -> Event {
         values.insert("amount".to_string(), (rng.u32(500..20_000) as f64) / 100.0);
     }
     Event {
-        event_id: Some(format!("demo_{serial}")),
+        event_id: Some(id),
         event_type: if purchase { "purchase" } else { "ad_click" }.to_string(),
         timestamp: now - lateness,
         dimensions: [

@@ -61,12 +61,12 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         );
         let progress = Progress::new(&config.redis).context("configuring the Redis client")?;
         let producer =
-            KafkaProducer::new(&config.kafka).context("configuring the Kafka producer")?;
+            Arc::new(KafkaProducer::new(&config.kafka).context("configuring the Kafka producer")?);
         let store = ClickHouseStore::new(&config.clickhouse);
         let gateway = Arc::new(Gateway {
             config: Arc::clone(&config),
             catalog: Arc::clone(&catalog),
-            events: Arc::new(KafkaEvents(producer)) as Arc<dyn EventSink>,
+            events: Arc::new(KafkaEvents(Arc::clone(&producer))) as Arc<dyn EventSink>,
             history: Arc::new(ClickHouseHistory(store.clone())),
             hub,
             ops: Arc::clone(&ops),
@@ -76,7 +76,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             let (config, ops) = (Arc::clone(&config), Arc::clone(&ops));
             let catalog = Arc::clone(&catalog);
             tokio::spawn(async move {
-                kafka::ensure_topics(&config.kafka).await;
+                producer.set_partitions(kafka::ensure_topics(&config.kafka).await);
                 store
                     .prepare(&config.metrics, config.backfill.keep_old)
                     .await;

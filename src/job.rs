@@ -343,10 +343,16 @@ impl Shared {
         let restore = self.restored.as_ref().map_or_else(Restore::default, |c| {
             Restore::share(c.boundary, &c.cuts, &c.groups, &mine, index, workers)
         });
+        // Read again from the first id still remembered at the cut.
         let starts: Vec<(u32, u64)> = restore
             .cuts
             .iter()
-            .map(|c| (c.partition, c.next_offset))
+            .map(|c| {
+                (
+                    c.partition,
+                    c.next_offset.min(c.dedupe_from.unwrap_or(u64::MAX)),
+                )
+            })
             .collect();
         let source = source(mine.clone(), &starts);
         let target = (Arc::clone(&self.schedule), Box::new(parts) as Box<_>);

@@ -171,6 +171,7 @@ pub fn job_observer(
         windows_emitted: stats.windows_emitted.load(Ordering::Relaxed),
         late_updates: stats.late_updates.load(Ordering::Relaxed),
         dead_letters: stats.dead_letters.load(Ordering::Relaxed),
+        duplicates: stats.duplicates.load(Ordering::Relaxed),
         events_read: stats.events_read.load(Ordering::Relaxed),
         live_dropped: live_dropped(),
         backfill: None,

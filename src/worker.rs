@@ -336,11 +336,25 @@ impl Mode for Cluster {
             .map(|c| (c.partition, c.next_offset))
             .collect();
         let kafka = self.config.kafka.clone();
-        self.runtime
+        let oldest = self
+            .runtime
             .block_on(async move {
                 tokio::task::spawn_blocking(move || kafka::check_offsets(&kafka, &cuts)).await
             })?
-            .context("checking the checkpoint's offsets against the events topic")
+            .context("checking the checkpoint's offsets against the events topic")?;
+        // Ids in events retention deleted are forgotten: their repeats count.
+        for (cut, oldest) in checkpoint.cuts.iter_mut().zip(oldest) {
+            if let Some(from) = cut.dedupe_from.filter(|&from| from < oldest) {
+                tracing::warn!(
+                    partition = cut.partition,
+                    from,
+                    oldest,
+                    "retention deleted events whose ids the checkpoint remembers; their repeats will count"
+                );
+                cut.dedupe_from = Some(oldest);
+            }
+        }
+        Ok(())
     }
 
     fn source(&self, partitions: Vec<u32>, starts: &[(u32, u64)]) -> KafkaSource {

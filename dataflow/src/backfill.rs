@@ -187,6 +187,7 @@ mod tests {
             partition,
             next_offset,
             watermark: None,
+            dedupe_from: None,
         }
     }
 

@@ -41,6 +41,10 @@ pub struct PartitionCut {
     pub next_offset: u64,
     /// The partition's watermark after the last batch before the cut.
     pub watermark: Option<u64>,
+    /// The first offset holding an `eventId` the source still remembered
+    /// at the cut (see [`crate::dedupe`]): a restore reads the log again
+    /// from there, without counting, to remember it. `None` if none.
+    pub dedupe_from: Option<u64>,
 }
 
 /// The window state of one (metric, group).
@@ -183,9 +187,21 @@ impl Schedule {
 #[derive(Default)]
 pub struct Progress {
     /// Per partition: where it stood before the first entry of `history`.
-    base: HashMap<u32, (u64, Option<u64>)>,
-    /// Per partition: (stamp, next offset, watermark after) of recent batches.
-    history: HashMap<u32, VecDeque<(u64, u64, Option<u64>)>>,
+    base: HashMap<u32, Stood>,
+    /// Per partition: the stamp of each recent batch, and where the
+    /// partition stood after it.
+    history: HashMap<u32, VecDeque<(u64, Stood)>>,
+}
+
+/// Where a partition stands after a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stood {
+    /// The offset it resumes from.
+    pub next_offset: u64,
+    /// Its watermark.
+    pub watermark: Option<u64>,
+    /// The first offset a restore reads again for the ids it remembers.
+    pub dedupe_from: Option<u64>,
 }
 
 impl Progress {
@@ -194,19 +210,26 @@ impl Progress {
         Progress {
             base: cuts
                 .iter()
-                .map(|c| (c.partition, (c.next_offset, c.watermark)))
+                .map(|c| {
+                    let stood = Stood {
+                        next_offset: c.next_offset,
+                        watermark: c.watermark,
+                        dedupe_from: c.dedupe_from,
+                    };
+                    (c.partition, stood)
+                })
                 .collect(),
             history: HashMap::default(),
         }
     }
 
     /// Records that a batch of `partition` travelled at `stamp`, after which
-    /// the partition resumes at `next_offset` with `watermark`.
-    pub fn record(&mut self, partition: u32, stamp: u64, next_offset: u64, watermark: Option<u64>) {
+    /// the partition stood as `stood` says.
+    pub fn record(&mut self, partition: u32, stamp: u64, stood: Stood) {
         self.history
             .entry(partition)
             .or_default()
-            .push_back((stamp, next_offset, watermark));
+            .push_back((stamp, stood));
     }
 
     /// The cut of `partitions` at `boundary`: every batch stamped before it.
@@ -217,15 +240,20 @@ impl Progress {
                 let last = self
                     .history
                     .get(&partition)
-                    .and_then(|h| h.iter().take_while(|(stamp, ..)| *stamp < boundary).last())
-                    .map(|&(_, next, watermark)| (next, watermark));
-                let (next_offset, watermark) = last
+                    .and_then(|h| h.iter().take_while(|(stamp, _)| *stamp < boundary).last())
+                    .map(|&(_, stood)| stood);
+                let stood = last
                     .or_else(|| self.base.get(&partition).copied())
-                    .unwrap_or((0, None));
+                    .unwrap_or(Stood {
+                        next_offset: 0,
+                        watermark: None,
+                        dedupe_from: None,
+                    });
                 PartitionCut {
                     partition,
-                    next_offset,
-                    watermark,
+                    next_offset: stood.next_offset,
+                    watermark: stood.watermark,
+                    dedupe_from: stood.dedupe_from,
                 }
             })
             .collect()
@@ -235,9 +263,9 @@ impl Progress {
     /// at or below `time` will be asked for again.
     pub fn forget_before(&mut self, time: u64) {
         for (partition, history) in &mut self.history {
-            while history.front().is_some_and(|(stamp, ..)| *stamp < time) {
-                if let Some((_, next, watermark)) = history.pop_front() {
-                    self.base.insert(*partition, (next, watermark));
+            while history.front().is_some_and(|(stamp, _)| *stamp < time) {
+                if let Some((_, stood)) = history.pop_front() {
+                    self.base.insert(*partition, stood);
                 }
             }
         }
@@ -278,17 +306,24 @@ mod tests {
             partition: 1,
             next_offset: 5,
             watermark: Some(3),
+            dedupe_from: Some(2),
         }]);
-        progress.record(0, 0, 10, Some(8));
-        progress.record(0, 8, 20, Some(15));
-        progress.record(0, 15, 30, Some(25));
+        let stood = |next_offset, watermark, dedupe_from| Stood {
+            next_offset,
+            watermark: Some(watermark),
+            dedupe_from,
+        };
+        progress.record(0, 0, stood(10, 8, Some(0)));
+        progress.record(0, 8, stood(20, 15, Some(10)));
+        progress.record(0, 15, stood(30, 25, None));
         let cut = progress.cut(&[0, 1], 15);
         assert_eq!(
             cut[0],
             PartitionCut {
                 partition: 0,
                 next_offset: 20,
-                watermark: Some(15)
+                watermark: Some(15),
+                dedupe_from: Some(10),
             }
         );
         assert_eq!(
@@ -296,7 +331,8 @@ mod tests {
             PartitionCut {
                 partition: 1,
                 next_offset: 5,
-                watermark: Some(3)
+                watermark: Some(3),
+                dedupe_from: Some(2),
             }
         );
         progress.forget_before(15);

@@ -36,6 +36,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[dataflow]`: the timely job and its event-time rules.
     pub dataflow: DataflowConfig,
+    /// `[dedupe]`: dropping repeated events by `eventId`.
+    pub dedupe: DedupeConfig,
     /// `[live]`: pushing values to WebSocket subscribers.
     pub live: LiveConfig,
     /// `[history]`: what one history query may cost.
@@ -198,6 +200,21 @@ impl DataflowConfig {
         self.allowed_lateness + self.out_of_orderness
     }
 }
+
+/// `[dedupe]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DedupeConfig {
+    /// An event whose `eventId` was seen this long before, in event time,
+    /// is counted once; 0 turns deduplication off. Default
+    /// [`DEFAULT_DEDUPE_HORIZON`].
+    pub horizon: Millis,
+}
+
+/// The default of `dedupe.horizon`: 10 minutes of event time, longer than
+/// a client retries a request. Each id remembered costs 18 to 37 bytes
+/// ([`crate::dedupe::Remembered`]): at 100,000 identified events a second,
+/// 60 million ids, 1.1 to 2.2 GB.
+pub const DEFAULT_DEDUPE_HORIZON: Millis = 600_000;
 
 /// `[live]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -631,11 +648,12 @@ impl Reader {
                 table,
             }
         };
-        let (mut server, mut storage, mut log, mut dataflow, mut live) = (
+        let (mut server, mut storage, mut log, mut dataflow, mut dedupe, mut live) = (
             section("server"),
             section("storage"),
             section("log"),
             section("dataflow"),
+            section("dedupe"),
             section("live"),
         );
         let (mut history, mut backfill, mut checkpoint) = (
@@ -707,6 +725,9 @@ impl Reader {
                 idle_timeout: self.duration(&mut dataflow, "idle_timeout", Duration::from_secs(5)),
                 allowed_lateness: self.millis(&mut dataflow, "allowed_lateness", 30_000),
                 max_groups,
+            },
+            dedupe: DedupeConfig {
+                horizon: self.millis(&mut dedupe, "horizon", DEFAULT_DEDUPE_HORIZON),
             },
             live: LiveConfig {
                 interval: self.duration(&mut live, "interval", DEFAULT_LIVE_INTERVAL),
@@ -782,8 +803,8 @@ impl Reader {
                 .push("checkpoint.interval: must be at least 100ms".into());
         }
         for section in [
-            server, storage, log, dataflow, live, history, backfill, checkpoint, cluster, kafka,
-            clickhouse, redis, auth,
+            server, storage, log, dataflow, dedupe, live, history, backfill, checkpoint, cluster,
+            kafka, clickhouse, redis, auth,
         ] {
             self.unknown_keys(section);
         }
@@ -1500,6 +1521,8 @@ windows = ["sliding 5m every 7s"]
         assert_eq!(file.live, config.live);
         assert_eq!(file.history, config.history);
         assert_eq!(file.backfill, config.backfill);
+        assert_eq!(config.dedupe.horizon, DEFAULT_DEDUPE_HORIZON);
+        assert_eq!(file.dedupe, config.dedupe);
         assert_eq!(config.dataflow.max_groups, DEFAULT_MAX_GROUPS);
         assert_eq!(file.dataflow.max_groups, DEFAULT_MAX_GROUPS);
         assert!(file

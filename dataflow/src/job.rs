@@ -52,6 +52,7 @@ impl JobSettings {
                 out_of_orderness: config.dataflow.out_of_orderness,
                 idle_timeout: config.dataflow.idle_timeout,
                 allowed_lateness: config.dataflow.allowed_lateness,
+                dedupe_horizon: config.dedupe.horizon,
             },
             windows: WindowSettings {
                 allowed_lateness: config.dataflow.allowed_lateness,
@@ -267,6 +268,7 @@ mod tests {
                 out_of_orderness: 2_000,
                 idle_timeout: std::time::Duration::from_secs(60),
                 allowed_lateness: 30_000,
+                dedupe_horizon: crate::config::DEFAULT_DEDUPE_HORIZON,
             },
             windows: WindowSettings {
                 allowed_lateness: 30_000,
@@ -573,6 +575,112 @@ mod tests {
             let (after, _) = run_with(settings.clone(), rest, restore, Parts::default());
             let before = full.iter().filter(|(time, _)| *time < boundary);
             let stored = store(before.chain(&after).map(|(_, f)| f));
+            assert_eq!(stored, expected, "restored at boundary {boundary}");
+        }
+    }
+
+    #[test]
+    fn repeats_of_an_id_count_once_also_after_a_restore() {
+        // Two minutes of batches, 3 s apart, with ids remembered for 20 s.
+        let mut settings = settings();
+        settings.source.dedupe_horizon = 20_000;
+        let event = |id: String, seconds: i64, country: &str| {
+            serde_json::json!({"eventId": id, "eventType": "ad_click", "timestamp": seconds,
+                "dimensions": {"country": country}})
+            .to_string()
+            .into_bytes()
+        };
+        let fresh = |i: i64, k: i64| event(format!("e{i}-{k}"), i * 3 + k % 3, "US");
+        // Per batch, in order: a retried request (batch i - 4 again, 9 s
+        // late), the batch's own events, and an id of its own again, with
+        // other content. Only the own events count, and, every tenth
+        // batch, an id from 27 s before, past the horizon, late.
+        let batch = |i: i64, with_repeats: bool| -> Vec<Vec<u8>> {
+            let mut records = Vec::new();
+            if with_repeats && i >= 4 {
+                records.extend((0..5).map(|k| fresh(i - 4, k)));
+            }
+            records.extend((0..5).map(|k| fresh(i, k)));
+            if with_repeats && i % 7 == 3 {
+                records.push(event(format!("e{i}-1"), i * 3, "FR"));
+            }
+            if i % 10 == 9 {
+                records.push(fresh(i - 10, 0));
+            }
+            records
+        };
+        let log = |with_repeats: bool| -> VecDeque<SourceBatch> {
+            let mut offset = 0;
+            (0..40)
+                .map(|i| {
+                    let records = batch(i, with_repeats);
+                    let batch = SourceBatch {
+                        partition: 0,
+                        offset,
+                        next_offset: offset + records.len() as u64,
+                        records,
+                        appended_at: None,
+                    };
+                    offset = batch.next_offset;
+                    batch
+                })
+                .collect()
+        };
+        let store = |finals: &[(u64, Emitted)]| -> BTreeMap<(u16, u8, i64, String), (u32, u64)> {
+            let mut table = BTreeMap::new();
+            for (_, (metric, window, start, _, group, count, revision)) in finals {
+                let row = table
+                    .entry((*metric, *window, *start, group.clone()))
+                    .or_insert((*revision, *count));
+                if *revision >= row.0 {
+                    *row = (*revision, *count);
+                }
+            }
+            table
+        };
+        let (input, parts) = (log(true), Parts::default());
+        let (full, dead) = run_with(
+            settings.clone(),
+            input.clone(),
+            Restore::default(),
+            parts.clone(),
+        );
+        let (clean, clean_dead) = run_with(
+            settings.clone(),
+            log(false),
+            Restore::default(),
+            Parts::default(),
+        );
+        let expected = store(&clean);
+        assert_eq!(store(&full), expected);
+        assert_eq!(dead.len(), clean_dead.len());
+        let counted: u64 = expected
+            .iter()
+            .filter(|(k, _)| k.0 == 0 && k.1 == 0)
+            .map(|(_, (_, count))| count)
+            .sum();
+        assert_eq!(counted, 200 + 3, "every first occurrence, once");
+        assert!(expected.values().any(|&(revision, _)| revision > 0));
+        let parts = parts.0.lock().unwrap().clone();
+        assert!(parts.len() >= 8, "{} checkpoints", parts.len());
+        let cut = &parts[3].cuts[0];
+        assert!(
+            cut.dedupe_from.is_some_and(|from| from < cut.next_offset),
+            "a restore reads ids before its cut again: {cut:?}"
+        );
+        for part in parts {
+            let cut = &part.cuts[0];
+            let from = cut.next_offset.min(cut.dedupe_from.unwrap_or(u64::MAX));
+            let rest = from_offset(&input, from);
+            let boundary = part.boundary;
+            let restore = Restore {
+                boundary,
+                cuts: part.cuts,
+                groups: part.groups,
+            };
+            let (after, _) = run_with(settings.clone(), rest, restore, Parts::default());
+            let before = full.iter().filter(|(time, _)| *time < boundary).cloned();
+            let stored = store(&before.chain(after).collect::<Vec<_>>());
             assert_eq!(stored, expected, "restored at boundary {boundary}");
         }
     }

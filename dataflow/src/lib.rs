@@ -27,7 +27,10 @@
 //! Modules depend only on those above them in this list.
 //!
 //! - [`time`]: event time, RFC 3339 and durations.
-//! - [`event`]: the event model, its parser, and request-body framing.
+//! - [`dedupe`]: the partition of an event's id, and the ids a source
+//!   remembers to drop its repeats.
+//! - [`event`]: the event model, its parser, and request-body framing,
+//!   spread over partitions by id.
 //! - [`window`]: window specs and pane arithmetic.
 //! - [`aggregate`]: aggregate state and merging.
 //! - [`config`]: layered configuration and its validation.
@@ -51,6 +54,7 @@ pub mod cap;
 pub mod checkpoint;
 pub mod config;
 pub mod coordination;
+pub mod dedupe;
 pub mod event;
 pub mod fingerprint;
 pub mod job;

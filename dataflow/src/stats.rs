@@ -21,6 +21,8 @@ pub struct JobStats {
     pub late_updates: AtomicU64,
     /// Events sent to the dead letters.
     pub dead_letters: AtomicU64,
+    /// Events dropped as repeats of an `eventId` (see [`crate::dedupe`]).
+    pub duplicates: AtomicU64,
     /// Records the sources have read from the log.
     pub events_read: AtomicU64,
     /// Log positions the sources have passed: records of the embedded
@@ -41,6 +43,7 @@ impl JobStats {
             windows_emitted: AtomicU64::new(0),
             late_updates: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             events_read: AtomicU64::new(0),
             positions_read: AtomicU64::new(0),
             groups: (0..workers).map(|_| Mutex::default()).collect(),

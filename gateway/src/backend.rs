@@ -6,12 +6,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use futures_util::future::try_join_all;
 use tally_connectors::bus::redis::RedisFeed;
 use tally_connectors::kafka::producer::KafkaProducer;
 use tally_connectors::kafka::KafkaError;
 use tally_connectors::log::{EventLog, LogError};
 use tally_connectors::store::clickhouse::{self, ClickHouseStore};
 use tally_connectors::store::sqlite::{SqliteStore, StoreError};
+use tally_dataflow::event::{spread, Accepted};
 use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::Fold;
 use tally_dataflow::time::Millis;
@@ -21,13 +23,15 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Where accepted events go.
 pub trait EventSink: Send + Sync + 'static {
-    /// Appends one request's events as one atomic batch; resolves once they
-    /// are durable.
-    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), AppendError>>;
+    /// Appends one request's events, each with an id to the partition its
+    /// id picks and the others together to one partition, one atomic batch
+    /// per partition; resolves once they are all durable.
+    fn append(&self, events: Vec<Accepted>) -> BoxFuture<Result<(), AppendError>>;
 }
 
-/// Why an append failed. After any of them the events may or may not have
-/// been written, so a retry may count them twice.
+/// Why an append failed. After any of them some of the events may have been
+/// written: a retry counts those with an `eventId` once, and the others
+/// again.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
     /// The embedded event log failed the append.
@@ -101,9 +105,9 @@ pub trait LiveInterest: Send + Sync + 'static {
     fn want(&self, metric: &str, wanted: bool);
 }
 
-/// The embedded log as an event sink. Each request goes whole to one
-/// partition, round robin, so a request is one record batch: atomic on disk,
-/// and partitions stay balanced.
+/// The embedded log as an event sink. A request's events without an id go
+/// to one partition, round robin, so partitions stay balanced; those with
+/// an id go to their id's, where repeats of it meet.
 pub struct EmbeddedLog {
     log: EventLog,
     next: AtomicU32,
@@ -125,11 +129,15 @@ impl EmbeddedLog {
 }
 
 impl EventSink for EmbeddedLog {
-    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), AppendError>> {
-        let partition = self.next.fetch_add(1, Ordering::Relaxed) % self.log.partitions();
-        let append = self.log.append(partition, records);
+    fn append(&self, events: Vec<Accepted>) -> BoxFuture<Result<(), AppendError>> {
+        let partitions = self.log.partitions();
+        let fallback = self.next.fetch_add(1, Ordering::Relaxed) % partitions;
+        let appends: Vec<_> = spread(events, partitions, fallback)
+            .into_iter()
+            .map(|(partition, records)| self.log.append(partition, records))
+            .collect();
         Box::pin(async move {
-            append.await?;
+            try_join_all(appends).await?;
             Ok(())
         })
     }
@@ -167,11 +175,11 @@ impl History for EmbeddedStore {
 }
 
 /// The events topic as an event sink: `202` once the brokers acknowledge.
-pub struct KafkaEvents(pub KafkaProducer);
+pub struct KafkaEvents(pub Arc<KafkaProducer>);
 
 impl EventSink for KafkaEvents {
-    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<Result<(), AppendError>> {
-        let append = self.0.append(records);
+    fn append(&self, events: Vec<Accepted>) -> BoxFuture<Result<(), AppendError>> {
+        let append = self.0.append(events);
         Box::pin(async move { Ok(append.await?) })
     }
 }

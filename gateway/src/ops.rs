@@ -34,6 +34,8 @@ pub struct Observed {
     pub late_updates: u64,
     /// Events sent to the dead letters.
     pub dead_letters: u64,
+    /// Events dropped as repeats of an `eventId`.
+    pub duplicates: u64,
     /// Records the job has read from the log.
     pub events_read: u64,
     /// Live updates dropped because the gateway was behind.
@@ -150,6 +152,7 @@ pub struct JobMetrics {
     windows_emitted: IntCounter,
     late_updates: IntCounter,
     dead_letters: IntCounter,
+    duplicates: IntCounter,
     events_read: IntCounter,
     live_dropped: IntCounter,
     checkpoints: IntCounter,
@@ -286,6 +289,11 @@ impl JobMetrics {
                 "tally_dead_letters_total",
                 "Events too late for any kept window.",
             ),
+            duplicates: counter(
+                &registry,
+                "tally_duplicate_events_total",
+                "Events dropped because an event with the same eventId was read within dedupe.horizon.",
+            ),
             events_read: counter(
                 &registry,
                 "tally_events_read_total",
@@ -342,6 +350,7 @@ impl JobMetrics {
             (&self.windows_emitted, o.windows_emitted),
             (&self.late_updates, o.late_updates),
             (&self.dead_letters, o.dead_letters),
+            (&self.duplicates, o.duplicates),
             (&self.events_read, o.events_read),
             (&self.live_dropped, o.live_dropped),
             (&self.checkpoints, o.checkpoints),

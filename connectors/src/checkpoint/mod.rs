@@ -77,6 +77,7 @@ fn sample_part(boundary: u64, worker: usize) -> WorkerPart {
             partition: worker as u32,
             next_offset: boundary / 10,
             watermark: Some(boundary),
+            dedupe_from: Some(boundary / 20),
         }],
         groups: vec![GroupSnapshot {
             metric: 0,

@@ -21,7 +21,7 @@ const MANIFEST: &str = "manifest.json";
 /// (with everything in it, down to the aggregate states) or of a share
 /// changes: bincode is not self-describing, so an old part would otherwise
 /// decode into wrong state, or fail as corrupt.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// The first bytes of a part file, before its format number. A part
 /// written before parts were numbered lacks them, and counts as format 0.

@@ -119,11 +119,13 @@ async fn create_topics(config: &KafkaConfig) -> Result<(), ClientError> {
 /// from (`(partition, next offset)`): each must lie between the partition's
 /// oldest offset and its end. One outside means the topic was made anew or
 /// its retention deleted events never read, and reading on would skip or
-/// misplace events: [`KafkaError::OffsetOutOfRange`] says which.
-pub fn check_offsets(config: &KafkaConfig, cuts: &[(u32, u64)]) -> Result<(), KafkaError> {
+/// misplace events: [`KafkaError::OffsetOutOfRange`] says which. Returns
+/// each partition's oldest offset, in the order of `cuts`.
+pub fn check_offsets(config: &KafkaConfig, cuts: &[(u32, u64)]) -> Result<Vec<u64>, KafkaError> {
     let consumer: BaseConsumer = retry::blocking("connect to Kafka", || {
         client_config(&config.brokers).create::<BaseConsumer>()
     });
+    let mut oldest = Vec::with_capacity(cuts.len());
     for &(partition, offset) in cuts {
         let (low, high) = retry::blocking("read the events topic's offsets", || {
             consumer.fetch_watermarks(&config.topic, partition as i32, REQUEST_TIMEOUT)
@@ -137,8 +139,9 @@ pub fn check_offsets(config: &KafkaConfig, cuts: &[(u32, u64)]) -> Result<(), Ka
                 high,
             });
         }
+        oldest.push(low.max(0) as u64);
     }
-    Ok(())
+    Ok(oldest)
 }
 
 /// Where the events topic's partitions end: a backfill reads up to there.

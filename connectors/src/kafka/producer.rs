@@ -4,13 +4,19 @@
 //! and in order even when librdkafka retries, and an acknowledgement means
 //! every in-sync replica has it. Messages are lz4-compressed. The gateway
 //! answers `202` only once every message of the request is acknowledged.
+//!
+//! An event with an `eventId` goes to the partition its id picks, so that
+//! its repeats meet in one partition ([`tally_dataflow::dedupe`]); the
+//! others of a request go together to one partition, in turn.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
+use rdkafka::error::{KafkaError as ClientError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_dataflow::config::KafkaConfig;
+use tally_dataflow::event::{spread, Accepted};
 
 use super::{client_config, KafkaError};
 
@@ -24,10 +30,10 @@ const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct KafkaProducer {
     producer: FutureProducer,
     topic: String,
-    /// Keys are `<process id>-<counter>`: distinct per request, so the
-    /// partitioner's hash spreads requests evenly over the partitions.
-    next_key: AtomicU64,
-    process: u32,
+    /// The events topic's partitions, once known; 0 before.
+    partitions: AtomicU32,
+    /// Picks the partition of a request's events without an id, in turn.
+    next: AtomicU64,
 }
 
 impl KafkaProducer {
@@ -43,32 +49,45 @@ impl KafkaProducer {
         Ok(KafkaProducer {
             producer,
             topic: config.topic.clone(),
-            next_key: AtomicU64::new(0),
-            process: std::process::id(),
+            partitions: AtomicU32::new(0),
+            next: AtomicU64::new(0),
         })
     }
 
-    /// Appends one request's records; resolves once the brokers have
-    /// acknowledged all of them. The records, one per line, go in as few
-    /// messages as fit, all under one key, so they stay in one partition
-    /// and in order. On an error some of the messages may be in the topic;
-    /// [`KafkaError::is_retryable`] says whether to try again.
+    /// Says how many partitions the events topic has; appends wait for it.
+    pub fn set_partitions(&self, partitions: u32) {
+        self.partitions.store(partitions, Ordering::Relaxed);
+    }
+
+    /// Appends one request's events; resolves once the brokers have
+    /// acknowledged all of them. Each partition's records, one per line, go
+    /// in as few messages as fit, in order. On an error some of the
+    /// messages may be in the topic; [`KafkaError::is_retryable`] says
+    /// whether to try again.
     pub fn append(
         &self,
-        records: Vec<Vec<u8>>,
+        events: Vec<Accepted>,
     ) -> impl std::future::Future<Output = Result<(), KafkaError>> + Send + 'static {
-        let key = format!(
-            "{:x}-{:x}",
-            self.process,
-            self.next_key.fetch_add(1, Ordering::Relaxed)
-        );
-        let payloads = messages(&records);
+        let partitions = self.partitions.load(Ordering::Relaxed);
+        let fallback = self.next.fetch_add(1, Ordering::Relaxed) % u64::from(partitions.max(1));
+        let payloads: Vec<(u32, Vec<u8>)> = spread(events, partitions.max(1), fallback as u32)
+            .into_iter()
+            .flat_map(|(partition, records)| {
+                messages(&records).into_iter().map(move |m| (partition, m))
+            })
+            .collect();
         let (producer, topic) = (self.producer.clone(), self.topic.clone());
         async move {
-            let sends = payloads.iter().map(|payload| {
-                producer.send(
+            if partitions == 0 {
+                // Not yet known: the gateway is not ready, and says so.
+                return Err(KafkaError::Unavailable(ClientError::MetadataFetch(
+                    RDKafkaErrorCode::UnknownTopicOrPartition,
+                )));
+            }
+            let sends = payloads.iter().map(|(partition, payload)| {
+                producer.send::<(), _, _>(
                     FutureRecord::to(&topic)
-                        .key(&key)
+                        .partition(*partition as i32)
                         .payload(payload.as_slice()),
                     QUEUE_TIMEOUT,
                 )

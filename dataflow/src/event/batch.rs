@@ -4,7 +4,17 @@
 use serde::de::IgnoredAny;
 
 use super::{parse_event_ref, EventLimits, EventRef, FieldError};
+use crate::dedupe::IdKey;
 use crate::time::Millis;
+
+/// An accepted event, as the log takes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Accepted {
+    /// Its JSON: as sent, or written out again with its receive time.
+    pub record: Vec<u8>,
+    /// The key of its `eventId`, which picks its partition.
+    pub id: Option<IdKey>,
+}
 
 /// Why a request's events were not accepted.
 #[derive(Clone, Debug, PartialEq)]
@@ -17,8 +27,24 @@ pub enum BatchError {
     Invalid(Vec<(usize, Vec<FieldError>)>),
 }
 
+/// Splits a request's events by the partition, of `partitions`, each goes
+/// to: one with an id to its id's, the others together to `fallback`. Each
+/// partition's records keep the request's order.
+pub fn spread(events: Vec<Accepted>, partitions: u32, fallback: u32) -> Vec<(u32, Vec<Vec<u8>>)> {
+    let mut by_partition: Vec<(u32, Vec<Vec<u8>>)> = Vec::new();
+    for event in events {
+        let partition = event.id.map_or(fallback, |id| id.partition(partitions));
+        match by_partition.iter_mut().find(|(p, _)| *p == partition) {
+            Some((_, records)) => records.push(event.record),
+            None => by_partition.push((partition, vec![event.record])),
+        }
+    }
+    by_partition
+}
+
 /// Parses a request body (one event, a JSON array of events, or, when
-/// `ndjson` is set, one event per line) into log records, one per event.
+/// `ndjson` is set, one event per line) into log records, one per event,
+/// each with the key of its id.
 ///
 /// The batch is all or nothing: any invalid event fails it, and every invalid
 /// event is reported. A record is the event's JSON as sent; an event without
@@ -32,7 +58,7 @@ pub fn parse_batch(
     received_at: Millis,
     max_future: Millis,
     limits: &EventLimits,
-) -> Result<Vec<Vec<u8>>, BatchError> {
+) -> Result<Vec<Accepted>, BatchError> {
     let raws: Vec<&[u8]> = if ndjson {
         body.split(|&b| b == b'\n')
             .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
@@ -80,8 +106,13 @@ pub fn parse_batch(
                     ),
                 )],
             )),
-            Ok(event) if event.timestamp.is_some() => records.push(raw.to_vec()),
-            Ok(event) => records.push(event.to_owned(received_at).to_json()),
+            Ok(event) => records.push(Accepted {
+                id: event.event_id.as_deref().map(IdKey::of),
+                record: match event.timestamp {
+                    Some(_) => raw.to_vec(),
+                    None => event.to_owned(received_at).to_json(),
+                },
+            }),
             Err(errors) => invalid.push((index, errors)),
         }
     }
@@ -95,6 +126,40 @@ pub fn parse_batch(
 mod tests {
     use super::*;
     use crate::event::tests::{parse_event, SEED};
+
+    #[test]
+    fn a_request_is_spread_by_id_and_keeps_its_order() {
+        let event = |id: Option<&str>, n: u8| Accepted {
+            record: vec![n],
+            id: id.map(IdKey::of),
+        };
+        let to = |id: &str| IdKey::of(id).partition(8);
+        let (a, b) = (
+            "a",
+            (0..)
+                .map(|i| format!("b{i}"))
+                .find(|b| to(b) != to("a"))
+                .unwrap(),
+        );
+        let spread = spread(
+            vec![
+                event(Some(a), 0),
+                event(None, 1),
+                event(Some(&b), 2),
+                event(Some(a), 3),
+                event(None, 4),
+            ],
+            8,
+            to(&b),
+        );
+        assert_eq!(
+            spread,
+            [
+                (to(a), vec![vec![0], vec![3]]),
+                (to(&b), vec![vec![1], vec![2], vec![4]])
+            ]
+        );
+    }
 
     #[test]
     fn batches_are_all_or_nothing_and_name_each_bad_index() {
@@ -118,8 +183,9 @@ mod tests {
         };
         assert_eq!(future[0].1[0].field, "timestamp");
         // Sent as is, unless the time had to be filled in.
-        assert_eq!(ok[1], br#"{"eventType":"b","timestamp":1780821960}"#);
-        assert_eq!(parse_event(&ok[0], 0).unwrap().timestamp, now);
+        assert_eq!(ok[1].record, br#"{"eventType":"b","timestamp":1780821960}"#);
+        assert_eq!(parse_event(&ok[0].record, 0).unwrap().timestamp, now);
+        assert_eq!(ok[0].id, None);
         let Err(BatchError::Invalid(bad)) = parse_batch(
             br#"[{"eventType":"a"},{"timestamp":"x"},7,{"eventType":"c"}]"#,
             false,
@@ -156,9 +222,11 @@ mod tests {
                 300_000,
                 &EventLimits::default(),
             )
-            .unwrap()
-            .len(),
-            1
+            .unwrap(),
+            [Accepted {
+                record: SEED.as_bytes().to_vec(),
+                id: Some(IdKey::of("evt_uuid_00981a")),
+            }]
         );
     }
 }

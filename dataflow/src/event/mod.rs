@@ -29,7 +29,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::batch::{parse_batch, BatchError};
+pub use self::batch::{parse_batch, spread, Accepted, BatchError};
 use self::lenient::{DimValue, Lenient, LenientMap, Timestamp};
 pub use self::limits::{
     EventLimits, DEFAULT_MAX_DIMENSIONS, DEFAULT_MAX_DIMENSION_VALUE, DEFAULT_MAX_EVENT_ID,

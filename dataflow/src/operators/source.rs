@@ -20,10 +20,16 @@
 //! reached, so an idle worker does not stall the others, and data waiting at
 //! the last watermark is released once the whole input has gone quiet.
 //!
-//! An event earlier than its batch's watermark minus `allowed_lateness` can no
-//! longer reach window state that is kept; it leaves as a [`DeadLetter`].
-//! Every other event is folded, per batch, into one [`Contribution`] per
-//! (metric, group, pane), which is what crosses the exchange.
+//! An event whose `eventId` the partition's source remembers is a repeat,
+//! and is dropped (see [`crate::dedupe`]). An event earlier than its
+//! batch's watermark minus `allowed_lateness` can no longer reach window
+//! state that is kept; it leaves as a [`DeadLetter`]. Every other event is
+//! folded, per batch, into one [`Contribution`] per (metric, group, pane),
+//! which is what crosses the exchange.
+//!
+//! After a restore, a partition is read from the first offset that holds an
+//! id the source remembered at the cut; the batches before the cut are read
+//! for their ids alone.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -36,9 +42,10 @@ use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::{Scope, Stream};
 
 use crate::aggregate::AggState;
-use crate::checkpoint::{Progress, Restore};
+use crate::checkpoint::{Progress, Restore, Stood};
 use crate::config::MetricSpec;
 use crate::coordination::Coordination;
+use crate::dedupe::{IdKey, Remembered, Seen};
 use crate::event::{parse_event_ref, EventRef, Fields};
 use crate::model::{Contribution, DeadLetter, Group};
 use crate::ports::{BatchSource, Poll, SourceBatch};
@@ -56,6 +63,9 @@ pub struct SourceSettings {
     pub idle_timeout: Duration,
     /// Window state is kept this long after the window closes.
     pub allowed_lateness: Millis,
+    /// Repeats of an `eventId` within this much event time are dropped;
+    /// 0 counts them all.
+    pub dedupe_horizon: Millis,
 }
 
 /// Per-partition watermark tracking.
@@ -63,6 +73,11 @@ struct PartitionClock {
     partition: u32,
     watermark: Option<u64>,
     last_data: Instant,
+    /// The ids read, when the job deduplicates.
+    ids: Option<Remembered>,
+    /// Batches before this offset were counted before the restored cut:
+    /// they are read again for their ids alone.
+    counted_from: u64,
 }
 
 /// Either half of the source's output, split by the caller.
@@ -90,10 +105,10 @@ pub fn log_source<'scope, S: BatchSource>(
     progress: Rc<RefCell<Progress>>,
 ) -> Stream<'scope, u64, Vec<SourceRecord>> {
     let boundary = restore.boundary;
-    let watermarks: HashMap<u32, Option<u64>> = restore
+    let cuts: HashMap<u32, (Option<u64>, u64)> = restore
         .cuts
         .iter()
-        .map(|c| (c.partition, c.watermark))
+        .map(|c| (c.partition, (c.watermark, c.next_offset)))
         .collect();
     let worker = scope.index();
     let derived = Derived::new(&metrics);
@@ -108,10 +123,16 @@ pub fn log_source<'scope, S: BatchSource>(
         let mut clocks: Vec<PartitionClock> = input
             .partitions()
             .into_iter()
-            .map(|partition| PartitionClock {
-                partition,
-                watermark: watermarks.get(&partition).copied().flatten(),
-                last_data: started,
+            .map(|partition| {
+                let (watermark, counted_from) = cuts.get(&partition).copied().unwrap_or_default();
+                PartitionClock {
+                    partition,
+                    watermark,
+                    last_data: started,
+                    ids: (settings.dedupe_horizon > 0)
+                        .then(|| Remembered::new(settings.dedupe_horizon)),
+                    counted_from,
+                }
             })
             .collect();
         let mut capability = Some(capability);
@@ -149,46 +170,67 @@ pub fn log_source<'scope, S: BatchSource>(
                 Poll::Ready(batches) => batches,
             };
             let now = Instant::now();
-            let mut dead = 0;
-            let read: usize = batches.iter().map(|b| b.records.len()).sum();
-            if read > 0 {
-                stats.events_read.fetch_add(read as u64, Ordering::Relaxed);
-            }
-            let passed: u64 = batches.iter().map(|b| b.next_offset - b.offset).sum();
-            if passed > 0 {
-                stats.positions_read.fetch_add(passed, Ordering::Relaxed);
-            }
+            let (mut dead, mut repeats, mut read, mut passed) = (0, 0, 0, 0);
             for batch in batches {
                 let Some(clock) = clocks.iter_mut().find(|c| c.partition == batch.partition) else {
                     continue;
                 };
+                clock.last_data = now;
+                let watermark = clock.watermark.unwrap_or(0) as Millis;
+                if batch.offset < clock.counted_from {
+                    if let Some(ids) = clock.ids.as_mut() {
+                        remember(&batch, ids, watermark);
+                    }
+                    continue;
+                }
+                read += batch.records.len();
+                passed += batch.next_offset - batch.offset;
                 let stamp = clock.watermark.unwrap_or(0).max(*cap.time());
-                let (records, newest) = fold_batch(
+                let folded = fold_batch(
                     &batch,
                     &metrics,
                     &derived,
-                    stamp as Millis,
-                    settings.allowed_lateness,
+                    Judge {
+                        watermark: stamp as Millis,
+                        allowed_lateness: settings.allowed_lateness,
+                        ids: clock.ids.as_mut().map(|ids| (ids, watermark)),
+                    },
                 );
-                dead += records.iter().filter(|r| r.is_err()).count();
-                if !records.is_empty() {
+                dead += folded.records.iter().filter(|r| r.is_err()).count();
+                repeats += folded.repeats;
+                if !folded.records.is_empty() {
                     let time = cap.delayed(&stamp);
-                    output.session(&time).give_iterator(records.into_iter());
+                    output
+                        .session(&time)
+                        .give_iterator(folded.records.into_iter());
                 }
-                if let Some(newest) = newest {
+                if let Some(newest) = folded.newest {
                     let mark = (newest - settings.out_of_orderness).max(0) as u64;
                     clock.watermark = Some(clock.watermark.map_or(mark, |w| w.max(mark)));
                 }
-                clock.last_data = now;
+                let dedupe_from = clock
+                    .ids
+                    .as_mut()
+                    .and_then(|ids| ids.from(clock.watermark.unwrap_or(0) as Millis));
                 progress.borrow_mut().record(
                     batch.partition,
                     stamp,
-                    batch.next_offset,
-                    clock.watermark,
+                    Stood {
+                        next_offset: batch.next_offset,
+                        watermark: clock.watermark,
+                        dedupe_from,
+                    },
                 );
             }
-            if dead > 0 {
-                stats.dead_letters.fetch_add(dead as u64, Ordering::Relaxed);
+            for (counter, value) in [
+                (&stats.events_read, read as u64),
+                (&stats.positions_read, passed),
+                (&stats.dead_letters, dead as u64),
+                (&stats.duplicates, repeats as u64),
+            ] {
+                if value > 0 {
+                    counter.fetch_add(value, Ordering::Relaxed);
+                }
             }
 
             let idle =
@@ -213,9 +255,30 @@ pub fn log_source<'scope, S: BatchSource>(
     })
 }
 
-/// Splits a batch into dead letters and per-(metric, group, pane)
-/// contributions, and returns the newest event time in it, no later than
-/// the time the log took the batch.
+/// How a batch's events are judged.
+pub struct Judge<'a> {
+    /// The batch's stamp: events before it less `allowed_lateness` are dead
+    /// letters.
+    pub watermark: Millis,
+    /// See [`SourceSettings::allowed_lateness`].
+    pub allowed_lateness: Millis,
+    /// The ids the partition's source remembers, and the partition's
+    /// watermark before the batch, when the job deduplicates.
+    pub ids: Option<(&'a mut Remembered, Millis)>,
+}
+
+/// A batch, folded.
+pub struct Folded {
+    /// Its dead letters, then its contributions in key order.
+    pub records: Vec<SourceRecord>,
+    /// The newest event time in it, no later than the time the log took it.
+    pub newest: Option<Millis>,
+    /// The events dropped as repeats of an id.
+    pub repeats: usize,
+}
+
+/// Splits a batch into repeats, dead letters and per-(metric, group,
+/// pane) contributions.
 ///
 /// Output order is deterministic: contributions sorted by key, so the same
 /// batch always produces the same records.
@@ -223,11 +286,15 @@ pub fn fold_batch(
     batch: &SourceBatch,
     metrics: &[MetricSpec],
     derived: &Derived,
-    watermark: Millis,
-    allowed_lateness: Millis,
-) -> (Vec<SourceRecord>, Option<Millis>) {
+    judge: Judge<'_>,
+) -> Folded {
+    let Judge {
+        watermark,
+        allowed_lateness,
+        mut ids,
+    } = judge;
     let mut out = Vec::new();
-    let mut newest = None;
+    let (mut newest, mut newest_id, mut repeats) = (None, None, 0);
     let mut folded: HashMap<(u16, Millis, Group), AggState> = HashMap::default();
     for (i, record) in batch.records.iter().enumerate() {
         let (offset, index) = batch.address(i);
@@ -267,6 +334,13 @@ pub fn fold_batch(
             }
         };
         newest = Some(newest.map_or(timestamp, |n: Millis| n.max(timestamp)));
+        if let (Some((ids, before)), Some(id)) = (ids.as_mut(), event.event_id.as_deref()) {
+            newest_id = Some(newest_id.map_or(timestamp, |n: Millis| n.max(timestamp)));
+            if ids.see(IdKey::of(id), timestamp, *before) == Seen::Repeat {
+                repeats += 1;
+                continue;
+            }
+        }
         if timestamp < watermark - allowed_lateness {
             out.push(Err(DeadLetter {
                 partition: batch.partition,
@@ -283,6 +357,9 @@ pub fn fold_batch(
             continue;
         }
         fold_event(&event, timestamp, metrics, &mut folded);
+    }
+    if let (Some((ids, _)), Some(newest_id)) = (ids, newest_id) {
+        ids.read(batch.offset, newest_id);
     }
     derived.fold(metrics, &mut folded);
     let mut contributions: Vec<_> = folded.into_iter().collect();
@@ -304,7 +381,29 @@ pub fn fold_batch(
         (Some(newest), Some(appended)) => Some(newest.min(appended)),
         (newest, _) => newest,
     };
-    (out, newest)
+    Folded {
+        records: out,
+        newest,
+        repeats,
+    }
+}
+
+/// Remembers the ids of a batch counted before the restored cut, as
+/// [`fold_batch`] did when it counted it.
+fn remember(batch: &SourceBatch, ids: &mut Remembered, watermark: Millis) {
+    let mut newest = None;
+    for record in &batch.records {
+        let Ok(event) = parse_event_ref(record) else {
+            continue;
+        };
+        if let (Some(id), Some(time)) = (event.event_id.as_deref(), event.timestamp) {
+            ids.see(IdKey::of(id), time, watermark);
+            newest = Some(newest.map_or(time, |n: Millis| n.max(time)));
+        }
+    }
+    if let Some(newest) = newest {
+        ids.read(batch.offset, newest);
+    }
 }
 
 /// Adds one event, at `timestamp`, to every metric it counts toward.
