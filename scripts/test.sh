@@ -60,4 +60,5 @@ scripts/cluster.sh stop
 # The SDK (node) and the dashboard (headless Chromium, against target/debug/tally).
 (cd tests/js && npm ci --no-audit --no-fund --silent)
 node --test tests/js/sdk.test.mjs
+TALLY_BIN=target/debug/tally node tests/js/retries.mjs
 TALLY_BIN=target/debug/tally node tests/js/dashboard.mjs

@@ -1,20 +1,19 @@
-//! The kill harness: exactly-once under `kill -9`.
+//! The kill harness: exactly-once under `kill -9`, from the client's retry on.
 //!
 //! A seeded event set, with events out of order, late within the allowed
-//! lateness, and too late, is posted to `tally run`. The process is killed
-//! with SIGKILL at random moments while its workers are busy with the
-//! backlog, and restarted each time with another number of workers, so every
-//! restart restores a checkpoint onto a different layout. At the end, every
-//! stored window must equal what a plain batch aggregation of the same events
-//! gives, the dead letters must be exactly the too-late events, and the
-//! sketch estimates must equal those of a run without failures.
+//! lateness, and too late, each with an `eventId`, is posted to `tally run`.
+//! The process is killed with SIGKILL at random moments while a request is
+//! in flight and its workers are busy with the backlog, and restarted each
+//! time with another number of workers, so every restart restores a
+//! checkpoint onto a different layout. The client sends the request it
+//! lost the answer of again, as a client does, and sends some requests twice
+//! although they were answered. At the end, every stored window must equal
+//! what a plain batch aggregation of the same events, each once, gives, the
+//! dead letters must be exactly the too-late events, and the sketch
+//! estimates must equal those of a run without failures or repeats.
 //!
 //! `TALLY_HARNESS_SEED`, `TALLY_HARNESS_EVENTS` and `TALLY_HARNESS_KILLS`
 //! change the trial; `scripts/kill-harness.sh` runs many, larger ones.
-//!
-//! Requests are never killed mid-flight: a request whose answer was lost
-//! may or may not be in the log, and a retry would add it twice. Ingest is
-//! at-least-once for a retrying client; exactly-once starts at the log.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,15 +22,19 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use tally_dataflow::aggregate::Sketch;
 
+use serde_json::Value as Json;
+
 use crate::util::{base_ms, dead_letters, eventually, Generated, Tally};
 
 /// Events per request.
 const BATCH: usize = 500;
 /// Event-time step between consecutive events.
 const STEP_MS: i64 = 10;
-/// Log partitions in the harness: with two, a request lands two requests
-/// behind its partition's last one, which is what makes late events late.
+/// Log partitions in the harness. Events go to the partition of their id,
+/// so each request lands behind the one before it, in both.
 const PARTITIONS: &str = "2";
+/// One request in this many is sent twice, as if its answer were lost.
+const RETRIED: u32 = 20;
 
 /// What the harness does with an event.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -53,9 +56,9 @@ fn setting(name: &str, default: u64) -> u64 {
 /// The event set of `seed`, cut into requests. Times advance by `STEP_MS`
 /// per event, with a jitter inside the 2 s out-of-orderness.
 ///
-/// A request starting at `t` lands behind its partition's previous request,
-/// which ended at most 3 requests (15 s) before `t` after a restart and 1
-/// request before otherwise, so the watermark it is judged against lies in
+/// A request starting at `t` lands behind the previous request, which
+/// ended at most 3 requests (15 s) before `t` after a restart, so the
+/// watermark it is judged against lies in
 /// `[t - 17 s, t - 2 s]`. Late events sit 10-25 s back, within the 30 s
 /// lateness of any such watermark; too-late ones 60-200 s back, beyond it.
 fn generate(seed: u64, count: usize) -> Vec<Vec<(Generated, Kind)>> {
@@ -195,6 +198,20 @@ fn differences(
     out
 }
 
+/// A request's events as the client sends them: each with its id, the
+/// seed and its place in the event set, the same on every send.
+fn body(seed: u64, index: usize, request: &[(Generated, Kind)]) -> Vec<Json> {
+    request
+        .iter()
+        .enumerate()
+        .map(|(k, (event, _))| {
+            let mut json = event.json();
+            json["eventId"] = format!("h{seed}-{}", index * BATCH + k).into();
+            json
+        })
+        .collect()
+}
+
 fn start(dir: &Path, workers: usize) -> Tally {
     let env = [
         ("TALLY__LOG__PARTITIONS", PARTITIONS),
@@ -246,11 +263,11 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
     let kills = setting("TALLY_HARNESS_KILLS", 5) as usize;
     let requests = generate(seed, count);
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
-    // Kill after random requests, and once more while the backlog drains.
-    let mut kill_after: Vec<usize> = (0..kills.saturating_sub(1))
+    // Kill during random requests, and once more while the backlog drains.
+    let mut kill_during: Vec<usize> = (0..kills.saturating_sub(1))
         .map(|_| rng.usize(..requests.len()))
         .collect();
-    kill_after.sort_unstable();
+    kill_during.sort_unstable();
     let end_ms = base_ms() + count as i64 * STEP_MS + 600_000;
 
     let dir = tempfile::tempdir().unwrap();
@@ -260,16 +277,34 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
     let mut checkpoints_seen = 0;
     let mut posted: Vec<Generated> = Vec::new();
     let mut too_late = 0;
-    let mut kill = |tally: Tally, killed: &mut usize, rng: &mut fastrand::Rng| -> Tally {
-        // A random moment while the workers work through what was posted.
-        std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));
+    let mut retried = 0;
+    let mut kill = |tally: Tally, killed: &mut usize| -> Tally {
         checkpoints_seen = checkpoints_seen.max(committed_checkpoints(dir.path()));
         tally.kill9();
         *killed += 1;
         start(dir.path(), layouts[*killed % layouts.len()])
     };
     for (i, request) in requests.iter().enumerate() {
-        tally.post_events(&request.iter().map(|(e, _)| e.json()).collect::<Vec<_>>());
+        let events = body(seed, i, request);
+        while kill_during.first() == Some(&i) {
+            kill_during.remove(0);
+            // A random moment while the workers work through what was
+            // posted, and this request is in flight: whether it reached
+            // the log or not, its answer is lost, so the client sends it
+            // again after the restart.
+            std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));
+            let (url, sent) = (tally.url.clone(), events.clone());
+            let in_flight = std::thread::spawn(move || Tally::try_post_events(&url, &sent));
+            std::thread::sleep(Duration::from_micros(rng.u64(0..10_000)));
+            tally = kill(tally, &mut killed);
+            let _lost = in_flight.join().expect("the request thread");
+        }
+        tally.post_events(&events);
+        if rng.u32(..RETRIED) == 0 {
+            // Answered, but the client did not hear it: sent again.
+            tally.post_events(&events);
+            retried += 1;
+        }
         posted.extend(
             request
                 .iter()
@@ -277,14 +312,13 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
                 .map(|(e, _)| e.clone()),
         );
         too_late += request.iter().filter(|(_, k)| *k == Kind::TooLate).count();
-        while kill_after.first() == Some(&i) {
-            kill_after.remove(0);
-            tally = kill(tally, &mut killed, &mut rng);
-        }
     }
     tally.flush(end_ms);
-    tally = kill(tally, &mut killed, &mut rng);
+    // Once more while the backlog drains.
+    std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));
+    tally = kill(tally, &mut killed);
     assert_eq!(killed, kills.max(1));
+    assert!(retried > 0, "no request was sent twice");
     assert!(
         checkpoints_seen > 0,
         "no checkpoint was committed before a kill, so none was restored"
@@ -315,8 +349,8 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
     // The same events, posted the same way, without failures.
     let clean = tempfile::tempdir().unwrap();
     let tally = start(clean.path(), 2);
-    for request in &requests {
-        tally.post_events(&request.iter().map(|(e, _)| e.json()).collect::<Vec<_>>());
+    for (i, request) in requests.iter().enumerate() {
+        tally.post_events(&body(seed, i, request));
     }
     tally.flush(end_ms);
     let without = settle(&tally, &expected, Duration::from_secs(180));
@@ -335,7 +369,7 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
         "sketch estimates differ from the failure-free run: {differing:#?}"
     );
     eprintln!(
-        "kill harness: seed {seed}, {count} events, {killed} kills, {} windows exact, {too_late} dead letters, {revised} revised",
+        "kill harness: seed {seed}, {count} events, {killed} kills in flight, {retried} requests sent twice, {} windows exact, {too_late} dead letters, {revised} revised",
         expected.len()
     );
 }

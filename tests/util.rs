@@ -107,6 +107,23 @@ impl Tally {
         (status, json_or_text(response.body_mut().read_to_string()))
     }
 
+    /// POSTs events as a JSON array to the tally at `url` with a client of
+    /// its own, for a request whose answer may be lost: the status, or why
+    /// there was none.
+    pub fn try_post_events(url: &str, events: &[Value]) -> Result<u16, String> {
+        let body = serde_json::to_vec(events).expect("serialise");
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        agent
+            .post(format!("{url}/v1/events"))
+            .header("content-type", "application/json")
+            .send(&body[..])
+            .map(|response| response.status().as_u16())
+            .map_err(|e| e.to_string())
+    }
+
     /// POSTs events as a JSON array and insists on a 202.
     pub fn post_events(&self, events: &[Value]) {
         let body = serde_json::to_vec(events).expect("serialise");

@@ -6,58 +6,16 @@
 //   TALLY_BIN=target/debug/tally node tests/js/dashboard.mjs
 //
 // A screenshot is saved to tests/artifacts/dashboard.png.
-import { spawn } from "node:child_process";
 import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { dirname, join, resolve } from "node:path";
-import { createInterface } from "node:readline";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 
 import { chromium } from "playwright-core";
 
-const root = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const binary = resolve(root, process.env.TALLY_BIN ?? "target/debug/tally");
+import { freePort, post, root, startTally, stopTally } from "./server.mjs";
+
 const artifacts = join(root, "tests/artifacts");
 const WINDOW = 10_000;
-
-function freePort() {
-  return new Promise((done) => {
-    const server = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = server.address();
-      server.close(() => done(port));
-    });
-  });
-}
-
-/** Starts `tally run` and resolves once it listens. */
-function startTally(port, dataDir, config = join(root, "cluster.toml")) {
-  const child = spawn(binary, ["run", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir, "--config", config], {
-    env: { ...process.env, RUST_LOG: "warn" },
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  return new Promise((done, fail) => {
-    child.once("exit", (code) => fail(new Error(`tally exited with ${code}`)));
-    createInterface({ input: child.stdout }).once("line", (line) => {
-      if (!line.startsWith("listening on ")) fail(new Error(`unexpected first line: ${line}`));
-      done(child);
-    });
-  });
-}
-
-function stopTally(child) {
-  return new Promise((done) => {
-    child.removeAllListeners("exit");
-    child.once("exit", done);
-    child.kill("SIGTERM");
-  });
-}
-
-async function post(url, events, key) {
-  const headers = { "content-type": "application/json", ...(key && { authorization: `Bearer ${key}` }) };
-  const response = await fetch(`${url}/v1/events`, { method: "POST", headers, body: JSON.stringify(events) });
-  if (response.status !== 202) throw new Error(`POST answered ${response.status}: ${await response.text()}`);
-}
 
 const click = (ms) => ({ eventType: "ad_click", timestamp: ms, dimensions: { campaignId: "camp_1", country: "US", deviceType: "MOBILE", userId: "usr_1" } });
 
