@@ -196,8 +196,11 @@ pub fn run() {
         metric.rollups.clear();
         metric.projections.clear();
     }
+    // Every event has an eventId; without deduplication they are not looked up.
+    let mut kept = settings.clone();
+    kept.source.dedupe_horizon = 0;
     let (mut baseline, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new());
-    let mut without = Vec::new();
+    let (mut without, mut repeats_kept) = (Vec::new(), Vec::new());
     let rate = |f: &mut dyn FnMut() -> usize| {
         let started = Instant::now();
         let windows = f();
@@ -216,9 +219,10 @@ pub fn run() {
         );
         two.push(rate(&mut || timely_job(&batches, &settings, 2)).0);
         without.push(rate(&mut || timely_job(&batches, &plain, 1)).0);
+        repeats_kept.push(rate(&mut || timely_job(&batches, &kept, 1)).0);
     }
     let (baseline, one, two) = (median(baseline), median(one), median(two));
-    let without = median(without);
+    let (without, repeats_kept) = (median(without), median(repeats_kept));
     println!("(b) aggregation of the default metrics (5 metrics, 12 windows, and their rollups), {EVENTS} events, {windows} window results, median of {ROUNDS}");
     println!(
         "    baseline hand-written HashMap loop, 1 thread: {:>10.0} events/s",
@@ -227,6 +231,7 @@ pub fn run() {
     println!("    timely job, 1 worker:                         {:>10.0} events/s  ({:.2}x the baseline)", one, one / baseline);
     println!("    timely job, 2 workers:                        {:>10.0} events/s  ({:.2}x the baseline)", two, two / baseline);
     println!("    timely job, 1 worker, without rollups:        {:>10.0} events/s  (the rollups cost {:.0}%)", without, (1.0 - one / without) * 100.0);
+    println!("    timely job, 1 worker, without deduplication:  {:>10.0} events/s  (deduplication costs {:.1}%)", repeats_kept, (1.0 - one / repeats_kept) * 100.0);
 }
 
 fn median(mut rates: Vec<f64>) -> f64 {

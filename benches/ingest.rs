@@ -1,8 +1,8 @@
 //! (a) HTTP ingest, end to end: batches of 1000 events posted to `tally run`
 //! until each is fsync'd in the log, against parsing the same bytes with
-//! serde_json into `Value`s on one thread; and the same with a key whose
-//! requests are checked and rate-limited, against without, taken in turn
-//! in the same run.
+//! serde_json into `Value`s on one thread; and, taken in turn in the same
+//! run, the same with a key whose requests are checked and rate-limited,
+//! and without deduplication by `eventId`, against neither.
 
 use std::time::Instant;
 
@@ -11,6 +11,8 @@ use crate::support::{bodies, now_ms, post_bodies, post_bodies_as, repository_con
 const BATCH: usize = 1000;
 const BATCHES: usize = 600;
 const CONNECTIONS: usize = 4;
+/// Rounds of the contenders taken in turn.
+const ROUNDS: usize = 3;
 
 pub fn run() {
     let bodies = bodies(1, BATCHES, BATCH, now_ms());
@@ -42,24 +44,31 @@ pub fn run() {
     ));
     let keyed = dir.path().join("keys.toml");
     std::fs::write(&keyed, config).unwrap();
-    let (mut open, mut checked) = (Vec::new(), Vec::new());
-    for _ in 0..2 {
-        for key in [None, Some(KEY)] {
+    let (mut open, mut checked, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        for (key, dedupe) in [(None, true), (Some(KEY), true), (None, false)] {
             let data = tempfile::tempdir().unwrap();
+            let env: &[(&str, &str)] = if dedupe {
+                &[]
+            } else {
+                &[("TALLY__DEDUPE__HORIZON", "0s")]
+            };
             let tally = match key {
-                None => Tally::start(data.path(), &[]),
-                Some(_) => Tally::start_with_config(data.path(), &keyed, &[]),
+                None => Tally::start(data.path(), env),
+                Some(_) => Tally::start_with_config(data.path(), &keyed, env),
             };
             let started = Instant::now();
             post_bodies_as(&tally.url, &bodies, CONNECTIONS, key);
             let rate = events as f64 / started.elapsed().as_secs_f64();
-            match key {
-                None => open.push(rate),
-                Some(_) => checked.push(rate),
+            match (key, dedupe) {
+                (Some(_), _) => checked.push(rate),
+                (None, true) => open.push(rate),
+                (None, false) => kept.push(rate),
             }
         }
     }
     let (open, checked) = (median(&mut open), median(&mut checked));
+    let kept = median(&mut kept);
 
     println!("(a) HTTP ingest, batches of {BATCH}, {CONNECTIONS} connections, fsync always, {events} events, {:.0} bytes/event", bytes as f64 / events as f64);
     println!(
@@ -68,8 +77,13 @@ pub fn run() {
     );
     println!("    tally run, POST until durable:                {:>10.0} events/s  ({:.2}x the parse rate)", ingest_rate, ingest_rate / parse_rate);
     println!(
-        "    without keys, 2 rounds (median of 2):         {:>10.0} events/s",
+        "    without keys (median of {ROUNDS} rounds):      {:>10.0} events/s",
         open
+    );
+    println!(
+        "    without keys or deduplication, in turn:       {:>10.0} events/s  (deduplication costs {:.1}%)",
+        kept,
+        (1.0 - open / kept) * 100.0
     );
     println!(
         "    with a key and its rate limit, in turn:       {:>10.0} events/s  ({:+.1}% against without)",

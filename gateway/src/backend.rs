@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use futures_util::future::try_join_all;
 use tally_connectors::bus::redis::RedisFeed;
 use tally_connectors::kafka::producer::KafkaProducer;
 use tally_connectors::kafka::KafkaError;
@@ -132,12 +131,9 @@ impl EventSink for EmbeddedLog {
     fn append(&self, events: Vec<Accepted>) -> BoxFuture<Result<(), AppendError>> {
         let partitions = self.log.partitions();
         let fallback = self.next.fetch_add(1, Ordering::Relaxed) % partitions;
-        let appends: Vec<_> = spread(events, partitions, fallback)
-            .into_iter()
-            .map(|(partition, records)| self.log.append(partition, records))
-            .collect();
+        let append = self.log.append_all(spread(events, partitions, fallback));
         Box::pin(async move {
-            try_join_all(appends).await?;
+            append.await?;
             Ok(())
         })
     }

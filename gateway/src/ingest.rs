@@ -96,7 +96,7 @@ where
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     };
-    let records = match parsed {
+    let mut records = match parsed {
         Ok(records) => records,
         Err(BatchError::Malformed(e)) => {
             ops.rejected("malformed", 0);
@@ -125,6 +125,11 @@ where
         }
     };
     let accepted = records.len();
+    if gateway.config.dedupe.horizon == 0 {
+        // Ids pick partitions only so that repeats meet; without
+        // deduplication the request stays one batch.
+        records.iter_mut().for_each(|r| r.id = None);
+    }
     // The caller's rate limit, for the whole request or none of it.
     admit(accepted)?;
     if let Err(e) = gateway.events.append(records).await {

@@ -77,6 +77,20 @@ pub enum LogError {
 }
 
 impl LogError {
+    /// The same error again, for another append of a batch that failed:
+    /// I/O errors say what went wrong, not the error itself.
+    pub(super) fn again(&self) -> LogError {
+        match self {
+            LogError::Io(error) => {
+                LogError::Io(std::io::Error::new(error.kind(), error.to_string()))
+            }
+            LogError::PartitionFailed { partition } => LogError::PartitionFailed {
+                partition: *partition,
+            },
+            other => LogError::Io(std::io::Error::other(other.to_string())),
+        }
+    }
+
     /// Whether retrying the same operation may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, LogError::Io(_))

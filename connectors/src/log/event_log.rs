@@ -132,17 +132,31 @@ impl EventLog {
         partition: u32,
         records: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<u64, LogError>> + Send + 'static {
+        let all = self.append_all(vec![(partition, records)]);
+        async move { Ok(all.await?[0]) }
+    }
+
+    /// Appends a batch to each of several partitions, committed together;
+    /// resolves with their base offsets, in order, once all are durable
+    /// per the fsync policy. Each batch is all-or-nothing for readers.
+    ///
+    /// On error each batch may or may not be in the log.
+    pub fn append_all(
+        &self,
+        batches: Vec<(u32, Vec<Vec<u8>>)>,
+    ) -> impl Future<Output = Result<Vec<u64>, LogError>> + Send + 'static {
         let inner = Arc::clone(&self.inner);
         async move {
-            inner.check_append(partition, &records)?;
+            for (partition, records) in &batches {
+                inner.check_append(*partition, records)?;
+            }
             let permit = Arc::clone(&inner.slots)
                 .acquire_owned()
                 .await
                 .map_err(|_| LogError::Closed)?;
             let (done, result) = oneshot::channel();
             let request = AppendRequest {
-                partition,
-                records,
+                batches,
                 done,
                 _permit: permit,
             };

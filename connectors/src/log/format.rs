@@ -78,6 +78,14 @@ pub(super) fn batch_len(records: &[Vec<u8>]) -> Option<usize> {
     Some(PREFIX_LEN + body)
 }
 
+/// The encoded size of one batch holding the records of two batches of
+/// sizes `a` and `b`, or `None` if it would not fit the `u32` length field.
+pub(super) fn merged_len(a: usize, b: usize) -> Option<usize> {
+    let merged = a.checked_add(b)? - HEADER_LEN;
+    u32::try_from(merged - PREFIX_LEN).ok()?;
+    Some(merged)
+}
+
 /// Encodes a batch into `buf`, replacing its contents. The caller has checked
 /// [`batch_len`], so every length fits its field.
 pub(super) fn encode(

@@ -298,6 +298,48 @@ async fn concurrent_appends_with_fsync_always_get_contiguous_offsets() {
         .unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_committed_together_share_a_batch_per_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), &config(2)).unwrap();
+    let tasks: Vec<_> = (0..200u32)
+        .map(|i| {
+            let mine =
+                move |p: u32| vec![format!("{i}/{p}").into_bytes(); 1 + (i + p) as usize % 3];
+            let append = log.append_all(vec![(0, mine(0)), (1, mine(1))]);
+            tokio::spawn(async move { (append.await.unwrap(), [mine(0), mine(1)]) })
+        })
+        .collect();
+    let mut appended = Vec::new();
+    for task in tasks {
+        appended.push(task.await.unwrap());
+    }
+    for partition in 0..2u32 {
+        let batches = log.reader(partition, 0).unwrap().poll(usize::MAX).unwrap();
+        assert!(
+            batches.len() < appended.len(),
+            "appends of one group share a batch: {} batches",
+            batches.len()
+        );
+        let records: Vec<Vec<u8>> = batches.into_iter().flat_map(|b| b.records).collect();
+        for (offsets, mine) in &appended {
+            let (at, mine) = (
+                offsets[partition as usize] as usize,
+                &mine[partition as usize],
+            );
+            assert_eq!(
+                &records[at..at + mine.len()],
+                &mine[..],
+                "each append's records at its offset"
+            );
+        }
+    }
+    tokio::task::spawn_blocking(move || log.close())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[test]
 fn partition_count_mismatch_is_an_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,9 @@
 //!
 //! It drains every waiting append into a group, writes the group, syncs each
 //! touched file once (with [`Fsync::Always`]), publishes the new extent
-//! to the shared index and only then completes the appends. A batch is
+//! to the shared index and only then completes the appends. An append may
+//! hold a batch for each of several partitions, which are written in the
+//! same group. A batch is
 //! written at the partition's known end with a positioned write, so a failed
 //! write leaves nothing behind that the next one does not overwrite.
 
@@ -37,12 +39,11 @@ pub(super) enum Command {
 
 /// One append waiting for the writer.
 pub(super) struct AppendRequest {
-    /// The partition, already checked to be in range.
-    pub partition: u32,
-    /// The records, already checked to fit one batch.
-    pub records: Vec<Vec<u8>>,
-    /// Where the base offset, or the error, goes.
-    pub done: oneshot::Sender<Result<u64, LogError>>,
+    /// A batch per partition, each partition already checked to be in
+    /// range and each batch to fit.
+    pub batches: Vec<(u32, Vec<Vec<u8>>)>,
+    /// Where the base offsets, or the first error, go.
+    pub done: oneshot::Sender<Result<Vec<u64>, LogError>>,
     /// A slot of the bounded queue, freed when the request is dropped.
     pub _permit: OwnedSemaphorePermit,
 }
@@ -62,6 +63,17 @@ struct PartitionWriter {
     dirty: bool,
     /// Whether a sync failed, which stops all further appends.
     failed: bool,
+}
+
+/// The records of a group for one partition, and whose they are: per
+/// append, (its place in the group, its batch's place in it, where its
+/// records start in these).
+struct Merged {
+    partition: u32,
+    /// The encoded size of the batch.
+    len: usize,
+    records: Vec<Vec<u8>>,
+    shares: Vec<(usize, usize, u64)>,
 }
 
 /// A batch that is written but not yet acknowledged.
@@ -162,36 +174,84 @@ impl Writer {
 
     /// Writes a group, makes it durable per the policy, publishes it and
     /// completes its appends.
+    ///
+    /// The group's records for a partition go in one batch, in the order
+    /// of its appends, as long as they fit one: committed together, they
+    /// are read together, and a source folds a larger batch better.
     fn commit(&mut self, group: Vec<AppendRequest>) {
-        let mut written = Vec::with_capacity(group.len());
-        for request in group {
-            match self.write(request.partition, &request.records) {
-                Ok(batch) => written.push((batch, request.done)),
+        let mut appends = Vec::with_capacity(group.len());
+        let mut merged: Vec<Merged> = Vec::new();
+        for (index, request) in group.into_iter().enumerate() {
+            let AppendRequest {
+                batches,
+                done,
+                _permit,
+            } = request;
+            appends.push((vec![None; batches.len()], None, done, _permit));
+            for (slot, (partition, records)) in batches.into_iter().enumerate() {
+                // Checked to fit on its own when it was sent.
+                let len = format::batch_len(&records).unwrap_or(usize::MAX);
+                let open = merged.iter().rposition(|m| m.partition == partition);
+                let joined =
+                    open.and_then(|at| Some((at, format::merged_len(merged[at].len, len)?)));
+                let at = match joined {
+                    Some((at, len)) => {
+                        merged[at].len = len;
+                        at
+                    }
+                    None => {
+                        merged.push(Merged {
+                            partition,
+                            len,
+                            records: Vec::new(),
+                            shares: Vec::new(),
+                        });
+                        merged.len() - 1
+                    }
+                };
+                let m = &mut merged[at];
+                m.shares.push((index, slot, m.records.len() as u64));
+                m.records.extend(records);
+            }
+        }
+        let mut written = Vec::with_capacity(merged.len());
+        for m in merged {
+            match self.write(m.partition, &m.records) {
+                Ok(batch) => written.push((batch, m.shares)),
                 Err(error) => {
-                    let _ = request.done.send(Err(error));
+                    for &(index, ..) in &m.shares {
+                        let failure = &mut appends[index].1;
+                        *failure = failure.take().or(Some(error.again()));
+                    }
                 }
             }
         }
         if self.fsync == Fsync::Always {
             self.sync_dirty();
         }
-
-        let mut results = Vec::with_capacity(written.len());
-        for (batch, done) in written {
-            let writer = &self.partitions[batch.partition as usize];
-            let result = if writer.failed {
-                Err(LogError::PartitionFailed {
-                    partition: batch.partition,
-                })
-            } else {
-                self.publish(&batch);
-                Ok(batch.base_offset)
-            };
-            results.push((done, result));
+        for (batch, shares) in &written {
+            let failed = self.partitions[batch.partition as usize].failed;
+            if !failed {
+                self.publish(batch);
+            }
+            for &(index, slot, at) in shares {
+                let (offsets, failure, ..) = &mut appends[index];
+                if failed {
+                    *failure = failure.take().or(Some(LogError::PartitionFailed {
+                        partition: batch.partition,
+                    }));
+                } else {
+                    offsets[slot] = Some(batch.base_offset + at);
+                }
+            }
         }
         // Publish before completing, so a caller can read what it appended.
         self.shared.notify_appended();
-        for (done, result) in results {
+        for (offsets, failure, done, _permit) in appends {
+            let result = match failure {
+                Some(error) => Err(error),
+                None => Ok(offsets.into_iter().flatten().collect()),
+            };
             // The caller may have stopped waiting; the batch stays either way.
             let _ = done.send(result);
         }
@@ -247,8 +307,17 @@ impl Writer {
         *next_offset = batch.end_offset;
     }
 
-    /// Syncs every partition with unsynced writes.
+    /// Syncs every partition with unsynced writes. A group usually touches
+    /// several (events with ids go to their ids' partitions), so every
+    /// file's writeback is started first and then each is waited for: the
+    /// writes go to the disk together, not one file after another.
     fn sync_dirty(&mut self) {
+        let dirty = || self.partitions.iter().filter(|writer| writer.dirty);
+        if dirty().nth(1).is_some() {
+            for writer in dirty() {
+                start_writeback(&writer.file);
+            }
+        }
         for writer in self.partitions.iter_mut().filter(|writer| writer.dirty) {
             // A failure is logged and marks the partition; the appends of
             // the current group see that mark.
@@ -328,3 +397,19 @@ impl PartitionWriter {
         Ok(())
     }
 }
+
+/// Starts writing `file`'s dirty pages to the disk without waiting for
+/// them (`sync_file_range`); the `fdatasync` after it waits. A hint only:
+/// durability is the sync's, so a failure here changes nothing.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the whole call, which writes no
+    // memory of ours.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File) {}
