@@ -28,6 +28,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tally_dataflow::config::KafkaConfig;
 use tally_dataflow::event::parse_event_ref;
+use tally_dataflow::ports::read_mark;
 use tracing::{info, warn};
 
 use crate::kafka::consumer_config;
@@ -148,7 +149,10 @@ fn archive_loop(
                 let payload = message.payload().unwrap_or_default();
                 let (partition, offset) = (message.partition() as u32, message.offset() as u64);
                 for (i, record) in records(payload).into_iter().enumerate() {
-                    rows.push(raw_row(partition, offset, i as u32, record));
+                    // A watermark mark is the job's note, not an event.
+                    if read_mark(&record).is_none() {
+                        rows.push(raw_row(partition, offset, i as u32, record));
+                    }
                 }
             }
             Some(Err(e)) => std::thread::sleep(backoff.failed(&e)),

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use crate::ports::Backpressure;
 
 /// The highest per-partition watermark any worker of the job has seen, as
-/// far as this process knows. A worker whose partitions are all idle moves
-/// its capability just past it.
+/// far as this process knows, with events (marks aside). A worker whose
+/// partitions are all idle marks them just past it.
 #[derive(Clone, Debug, Default)]
 pub struct HighWatermark(Arc<AtomicU64>);
 

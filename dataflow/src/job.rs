@@ -182,7 +182,8 @@ mod tests {
     use super::*;
     use crate::aggregate::AggregateKind;
     use crate::checkpoint::WorkerPart;
-    use crate::ports::{Poll, SourceBatch, Waker};
+    use crate::ports::{watermark_mark, Poll, SourceBatch, Waker};
+    use crate::time::Millis;
     use crate::window::WindowSpec;
 
     /// A bounded source: one batch per poll, then the end.
@@ -212,6 +213,8 @@ mod tests {
                 }
             }
         }
+        /// The batches are the whole log; a test writes its marks itself.
+        fn mark(&mut self, _partition: u32, _watermark: Millis) {}
     }
 
     fn event(seconds: i64) -> Vec<u8> {
@@ -725,6 +728,32 @@ mod tests {
             ]
         );
         assert_eq!(dead, [6]);
+    }
+
+    #[test]
+    fn a_mark_in_the_log_moves_the_watermark_as_an_event_would() {
+        // A mark raises the watermark to 60 s: the event after it is
+        // judged against that, a dead letter past the lateness, and the
+        // events after it travel at 60 s.
+        let mut input = batches(&[&[1, 12], &[15]]);
+        let marked = |offset: u64, records: Vec<Vec<u8>>| SourceBatch {
+            partition: 0,
+            offset,
+            next_offset: offset + records.len() as u64,
+            records,
+            appended_at: None,
+        };
+        input.push_back(marked(3, vec![watermark_mark(60_000)]));
+        input.push_back(marked(4, vec![event(20)]));
+        // A mark among events, as the log's writer may merge them.
+        input.push_back(marked(
+            5,
+            vec![event(61), watermark_mark(90_000), event(62)],
+        ));
+        let (finals, dead) = run(input);
+        assert!(finals.contains(&((0, 0), 10, 20, 2, 0)), "{finals:?}");
+        assert_eq!(dead, [4], "20 s is 40 s behind the marked watermark");
+        assert!(finals.contains(&((0, 0), 60, 70, 2, 0)), "{finals:?}");
     }
 
     #[test]

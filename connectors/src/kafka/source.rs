@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError as ClientError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use tally_dataflow::config::KafkaConfig;
-use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
+use tally_dataflow::ports::{watermark_mark, BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
+use tally_dataflow::time::Millis;
 use tracing::warn;
 
 use super::producer::records;
-use super::{consumer_config, KafkaError};
+use super::{client_config, consumer_config, KafkaError};
 
 /// Messages taken per poll, so one activation stays short.
 const MESSAGES_PER_POLL: usize = 256;
@@ -29,6 +31,9 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// One worker's partitions of the events topic.
 pub struct KafkaSource {
     consumer: BaseConsumer,
+    /// Sends watermark marks: fire and forget, as a lost one is asked
+    /// again, and not idempotent, as a repeated one changes nothing.
+    marks: ThreadedProducer<DefaultProducerContext>,
     topic: String,
     partitions: Vec<u32>,
     starts: Vec<(u32, u64)>,
@@ -46,8 +51,14 @@ impl KafkaSource {
         starts: &[(u32, u64)],
     ) -> Result<KafkaSource, KafkaError> {
         let consumer = consumer_config(&config.brokers).create()?;
+        let marks = client_config(&config.brokers)
+            .set("enable.idempotence", "false")
+            .set("acks", "all")
+            .set("message.timeout.ms", "10000")
+            .create()?;
         Ok(KafkaSource {
             consumer,
+            marks,
             topic: config.topic.clone(),
             partitions,
             starts: starts.to_vec(),
@@ -140,5 +151,15 @@ impl BatchSource for KafkaSource {
             }
         }
         Poll::Ready(batches)
+    }
+
+    fn mark(&mut self, partition: u32, watermark: Millis) {
+        let mark = watermark_mark(watermark);
+        let record = BaseRecord::<(), [u8]>::to(&self.topic)
+            .partition(partition as i32)
+            .payload(&mark[..]);
+        if let Err((error, _)) = self.marks.send(record) {
+            self.warn(&error);
+        }
     }
 }

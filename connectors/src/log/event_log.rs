@@ -169,6 +169,28 @@ impl EventLog {
         }
     }
 
+    /// Queues `records` as one batch to `partition` without waiting for it,
+    /// for records that may be lost, such as a watermark mark. Returns
+    /// whether it was queued: not when the writer's queue is full or the
+    /// log is closed.
+    pub fn append_detached(&self, partition: u32, records: Vec<Vec<u8>>) -> bool {
+        let inner = &self.inner;
+        if inner.check_append(partition, &records).is_err() {
+            return false;
+        }
+        let Ok(permit) = Arc::clone(&inner.slots).try_acquire_owned() else {
+            return false;
+        };
+        // Nobody waits for the answer; the writer drops it.
+        let (done, _) = oneshot::channel();
+        let request = AppendRequest {
+            batches: vec![(partition, records)],
+            done,
+            _permit: permit,
+        };
+        inner.commands.send(Command::Append(request)).is_ok()
+    }
+
     /// The next offset of each partition: one past its last acknowledged record.
     pub fn next_offsets(&self) -> Vec<u64> {
         self.inner.shared.for_each(|_, state| state.next_offset)

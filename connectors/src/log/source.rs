@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, TryRecvError};
-use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
-use tracing::{error, warn};
+use tally_dataflow::ports::{watermark_mark, BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
+use tally_dataflow::time::Millis;
+use tracing::{debug, error, warn};
 
 use super::{EventLog, LogError};
 
@@ -118,6 +119,18 @@ impl BatchSource for LogSource {
             Poll::Pending
         } else {
             Poll::Ready(batches)
+        }
+    }
+
+    fn mark(&mut self, partition: u32, watermark: Millis) {
+        if !self
+            .log
+            .append_detached(partition, vec![watermark_mark(watermark)])
+        {
+            debug!(
+                partition,
+                "the log did not take a watermark mark; asking again later"
+            );
         }
     }
 }

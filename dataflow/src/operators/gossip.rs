@@ -1,8 +1,8 @@
 //! What the processes of a cluster tell each other outside the data: their
 //! highest watermark, and whether their sinks are behind.
 //!
-//! A worker whose partitions are all idle moves its capability just past
-//! the highest watermark any worker has reached (see [`super::source`]).
+//! A worker whose partitions are all idle marks them just past the highest
+//! watermark any worker has reached (see [`super::source`]).
 //! Within a process that is a shared value in [`Coordination`]; without
 //! gossip, a process whose partitions all went quiet would hold the job's
 //! frontier at its own last watermark, and windows would never close after

@@ -12,13 +12,20 @@
 //! and the time a batch travels at depends only on the partition's content.
 //! That is what makes results independent of the number of workers.
 //!
-//! The source holds a capability at the least watermark of its active
-//! partitions; that is timely's frontier, and windows close when it passes
-//! their end. A partition without new data for `idle_timeout` stops holding the
-//! capability back. When every partition of a worker is idle, its capability
-//! moves just past the highest watermark any worker of the process has
-//! reached, so an idle worker does not stall the others, and data waiting at
-//! the last watermark is released once the whole input has gone quiet.
+//! The source holds a capability at the least watermark of its partitions;
+//! that is timely's frontier, and windows close when it passes their end.
+//!
+//! A partition without new events for `idle_timeout` must not hold the
+//! frontier back. That is a decision by the wall clock, which a replay
+//! would take otherwise, so the source does not act on it: it records it in
+//! the log, as a watermark mark appended to the idle partition
+//! ([`BatchSource::mark`]), and acts on the mark when it reads it, as on any
+//! record. An idle partition is marked up to the least watermark of its
+//! worker's busy partitions; when the worker has none, just past the
+//! highest watermark any worker has reached with events, so that an idle
+//! worker does not stall the others and data waiting at that watermark is
+//! released once the whole input has gone quiet. So the stamps, and all
+//! that follows from them, are a function of the log alone.
 //!
 //! An event whose `eventId` the partition's source remembers is a repeat,
 //! and is dropped (see [`crate::dedupe`]). An event earlier than its
@@ -48,7 +55,7 @@ use crate::coordination::Coordination;
 use crate::dedupe::{IdKey, Remembered, Seen};
 use crate::event::{parse_event_ref, EventRef, Fields};
 use crate::model::{Contribution, DeadLetter, Group};
-use crate::ports::{BatchSource, Poll, SourceBatch};
+use crate::ports::{read_mark, BatchSource, Poll, SourceBatch};
 use crate::rollup::{made, Made};
 use crate::stats::JobStats;
 use crate::time::Millis;
@@ -59,7 +66,8 @@ use crate::window::align;
 pub struct SourceSettings {
     /// The watermark trails the newest event time by this much.
     pub out_of_orderness: Millis,
-    /// A partition without data for this long stops holding the watermark.
+    /// A partition without events for this long is marked up to the
+    /// others' watermark.
     pub idle_timeout: Duration,
     /// Window state is kept this long after the window closes.
     pub allowed_lateness: Millis,
@@ -72,7 +80,12 @@ pub struct SourceSettings {
 struct PartitionClock {
     partition: u32,
     watermark: Option<u64>,
+    /// The watermark its events alone have raised it to, marks aside.
+    by_events: Option<u64>,
+    /// When the partition last had events, or the source started.
     last_data: Instant,
+    /// When the source last asked for a mark on it.
+    marked: Option<Instant>,
     /// The ids read, when the job deduplicates.
     ids: Option<Remembered>,
     /// Batches before this offset were counted before the restored cut:
@@ -87,7 +100,7 @@ pub type SourceRecord = Result<Contribution, DeadLetter>;
 ///
 /// `coordination.backpressure` is raised by a sink that cannot keep up; the
 /// source stops reading while it is up, which leaves the backlog in the log.
-/// `coordination.high_watermark` is where an idle worker moves to.
+/// `coordination.high_watermark` is where an idle worker marks its partitions to.
 ///
 /// The source resumes from `restore`: its partitions' watermarks, and its
 /// capability at the checkpoint's boundary (`input` must already be
@@ -128,7 +141,9 @@ pub fn log_source<'scope, S: BatchSource>(
                 PartitionClock {
                     partition,
                     watermark,
+                    by_events: watermark,
                     last_data: started,
+                    marked: None,
                     ids: (settings.dedupe_horizon > 0)
                         .then(|| Remembered::new(settings.dedupe_horizon)),
                     counted_from,
@@ -175,16 +190,17 @@ pub fn log_source<'scope, S: BatchSource>(
                 let Some(clock) = clocks.iter_mut().find(|c| c.partition == batch.partition) else {
                     continue;
                 };
-                clock.last_data = now;
                 let watermark = clock.watermark.unwrap_or(0) as Millis;
                 if batch.offset < clock.counted_from {
+                    clock.last_data = now;
                     if let Some(ids) = clock.ids.as_mut() {
                         remember(&batch, ids, watermark);
                     }
                     continue;
                 }
-                read += batch.records.len();
                 passed += batch.next_offset - batch.offset;
+                // Never below the capability: only a partition the restored
+                // checkpoint did not know can be.
                 let stamp = clock.watermark.unwrap_or(0).max(*cap.time());
                 let folded = fold_batch(
                     &batch,
@@ -198,16 +214,22 @@ pub fn log_source<'scope, S: BatchSource>(
                 );
                 dead += folded.records.iter().filter(|r| r.is_err()).count();
                 repeats += folded.repeats;
+                read += folded.events;
+                if folded.events > 0 {
+                    clock.last_data = now;
+                }
                 if !folded.records.is_empty() {
                     let time = cap.delayed(&stamp);
                     output
                         .session(&time)
                         .give_iterator(folded.records.into_iter());
                 }
-                if let Some(newest) = folded.newest {
-                    let mark = (newest - settings.out_of_orderness).max(0) as u64;
-                    clock.watermark = Some(clock.watermark.map_or(mark, |w| w.max(mark)));
-                }
+                let by_events = folded
+                    .newest
+                    .map(|newest| (newest - settings.out_of_orderness).max(0) as u64);
+                clock.by_events = clock.by_events.max(by_events);
+                let mark = folded.mark.map(|w| w.max(0) as u64);
+                clock.watermark = clock.watermark.max(by_events).max(mark);
                 let dedupe_from = clock
                     .ids
                     .as_mut()
@@ -233,19 +255,14 @@ pub fn log_source<'scope, S: BatchSource>(
                 }
             }
 
-            let idle =
-                |c: &&PartitionClock| now.duration_since(c.last_data) >= settings.idle_timeout;
-            let active_min = clocks
-                .iter()
-                .filter(|c| !idle(c))
-                .map(|c| c.watermark.unwrap_or(*cap.time()))
-                .min();
-            let own_max = clocks.iter().filter_map(|c| c.watermark).max().unwrap_or(0);
+            let own_max = clocks.iter().filter_map(|c| c.by_events).max().unwrap_or(0);
             coordination.high_watermark.raise(own_max);
-            // With every partition idle, step just past the highest watermark,
-            // so data waiting at exactly that time is released too.
-            let target =
-                active_min.unwrap_or_else(|| own_max.max(coordination.high_watermark.get()) + 1);
+            mark_idle(&mut clocks, &mut input, now, &settings, &coordination);
+            let target = clocks
+                .iter()
+                .map(|c| c.watermark.unwrap_or(0))
+                .min()
+                .unwrap_or(0);
             if target > *cap.time() {
                 cap.downgrade(&target);
             }
@@ -253,6 +270,38 @@ pub fn log_source<'scope, S: BatchSource>(
             activator.activate_after(heartbeat);
         }
     })
+}
+
+/// Asks for a mark on each partition that has been idle for the timeout
+/// and was not marked within it (see the module's documentation).
+fn mark_idle<S: BatchSource>(
+    clocks: &mut [PartitionClock],
+    input: &mut S,
+    now: Instant,
+    settings: &SourceSettings,
+    coordination: &Coordination,
+) {
+    let timeout = settings.idle_timeout;
+    let idle = |c: &PartitionClock| now.duration_since(c.last_data) >= timeout;
+    let busy_min = clocks
+        .iter()
+        .filter(|c| !idle(c))
+        .map(|c| c.watermark.unwrap_or(0))
+        .min();
+    // Marks do not raise the highest watermark, so this one is made once.
+    let to = busy_min.unwrap_or_else(|| match coordination.high_watermark.get() {
+        0 => 0,
+        high => high + 1,
+    });
+    for clock in clocks.iter_mut() {
+        let due = clock
+            .marked
+            .is_none_or(|at| now.duration_since(at) >= timeout);
+        if idle(clock) && due && to > clock.watermark.unwrap_or(0) {
+            input.mark(clock.partition, to as Millis);
+            clock.marked = Some(now);
+        }
+    }
 }
 
 /// How a batch's events are judged.
@@ -275,6 +324,10 @@ pub struct Folded {
     pub newest: Option<Millis>,
     /// The events dropped as repeats of an id.
     pub repeats: usize,
+    /// Its records that are events, not marks.
+    pub events: usize,
+    /// The highest watermark mark in it.
+    pub mark: Option<Millis>,
 }
 
 /// Splits a batch into repeats, dead letters and per-(metric, group,
@@ -295,8 +348,14 @@ pub fn fold_batch(
     } = judge;
     let mut out = Vec::new();
     let (mut newest, mut newest_id, mut repeats) = (None, None, 0);
+    let (mut mark, mut marks): (Option<Millis>, usize) = (None, 0);
     let mut folded: HashMap<(u16, Millis, Group), AggState> = HashMap::default();
     for (i, record) in batch.records.iter().enumerate() {
+        if let Some(to) = read_mark(record) {
+            mark = mark.max(Some(to));
+            marks += 1;
+            continue;
+        }
         let (offset, index) = batch.address(i);
         let parsed = parse_event_ref(record).map_err(|errors| {
             errors
@@ -385,6 +444,8 @@ pub fn fold_batch(
         records: out,
         newest,
         repeats,
+        events: batch.records.len() - marks,
+        mark,
     }
 }
 
