@@ -84,7 +84,8 @@ struct PartitionClock {
     by_events: Option<u64>,
     /// When the partition last had events, or the source started.
     last_data: Instant,
-    /// When the source last asked for a mark on it.
+    /// When the source last asked for a mark on it; a mark not yet read
+    /// back is asked for again a step later.
     marked: Option<Instant>,
     /// The ids read, when the job deduplicates.
     ids: Option<Remembered>,
@@ -272,8 +273,10 @@ pub fn log_source<'scope, S: BatchSource>(
     })
 }
 
-/// Asks for a mark on each partition that has been idle for the timeout
-/// and was not marked within it (see the module's documentation).
+/// Asks for a mark on each partition that has been idle for the timeout,
+/// if that moves it, at most once per fifth of the timeout: the busy
+/// partitions move on, and an idle one follows them in steps that short
+/// (see the module's documentation).
 fn mark_idle<S: BatchSource>(
     clocks: &mut [PartitionClock],
     input: &mut S,
@@ -293,10 +296,9 @@ fn mark_idle<S: BatchSource>(
         0 => 0,
         high => high + 1,
     });
+    let step = (timeout / 5).max(Duration::from_millis(100)).min(timeout);
     for clock in clocks.iter_mut() {
-        let due = clock
-            .marked
-            .is_none_or(|at| now.duration_since(at) >= timeout);
+        let due = clock.marked.is_none_or(|at| now.duration_since(at) >= step);
         if idle(clock) && due && to > clock.watermark.unwrap_or(0) {
             input.mark(clock.partition, to as Millis);
             clock.marked = Some(now);
