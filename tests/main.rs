@@ -13,5 +13,6 @@ mod history;
 mod ingest;
 mod live;
 mod openapi;
+mod quiet;
 mod restart;
 mod versions;

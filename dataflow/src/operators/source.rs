@@ -16,16 +16,23 @@
 //! that is timely's frontier, and windows close when it passes their end.
 //!
 //! A partition without new events for `idle_timeout` must not hold the
-//! frontier back. That is a decision by the wall clock, which a replay
-//! would take otherwise, so the source does not act on it: it records it in
+//! frontier back, and once no partition of the job has had any for that
+//! long, the frontier must move on with the wall clock, so that the last
+//! windows close. Both are decisions by the wall clock, which a replay would
+//! take otherwise, so the source does not act on them: it records them in
 //! the log, as a watermark mark appended to the idle partition
 //! ([`BatchSource::mark`]), and acts on the mark when it reads it, as on any
 //! record. An idle partition is marked up to the least watermark of its
 //! worker's busy partitions; when the worker has none, just past the
 //! highest watermark any worker has reached with events, so that an idle
-//! worker does not stall the others and data waiting at that watermark is
-//! released once the whole input has gone quiet. So the stamps, and all
-//! that follows from them, are a function of the log alone.
+//! worker does not stall the others; and when the whole job is idle and
+//! has a watermark, on from there as the wall clock moves: the highest
+//! watermark plus the time since the job last read an event. For events
+//! that arrive as they happen, that is the wall clock less
+//! `out_of_orderness`; for events from the past, it moves no faster than
+//! time, so a pause in sending them does not turn the next ones into dead
+//! letters. So the stamps, and all that follows from them, are a function
+//! of the log alone.
 //!
 //! An event whose `eventId` the partition's source remembers is a repeat,
 //! and is dropped (see [`crate::dedupe`]). An event earlier than its
@@ -58,7 +65,7 @@ use crate::model::{Contribution, DeadLetter, Group};
 use crate::ports::{read_mark, BatchSource, Poll, SourceBatch};
 use crate::rollup::{made, Made};
 use crate::stats::JobStats;
-use crate::time::Millis;
+use crate::time::{now_ms, Millis};
 use crate::window::align;
 
 /// Event-time rules the source applies.
@@ -67,7 +74,8 @@ pub struct SourceSettings {
     /// The watermark trails the newest event time by this much.
     pub out_of_orderness: Millis,
     /// A partition without events for this long is marked up to the
-    /// others' watermark.
+    /// others' watermark, or with every partition of the job so, to the
+    /// wall clock.
     pub idle_timeout: Duration,
     /// Window state is kept this long after the window closes.
     pub allowed_lateness: Millis,
@@ -134,6 +142,8 @@ pub fn log_source<'scope, S: BatchSource>(
             let _ = sync.activate();
         }));
         let started = Instant::now();
+        // A job that just started is not idle, whatever it restored.
+        coordination.last_data.raise(now_ms());
         let mut clocks: Vec<PartitionClock> = input
             .partitions()
             .into_iter()
@@ -174,6 +184,7 @@ pub fn log_source<'scope, S: BatchSource>(
                 for clock in &mut clocks {
                     clock.last_data = now;
                 }
+                coordination.last_data.raise(now_ms());
                 activator.activate_after(Duration::from_millis(10));
                 return;
             }
@@ -218,6 +229,7 @@ pub fn log_source<'scope, S: BatchSource>(
                 read += folded.events;
                 if folded.events > 0 {
                     clock.last_data = now;
+                    coordination.last_data.raise(now_ms());
                 }
                 if !folded.records.is_empty() {
                     let time = cap.delayed(&stamp);
@@ -291,9 +303,13 @@ fn mark_idle<S: BatchSource>(
         .filter(|c| !idle(c))
         .map(|c| c.watermark.unwrap_or(0))
         .min();
-    // Marks do not raise the highest watermark, so this one is made once.
+    // Marks do not raise the highest watermark, so this one is made once;
+    // with the whole job idle, the watermark moves on from it as the wall
+    // clock does. A job without a watermark has nothing to close.
+    let idle_for = now_ms() - coordination.last_data.get();
     let to = busy_min.unwrap_or_else(|| match coordination.high_watermark.get() {
         0 => 0,
+        high if idle_for >= timeout.as_millis() as i64 => high + idle_for as u64,
         high => high + 1,
     });
     let step = (timeout / 5).max(Duration::from_millis(100)).min(timeout);
