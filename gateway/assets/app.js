@@ -448,10 +448,15 @@ const CATALOG_EVERY_MS = 5000;
 async function refreshCatalog() {
   let fresh;
   try {
-    fresh = (await (await api("/v1/catalog")).json()).metrics;
+    // A server restarting, or one that now wants another key, answers
+    // with an error: keep the catalog until it answers again.
+    const response = await api("/v1/catalog");
+    if (!response.ok) return;
+    fresh = (await response.json()).metrics;
   } catch {
     return;
   }
+  if (!Array.isArray(fresh)) return;
   const before = new Map(catalog.map((m) => [m.name, m.version]));
   catalog = fresh;
   for (const chart of charts) {
