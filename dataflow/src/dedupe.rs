@@ -158,13 +158,9 @@ impl Remembered {
     }
 
     /// The ids remembered now, some of which may have passed the horizon.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.ids.len()
-    }
-
-    /// Whether no id is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
     }
 }
 

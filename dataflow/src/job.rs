@@ -228,21 +228,44 @@ mod tests {
     }
 
     fn batches(times: &[&[i64]]) -> VecDeque<SourceBatch> {
-        let mut offset = 0;
-        times
+        log(times
             .iter()
-            .map(|ts| {
+            .map(|ts| ts.iter().map(|&t| event(t)).collect()))
+    }
+
+    /// Partition 0 of a log holding these batches of records, in order.
+    fn log(batches: impl IntoIterator<Item = Vec<Vec<u8>>>) -> VecDeque<SourceBatch> {
+        let mut offset = 0;
+        batches
+            .into_iter()
+            .map(|records| {
                 let batch = SourceBatch {
                     partition: 0,
                     offset,
-                    next_offset: offset + ts.len() as u64,
-                    records: ts.iter().map(|&t| event(t)).collect(),
+                    next_offset: offset + records.len() as u64,
+                    records,
                     appended_at: None,
                 };
-                offset += ts.len() as u64;
+                offset = batch.next_offset;
                 batch
             })
             .collect()
+    }
+
+    /// What the store holds after taking `finals`, by group: per (table,
+    /// window, start, group), the highest revision and its count.
+    fn stored_groups<'a>(
+        finals: impl IntoIterator<Item = &'a Emitted>,
+    ) -> BTreeMap<(u16, u8, i64, String), (u32, u64)> {
+        let mut table = BTreeMap::new();
+        for (metric, window, start, _, group, count, revision) in finals {
+            let key = (*metric, *window, *start, group.clone());
+            let row = table.entry(key).or_insert((*revision, *count));
+            if *revision >= row.0 {
+                *row = (*revision, *count);
+            }
+        }
+        table
     }
 
     fn settings() -> JobSettings {
@@ -495,43 +518,17 @@ mod tests {
         // countries, a few late ones among them.
         let mut settings = settings();
         settings.metrics[0].max_groups = 1;
-        let mut offset = 0;
-        let input: VecDeque<SourceBatch> = (0..40i64)
-            .map(|i| {
-                let records: Vec<Vec<u8>> = (0..30i64)
-                    .map(|k| {
-                        let late = if k == 0 && i >= 10 { 15 } else { 0 };
-                        event_in(
-                            i * 3 + k % 3 - late,
-                            &format!("c{}", (i * 37 + k * 11) % 600),
-                        )
-                    })
-                    .collect();
-                let batch = SourceBatch {
-                    partition: 0,
-                    offset,
-                    next_offset: offset + records.len() as u64,
-                    records,
-                    appended_at: None,
-                };
-                offset = batch.next_offset;
-                batch
-            })
-            .collect();
-        /// Per (table, window, start, group), the highest revision's count.
-        fn store<'a>(
-            finals: impl IntoIterator<Item = &'a Emitted>,
-        ) -> BTreeMap<(u16, u8, i64, String), (u32, u64)> {
-            let mut table = BTreeMap::new();
-            for (metric, window, start, _, group, count, revision) in finals {
-                let key = (*metric, *window, *start, group.clone());
-                let row = table.entry(key).or_insert((*revision, *count));
-                if *revision >= row.0 {
-                    *row = (*revision, *count);
-                }
-            }
-            table
-        }
+        let input = log((0..40i64).map(|i| {
+            (0..30i64)
+                .map(|k| {
+                    let late = if k == 0 && i >= 10 { 15 } else { 0 };
+                    event_in(
+                        i * 3 + k % 3 - late,
+                        &format!("c{}", (i * 37 + k * 11) % 600),
+                    )
+                })
+                .collect()
+        }));
         let parts = Parts::default();
         let (full, dead) = run_with(
             settings.clone(),
@@ -539,7 +536,7 @@ mod tests {
             Restore::default(),
             parts.clone(),
         );
-        let expected = store(full.iter().map(|(_, f)| f));
+        let expected = stored_groups(full.iter().map(|(_, f)| f));
         assert!(dead.is_empty());
         // Every event counts: in its group, or in the overflow group.
         let counted = |table: u16| -> u64 {
@@ -577,7 +574,7 @@ mod tests {
             };
             let (after, _) = run_with(settings.clone(), rest, restore, Parts::default());
             let before = full.iter().filter(|(time, _)| *time < boundary);
-            let stored = store(before.chain(&after).map(|(_, f)| f));
+            let stored = stored_groups(before.chain(&after).map(|(_, f)| f));
             assert_eq!(stored, expected, "restored at boundary {boundary}");
         }
     }
@@ -612,36 +609,9 @@ mod tests {
             }
             records
         };
-        let log = |with_repeats: bool| -> VecDeque<SourceBatch> {
-            let mut offset = 0;
-            (0..40)
-                .map(|i| {
-                    let records = batch(i, with_repeats);
-                    let batch = SourceBatch {
-                        partition: 0,
-                        offset,
-                        next_offset: offset + records.len() as u64,
-                        records,
-                        appended_at: None,
-                    };
-                    offset = batch.next_offset;
-                    batch
-                })
-                .collect()
-        };
-        let store = |finals: &[(u64, Emitted)]| -> BTreeMap<(u16, u8, i64, String), (u32, u64)> {
-            let mut table = BTreeMap::new();
-            for (_, (metric, window, start, _, group, count, revision)) in finals {
-                let row = table
-                    .entry((*metric, *window, *start, group.clone()))
-                    .or_insert((*revision, *count));
-                if *revision >= row.0 {
-                    *row = (*revision, *count);
-                }
-            }
-            table
-        };
-        let (input, parts) = (log(true), Parts::default());
+        let with_repeats = |repeats: bool| log((0..40).map(|i| batch(i, repeats)));
+        let store = |finals: &[(u64, Emitted)]| stored_groups(finals.iter().map(|(_, f)| f));
+        let (input, parts) = (with_repeats(true), Parts::default());
         let (full, dead) = run_with(
             settings.clone(),
             input.clone(),
@@ -650,7 +620,7 @@ mod tests {
         );
         let (clean, clean_dead) = run_with(
             settings.clone(),
-            log(false),
+            with_repeats(false),
             Restore::default(),
             Parts::default(),
         );
@@ -735,22 +705,14 @@ mod tests {
         // A mark raises the watermark to 60 s: the event after it is
         // judged against that, a dead letter past the lateness, and the
         // events after it travel at 60 s.
-        let mut input = batches(&[&[1, 12], &[15]]);
-        let marked = |offset: u64, records: Vec<Vec<u8>>| SourceBatch {
-            partition: 0,
-            offset,
-            next_offset: offset + records.len() as u64,
-            records,
-            appended_at: None,
-        };
-        input.push_back(marked(3, vec![watermark_mark(60_000)]));
-        input.push_back(marked(4, vec![event(20)]));
-        // A mark among events, as the log's writer may merge them.
-        input.push_back(marked(
-            5,
+        let (finals, dead) = run(log([
+            vec![event(1), event(12)],
+            vec![event(15)],
+            vec![watermark_mark(60_000)],
+            vec![event(20)],
+            // A mark among events, as the log's writer may merge them.
             vec![event(61), watermark_mark(90_000), event(62)],
-        ));
-        let (finals, dead) = run(input);
+        ]));
         assert!(finals.contains(&((0, 0), 10, 20, 2, 0)), "{finals:?}");
         assert_eq!(dead, [4], "20 s is 40 s behind the marked watermark");
         assert!(finals.contains(&((0, 0), 60, 70, 2, 0)), "{finals:?}");

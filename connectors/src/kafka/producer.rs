@@ -69,13 +69,7 @@ impl KafkaProducer {
         events: Vec<Accepted>,
     ) -> impl std::future::Future<Output = Result<(), KafkaError>> + Send + 'static {
         let partitions = self.partitions.load(Ordering::Relaxed);
-        let fallback = self.next.fetch_add(1, Ordering::Relaxed) % u64::from(partitions.max(1));
-        let payloads: Vec<(u32, Vec<u8>)> = spread(events, partitions.max(1), fallback as u32)
-            .into_iter()
-            .flat_map(|(partition, records)| {
-                messages(&records).into_iter().map(move |m| (partition, m))
-            })
-            .collect();
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let (producer, topic) = (self.producer.clone(), self.topic.clone());
         async move {
             if partitions == 0 {
@@ -84,6 +78,13 @@ impl KafkaProducer {
                     RDKafkaErrorCode::UnknownTopicOrPartition,
                 )));
             }
+            let fallback = (turn % u64::from(partitions)) as u32;
+            let payloads: Vec<(u32, Vec<u8>)> = spread(events, partitions, fallback)
+                .into_iter()
+                .flat_map(|(partition, records)| {
+                    messages(&records).into_iter().map(move |m| (partition, m))
+                })
+                .collect();
             let sends = payloads.iter().map(|(partition, payload)| {
                 producer.send::<(), _, _>(
                     FutureRecord::to(&topic)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use tally_dataflow::config::{Fsync, LogConfig};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info};
 
 use super::reader::PartitionReader;
@@ -154,16 +154,7 @@ impl EventLog {
                 .acquire_owned()
                 .await
                 .map_err(|_| LogError::Closed)?;
-            let (done, result) = oneshot::channel();
-            let request = AppendRequest {
-                batches,
-                done,
-                _permit: permit,
-            };
-            inner
-                .commands
-                .send(Command::Append(request))
-                .map_err(|_| LogError::Closed)?;
+            let result = inner.send(batches, permit)?;
             // The writer drops the sender without answering only if it stopped.
             result.await.map_err(|_| LogError::Closed)?
         }
@@ -182,13 +173,7 @@ impl EventLog {
             return false;
         };
         // Nobody waits for the answer; the writer drops it.
-        let (done, _) = oneshot::channel();
-        let request = AppendRequest {
-            batches: vec![(partition, records)],
-            done,
-            _permit: permit,
-        };
-        inner.commands.send(Command::Append(request)).is_ok()
+        inner.send(vec![(partition, records)], permit).is_ok()
     }
 
     /// The next offset of each partition: one past its last acknowledged record.
@@ -281,6 +266,25 @@ impl Inner {
             return Err(LogError::BatchTooLarge { bytes });
         }
         Ok(())
+    }
+
+    /// Hands checked batches, holding a slot of the queue, to the writer;
+    /// the receiver gets their offsets once they are durable.
+    fn send(
+        &self,
+        batches: Vec<(u32, Vec<Vec<u8>>)>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<oneshot::Receiver<Result<Vec<u64>, LogError>>, LogError> {
+        let (done, result) = oneshot::channel();
+        let request = AppendRequest {
+            batches,
+            done,
+            _permit: permit,
+        };
+        self.commands
+            .send(Command::Append(request))
+            .map_err(|_| LogError::Closed)?;
+        Ok(result)
     }
 
     /// Stops the writer thread, if it runs, and waits for its final sync.

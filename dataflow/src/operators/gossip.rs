@@ -38,7 +38,7 @@ const EVERY: Duration = Duration::from_millis(100);
 
 /// (sending worker, its process's high watermark, when it last read an
 /// event, whether its process's sinks are behind).
-type News = (usize, u64, i64, bool);
+type News = (usize, u64, u64, bool);
 
 /// Builds the exchange of news in `scope`.
 pub fn share(scope: Scope<'_, u64>, coordination: Coordination) {

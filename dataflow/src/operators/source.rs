@@ -143,7 +143,7 @@ pub fn log_source<'scope, S: BatchSource>(
         }));
         let started = Instant::now();
         // A job that just started is not idle, whatever it restored.
-        coordination.last_data.raise(now_ms());
+        busy_now(&coordination);
         let mut clocks: Vec<PartitionClock> = input
             .partitions()
             .into_iter()
@@ -184,7 +184,7 @@ pub fn log_source<'scope, S: BatchSource>(
                 for clock in &mut clocks {
                     clock.last_data = now;
                 }
-                coordination.last_data.raise(now_ms());
+                busy_now(&coordination);
                 activator.activate_after(Duration::from_millis(10));
                 return;
             }
@@ -229,7 +229,7 @@ pub fn log_source<'scope, S: BatchSource>(
                 read += folded.events;
                 if folded.events > 0 {
                     clock.last_data = now;
-                    coordination.last_data.raise(now_ms());
+                    busy_now(&coordination);
                 }
                 if !folded.records.is_empty() {
                     let time = cap.delayed(&stamp);
@@ -285,6 +285,12 @@ pub fn log_source<'scope, S: BatchSource>(
     })
 }
 
+/// Notes that the job read events, or had to wait for a sink, now: it is
+/// not idle.
+fn busy_now(coordination: &Coordination) {
+    coordination.last_data.raise(now_ms().max(0) as u64);
+}
+
 /// Asks for a mark on each partition that has been idle for the timeout,
 /// if that moves it, at most once per fifth of the timeout: the busy
 /// partitions move on, and an idle one follows them in steps that short
@@ -306,7 +312,7 @@ fn mark_idle<S: BatchSource>(
     // Marks do not raise the highest watermark, so this one is made once;
     // with the whole job idle, the watermark moves on from it as the wall
     // clock does. A job without a watermark has nothing to close.
-    let idle_for = now_ms() - coordination.last_data.get();
+    let idle_for = now_ms() - coordination.last_data.get() as Millis;
     let to = busy_min.unwrap_or_else(|| match coordination.high_watermark.get() {
         0 => 0,
         high if idle_for >= timeout.as_millis() as i64 => high + idle_for as u64,
