@@ -52,7 +52,11 @@ export TALLY_BIN=target/debug/tally TALLY_CLUSTER_DIR=${TMPDIR:-/tmp}/tally-test
 trap 'scripts/cluster.sh stop || true; scripts/services.sh stop' EXIT
 scripts/cluster.sh start --workers 2 --threads 2 --gateways 2
 gateway=$(scripts/cluster.sh status | awk '$1 == "gateway" { print $3; exit }')
-curl -sf -H 'content-type: application/json' -d '{"eventType":"ad_click","dimensions":{"campaignId":"c1"}}' "$gateway/v1/events"
+if ! curl -sS --fail-with-body -H 'content-type: application/json' -d '{"eventType":"ad_click","dimensions":{"campaignId":"c1"}}' "$gateway/v1/events"; then
+    echo; echo "the cluster refused an event; the end of each process's log:"
+    tail -n 30 "$TALLY_CLUSTER_DIR"/*.log
+    exit 1
+fi
 echo
 scripts/cluster.sh status
 scripts/cluster.sh stop
