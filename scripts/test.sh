@@ -65,4 +65,5 @@ scripts/cluster.sh stop
 (cd tests/js && npm ci --no-audit --no-fund --silent)
 node --test tests/js/sdk.test.mjs
 TALLY_BIN=target/debug/tally node tests/js/retries.mjs
+TALLY_BIN=target/debug/tally node tests/js/resume.mjs
 TALLY_BIN=target/debug/tally node tests/js/dashboard.mjs

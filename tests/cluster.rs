@@ -522,6 +522,37 @@ fn a_cluster_answers_as_tally_run_does() {
     }
     // Either gateway answers from the same store.
     assert_eq!(answers(&cluster.gateways[1], &events), got);
+    // A subscriber resuming from the first minute gets every minute's final
+    // value, from ClickHouse where the gateway's hub forgot the window.
+    let mut resumed = connect(&cluster.gateways[1]);
+    resumed
+        .send(tungstenite::Message::Text(
+            json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 1m", "since": at(0)})
+                .to_string()
+                .into(),
+        ))
+        .unwrap();
+    let ack = wait_for(&mut resumed, Duration::from_secs(10), |m| {
+        m["subscribed"].is_string()
+    });
+    assert_eq!(ack["since"], at(0).as_str(), "{ack}");
+    let mut per_minute = BTreeMap::new();
+    for e in events.iter().filter(|e| e.event_type == "ad_click") {
+        *per_minute
+            .entry(at((e.time_ms - base_ms()) / MINUTE * MINUTE))
+            .or_insert(0u64) += 1;
+    }
+    let mut replayed = BTreeMap::new();
+    while replayed.len() < per_minute.len() {
+        let m = wait_for(&mut resumed, Duration::from_secs(10), |m| {
+            m["final"] == true
+        });
+        replayed.insert(
+            m["windowStart"].as_str().unwrap().to_string(),
+            m["value"].as_u64().unwrap(),
+        );
+    }
+    assert_eq!(replayed, per_minute, "the replay of a resume");
     let dead = dead_letters(&cluster.gateways[1], 1);
     assert_eq!(dead[0]["event"], expected_dead[0]["event"]);
     assert!(

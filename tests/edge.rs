@@ -356,7 +356,7 @@ fn every_subscription_is_answered_and_a_binary_frame_closes_with_1003() {
     );
     assert_eq!(
         ack,
-        json!({"subscribed": "metrics:ad_clicks:country:US", "window": "tumbling 10s", "groupBy": null})
+        json!({"subscribed": "metrics:ad_clicks:country:US", "window": "tumbling 10s", "groupBy": null, "lateness": 32_000})
     );
     let ack = ask(
         &mut socket,
@@ -364,8 +364,14 @@ fn every_subscription_is_answered_and_a_binary_frame_closes_with_1003() {
     );
     assert_eq!(
         ack,
-        json!({"subscribed": "metrics:ad_clicks", "window": "tumbling 1m", "groupBy": "country"})
+        json!({"subscribed": "metrics:ad_clicks", "window": "tumbling 1m", "groupBy": "country", "lateness": 32_000})
     );
+    // A resume says from when its replay is complete.
+    let ack = ask(
+        &mut socket,
+        json!({"action": "subscribe", "topic": "metrics:events", "since": "2026-11-29T10:25:00Z"}),
+    );
+    assert_eq!(ack["since"], "2026-11-29T10:25:00Z", "{ack}");
     // Every kind of mistake gets an error naming the topic where there is one.
     for (request, says) in [
         (
@@ -379,6 +385,10 @@ fn every_subscription_is_answered_and_a_binary_frame_closes_with_1003() {
         (
             json!({"action": "subscribe", "topic": "metrics:ad_clicks", "groupBy": "planet"}),
             "not a dimension",
+        ),
+        (
+            json!({"action": "subscribe", "topic": "metrics:ad_clicks", "since": "yesterday"}),
+            "since: 'yesterday' is not an RFC 3339 time",
         ),
         (json!({"action": "subscribe"}), "topic"),
         (json!({"action": "subscribe", "topic": 5}), "cannot read"),
@@ -429,7 +439,7 @@ fn every_subscription_is_answered_and_a_binary_frame_closes_with_1003() {
             &tally,
             "tally_ws_refused_total{reason=\"bad_subscription\"}"
         ),
-        3
+        4
     );
     assert_eq!(
         counted(&tally, "tally_ws_refused_total{reason=\"unreadable\"}"),

@@ -229,7 +229,21 @@ pub struct LiveConfig {
     /// Subscriptions one WebSocket connection may hold; past it a subscribe
     /// gets an error. Default [`DEFAULT_MAX_SUBSCRIPTIONS`].
     pub max_subscriptions: usize,
+    /// Stored window rows (one per group and window) a subscription that
+    /// resumes `since` a time may read from the store, newest first; past
+    /// it the replay starts later, and says so. Default
+    /// [`DEFAULT_MAX_RESUME_ROWS`].
+    pub max_resume_rows: usize,
+    /// Resuming subscriptions whose rows a gateway reads at once; the others
+    /// wait their turn. Default 4.
+    pub resume_reads: usize,
 }
+
+/// The default of `live.max_resume_rows`: 20,000. An ungrouped topic of a
+/// metric with 50 groups and 10-second windows replays more than an hour
+/// of windows within it; a resume holds its rows (sketches included) in
+/// memory while it is served.
+pub const DEFAULT_MAX_RESUME_ROWS: usize = 20_000;
 
 /// The default of `live.interval`: 100 ms. A change to a group not shown
 /// since the last tick goes out at once; a busy group's waits for the next
@@ -738,6 +752,13 @@ impl Reader {
                     DEFAULT_MAX_SUBSCRIPTIONS as i64,
                     1..=1_000_000,
                 ) as usize,
+                max_resume_rows: self.integer(
+                    &mut live,
+                    "max_resume_rows",
+                    DEFAULT_MAX_RESUME_ROWS as i64,
+                    1..=100_000_000,
+                ) as usize,
+                resume_reads: self.integer(&mut live, "resume_reads", 4, 1..=1024) as usize,
             },
             history: self.history(&mut history),
             backfill: BackfillConfig {

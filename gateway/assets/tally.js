@@ -10,13 +10,18 @@
 //   tally.track("ad_click", { campaignId: "camp_1", country: "US" }, { amount: 3.5 });
 //
 // The connection is kept open: after a drop it reconnects with jittered
-// exponential backoff, subscribes again, and the server sends each topic's
-// current value. Updates already seen, by (window, revision), are dropped, so
-// `onUpdate` sees every correction once and never an older value after a newer.
+// exponential backoff and subscribes again with `since`, from the oldest
+// window that may have changed while it was away, so the server replays the
+// finals and revisions it missed before the current value. Updates already
+// seen, by (window, revision), are dropped, so `onUpdate` sees every window's
+// latest value as a client that never disconnected would: every correction
+// once, and never an older value after a newer.
 // A refused batch that says when to come back (429 or 503 with Retry-After) is
 // sent again no sooner than that.
 
-const FINAL_KEEP = 512;
+// Windows remembered per subscription at most, beyond those a replay can
+// send again.
+const SEEN_KEEP = 100_000;
 
 export class Tally {
   /**
@@ -65,7 +70,20 @@ export class Tally {
   subscribe(topic, options, onUpdate) {
     const request = { action: "subscribe", topic, ...(options?.window && { window: options.window }), ...(options?.groupBy && { groupBy: options.groupBy }) };
     const key = JSON.stringify([topic, request.window ?? null, request.groupBy ?? null]);
-    const sub = { key, request, onUpdate, seen: new Map(), errors: options?.onError ?? (() => {}) };
+    const sub = {
+      key,
+      request,
+      onUpdate,
+      seen: new Map(),
+      errors: options?.onError ?? (() => {}),
+      // What the server said of the subscription, and the windows seen:
+      // where a resume starts from.
+      lateness: undefined,
+      acknowledgedAt: undefined,
+      size: 0,
+      oldestStart: undefined,
+      newestFinalEnd: undefined,
+    };
     this.subscriptions.set(key, sub);
     this.closed = false;
     if (this.state === "open") this.send(request);
@@ -153,7 +171,10 @@ export class Tally {
     socket.onopen = () => {
       this.attempt = 0;
       this.setState("open");
-      for (const sub of this.subscriptions.values()) this.send(sub.request);
+      for (const sub of this.subscriptions.values()) {
+        const since = resumeFrom(sub);
+        this.send(since ? { ...sub.request, since } : sub.request);
+      }
     };
     socket.onmessage = (event) => this.receive(event.data);
     socket.onclose = () => {
@@ -183,17 +204,26 @@ export class Tally {
     } catch {
       return;
     }
-    // The server acknowledges each subscribe and unsubscribe; the values
-    // that follow are what a subscription is told about.
-    if ("subscribed" in message || "unsubscribed" in message) return;
+    // The server acknowledges each subscribe, saying how long a window may
+    // be revised after its end, and each unsubscribe; the values that
+    // follow are what a subscription is told about.
+    if ("subscribed" in message) {
+      for (const sub of this.subscriptions.values()) {
+        if (!follows(sub, message, message.subscribed)) continue;
+        sub.lateness = message.lateness;
+        sub.acknowledgedAt ??= Date.now();
+      }
+      return;
+    }
+    if ("unsubscribed" in message) return;
     if (message.error) {
       for (const sub of this.subscriptions.values()) if (sub.request.topic === message.topic) sub.errors(message.error);
       return;
     }
     for (const sub of this.subscriptions.values()) {
-      if (sub.request.topic !== message.topic) continue;
-      if (sub.request.window && message.window !== sub.request.window) continue;
+      if (!follows(sub, message, message.topic)) continue;
       if (Boolean(sub.request.groupBy) !== Boolean(message.group)) continue;
+      note(sub, message);
       if (isNew(sub.seen, message)) sub.onUpdate(message);
     }
   }
@@ -204,6 +234,43 @@ export class Tally {
       this.options.onState(state);
     }
   }
+}
+
+/** Whether a message of `topic` and its window are of subscription `sub`. */
+function follows(sub, message, topic) {
+  return sub.request.topic === topic && (!sub.request.window || message.window === sub.request.window);
+}
+
+/**
+ * Notes where a window's message puts the subscription: the newest final
+ * and the oldest window seen. Windows older than any resume can replay
+ * again are forgotten.
+ */
+function note(sub, message) {
+  const start = Date.parse(message.windowStart);
+  const end = Date.parse(message.windowEnd);
+  sub.size = end - start;
+  sub.oldestStart = Math.min(sub.oldestStart ?? start, start);
+  if (message.final && !(end <= sub.newestFinalEnd)) {
+    sub.newestFinalEnd = end;
+    const from = Date.parse(resumeFrom(sub));
+    for (const [key, seen] of sub.seen) if (seen.start < from) sub.seen.delete(key);
+  }
+}
+
+/**
+ * Where a subscription resumes after a reconnect: the start of the oldest
+ * window that may have changed since. The watermark had passed the end of
+ * the newest final seen, and a window may be revised until the watermark
+ * passes its end by `lateness`; so every window that can still change
+ * starts at or after that final's end less the lateness and a window's
+ * size. Before any final, the oldest window seen, or the time of the first
+ * acknowledgement, stands in for that end. Null before any acknowledgement.
+ */
+function resumeFrom(sub) {
+  if (sub.lateness === undefined) return null;
+  const end = sub.newestFinalEnd ?? sub.oldestStart ?? sub.acknowledgedAt;
+  return new Date(end - sub.lateness - sub.size).toISOString();
 }
 
 /**
@@ -219,8 +286,8 @@ function isNew(seen, message) {
     return false;
   }
   seen.delete(key);
-  seen.set(key, { final: message.final, revision: message.revision, value: message.value });
-  if (seen.size > FINAL_KEEP) seen.delete(seen.keys().next().value);
+  seen.set(key, { final: message.final, revision: message.revision, value: message.value, start: Date.parse(message.windowStart) });
+  if (seen.size > SEEN_KEEP) seen.delete(seen.keys().next().value);
   return true;
 }
 

@@ -12,6 +12,7 @@ use tally_connectors::kafka::KafkaError;
 use tally_connectors::log::{EventLog, LogError};
 use tally_connectors::store::clickhouse::{self, ClickHouseStore};
 use tally_connectors::store::sqlite::{SqliteStore, StoreError};
+use tally_connectors::store::{Recent, StoredWindow};
 use tally_dataflow::event::{spread, Accepted};
 use tally_dataflow::model::DeadLetter;
 use tally_dataflow::query::Fold;
@@ -66,6 +67,9 @@ pub trait History: Send + Sync + 'static {
     ) -> BoxFuture<Result<Option<Millis>, HistoryError>>;
     /// The newest dead letters, newest first.
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>>;
+    /// The stored results of one window of a metric version, newest
+    /// window first: what a live subscription that resumes replays.
+    fn recent(&self, recent: Recent) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>>;
 }
 
 /// Why a read of history failed.
@@ -168,6 +172,13 @@ impl History for EmbeddedStore {
             Ok(tokio::task::spawn_blocking(move || store.dead_letters(limit)).await??)
         })
     }
+
+    fn recent(&self, recent: Recent) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>> {
+        let store = Arc::clone(&self.0);
+        Box::pin(
+            async move { Ok(tokio::task::spawn_blocking(move || store.recent(&recent)).await??) },
+        )
+    }
 }
 
 /// The events topic as an event sink: `202` once the brokers acknowledge.
@@ -201,6 +212,11 @@ impl History for ClickHouseHistory {
     fn dead_letters(&self, limit: usize) -> BoxFuture<Result<Vec<DeadLetter>, HistoryError>> {
         let store = self.0.clone();
         Box::pin(async move { Ok(store.dead_letters(limit).await?) })
+    }
+
+    fn recent(&self, recent: Recent) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>> {
+        let store = self.0.clone();
+        Box::pin(async move { Ok(store.recent(&recent).await?) })
     }
 }
 

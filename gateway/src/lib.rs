@@ -141,6 +141,7 @@ pub fn routes(gateway: Arc<Gateway>) -> BoxedFilter<(Response,)> {
         .and(live::route(
             gateway.hub.clone(),
             &gateway.config.live,
+            Arc::clone(&gateway.history),
             Arc::clone(&gateway.ops),
             Arc::clone(&origins),
         ))

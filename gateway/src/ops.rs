@@ -78,6 +78,7 @@ pub struct Ops {
     /// reached the hub.
     pub live_freshness: Histogram,
     ws_refused: IntCounterVec,
+    live_resumes: IntCounterVec,
     auth_refused: IntCounterVec,
     history_refused: IntCounterVec,
     history_rows: IntCounterVec,
@@ -395,6 +396,14 @@ impl Ops {
             "WebSocket client messages refused, by reason: bad_subscription, \
              too_many_subscriptions, unreadable (not a request), binary (closes the connection).",
         );
+        let live_resumes = labelled_by(
+            &registry,
+            "tally_live_resumes_total",
+            "Subscriptions that resumed from a time, by outcome: complete (every window since \
+             then replayed), truncated (the oldest left out, past live.max_resume_rows), \
+             unavailable (the store could not be read; only the windows the hub holds).",
+            "outcome",
+        );
         let auth_refused = {
             let c = IntCounterVec::new(
                 Opts::new(
@@ -462,6 +471,7 @@ impl Ops {
                 h
             },
             ws_refused,
+            live_resumes,
             auth_refused,
             history_refused,
             history_rows,
@@ -481,6 +491,11 @@ impl Ops {
     /// Counts a WebSocket client's message refused for `reason`.
     pub fn ws_refused(&self, reason: &str) {
         self.ws_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a subscription that resumed, by how completely.
+    pub fn live_resumed(&self, outcome: &str) {
+        self.live_resumes.with_label_values(&[outcome]).inc();
     }
 
     /// Counts a request refused for `reason`, by the key it came with.

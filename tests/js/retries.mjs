@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 import { Tally } from "../../gateway/assets/tally.js";
-import { freePort, post, prometheus, startTally, stopTally } from "./server.mjs";
+import { eventually, freePort, post, prometheus, startTally, stopTally } from "./server.mjs";
 
 const TRACKED = 1_234;
 const PARTITIONS = 8;
@@ -39,16 +39,6 @@ function lossyProxy(target) {
     response.writeHead(answer.status, { "content-type": "application/json" }).end(text);
   });
   return new Promise((done) => server.listen(0, "127.0.0.1", () => done({ server, counts, url: `http://127.0.0.1:${server.address().port}` })));
-}
-
-async function eventually(what, check, timeout = 60_000) {
-  const deadline = Date.now() + timeout;
-  for (;;) {
-    const [ok, seen] = await check();
-    if (ok) return seen;
-    if (Date.now() > deadline) throw new Error(`${what}: still ${JSON.stringify(seen)} after ${timeout} ms`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
 }
 
 async function main() {

@@ -39,18 +39,22 @@ async function nextSocket(count) {
   return FakeSocket.all[count - 1];
 }
 
-const update = (start, value, final, revision) => ({
+// Ten-second windows by name: w1 starts at 10:25:00, w2 at 10:25:10.
+const windows = { w1: "2026-11-29T10:25:00Z", w2: "2026-11-29T10:25:10Z", w3: "2026-11-29T10:25:20Z" };
+const named = Object.fromEntries(Object.entries(windows).map(([name, start]) => [start, name]));
+
+const update = (name, value, final, revision) => ({
   topic: "metrics:ad_clicks",
   window: "tumbling 10s",
-  windowStart: start,
-  windowEnd: "…",
+  windowStart: windows[name],
+  windowEnd: new Date(Date.parse(windows[name]) + 10_000).toISOString(),
   value,
   timestamp: new Date().toISOString(),
   revision,
   final,
 });
 
-test("reconnects, subscribes again, and drops what it has seen by (window, revision)", async () => {
+test("reconnects, resumes from the oldest window that may have changed, and drops what it has seen by (window, revision)", async () => {
   FakeSocket.all = [];
   const states = [];
   const tally = new Tally("http://tally.test", {
@@ -60,24 +64,26 @@ test("reconnects, subscribes again, and drops what it has seen by (window, revis
     onState: (s) => states.push(s),
   });
   const got = [];
-  tally.subscribe("metrics:ad_clicks", { window: "tumbling 10s" }, (m) => got.push([m.windowStart, m.value, m.final, m.revision]));
+  tally.subscribe("metrics:ad_clicks", { window: "tumbling 10s" }, (m) => got.push([named[m.windowStart], m.value, m.final, m.revision]));
 
   const first = await nextSocket(1);
   assert.equal(first.url, "ws://tally.test/v1/live");
   first.open();
   assert.deepEqual(first.sent, [{ action: "subscribe", topic: "metrics:ad_clicks", window: "tumbling 10s" }]);
   // The server's acknowledgement is not an update.
-  first.deliver({ subscribed: "metrics:ad_clicks", window: "tumbling 10s", groupBy: null });
+  first.deliver({ subscribed: "metrics:ad_clicks", window: "tumbling 10s", groupBy: null, lateness: 32000 });
   first.deliver(update("w1", 3, false, 0));
   first.deliver(update("w1", 3, false, 0)); // the same partial again
   first.deliver(update("w1", 5, true, 0));
   first.deliver(update("w1", 4, false, 0)); // a partial after the final is stale
 
-  // The server goes away; the SDK reconnects and asks again.
+  // The server goes away; the SDK reconnects and asks again, from the
+  // oldest window a late event may still revise: the newest final ended at
+  // 10:25:10, and a window may be revised 32 s after its end.
   first.close();
   const second = await nextSocket(2);
   second.open();
-  assert.deepEqual(second.sent, first.sent);
+  assert.deepEqual(second.sent, [{ ...first.sent[0], since: "2026-11-29T10:24:28.000Z" }]);
   second.deliver(update("w1", 5, true, 0)); // the current value, already seen
   second.deliver(update("w1", 6, true, 1)); // a late correction
   second.deliver(update("w1", 6, true, 1));

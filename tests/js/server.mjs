@@ -57,3 +57,17 @@ export async function prometheus(url, name) {
   const line = text.split("\n").find((l) => l.startsWith(`${name} `));
   return line === undefined ? undefined : Number(line.split(" ")[1]);
 }
+
+/**
+ * Calls `check`, which resolves to [ok, what it saw], every 250 ms until it
+ * is ok, and resolves to what it saw; fails after `timeout` ms with it.
+ */
+export async function eventually(what, check, timeout = 60_000) {
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const [ok, seen] = await check();
+    if (ok) return seen;
+    if (Date.now() > deadline) throw new Error(`${what}: still ${JSON.stringify(seen)} after ${timeout} ms`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}

@@ -47,8 +47,8 @@ use tally_dataflow::query::{Fold, Scan};
 use tracing::{info, warn};
 
 use super::{
-    expired, join_group, metric_versions, unused_since, versions, Durable, Failing, InUse,
-    StoreWriter, Write, RETENTION_EVERY, SEP, VERSIONS_EVERY,
+    expired, join_group, metric_versions, split_group, unused_since, versions, Durable, Failing,
+    InUse, Recent, StoreWriter, StoredWindow, Write, RETENTION_EVERY, SEP, VERSIONS_EVERY,
 };
 use crate::retry;
 
@@ -406,6 +406,40 @@ impl ClickHouseStore {
             }
         }
         Ok(Some(fold))
+    }
+
+    /// The stored results `recent` names, newest window first.
+    pub async fn recent(&self, recent: &Recent) -> Result<Vec<StoredWindow>, Error> {
+        let rows: Vec<WindowRow> = self
+            .client
+            .query(
+                "SELECT metric, version, window, start, `end`, grp, count, sum, sketch, revision,
+                        estimate FROM windows FINAL
+                 WHERE metric = ? AND version = ? AND window = ? AND start >= ?
+                 ORDER BY start DESC, grp LIMIT ?",
+            )
+            .bind(&recent.metric)
+            .bind(&recent.version)
+            .bind(&recent.window)
+            .bind(recent.since)
+            .bind(recent.limit as u64)
+            .fetch_all()
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let sketch = (!row.sketch.is_empty())
+                    .then(|| Sketch::from_bytes(&row.sketch))
+                    .transpose()
+                    .map_err(|e| Error::Custom(format!("corrupt sketch in the store: {e}")))?;
+                Ok(StoredWindow {
+                    start: row.start,
+                    end: row.end,
+                    group: split_group(&row.grp, recent.dimensions),
+                    state: AggState::from_parts(row.count, row.sum, sketch),
+                    revision: row.revision,
+                })
+            })
+            .collect()
     }
 
     /// The start of the earliest stored window of any of `versions` of

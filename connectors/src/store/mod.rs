@@ -387,6 +387,50 @@ fn unused_since(now: i64, keep_old: std::time::Duration) -> i64 {
 /// deletes the results of versions unused for longer than `keep_old`.
 const VERSIONS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// What a live subscription that resumes reads of the store: the stored
+/// results of one window of one version of a metric, from the window
+/// starting at `since` on, newest first, at most `limit` rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recent {
+    /// The metric's name.
+    pub metric: String,
+    /// Its version.
+    pub version: String,
+    /// The window, as its spec's text.
+    pub window: String,
+    /// How many dimensions the metric has.
+    pub dimensions: usize,
+    /// The first window start read.
+    pub since: i64,
+    /// Rows read at most.
+    pub limit: usize,
+}
+
+/// One group's stored result of one window.
+#[derive(Clone, Debug)]
+pub struct StoredWindow {
+    /// The window's start.
+    pub start: i64,
+    /// Its end.
+    pub end: i64,
+    /// The group's dimension values.
+    pub group: Vec<String>,
+    /// Its state.
+    pub state: tally_dataflow::aggregate::AggState,
+    /// Its revision: 0 for the final, raised by each late event.
+    pub revision: u32,
+}
+
+/// A group's dimension values from its stored key, for a table of
+/// `dimensions` dimensions: a table of none stores the empty key.
+fn split_group(grp: &str, dimensions: usize) -> Vec<String> {
+    if dimensions == 0 {
+        Vec::new()
+    } else {
+        grp.split(SEP).map(str::to_owned).collect()
+    }
+}
+
 /// A group's stored key: its dimension values joined by [`SEP`].
 fn join_group(group: &[String]) -> String {
     let mut key = String::with_capacity(group.iter().map(|g| g.len() + 1).sum());

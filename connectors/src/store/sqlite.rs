@@ -13,8 +13,8 @@ use tally_dataflow::query::Fold;
 use tracing::{info, warn};
 
 use super::{
-    expired, join_group, metric_versions, now_ms, unused_since, versions, Durable, Failing, InUse,
-    StoreWriter, Write, RETENTION_EVERY, SEP, VERSIONS_EVERY,
+    expired, join_group, metric_versions, now_ms, split_group, unused_since, versions, Durable,
+    Failing, InUse, Recent, StoreWriter, StoredWindow, Write, RETENTION_EVERY, SEP, VERSIONS_EVERY,
 };
 use crate::retry;
 
@@ -158,15 +158,7 @@ impl SqliteStore {
                 ])?;
                 let mut last = None;
                 while let Some(row) = rows.next()? {
-                    let sketch = row
-                        .get_ref(4)?
-                        .as_blob_or_null()
-                        .map_err(rusqlite::Error::from)?
-                        .map(Sketch::from_bytes)
-                        .transpose()
-                        .map_err(StoreError::CorruptSketch)?;
-                    let state =
-                        AggState::from_parts(row.get::<_, i64>(2)? as u64, row.get(3)?, sketch);
+                    let state = state_at(row, 2)?;
                     let grp = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
                     let group: Vec<&str> = grp.split(SEP).collect();
                     let start: i64 = row.get(0)?;
@@ -202,6 +194,37 @@ impl SqliteStore {
                 since = since.into_iter().chain(first).min();
             }
             Ok(since)
+        })
+    }
+
+    /// The stored results `recent` names, newest window first. Blocking,
+    /// as [`SqliteStore::scan`].
+    pub fn recent(&self, recent: &Recent) -> Result<Vec<StoredWindow>, StoreError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT start, end, grp, count, sum, sketch, revision FROM windows
+                 WHERE metric = ?1 AND version = ?2 AND window = ?3 AND start >= ?4
+                 ORDER BY start DESC, grp LIMIT ?5",
+            )?;
+            let mut rows = stmt.query(params![
+                recent.metric,
+                recent.version,
+                recent.window,
+                recent.since,
+                i64::try_from(recent.limit).unwrap_or(i64::MAX)
+            ])?;
+            let mut read = Vec::new();
+            while let Some(row) = rows.next()? {
+                let grp = row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?;
+                read.push(StoredWindow {
+                    start: row.get(0)?,
+                    end: row.get(1)?,
+                    group: split_group(grp, recent.dimensions),
+                    state: state_at(row, 3)?,
+                    revision: row.get(6)?,
+                });
+            }
+            Ok(read)
         })
     }
 
@@ -241,6 +264,23 @@ impl SqliteStore {
         }
         result
     }
+}
+
+/// A stored state from a row's columns `count, sum, sketch`, the first at
+/// `at`.
+fn state_at(row: &rusqlite::Row<'_>, at: usize) -> Result<AggState, StoreError> {
+    let sketch = row
+        .get_ref(at + 2)?
+        .as_blob_or_null()
+        .map_err(rusqlite::Error::from)?
+        .map(Sketch::from_bytes)
+        .transpose()
+        .map_err(StoreError::CorruptSketch)?;
+    Ok(AggState::from_parts(
+        row.get::<_, i64>(at)? as u64,
+        row.get(at + 1)?,
+        sketch,
+    ))
 }
 
 /// The columns of table `windows`; none before it exists.

@@ -26,9 +26,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::hub::{Batch, Command, Hub};
+use super::resume::Resumes;
 use super::topic::{Topic, TopicError};
 use crate::ops::Ops;
 use tally_dataflow::config::MetricSpec;
+use tally_dataflow::time::{parse_rfc3339, Millis};
 
 /// How often the server pings a client.
 const PING_EVERY: Duration = Duration::from_secs(15);
@@ -79,12 +81,16 @@ struct Request {
     /// only.
     #[serde(rename = "groupBy")]
     group_by: Option<String>,
+    /// For a subscription, the start of the first window to replay, as
+    /// RFC 3339: a client that reconnects resumes from there.
+    since: Option<String>,
 }
 
 /// What a client's message asks for.
 pub(super) enum Read {
-    /// A subscription, checked against the metrics it was checked with.
-    Subscribe(Topic, Arc<Vec<MetricSpec>>),
+    /// A subscription, checked against the metrics it was checked with,
+    /// and the window start it resumes from, if it does.
+    Subscribe(Topic, Arc<Vec<MetricSpec>>, Option<Millis>),
     /// A subscription refused, with the topic's text and why.
     Refuse(String, TopicError),
     /// An unsubscription from the topic with this text.
@@ -95,17 +101,27 @@ pub(super) enum Read {
 /// says why it cannot be read at all.
 pub(super) fn read_request(text: &str, metrics: &Arc<Vec<MetricSpec>>) -> Result<Read, String> {
     match serde_json::from_str::<Request>(text) {
-        Ok(request) if request.action == "subscribe" => Ok(
-            match Topic::parse(
-                &request.topic,
-                request.window.as_deref(),
-                request.group_by.as_deref(),
-                metrics,
-            ) {
-                Ok(topic) => Read::Subscribe(topic, Arc::clone(metrics)),
-                Err(error) => Read::Refuse(request.topic, error),
-            },
-        ),
+        Ok(request) if request.action == "subscribe" => {
+            let since = match request.since.as_deref().map(|t| (t, parse_rfc3339(t))) {
+                None => None,
+                Some((_, Some(since))) => Some(since),
+                Some((text, None)) => {
+                    let error = TopicError::BadSince(text.to_owned());
+                    return Ok(Read::Refuse(request.topic, error));
+                }
+            };
+            Ok(
+                match Topic::parse(
+                    &request.topic,
+                    request.window.as_deref(),
+                    request.group_by.as_deref(),
+                    metrics,
+                ) {
+                    Ok(topic) => Read::Subscribe(topic, Arc::clone(metrics), since),
+                    Err(error) => Read::Refuse(request.topic, error),
+                },
+            )
+        }
         Ok(request) if request.action == "unsubscribe" => Ok(Read::Unsubscribe(request.topic)),
         Ok(request) => Err(format!(
             "unknown action '{}': use subscribe or unsubscribe",
@@ -117,7 +133,13 @@ pub(super) fn read_request(text: &str, metrics: &Arc<Vec<MetricSpec>>) -> Result
 
 /// Serves one WebSocket client, on a connection that has just been
 /// upgraded, until it leaves or falls behind, within `bounds`.
-pub(super) async fn serve(hub: Hub, upgraded: Upgraded, bounds: Bounds, ops: Arc<Ops>) {
+pub(super) async fn serve(
+    hub: Hub,
+    resumes: Resumes,
+    upgraded: Upgraded,
+    bounds: Bounds,
+    ops: Arc<Ops>,
+) {
     let queue = bounds.queue;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -143,17 +165,16 @@ pub(super) async fn serve(hub: Hub, upgraded: Upgraded, bounds: Bounds, ops: Arc
     let (mut sink, stream) = ws.split();
     // Reading runs in a task of its own, woken only when the client sends
     // something, so sending never polls the socket for reads.
-    let started = Instant::now();
-    let heard = Arc::new(AtomicU64::new(0));
+    let heard = Heard::new();
     let (replies_tx, mut replies) = mpsc::channel::<Reply>(8);
     let mut reader = tokio::spawn(read_requests(
         stream,
         client,
         hub.clone(),
+        resumes,
         replies_tx,
         Arc::clone(&ops),
-        Arc::clone(&heard),
-        started,
+        heard.clone(),
     ));
     let mut ping = tokio::time::interval(PING_EVERY);
     loop {
@@ -190,8 +211,7 @@ pub(super) async fn serve(hub: Hub, upgraded: Upgraded, bounds: Bounds, ops: Arc
                 None => break,
             },
             _ = ping.tick() => {
-                let heard = Duration::from_millis(heard.load(Ordering::Relaxed));
-                if started.elapsed().saturating_sub(heard) > SILENCE_LIMIT {
+                if heard.silent_for() > SILENCE_LIMIT {
                     break;
                 }
                 Outgoing::Frame(Message::Ping(Default::default()))
@@ -230,6 +250,36 @@ pub(super) async fn serve(hub: Hub, upgraded: Upgraded, bounds: Bounds, ops: Arc
     ops.ws_clients.dec();
 }
 
+/// When a client was last heard from, shared by its reader and its writer.
+#[derive(Clone)]
+struct Heard {
+    /// When the connection started.
+    started: Instant,
+    /// The last frame's time, in milliseconds since `started`.
+    last: Arc<AtomicU64>,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard {
+            started: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Notes that a frame arrived now.
+    fn note(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// How long since the last frame, or since the start.
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
 /// What a client's task sends next.
 enum Outgoing {
     Live(Batch),
@@ -237,22 +287,22 @@ enum Outgoing {
 }
 
 /// Reads a client's requests until it closes: subscriptions, checked
-/// against the hub's metrics, go to the hub, which answers each, and so do
+/// against the hub's metrics, go to the hub, which answers each (one that
+/// resumes with what `resumes` read of the store first), and so do
 /// unsubscriptions; the errors of unreadable messages go back to the client
 /// through `replies`, and so does the close for a binary frame. Every
-/// frame, pongs included, is noted in `heard`, in milliseconds since
-/// `started`.
+/// frame, pongs included, is noted in `heard`.
 async fn read_requests(
     mut stream: SplitStream<Socket>,
     client: u64,
     hub: Hub,
+    resumes: Resumes,
     replies: mpsc::Sender<Reply>,
     ops: Arc<Ops>,
-    heard: Arc<AtomicU64>,
-    started: Instant,
+    heard: Heard,
 ) {
     while let Some(Ok(frame)) = stream.next().await {
-        heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        heard.note();
         let text = match frame {
             Message::Text(text) => text,
             Message::Binary(_) => {
@@ -273,13 +323,18 @@ async fn read_requests(
             _ => continue,
         };
         let error = match read_request(&text, &hub.catalog.active()) {
-            Ok(Read::Subscribe(topic, metrics)) => {
+            Ok(Read::Subscribe(topic, metrics, since)) => {
+                let resume = match since {
+                    Some(since) => Some(resumes.read(&topic, &metrics, since).await),
+                    None => None,
+                };
                 let _ = hub
                     .commands
                     .send(Command::Subscribe {
                         client,
                         topic,
                         metrics,
+                        resume,
                     })
                     .await;
                 continue;

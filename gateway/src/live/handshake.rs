@@ -13,6 +13,8 @@ use warp::{Filter, Rejection, Reply};
 
 use super::connection;
 use super::hub::Hub;
+use super::resume::Resumes;
+use crate::backend::History;
 use crate::ops::Ops;
 use crate::origins::Origins;
 use crate::reply::ApiError;
@@ -31,14 +33,17 @@ pub type Handshake = Box<dyn FnOnce() -> Response + Send>;
 /// large share of the server's CPU.
 ///
 /// Each connection gets a queue of `live.queue` updates and may hold
-/// `live.max_subscriptions` subscriptions. A browser's page must be of an
+/// `live.max_subscriptions` subscriptions; a subscription that resumes
+/// reads what the hub forgot from `history`. A browser's page must be of an
 /// origin `origins` allows.
 pub fn route(
     hub: Hub,
     live: &LiveConfig,
+    history: Arc<dyn History>,
     ops: Arc<Ops>,
     origins: Arc<Origins>,
 ) -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone {
+    let resumes = Resumes::new(history, live);
     let bounds = connection::Bounds {
         queue: live.queue,
         max_subscriptions: live.max_subscriptions,
@@ -48,6 +53,7 @@ pub fn route(
         .and(warp::ext::optional::<OnUpgrade>())
         .map(move |headers: HeaderMap, upgrade: Option<OnUpgrade>| {
             let (hub, ops, origins) = (hub.clone(), Arc::clone(&ops), Arc::clone(&origins));
+            let resumes = resumes.clone();
             Box::new(move || {
                 let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or("null"));
                 let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
@@ -65,7 +71,9 @@ pub fn route(
                 };
                 tokio::spawn(async move {
                     match upgrade.await {
-                        Ok(upgraded) => connection::serve(hub, upgraded, bounds, ops).await,
+                        Ok(upgraded) => {
+                            connection::serve(hub, resumes, upgraded, bounds, ops).await
+                        }
                         Err(e) => tracing::debug!("a WebSocket upgrade failed: {e}"),
                     }
                 });

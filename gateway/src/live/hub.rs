@@ -16,6 +16,7 @@ use tally_dataflow::time::{format_rfc3339, Millis};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use super::resume::Resume;
 use super::topic::{Topic, TopicError};
 use crate::backend::LiveInterest;
 use crate::catalog::Catalog;
@@ -54,10 +55,12 @@ pub(super) enum Command {
     /// A client subscribed to `topic`, checked against `metrics`. The hub
     /// answers with an acknowledgement, then the current value, or with an
     /// error past the client's bound or if the metrics have changed since.
+    /// With `resume`, it first replays the windows from its `since` on.
     Subscribe {
         client: u64,
         topic: Topic,
         metrics: Arc<Vec<MetricSpec>>,
+        resume: Option<Resume>,
     },
     /// A client's subscription was refused. The error goes through the
     /// client's queue, so it arrives after what earlier subscriptions
@@ -145,6 +148,8 @@ struct HubState {
     /// Subscriptions per metric.
     refs: HashMap<u16, usize>,
     interest: Option<Arc<dyn LiveInterest>>,
+    /// The workers' lowest watermark, as the bus last said.
+    watermark: Millis,
 }
 
 impl HubState {
@@ -158,6 +163,7 @@ impl HubState {
             clients: HashMap::new(),
             refs: HashMap::new(),
             interest: None,
+            watermark: Millis::MIN,
         }
     }
 
@@ -218,9 +224,10 @@ impl HubState {
                 client,
                 topic,
                 metrics,
+                resume,
             } => {
                 if Arc::ptr_eq(&metrics, &self.metrics) {
-                    self.subscribe(client, topic);
+                    self.subscribe(client, topic, resume);
                 } else {
                     self.ops.ws_refused("bad_subscription");
                     let error = "the metrics changed while subscribing; subscribe again";
@@ -283,21 +290,20 @@ impl HubState {
         self.send_to(client, Batch::from([Utf8Bytes::from(error)]));
     }
 
-    fn subscribe(&mut self, client: u64, topic: Topic) {
-        let Some(state) = self.clients.get_mut(&client) else {
+    fn subscribe(&mut self, client: u64, topic: Topic, resume: Option<Resume>) {
+        let Some(state) = self.clients.get(&client) else {
             return;
         };
         let metric = &self.metrics[topic.metric() as usize];
-        let ack = Utf8Bytes::from(
-            json!({
-                "subscribed": topic.text(),
-                "window": metric.windows[topic.window() as usize].to_string(),
-                "groupBy": topic.group_by().map(|d| &metric.dimensions[d]),
-            })
-            .to_string(),
-        );
+        let mut ack = json!({
+            "subscribed": topic.text(),
+            "window": metric.windows[topic.window() as usize].to_string(),
+            "groupBy": topic.group_by().map(|d| &metric.dimensions[d]),
+            "lateness": self.lateness,
+        });
         if state.topics.contains(&topic) {
             // Held already: acknowledged again, and nothing more is sent.
+            let ack = Utf8Bytes::from(ack.to_string());
             self.send_to(client, Batch::from([ack]));
             return;
         }
@@ -310,7 +316,19 @@ impl HubState {
             self.refuse(client, topic.text(), &error);
             return;
         }
-        state.topics.insert(topic.clone());
+        // What the store holds completes what the hub holds, for everyone:
+        // after a restart the hub has only the groups that changed since.
+        if let Some(resume) = &resume {
+            let touched = resume
+                .stored
+                .iter()
+                .filter_map(|u| self.insert(Arc::clone(u), true))
+                .collect();
+            self.fan_out(touched);
+        }
+        if let Some(state) = self.clients.get_mut(&client) {
+            state.topics.insert(topic.clone());
+        }
         let (metrics, refs, interest) = (&self.metrics, &mut self.refs, &self.interest);
         let sub = self.subs.entry(topic.clone()).or_insert_with(|| {
             let count = refs.entry(topic.metric()).or_default();
@@ -326,16 +344,70 @@ impl HubState {
             }
         });
         sub.clients.insert(client);
-        // The acknowledgement comes first, then the current value: the
-        // newest window. They take one place in the client's queue.
-        let mut answer = vec![ack];
-        if let Some((start, slot)) = self
+        let empty = BTreeMap::new();
+        let slots = self
             .windows
             .get(&(topic.metric(), topic.window()))
-            .and_then(|slots| slots.iter().next_back())
-        {
-            answer.extend(messages(&self.metrics, &topic, sub, *start, slot, false));
+            .unwrap_or(&empty);
+        // The current value is the newest window the hub holds; a replay
+        // sends every held window from `since` on too.
+        let newest = slots.keys().next_back().copied().unwrap_or(Millis::MAX);
+        let mut values = Vec::new();
+        let mut held_from = newest;
+        if let Some(resume) = resume {
+            held_from = held_from.min(resume.since);
+            // Windows the hub forgot come from the store, in order before
+            // the held ones, and go with nobody's `sent`.
+            let since = match resume.complete_from {
+                Some(from) if from > resume.since => {
+                    self.ops.live_resumed("truncated");
+                    from
+                }
+                Some(_) => {
+                    self.ops.live_resumed("complete");
+                    resume.since
+                }
+                None => {
+                    self.ops.live_resumed("unavailable");
+                    slots
+                        .keys()
+                        .next()
+                        .map_or(resume.since, |&s| s.max(resume.since))
+                }
+            };
+            ack["since"] = Value::String(format_rfc3339(since));
+            let mut forgotten: BTreeMap<Millis, Slot> = BTreeMap::new();
+            for u in resume.stored {
+                if u.span.start < since || slots.contains_key(&u.span.start) {
+                    continue;
+                }
+                forgotten
+                    .entry(u.span.start)
+                    .or_insert_with(|| Slot {
+                        end: u.span.end,
+                        groups: HashMap::new(),
+                    })
+                    .groups
+                    .insert(u.group.clone(), u);
+            }
+            for (start, slot) in &forgotten {
+                values.extend(messages(&self.metrics, &topic, None, *start, slot, false));
+            }
         }
+        for (start, slot) in slots.range(held_from..) {
+            values.extend(messages(
+                &self.metrics,
+                &topic,
+                Some(&mut *sub),
+                *start,
+                slot,
+                false,
+            ));
+        }
+        // The acknowledgement comes first, then the replay and the current
+        // value. They take one place in the client's queue.
+        let mut answer = vec![Utf8Bytes::from(ack.to_string())];
+        answer.extend(values);
         self.send_to(client, answer.into());
     }
 
@@ -384,16 +456,20 @@ impl HubState {
     /// a metric that stops receiving events go too, which its own newest
     /// window never pushes out.
     fn through(&mut self, watermark: u64) {
-        let watermark = Millis::try_from(watermark).unwrap_or(Millis::MAX);
-        for slots in self.windows.values_mut() {
-            forget_before(slots, self.lateness, watermark);
-        }
-        self.windows.retain(|_, slots| !slots.is_empty());
-        self.forget_sent();
+        self.watermark = Millis::try_from(watermark).unwrap_or(Millis::MAX);
+        self.forget();
     }
 
-    /// Forgets what each subscription was sent of windows no longer held.
-    fn forget_sent(&mut self) {
+    /// Forgets the windows a late event can no longer revise: those that
+    /// ended more than the lateness before the watermark, or before the
+    /// start of their metric's newest window. And what each subscription
+    /// was sent of them.
+    fn forget(&mut self) {
+        for slots in self.windows.values_mut() {
+            let newest = slots.keys().next_back().copied().unwrap_or(Millis::MIN);
+            forget_before(slots, self.lateness, newest.max(self.watermark));
+        }
+        self.windows.retain(|_, slots| !slots.is_empty());
         for (topic, sub) in self.subs.iter_mut() {
             let oldest = self
                 .windows
@@ -405,44 +481,55 @@ impl HubState {
     }
 
     fn updates(&mut self, updates: Vec<Arc<WindowUpdate>>) {
-        let mut touched = BTreeSet::new();
         let now = now_ms();
+        let mut touched = BTreeSet::new();
         for u in updates {
             if let (false, Some(at)) = (u.is_final, u.appended_at) {
                 self.ops
                     .live_freshness
                     .observe((now - at).max(0) as f64 / 1000.0);
             }
-            let slots = self.windows.entry((u.metric, u.window)).or_default();
-            let slot = slots.entry(u.span.start).or_insert_with(|| Slot {
-                end: u.span.end,
-                groups: HashMap::new(),
-            });
-            let key = (u.metric, u.window, u.span.start);
-            // Most updates are of a group the window holds already: one
-            // lookup, and its dimension values are not copied again.
-            match slot.groups.get_mut(&u.group) {
-                // A bus may repeat an older value of a final window (a
-                // latest value read while the final or a correction was on
-                // its way): keep the newest.
-                Some(last) if last.is_final && (!u.is_final || u.revision < last.revision) => {
-                    continue
-                }
-                Some(last) => *last = u,
-                None => {
-                    slot.groups.insert(u.group.clone(), u);
-                }
-            }
-            touched.insert(key);
+            touched.extend(self.insert(u, false));
         }
-        for slots in self.windows.values_mut() {
-            // Keep the windows a late event can still revise: those ending
-            // within the lateness of the newest window's start.
-            if let Some(newest) = slots.keys().next_back().copied() {
-                forget_before(slots, self.lateness, newest);
+        self.fan_out(touched);
+    }
+
+    /// Takes a group's value of a window, unless the hub holds a newer one,
+    /// and says which window it changed. A `stored` value, read from the
+    /// store, replaces only a partial or a lower revision.
+    fn insert(&mut self, u: Arc<WindowUpdate>, stored: bool) -> Option<(u16, u8, Millis)> {
+        let slots = self.windows.entry((u.metric, u.window)).or_default();
+        let slot = slots.entry(u.span.start).or_insert_with(|| Slot {
+            end: u.span.end,
+            groups: HashMap::new(),
+        });
+        let key = (u.metric, u.window, u.span.start);
+        // Most updates are of a group the window holds already: one lookup,
+        // and its dimension values are not copied again.
+        match slot.groups.get_mut(&u.group) {
+            // A bus may repeat an older value of a final window (a latest
+            // value read while the final or a correction was on its way):
+            // keep the newest.
+            Some(last)
+                if last.is_final
+                    && (!u.is_final
+                        || u.revision < last.revision
+                        || (stored && u.revision == last.revision)) =>
+            {
+                return None
+            }
+            Some(last) => *last = u,
+            None => {
+                slot.groups.insert(u.group.clone(), u);
             }
         }
-        self.forget_sent();
+        Some(key)
+    }
+
+    /// Forgets what no event can revise, then sends each subscription the
+    /// changes of the `touched` windows it follows.
+    fn fan_out(&mut self, touched: BTreeSet<(u16, u8, Millis)>) {
+        self.forget();
         let mut outbox: Vec<(Vec<u64>, Batch)> = Vec::new();
         for (topic, sub) in self.subs.iter_mut() {
             let (metric, window) = (topic.metric(), topic.window());
@@ -457,7 +544,7 @@ impl HubState {
                 else {
                     continue;
                 };
-                batch.extend(messages(&self.metrics, topic, sub, start, slot, true));
+                batch.extend(messages(&self.metrics, topic, Some(sub), start, slot, true));
             }
             if !batch.is_empty() {
                 outbox.push((sub.clients.iter().copied().collect(), batch.into()));
@@ -483,15 +570,16 @@ fn forget_before(slots: &mut BTreeMap<Millis, Slot>, lateness: Millis, time: Mil
 
 /// The messages a subscription gets for one window: one, or one per group.
 ///
-/// With `changes_only`, values equal to the last one sent are left out, as
-/// a batch may touch a window without changing what this topic sees. A final
+/// What is sent is noted in `sub`, if given. With `changes_only`, values
+/// equal to the last one sent are left out, as a batch may touch a window
+/// without changing what this topic sees. A final
 /// value's revision is the sum of its groups' revisions. `ingestedAt` is
 /// when the log took the newest batch the value includes: the dashboard's
 /// freshness is the time since.
 fn messages(
     metrics: &[MetricSpec],
     topic: &Topic,
-    sub: &mut Subscription,
+    mut sub: Option<&mut Subscription>,
     start: Millis,
     slot: &Slot,
     changes_only: bool,
@@ -526,13 +614,16 @@ fn messages(
                 appended_at,
             } = merged;
             let value = state.value(metric.aggregate);
-            let last = sub.sent.get(&(start, group.clone())).copied();
-            if changes_only && last.is_some_and(|l| l.value == value && l.is_final == is_final) {
-                return None;
+            if let Some(sub) = sub.as_deref_mut() {
+                let last = sub.sent.get(&(start, group.clone())).copied();
+                if changes_only && last.is_some_and(|l| l.value == value && l.is_final == is_final)
+                {
+                    return None;
+                }
+                sub.sent
+                    .insert((start, group.clone()), Sent { value, is_final });
             }
             let revision = if is_final { revisions } else { 0 };
-            sub.sent
-                .insert((start, group.clone()), Sent { value, is_final });
             let mut body = json!({
                 "topic": topic.text(),
                 "window": spec.to_string(),
@@ -580,6 +671,7 @@ mod tests {
     use tokio::sync::mpsc::error::TryRecvError;
 
     use super::*;
+    use crate::live::resume::Resume;
 
     fn hub() -> (HubState, Arc<Ops>) {
         let config = Config::load(
@@ -613,15 +705,17 @@ mod tests {
         })
     }
 
-    /// Joins `client` and subscribes it to `metrics:ad_clicks`, grouped by
-    /// `group_by` if given. Returns its queue, past the first answer, and
-    /// how many current values came with that answer's acknowledgement.
-    fn subscribe(
+    /// Joins `client` with a queue of `queue` and subscribes it to
+    /// `metrics:ad_clicks`, grouped by `group_by` if given, resuming with
+    /// `resume` if given. Returns its queue, past the first answer, and
+    /// that answer: the acknowledgement, then the values that came with it.
+    fn join(
         hub: &mut HubState,
         client: u64,
         queue: usize,
         group_by: Option<&str>,
-    ) -> (mpsc::Receiver<Batch>, usize) {
+        resume: Option<Resume>,
+    ) -> (mpsc::Receiver<Batch>, Vec<Value>) {
         let (tx, mut rx) = mpsc::channel(queue);
         hub.command(Command::Join {
             client,
@@ -634,11 +728,31 @@ mod tests {
             client,
             topic,
             metrics,
+            resume,
         });
         let answer = rx.try_recv().expect("an acknowledgement");
-        let ack: Value = serde_json::from_str(&answer[0]).unwrap();
-        assert_eq!(ack["subscribed"], "metrics:ad_clicks", "{ack}");
-        assert_eq!(ack["window"], "tumbling 10s", "{ack}");
+        let answer: Vec<Value> = answer
+            .iter()
+            .map(|m| serde_json::from_str(m).unwrap())
+            .collect();
+        assert_eq!(
+            answer[0]["subscribed"], "metrics:ad_clicks",
+            "{}",
+            answer[0]
+        );
+        assert_eq!(answer[0]["window"], "tumbling 10s", "{}", answer[0]);
+        (rx, answer)
+    }
+
+    /// [`join`] without a resume: the queue, and how many current values
+    /// came with the acknowledgement.
+    fn subscribe(
+        hub: &mut HubState,
+        client: u64,
+        queue: usize,
+        group_by: Option<&str>,
+    ) -> (mpsc::Receiver<Batch>, usize) {
+        let (rx, answer) = join(hub, client, queue, group_by, None);
         (rx, answer.len() - 1)
     }
 
@@ -662,6 +776,7 @@ mod tests {
                 client: 1,
                 topic,
                 metrics: Arc::clone(&metrics),
+                resume: None,
             });
         }
         hub.command(Command::Unsubscribe {
@@ -672,6 +787,7 @@ mod tests {
             client: 1,
             topic: topic("FR"),
             metrics,
+            resume: None,
         });
         let answers: Vec<Value> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|batch| serde_json::from_str(&batch[0]).unwrap())
@@ -794,5 +910,155 @@ mod tests {
             "no event can revise it"
         );
         assert!(hub.windows.is_empty());
+    }
+
+    /// A group's value of the ten-second window starting at `start` s.
+    fn at(
+        start: Millis,
+        country: &str,
+        count: u64,
+        is_final: bool,
+        revision: u32,
+    ) -> Arc<WindowUpdate> {
+        let mut u = (*update(count, is_final, revision)).clone();
+        u.span = Span {
+            start: start * 1000,
+            end: (start + 10) * 1000,
+        };
+        u.group = vec![country.into()];
+        Arc::new(u)
+    }
+
+    /// [`join`] resuming with `resume`.
+    fn resume(
+        hub: &mut HubState,
+        client: u64,
+        resume: Resume,
+    ) -> (mpsc::Receiver<Batch>, Vec<Value>) {
+        join(hub, client, 50, None, Some(resume))
+    }
+
+    /// (window start in seconds, value, revision, final) of messages.
+    fn seen(messages: &[Value]) -> Vec<(i64, u64, u64, bool)> {
+        messages
+            .iter()
+            .map(|m| {
+                let start = tally_dataflow::time::parse_rfc3339(m["windowStart"].as_str().unwrap())
+                    .unwrap();
+                (
+                    start / 1000,
+                    m["value"].as_u64().unwrap(),
+                    m["revision"].as_u64().unwrap(),
+                    m["final"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_resume_replays_forgotten_windows_from_the_store_then_the_held_ones() {
+        let (mut hub, ops) = hub();
+        // The hub holds the window at 100 s, open, and at 90 s, revised.
+        hub.updates(vec![at(90, "US", 5, true, 1), at(100, "US", 2, false, 0)]);
+        // The store has the windows at 0 s and 10 s, and the final of 90 s
+        // before its revision.
+        let stored = vec![
+            at(90, "US", 4, true, 0),
+            at(10, "DE", 3, true, 2),
+            at(10, "US", 1, true, 0),
+        ];
+        let (_, answer) = resume(
+            &mut hub,
+            1,
+            Resume {
+                since: 10_000,
+                stored,
+                complete_from: Some(10_000),
+            },
+        );
+        assert_eq!(answer[0]["since"], "1970-01-01T00:00:10Z", "{}", answer[0]);
+        assert_eq!(answer[0]["lateness"], 32_000);
+        assert_eq!(
+            seen(&answer[1..]),
+            [(10, 4, 2, true), (90, 5, 1, true), (100, 2, 0, false)]
+        );
+        assert!(ops
+            .render(0)
+            .contains("tally_live_resumes_total{outcome=\"complete\"} 1"));
+    }
+
+    #[test]
+    fn stored_values_complete_a_window_the_hub_holds_in_part_for_every_subscriber() {
+        let (mut hub, _) = hub();
+        // After a restart the hub has seen only the group a late event
+        // revised.
+        hub.updates(vec![at(0, "US", 2, true, 1)]);
+        let (mut connected, _) = subscribe(&mut hub, 1, 50, None);
+        let stored = vec![at(0, "DE", 7, true, 0), at(0, "US", 2, true, 1)];
+        let (_, answer) = resume(
+            &mut hub,
+            2,
+            Resume {
+                since: 0,
+                stored,
+                complete_from: Some(0),
+            },
+        );
+        assert_eq!(seen(&answer[1..]), [(0, 9, 1, true)]);
+        let batch = connected.try_recv().expect("the corrected value");
+        let got: Vec<Value> = batch
+            .iter()
+            .map(|m| serde_json::from_str(m).unwrap())
+            .collect();
+        assert_eq!(seen(&got), [(0, 9, 1, true)]);
+        // A stored value older than the hub's is no news.
+        let (_, answer) = resume(
+            &mut hub,
+            3,
+            Resume {
+                since: 0,
+                stored: vec![at(0, "US", 1, true, 0)],
+                complete_from: Some(0),
+            },
+        );
+        assert_eq!(seen(&answer[1..]), [(0, 9, 1, true)]);
+        assert!(connected.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_resume_the_store_could_not_serve_in_full_says_from_when_it_is_complete() {
+        let (mut hub, ops) = hub();
+        hub.updates(vec![at(100, "US", 2, false, 0)]);
+        let (_, answer) = resume(
+            &mut hub,
+            1,
+            Resume {
+                since: 0,
+                stored: vec![at(50, "US", 1, true, 0)],
+                complete_from: Some(50_000),
+            },
+        );
+        assert_eq!(answer[0]["since"], "1970-01-01T00:00:50Z");
+        assert_eq!(seen(&answer[1..]), [(50, 1, 0, true), (100, 2, 0, false)]);
+        let (_, answer) = resume(
+            &mut hub,
+            2,
+            Resume {
+                since: 0,
+                stored: Vec::new(),
+                complete_from: None,
+            },
+        );
+        assert_eq!(answer[0]["since"], "1970-01-01T00:01:40Z");
+        assert_eq!(seen(&answer[1..]), [(100, 2, 0, false)]);
+        let text = ops.render(0);
+        assert!(
+            text.contains("tally_live_resumes_total{outcome=\"truncated\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tally_live_resumes_total{outcome=\"unavailable\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -29,17 +29,32 @@
 //! restarts (they are in its checkpoints), so `(window, revision)` tells a
 //! repeat from a correction even across a restart of the server.
 //!
+//! **Resume.** A subscribe may carry `since`, an RFC 3339 time: the
+//! subscription then first gets, in window order, the latest value of every
+//! window that starts at or after it, final or revised, from the hub where
+//! it still holds the window and from the store where it forgot it, then
+//! the current value, then the live stream. The acknowledgement says from
+//! which window start the replay is complete (`since`), later than asked
+//! when the rows past `live.max_resume_rows` were left out or the store
+//! could not be read, and how long after its end a window may still be
+//! revised (`lateness`, in milliseconds of event time), from which a
+//! client works out where to resume after its next disconnect. The stored
+//! values also complete the hub's windows, which after a restart hold only
+//! the groups that changed since.
+//!
 //! # Layout
 //!
 //! - `handshake`: the route, and the WebSocket opening handshake.
 //! - `connection`: one client's connection: its reader, its writer with
 //!   pings, and its bounded queue.
 //! - `hub`: the fan-out task and its state.
+//! - `resume`: what a subscription that resumes reads of the store.
 //! - `topic`: a subscription's topic, parsed once when it arrives.
 
 mod connection;
 mod handshake;
 mod hub;
+mod resume;
 mod topic;
 
 pub use handshake::{route, Handshake};

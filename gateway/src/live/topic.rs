@@ -52,6 +52,9 @@ pub(super) enum TopicError {
     /// The `window` is not a window spec; the message says why.
     #[error("{0}")]
     BadWindow(String),
+    /// The `since` of a resuming subscription is not a time.
+    #[error("since: '{0}' is not an RFC 3339 time, such as 2026-11-29T10:25:00Z")]
+    BadSince(String),
     /// The metric is not computed over the `window` asked for.
     #[error("{metric} has no window '{window}'")]
     NoSuchWindow {
