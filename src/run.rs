@@ -13,7 +13,7 @@ use tally_connectors::store::sqlite::SqliteStore;
 use tally_connectors::store::{DeadLetterSink, StoreWriter};
 use tally_dataflow::checkpoint::PartitionCut;
 use tally_dataflow::config::{Config, MetricSpec};
-use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink};
+use tally_gateway::backend::{EmbeddedLog, EmbeddedStore, EventSink, History};
 use tally_gateway::catalog::{self, Catalog};
 use tally_gateway::live::Hub;
 use tally_gateway::ops::{JobMetrics, Observed, Ops};
@@ -95,11 +95,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let lateness = config.dataflow.revision_horizon();
         let hub = Hub::start(Arc::clone(&catalog), lateness, bus, Arc::clone(&ops), None);
+        let history: Arc<dyn History> = Arc::new(EmbeddedStore(Arc::new(store)));
+        hub.seed(Arc::clone(&history), &config.live, lateness);
         let gateway = Arc::new(Gateway {
             config: Arc::clone(&config),
             catalog: Arc::clone(&catalog),
             events: Arc::clone(&events) as Arc<dyn EventSink>,
-            history: Arc::new(EmbeddedStore(Arc::new(store))),
+            history,
             hub,
             ops: Arc::clone(&ops),
         });

@@ -55,6 +55,41 @@ pub fn wait_for(
 }
 
 #[test]
+fn a_revision_after_a_restart_shows_the_whole_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let lateness = [("TALLY__DATAFLOW__ALLOWED_LATENESS", "5m")];
+    let tally = Tally::start(dir.path(), &lateness, &[]);
+    let click = |seconds: i64, country: &str| json!({"eventType": "ad_click", "timestamp": (base_ms() / 1000 + seconds), "dimensions": {"country": country, "campaignId": "c"}});
+    tally.post_events(&[click(31, "US"), click(32, "DE"), click(33, "DE")]);
+    // Event time passes 50 s: the window at 30 s closes, and a checkpoint
+    // holds it closed, so the restarted job does not send it again.
+    tally.flush(base_ms() + 55_000);
+    crate::util::eventually(Duration::from_secs(30), || {
+        match tally.prometheus("tally_checkpoint_boundary_seconds") {
+            Some(b) if b as i64 * 1000 >= base_ms() + 50_000 => Ok(()),
+            b => Err(format!("checkpoint boundary {b:?}")),
+        }
+    });
+    tally.stop();
+
+    // After the restart, a late event for one group revises the window:
+    // its value is the whole window's, not that group's alone.
+    let tally = Tally::start(dir.path(), &lateness, &[]);
+    let mut socket = connect(&tally);
+    let subscribe =
+        json!({"action": "subscribe", "topic": "metrics:ad_clicks", "window": "tumbling 10s"});
+    socket.send(Message::text(subscribe.to_string())).unwrap();
+    wait_for(&mut socket, Duration::from_secs(5), |m| {
+        m["subscribed"].is_string()
+    });
+    tally.post_events(&[click(35, "US")]);
+    let revised = wait_for(&mut socket, Duration::from_secs(15), |m| {
+        m["windowStart"] == at(30_000) && m["revision"] == 1
+    });
+    assert_eq!(revised["value"], 4, "{revised}");
+}
+
+#[test]
 fn partials_then_final_then_revision() {
     let dir = tempfile::tempdir().unwrap();
     let tally = Tally::start(dir.path(), &[("TALLY__LIVE__INTERVAL", "200ms")], &[]);

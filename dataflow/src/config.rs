@@ -235,15 +235,20 @@ pub struct LiveConfig {
     /// [`DEFAULT_MAX_RESUME_ROWS`].
     pub max_resume_rows: usize,
     /// Resuming subscriptions whose rows a gateway reads at once; the others
-    /// wait their turn. Default 4.
+    /// wait their turn. Default [`DEFAULT_RESUME_READS`].
     pub resume_reads: usize,
 }
 
 /// The default of `live.max_resume_rows`: 20,000. An ungrouped topic of a
 /// metric with 50 groups and 10-second windows replays more than an hour
-/// of windows within it; a resume holds its rows (sketches included) in
-/// memory while it is served.
+/// of windows within it. A resume holds its rows (sketches included) from
+/// the read until the hub has replayed them.
 pub const DEFAULT_MAX_RESUME_ROWS: usize = 20_000;
+
+/// The default of `live.resume_reads`: 4 reads of the store at once per
+/// gateway, so a crowd of clients that reconnect together after a restart
+/// takes its turns rather than the store.
+pub const DEFAULT_RESUME_READS: usize = 4;
 
 /// The default of `live.interval`: 100 ms. A change to a group not shown
 /// since the last tick goes out at once; a busy group's waits for the next
@@ -758,7 +763,12 @@ impl Reader {
                     DEFAULT_MAX_RESUME_ROWS as i64,
                     1..=100_000_000,
                 ) as usize,
-                resume_reads: self.integer(&mut live, "resume_reads", 4, 1..=1024) as usize,
+                resume_reads: self.integer(
+                    &mut live,
+                    "resume_reads",
+                    DEFAULT_RESUME_READS as i64,
+                    1..=1024,
+                ) as usize,
             },
             history: self.history(&mut history),
             backfill: BackfillConfig {

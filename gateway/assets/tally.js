@@ -13,9 +13,11 @@
 // exponential backoff and subscribes again with `since`, from the oldest
 // window that may have changed while it was away, so the server replays the
 // finals and revisions it missed before the current value. Updates already
-// seen, by (window, revision), are dropped, so `onUpdate` sees every window's
-// latest value as a client that never disconnected would: every correction
-// once, and never an older value after a newer.
+// seen, by (window, revision), are dropped, so `onUpdate` gets each window's
+// latest value once, and never an older value after a newer. Where the
+// server could not replay all it was asked for (the store was unreachable,
+// or the replay was past the server's bound), the subscription's `onError`
+// says from when it did.
 // A refused batch that says when to come back (429 or 503 with Retry-After) is
 // sent again no sooner than that.
 
@@ -79,7 +81,9 @@ export class Tally {
       // What the server said of the subscription, and the windows seen:
       // where a resume starts from.
       lateness: undefined,
+      revisableFrom: undefined,
       acknowledgedAt: undefined,
+      resumedFrom: undefined,
       size: 0,
       oldestStart: undefined,
       newestFinalEnd: undefined,
@@ -173,6 +177,7 @@ export class Tally {
       this.setState("open");
       for (const sub of this.subscriptions.values()) {
         const since = resumeFrom(sub);
+        sub.resumedFrom = since;
         this.send(since ? { ...sub.request, since } : sub.request);
       }
     };
@@ -211,7 +216,11 @@ export class Tally {
       for (const sub of this.subscriptions.values()) {
         if (!follows(sub, message, message.subscribed)) continue;
         sub.lateness = message.lateness;
+        sub.revisableFrom = message.revisableFrom && Date.parse(message.revisableFrom);
         sub.acknowledgedAt ??= Date.now();
+        if (sub.resumedFrom && message.since && Date.parse(message.since) > Date.parse(sub.resumedFrom)) {
+          sub.errors(`resumed from ${message.since}, not ${sub.resumedFrom}: the windows between are in /v1/metrics`);
+        }
       }
       return;
     }
@@ -264,24 +273,29 @@ function note(sub, message) {
  * the newest final seen, and a window may be revised until the watermark
  * passes its end by `lateness`; so every window that can still change
  * starts at or after that final's end less the lateness and a window's
- * size. Before any final, the oldest window seen, or the time of the first
- * acknowledgement, stands in for that end. Null before any acknowledgement.
+ * size. Before any final, the server's own word on its last
+ * acknowledgement (`revisableFrom`), else the oldest window seen, else the
+ * time of the first acknowledgement, stands in. Null before any
+ * acknowledgement.
  */
 function resumeFrom(sub) {
   if (sub.lateness === undefined) return null;
-  const end = sub.newestFinalEnd ?? sub.oldestStart ?? sub.acknowledgedAt;
-  return new Date(end - sub.lateness - sub.size).toISOString();
+  if (sub.newestFinalEnd !== undefined) return new Date(sub.newestFinalEnd - sub.lateness - sub.size).toISOString();
+  if (sub.revisableFrom) return new Date(Math.min(sub.revisableFrom, sub.oldestStart ?? Infinity)).toISOString();
+  return new Date((sub.oldestStart ?? sub.acknowledgedAt) - sub.lateness - sub.size).toISOString();
 }
 
 /**
  * Whether `message` is news for a subscription: a final or revision not seen
- * before, or a partial of a window that has no final yet.
+ * before, or a partial of a window that has no final yet. A final of the
+ * revision seen with another value is news too: the server completed the
+ * window with groups it had not held (after a restart).
  */
 function isNew(seen, message) {
   const key = `${message.windowStart}\u0000${JSON.stringify(message.group ?? null)}`;
   const last = seen.get(key);
   if (message.final) {
-    if (last?.final && last.revision >= message.revision) return false;
+    if (last?.final && (last.revision > message.revision || (last.revision === message.revision && last.value === message.value))) return false;
   } else if (last?.final || (last && last.value === message.value)) {
     return false;
   }

@@ -176,6 +176,9 @@ async function main() {
     await stopTally(tally);
     await sleep(3_000);
     tally = await startTally(port, join(dataDir, "data"), config);
+    // A client that first subscribes now, without anything to resume.
+    const joined = follower(url);
+    clients.push(joined.client);
     const last = Math.max(...sent.map((e) => e.timestamp));
     const late = CAMPAIGNS.map((campaignId, i) => ({ eventType: "click", timestamp: last - i * WINDOW_MS, dimensions: { campaignId } }));
     await post(url, late);
@@ -188,6 +191,9 @@ async function main() {
     assert.deepEqual(entries(away), entries(stayed));
     const revisedAcross = late.map((e) => `${new Date(Math.floor(e.timestamp / WINDOW_MS) * WINDOW_MS).toISOString().replace(".000Z", "Z")} *`);
     assert.ok(revisedAcross.every((k) => stayed.latest.get(k).revision > 0), "windows closed before the restart were revised after it");
+    // It sees those revisions as the whole window's value, not only the
+    // groups the late events changed.
+    for (const key of revisedAcross) assert.deepEqual(joined.latest.get(key), stayed.latest.get(key), key);
 
     // A new client resuming from the first window gets the same from the
     // store and the hub.

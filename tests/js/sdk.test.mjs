@@ -100,6 +100,30 @@ test("reconnects, resumes from the oldest window that may have changed, and drop
   assert.equal(FakeSocket.all.length, 2, "no reconnect after close");
 });
 
+test("a resume the server could not serve in full reaches onError, and a completed window is news", async () => {
+  FakeSocket.all = [];
+  const tally = new Tally("http://tally.test", { WebSocket: FakeSocket, minBackoffMs: 10, maxBackoffMs: 40 });
+  const [got, errors] = [[], []];
+  tally.subscribe("metrics:ad_clicks", { onError: (e) => errors.push(e) }, (m) => got.push([named[m.windowStart], m.value, m.revision]));
+  const first = await nextSocket(1);
+  first.open();
+  // Before any final, the server's word says where to resume from.
+  first.deliver({ subscribed: "metrics:ad_clicks", window: "tumbling 10s", groupBy: null, lateness: 32000, revisableFrom: "2026-11-29T10:24:38Z" });
+  first.deliver(update("w2", 1, false, 0));
+  first.close();
+  const second = await nextSocket(2);
+  second.open();
+  assert.equal(second.sent[0].since, "2026-11-29T10:24:38.000Z");
+  second.deliver({ subscribed: "metrics:ad_clicks", window: "tumbling 10s", groupBy: null, lateness: 32000, since: "2026-11-29T10:25:10Z" });
+  assert.deepEqual(errors, ["resumed from 2026-11-29T10:25:10Z, not 2026-11-29T10:24:38.000Z: the windows between are in /v1/metrics"]);
+  // A window the server completed after a restart: same revision, new value.
+  second.deliver(update("w2", 3, true, 1));
+  second.deliver(update("w2", 5, true, 1));
+  second.deliver(update("w2", 5, true, 1));
+  assert.deepEqual(got, [["w2", 1, 0], ["w2", 3, 1], ["w2", 5, 1]]);
+  await tally.close();
+});
+
 test("a refused subscription reaches its onError, and acknowledgements reach nobody", async () => {
   FakeSocket.all = [];
   const tally = new Tally("http://tally.test", { WebSocket: FakeSocket });

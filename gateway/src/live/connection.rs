@@ -102,13 +102,12 @@ pub(super) enum Read {
 pub(super) fn read_request(text: &str, metrics: &Arc<Vec<MetricSpec>>) -> Result<Read, String> {
     match serde_json::from_str::<Request>(text) {
         Ok(request) if request.action == "subscribe" => {
-            let since = match request.since.as_deref().map(|t| (t, parse_rfc3339(t))) {
+            let since = match request.since {
                 None => None,
-                Some((_, Some(since))) => Some(since),
-                Some((text, None)) => {
-                    let error = TopicError::BadSince(text.to_owned());
-                    return Ok(Read::Refuse(request.topic, error));
-                }
+                Some(text) => match parse_rfc3339(&text) {
+                    Some(since) => Some(since),
+                    None => return Ok(Read::Refuse(request.topic, TopicError::BadSince(text))),
+                },
             };
             Ok(
                 match Topic::parse(
@@ -325,7 +324,13 @@ async fn read_requests(
         let error = match read_request(&text, &hub.catalog.active()) {
             Ok(Read::Subscribe(topic, metrics, since)) => {
                 let resume = match since {
-                    Some(since) => Some(resumes.read(&topic, &metrics, since).await),
+                    Some(since) => {
+                        let resume = resumes.read(&topic, &metrics, since).await;
+                        // The client was not listened to meanwhile: what it
+                        // sent is read now, so the wait is not its silence.
+                        heard.note();
+                        Some(resume)
+                    }
                     None => None,
                 };
                 let _ = hub

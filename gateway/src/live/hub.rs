@@ -9,16 +9,16 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use tally_connectors::bus::Live;
 use tally_dataflow::aggregate::AggState;
-use tally_dataflow::config::MetricSpec;
+use tally_dataflow::config::{LiveConfig, MetricSpec};
 use tally_dataflow::model::Group;
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::time::{format_rfc3339, Millis};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::resume::Resume;
+use super::resume::{Resume, Resumes};
 use super::topic::{Topic, TopicError};
-use crate::backend::LiveInterest;
+use crate::backend::{History, LiveInterest};
 use crate::catalog::Catalog;
 use crate::ops::Ops;
 use crate::reply::number;
@@ -76,6 +76,12 @@ pub(super) enum Command {
     Unsubscribe { client: u64, topic: String },
     /// A client disconnected, or is disconnected.
     Leave { client: u64 },
+    /// What the store holds of the windows of `metrics` a late event may
+    /// still revise, to complete the hub's own.
+    Seed {
+        metrics: Arc<Vec<MetricSpec>>,
+        stored: Vec<Arc<WindowUpdate>>,
+    },
 }
 
 impl Hub {
@@ -105,6 +111,24 @@ impl Hub {
             next_client: Arc::new(AtomicU64::new(1)),
             catalog,
         }
+    }
+}
+
+impl Hub {
+    /// Completes the hub's windows with what `history` holds of those a
+    /// late event may still revise (`lateness`), read within `live`'s
+    /// bounds, in a task of its own. For `tally run`, whose job does not
+    /// send again the windows it restored: a cluster gateway's hub reads
+    /// every group's latest value from its bus instead.
+    pub fn seed(&self, history: Arc<dyn History>, live: &LiveConfig, lateness: Millis) {
+        let resumes = Resumes::new(history, live);
+        let (commands, metrics) = (self.commands.clone(), self.catalog.active());
+        tokio::spawn(async move {
+            let stored = resumes.revisable(&metrics, lateness).await;
+            if !stored.is_empty() {
+                let _ = commands.send(Command::Seed { metrics, stored }).await;
+            }
+        });
     }
 }
 
@@ -220,6 +244,15 @@ impl HubState {
                 self.clients.insert(client, client_state);
             }
             Command::Leave { client } => self.drop_client(client),
+            Command::Seed { metrics, stored } => {
+                if Arc::ptr_eq(&metrics, &self.metrics) {
+                    let touched = stored
+                        .into_iter()
+                        .filter_map(|u| self.insert(u, true))
+                        .collect();
+                    self.fan_out(touched);
+                }
+            }
             Command::Subscribe {
                 client,
                 topic,
@@ -301,6 +334,14 @@ impl HubState {
             "groupBy": topic.group_by().map(|d| &metric.dimensions[d]),
             "lateness": self.lateness,
         });
+        // The oldest window a late event may still revise, once the
+        // workers have said where their watermark is: where a client that
+        // has seen no final yet resumes from.
+        if self.watermark > Millis::MIN {
+            let size = metric.windows[topic.window() as usize].size();
+            let from = self.watermark.saturating_sub(self.lateness + size);
+            ack["revisableFrom"] = Value::String(format_rfc3339(from));
+        }
         if state.topics.contains(&topic) {
             // Held already: acknowledged again, and nothing more is sent.
             let ack = Utf8Bytes::from(ack.to_string());
@@ -326,9 +367,11 @@ impl HubState {
                 .collect();
             self.fan_out(touched);
         }
-        if let Some(state) = self.clients.get_mut(&client) {
-            state.topics.insert(topic.clone());
-        }
+        // The fan-out may have dropped the client for a full queue.
+        let Some(state) = self.clients.get_mut(&client) else {
+            return;
+        };
+        state.topics.insert(topic.clone());
         let (metrics, refs, interest) = (&self.metrics, &mut self.refs, &self.interest);
         let sub = self.subs.entry(topic.clone()).or_insert_with(|| {
             let count = refs.entry(topic.metric()).or_default();
@@ -460,10 +503,10 @@ impl HubState {
         self.forget();
     }
 
-    /// Forgets the windows a late event can no longer revise: those that
-    /// ended more than the lateness before the watermark, or before the
-    /// start of their metric's newest window. And what each subscription
-    /// was sent of them.
+    /// Forgets the windows a late event can no longer revise: of each
+    /// metric and window, those that ended more than the lateness before
+    /// the watermark, or before the start of the newest one. And what each
+    /// subscription was sent of them.
     fn forget(&mut self) {
         for slots in self.windows.values_mut() {
             let newest = slots.keys().next_back().copied().unwrap_or(Millis::MIN);
@@ -570,7 +613,7 @@ fn forget_before(slots: &mut BTreeMap<Millis, Slot>, lateness: Millis, time: Mil
 
 /// The messages a subscription gets for one window: one, or one per group.
 ///
-/// What is sent is noted in `sub`, if given. With `changes_only`, values
+/// What is sent is noted in `sub`, if given; with `changes_only`, values
 /// equal to the last one sent are left out, as a batch may touch a window
 /// without changing what this topic sees. A final
 /// value's revision is the sum of its groups' revisions. `ingestedAt` is
@@ -1060,5 +1103,50 @@ mod tests {
             text.contains("tally_live_resumes_total{outcome=\"unavailable\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_client_the_fill_drops_for_a_full_queue_leaves_no_subscription_behind() {
+        let (mut hub, ops) = hub();
+        hub.updates(vec![at(0, "US", 2, true, 0)]);
+        // A queue of one, full with the first answer.
+        let (_rx, _) = subscribe(&mut hub, 1, 1, None);
+        let topic = Topic::parse("metrics:ad_clicks", None, Some("country"), &hub.metrics).unwrap();
+        let metrics = Arc::clone(&hub.metrics);
+        hub.command(Command::Subscribe {
+            client: 1,
+            topic,
+            metrics,
+            resume: Some(Resume {
+                since: 0,
+                stored: vec![at(0, "DE", 7, true, 0)],
+                complete_from: Some(0),
+            }),
+        });
+        assert_eq!(ops.ws_slow_dropped.get(), 1);
+        assert!(hub.clients.is_empty());
+        assert!(
+            hub.subs.is_empty(),
+            "no subscription holds the dropped client"
+        );
+        assert!(hub.refs.is_empty());
+    }
+
+    #[test]
+    fn a_seed_completes_the_windows_a_restart_left_in_part() {
+        let (mut hub, _) = hub();
+        hub.updates(vec![at(0, "US", 2, true, 1)]);
+        let (mut connected, _) = subscribe(&mut hub, 1, 50, None);
+        let metrics = Arc::clone(&hub.metrics);
+        hub.command(Command::Seed {
+            metrics,
+            stored: vec![at(0, "DE", 7, true, 0), at(0, "US", 1, true, 0)],
+        });
+        let batch = connected.try_recv().expect("the completed window");
+        let got: Vec<Value> = batch
+            .iter()
+            .map(|m| serde_json::from_str(m).unwrap())
+            .collect();
+        assert_eq!(seen(&got), [(0, 9, 1, true)]);
     }
 }

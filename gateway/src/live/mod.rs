@@ -37,10 +37,13 @@
 //! which window start the replay is complete (`since`), later than asked
 //! when the rows past `live.max_resume_rows` were left out or the store
 //! could not be read, and how long after its end a window may still be
-//! revised (`lateness`, in milliseconds of event time), from which a
-//! client works out where to resume after its next disconnect. The stored
-//! values also complete the hub's windows, which after a restart hold only
-//! the groups that changed since.
+//! revised (`lateness`, in milliseconds of event time) and, once the
+//! workers have reported their watermark, the oldest window a late event
+//! may still revise (`revisableFrom`), from which a client works out where
+//! to resume after its next disconnect. The stored values also complete
+//! the hub's windows, which after a restart hold only the groups that
+//! changed since; `tally run`'s hub also reads the stored windows a late
+//! event may still revise when it starts ([`Hub::seed`]).
 //!
 //! # Layout
 //!

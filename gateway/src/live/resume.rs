@@ -10,6 +10,7 @@
 //! waits, gets them with the subscription.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tally_connectors::store::Recent;
 use tally_dataflow::config::{LiveConfig, MetricSpec};
@@ -21,6 +22,11 @@ use tokio::sync::Semaphore;
 
 use super::topic::Topic;
 use crate::backend::History;
+
+/// How long a read of the store may take, its wait for a turn included,
+/// before the subscription goes on without it, so a slow store or a crowd
+/// of resumes never holds a connection's reader for long.
+const READ_LIMIT: Duration = Duration::from_secs(10);
 
 /// A subscription's stored windows, read for the hub.
 pub(super) struct Resume {
@@ -62,21 +68,17 @@ impl Resumes {
     ) -> Resume {
         let spec = &metrics[topic.metric() as usize];
         let window = spec.windows[topic.window() as usize];
-        let recent = Recent {
-            metric: spec.name.clone(),
-            version: fingerprint::metric(spec),
-            window: window.to_string(),
-            dimensions: spec.dimensions.len(),
-            since,
-            limit: self.max_rows + 1,
-        };
-        let read = {
-            // The semaphore is never closed.
-            let _turn = self.reads.acquire().await;
-            self.history.recent(recent).await
-        };
-        let mut rows = match read {
-            Ok(rows) => rows,
+        let read = self
+            .window(
+                spec,
+                topic.metric(),
+                topic.window(),
+                since,
+                self.max_rows + 1,
+            )
+            .await;
+        let mut stored = match read {
+            Ok(stored) => stored,
             Err(e) => {
                 tracing::warn!(error = %e, topic = topic.text(), "a resuming subscription could not read the store; it replays only what the hub holds");
                 return Resume {
@@ -87,18 +89,91 @@ impl Resumes {
             }
         };
         let mut complete_from = since;
-        if rows.len() > self.max_rows {
+        if stored.len() > self.max_rows {
             // The oldest window read may be missing groups: leave it out.
-            let oldest = rows.last().map_or(since, |r| r.start);
-            rows.retain(|r| r.start > oldest);
+            let oldest = stored.last().map_or(since, |u| u.span.start);
+            stored.retain(|u| u.span.start > oldest);
             complete_from = oldest + window.slide();
         }
-        let stored = rows
+        Resume {
+            since,
+            stored,
+            complete_from: Some(complete_from),
+        }
+    }
+
+    /// What the store holds of the windows a late event may still revise,
+    /// for every window of every metric: the newest stored window's, and
+    /// those that ended within `lateness` of its start. A job that restarts
+    /// does not send again the windows it restored; the hub of `tally run`
+    /// takes these instead, so that a revision after a restart shows the
+    /// whole window, not only the groups that changed since.
+    pub(super) async fn revisable(
+        &self,
+        metrics: &[MetricSpec],
+        lateness: Millis,
+    ) -> Vec<Arc<WindowUpdate>> {
+        let mut stored = Vec::new();
+        for (m, spec) in metrics.iter().enumerate() {
+            for (w, window) in spec.windows.iter().enumerate() {
+                let (m, w) = (m as u16, w as u8);
+                let newest = match self.window(spec, m, w, Millis::MIN, 1).await {
+                    Ok(newest) => newest,
+                    Err(e) => {
+                        tracing::warn!(error = %e, metric = %spec.name, "could not read the newest stored windows for the live hub");
+                        continue;
+                    }
+                };
+                let Some(newest) = newest.first() else {
+                    continue;
+                };
+                let since = newest.span.start - lateness - window.size();
+                match self.window(spec, m, w, since, self.max_rows).await {
+                    Ok(rows) => stored.extend(rows),
+                    Err(e) => {
+                        tracing::warn!(error = %e, metric = %spec.name, "could not read the newest stored windows for the live hub");
+                    }
+                }
+            }
+        }
+        stored
+    }
+
+    /// Every group's stored result of window `w` of metric `m` (`spec`),
+    /// from `since` on, newest first, at most `limit`, as final updates;
+    /// in a turn of its own, within [`READ_LIMIT`].
+    async fn window(
+        &self,
+        spec: &MetricSpec,
+        m: u16,
+        w: u8,
+        since: Millis,
+        limit: usize,
+    ) -> Result<Vec<Arc<WindowUpdate>>, String> {
+        let recent = Recent {
+            metric: spec.name.clone(),
+            version: fingerprint::metric(spec),
+            window: spec.windows[w as usize].to_string(),
+            dimensions: spec.dimensions.len(),
+            since,
+            limit,
+        };
+        // The wait for a turn counts against the limit too.
+        let read = async {
+            // The semaphore is never closed.
+            let _turn = self.reads.acquire().await;
+            self.history.recent(recent).await
+        };
+        let rows = tokio::time::timeout(READ_LIMIT, read)
+            .await
+            .map_err(|_| format!("no answer within {READ_LIMIT:?}"))?
+            .map_err(|e| e.to_string())?;
+        Ok(rows
             .into_iter()
             .map(|row| {
                 Arc::new(WindowUpdate {
-                    metric: topic.metric(),
-                    window: topic.window(),
+                    metric: m,
+                    window: w,
                     span: Span {
                         start: row.start,
                         end: row.end,
@@ -110,11 +185,6 @@ impl Resumes {
                     appended_at: None,
                 })
             })
-            .collect();
-        Resume {
-            since,
-            stored,
-            complete_from: Some(complete_from),
-        }
+            .collect())
     }
 }
