@@ -83,7 +83,7 @@ export class Tally {
       lateness: undefined,
       revisableFrom: undefined,
       acknowledgedAt: undefined,
-      resumedFrom: undefined,
+      resumedFrom: null,
       size: 0,
       oldestStart: undefined,
       newestFinalEnd: undefined,
@@ -176,8 +176,8 @@ export class Tally {
       this.attempt = 0;
       this.setState("open");
       for (const sub of this.subscriptions.values()) {
-        const since = resumeFrom(sub);
-        sub.resumedFrom = since;
+        sub.resumedFrom = resumeFrom(sub);
+        const since = sub.resumedFrom === null ? undefined : new Date(sub.resumedFrom).toISOString();
         this.send(since ? { ...sub.request, since } : sub.request);
       }
     };
@@ -218,8 +218,8 @@ export class Tally {
         sub.lateness = message.lateness;
         sub.revisableFrom = message.revisableFrom && Date.parse(message.revisableFrom);
         sub.acknowledgedAt ??= Date.now();
-        if (sub.resumedFrom && message.since && Date.parse(message.since) > Date.parse(sub.resumedFrom)) {
-          sub.errors(`resumed from ${message.since}, not ${sub.resumedFrom}: the windows between are in /v1/metrics`);
+        if (sub.resumedFrom !== null && message.since && Date.parse(message.since) > sub.resumedFrom) {
+          sub.errors(`resumed from ${message.since}, not ${new Date(sub.resumedFrom).toISOString()}: the windows between are in /v1/metrics`);
         }
       }
       return;
@@ -262,7 +262,7 @@ function note(sub, message) {
   sub.oldestStart = Math.min(sub.oldestStart ?? start, start);
   if (message.final && !(end <= sub.newestFinalEnd)) {
     sub.newestFinalEnd = end;
-    const from = Date.parse(resumeFrom(sub));
+    const from = resumeFrom(sub);
     for (const [key, seen] of sub.seen) if (seen.start < from) sub.seen.delete(key);
   }
 }
@@ -275,14 +275,14 @@ function note(sub, message) {
  * starts at or after that final's end less the lateness and a window's
  * size. Before any final, the server's own word on its last
  * acknowledgement (`revisableFrom`), else the oldest window seen, else the
- * time of the first acknowledgement, stands in. Null before any
- * acknowledgement.
+ * time of the first acknowledgement, stands in. In milliseconds; null
+ * before any acknowledgement.
  */
 function resumeFrom(sub) {
   if (sub.lateness === undefined) return null;
-  if (sub.newestFinalEnd !== undefined) return new Date(sub.newestFinalEnd - sub.lateness - sub.size).toISOString();
-  if (sub.revisableFrom) return new Date(Math.min(sub.revisableFrom, sub.oldestStart ?? Infinity)).toISOString();
-  return new Date((sub.oldestStart ?? sub.acknowledgedAt) - sub.lateness - sub.size).toISOString();
+  if (sub.newestFinalEnd !== undefined) return sub.newestFinalEnd - sub.lateness - sub.size;
+  if (sub.revisableFrom) return Math.min(sub.revisableFrom, sub.oldestStart ?? Infinity);
+  return (sub.oldestStart ?? sub.acknowledgedAt) - sub.lateness - sub.size;
 }
 
 /**

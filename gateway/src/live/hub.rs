@@ -152,6 +152,16 @@ struct Slot {
     groups: HashMap<Group, Arc<WindowUpdate>>,
 }
 
+impl Slot {
+    /// A window ending at `end`, with no group yet.
+    fn new(end: Millis) -> Slot {
+        Slot {
+            end,
+            groups: HashMap::new(),
+        }
+    }
+}
+
 /// A connected client: its queue, its subscriptions, and how many it may
 /// hold.
 struct Client {
@@ -246,11 +256,7 @@ impl HubState {
             Command::Leave { client } => self.drop_client(client),
             Command::Seed { metrics, stored } => {
                 if Arc::ptr_eq(&metrics, &self.metrics) {
-                    let touched = stored
-                        .into_iter()
-                        .filter_map(|u| self.insert(u, true))
-                        .collect();
-                    self.fan_out(touched);
+                    self.fill(stored);
                 }
             }
             Command::Subscribe {
@@ -360,12 +366,7 @@ impl HubState {
         // What the store holds completes what the hub holds, for everyone:
         // after a restart the hub has only the groups that changed since.
         if let Some(resume) = &resume {
-            let touched = resume
-                .stored
-                .iter()
-                .filter_map(|u| self.insert(Arc::clone(u), true))
-                .collect();
-            self.fan_out(touched);
+            self.fill(resume.stored.iter().cloned());
         }
         // The fan-out may have dropped the client for a full queue.
         let Some(state) = self.clients.get_mut(&client) else {
@@ -426,10 +427,7 @@ impl HubState {
                 }
                 forgotten
                     .entry(u.span.start)
-                    .or_insert_with(|| Slot {
-                        end: u.span.end,
-                        groups: HashMap::new(),
-                    })
+                    .or_insert_with(|| Slot::new(u.span.end))
                     .groups
                     .insert(u.group.clone(), u);
             }
@@ -542,10 +540,9 @@ impl HubState {
     /// store, replaces only a partial or a lower revision.
     fn insert(&mut self, u: Arc<WindowUpdate>, stored: bool) -> Option<(u16, u8, Millis)> {
         let slots = self.windows.entry((u.metric, u.window)).or_default();
-        let slot = slots.entry(u.span.start).or_insert_with(|| Slot {
-            end: u.span.end,
-            groups: HashMap::new(),
-        });
+        let slot = slots
+            .entry(u.span.start)
+            .or_insert_with(|| Slot::new(u.span.end));
         let key = (u.metric, u.window, u.span.start);
         // Most updates are of a group the window holds already: one lookup,
         // and its dimension values are not copied again.
@@ -567,6 +564,16 @@ impl HubState {
             }
         }
         Some(key)
+    }
+
+    /// Completes the hub's windows with values read from the store, and
+    /// sends each subscription what that changed.
+    fn fill(&mut self, stored: impl IntoIterator<Item = Arc<WindowUpdate>>) {
+        let touched = stored
+            .into_iter()
+            .filter_map(|u| self.insert(u, true))
+            .collect();
+        self.fan_out(touched);
     }
 
     /// Forgets what no event can revise, then sends each subscription the

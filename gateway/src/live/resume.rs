@@ -117,18 +117,15 @@ impl Resumes {
         for (m, spec) in metrics.iter().enumerate() {
             for (w, window) in spec.windows.iter().enumerate() {
                 let (m, w) = (m as u16, w as u8);
-                let newest = match self.window(spec, m, w, Millis::MIN, 1).await {
-                    Ok(newest) => newest,
-                    Err(e) => {
-                        tracing::warn!(error = %e, metric = %spec.name, "could not read the newest stored windows for the live hub");
-                        continue;
-                    }
+                let revisable = async {
+                    let newest = self.window(spec, m, w, Millis::MIN, 1).await?;
+                    let Some(newest) = newest.first() else {
+                        return Ok(Vec::new());
+                    };
+                    let since = newest.span.start - lateness - window.size();
+                    self.window(spec, m, w, since, self.max_rows).await
                 };
-                let Some(newest) = newest.first() else {
-                    continue;
-                };
-                let since = newest.span.start - lateness - window.size();
-                match self.window(spec, m, w, since, self.max_rows).await {
+                match revisable.await {
                     Ok(rows) => stored.extend(rows),
                     Err(e) => {
                         tracing::warn!(error = %e, metric = %spec.name, "could not read the newest stored windows for the live hub");
