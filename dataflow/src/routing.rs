@@ -26,9 +26,18 @@ use crate::time::Millis;
 /// process (FxHash has no random seed), so each group's state lives in
 /// exactly one place.
 pub fn group_hash(metric: u16, group: &Group) -> u64 {
+    group_hash_of(metric, group.iter().map(String::as_str))
+}
+
+/// [`group_hash`] of the group of `values`, without building it.
+pub fn group_hash_of<'v>(metric: u16, values: impl ExactSizeIterator<Item = &'v str>) -> u64 {
     let mut hasher = FxHasher::default();
     metric.hash(&mut hasher);
-    group.hash(&mut hasher);
+    // As a `Vec<String>` hashes: its length, then each string.
+    values.len().hash(&mut hasher);
+    for value in values {
+        value.hash(&mut hasher);
+    }
     hasher.finish()
 }
 

@@ -51,6 +51,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hashbrown::HashTable;
 use rustc_hash::FxHashMap as HashMap;
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::{Scope, Stream};
@@ -64,6 +65,7 @@ use crate::event::{parse_event_ref, EventRef, Fields};
 use crate::model::{Contribution, DeadLetter, Group};
 use crate::ports::{read_mark, BatchSource, Poll, SourceBatch};
 use crate::rollup::{made, Made};
+use crate::routing::group_hash_of;
 use crate::stats::JobStats;
 use crate::time::{now_ms, Millis};
 use crate::window::align;
@@ -357,8 +359,9 @@ pub struct Folded {
 /// Splits a batch into repeats, dead letters and per-(metric, group,
 /// pane) contributions.
 ///
-/// Output order is deterministic: contributions sorted by key, so the same
-/// batch always produces the same records.
+/// Output order is deterministic: contributions in the order their key first
+/// appears in the batch, then their projections', so the same batch always
+/// produces the same records.
 pub fn fold_batch(
     batch: &SourceBatch,
     metrics: &[MetricSpec],
@@ -373,7 +376,7 @@ pub fn fold_batch(
     let mut out = Vec::new();
     let (mut newest, mut newest_id, mut repeats) = (None, None, 0);
     let (mut mark, mut marks): (Option<Millis>, usize) = (None, 0);
-    let mut folded: HashMap<(u16, Millis, Group), AggState> = HashMap::default();
+    let mut folding = Folding::default();
     for (i, record) in batch.records.iter().enumerate() {
         if let Some(to) = read_mark(record) {
             mark = mark.max(Some(to));
@@ -439,27 +442,22 @@ pub fn fold_batch(
             }));
             continue;
         }
-        fold_event(&event, timestamp, metrics, &mut folded);
+        folding.event(&event, timestamp, metrics);
     }
     if let (Some((ids, _)), Some(newest_id)) = (ids, newest_id) {
         ids.read(batch.offset, newest_id);
     }
-    derived.fold(metrics, &mut folded);
-    let mut contributions: Vec<_> = folded.into_iter().collect();
-    contributions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    out.extend(
-        contributions
-            .into_iter()
-            .map(|((metric, pane, group), state)| {
-                Ok(Contribution::new(
-                    metric,
-                    group,
-                    pane,
-                    state,
-                    batch.appended_at,
-                ))
-            }),
-    );
+    derived.fold(metrics, &mut folding);
+    out.extend(folding.entries.into_iter().map(|e| {
+        Ok(Contribution {
+            metric: e.metric,
+            group: e.group,
+            hash: e.hash,
+            pane: e.pane,
+            state: e.state,
+            appended_at: batch.appended_at,
+        })
+    }));
     let newest = match (newest, batch.appended_at) {
         (Some(newest), Some(appended)) => Some(newest.min(appended)),
         (newest, _) => newest,
@@ -491,27 +489,92 @@ fn remember(batch: &SourceBatch, ids: &mut Remembered, watermark: Millis) {
     }
 }
 
-/// Adds one event, at `timestamp`, to every metric it counts toward.
-pub fn fold_event(
-    event: &EventRef<'_>,
-    timestamp: Millis,
-    metrics: &[MetricSpec],
-    folded: &mut HashMap<(u16, Millis, Group), AggState>,
-) {
-    for (index, metric) in metrics.iter().enumerate() {
-        if metric.rollup_of.is_some() || !metric.accepts(&event.event_type) {
-            continue;
+/// A batch's contributions while it is folded, one per (table, pane,
+/// group), in the order their keys first appear. An event finds its
+/// group's by a hash of the dimension values it borrows from the record:
+/// a group is built once per batch, not once per event.
+#[derive(Default)]
+struct Folding {
+    entries: Vec<Entry>,
+    /// Indices into `entries`, by [`Entry::key`].
+    index: HashTable<usize>,
+}
+
+struct Entry {
+    metric: u16,
+    pane: Millis,
+    group: Group,
+    /// The routing hash of (metric, group).
+    hash: u64,
+    state: AggState,
+}
+
+impl Entry {
+    fn key(&self) -> u64 {
+        key(self.hash, self.pane)
+    }
+}
+
+/// The index key of a group's routing hash and a pane.
+fn key(hash: u64, pane: Millis) -> u64 {
+    hash ^ (pane as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+impl Folding {
+    /// Adds one event, at `timestamp`, to every metric it counts toward.
+    fn event(&mut self, event: &EventRef<'_>, timestamp: Millis, metrics: &[MetricSpec]) {
+        for (index, metric) in metrics.iter().enumerate() {
+            if metric.rollup_of.is_some() || !metric.accepts(&event.event_type) {
+                continue;
+            }
+            let values = metric
+                .dimensions
+                .iter()
+                .map(|d| event.dimension(d).unwrap_or_default());
+            let pane = align(timestamp, metric.pane);
+            let e = self.find(index as u16, pane, values);
+            self.entries[e]
+                .state
+                .observe(metric.aggregate, metric.field.as_ref(), event);
         }
-        let group: Group = metric
-            .dimensions
-            .iter()
-            .map(|d| event.dimension(d).unwrap_or_default().to_owned())
-            .collect();
-        let pane = align(timestamp, metric.pane);
-        folded
-            .entry((index as u16, pane, group))
-            .or_default()
-            .observe(metric.aggregate, metric.field.as_ref(), event);
+    }
+
+    /// The entry of (`metric`, `pane`, the group of `values`), made empty
+    /// if the batch has none yet.
+    fn find<'v>(
+        &mut self,
+        metric: u16,
+        pane: Millis,
+        values: impl ExactSizeIterator<Item = &'v str> + Clone,
+    ) -> usize {
+        let hash = group_hash_of(metric, values.clone());
+        let entries = &self.entries;
+        let found = self.index.entry(
+            key(hash, pane),
+            |&e| {
+                let entry = &entries[e];
+                entry.hash == hash
+                    && entry.pane == pane
+                    && entry.metric == metric
+                    && entry.group.iter().map(String::as_str).eq(values.clone())
+            },
+            |&e| entries[e].key(),
+        );
+        match found {
+            hashbrown::hash_table::Entry::Occupied(e) => *e.get(),
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                let e = self.entries.len();
+                slot.insert(e);
+                self.entries.push(Entry {
+                    metric,
+                    pane,
+                    group: values.map(str::to_owned).collect(),
+                    hash,
+                    state: AggState::default(),
+                });
+                e
+            }
+        }
     }
 }
 
@@ -538,24 +601,27 @@ impl Derived {
         Derived(derived)
     }
 
-    /// Adds to `folded` the projections' contributions, from their
+    /// Adds to `folding` the projections' contributions, from their
     /// metrics'. A projection's panes are whole numbers of its metric's, so
     /// each of the metric's panes lies in one of the projection's.
-    fn fold(&self, metrics: &[MetricSpec], folded: &mut HashMap<(u16, Millis, Group), AggState>) {
+    fn fold(&self, metrics: &[MetricSpec], folding: &mut Folding) {
         if self.0.iter().all(Vec::is_empty) {
             return;
         }
-        let mut tables: HashMap<(u16, Millis, Group), AggState> = HashMap::default();
-        for ((metric, pane, group), state) in folded.iter() {
-            for (table, places) in &self.0[*metric as usize] {
-                let projected = places.iter().map(|&p| group[p].clone()).collect();
-                let pane = align(*pane, metrics[*table as usize].pane);
-                tables
-                    .entry((*table, pane, projected))
-                    .or_default()
-                    .merge(state);
+        for e in 0..folding.entries.len() {
+            let metric = folding.entries[e].metric as usize;
+            for (table, places) in &self.0[metric] {
+                let pane = align(folding.entries[e].pane, metrics[*table as usize].pane);
+                // The group is looked up by the values it lends: it is
+                // taken out meanwhile, and the lookup cannot meet it, as
+                // its metric is not the table's.
+                let group = std::mem::take(&mut folding.entries[e].group);
+                let projected =
+                    folding.find(*table, pane, places.iter().map(|&p| group[p].as_str()));
+                folding.entries[e].group = group;
+                let (metric, table) = folding.entries.split_at_mut(projected);
+                table[0].state.merge(&metric[e].state);
             }
         }
-        folded.extend(tables);
     }
 }
