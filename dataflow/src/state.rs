@@ -37,7 +37,7 @@
 //! cost of one merge per pane rather than per contribution.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -127,25 +127,25 @@ impl Panes {
         self.0.binary_search_by_key(&start, |&(s, _)| s)
     }
 
-    fn contains(&self, start: Millis) -> bool {
-        self.find(start).is_ok()
-    }
-
     fn get(&self, start: Millis) -> Option<&Arc<AggState>> {
         self.find(start).ok().map(|i| &self.0[i].1)
     }
 
-    /// The pane starting at `start`, empty if it was not there.
-    fn entry(&mut self, start: Millis) -> &mut Arc<AggState> {
-        let i = self.find(start).unwrap_or_else(|i| {
-            self.0.insert(i, (start, Arc::default()));
-            i
-        });
-        &mut self.0[i].1
+    /// Whether the pane starting at `start` is new, and the pane, made
+    /// empty if it was.
+    fn entry(&mut self, start: Millis) -> (bool, &mut Arc<AggState>) {
+        let (new, i) = match self.find(start) {
+            Ok(i) => (false, i),
+            Err(i) => {
+                self.0.insert(i, (start, Arc::default()));
+                (true, i)
+            }
+        };
+        (new, &mut self.0[i].1)
     }
 
     fn insert(&mut self, start: Millis, state: Arc<AggState>) {
-        *self.entry(start) = state;
+        *self.entry(start).1 = state;
     }
 
     fn remove(&mut self, start: Millis) {
@@ -403,8 +403,8 @@ impl WindowState {
     ) -> bool {
         let group = self.groups[g].as_mut().expect("a live group index");
         let metric = group.metric as usize;
-        let new_pane = !group.panes.contains(pane);
-        Arc::make_mut(group.panes.entry(pane)).merge(state);
+        let (new_pane, pane_state) = group.panes.entry(pane);
+        Arc::make_mut(pane_state).merge(state);
         // The earliest window containing a pane ends at or after the
         // pane's end. Before that time, none of its windows can have
         // closed, and an existing pane's windows are registered already:
@@ -559,14 +559,11 @@ impl WindowState {
         for &g in &shown {
             self.group_mut(g).shown = Some(now);
         }
-        let mut pending: HashMap<usize, BTreeMap<Millis, AggState>> = HashMap::default();
+        // The staged contributions of the groups shown, merged straight
+        // into the windows they fall in, never into a copy of their pane.
+        let mut pending: HashMap<usize, Vec<&Staged>> = HashMap::default();
         for c in stash.into_iter().filter(|c| shown.contains(&c.group)) {
-            pending
-                .entry(c.group)
-                .or_default()
-                .entry(c.pane)
-                .or_default()
-                .merge(&c.state);
+            pending.entry(c.group).or_default().push(c);
         }
         let mut dirty = BTreeSet::new();
         for (g, pane) in showing {
@@ -587,9 +584,12 @@ impl WindowState {
         }
         for key in dirty {
             let mut update = self.update(key, 0, false);
-            if let Some(panes) = pending.get(&key.0) {
-                for (_, state) in panes.range(update.span.start..update.span.end) {
-                    update.state.merge(state);
+            if let Some(staged) = pending.get(&key.0) {
+                for c in staged
+                    .iter()
+                    .filter(|c| (update.span.start..update.span.end).contains(&c.pane))
+                {
+                    update.state.merge(&c.state);
                 }
             }
             out.push(update);
