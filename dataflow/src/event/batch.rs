@@ -3,7 +3,7 @@
 
 use serde::de::IgnoredAny;
 
-use super::{parse_event_ref, EventLimits, EventRef, FieldError};
+use super::{parse_event_prefix, parse_event_ref, EventLimits, EventRef, FieldError};
 use crate::dedupe::IdKey;
 use crate::time::Millis;
 
@@ -25,6 +25,33 @@ pub enum BatchError {
     Empty,
     /// Some events are invalid: `(index, problems)` for each of them.
     Invalid(Vec<(usize, Vec<FieldError>)>),
+}
+
+/// An event read from a body, with the bytes it was sent as.
+type Parsed<'a> = Result<EventRef<'a>, Vec<FieldError>>;
+
+/// The events of a JSON array, each parsed once, with the bytes it was
+/// sent as; `None` when the body is not a well-formed JSON array.
+fn array_events(body: &[u8]) -> Option<Vec<(&[u8], Parsed<'_>)>> {
+    const WHITESPACE: [char; 4] = [' ', '\t', '\n', '\r'];
+    let text = std::str::from_utf8(body).ok()?;
+    let past_whitespace = |at: usize| text.len() - text[at..].trim_start_matches(WHITESPACE).len();
+    let at_end = |at: usize| text[at..].trim_start_matches(WHITESPACE).is_empty();
+    let mut at = past_whitespace(past_whitespace(0) + 1);
+    let mut events = Vec::new();
+    if text[at..].starts_with(']') {
+        return at_end(at + 1).then_some(events);
+    }
+    loop {
+        let (len, event) = parse_event_prefix(&text[at..])?;
+        events.push((&body[at..at + len], event));
+        at = past_whitespace(at + len);
+        match text.as_bytes().get(at)? {
+            b',' => at = past_whitespace(at + 1),
+            b']' => return at_end(at + 1).then_some(events),
+            _ => return None,
+        }
+    }
 }
 
 /// Splits a request's events by the partition, of `partitions`, each goes
@@ -59,32 +86,40 @@ pub fn parse_batch(
     max_future: Millis,
     limits: &EventLimits,
 ) -> Result<Vec<Accepted>, BatchError> {
-    let raws: Vec<&[u8]> = if ndjson {
+    let events: Vec<(&[u8], Parsed<'_>)> = if ndjson {
         body.split(|&b| b == b'\n')
             .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
+            .map(|line| (line, parse_event_ref(line)))
             .collect()
     } else {
         match body.iter().find(|b| !b.is_ascii_whitespace()) {
             None => return Err(BatchError::Empty),
-            Some(b'[') => {
-                let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
-                    .map_err(|e| BatchError::Malformed(e.to_string()))?;
-                elements.into_iter().map(|e| e.get().as_bytes()).collect()
-            }
+            Some(b'[') => match array_events(body) {
+                Some(events) => events,
+                None => {
+                    // Not a well-formed array: read the slow way, for the error.
+                    let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
+                        .map_err(|e| BatchError::Malformed(e.to_string()))?;
+                    elements
+                        .into_iter()
+                        .map(|e| (e.get().as_bytes(), parse_event_ref(e.get().as_bytes())))
+                        .collect()
+                }
+            },
             Some(_) => {
                 serde_json::from_slice::<IgnoredAny>(body)
                     .map_err(|e| BatchError::Malformed(e.to_string()))?;
-                vec![body]
+                vec![(body, parse_event_ref(body))]
             }
         }
     };
-    if raws.is_empty() {
+    if events.is_empty() {
         return Err(BatchError::Empty);
     }
-    let mut records = Vec::with_capacity(raws.len());
+    let mut records = Vec::with_capacity(events.len());
     let mut invalid = Vec::new();
-    for (index, raw) in raws.into_iter().enumerate() {
-        let parsed = parse_event_ref(raw).and_then(|event| {
+    for (index, (raw, parsed)) in events.into_iter().enumerate() {
+        let parsed = parsed.and_then(|event| {
             let errors = limits.check(&event);
             if errors.is_empty() {
                 Ok(event)
@@ -159,6 +194,43 @@ mod tests {
                 (to(&b), vec![vec![1], vec![2], vec![4]])
             ]
         );
+    }
+
+    /// Each element of an array is parsed once, in place; what that finds
+    /// is what parsing each element on its own finds.
+    #[test]
+    fn an_array_read_in_one_pass_reads_as_its_elements_do() {
+        let bodies = [
+            r#"[{"eventType":"a"}]"#,
+            " \r\n\t[ {\"eventType\" : \"a\", \"x\": [1, {\"y\": \"]\"}]} ,\n{\"eventType\":\"b\",\"timestamp\":1780821960} ] \n",
+            r#"[{"eventType":"\u00e9\"]"},7,"x",[],null,{"eventType":1,"timestamp":"x"},{"eventType":"a","eventType":"b"}]"#,
+            r#"[{"eventType":"a","values":{"n":1e400}}]"#,
+            r#"[{"eventType":"a","dimensions":{"k":"\ud800"}}]"#,
+            r#"[{"eventType":"a"},]"#,
+            r#"[{"eventType":"a"}] x"#,
+            r#"[{"eventType":"a"} {"eventType":"b"}]"#,
+            "[]",
+            " [ ] ",
+            "[",
+        ];
+        for body in bodies {
+            let slow = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(body.as_bytes())
+                .ok()
+                .map(|elements| {
+                    elements
+                        .into_iter()
+                        .map(|e| (e.get().as_bytes(), parse_event_ref(e.get().as_bytes())))
+                        .collect::<Vec<_>>()
+                });
+            let fast = array_events(body.as_bytes());
+            match (&fast, &slow) {
+                (Some(fast), Some(slow)) => assert_eq!(fast, slow, "{body}"),
+                (None, _) => {}
+                (Some(_), None) => panic!("read as an array, which it is not: {body}"),
+            }
+        }
+        assert_eq!(array_events(bodies[1].as_bytes()).unwrap().len(), 2);
+        assert_eq!(array_events(bodies[2].as_bytes()).unwrap().len(), 7);
     }
 
     #[test]

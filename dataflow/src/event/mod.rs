@@ -170,13 +170,34 @@ pub const MAX_VALUE: f64 = 1e18;
 /// On failure, every field error found is returned, or one error for the
 /// whole value when it is not a JSON object at all.
 pub fn parse_event_ref(json: &[u8]) -> Result<EventRef<'_>, Vec<FieldError>> {
-    let raw: RawEvent = serde_json::from_slice(json).map_err(|e| {
-        vec![FieldError::new(
-            "",
-            format!("not a valid event object: {e}"),
-        )]
-    })?;
+    let raw: RawEvent = serde_json::from_slice(json).map_err(not_an_event)?;
     raw.validate()
+}
+
+/// The error of a JSON value that is not an event object.
+fn not_an_event(e: serde_json::Error) -> Vec<FieldError> {
+    vec![FieldError::new(
+        "",
+        format!("not a valid event object: {e}"),
+    )]
+}
+
+/// Parses and validates the event that `json` starts with, as
+/// [`parse_event_ref`] does; returns it with the length of its JSON, or
+/// `None` when that is not a JSON value.
+fn parse_event_prefix(json: &str) -> Option<(usize, Result<EventRef<'_>, Vec<FieldError>>)> {
+    let mut stream = serde_json::Deserializer::from_str(json).into_iter::<RawEvent>();
+    match stream.next()? {
+        Ok(raw) => Some((stream.byte_offset(), raw.validate())),
+        Err(e) if e.is_data() => {
+            // A JSON value, but not an event: it is skipped.
+            let mut skip =
+                serde_json::Deserializer::from_str(json).into_iter::<serde::de::IgnoredAny>();
+            skip.next()?.ok()?;
+            Some((skip.byte_offset(), Err(not_an_event(e))))
+        }
+        Err(_) => None,
+    }
 }
 
 /// The event as sent. Every field is lenient: a wrong type is recorded, not
