@@ -344,7 +344,8 @@ pub struct Judge<'a> {
 
 /// A batch, folded.
 pub struct Folded {
-    /// Its dead letters, then its contributions in key order.
+    /// Its dead letters, then its contributions in the order their keys
+    /// first appear, and their projections'.
     pub records: Vec<SourceRecord>,
     /// The newest event time in it, no later than the time the log took it.
     pub newest: Option<Millis>,
