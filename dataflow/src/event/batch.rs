@@ -54,6 +54,17 @@ fn array_events(body: &[u8]) -> Option<Vec<(&[u8], Parsed<'_>)>> {
     }
 }
 
+/// The events of a JSON array, framed as raw values first and then each
+/// parsed: what [`array_events`] reads in one pass, and the error of a body
+/// it cannot read.
+fn element_events(body: &[u8]) -> Result<Vec<(&[u8], Parsed<'_>)>, serde_json::Error> {
+    let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)?;
+    Ok(elements
+        .into_iter()
+        .map(|e| (e.get().as_bytes(), parse_event_ref(e.get().as_bytes())))
+        .collect())
+}
+
 /// Splits a request's events by the partition, of `partitions`, each goes
 /// to: one with an id to its id's, the others together to `fallback`. Each
 /// partition's records keep the request's order.
@@ -96,15 +107,8 @@ pub fn parse_batch(
             None => return Err(BatchError::Empty),
             Some(b'[') => match array_events(body) {
                 Some(events) => events,
-                None => {
-                    // Not a well-formed array: read the slow way, for the error.
-                    let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
-                        .map_err(|e| BatchError::Malformed(e.to_string()))?;
-                    elements
-                        .into_iter()
-                        .map(|e| (e.get().as_bytes(), parse_event_ref(e.get().as_bytes())))
-                        .collect()
-                }
+                // Not a well-formed array: read the slow way, for the error.
+                None => element_events(body).map_err(|e| BatchError::Malformed(e.to_string()))?,
             },
             Some(_) => {
                 serde_json::from_slice::<IgnoredAny>(body)
@@ -214,14 +218,7 @@ mod tests {
             "[",
         ];
         for body in bodies {
-            let slow = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(body.as_bytes())
-                .ok()
-                .map(|elements| {
-                    elements
-                        .into_iter()
-                        .map(|e| (e.get().as_bytes(), parse_event_ref(e.get().as_bytes())))
-                        .collect::<Vec<_>>()
-                });
+            let slow = element_events(body.as_bytes()).ok();
             let fast = array_events(body.as_bytes());
             match (&fast, &slow) {
                 (Some(fast), Some(slow)) => assert_eq!(fast, slow, "{body}"),
