@@ -11,8 +11,9 @@ use std::time::Instant;
 use tally_dataflow::aggregate::AggState;
 use tally_dataflow::checkpoint::Restore;
 use tally_dataflow::coordination::Coordination;
-use tally_dataflow::event::parse_event_ref;
+use tally_dataflow::event::record;
 use tally_dataflow::event::Fields;
+use tally_dataflow::event::{parse_event_ref, EventRef};
 use tally_dataflow::job::{self, JobSettings, Sinks};
 use tally_dataflow::model::Group;
 use tally_dataflow::ports::Sink;
@@ -77,8 +78,9 @@ fn batches() -> Vec<SourceBatch> {
     let records: Vec<Vec<u8>> = (0..EVENTS)
         .map(|i| {
             let t = base + (i as i64 * SPAN_MS) / EVENTS as i64 + rng.i64(0..1000);
-            // What the gateway writes to the log: the event as sent.
-            serde_json::to_vec(&event(&mut rng, t)).unwrap()
+            // What the gateway writes to the log: the event's record.
+            let json = serde_json::to_vec(&event(&mut rng, t)).unwrap();
+            record::encode(&parse_event_ref(&json).unwrap(), t)
         })
         .collect();
     let mut offsets = vec![0u64; PARTITIONS as usize];
@@ -106,9 +108,10 @@ fn batches() -> Vec<SourceBatch> {
 fn hand_written(batches: &[SourceBatch], settings: &JobSettings) -> usize {
     let metrics = &rollup::expand(&settings.metrics);
     let mut panes: HashMap<(u16, Group, Millis), AggState> = HashMap::new();
+    let mut event = EventRef::default();
     for batch in batches {
-        for record in &batch.records {
-            let event = parse_event_ref(record).unwrap();
+        for bytes in &batch.records {
+            record::read(bytes, &mut event).unwrap();
             let timestamp = event.timestamp.unwrap();
             for (m, metric) in metrics.iter().enumerate() {
                 if !metric.accepts(&event.event_type) {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tally_connectors::log::EventLog;
 use tally_dataflow::config::{Fsync, LogConfig};
+use tally_dataflow::event::{parse_batch, EventLimits};
 
 use crate::support::{agent, metrics_text, now_ms, post_events, scrape, stamp, templates, Tally};
 
@@ -104,11 +105,18 @@ fn restart(rate: usize, backlog: Duration) {
             std::thread::sleep(wait);
         }
         let body = stamp(&templates[i % templates.len()], now_ms());
-        let records: Vec<Vec<u8>> = serde_json::from_slice::<Vec<serde_json::Value>>(&body)
-            .unwrap()
-            .iter()
-            .map(|e| serde_json::to_vec(e).unwrap())
-            .collect();
+        // The records the gateway writes of the body.
+        let records: Vec<Vec<u8>> = parse_batch(
+            &body,
+            false,
+            now_ms(),
+            i64::MAX / 2,
+            &EventLimits::default(),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|accepted| accepted.record)
+        .collect();
         runtime
             .block_on(log.append(i as u32 % PARTITIONS, records))
             .unwrap();

@@ -38,7 +38,7 @@ pub async fn feed(sink: Arc<dyn EventSink>) {
                 let id = format!("demo_{run:x}_{serial}");
                 Accepted {
                     id: Some(IdKey::of(&id)),
-                    record: event(&mut rng, now, id).to_json(),
+                    record: event(&mut rng, now, id).to_record(),
                 }
             })
             .collect();

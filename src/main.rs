@@ -7,6 +7,7 @@
 
 mod backfill;
 mod demo;
+mod dump;
 mod gateway;
 mod job;
 mod run;
@@ -51,6 +52,17 @@ enum Command {
     /// events to Kafka, answers history from ClickHouse and fans out live
     /// values from Redis.
     Gateway(GatewayArgs),
+    /// Reads the event log.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Prints every record of the event log as JSON, one per line: the
+    /// embedded log of `tally run` (which may be running), or with
+    /// `--kafka` the cluster's events topic.
+    Dump(dump::DumpArgs),
 }
 
 /// Options of `tally run`. Each one overrides the configuration file and the
@@ -221,5 +233,6 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run::run(args).context("tally run"),
         Command::Worker(args) => worker::worker(args).context("tally worker"),
         Command::Gateway(args) => gateway::gateway(args).context("tally gateway"),
+        Command::Log(LogCommand::Dump(args)) => dump::dump(args).context("tally log dump"),
     }
 }

@@ -27,8 +27,8 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tally_dataflow::config::KafkaConfig;
-use tally_dataflow::event::parse_event_ref;
-use tally_dataflow::ports::read_mark;
+use tally_dataflow::event::record::{self, Record};
+use tally_dataflow::event::EventRef;
 use tracing::{info, warn};
 
 use crate::kafka::consumer_config;
@@ -148,11 +148,8 @@ fn archive_loop(
                 backoff.succeeded();
                 let payload = message.payload().unwrap_or_default();
                 let (partition, offset) = (message.partition() as u32, message.offset() as u64);
-                for (i, record) in records(payload).into_iter().enumerate() {
-                    // A watermark mark is the job's note, not an event.
-                    if read_mark(&record).is_none() {
-                        rows.push(raw_row(partition, offset, i as u32, record));
-                    }
+                for (i, record) in records(payload).iter().enumerate() {
+                    rows.extend(raw_row(partition, offset, i as u32, record));
                 }
             }
             Some(Err(e)) => std::thread::sleep(backoff.failed(&e)),
@@ -192,21 +189,25 @@ fn archive_loop(
     }
 }
 
-fn raw_row(partition: u32, offset: u64, idx: u32, record: Vec<u8>) -> RawRow {
-    let (time, event_type) = match parse_event_ref(&record) {
-        Ok(e) => (e.timestamp.unwrap_or(0), e.event_type.into_owned()),
+/// The row of a record: the event as canonical JSON, or as it is if it is
+/// unreadable. A watermark mark is the job's note, not an event: it has none.
+fn raw_row(partition: u32, offset: u64, idx: u32, record: &[u8]) -> Option<RawRow> {
+    let mut event = EventRef::default();
+    let (time, event_type) = match record::read(record, &mut event) {
+        Ok(Record::Mark(_)) => return None,
+        Ok(Record::Event) => (event.timestamp.unwrap_or(0), event.event_type.into_owned()),
         Err(_) => (0, String::new()),
     };
     let time = time.max(0);
-    RawRow {
+    Some(RawRow {
         day: (time / DAY_MS) as u16,
         time: (time / 1000) as u32,
         partition,
         offset,
         idx,
         event_type,
-        event: record,
-    }
+        event: record::to_json(record).into_owned(),
+    })
 }
 
 /// Inserts the rows, then records where their partitions go on.

@@ -182,7 +182,8 @@ mod tests {
     use super::*;
     use crate::aggregate::AggregateKind;
     use crate::checkpoint::WorkerPart;
-    use crate::ports::{watermark_mark, Poll, SourceBatch, Waker};
+    use crate::event::record;
+    use crate::ports::{Poll, SourceBatch, Waker};
     use crate::time::Millis;
     use crate::window::WindowSpec;
 
@@ -222,9 +223,17 @@ mod tests {
     }
 
     fn event_in(seconds: i64, country: &str) -> Vec<u8> {
-        serde_json::json!({"eventType": "ad_click", "timestamp": seconds, "dimensions": {"country": country}})
-            .to_string()
-            .into_bytes()
+        record_of(
+            serde_json::json!({"eventType": "ad_click", "timestamp": seconds, "dimensions": {"country": country}}),
+        )
+    }
+
+    /// The record of the event `json`, whose timestamp is in seconds (it
+    /// may be before 1970, which the gateway refuses).
+    fn record_of(json: serde_json::Value) -> Vec<u8> {
+        let mut event: crate::event::Event = serde_json::from_value(json).unwrap();
+        event.timestamp *= 1000;
+        event.to_record()
     }
 
     fn batches(times: &[&[i64]]) -> VecDeque<SourceBatch> {
@@ -585,10 +594,10 @@ mod tests {
         let mut settings = settings();
         settings.source.dedupe_horizon = 20_000;
         let event = |id: String, seconds: i64, country: &str| {
-            serde_json::json!({"eventId": id, "eventType": "ad_click", "timestamp": seconds,
-                "dimensions": {"country": country}})
-            .to_string()
-            .into_bytes()
+            record_of(
+                serde_json::json!({"eventId": id, "eventType": "ad_click", "timestamp": seconds,
+                "dimensions": {"country": country}}),
+            )
         };
         let fresh = |i: i64, k: i64| event(format!("e{i}-{k}"), i * 3 + k % 3, "US");
         // Per batch, in order: a retried request (batch i - 4 again, 9 s
@@ -604,7 +613,7 @@ mod tests {
             if with_repeats && i % 7 == 3 {
                 records.push(event(format!("e{i}-1"), i * 3, "FR"));
             }
-            if i % 10 == 9 {
+            if i % 10 == 9 && i >= 10 {
                 records.push(fresh(i - 10, 0));
             }
             records
@@ -708,14 +717,52 @@ mod tests {
         let (finals, dead) = run(log([
             vec![event(1), event(12)],
             vec![event(15)],
-            vec![watermark_mark(60_000)],
+            vec![record::mark(60_000)],
             vec![event(20)],
             // A mark among events, as the log's writer may merge them.
-            vec![event(61), watermark_mark(90_000), event(62)],
+            vec![event(61), record::mark(90_000), event(62)],
         ]));
         assert!(finals.contains(&((0, 0), 10, 20, 2, 0)), "{finals:?}");
         assert_eq!(dead, [4], "20 s is 40 s behind the marked watermark");
         assert!(finals.contains(&((0, 0), 60, 70, 2, 0)), "{finals:?}");
+    }
+
+    /// A log written before the record format holds each event's JSON,
+    /// and marks as JSON too; it is read as its records would be.
+    #[test]
+    fn a_log_of_json_stores_what_its_records_do() {
+        let times: [&[i64]; 4] = [&[1, 5, 12], &[14, 3, 30], &[], &[31, 8, 44]];
+        let log_of = |json: bool| {
+            let mut batches: Vec<Vec<Vec<u8>>> = times
+                .iter()
+                .map(|ts| {
+                    ts.iter()
+                        .map(|&t| {
+                            let sent = serde_json::json!({"eventId": format!("e{t}"),
+                                "eventType": "ad_click", "timestamp": t,
+                                "dimensions": {"country": if t % 2 == 0 { "US" } else { "DE" }}});
+                            if json {
+                                sent.to_string().into_bytes()
+                            } else {
+                                record_of(sent)
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            batches[2] = vec![if json {
+                b"{\"tally.watermark\":60000}".to_vec()
+            } else {
+                record::mark(60_000)
+            }];
+            log(batches)
+        };
+        let (records, json) = (run(log_of(false)), run(log_of(true)));
+        assert_eq!(records, json);
+        assert!(
+            !records.0.is_empty() && !records.1.is_empty(),
+            "{records:?}"
+        );
     }
 
     #[test]

@@ -77,29 +77,11 @@ pub trait BatchSource: 'static {
     fn start(&mut self, waker: Waker);
     /// Takes the batches available now.
     fn poll(&mut self) -> Poll;
-    /// Appends a [`watermark_mark`] to `partition`, which raises its
+    /// Appends a [mark](crate::event::record::mark) to `partition`, which raises its
     /// watermark to `watermark` when it is read: how the source records a
     /// decision it takes by the wall clock, so that a replay takes the same
     /// one. It need not succeed; the source asks again if it is not read.
     fn mark(&mut self, partition: u32, watermark: Millis);
-}
-
-/// The key of a watermark mark. No event can be written so: an event
-/// without an `eventType` is refused at the gateway.
-const MARK_KEY: &str = "tally.watermark";
-
-/// The record of a watermark mark ([`BatchSource::mark`]).
-pub fn watermark_mark(watermark: Millis) -> Vec<u8> {
-    format!("{{\"{MARK_KEY}\":{watermark}}}").into_bytes()
-}
-
-/// The watermark a record raises its partition's to, if it is a mark.
-pub fn read_mark(record: &[u8]) -> Option<Millis> {
-    let rest = record
-        .strip_prefix(b"{\"")?
-        .strip_prefix(MARK_KEY.as_bytes())?;
-    let digits = rest.strip_prefix(b"\":")?.strip_suffix(b"}")?;
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// Where a stream's records leave the dataflow.

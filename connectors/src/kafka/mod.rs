@@ -1,8 +1,9 @@
 //! Kafka: the cluster's event log.
 //!
-//! The events topic holds one message per accepted request, or per part of
-//! a large request: the request's events in canonical JSON, one per line
-//! (NDJSON), so any Kafka client can read the topic. A message is what the
+//! The events topic holds one message per accepted request and partition,
+//! or per part of a large request: a batch of the events' log records
+//! ([`tally_dataflow::event::record`], documented in the README so that
+//! any Kafka client can read the topic). A message is what the
 //! embedded log calls a record batch: the dataflow stamps it with one
 //! watermark, so results depend only on the topic's content, never on how
 //! a consumer's fetches happened to split it.
@@ -10,15 +11,18 @@
 //! - [`producer`]: the gateway's idempotent producer.
 //! - [`source`]: a worker's partitions, read without blocking the worker.
 //! - [`dead_letters`]: copies dead letters to the dead-letter topic.
+//! - [`read_topic`]: the topic's messages up to its end, for `tally log dump`.
 //! - [`ensure_topics`]: creates the events topic and its dead-letter topic.
 //! - [`TopicEnds`]: where the events topic ends now, for a backfill.
 //! - [`KafkaError`]: what these return, and whether a retry can help.
 
 pub mod dead_letters;
+mod dump;
 mod error;
 pub mod producer;
 pub mod source;
 
+pub use dump::read_topic;
 pub use error::KafkaError;
 
 use std::time::Duration;

@@ -16,7 +16,7 @@ use futures_util::future::try_join_all;
 use rdkafka::error::{KafkaError as ClientError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tally_dataflow::config::KafkaConfig;
-use tally_dataflow::event::{spread, Accepted};
+use tally_dataflow::event::{record, spread, Accepted};
 
 use super::{client_config, KafkaError};
 
@@ -60,7 +60,7 @@ impl KafkaProducer {
     }
 
     /// Appends one request's events; resolves once the brokers have
-    /// acknowledged all of them. Each partition's records, one per line, go
+    /// acknowledged all of them. Each partition's records go
     /// in as few messages as fit, in order. On an error some of the
     /// messages may be in the topic; [`KafkaError::is_retryable`] says
     /// whether to try again.
@@ -101,27 +101,17 @@ impl KafkaProducer {
     }
 }
 
-/// Packs records, one per line, into payloads of at most
+/// Packs records into batches ([`record::push_to_batch`]) of at most
 /// [`MAX_MESSAGE_BYTES`] (a single larger record gets a message of its own).
-///
-/// A record is a JSON object as the client sent it, which may span lines.
-/// JSON strings cannot hold a raw line break, so every one is whitespace
-/// between tokens, and becomes a space: the record stays the same JSON, on
-/// one line.
 fn messages(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut current: Vec<u8> = Vec::new();
-    for record in records {
-        if !current.is_empty() && current.len() + 1 + record.len() > MAX_MESSAGE_BYTES {
+    for r in records {
+        if !current.is_empty() && current.len() + record::batch_len(1, r.len()) > MAX_MESSAGE_BYTES
+        {
             out.push(std::mem::take(&mut current));
         }
-        if !current.is_empty() {
-            current.push(b'\n');
-        }
-        current.extend(record.iter().map(|&b| match b {
-            b'\n' | b'\r' => b' ',
-            b => b,
-        }));
+        record::push_to_batch(&mut current, r);
     }
     if !current.is_empty() {
         out.push(current);
@@ -129,13 +119,17 @@ fn messages(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
     out
 }
 
-/// The records of a message.
+/// The records of a message: a batch, or, in a topic written before the
+/// batch format, the events' JSON one per line.
 pub fn records(payload: &[u8]) -> Vec<Vec<u8>> {
-    payload
-        .split(|&b| b == b'\n')
-        .filter(|line| !line.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect()
+    match record::unbatch(payload) {
+        Some(records) => records.into_iter().map(<[u8]>::to_vec).collect(),
+        None => payload
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -160,15 +154,11 @@ mod tests {
     }
 
     #[test]
-    fn a_record_on_several_lines_stays_one_record() {
-        let pretty =
-            b"{\n  \"eventType\": \"ad_click\",\r\n  \"dimensions\": {\"note\": \"a\\nb\"}\n}"
-                .to_vec();
-        let packed = messages(&[pretty.clone(), b"{}".to_vec()]);
-        let back = records(&packed[0]);
+    fn a_topic_written_as_ndjson_is_read_by_line() {
+        let ndjson =
+            b"{\"eventType\":\"a\",\"timestamp\":1}\n{\"eventType\":\"b\",\"timestamp\":2}";
+        let back = records(ndjson);
         assert_eq!(back.len(), 2);
-        let parsed: serde_json::Value = serde_json::from_slice(&back[0]).unwrap();
-        let original: serde_json::Value = serde_json::from_slice(&pretty).unwrap();
-        assert_eq!(parsed, original);
+        assert_eq!(back[1], b"{\"eventType\":\"b\",\"timestamp\":2}");
     }
 }

@@ -16,7 +16,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use tally_dataflow::config::KafkaConfig;
-use tally_dataflow::ports::{watermark_mark, BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
+use tally_dataflow::event::record;
+use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
 use tally_dataflow::time::Millis;
 use tracing::warn;
 
@@ -154,7 +155,8 @@ impl BatchSource for KafkaSource {
     }
 
     fn mark(&mut self, partition: u32, watermark: Millis) {
-        let mark = watermark_mark(watermark);
+        let mut mark = Vec::new();
+        record::push_to_batch(&mut mark, &record::mark(watermark));
         let record = BaseRecord::<(), [u8]>::to(&self.topic)
             .partition(partition as i32)
             .payload(&mark[..]);

@@ -68,6 +68,7 @@
 //!   the file's modification time, which is what retention compares.
 //! - The number of partitions is fixed when the log is created.
 
+mod dump;
 mod error;
 mod event_log;
 mod format;
@@ -80,6 +81,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use dump::{partitions_in, read_files};
 pub use error::LogError;
 pub use event_log::EventLog;
 pub use reader::{PartitionReader, RecordBatch};

@@ -79,6 +79,7 @@ pub(super) struct Active {
 /// Returns what readers may see (all of it, since everything left is valid)
 /// and the last segment.
 pub(super) fn recover(dir: &Path, partition: u32) -> Result<(PartitionState, Active), LogError> {
+    fs::create_dir_all(partition_dir(dir, partition))?;
     let bases = list_segments(&partition_dir(dir, partition))?;
     let Some((&active_base, sealed)) = bases.split_last() else {
         let file = create_segment(dir, partition, 0)?;
@@ -133,10 +134,8 @@ pub(super) fn recover(dir: &Path, partition: u32) -> Result<(PartitionState, Act
     Ok((state, active))
 }
 
-/// The base offsets of the segments in a partition directory, ascending. It
-/// creates the directory if it is missing.
-fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
-    fs::create_dir_all(dir)?;
+/// The base offsets of the segments in a partition directory, ascending.
+pub(super) fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     let mut bases = Vec::new();
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name();

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, TryRecvError};
-use tally_dataflow::ports::{watermark_mark, BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
+use tally_dataflow::event::record;
+use tally_dataflow::ports::{BatchSource, Poll, SourceBatch, Waker, POLL_RECORDS};
 use tally_dataflow::time::Millis;
 use tracing::{debug, error, warn};
 
@@ -125,7 +126,7 @@ impl BatchSource for LogSource {
     fn mark(&mut self, partition: u32, watermark: Millis) {
         if !self
             .log
-            .append_detached(partition, vec![watermark_mark(watermark)])
+            .append_detached(partition, vec![record::mark(watermark)])
         {
             debug!(
                 partition,

@@ -3,14 +3,15 @@
 
 use serde::de::IgnoredAny;
 
-use super::{parse_event_prefix, parse_event_ref, EventLimits, EventRef, FieldError};
+use super::{parse_event_prefix, parse_event_ref, record, EventLimits, EventRef, FieldError};
 use crate::dedupe::IdKey;
 use crate::time::Millis;
 
 /// An accepted event, as the log takes it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Accepted {
-    /// Its JSON: as sent, or written out again with its receive time.
+    /// Its [`record`](super::record), with its receive time if it was sent
+    /// without one.
     pub record: Vec<u8>,
     /// The key of its `eventId`, which picks its partition.
     pub id: Option<IdKey>,
@@ -27,12 +28,12 @@ pub enum BatchError {
     Invalid(Vec<(usize, Vec<FieldError>)>),
 }
 
-/// An event read from a body, with the bytes it was sent as.
+/// An event read from a body.
 type Parsed<'a> = Result<EventRef<'a>, Vec<FieldError>>;
 
-/// The events of a JSON array, each parsed once, with the bytes it was
-/// sent as; `None` when the body is not a well-formed JSON array.
-fn array_events(body: &[u8]) -> Option<Vec<(&[u8], Parsed<'_>)>> {
+/// The events of a JSON array, each parsed once; `None` when the body is
+/// not a well-formed JSON array.
+fn array_events(body: &[u8]) -> Option<Vec<Parsed<'_>>> {
     const WHITESPACE: [char; 4] = [' ', '\t', '\n', '\r'];
     let text = std::str::from_utf8(body).ok()?;
     let past_whitespace = |at: usize| text.len() - text[at..].trim_start_matches(WHITESPACE).len();
@@ -44,7 +45,7 @@ fn array_events(body: &[u8]) -> Option<Vec<(&[u8], Parsed<'_>)>> {
     }
     loop {
         let (len, event) = parse_event_prefix(&text[at..])?;
-        events.push((&body[at..at + len], event));
+        events.push(event);
         at = past_whitespace(at + len);
         match text.as_bytes().get(at)? {
             b',' => at = past_whitespace(at + 1),
@@ -57,11 +58,11 @@ fn array_events(body: &[u8]) -> Option<Vec<(&[u8], Parsed<'_>)>> {
 /// The events of a JSON array, framed as raw values first and then each
 /// parsed: what [`array_events`] reads in one pass, and the error of a body
 /// it cannot read.
-fn element_events(body: &[u8]) -> Result<Vec<(&[u8], Parsed<'_>)>, serde_json::Error> {
+fn element_events(body: &[u8]) -> Result<Vec<Parsed<'_>>, serde_json::Error> {
     let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)?;
     Ok(elements
         .into_iter()
-        .map(|e| (e.get().as_bytes(), parse_event_ref(e.get().as_bytes())))
+        .map(|e| parse_event_ref(e.get().as_bytes()))
         .collect())
 }
 
@@ -85,8 +86,8 @@ pub fn spread(events: Vec<Accepted>, partitions: u32, fallback: u32) -> Vec<(u32
 /// each with the key of its id.
 ///
 /// The batch is all or nothing: any invalid event fails it, and every invalid
-/// event is reported. A record is the event's JSON as sent; an event without
-/// a `timestamp` is written out again with `received_at` as its time.
+/// event is reported. An event without a `timestamp` is recorded at
+/// `received_at`.
 ///
 /// An event whose timestamp is more than `max_future` past `received_at`
 /// is invalid, and so is one past any of `limits`.
@@ -97,10 +98,10 @@ pub fn parse_batch(
     max_future: Millis,
     limits: &EventLimits,
 ) -> Result<Vec<Accepted>, BatchError> {
-    let events: Vec<(&[u8], Parsed<'_>)> = if ndjson {
+    let events: Vec<Parsed<'_>> = if ndjson {
         body.split(|&b| b == b'\n')
             .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
-            .map(|line| (line, parse_event_ref(line)))
+            .map(parse_event_ref)
             .collect()
     } else {
         match body.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -113,7 +114,7 @@ pub fn parse_batch(
             Some(_) => {
                 serde_json::from_slice::<IgnoredAny>(body)
                     .map_err(|e| BatchError::Malformed(e.to_string()))?;
-                vec![(body, parse_event_ref(body))]
+                vec![parse_event_ref(body)]
             }
         }
     };
@@ -122,7 +123,7 @@ pub fn parse_batch(
     }
     let mut records = Vec::with_capacity(events.len());
     let mut invalid = Vec::new();
-    for (index, (raw, parsed)) in events.into_iter().enumerate() {
+    for (index, parsed) in events.into_iter().enumerate() {
         let parsed = parsed.and_then(|event| {
             let errors = limits.check(&event);
             if errors.is_empty() {
@@ -147,10 +148,7 @@ pub fn parse_batch(
             )),
             Ok(event) => records.push(Accepted {
                 id: event.event_id.as_deref().map(IdKey::of),
-                record: match event.timestamp {
-                    Some(_) => raw.to_vec(),
-                    None => event.to_owned(received_at).to_json(),
-                },
+                record: record::encode(&event, event.timestamp.unwrap_or(received_at)),
             }),
             Err(errors) => invalid.push((index, errors)),
         }
@@ -251,9 +249,14 @@ mod tests {
             panic!("an event from the future must be refused");
         };
         assert_eq!(future[0].1[0].field, "timestamp");
-        // Sent as is, unless the time had to be filled in.
-        assert_eq!(ok[1].record, br#"{"eventType":"b","timestamp":1780821960}"#);
-        assert_eq!(parse_event(&ok[0].record, 0).unwrap().timestamp, now);
+        // Records, with the receive time where none was sent.
+        let time_of = |accepted: &Accepted| {
+            let mut event = EventRef::default();
+            record::read(&accepted.record, &mut event).unwrap();
+            event.timestamp.unwrap()
+        };
+        assert_eq!(time_of(&ok[0]), now);
+        assert_eq!(time_of(&ok[1]), 1_780_821_960_000);
         assert_eq!(ok[0].id, None);
         let Err(BatchError::Invalid(bad)) = parse_batch(
             br#"[{"eventType":"a"},{"timestamp":"x"},7,{"eventType":"c"}]"#,
@@ -293,7 +296,7 @@ mod tests {
             )
             .unwrap(),
             [Accepted {
-                record: SEED.as_bytes().to_vec(),
+                record: parse_event(SEED.as_bytes(), 0).unwrap().to_record(),
                 id: Some(IdKey::of("evt_uuid_00981a")),
             }]
         );

@@ -6,22 +6,26 @@
 //! wrong with a batch in one answer. The result, [`EventRef`], borrows from
 //! the input, so reading an event costs little more than scanning it.
 //!
-//! The log keeps each accepted event as the client sent it
-//! ([`parse_batch`]), which is what users see when they read the log or the
-//! dead letters. Only an event without a `timestamp` is rewritten, with the
-//! time it was received, so that every replay reads the same time.
+//! The log keeps each accepted event as a compact record ([`record`],
+//! written by [`parse_batch`]), which the workers read without parsing
+//! JSON again. An event without a `timestamp` is given the time it was
+//! received, so that every replay reads the same time. Users see a record
+//! as the event's canonical JSON ([`record::to_json`]).
 //!
 //! # Layout
 //!
 //! - this module: the event model and its validation rules.
 //! - `batch`: request bodies (one event, an array, NDJSON) into log records.
 //! - `limits`: the bounds on an event's fields, checked at the edge only.
+//! - `record`: the log's compact record of an event, which the workers
+//!   read without parsing JSON.
 //! - `lenient`: the field reader that records a wrong type instead of
 //!   failing, so that every problem of an event is reported at once.
 
 mod batch;
 mod lenient;
 mod limits;
+pub mod record;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -89,8 +93,9 @@ impl fmt::Display for FieldError {
     }
 }
 
-/// A validated event that borrows its strings from the JSON it was read from.
-#[derive(Clone, Debug, PartialEq)]
+/// A validated event that borrows its strings from the JSON or the log
+/// record it was read from.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct EventRef<'a> {
     /// The client's id for the event, if it sent one.
     pub event_id: Option<Cow<'a, str>>,

@@ -61,9 +61,10 @@ use crate::checkpoint::{Progress, Restore, Stood};
 use crate::config::MetricSpec;
 use crate::coordination::Coordination;
 use crate::dedupe::{IdKey, Remembered, Seen};
-use crate::event::{parse_event_ref, EventRef, Fields};
+use crate::event::record::{self, Record};
+use crate::event::{EventRef, Fields};
 use crate::model::{Contribution, DeadLetter, Group};
-use crate::ports::{read_mark, BatchSource, Poll, SourceBatch};
+use crate::ports::{BatchSource, Poll, SourceBatch};
 use crate::rollup::{made, Made};
 use crate::routing::group_hash_of;
 use crate::stats::JobStats;
@@ -378,45 +379,27 @@ pub fn fold_batch(
     let (mut newest, mut newest_id, mut repeats) = (None, None, 0);
     let (mut mark, mut marks): (Option<Millis>, usize) = (None, 0);
     let mut folding = Folding::default();
-    for (i, record) in batch.records.iter().enumerate() {
-        if let Some(to) = read_mark(record) {
-            mark = mark.max(Some(to));
-            marks += 1;
-            continue;
-        }
+    // Read into again for each record: no allocation per event.
+    let mut event = EventRef::default();
+    for (i, bytes) in batch.records.iter().enumerate() {
         let (offset, index) = batch.address(i);
-        let parsed = parse_event_ref(record).map_err(|errors| {
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
-        });
-        let (event, timestamp) = match parsed {
-            Ok(event) => match event.timestamp {
-                Some(t) => (event, t),
-                None => {
-                    // The gateway gives every record a time; this one is damaged.
-                    out.push(Err(DeadLetter {
-                        partition: batch.partition,
-                        offset,
-                        index,
-                        reason: "unreadable record: no timestamp".into(),
-                        watermark,
-                        record: record.clone(),
-                    }));
-                    continue;
-                }
-            },
+        let dead_letter = |reason: String| DeadLetter {
+            partition: batch.partition,
+            offset,
+            index,
+            reason,
+            watermark,
+            record: record::to_json(bytes).into_owned(),
+        };
+        let timestamp = match record::read(bytes, &mut event) {
+            Ok(Record::Event) => event.timestamp.expect("a record read holds its time"),
+            Ok(Record::Mark(to)) => {
+                mark = mark.max(Some(to));
+                marks += 1;
+                continue;
+            }
             Err(e) => {
-                out.push(Err(DeadLetter {
-                    partition: batch.partition,
-                    offset,
-                    index,
-                    reason: format!("unreadable record: {e}"),
-                    watermark,
-                    record: record.clone(),
-                }));
+                out.push(Err(dead_letter(format!("unreadable record: {e}"))));
                 continue;
             }
         };
@@ -429,18 +412,11 @@ pub fn fold_batch(
             }
         }
         if timestamp < watermark - allowed_lateness {
-            out.push(Err(DeadLetter {
-                partition: batch.partition,
-                offset,
-                index,
-                reason: format!(
-                    "{} ms behind the watermark, past the allowed lateness of {} ms",
-                    watermark - timestamp,
-                    allowed_lateness
-                ),
-                watermark,
-                record: record.clone(),
-            }));
+            out.push(Err(dead_letter(format!(
+                "{} ms behind the watermark, past the allowed lateness of {} ms",
+                watermark - timestamp,
+                allowed_lateness
+            ))));
             continue;
         }
         folding.event(&event, timestamp, metrics);
@@ -476,10 +452,11 @@ pub fn fold_batch(
 /// [`fold_batch`] did when it counted it.
 fn remember(batch: &SourceBatch, ids: &mut Remembered, watermark: Millis) {
     let mut newest = None;
-    for record in &batch.records {
-        let Ok(event) = parse_event_ref(record) else {
+    let mut event = EventRef::default();
+    for bytes in &batch.records {
+        if record::read(bytes, &mut event) != Ok(Record::Event) {
             continue;
-        };
+        }
         if let (Some(id), Some(time)) = (event.event_id.as_deref(), event.timestamp) {
             ids.see(IdKey::of(id), time, watermark);
             newest = Some(newest.map_or(time, |n: Millis| n.max(time)));
