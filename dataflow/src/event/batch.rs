@@ -1,9 +1,7 @@
 //! Request-body framing: one event, a JSON array of events, or NDJSON, into
 //! log records, all or nothing.
 
-use serde::de::IgnoredAny;
-
-use super::{parse_event_prefix, parse_event_ref, record, EventLimits, EventRef, FieldError};
+use super::{parse_event_ref, record, validate, Element, EventLimits, EventRef, FieldError};
 use crate::dedupe::IdKey;
 use crate::time::Millis;
 
@@ -30,41 +28,6 @@ pub enum BatchError {
 
 /// An event read from a body.
 type Parsed<'a> = Result<EventRef<'a>, Vec<FieldError>>;
-
-/// The events of a JSON array, each parsed once; `None` when the body is
-/// not a well-formed JSON array.
-fn array_events(body: &[u8]) -> Option<Vec<Parsed<'_>>> {
-    const WHITESPACE: [char; 4] = [' ', '\t', '\n', '\r'];
-    let text = std::str::from_utf8(body).ok()?;
-    let past_whitespace = |at: usize| text.len() - text[at..].trim_start_matches(WHITESPACE).len();
-    let at_end = |at: usize| text[at..].trim_start_matches(WHITESPACE).is_empty();
-    let mut at = past_whitespace(past_whitespace(0) + 1);
-    let mut events = Vec::new();
-    if text[at..].starts_with(']') {
-        return at_end(at + 1).then_some(events);
-    }
-    loop {
-        let (len, event) = parse_event_prefix(&text[at..])?;
-        events.push(event);
-        at = past_whitespace(at + len);
-        match text.as_bytes().get(at)? {
-            b',' => at = past_whitespace(at + 1),
-            b']' => return at_end(at + 1).then_some(events),
-            _ => return None,
-        }
-    }
-}
-
-/// The events of a JSON array, framed as raw values first and then each
-/// parsed: what [`array_events`] reads in one pass, and the error of a body
-/// it cannot read.
-fn element_events(body: &[u8]) -> Result<Vec<Parsed<'_>>, serde_json::Error> {
-    let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)?;
-    Ok(elements
-        .into_iter()
-        .map(|e| parse_event_ref(e.get().as_bytes()))
-        .collect())
-}
 
 /// Splits a request's events by the partition, of `partitions`, each goes
 /// to: one with an id to its id's, the others together to `fallback`. Each
@@ -106,15 +69,17 @@ pub fn parse_batch(
     } else {
         match body.iter().find(|b| !b.is_ascii_whitespace()) {
             None => return Err(BatchError::Empty),
-            Some(b'[') => match array_events(body) {
-                Some(events) => events,
-                // Not a well-formed array: read the slow way, for the error.
-                None => element_events(body).map_err(|e| BatchError::Malformed(e.to_string()))?,
-            },
+            // Each element is read once, in place, and an element that is
+            // not an event does not stop the others from being read.
+            Some(b'[') => serde_json::from_slice::<Vec<Element<'_>>>(body)
+                .map_err(|e| BatchError::Malformed(e.to_string()))?
+                .into_iter()
+                .map(validate)
+                .collect(),
             Some(_) => {
-                serde_json::from_slice::<IgnoredAny>(body)
+                let element = serde_json::from_slice::<Element<'_>>(body)
                     .map_err(|e| BatchError::Malformed(e.to_string()))?;
-                vec![parse_event_ref(body)]
+                vec![validate(element)]
             }
         }
     };
@@ -198,34 +163,71 @@ mod tests {
         );
     }
 
-    /// Each element of an array is parsed once, in place; what that finds
-    /// is what parsing each element on its own finds.
+    /// An array is read in one pass; an element that is not an event, or
+    /// holds a field twice, is reported and the others are still read.
     #[test]
-    fn an_array_read_in_one_pass_reads_as_its_elements_do() {
-        let bodies = [
-            r#"[{"eventType":"a"}]"#,
-            " \r\n\t[ {\"eventType\" : \"a\", \"x\": [1, {\"y\": \"]\"}]} ,\n{\"eventType\":\"b\",\"timestamp\":1780821960} ] \n",
-            r#"[{"eventType":"\u00e9\"]"},7,"x",[],null,{"eventType":1,"timestamp":"x"},{"eventType":"a","eventType":"b"}]"#,
-            r#"[{"eventType":"a","values":{"n":1e400}}]"#,
-            r#"[{"eventType":"a","dimensions":{"k":"\ud800"}}]"#,
+    fn each_element_of_an_array_is_judged_on_its_own() {
+        let body = r#" [ {"eventType":"\u00e9\"]","timestamp":1780821960,"x":[1,{"y":"]"}]},7,"x",[],null,
+            {"eventType":1,"timestamp":"x"},{"eventType":"a","eventType":"b","timestamp":1780821960}] "#;
+        let Err(BatchError::Invalid(bad)) = parse_batch(
+            body.as_bytes(),
+            false,
+            0,
+            i64::MAX / 2,
+            &EventLimits::default(),
+        ) else {
+            panic!("expected invalid events");
+        };
+        let problems: Vec<(usize, &str, &str)> = bad
+            .iter()
+            .flat_map(|(i, errors)| {
+                errors
+                    .iter()
+                    .map(move |e| (*i, e.field.as_str(), e.problem.as_str()))
+            })
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                (1, "", "must be a JSON object, found a number"),
+                (2, "", "must be a JSON object, found a string"),
+                (3, "", "must be a JSON object, found an array"),
+                (4, "", "must be a JSON object, found null"),
+                (5, "eventType", "must be a string, found a number"),
+                (5, "timestamp", "'x' is not an RFC 3339 time"),
+                (6, "eventType", "is given more than once"),
+            ]
+        );
+        for malformed in [
             r#"[{"eventType":"a"},]"#,
             r#"[{"eventType":"a"}] x"#,
             r#"[{"eventType":"a"} {"eventType":"b"}]"#,
-            "[]",
-            " [ ] ",
+            r#"[{"eventType":"a","values":{"n":1e400}}]"#,
+            r#"[{"eventType":"a","dimensions":{"k":"\ud800"}}]"#,
             "[",
-        ];
-        for body in bodies {
-            let slow = element_events(body.as_bytes()).ok();
-            let fast = array_events(body.as_bytes());
-            match (&fast, &slow) {
-                (Some(fast), Some(slow)) => assert_eq!(fast, slow, "{body}"),
-                (None, _) => {}
-                (Some(_), None) => panic!("read as an array, which it is not: {body}"),
-            }
+        ] {
+            let read = parse_batch(
+                malformed.as_bytes(),
+                false,
+                0,
+                i64::MAX / 2,
+                &EventLimits::default(),
+            );
+            assert!(
+                matches!(read, Err(BatchError::Malformed(_))),
+                "{malformed}: {read:?}"
+            );
         }
-        assert_eq!(array_events(bodies[1].as_bytes()).unwrap().len(), 2);
-        assert_eq!(array_events(bodies[2].as_bytes()).unwrap().len(), 7);
+        for empty in ["[]", " [ ] "] {
+            let read = parse_batch(
+                empty.as_bytes(),
+                false,
+                0,
+                i64::MAX / 2,
+                &EventLimits::default(),
+            );
+            assert_eq!(read, Err(BatchError::Empty));
+        }
     }
 
     #[test]

@@ -31,10 +31,11 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
+use serde::de::{IgnoredAny, MapAccess};
 use serde::{Deserialize, Serialize};
 
 pub use self::batch::{parse_batch, spread, Accepted, BatchError};
-use self::lenient::{DimValue, Lenient, LenientMap, Timestamp};
+use self::lenient::{DimValue, Lenient, LenientMap, LenientVisit, Timestamp};
 pub use self::limits::{
     EventLimits, DEFAULT_MAX_DIMENSIONS, DEFAULT_MAX_DIMENSION_VALUE, DEFAULT_MAX_EVENT_ID,
     DEFAULT_MAX_NAME, DEFAULT_MAX_VALUES,
@@ -175,55 +176,115 @@ pub const MAX_VALUE: f64 = 1e18;
 /// On failure, every field error found is returned, or one error for the
 /// whole value when it is not a JSON object at all.
 pub fn parse_event_ref(json: &[u8]) -> Result<EventRef<'_>, Vec<FieldError>> {
-    let raw: RawEvent = serde_json::from_slice(json).map_err(not_an_event)?;
-    raw.validate()
-}
-
-/// The error of a JSON value that is not an event object.
-fn not_an_event(e: serde_json::Error) -> Vec<FieldError> {
-    vec![FieldError::new(
-        "",
-        format!("not a valid event object: {e}"),
-    )]
-}
-
-/// Parses and validates the event that `json` starts with, as
-/// [`parse_event_ref`] does; returns it with the length of its JSON, or
-/// `None` when that is not a JSON value.
-fn parse_event_prefix(json: &str) -> Option<(usize, Result<EventRef<'_>, Vec<FieldError>>)> {
-    let mut stream = serde_json::Deserializer::from_str(json).into_iter::<RawEvent>();
-    match stream.next()? {
-        Ok(raw) => Some((stream.byte_offset(), raw.validate())),
-        Err(e) if e.is_data() => {
-            // A JSON value, but not an event: it is skipped.
-            let mut skip =
-                serde_json::Deserializer::from_str(json).into_iter::<serde::de::IgnoredAny>();
-            skip.next()?.ok()?;
-            Some((skip.byte_offset(), Err(not_an_event(e))))
-        }
-        Err(_) => None,
+    match serde_json::from_slice(json) {
+        Ok(element) => validate(element),
+        Err(e) => Err(vec![FieldError::new("", format!("not valid JSON: {e}"))]),
     }
 }
 
-/// The event as sent. Every field is lenient: a wrong type is recorded, not
-/// raised, so that all problems of an event are reported together.
-#[derive(Deserialize)]
+/// An event as sent, or what was sent in its place.
+type Element<'a> = Lenient<RawEvent<'a>>;
+
+/// Validates an element of a request: an event object, or a value that
+/// is not one.
+fn validate(element: Element<'_>) -> Result<EventRef<'_>, Vec<FieldError>> {
+    match element {
+        Lenient::Ok(raw) => raw.validate(),
+        Lenient::Wrong(found) => Err(vec![FieldError::new(
+            "",
+            format!("must be a JSON object, found {found}"),
+        )]),
+    }
+}
+
+/// The event as sent. Every field is lenient: a wrong type, or a field
+/// given twice, is recorded, not raised, so that all problems of an event
+/// are reported together and an array's other events are still read.
+#[derive(Default)]
 struct RawEvent<'a> {
-    #[serde(rename = "eventId", borrow = "'a", default)]
     event_id: Option<Lenient<Cow<'a, str>>>,
-    #[serde(rename = "eventType", borrow = "'a", default)]
     event_type: Option<Lenient<Cow<'a, str>>>,
-    #[serde(default)]
     timestamp: Option<Lenient<Timestamp>>,
-    #[serde(borrow = "'a", default)]
     dimensions: Option<LenientMap<'a, DimValue<'a>>>,
-    #[serde(borrow = "'a", default)]
     values: Option<LenientMap<'a, f64>>,
+    /// The fields given more than once.
+    repeated: Vec<&'static str>,
+}
+
+impl<'de> LenientVisit<'de> for RawEvent<'de> {
+    fn visit_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        fn once<'de, A: MapAccess<'de>, T: serde::Deserialize<'de>>(
+            map: &mut A,
+            slot: &mut Option<T>,
+            name: &'static str,
+            repeated: &mut Vec<&'static str>,
+        ) -> Result<(), A::Error> {
+            if slot.is_some() {
+                map.next_value::<IgnoredAny>()?;
+                repeated.push(name);
+            } else {
+                *slot = Some(map.next_value()?);
+            }
+            Ok(())
+        }
+        let mut raw = RawEvent::default();
+        let repeated = &mut raw.repeated;
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::EventId => once(&mut map, &mut raw.event_id, "eventId", repeated)?,
+                Key::EventType => once(&mut map, &mut raw.event_type, "eventType", repeated)?,
+                Key::Timestamp => once(&mut map, &mut raw.timestamp, "timestamp", repeated)?,
+                Key::Dimensions => once(&mut map, &mut raw.dimensions, "dimensions", repeated)?,
+                Key::Values => once(&mut map, &mut raw.values, "values", repeated)?,
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(raw))
+    }
+}
+
+/// A field name of an event, read without allocating.
+enum Key {
+    EventId,
+    EventType,
+    Timestamp,
+    Dimensions,
+    Values,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(match v {
+                    "eventId" => Key::EventId,
+                    "eventType" => Key::EventType,
+                    "timestamp" => Key::Timestamp,
+                    "dimensions" => Key::Dimensions,
+                    "values" => Key::Values,
+                    _ => Key::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(V)
+    }
 }
 
 impl<'a> RawEvent<'a> {
     fn validate(self) -> Result<EventRef<'a>, Vec<FieldError>> {
-        let mut errors = Vec::new();
+        let mut errors: Vec<FieldError> = self
+            .repeated
+            .iter()
+            .map(|field| FieldError::new(*field, "is given more than once"))
+            .collect();
         let event_id = match self.event_id {
             None => None,
             Some(Lenient::Ok(id)) if id.is_empty() => {

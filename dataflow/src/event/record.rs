@@ -5,17 +5,20 @@
 //! record := 0xC1 version kind body          version = 1
 //! kind 0, an event:
 //!     timestamp   i64 little-endian, Unix milliseconds
-//!     eventId     str (empty: the event has none)
-//!     eventType   str
-//!     count       varint, then count × (name str, value str)   dimensions, in the order sent
-//!     count       varint, then count × (name str, f64 LE)      values, in the order sent
+//!     d, v        varint each: the numbers of dimensions and of values
+//!     lengths     varint × (2 + 2d + v): of eventId (0: the event has none),
+//!                 eventType, each dimension's name and value, each value's name
+//!     values      f64 little-endian × v
+//!     strings     the strings, UTF-8, one after the other in the order of lengths
 //! kind 1, a watermark mark:
 //!     watermark   i64 little-endian, Unix milliseconds
 //! kind 2, a batch of records, as one Kafka message holds them:
 //!     count × (length varint, record)
-//! str    := length varint, then that many bytes of UTF-8
 //! varint := unsigned LEB128, at most 32 bits
 //! ```
+//!
+//! Dimensions and values keep the order sent. The strings come last and
+//! together, so that a reader checks their UTF-8 in one pass.
 //!
 //! The first byte, `0xC1`, is never the first byte of UTF-8 text, so a
 //! record cannot be mistaken for JSON: a log written before this format,
@@ -63,29 +66,27 @@ impl fmt::Display for Unreadable {
 
 /// The record of a validated event at `timestamp`.
 pub fn encode(event: &EventRef<'_>, timestamp: Millis) -> Vec<u8> {
-    let strings = event.event_id.as_deref().map_or(0, str::len)
-        + event.event_type.len()
-        + event
-            .dimensions
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
-        + event.values.iter().map(|(k, _)| k.len()).sum::<usize>();
-    let fields = 2 + 2 * event.dimensions.len() + 2 * event.values.len();
-    let mut out = Vec::with_capacity(11 + strings + 5 * fields + 8 * event.values.len());
+    let id = event.event_id.as_deref().unwrap_or_default();
+    let strings = || {
+        [id, &event.event_type]
+            .into_iter()
+            .chain(event.dimensions.iter().flat_map(|(k, v)| [&**k, &**v]))
+            .chain(event.values.iter().map(|(k, _)| &**k))
+    };
+    let (count, bytes) = strings().fold((0, 0), |(n, len), s| (n + 1, len + s.len()));
+    let mut out = Vec::with_capacity(13 + 5 * count + 8 * event.values.len() + bytes);
     out.extend_from_slice(&[MAGIC, VERSION, EVENT]);
     out.extend_from_slice(&timestamp.to_le_bytes());
-    put_str(&mut out, event.event_id.as_deref().unwrap_or_default());
-    put_str(&mut out, &event.event_type);
     put_varint(&mut out, event.dimensions.len());
-    for (name, value) in &event.dimensions {
-        put_str(&mut out, name);
-        put_str(&mut out, value);
-    }
     put_varint(&mut out, event.values.len());
-    for (name, value) in &event.values {
-        put_str(&mut out, name);
+    for s in strings() {
+        put_varint(&mut out, s.len());
+    }
+    for (_, value) in &event.values {
         out.extend_from_slice(&value.to_le_bytes());
+    }
+    for s in strings() {
+        out.extend_from_slice(s.as_bytes());
     }
     out
 }
@@ -149,30 +150,7 @@ pub fn read<'a>(bytes: &'a [u8], event: &mut EventRef<'a>) -> Result<Record, Unr
     let record = match r.byte()? {
         EVENT => {
             event.timestamp = Some(r.i64()?);
-            event.event_id = Some(r.str()?)
-                .filter(|id| !id.is_empty())
-                .map(Cow::Borrowed);
-            event.event_type = Cow::Borrowed(r.str()?);
-            if event.event_type.is_empty() {
-                return Err(Unreadable("empty eventType".into()));
-            }
-            event.dimensions.clear();
-            for _ in 0..r.varint()? {
-                event
-                    .dimensions
-                    .push((Cow::Borrowed(r.str()?), Cow::Borrowed(r.str()?)));
-            }
-            event.values.clear();
-            for _ in 0..r.varint()? {
-                let name = r.str()?;
-                let value = f64::from_le_bytes(r.take()?);
-                if !(value.is_finite() && value.abs() <= MAX_VALUE) {
-                    return Err(Unreadable(format!(
-                        "values.{name}: {value} is out of range"
-                    )));
-                }
-                event.values.push((Cow::Borrowed(name), value));
-            }
+            read_event(&mut r, event)?;
             Record::Event
         }
         MARK => Record::Mark(r.i64()?),
@@ -186,6 +164,58 @@ pub fn read<'a>(bytes: &'a [u8], event: &mut EventRef<'a>) -> Result<Record, Unr
         )));
     }
     Ok(record)
+}
+
+/// Reads the rest of an event's record.
+fn read_event<'a>(r: &mut Reader<'a>, event: &mut EventRef<'a>) -> Result<(), Unreadable> {
+    let (dimensions, values) = (r.varint()?, r.varint()?);
+    // Each length takes a byte at least: this bounds the counts by the record.
+    let count = 2usize
+        .checked_add(2 * dimensions + values)
+        .filter(|&n| n <= r.0.len())
+        .ok_or_else(|| Unreadable("more fields than it has bytes".into()))?;
+    let start = r.0;
+    let mut total = 0usize;
+    for _ in 0..count {
+        total = total.saturating_add(r.varint()?);
+    }
+    let mut lengths = Reader(&start[..start.len() - r.0.len()]);
+    let numbers = r.bytes(8 * values)?;
+    let strings = std::str::from_utf8(r.bytes(total)?)
+        .map_err(|_| Unreadable("a string that is not UTF-8".into()))?;
+    let mut at = 0;
+    let mut next = || -> Result<&'a str, Unreadable> {
+        let len = lengths.varint()?;
+        let s = strings
+            .get(at..at + len)
+            .ok_or_else(|| Unreadable("a string cut inside a character".into()))?;
+        at += len;
+        Ok(s)
+    };
+    let id = next()?;
+    event.event_id = (!id.is_empty()).then_some(Cow::Borrowed(id));
+    event.event_type = Cow::Borrowed(next()?);
+    if event.event_type.is_empty() {
+        return Err(Unreadable("empty eventType".into()));
+    }
+    event.dimensions.clear();
+    for _ in 0..dimensions {
+        event
+            .dimensions
+            .push((Cow::Borrowed(next()?), Cow::Borrowed(next()?)));
+    }
+    event.values.clear();
+    for number in numbers.chunks_exact(8) {
+        let name = next()?;
+        let value = f64::from_le_bytes(number.try_into().expect("8 bytes"));
+        if !(value.is_finite() && value.abs() <= MAX_VALUE) {
+            return Err(Unreadable(format!(
+                "values.{name}: {value} is out of range"
+            )));
+        }
+        event.values.push((Cow::Borrowed(name), value));
+    }
+    Ok(())
 }
 
 /// Reads a record of an earlier log: the event's JSON, or a mark's.
@@ -263,11 +293,6 @@ fn put_varint(out: &mut Vec<u8>, n: usize) {
     out.push(n as u8);
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    put_varint(out, s.len());
-    out.extend_from_slice(s.as_bytes());
-}
-
 /// The bytes of a record not yet read.
 struct Reader<'a>(&'a [u8]);
 
@@ -294,25 +319,23 @@ impl<'a> Reader<'a> {
     }
 
     fn varint(&mut self) -> Result<usize, Unreadable> {
-        let mut n = 0u32;
-        for shift in (0..32).step_by(7) {
-            let b = self.byte()?;
-            n |= u32::from(b & 0x7f)
-                .checked_shl(shift)
-                .filter(|v| v >> shift == u32::from(b & 0x7f))
-                .ok_or_else(|| Unreadable("a length past 32 bits".into()))?;
+        let mut n = 0u64;
+        for (i, &b) in self.0.iter().take(5).enumerate() {
+            n |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
-                return Ok(n as usize);
+                self.0 = &self.0[i + 1..];
+                return u32::try_from(n)
+                    .map(|n| n as usize)
+                    .map_err(|_| Unreadable("a length past 32 bits".into()));
             }
         }
-        Err(Unreadable("a length past 32 bits".into()))
+        Err(Unreadable(if self.0.len() < 5 {
+            "cut short".into()
+        } else {
+            "a length past 32 bits".into()
+        }))
     }
 
-    fn str(&mut self) -> Result<&'a str, Unreadable> {
-        let n = self.varint()?;
-        std::str::from_utf8(self.bytes(n)?)
-            .map_err(|_| Unreadable("a string that is not UTF-8".into()))
-    }
 }
 
 #[cfg(test)]
@@ -342,8 +365,9 @@ mod tests {
         .unwrap();
         let mut expected = vec![0xC1, 1, 0];
         expected.extend_from_slice(&1000i64.to_le_bytes());
-        expected.extend_from_slice(b"\x01i\x01t\x01\x01k\x01v\x01\x01n");
+        expected.extend_from_slice(b"\x01\x01\x01\x01\x01\x01\x01");
         expected.extend_from_slice(&1.5f64.to_le_bytes());
+        expected.extend_from_slice(b"itkvn");
         assert_eq!(encode(&event, 1000), expected);
         let mut mark_bytes = vec![0xC1, 1, 1];
         mark_bytes.extend_from_slice(&(-7i64).to_le_bytes());
@@ -394,13 +418,22 @@ mod tests {
         assert_eq!(fault(&longer), "trailing bytes after its end: 1");
         let mut not_utf8 = mark(0);
         not_utf8[2] = EVENT;
-        not_utf8.extend_from_slice(b"\x00\x01\xff\x00\x00");
+        not_utf8.extend_from_slice(b"\x00\x00\x00\x01\xff");
         assert_eq!(fault(&not_utf8), "a string that is not UTF-8");
+        let mut split = mark(0);
+        split[2] = EVENT;
+        split.extend_from_slice("\x00\x00\x01\x01é".as_bytes());
+        assert_eq!(fault(&split), "a string cut inside a character");
+        let mut many = mark(0);
+        many[2] = EVENT;
+        many.extend_from_slice(b"\xe8\x07\x00\x01\x01");
+        assert_eq!(fault(&many), "more fields than it has bytes");
         let mut nan = mark(0);
         nan[2] = EVENT;
-        nan.extend_from_slice(b"\x00\x01t\x00\x01\x01n");
+        nan.extend_from_slice(b"\x00\x01\x00\x01\x01");
         nan.extend_from_slice(&f64::NAN.to_le_bytes());
-        assert!(fault(&nan).starts_with("values.n:"));
+        nan.extend_from_slice(b"tn");
+        assert!(fault(&nan).starts_with("values.n:"), "{}", fault(&nan));
         let mut huge = mark(0);
         huge[2] = EVENT;
         huge.extend_from_slice(b"\x00\xff\xff\xff\xff\x7f");
