@@ -29,6 +29,13 @@ pub enum BatchError {
 /// An event read from a body.
 type Parsed<'a> = Result<EventRef<'a>, Vec<FieldError>>;
 
+/// The error of a body that is not JSON: the parser's first line, which
+/// says what and where, without the excerpt of the body it goes on with.
+fn malformed(e: sonic_rs::Error) -> BatchError {
+    let message = e.to_string();
+    BatchError::Malformed(message.lines().next().unwrap_or_default().to_owned())
+}
+
 /// Splits a request's events by the partition, of `partitions`, each goes
 /// to: one with an id to its id's, the others together to `fallback`. Each
 /// partition's records keep the request's order.
@@ -71,14 +78,13 @@ pub fn parse_batch(
             None => return Err(BatchError::Empty),
             // Each element is read once, in place, and an element that is
             // not an event does not stop the others from being read.
-            Some(b'[') => serde_json::from_slice::<Vec<Element<'_>>>(body)
-                .map_err(|e| BatchError::Malformed(e.to_string()))?
+            Some(b'[') => sonic_rs::from_slice::<Vec<Element<'_>>>(body)
+                .map_err(malformed)?
                 .into_iter()
                 .map(validate)
                 .collect(),
             Some(_) => {
-                let element = serde_json::from_slice::<Element<'_>>(body)
-                    .map_err(|e| BatchError::Malformed(e.to_string()))?;
+                let element = sonic_rs::from_slice::<Element<'_>>(body).map_err(malformed)?;
                 vec![validate(element)]
             }
         }

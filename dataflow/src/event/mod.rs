@@ -176,9 +176,16 @@ pub const MAX_VALUE: f64 = 1e18;
 /// On failure, every field error found is returned, or one error for the
 /// whole value when it is not a JSON object at all.
 pub fn parse_event_ref(json: &[u8]) -> Result<EventRef<'_>, Vec<FieldError>> {
-    match serde_json::from_slice(json) {
+    match sonic_rs::from_slice(json) {
         Ok(element) => validate(element),
-        Err(e) => Err(vec![FieldError::new("", format!("not valid JSON: {e}"))]),
+        Err(e) => {
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default();
+            Err(vec![FieldError::new(
+                "",
+                format!("not valid JSON: {first}"),
+            )])
+        }
     }
 }
 

@@ -335,7 +335,6 @@ impl<'a> Reader<'a> {
             "a length past 32 bits".into()
         }))
     }
-
 }
 
 #[cfg(test)]
