@@ -575,15 +575,31 @@ fn a_cluster_answers_as_tally_run_does() {
         (events.len() + 2).to_string(),
         "raw events archived"
     );
-    let read = read_topic(&services, &cluster.name);
+    let mut read: Vec<(String, i64)> = read_topic(&services, &cluster.name)
+        .iter()
+        .map(|e| {
+            let time = e["timestamp"].as_i64().unwrap();
+            (e["eventType"].as_str().unwrap().to_owned(), time)
+        })
+        .collect();
     assert_eq!(
-        read,
+        read.len(),
         events.len() + 2,
         "events read back with confluent-kafka"
     );
+    read.sort();
+    for e in &events {
+        assert!(
+            read.binary_search(&(e.event_type.to_owned(), e.time_ms))
+                .is_ok(),
+            "{} at {} is not in the topic",
+            e.event_type,
+            e.time_ms
+        );
+    }
     let dead_topic = format!("{}-dlq", cluster.name);
     assert_eq!(
-        read_topic(&services, &dead_topic),
+        read_topic(&services, &dead_topic).len(),
         1,
         "the dead-letter topic"
     );
@@ -598,13 +614,54 @@ fn a_cluster_answers_as_tally_run_does() {
     );
 }
 
-/// Reads the events topic from the beginning with Python's confluent-kafka
-/// and returns the number of events (lines) in it: its lines less the
-/// workers' watermark marks, which a consumer tells by their one key.
-fn read_topic(services: &Services, topic: &str) -> usize {
+/// Reads a topic from the beginning with Python's confluent-kafka: the
+/// events topic with a decoder of the record format written from the
+/// README alone, which returns each event (watermark marks are skipped, as
+/// the README tells other consumers to); the dead-letter topic's messages,
+/// which are JSON.
+fn read_topic(services: &Services, topic: &str) -> Vec<Value> {
     let script = r#"
-import sys
+import json, struct, sys
 from confluent_kafka import Consumer, TopicPartition
+
+def varint(b, at):
+    n, shift = 0, 0
+    while True:
+        byte = b[at]; at += 1
+        n |= (byte & 0x7f) << shift; shift += 7
+        if byte < 0x80:
+            return n, at
+
+def records(payload):
+    assert payload[:3] == b"\xc1\x01\x02", payload[:3]
+    at = 3
+    while at < len(payload):
+        n, at = varint(payload, at)
+        yield payload[at:at + n]
+        at += n
+
+def event(r):
+    assert r[:2] == b"\xc1\x01", r[:2]
+    if r[2] == 1:
+        return None
+    assert r[2] == 0
+    (timestamp,) = struct.unpack_from("<q", r, 3)
+    d, at = varint(r, 11)
+    v, at = varint(r, at)
+    lengths = []
+    for _ in range(2 + 2 * d + v):
+        n, at = varint(r, at)
+        lengths.append(n)
+    values = struct.unpack_from("<%dd" % v, r, at)
+    at += 8 * v
+    strings = []
+    for n in lengths:
+        strings.append(r[at:at + n].decode("utf-8")); at += n
+    assert at == len(r)
+    dims = dict(zip(strings[2:2 + 2 * d:2], strings[3:2 + 2 * d:2]))
+    return {"eventType": strings[1], "timestamp": timestamp, "dimensions": dims,
+            "values": dict(zip(strings[2 + 2 * d:], values))}
+
 brokers, topic = sys.argv[1], sys.argv[2]
 consumer = Consumer({"bootstrap.servers": brokers, "group.id": "inspect", "enable.auto.commit": False})
 partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -614,18 +671,22 @@ for p in partitions:
     if high > low:
         ends[p] = high
 consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-events, done = 0, set()
+done = set()
 while len(done) < len(ends):
     message = consumer.poll(10)
     if message is None:
         sys.exit("timed out reading the topic")
     if message.error():
         sys.exit(str(message.error()))
-    events += sum(1 for line in message.value().splitlines()
-                  if not line.startswith(b'{"tally.watermark":'))
+    if topic.endswith("-dlq"):
+        print(json.dumps(json.loads(message.value())))
+    else:
+        for r in records(message.value()):
+            e = event(r)
+            if e is not None:
+                print(json.dumps(e))
     if message.offset() + 1 >= ends[message.partition()]:
         done.add(message.partition())
-print(events)
 "#;
     let output = Command::new("python3")
         .args(["-c", script, &services.kafka, topic])
@@ -637,9 +698,9 @@ print(events)
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .expect("a count")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("JSON"))
+        .collect()
 }
 
 #[test]
