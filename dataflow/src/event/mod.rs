@@ -204,6 +204,15 @@ fn validate(element: Element<'_>) -> Result<EventRef<'_>, Vec<FieldError>> {
     }
 }
 
+/// Whether `s` holds a control character (Unicode's `Cc`).
+fn has_control(s: &str) -> bool {
+    if s.is_ascii() {
+        s.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        s.chars().any(char::is_control)
+    }
+}
+
 /// The event as sent. Every field is lenient: a wrong type, or a field
 /// given twice, is recorded, not raised, so that all problems of an event
 /// are reported together and an array's other events are still read.
@@ -340,56 +349,67 @@ impl<'a> RawEvent<'a> {
                 None
             }
         };
-        let mut dimensions = Vec::new();
-        match self.dimensions {
-            None => {}
-            Some(Lenient::Wrong(found)) => errors.push(FieldError::new(
-                "dimensions",
-                format!("must be an object, found {found}"),
-            )),
-            Some(Lenient::Ok(entries)) => {
-                for (name, value) in entries {
-                    match value {
-                        Lenient::Ok(DimValue(v)) if v.chars().any(char::is_control) => {
-                            errors.push(FieldError::new(
-                                format!("dimensions.{name}"),
-                                "must not contain control characters",
-                            ))
-                        }
-                        Lenient::Ok(DimValue(v)) => dimensions.push((name, v)),
-                        Lenient::Wrong(found) => errors.push(FieldError::new(
+        // Each map's entries are filtered where they lie, with no new allocation.
+        let dimensions = match self.dimensions {
+            None => Vec::new(),
+            Some(Lenient::Wrong(found)) => {
+                errors.push(FieldError::new(
+                    "dimensions",
+                    format!("must be an object, found {found}"),
+                ));
+                Vec::new()
+            }
+            Some(Lenient::Ok(entries)) => entries
+                .into_iter()
+                .filter_map(|(name, value)| match value {
+                    Lenient::Ok(DimValue(v)) if has_control(&v) => {
+                        errors.push(FieldError::new(
+                            format!("dimensions.{name}"),
+                            "must not contain control characters",
+                        ));
+                        None
+                    }
+                    Lenient::Ok(DimValue(v)) => Some((name, v)),
+                    Lenient::Wrong(found) => {
+                        errors.push(FieldError::new(
                             format!("dimensions.{name}"),
                             format!("must be a string, number or boolean, found {found}"),
-                        )),
+                        ));
+                        None
                     }
-                }
+                })
+                .collect(),
+        };
+        let values = match self.values {
+            None => Vec::new(),
+            Some(Lenient::Wrong(found)) => {
+                errors.push(FieldError::new(
+                    "values",
+                    format!("must be an object, found {found}"),
+                ));
+                Vec::new()
             }
-        }
-        let mut values = Vec::new();
-        match self.values {
-            None => {}
-            Some(Lenient::Wrong(found)) => errors.push(FieldError::new(
-                "values",
-                format!("must be an object, found {found}"),
-            )),
-            Some(Lenient::Ok(entries)) => {
-                for (name, value) in entries {
-                    match value {
-                        Lenient::Ok(v) if v.is_finite() && v.abs() <= MAX_VALUE => {
-                            values.push((name, v))
-                        }
-                        Lenient::Ok(_) => errors.push(FieldError::new(
+            Some(Lenient::Ok(entries)) => entries
+                .into_iter()
+                .filter_map(|(name, value)| match value {
+                    Lenient::Ok(v) if v.is_finite() && v.abs() <= MAX_VALUE => Some((name, v)),
+                    Lenient::Ok(_) => {
+                        errors.push(FieldError::new(
                             format!("values.{name}"),
                             format!("must be a finite number of magnitude at most {MAX_VALUE:e}"),
-                        )),
-                        Lenient::Wrong(found) => errors.push(FieldError::new(
+                        ));
+                        None
+                    }
+                    Lenient::Wrong(found) => {
+                        errors.push(FieldError::new(
                             format!("values.{name}"),
                             format!("must be a number, found {found}"),
-                        )),
+                        ));
+                        None
                     }
-                }
-            }
-        }
+                })
+                .collect(),
+        };
         if errors.is_empty() {
             Ok(EventRef {
                 event_id,

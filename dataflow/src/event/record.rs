@@ -67,26 +67,40 @@ impl fmt::Display for Unreadable {
 /// The record of a validated event at `timestamp`.
 pub fn encode(event: &EventRef<'_>, timestamp: Millis) -> Vec<u8> {
     let id = event.event_id.as_deref().unwrap_or_default();
-    let strings = || {
-        [id, &event.event_type]
-            .into_iter()
-            .chain(event.dimensions.iter().flat_map(|(k, v)| [&**k, &**v]))
-            .chain(event.values.iter().map(|(k, _)| &**k))
-    };
-    let (count, bytes) = strings().fold((0, 0), |(n, len), s| (n + 1, len + s.len()));
-    let mut out = Vec::with_capacity(13 + 5 * count + 8 * event.values.len() + bytes);
+    let (dimensions, values) = (&event.dimensions, &event.values);
+    let bytes = id.len()
+        + event.event_type.len()
+        + dimensions
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + values.iter().map(|(k, _)| k.len()).sum::<usize>();
+    let count = 2 + 2 * dimensions.len() + values.len();
+    let mut out = Vec::with_capacity(13 + 5 * count + 8 * values.len() + bytes);
     out.extend_from_slice(&[MAGIC, VERSION, EVENT]);
     out.extend_from_slice(&timestamp.to_le_bytes());
-    put_varint(&mut out, event.dimensions.len());
-    put_varint(&mut out, event.values.len());
-    for s in strings() {
-        put_varint(&mut out, s.len());
+    put_varint(&mut out, dimensions.len());
+    put_varint(&mut out, values.len());
+    put_varint(&mut out, id.len());
+    put_varint(&mut out, event.event_type.len());
+    for (name, value) in dimensions {
+        put_varint(&mut out, name.len());
+        put_varint(&mut out, value.len());
     }
-    for (_, value) in &event.values {
+    for (name, _) in values {
+        put_varint(&mut out, name.len());
+    }
+    for (_, value) in values {
         out.extend_from_slice(&value.to_le_bytes());
     }
-    for s in strings() {
-        out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(event.event_type.as_bytes());
+    for (name, value) in dimensions {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+    for (name, _) in values {
+        out.extend_from_slice(name.as_bytes());
     }
     out
 }
