@@ -12,6 +12,8 @@ trials=${1:-5}
 first=${2:-1}
 export TALLY_HARNESS_EVENTS=${TALLY_HARNESS_EVENTS:-1000000}
 export TALLY_HARNESS_KILLS=${TALLY_HARNESS_KILLS:-20}
+# A failed trial shows tally's own errors, not the test's backtrace.
+export RUST_BACKTRACE=0
 test_name=crash::kill_9_at_random_moments_stores_exactly_the_failure_free_results
 
 cargo build --release --locked --bin tally --test integration || exit 1
