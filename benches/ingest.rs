@@ -1,5 +1,6 @@
 //! (a) HTTP ingest, end to end: batches of 1000 events posted to `tally run`
-//! until each is fsync'd in the log, against the raw parse of the same bytes
+//! until each is fsync'd in the log, and until every event is in a stored
+//! window, against the raw parse of the same bytes
 //! into `Value`s on one thread by sonic-rs, the parser the gateway uses,
 //! and by serde_json; and, taken in turn in the same run, the same with a
 //! key whose requests are checked and rate-limited, and without
@@ -7,11 +8,16 @@
 //! gateway's own validating parse of the same bytes on one thread, which
 //! also writes each event's log record.
 
-use std::time::Instant;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
+use tally_dataflow::dedupe::IdKey;
 use tally_dataflow::event::{parse_batch, EventLimits};
 
-use crate::support::{bodies, now_ms, post_bodies, post_bodies_as, repository_config, Tally};
+use crate::support::{
+    agent, bodies, default_config, event, now_ms, post_bodies, post_bodies_as, post_events,
+    repository_config, Tally,
+};
 
 const BATCH: usize = 1000;
 const BATCHES: usize = 600;
@@ -57,6 +63,23 @@ pub fn run() {
     let started = Instant::now();
     post_bodies(&tally.url, &bodies, CONNECTIONS);
     let ingest_rate = events as f64 / started.elapsed().as_secs_f64();
+    drop(tally);
+
+    // End to end: the same load stamped two minutes back, then one event
+    // now in every partition, which moves every partition's watermark past
+    // the load's windows; until the store holds all of the load's events.
+    let past = now_ms() - 120_000;
+    let load = crate::support::bodies(1, BATCHES, BATCH, past);
+    let data = tempfile::tempdir().unwrap();
+    let tally = Tally::start(data.path(), &[]);
+    let started = Instant::now();
+    post_bodies(&tally.url, &load, CONNECTIONS);
+    post_events(&agent(), &tally.url, &closing_body());
+    let span = (past / 10_000 * 10, (past + 20_000) / 1000);
+    while stored_events(&tally.url, span) < events as u64 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stored_rate = events as f64 / started.elapsed().as_secs_f64();
     drop(tally);
 
     // Keys: each request's bearer token checked and its events taken from
@@ -105,6 +128,7 @@ pub fn run() {
     );
     println!("    the gateway's validating parse, 1 thread:     {:>10.0} events/s  ({:.2}x the parse rate)", validate_rate, validate_rate / parse_rate);
     println!("    tally run, POST until durable:                {:>10.0} events/s  ({:.2}x the parse rate)", ingest_rate, ingest_rate / parse_rate);
+    println!("    tally run, POST until every event is stored:  {:>10.0} events/s  ({:.2}x the parse rate)", stored_rate, stored_rate / parse_rate);
     println!(
         "    without keys (median of {ROUNDS} rounds):      {:>10.0} events/s",
         open
@@ -119,6 +143,44 @@ pub fn run() {
         checked,
         (checked / open - 1.0) * 100.0
     );
+}
+
+/// One event at the current time for each partition of the log: its id
+/// picks the partition.
+fn closing_body() -> Vec<u8> {
+    let partitions = default_config().log.partitions;
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut missing: BTreeSet<u32> = (0..partitions).collect();
+    let mut events = Vec::new();
+    for i in 0.. {
+        if missing.is_empty() {
+            break;
+        }
+        let id = format!("close_{i}");
+        if missing.remove(&IdKey::of(&id).partition(partitions)) {
+            let mut event = event(&mut rng, now_ms());
+            event["eventId"] = id.into();
+            events.push(event);
+        }
+    }
+    serde_json::to_vec(&events).unwrap()
+}
+
+/// The events the store holds in the 10 s windows of `(start, end)`, Unix
+/// seconds, by the `events` metric, which counts every event.
+fn stored_events(url: &str, (start, end): (i64, i64)) -> u64 {
+    let answer: serde_json::Value = agent()
+        .get(format!(
+            "{url}/v1/metrics?metric=events&resolution=10s&start={start}&end={end}"
+        ))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    answer["dataPoints"].as_array().map_or(0, |points| {
+        points.iter().filter_map(|p| p["value"].as_u64()).sum()
+    })
 }
 
 /// The secret of the benchmark's key.
