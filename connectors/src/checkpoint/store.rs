@@ -426,8 +426,10 @@ impl CheckpointStore {
         for file in manifest.into_iter().chain(parts) {
             self.store.delete(&file.location).await?;
         }
+        // What the store does not list goes too: the staging file of a
+        // write that a kill cut short.
         if let Some(dir) = &self.local {
-            std::fs::remove_dir(dir.join(format!("{boundary:020}")))?;
+            std::fs::remove_dir_all(dir.join(format!("{boundary:020}")))?;
         }
         Ok(())
     }
@@ -569,6 +571,20 @@ mod tests {
         ));
         store.write_share(100, 0, &Share::default()).unwrap();
         assert_eq!(store.read_shares(100, 1).unwrap().unwrap().len(), 1);
+    }
+
+    /// A process killed while it wrote a part leaves the store's staging
+    /// file, which the store does not list; the next start deletes the
+    /// unfinished checkpoint all the same.
+    #[test]
+    fn an_unfinished_checkpoint_is_deleted_with_a_write_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(None, dir.path(), &[]).unwrap();
+        store.write_part(&sample_part(300, 0)).unwrap();
+        let unfinished = dir.path().join(format!("{:020}", 300));
+        std::fs::write(unfinished.join("part-1.bin#1"), b"half a part").unwrap();
+        assert_eq!(store.discard_unfinished(200).unwrap(), 1);
+        assert!(!unfinished.exists());
     }
 
     #[test]
