@@ -112,7 +112,7 @@ fn line(
     let (key, value) = match record::read(bytes, &mut event) {
         Ok(Record::Event) => (
             "event",
-            serde_json::from_slice(&record::to_json(bytes)).expect("a record read is JSON"),
+            serde_json::to_value(event.to_owned(0)).expect("an event always serialises"),
         ),
         Ok(Record::Mark(watermark)) => ("watermark", json!(watermark)),
         Err(e) => {

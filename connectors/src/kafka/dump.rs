@@ -9,7 +9,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_dataflow::config::KafkaConfig;
 
-use super::{client_config, consumer_config, partition_count, KafkaError, REQUEST_TIMEOUT};
+use super::{consumer_config, partition_count, KafkaError, REQUEST_TIMEOUT};
 
 /// How long the dump waits for the next message before it gives up.
 const STALL: Duration = Duration::from_secs(30);
@@ -27,8 +27,7 @@ pub fn read_topic(
         .create()?;
     let partitions = match partition {
         Some(p) => vec![p],
-        None => (0..partition_count(&client_config(&config.brokers).create()?, &config.topic)?)
-            .collect(),
+        None => (0..partition_count(&consumer, &config.topic)?).collect(),
     };
     for partition in partitions {
         let (low, high) =

@@ -1,7 +1,9 @@
 //! Request-body framing: one event, a JSON array of events, or NDJSON, into
 //! log records, all or nothing.
 
-use super::{parse_event_ref, record, validate, Element, EventLimits, EventRef, FieldError};
+use super::{
+    json_error, parse_event_ref, record, validate, Element, EventLimits, EventRef, FieldError,
+};
 use crate::dedupe::IdKey;
 use crate::time::Millis;
 
@@ -29,11 +31,9 @@ pub enum BatchError {
 /// An event read from a body.
 type Parsed<'a> = Result<EventRef<'a>, Vec<FieldError>>;
 
-/// The error of a body that is not JSON: the parser's first line, which
-/// says what and where, without the excerpt of the body it goes on with.
+/// The error of a body that is not JSON.
 fn malformed(e: sonic_rs::Error) -> BatchError {
-    let message = e.to_string();
-    BatchError::Malformed(message.lines().next().unwrap_or_default().to_owned())
+    BatchError::Malformed(json_error(&e))
 }
 
 /// Splits a request's events by the partition, of `partitions`, each goes

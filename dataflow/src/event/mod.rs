@@ -178,15 +178,18 @@ pub const MAX_VALUE: f64 = 1e18;
 pub fn parse_event_ref(json: &[u8]) -> Result<EventRef<'_>, Vec<FieldError>> {
     match sonic_rs::from_slice(json) {
         Ok(element) => validate(element),
-        Err(e) => {
-            let message = e.to_string();
-            let first = message.lines().next().unwrap_or_default();
-            Err(vec![FieldError::new(
-                "",
-                format!("not valid JSON: {first}"),
-            )])
-        }
+        Err(e) => Err(vec![FieldError::new(
+            "",
+            format!("not valid JSON: {}", json_error(&e)),
+        )]),
     }
+}
+
+/// The parser's error, by its first line, which says what and where,
+/// without the excerpt of the input it goes on with.
+fn json_error(e: &sonic_rs::Error) -> String {
+    let message = e.to_string();
+    message.lines().next().unwrap_or_default().to_owned()
 }
 
 /// An event as sent, or what was sent in its place.
