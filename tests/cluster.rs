@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tally_dataflow::time::{now_ms, parse_rfc3339};
 
 use crate::live::{connect, current_values, wait_for};
+use crate::sketches::within_rank_error;
 use crate::util::{
     at, base_ms, clickstream, default_config, eventually, post_all, prometheus_value, values,
     Generated, Tally,
@@ -350,6 +351,8 @@ fn queries() -> Vec<String> {
         "metric=events&resolution=5m",
         "metric=revenue&resolution=1m&groupBy=deviceType",
         "metric=avg_order_value&resolution=1m&country=DE",
+        "metric=top_creatives&resolution=1m&groupBy=country",
+        "metric=top_creatives&resolution=5m&k=3",
     ]
     .iter()
     .map(|q| format!("{q}&{range}"))
@@ -522,6 +525,29 @@ fn a_cluster_answers_as_tally_run_does() {
     }
     // Either gateway answers from the same store.
     assert_eq!(answers(&cluster.gateways[1], &events), got);
+    // Quantiles merged from KLL sketches stored in ClickHouse: within the
+    // rank error of the events' own (KLL's coin flips differ from tally
+    // run's, so its answers are compared with the events, not with it).
+    let by_device = cluster.gateways[0].metrics(&format!(
+        "metric=ad_latency&resolution=5m&groupBy=deviceType&start={}&end={}",
+        at(0),
+        at(5 * MINUTE)
+    ));
+    let series = by_device["series"].as_array().unwrap();
+    assert_eq!(series.len(), 2, "{by_device}");
+    for s in series {
+        let device = s["group"]["deviceType"].as_str().unwrap();
+        let latencies: Vec<f64> = events
+            .iter()
+            .filter(|e| e.device == device)
+            .filter_map(|e| e.latency_ms)
+            .collect();
+        within_rank_error(
+            &s["dataPoints"][0]["value"],
+            &latencies,
+            &["0.5", "0.9", "0.99"],
+        );
+    }
     // A subscriber resuming from the first minute gets every minute's final
     // value, from ClickHouse where the gateway's hub forgot the window.
     let mut resumed = connect(&cluster.gateways[1]);

@@ -9,8 +9,10 @@
 //! lost the answer of again, as a client does, and sends some requests twice
 //! although they were answered. At the end, every stored window must equal
 //! what a plain batch aggregation of the same events, each once, gives, the
-//! dead letters must be exactly the too-late events, and the sketch
-//! estimates must equal those of a run without failures or repeats.
+//! dead letters must be exactly the too-late events, and the sketches must
+//! say what those of a run without failures or repeats say (see
+//! [`sketch_summary`]), with every quantile within KLL's rank error of the
+//! events' own and every top item's count exact.
 //!
 //! `TALLY_HARNESS_SEED`, `TALLY_HARNESS_EVENTS` and `TALLY_HARNESS_KILLS`
 //! change the trial; `scripts/kill-harness.sh` runs many, larger ones.
@@ -20,11 +22,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
-use tally_dataflow::aggregate::Sketch;
+use tally_dataflow::aggregate::{AggregateKind, Sketch};
 
 use serde_json::Value as Json;
 
-use crate::util::{base_ms, dead_letters, eventually, Generated, Tally};
+use crate::util::{base_ms, dead_letters, eventually, sketch_summary, Generated, Sketched, Tally};
+
+/// The metrics whose windows hold sketches.
+const SKETCHED: [&str; 3] = ["unique_users", "ad_latency", "top_creatives"];
 
 /// Events per request.
 const BATCH: usize = 500;
@@ -63,6 +68,7 @@ fn setting(name: &str, default: u64) -> u64 {
 /// lateness of any such watermark; too-late ones 60-200 s back, beyond it.
 fn generate(seed: u64, count: usize) -> Vec<Vec<(Generated, Kind)>> {
     let mut rng = fastrand::Rng::with_seed(seed);
+    let mut sketched = Sketched::new(seed);
     let events: Vec<(Generated, Kind)> = (0..count)
         .map(|i| {
             let purchase = rng.u32(..8) == 0;
@@ -82,6 +88,8 @@ fn generate(seed: u64, count: usize) -> Vec<Vec<(Generated, Kind)>> {
                 device: ["MOBILE", "DESKTOP"][rng.usize(..2)],
                 user: format!("usr_{}", rng.u32(..5000)),
                 amount: purchase.then(|| rng.u32(100..50_000) as f64 / 100.0),
+                latency_ms: (!purchase).then(|| sketched.latency()),
+                creative: sketched.creative(),
             };
             (event, kind)
         })
@@ -116,12 +124,8 @@ fn reference(events: &[Generated], closed_before: i64) -> BTreeMap<Key, Value> {
             value.count += 1;
             value.sum += sum;
         };
-        for group in groups {
-            for (window, size) in WINDOWS {
-                let start = e.time_ms.div_euclid(size) * size;
-                if start + size > closed_before {
-                    continue;
-                }
+        for (window, start) in closed(e, closed_before) {
+            for group in groups {
                 add("events", window, start, group, 0);
                 if e.event_type == "ad_click" {
                     add("ad_clicks", window, start, group, 0);
@@ -129,6 +133,14 @@ fn reference(events: &[Generated], closed_before: i64) -> BTreeMap<Key, Value> {
                 } else if e.event_type == "purchase" {
                     add("revenue", window, start, group, amount);
                     add("avg_order_value", window, start, group, amount);
+                }
+            }
+            if e.event_type == "ad_click" {
+                for group in latency_groups(e) {
+                    add("ad_latency", window, start, &group, 0);
+                }
+                for group in ["", e.country] {
+                    add("top_creatives", window, start, group, 0);
                 }
             }
         }
@@ -148,8 +160,132 @@ fn reference(events: &[Generated], closed_before: i64) -> BTreeMap<Key, Value> {
     windows
 }
 
-/// Every stored window: its value, its sketch's estimate, its revision.
-fn stored(dir: &Path) -> BTreeMap<Key, (Value, Option<f64>)> {
+/// The tumbling windows of [`WINDOWS`] that hold `e` and end before
+/// `closed_before`, with their starts.
+fn closed(e: &Generated, closed_before: i64) -> impl Iterator<Item = (&'static str, i64)> + '_ {
+    WINDOWS
+        .iter()
+        .map(|(window, size)| (*window, e.time_ms.div_euclid(*size) * size, *size))
+        .filter(move |(_, start, size)| start + size <= closed_before)
+        .map(|(window, start, _)| (window, start))
+}
+
+/// The groups of `ad_latency` (by country and device) an event is in.
+fn latency_groups(e: &Generated) -> [String; 4] {
+    [
+        [e.country, e.device].join("\u{1f}"),
+        String::new(),
+        e.country.to_owned(),
+        e.device.to_owned(),
+    ]
+}
+
+/// The values the sketches of `ad_latency` and `top_creatives` took, by
+/// window, for the windows of [`reference`].
+#[derive(Default)]
+struct Samples {
+    latencies: BTreeMap<Key, Vec<f64>>,
+    creatives: BTreeMap<Key, BTreeMap<String, u64>>,
+}
+
+fn samples(events: &[Generated], closed_before: i64) -> Samples {
+    let mut samples = Samples::default();
+    for e in events.iter().filter(|e| e.event_type == "ad_click") {
+        for (window, start) in closed(e, closed_before) {
+            let key =
+                |metric: &str, group: &str| (metric.into(), window.into(), start, group.into());
+            for group in latency_groups(e) {
+                let values = samples
+                    .latencies
+                    .entry(key("ad_latency", &group))
+                    .or_default();
+                values.extend(e.latency_ms);
+            }
+            for group in ["", e.country] {
+                let counts = samples
+                    .creatives
+                    .entry(key("top_creatives", group))
+                    .or_default();
+                *counts.entry(e.creative.clone()).or_default() += 1;
+            }
+        }
+    }
+    samples
+}
+
+/// Where the stored sketches of `ad_latency` and `top_creatives` miss the
+/// events' true values: a count, minimum or maximum that is not exact, a
+/// default quantile whose rank is off by more than KLL's stated error, or
+/// a creative's count outside the bounds stored (with 40 creatives, the
+/// frequent-items sketch is exact).
+fn sketch_misses(dir: &Path, samples: &Samples) -> Vec<String> {
+    let conn = Connection::open(dir.join("results.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT metric, window, start, grp, sketch FROM windows WHERE metric IN ('ad_latency', 'top_creatives')")
+        .unwrap();
+    let rows: Vec<(Key, Vec<u8>)> = stmt
+        .query_map([], |r| {
+            Ok(((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?), r.get(4)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let epsilon = AggregateKind::Quantiles { k: 200 }.rank_error().unwrap();
+    let mut misses = Vec::new();
+    let (mut latencies, mut creatives) = (0, 0);
+    for (key, bytes) in rows {
+        let sketch = Sketch::from_bytes(&bytes).unwrap();
+        if let Some(values) = samples.latencies.get(&key) {
+            latencies += 1;
+            let mut sorted = values.clone();
+            sorted.sort_by(f64::total_cmp);
+            let n = sorted.len();
+            let exact = (n as u64, sorted[0], sorted[n - 1]);
+            if sketch.extremes() != Some(exact) {
+                misses.push(format!(
+                    "{key:?}: {:?}, expected {exact:?}",
+                    sketch.extremes()
+                ));
+            }
+            for q in [0.5, 0.9, 0.99] {
+                let v = sketch.quantile(q).unwrap();
+                let below = sorted.partition_point(|x| *x < v) as f64 / n as f64;
+                let at_or_below = sorted.partition_point(|x| *x <= v) as f64 / n as f64;
+                if below > q + epsilon || at_or_below < q - epsilon {
+                    misses.push(format!(
+                        "{key:?}: quantile {q} is {v}, of ranks {below}..{at_or_below}"
+                    ));
+                }
+            }
+        } else if let Some(counts) = samples.creatives.get(&key) {
+            creatives += 1;
+            let (items, weight) = sketch.items().unwrap();
+            let total: u64 = counts.values().sum();
+            let held = items.len() == counts.len()
+                && items.iter().all(|i| {
+                    counts
+                        .get(&i.item)
+                        .is_some_and(|c| i.lower <= *c && *c <= i.upper)
+                });
+            if weight != total || !held {
+                misses.push(format!(
+                    "{key:?}: {items:?} of {weight}, expected {counts:?}"
+                ));
+            }
+        }
+    }
+    if latencies < samples.latencies.len() || creatives < samples.creatives.len() {
+        misses.push(format!(
+            "{latencies} of {} ad_latency and {creatives} of {} top_creatives windows are stored",
+            samples.latencies.len(),
+            samples.creatives.len()
+        ));
+    }
+    misses
+}
+
+/// Every stored window: its value, what its sketch says, its revision.
+fn stored(dir: &Path) -> BTreeMap<Key, (Value, Option<String>)> {
     let conn = Connection::open(dir.join("results.db")).unwrap();
     let mut stmt = conn
         .prepare("SELECT metric, window, start, grp, count, sum, sketch FROM windows")
@@ -164,7 +300,7 @@ fn stored(dir: &Path) -> BTreeMap<Key, (Value, Option<f64>)> {
                     count: r.get(4)?,
                     sum: (sum * 1e9).round() as i128,
                 },
-                sketch.map(|b| Sketch::from_bytes(&b).unwrap().estimate()),
+                sketch.map(|b| sketch_summary(&b)),
             ),
         ))
     })
@@ -175,7 +311,7 @@ fn stored(dir: &Path) -> BTreeMap<Key, (Value, Option<f64>)> {
 
 /// Every key where `got` differs from `expected`, as a short report.
 fn differences(
-    got: &BTreeMap<Key, (Value, Option<f64>)>,
+    got: &BTreeMap<Key, (Value, Option<String>)>,
     expected: &BTreeMap<Key, Value>,
 ) -> Vec<String> {
     let mut out = Vec::new();
@@ -231,7 +367,7 @@ fn settle(
     expected: &BTreeMap<Key, Value>,
     closed_before: i64,
     timeout: Duration,
-) -> BTreeMap<Key, (Value, Option<f64>)> {
+) -> BTreeMap<Key, (Value, Option<String>)> {
     let ends_before = |key: &Key| {
         let length = WINDOWS
             .iter()
@@ -367,18 +503,28 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
     tally.flush(end_ms);
     let without = settle(&tally, &expected, closed_before, Duration::from_secs(180));
     tally.stop();
-    let sketches = |rows: &BTreeMap<Key, (Value, Option<f64>)>| -> Vec<(Key, Option<f64>)> {
+    let sketches = |rows: &BTreeMap<Key, (Value, Option<String>)>| -> Vec<(Key, Option<String>)> {
         rows.iter()
-            .filter(|(k, _)| k.0 == "unique_users")
-            .map(|(k, v)| (k.clone(), v.1))
+            .filter(|(k, _)| SKETCHED.contains(&k.0.as_str()))
+            .map(|(k, v)| (k.clone(), v.1.clone()))
             .collect()
     };
     let (a, b) = (sketches(&with_failures), sketches(&without));
-    assert!(!a.is_empty() && a.iter().all(|(_, e)| e.is_some()));
+    for metric in SKETCHED {
+        assert!(a.iter().any(|(k, _)| k.0 == metric), "no {metric} windows");
+    }
+    assert!(a.iter().all(|(_, e)| e.is_some()));
     let differing: Vec<_> = a.iter().zip(&b).filter(|(x, y)| x != y).take(5).collect();
     assert!(
         differing.is_empty(),
-        "sketch estimates differ from the failure-free run: {differing:#?}"
+        "sketches differ from the failure-free run: {differing:#?}"
+    );
+    let misses = sketch_misses(dir.path(), &samples(&posted, closed_before));
+    assert!(
+        misses.is_empty(),
+        "{} sketches miss the events' values; first: {:#?}",
+        misses.len(),
+        &misses[..misses.len().min(5)]
     );
     eprintln!(
         "kill harness: seed {seed}, {count} events, {killed} kills in flight, {retried} requests sent twice, {} windows exact, {too_late} dead letters, {revised} revised",

@@ -5,23 +5,24 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 use serde_json::json;
-use tally_dataflow::aggregate::Sketch;
 
-use crate::util::{base_ms, clickstream, dead_letters, eventually, Generated, Tally};
+use crate::util::{
+    base_ms, clickstream, dead_letters, eventually, sketch_summary, Generated, Tally,
+};
 
-/// A stored window: metric, window, start, group, count, sum, sketch
-/// estimate, revision.
-type Row = (String, String, i64, String, i64, f64, Option<f64>, i64);
+/// A stored window: metric, window, start, group, count, sum, what its
+/// sketch says, revision.
+type Row = (String, String, i64, String, i64, f64, Option<String>, i64);
 
 /// Every stored window, in a canonical order. Sketches are compared by
-/// their estimate: the bytes of a sparse sketch keep insertion order.
+/// what they say ([`sketch_summary`]): the bytes of a sparse HLL sketch
+/// keep insertion order, and a KLL sketch's flip coins.
 fn stored(dir: &std::path::Path) -> Vec<Row> {
     let conn = Connection::open(dir.join("results.db")).unwrap();
     let mut stmt = conn
         .prepare("SELECT metric, window, start, grp, count, sum, sketch, revision FROM windows ORDER BY metric, window, start, grp")
         .unwrap();
-    let estimate =
-        |bytes: Option<Vec<u8>>| bytes.map(|b| Sketch::from_bytes(&b).unwrap().estimate());
+    let estimate = |bytes: Option<Vec<u8>>| bytes.map(|b| sketch_summary(&b));
     stmt.query_map([], |r| {
         Ok((
             r.get(0)?,
@@ -107,6 +108,12 @@ fn one_worker_and_four_store_the_same_results() {
         four.iter().any(|r| r.3.contains("__overflow__")),
         "the input should overflow the cap"
     );
+    for sketched in ["unique_users", "ad_latency", "top_creatives"] {
+        assert!(
+            four.iter().any(|r| r.0 == sketched && r.6.is_some()),
+            "{sketched} should store sketches"
+        );
+    }
 
     // The same log, replayed by one worker into a fresh store.
     let second = tempfile::tempdir().unwrap();

@@ -15,4 +15,5 @@ mod live;
 mod openapi;
 mod quiet;
 mod restart;
+mod sketches;
 mod versions;

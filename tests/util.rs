@@ -289,6 +289,10 @@ pub struct Generated {
     pub device: &'static str,
     pub user: String,
     pub amount: Option<f64>,
+    /// An ad click's latency, for the `quantiles` metric `ad_latency`.
+    pub latency_ms: Option<f64>,
+    /// The creative shown, for the `topk` metric `top_creatives`.
+    pub creative: String,
 }
 
 impl Generated {
@@ -300,10 +304,14 @@ impl Generated {
             "dimensions": {
                 "campaignId": self.campaign, "country": self.country,
                 "deviceType": self.device, "userId": self.user,
+                "creativeId": self.creative,
             },
         });
         if let Some(amount) = self.amount {
             event["values"] = json!({"amount": amount});
+        }
+        if let Some(latency) = self.latency_ms {
+            event["values"] = json!({"latency_ms": latency});
         }
         event
     }
@@ -313,11 +321,14 @@ impl Generated {
 /// jitter well under the 2 s out-of-orderness, so none is late.
 pub fn clickstream(seed: u64, count: usize) -> Vec<Generated> {
     let mut rng = fastrand::Rng::with_seed(seed);
+    let mut sketched = Sketched::new(seed);
     let span = 300_000;
     (0..count)
         .map(|i| {
             let purchase = rng.u32(..10) == 0;
             Generated {
+                latency_ms: (!purchase).then(|| sketched.latency()),
+                creative: sketched.creative(),
                 event_type: if purchase { "purchase" } else { "ad_click" },
                 time_ms: base_ms()
                     + ((i as i64 * span) / count as i64 + rng.i64(0..800)).min(span - 1),
@@ -329,6 +340,41 @@ pub fn clickstream(seed: u64, count: usize) -> Vec<Generated> {
             }
         })
         .collect()
+}
+
+/// The latencies and creatives of generated events, from a generator of
+/// their own, so that a seed gives the other fields it always gave.
+pub struct Sketched(fastrand::Rng);
+
+impl Sketched {
+    pub fn new(seed: u64) -> Sketched {
+        Sketched(fastrand::Rng::with_seed(seed ^ 0x5ce7_c4ed))
+    }
+
+    /// Exponential, mean 60 ms, to a tenth of a millisecond.
+    pub fn latency(&mut self) -> f64 {
+        (-60.0 * (1.0 - self.0.f64()).ln() * 10.0).round() / 10.0
+    }
+
+    /// One of 40 creatives, skewed towards the first.
+    pub fn creative(&mut self) -> String {
+        format!("cr_{:02}", self.0.u32(..40).min(self.0.u32(..40)))
+    }
+}
+
+/// What a stored sketch says that two runs must agree on: a uniq's
+/// estimate; a quantiles sketch's count, minimum and maximum, which KLL
+/// keeps exactly (its answers depend on its coin flips); a topk sketch's
+/// items and their bounds.
+pub fn sketch_summary(bytes: &[u8]) -> String {
+    let sketch = tally_dataflow::aggregate::Sketch::from_bytes(bytes).expect("a stored sketch");
+    if let Some(estimate) = sketch.estimate() {
+        format!("~{estimate}")
+    } else if let Some((n, min, max)) = sketch.extremes() {
+        format!("n={n} min={min} max={max}")
+    } else {
+        format!("{:?}", sketch.items().expect("a sketch of some family"))
+    }
 }
 
 /// Posts events in requests of `batch`.

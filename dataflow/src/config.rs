@@ -1113,6 +1113,26 @@ impl Reader {
                     "metric[{i}].field: '{aggregate}' needs a field, such as 'values.amount'"
                 ));
             }
+            match (aggregate, &field) {
+                (AggregateKind::Quantiles { .. }, Some(Field::Dimension(_))) => {
+                    self.errors.push(format!(
+                        "metric[{i}].field: 'quantiles' reads a number, such as 'values.latency_ms'"
+                    ))
+                }
+                (AggregateKind::TopK { .. }, Some(Field::Value(_))) => self.errors.push(format!(
+                    "metric[{i}].field: 'topk' counts the values of a dimension, such as 'dimensions.videoId'"
+                )),
+                _ => {}
+            }
+            let aggregate = match aggregate {
+                AggregateKind::Quantiles { k } => AggregateKind::Quantiles {
+                    k: self.integer(&mut m, "k", k as i64, 8..=4096) as u16,
+                },
+                AggregateKind::TopK { k } => AggregateKind::TopK {
+                    k: self.integer(&mut m, "k", k as i64, 1..=1000) as u16,
+                },
+                _ => aggregate,
+            };
             let dimensions = self.strings(&mut m, "dimensions");
             for d in &dimensions {
                 if !is_identifier(d) {

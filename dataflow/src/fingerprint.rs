@@ -43,6 +43,9 @@ fn canonical(spec: &MetricSpec) -> String {
     part("name", &spec.name);
     part("event_type", spec.event_type.as_deref().unwrap_or("*"));
     part("aggregate", &spec.aggregate.to_string());
+    if let Some(k) = spec.aggregate.k() {
+        part("k", &k.to_string());
+    }
     part(
         "field",
         &spec

@@ -15,14 +15,23 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
-use crate::aggregate::{AggState, AggregateKind};
+use crate::aggregate::{AggState, AggregateKind, Ask, Value};
 use crate::config::{HistoryConfig, MetricSpec};
 use crate::rollup;
 use crate::time::{parse_millis, parse_rfc3339, Millis};
 use crate::window::{align, WindowSpec};
 
 /// The parameters a query may name besides dimension filters.
-const PARAMETERS: [&str; 6] = ["metric", "start", "end", "resolution", "groupBy", "top"];
+const PARAMETERS: [&str; 8] = [
+    "metric",
+    "start",
+    "end",
+    "resolution",
+    "groupBy",
+    "top",
+    "quantiles",
+    "k",
+];
 
 /// A validated history query.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,6 +43,9 @@ pub struct Query {
     pub version: String,
     /// Its aggregate.
     pub aggregate: AggregateKind,
+    /// The quantiles a `quantiles` value holds, and how many items a
+    /// `topk` value does.
+    pub ask: Ask,
     /// The stored tumbling window the answer is built from.
     pub window: WindowSpec,
     /// What the store reads, in order: `version` and `window` first, then
@@ -159,13 +171,14 @@ fn bad(parameter: &str, problem: impl Into<String>) -> QueryError {
 }
 
 /// One series of an answer: its group (empty without `groupBy`) and one
-/// value per bucket, `None` where the aggregate has no value (avg of nothing).
+/// value per bucket, `None` where the aggregate has no value (the avg or
+/// the quantiles of nothing).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Series {
     /// `(dimension, value)` of the group.
     pub group: Vec<(String, String)>,
     /// `(bucket start, value)`.
-    pub points: Vec<(Millis, Option<f64>)>,
+    pub points: Vec<(Millis, Option<Value>)>,
 }
 
 impl Query {
@@ -258,6 +271,7 @@ impl Query {
                     )
                 })?,
         };
+        let ask = ask(metric.aggregate, get("quantiles"), get("k"))?;
         let mut filters = Vec::new();
         for (key, value) in params {
             if !PARAMETERS.contains(&key.as_str()) {
@@ -323,6 +337,7 @@ impl Query {
             metric: metric.name.clone(),
             version: crate::fingerprint::metric(table),
             aggregate: metric.aggregate,
+            ask,
             window,
             reads,
             filters,
@@ -508,10 +523,10 @@ impl Buckets {
         self.estimates[bucket] = Some(estimate);
     }
 
-    fn value(&self, bucket: usize, aggregate: AggregateKind) -> Option<f64> {
+    fn value(&self, bucket: usize, aggregate: AggregateKind, ask: &Ask) -> Option<Value> {
         match self.estimates.get(bucket) {
-            Some(Some(estimate)) => Some(*estimate),
-            _ => self.states[bucket].value(aggregate),
+            Some(Some(estimate)) => Some(Value::Number(*estimate)),
+            _ => self.states[bucket].value(aggregate, ask),
         }
     }
 }
@@ -741,12 +756,13 @@ impl Query {
             .unwrap_or_default()
     }
 
-    /// The `top` groups, largest total first; groups without a value (avg
-    /// of nothing) last, and ties in the order of their names.
+    /// The `top` groups, largest total first (see [`AggState::rank`]);
+    /// groups without a value (avg of nothing) last, and ties in the order
+    /// of their names.
     fn rank(&self, totals: HashMap<String, AggState>) -> Vec<String> {
         let mut ranked: Vec<(Option<f64>, String)> = totals
             .into_iter()
-            .map(|(group, total)| (total.value(self.aggregate), group))
+            .map(|(group, total)| (total.rank(self.aggregate, &self.ask), group))
             .collect();
         ranked.sort_by(|(a, ga), (b, gb)| {
             let by_value = match (a, b) {
@@ -787,7 +803,7 @@ impl Query {
                 .map(|i| {
                     (
                         self.start + i as Millis * self.resolution,
-                        series.value(i, self.aggregate),
+                        series.value(i, self.aggregate, &self.ask),
                     )
                 })
                 .collect(),
@@ -811,6 +827,60 @@ fn reads(choice: &rollup::Choice) -> Vec<Read> {
 fn bucket_count(start: Millis, end: Millis, resolution: Millis) -> usize {
     ((end - start + resolution - 1) / resolution) as usize
 }
+
+/// What a query asks of a sketch's values: `quantiles=0.5,0.9,0.99` of a
+/// `quantiles` metric (those by default), `k=N` items of a `topk` one (at
+/// most, and by default, its configured `k`).
+fn ask(kind: AggregateKind, quantiles: Option<&str>, k: Option<&str>) -> Result<Ask, QueryError> {
+    let mut ask = Ask::default_for(kind);
+    match (kind, quantiles) {
+        (_, None) => {}
+        (AggregateKind::Quantiles { .. }, Some(text)) => {
+            ask.quantiles = text
+                .split(',')
+                .map(|q| {
+                    q.trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|q| (0.0..=1.0).contains(q))
+                        .ok_or_else(|| {
+                            bad(
+                                "quantiles",
+                                format!("'{q}' must be a number from 0 to 1, such as 0.99"),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            if ask.quantiles.len() > MAX_QUANTILES {
+                return Err(bad(
+                    "quantiles",
+                    format!("asks for more than {MAX_QUANTILES} quantiles"),
+                ));
+            }
+        }
+        (_, Some(_)) => return Err(bad("quantiles", format!("a {kind} metric has none"))),
+    }
+    match (kind, k) {
+        (_, None) => {}
+        (AggregateKind::TopK { k: most }, Some(text)) => {
+            ask.items = text
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=most as usize).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "k",
+                        format!("'{text}' must be an integer from 1 to the metric's k, {most}"),
+                    )
+                })?;
+        }
+        (_, Some(_)) => return Err(bad("k", format!("a {kind} metric has no items"))),
+    }
+    Ok(ask)
+}
+
+/// The most quantiles one query may ask for.
+const MAX_QUANTILES: usize = 20;
 
 /// The latest time a query may name: the end of the year 9999, as for events.
 const LAST_MS: Millis = 253_402_300_799_999;
@@ -989,7 +1059,15 @@ projections = []
     }
 
     fn values(series: &Series) -> Vec<Option<f64>> {
-        series.points.iter().map(|p| p.1).collect()
+        series
+            .points
+            .iter()
+            .map(|p| match &p.1 {
+                Some(Value::Number(n)) => Some(*n),
+                None => None,
+                Some(other) => panic!("{other:?} is not a number"),
+            })
+            .collect()
     }
 
     #[test]
@@ -1072,7 +1150,7 @@ projections = []
                     let group = [*country];
                     if scan.by_estimate(read) {
                         let bare = AggState::from_parts(state.count, 0.0, None);
-                        let estimate = state.value(AggregateKind::Uniq).unwrap();
+                        let estimate = state.sketch.as_ref().unwrap().estimate().unwrap();
                         let _ = fold.add_estimated(*start, &group, &bare, estimate);
                     } else {
                         sketches += 1;

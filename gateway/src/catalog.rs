@@ -167,10 +167,11 @@ pub async fn describe(gateway: Arc<Gateway>) -> ApiResult {
 ///
 /// `keep` says how long each window's results are kept (`null`: for
 /// ever), and `rollups` the tables history may read instead of the
-/// metric's own rows (see `tally_dataflow::rollup`).
+/// metric's own rows (see `tally_dataflow::rollup`). A `quantiles` or
+/// `topk` metric also shows its `k`, and a `quantiles` one its rank error.
 fn definition(metric: &MetricSpec) -> Value {
     let tables = rollup::tables(metric);
-    json!({
+    let mut definition = json!({
         "name": metric.name,
         "aggregate": metric.aggregate.to_string(),
         "field": metric.field.as_ref().map(ToString::to_string),
@@ -183,7 +184,14 @@ fn definition(metric: &MetricSpec) -> Value {
             "keep": keep(t),
             "version": fingerprint::metric(t),
         })).collect::<Vec<_>>(),
-    })
+    });
+    if let Some(k) = metric.aggregate.k() {
+        definition["k"] = json!(k);
+    }
+    if let Some(error) = metric.aggregate.rank_error() {
+        definition["rankError"] = json!(error);
+    }
+    definition
 }
 
 /// Each window's retention, by the window.

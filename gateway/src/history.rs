@@ -11,7 +11,7 @@ use warp::reply::json;
 use warp::Reply;
 
 use crate::backend::HistoryError;
-use crate::reply::{number, ApiError, ApiResult};
+use crate::reply::{number, value_json, ApiError, ApiResult};
 use tally_dataflow::time::now_ms;
 
 use crate::Gateway;
@@ -64,11 +64,11 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
         .await
         .map_err(unavailable)?;
     let covered = |t: i64| since.is_some_and(|s| t.saturating_add(query.resolution) > s);
-    let points = |points: &[(i64, Option<f64>)]| -> Vec<Value> {
+    let points = |points: &[(i64, Option<tally_dataflow::aggregate::Value>)]| -> Vec<Value> {
         points
             .iter()
             .map(|(t, v)| {
-                let value = v.filter(|_| covered(*t)).map(number);
+                let value = v.as_ref().filter(|_| covered(*t)).map(value_json);
                 json!({"time": format_rfc3339(*t), "value": value})
             })
             .collect()
@@ -95,7 +95,7 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
         "rollup": rollup,
         "rows": answer.rows,
     });
-    let body = match query.group_by {
+    let mut body = match query.group_by {
         None => json!({
             "metric": query.metric,
             "dimensions": dimensions,
@@ -119,6 +119,15 @@ pub async fn metrics(gateway: Arc<Gateway>, raw_query: String) -> ApiResult {
             })).collect::<Vec<_>>(),
         }),
     };
+    // What a sketch's answer means: the quantiles' rank error, the items'
+    // count.
+    if let Some(error) = query.aggregate.rank_error() {
+        body["quantiles"] = json!(query.ask.quantiles);
+        body["rankError"] = number(error);
+    }
+    if let tally_dataflow::aggregate::AggregateKind::TopK { .. } = query.aggregate {
+        body["k"] = json!(query.ask.items);
+    }
     Ok(json(&body).into_response())
 }
 

@@ -1,6 +1,7 @@
 //! JSON replies and errors.
 
 use serde::Serialize;
+use tally_dataflow::aggregate::Value;
 use warp::http::header::{HeaderMap, HeaderValue, CONNECTION};
 use warp::http::StatusCode;
 use warp::reply::{json, with_status, Response};
@@ -79,7 +80,34 @@ pub fn render(result: ApiResult) -> Response {
     }
 }
 
-/// A metric value as JSON: whole numbers print without a fraction, as counts
+/// A window's value as JSON, the same in history and live: a number;
+/// for `quantiles` an object from each quantile asked to its value, such as
+/// `{"0.5": 41.2, "0.99": 240.5}`; for `topk` a list, largest first, of
+/// `{"item", "count", "lower", "upper"}`.
+pub fn value_json(value: &Value) -> serde_json::Value {
+    match value {
+        Value::Number(n) => number(*n),
+        Value::Quantiles(quantiles) => serde_json::Value::Object(
+            quantiles
+                .iter()
+                .map(|(q, v)| (q.to_string(), number(*v)))
+                .collect(),
+        ),
+        Value::Items(items) => items
+            .iter()
+            .map(|i| {
+                serde_json::json!({
+                    "item": i.item,
+                    "count": i.count,
+                    "lower": i.lower,
+                    "upper": i.upper,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// A number as JSON: whole numbers print without a fraction, as counts
 /// should.
 pub fn number(v: f64) -> serde_json::Value {
     if v.fract() == 0.0 && v.abs() < 9e15 {

@@ -616,7 +616,12 @@ impl Batch {
                             .map(Sketch::to_bytes)
                             .unwrap_or_default(),
                         revision: u.revision,
-                        estimate: u.state.sketch.as_ref().map_or(-1.0, Sketch::estimate),
+                        estimate: u
+                            .state
+                            .sketch
+                            .as_ref()
+                            .and_then(Sketch::estimate)
+                            .unwrap_or(-1.0),
                     }
                 }));
             }

@@ -495,7 +495,7 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> Result<usize, rusqlite::Err
                             u.state.sum_f64(),
                             sketch,
                             u.revision,
-                            u.state.sketch.as_ref().map(Sketch::estimate),
+                            u.state.sketch.as_ref().and_then(Sketch::estimate),
                         ])?;
                     }
                 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use tally_connectors::bus::Live;
-use tally_dataflow::aggregate::AggState;
+use tally_dataflow::aggregate::{self, AggState, Ask};
 use tally_dataflow::config::{LiveConfig, MetricSpec};
 use tally_dataflow::model::Group;
 use tally_dataflow::model::WindowUpdate;
@@ -21,7 +21,7 @@ use super::topic::{Topic, TopicError};
 use crate::backend::{History, LiveInterest};
 use crate::catalog::Catalog;
 use crate::ops::Ops;
-use crate::reply::number;
+use crate::reply::value_json;
 use tally_dataflow::time::now_ms;
 
 /// One entry of a client's queue: what one subscription has for it from one
@@ -140,9 +140,9 @@ struct Subscription {
 }
 
 /// The last message of a subscription for one window and group.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, PartialEq)]
 struct Sent {
-    value: Option<f64>,
+    value: Option<aggregate::Value>,
     is_final: bool,
 }
 
@@ -663,15 +663,20 @@ fn messages(
                 revisions,
                 appended_at,
             } = merged;
-            let value = state.value(metric.aggregate);
+            let value = state.value(metric.aggregate, &Ask::default_for(metric.aggregate));
             if let Some(sub) = sub.as_deref_mut() {
-                let last = sub.sent.get(&(start, group.clone())).copied();
+                let last = sub.sent.get(&(start, group.clone()));
                 if changes_only && last.is_some_and(|l| l.value == value && l.is_final == is_final)
                 {
                     return None;
                 }
-                sub.sent
-                    .insert((start, group.clone()), Sent { value, is_final });
+                sub.sent.insert(
+                    (start, group.clone()),
+                    Sent {
+                        value: value.clone(),
+                        is_final,
+                    },
+                );
             }
             let revision = if is_final { revisions } else { 0 };
             let mut body = json!({
@@ -679,7 +684,7 @@ fn messages(
                 "window": spec.to_string(),
                 "windowStart": format_rfc3339(start),
                 "windowEnd": format_rfc3339(slot.end),
-                "value": value.map(number),
+                "value": value.as_ref().map(value_json),
                 "timestamp": now,
                 "ingestedAt": appended_at.map(format_rfc3339),
                 "revision": revision,
