@@ -80,17 +80,36 @@ function clock(ms, seconds) {
 
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
+/** A quantiles value's quantiles, lowest first: [["0.5", 41.2], ...]. */
+const quantiles = (value) => Object.entries(value ?? {}).sort((a, b) => Number(a[0]) - Number(b[0]));
+const quantileLabel = (q) => `p${+(Number(q) * 100).toFixed(3)}`;
+
+/**
+ * A value as one number, for ranking groups and the tiles: a number as it
+ * is, the highest quantile of a quantiles value, the events of a top list.
+ */
+function scalar(value) {
+  if (value === null || value === undefined) return null;
+  if (typeof value === "number") return value;
+  if (Array.isArray(value)) return value.reduce((sum, item) => sum + item.count, 0);
+  return quantiles(value).at(-1)?.[1] ?? null;
+}
+
+const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+
 // ---- charts ----
 
 class Chart {
   constructor(config) {
     this.config = config;
     this.metric = catalog.find((m) => m.name === config.metric);
+    this.kind = this.metric?.aggregate;
     this.window = parseWindow(config.window);
     // group ("" without groupBy) -> Map(window start -> {value, final, revision, revisedAt})
     this.series = new Map();
     this.el = $("chart-template").content.firstElementChild.cloneNode(true);
     this.el.dataset.metric = config.metric;
+    this.el.dataset.kind = this.kind ?? "";
     this.el.querySelector(".title").textContent = `${config.metric} · ${this.metric?.aggregate ?? ""}`;
     const filters = config.filters.map(([d, v]) => `${d}=${v}`).join(", ");
     const group = config.groupBy ? ` · top ${config.top} by ${config.groupBy}` : "";
@@ -167,7 +186,7 @@ class Chart {
     const points = this.points(m.group ? Object.values(m.group)[0] : "");
     const start = Date.parse(m.windowStart);
     const known = points.get(start);
-    const revisedAt = m.final && known?.final && (m.revision > known.revision || known.value !== m.value) && known.revision >= 0 ? now : known?.revisedAt;
+    const revisedAt = m.final && known?.final && (m.revision > known.revision || !same(known.value, m.value)) && known.revision >= 0 ? now : known?.revisedAt;
     points.set(start, { value: m.value, final: m.final, revision: m.revision, revisedAt });
     schedule(this);
   }
@@ -182,7 +201,7 @@ class Chart {
   shown(start, end) {
     const totals = [...this.series].map(([group, points]) => {
       let total = 0;
-      for (const [t, p] of points) if (t >= start && t < end) total += Math.abs(p.value ?? 0);
+      for (const [t, p] of points) if (t >= start && t < end) total += Math.abs(scalar(p.value) ?? 0);
       return [group, total];
     });
     totals.sort((a, b) => b[1] - a[1]);
@@ -194,7 +213,9 @@ class Chart {
     const groups = this.shown(start, end);
     // Forget what scrolled out of a relative range.
     for (const points of this.series.values()) for (const t of points.keys()) if (t < start - this.window.size) points.delete(t);
+    if (this.kind === "topk") return this.renderTop(groups[0]);
     this.renderTiles(groups[0]);
+    const lines = this.lines(groups);
     const width = Math.max(280, this.el.querySelector(".plot").clientWidth || 560);
     const height = 220;
     const m = { l: 46, r: 8, t: 10, b: 22 };
@@ -203,8 +224,8 @@ class Chart {
     const at = (t) => t + size - step;
     let lo = 0;
     let hi = 0;
-    for (const g of groups) {
-      for (const [t, p] of this.series.get(g) ?? []) {
+    for (const line of lines) {
+      for (const [t, p] of line.points) {
         if (at(t) < start || at(t) >= end || p.value === null) continue;
         lo = Math.min(lo, p.value);
         hi = Math.max(hi, p.value);
@@ -230,11 +251,11 @@ class Chart {
       parts.push(`<g class="axis"><text x="${x(t)}" y="${height - 6}" text-anchor="${i === 0 ? "start" : i === ticks ? "end" : "middle"}">${clock(t, seconds)}</text></g>`);
     }
     const now = Date.now();
-    const bars = !this.config.groupBy && (end - start) / step <= MAX_BARS;
+    const bars = !this.config.groupBy && this.kind !== "quantiles" && (end - start) / step <= MAX_BARS;
     const legend = [];
-    groups.forEach((g, i) => {
+    lines.forEach(({ label: g, points: all }, i) => {
       const colour = PALETTE[i % PALETTE.length];
-      const points = [...(this.series.get(g) ?? [])].filter(([t, p]) => at(t) >= start && at(t) < end && p.value !== null).sort((a, b) => a[0] - b[0]);
+      const points = all.filter(([t, p]) => at(t) >= start && at(t) < end && p.value !== null).sort((a, b) => a[0] - b[0]);
       if (bars) {
         const w = Math.max(1, x(start + step) - x(start) - 1);
         for (const [t, p] of points) {
@@ -261,7 +282,7 @@ class Chart {
         const last = points.at(-1);
         if (last) parts.push(`<circle cx="${mid(last[0])}" cy="${y(last[1].value)}" r="2.5" fill="${colour}"><title>${esc(g)} ${format(last[1].value)}${last[1].final ? "" : " (open)"}</title></circle>`);
       }
-      if (this.config.groupBy) legend.push(`<span data-swatch="${colour}">${esc(g || "(none)")}</span>`);
+      if (lines.length > 1 || this.config.groupBy) legend.push(`<span data-swatch="${colour}">${esc(g || "(none)")}</span>`);
     });
     this.el.querySelector(".plot").innerHTML = `<svg viewBox="0 0 ${width} ${height}" preserveAspectRatio="none" role="img">${parts.join("")}</svg>`;
     const total = Math.max(this.series.size, this.groups ?? 0);
@@ -273,11 +294,69 @@ class Chart {
     for (const s of legendEl.querySelectorAll("[data-swatch]")) s.style.setProperty("--swatch", s.dataset.swatch);
   }
 
-  renderTiles(group) {
+  /**
+   * What the plot draws, each a label and its [start, point] pairs with a
+   * number as value: a line or bars per group; for quantiles, a line per
+   * quantile, or with groupBy each group's highest quantile.
+   */
+  lines(groups) {
+    if (this.kind !== "quantiles") return groups.map((g) => ({ label: g, points: [...(this.series.get(g) ?? [])] }));
+    const pick = (points, q) => points.filter(([, p]) => p.value?.[q] !== undefined).map(([t, p]) => [t, { ...p, value: p.value[q] }]);
+    const asked = (g) => {
+      const newest = [...(this.series.get(g) ?? []).values()].findLast((p) => p.value);
+      return quantiles(newest?.value).map(([q]) => q);
+    };
+    if (!this.config.groupBy) {
+      const points = [...(this.series.get(groups[0]) ?? [])];
+      return asked(groups[0]).map((q) => ({ label: quantileLabel(q), points: pick(points, q) }));
+    }
+    return groups.map((g) => {
+      const q = asked(g).at(-1);
+      return { label: `${g} ${q ? quantileLabel(q) : ""}`.trim(), points: q ? pick([...(this.series.get(g) ?? [])], q) : [] };
+    });
+  }
+
+  /** A top list: the newest window's items, ranked, each with its count, a bar, and a mark if it is new since the window before. */
+  renderTop(group) {
     const points = [...(this.series.get(group) ?? [])].filter(([, p]) => p.value !== null).sort((a, b) => a[0] - b[0]);
     const current = points.at(-1);
-    const previous = current && points.filter(([t, p]) => t < current[0] && p.final).at(-1);
+    const before = current && points.filter(([t]) => t < current[0]).at(-1);
+    const items = current?.[1].value ?? [];
+    const earlier = new Set((before?.[1].value ?? []).map((i) => i.item));
+    const most = Math.max(1, ...items.map((i) => i.count));
+    const fresh = before ? items.filter((i) => !earlier.has(i.item)) : [];
     const suffix = this.config.groupBy && group ? `<small>${esc(group)}</small>` : "";
+    const tile = (cls, html) => (this.el.querySelector(`.value.${cls}`).innerHTML = html);
+    tile("current", items.length ? `${esc(items[0].item)}<small>${format(items[0].count)}${current[1].final ? "" : " open"}</small>${suffix}` : "–");
+    const previousTop = before?.[1].value?.[0];
+    tile("previous", previousTop ? `${esc(previousTop.item)}<small>${format(previousTop.count)}</small>` : "–");
+    tile("change", before ? `${fresh.length}<small>new in the top</small>` : "–");
+    const rows = items.map((i, rank) => {
+      const bounds = i.lower === i.upper ? "exact" : `between ${i.lower} and ${i.upper}`;
+      const trending = before && !earlier.has(i.item);
+      return `<li data-item="${esc(i.item)}" data-count="${i.count}" data-share="${(i.count / most).toFixed(4)}"${trending ? ' class="trending"' : ""}>
+        <span class="rank">${rank + 1}</span><span class="name" title="${esc(bounds)}">${esc(i.item)}</span>
+        <span class="meter"><span></span></span><span class="count">${format(i.count)}</span>
+        <span class="mark">${trending ? "▲ new" : ""}</span></li>`;
+    });
+    const when = current ? `${clock(current[0], true)}–${clock(current[0] + this.window.size, true)}${current[1].final ? "" : " (open)"}` : "";
+    const plot = this.el.querySelector(".plot");
+    plot.innerHTML = items.length ? `<ol class="top">${rows.join("")}</ol><div class="muted when">${esc(when)}</div>` : `<p class="muted">No events in this window yet.</p>`;
+    // Through the CSS object model: the page's Content-Security-Policy
+    // allows no style attributes.
+    for (const li of plot.querySelectorAll("li[data-share]")) li.style.setProperty("--share", li.dataset.share);
+    this.el.querySelector(".legend").innerHTML = "";
+  }
+
+  renderTiles(group) {
+    const points = [...(this.series.get(group) ?? [])]
+      .filter(([, p]) => p.value !== null)
+      .map(([t, p]) => [t, { ...p, value: scalar(p.value) }])
+      .sort((a, b) => a[0] - b[0]);
+    const current = points.at(-1);
+    const previous = current && points.filter(([t, p]) => t < current[0] && p.final).at(-1);
+    const highest = this.kind === "quantiles" ? quantiles(this.series.get(group)?.get(current?.[0])?.value).at(-1) : null;
+    const suffix = (highest ? `<small>${quantileLabel(highest[0])}</small>` : "") + (this.config.groupBy && group ? `<small>${esc(group)}</small>` : "");
     const set = (cls, html, value) => {
       const el = this.el.querySelector(`.value.${cls}`);
       el.innerHTML = html;

@@ -18,6 +18,25 @@ const artifacts = join(root, "tests/artifacts");
 const WINDOW = 10_000;
 
 const click = (ms) => ({ eventType: "ad_click", timestamp: ms, dimensions: { campaignId: "camp_1", country: "US", deviceType: "MOBILE", userId: "usr_1" } });
+/** A click with a latency and a creative, for the quantiles and top-K charts. */
+const shown = (ms, latency, creative) => ({ ...click(ms), dimensions: { ...click(ms).dimensions, creativeId: creative }, values: { latency_ms: latency } });
+
+/** Polls `read` in the page until `check` holds of what it returns. */
+async function until(page, what, read, arg, check, timeout) {
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const seen = await page.evaluate(read, arg);
+    if (check(seen)) return seen;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeout} ms waiting for ${what}; the page shows: ${JSON.stringify(seen)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** The top list of the top_creatives chart: [item, count, trending] rows. */
+const topList = () =>
+  [...document.querySelectorAll('.card[data-metric="top_creatives"] ol.top li')].map((li) => [li.dataset.item, Number(li.dataset.count), li.classList.contains("trending")]);
+/** The quantiles chart's lines, by their legend. */
+const quantileLines = () => [...document.querySelectorAll('.card[data-metric="ad_latency"] .legend span')].map((s) => s.textContent);
 
 /**
  * Waits until the bar of the window starting at `start` satisfies `check`.
@@ -41,6 +60,8 @@ async function bar(page, start, check, timeout) {
     await new Promise((r) => setTimeout(r, 50));
   }
 }
+
+const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
 
 function step(name, since) {
   console.log(`ok - ${name} (${Date.now() - since} ms)`);
@@ -68,6 +89,8 @@ async function main() {
     const charts = [
       { metric: "events", window: "tumbling 10s", filters: [], groupBy: "", top: 5, range: "15m" },
       { metric: "ad_clicks", window: "tumbling 1m", filters: [], groupBy: "country", top: 5, range: "1h" },
+      { metric: "ad_latency", window: "tumbling 10s", filters: [], groupBy: "", top: 5, range: "15m" },
+      { metric: "top_creatives", window: "tumbling 10s", filters: [], groupBy: "", top: 5, range: "15m" },
     ];
     const hash = Buffer.from(JSON.stringify(charts)).toString("base64url");
     await page.goto(`${url}/#charts=${hash}`);
@@ -92,6 +115,20 @@ async function main() {
     await bar(page, start, (b) => b.value >= 25, 2000);
     step("the open window shows posted events within 2 s", since);
 
+    // Quantiles draw a line per quantile; a top list ranks the creatives,
+    // reorders as counts change, and marks those new since the window
+    // before (which held cr_a alone). The 14 events of this window count
+    // in the events bar too.
+    since = Date.now();
+    const creatives = [["cr_a", 5], ["cr_b", 3], ["cr_c", 2]].flatMap(([c, n]) => Array(n).fill(c));
+    await post(url, [...Array(3)].map((_, i) => shown(start - 5000, 20 + i, "cr_a")));
+    await post(url, creatives.map((c, i) => shown(now, 10 * (i + 1), c)));
+    await until(page, "a line per quantile", quantileLines, null, (lines) => same(lines, ["p50", "p90", "p99"]), 3000);
+    await until(page, "the top list", topList, null, (rows) => same(rows, [["cr_a", 5, false], ["cr_b", 3, true], ["cr_c", 2, true]]), 3000);
+    await post(url, [...Array(4)].map(() => shown(now, 5, "cr_c")));
+    await until(page, "the top list reordered", topList, null, (rows) => same(rows, [["cr_c", 6, true], ["cr_a", 5, false], ["cr_b", 3, true]]), 3000);
+    step("quantiles draw a line each; the top list reorders live and marks newcomers", since);
+
     // Events at the current time, one to each of the 8 partitions, move
     // every partition's watermark past the window once the wall clock has
     // passed its end and the 2 s out-of-orderness (an event moves the
@@ -104,11 +141,11 @@ async function main() {
     await sleep(Math.max(0, start + WINDOW + 2500 - Date.now()));
     since = Date.now();
     await advance();
-    await bar(page, start, (b) => b.final && b.value === 25, 5000);
+    await bar(page, start, (b) => b.final && b.value === 25 + 14, 5000);
     await post(url, [click(now)]);
     await sleep(200);
     await advance();
-    const revised = await bar(page, start, (b) => b.final && b.value === 26 && b.revision >= 1, 5000);
+    const revised = await bar(page, start, (b) => b.final && b.value === 26 + 14 && b.revision >= 1, 5000);
     if (!revised.revised) throw new Error("the revised bar is not marked as revised");
     step("a late event revises the final bar", since);
 
@@ -123,7 +160,7 @@ async function main() {
     await post(url, [click(now)]);
     await sleep(200);
     await advance();
-    await bar(page, start, (b) => b.final && b.value === 27, 5000);
+    await bar(page, start, (b) => b.final && b.value === 27 + 14, 5000);
     step("and shows a correction made after the restart", since);
 
     mkdirSync(artifacts, { recursive: true });
