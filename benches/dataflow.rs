@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use tally_dataflow::aggregate::AggState;
 use tally_dataflow::checkpoint::Restore;
+use tally_dataflow::config::Config;
 use tally_dataflow::coordination::Coordination;
 use tally_dataflow::event::record;
 use tally_dataflow::event::Fields;
@@ -228,7 +229,7 @@ pub fn run() {
     }
     let (baseline, one, two) = (median(baseline), median(one), median(two));
     let (without, repeats_kept) = (median(without), median(repeats_kept));
-    println!("(b) aggregation of the default metrics (5 metrics, 12 windows, and their rollups), {EVENTS} events, {windows} window results, median of {ROUNDS}");
+    println!("(b) aggregation of the default metrics (7 metrics, 16 windows, and their rollups), {EVENTS} events, {windows} window results, median of {ROUNDS}");
     println!(
         "    baseline hand-written HashMap loop, 1 thread: {:>10.0} events/s",
         baseline
@@ -237,6 +238,80 @@ pub fn run() {
     println!("    timely job, 2 workers:                        {:>10.0} events/s  ({:.2}x the baseline)", two, two / baseline);
     println!("    timely job, 1 worker, without rollups:        {:>10.0} events/s  (the rollups cost {:.0}%)", without, (1.0 - one / without) * 100.0);
     println!("    timely job, 1 worker, without deduplication:  {:>10.0} events/s  (deduplication costs {:.1}%)", repeats_kept, (1.0 - one / repeats_kept) * 100.0);
+    kinds(&batches);
+}
+
+/// What each aggregate costs: one metric of each kind, alone, on the same
+/// events (the ad clicks, by country and device, in 10 s and 1 m windows,
+/// without rollups), through the job on one worker, beside `count`; and
+/// the bytes a (group, pane) state takes in a checkpoint (its bincode, as
+/// a checkpoint part holds it).
+fn kinds(batches: &[SourceBatch]) {
+    let kinds = [
+        ("count", ""),
+        ("uniq", "dimensions.userId"),
+        ("quantiles", "values.latency_ms"),
+        ("topk", "dimensions.creativeId"),
+    ];
+    let settings: Vec<JobSettings> = kinds
+        .iter()
+        .map(|(kind, field)| {
+            let field = if field.is_empty() { String::new() } else { format!("field = \"{field}\"") };
+            let text = format!(
+                "[[metric]]\nname = \"m\"\nevent_type = \"ad_click\"\naggregate = \"{kind}\"\n{field}\n\
+                 dimensions = [\"country\", \"deviceType\"]\nwindows = [\"tumbling 10s\", \"tumbling 1m\"]\n\
+                 rollups = []\nprojections = []\n"
+            );
+            JobSettings::from_config(&Config::load(Some(&text), []).unwrap())
+        })
+        .collect();
+    let mut rates = vec![Vec::new(); kinds.len()];
+    for _ in 0..ROUNDS {
+        for (k, settings) in settings.iter().enumerate() {
+            let started = Instant::now();
+            timely_job(batches, settings, 1);
+            rates[k].push(EVENTS as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    let count = median(rates[0].clone());
+    println!("    each aggregate alone on the ad clicks (by country and device, 10 s and 1 m windows, no rollups), 1 worker:");
+    for ((kind, _), (rates, settings)) in kinds.iter().zip(rates.into_iter().zip(&settings)) {
+        let rate = median(rates);
+        let (states, bytes) = pane_bytes(batches, settings);
+        println!(
+            "      {kind:<10} {rate:>10.0} events/s  ({:.2}x count)   {:>6.0} bytes per group and pane in a checkpoint ({states} of them)",
+            rate / count,
+            bytes as f64 / states as f64
+        );
+    }
+}
+
+/// The (group, pane) states of the one metric of `settings` over the
+/// batches, and their bincode's bytes in all.
+fn pane_bytes(batches: &[SourceBatch], settings: &JobSettings) -> (usize, u64) {
+    let metric = &settings.metrics[0];
+    let mut panes: HashMap<(Group, Millis), AggState> = HashMap::new();
+    let mut event = EventRef::default();
+    for bytes in batches.iter().flat_map(|b| &b.records) {
+        record::read(bytes, &mut event).unwrap();
+        if !metric.accepts(&event.event_type) {
+            continue;
+        }
+        let group: Group = metric
+            .dimensions
+            .iter()
+            .map(|d| event.dimension(d).unwrap_or_default().to_owned())
+            .collect();
+        panes
+            .entry((group, align(event.timestamp.unwrap(), metric.pane)))
+            .or_default()
+            .observe(metric.aggregate, metric.field.as_ref(), &event);
+    }
+    let bytes = panes
+        .values()
+        .map(|state| bincode::serialized_size(state).unwrap())
+        .sum();
+    (panes.len(), bytes)
 }
 
 fn median(mut rates: Vec<f64>) -> f64 {

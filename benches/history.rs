@@ -102,6 +102,131 @@ pub fn run() {
         println!("  ClickHouse: set CLICKHOUSE_URL (scripts/services.sh start) to measure it");
     }
     duckdb(dir.path(), &minutes, &groups, last_day);
+    kinds(last_day, now);
+}
+
+/// The aggregates, as [`kinds`] compares them: a name and the field read.
+const KINDS: [(&str, &str); 4] = [
+    ("count", ""),
+    ("uniq", "dimensions.userId"),
+    ("quantiles", "values.latency_ms"),
+    ("topk", "dimensions.creativeId"),
+];
+/// Ad clicks per minute in [`kinds`].
+const CLICKS_PER_MINUTE: usize = 2_000;
+
+/// A click as the sketches read it.
+struct Click {
+    user: String,
+    creative: String,
+    latency: f64,
+}
+
+impl tally_dataflow::event::Fields for Click {
+    fn dimension(&self, name: &str) -> Option<&str> {
+        match name {
+            "userId" => Some(&self.user),
+            "creativeId" => Some(&self.creative),
+            _ => None,
+        }
+    }
+    fn value(&self, name: &str) -> Option<f64> {
+        (name == "latency_ms").then_some(self.latency)
+    }
+}
+
+/// A day of one-minute windows of a metric of each kind, every minute from
+/// the same ad clicks, in SQLite: the day at 1 m (1,440 values, each a
+/// sketch read and answered) and the day as one bucket (1,440 sketches
+/// merged), beside `count`'s same queries.
+fn kinds(last_day: i64, now: i64) {
+    let text: String = KINDS
+        .iter()
+        .map(|(kind, field)| {
+            let field = if field.is_empty() { String::new() } else { format!("field = \"{field}\"\n") };
+            format!(
+                "[[metric]]\nname = \"{kind}\"\naggregate = \"{kind}\"\n{field}windows = [\"tumbling 1m\"]\nrollups = []\nprojections = []\n"
+            )
+        })
+        .collect();
+    let config = Config::load(Some(&text), []).unwrap();
+    let mut rng = fastrand::Rng::with_seed(9);
+    let mut updates = Vec::new();
+    for minute in 0..DAY / MINUTE {
+        let mut states = vec![AggState::default(); KINDS.len()];
+        for _ in 0..CLICKS_PER_MINUTE {
+            let click = Click {
+                user: format!("usr_{}", rng.u32(..100_000)),
+                creative: format!("cr_{}", (1001f64.powf(rng.f64()) as u32).saturating_sub(1)),
+                latency: -60.0 * (1.0 - rng.f64()).ln(),
+            };
+            for (state, metric) in states.iter_mut().zip(&config.metrics) {
+                state.observe(metric.aggregate, metric.field.as_ref(), &click);
+            }
+        }
+        let start = last_day + minute * MINUTE;
+        for (m, state) in states.into_iter().enumerate() {
+            updates.push(Arc::new(WindowUpdate {
+                metric: m as u16,
+                window: 0,
+                span: Span {
+                    start,
+                    end: start + MINUTE,
+                },
+                group: Vec::new(),
+                state,
+                revision: 0,
+                is_final: true,
+                appended_at: None,
+            }));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("results.db");
+    let (store, writer) =
+        SqliteStore::open(&path, config.metrics.clone(), config.backfill.keep_old).unwrap();
+    write(&config, writer, updates);
+    let conn = Connection::open(&path).unwrap();
+    println!(
+        "  each aggregate, a day of 1 m windows of one group ({CLICKS_PER_MINUTE} ad clicks a minute), SQLite; p50 of {RUNS}:"
+    );
+    let day = format!("start={}&end={}", last_day / 1000, (last_day + DAY) / 1000);
+    let mut count = (0.0, 0.0);
+    for (kind, _) in KINDS {
+        let bytes: f64 = conn
+            .query_row(
+                "SELECT avg(length(sketch)) FROM windows WHERE metric = ?1",
+                [kind],
+                |r| r.get::<_, Option<f64>>(0),
+            )
+            .unwrap()
+            .unwrap_or(0.0);
+        let time = |resolution: &str| {
+            let query = parse(
+                &config,
+                &format!("metric={kind}&resolution={resolution}&{day}"),
+                now,
+            );
+            let (times, _) = timed(|| {
+                let mut fold = Fold::new(query.clone());
+                store.scan(&mut fold).unwrap();
+                match fold.finish().unwrap() {
+                    Pass::Done(answer) => answer.rows,
+                    Pass::Again(_) => unreachable!("an ungrouped query is one pass"),
+                }
+            });
+            percentile(&times, 0.5)
+        };
+        let (minutes, merged) = (time("1m"), time("1d"));
+        if kind == "count" {
+            count = (minutes, merged);
+        }
+        println!(
+            "    {kind:<10} at 1 m p50 {minutes:>6.1} ms ({:>5.1}x count)   merged into the day p50 {merged:>6.1} ms ({:>5.1}x count)   {bytes:>6.0} sketch bytes a row",
+            minutes / count.0,
+            merged / count.1,
+        );
+    }
 }
 
 /// (campaign, country, device) of every group.

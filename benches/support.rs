@@ -18,7 +18,7 @@ pub fn default_config() -> Config {
     Config::load(Some(&text), []).unwrap()
 }
 
-/// A clickstream event in the seed's shape, about 200 bytes.
+/// A clickstream event in the seed's shape, about 230 bytes.
 pub fn event(rng: &mut fastrand::Rng, timestamp_ms: i64) -> Value {
     let purchase = rng.u32(..20) == 0;
     let country = ["US", "GB", "DE", "FR", "IN", "BR", "JP", "CA"][rng.usize(..8)];
@@ -36,6 +36,13 @@ pub fn event(rng: &mut fastrand::Rng, timestamp_ms: i64) -> Value {
     });
     if purchase {
         event["values"] = json!({"amount": rng.u32(100..20_000) as f64 / 100.0});
+    } else {
+        // For the default metrics ad_latency and top_creatives: an
+        // exponential latency, and a creative of a Zipf law over 1000.
+        let latency = (-60.0 * (1.0 - rng.f64()).ln() * 10.0).round() / 10.0;
+        event["values"] = json!({"latency_ms": latency});
+        let creative = (1001f64.powf(rng.f64()) as u32).saturating_sub(1);
+        event["dimensions"]["creativeId"] = json!(format!("cr_{creative:03}"));
     }
     event
 }

@@ -315,10 +315,13 @@ impl AggState {
     /// The number groups are ranked by, largest first: the value, the
     /// highest quantile asked, or for `topk` the count of events.
     pub fn rank(&self, kind: AggregateKind, ask: &Ask) -> Option<f64> {
-        match self.value(kind, ask)? {
-            Value::Number(n) => Some(n),
-            Value::Quantiles(q) => q.iter().max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, v)| *v),
-            Value::Items(_) => Some(self.count as f64),
+        match (kind, self.value(kind, ask)) {
+            (AggregateKind::TopK { .. }, _) => Some(self.count as f64),
+            (_, Some(Value::Number(n))) => Some(n),
+            (_, Some(Value::Quantiles(q))) => {
+                q.iter().max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, v)| *v)
+            }
+            (_, Some(Value::Items(_)) | None) => None,
         }
     }
 

@@ -288,6 +288,11 @@ pub struct HistoryConfig {
     /// costs about 100 bytes while it ranks, and up to 4 KiB for `uniq`.
     /// Default 100,000.
     pub max_groups: usize,
+    /// Sketches of `quantiles` and `topk` one query may hold at once: its
+    /// points, and for `quantiles` the groups it ranks (a `topk` ranks by
+    /// events, with no sketch). Each takes up to about 6 KiB for
+    /// `quantiles` and 50 KiB for `topk` (k = 10). Default 2,000.
+    pub max_sketches: usize,
 }
 
 /// `[backfill]`.
@@ -997,6 +1002,7 @@ impl Reader {
             max_top: count("max_top", 1000),
             max_points: count("max_points", 100_000),
             max_groups: count("max_groups", 100_000),
+            max_sketches: count("max_sketches", 2_000),
         };
         if history.top > history.max_top {
             self.errors.push(format!(

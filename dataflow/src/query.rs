@@ -78,6 +78,8 @@ pub struct Query {
     pub max_groups: usize,
     /// Points its answer may hold.
     pub max_points: usize,
+    /// Sketches of `quantiles` and `topk` it may hold at once.
+    pub max_sketches: usize,
 }
 
 /// One stored table and window a query reads.
@@ -147,6 +149,9 @@ pub enum Refusal {
     Invalid,
     /// The answer would hold more than `history.max_points` points.
     Points,
+    /// The query would hold more than `history.max_sketches` sketches of
+    /// `quantiles` or `topk`.
+    Sketches,
     /// The range holds more than `history.max_groups` groups to rank.
     Groups,
 }
@@ -157,6 +162,7 @@ impl Refusal {
         match self {
             Refusal::Invalid => "invalid",
             Refusal::Points => "max_points",
+            Refusal::Sketches => "max_sketches",
             Refusal::Groups => "max_groups",
         }
     }
@@ -333,6 +339,28 @@ impl Query {
                 refusal: Refusal::Points,
             });
         }
+        let sketched = matches!(
+            metric.aggregate,
+            AggregateKind::Quantiles { .. } | AggregateKind::TopK { .. }
+        );
+        if sketched && buckets.saturating_mul(series as i64) > limits.max_sketches as i64 {
+            return Err(QueryError {
+                parameter: if group_by.is_some() && get("top").is_some() {
+                    "top"
+                } else {
+                    "resolution"
+                }
+                .into(),
+                problem: format!(
+                    "the answer would hold {} sketches of {}, more than {} (history.max_sketches); \
+                     widen the resolution, shorten the range or lower top",
+                    buckets.saturating_mul(series as i64),
+                    metric.aggregate,
+                    limits.max_sketches
+                ),
+                refusal: Refusal::Sketches,
+            });
+        }
         let mut query = Query {
             metric: metric.name.clone(),
             version: crate::fingerprint::metric(table),
@@ -350,6 +378,7 @@ impl Query {
             resolution,
             max_groups: limits.max_groups,
             max_points: limits.max_points,
+            max_sketches: limits.max_sketches,
         };
         if query.group_by.is_some() && query.by_estimate(&query.reads[0]) {
             query.rank = query.rank_spans(&tables, now);
@@ -437,6 +466,17 @@ impl Query {
             && read.window.size() == self.resolution
             && (0..self.dimensions.len())
                 .all(|d| self.group_by == Some(d) || self.filters.iter().any(|(f, _)| *f == d))
+    }
+
+    /// The buckets a first pass may hold for the groups it ranks: points,
+    /// and for `quantiles` and `topk` sketches.
+    fn max_held(&self) -> usize {
+        match self.aggregate {
+            AggregateKind::Quantiles { .. } | AggregateKind::TopK { .. } => {
+                self.max_points.min(self.max_sketches)
+            }
+            _ => self.max_points,
+        }
     }
 
     /// The buckets of the answer.
@@ -611,8 +651,30 @@ impl Fold {
                 totals, buckets, ..
             } => {
                 let value = q.group_value(group);
+                // A topk ranks its groups by their events: the total needs
+                // no sketch.
+                let ranked = match q.aggregate {
+                    AggregateKind::TopK { .. } => &AggState::from_parts(state.count, 0.0, None),
+                    _ => state,
+                };
+                let bound = match q.aggregate {
+                    AggregateKind::Quantiles { .. } => q.max_groups.min(q.max_sketches),
+                    _ => q.max_groups,
+                };
                 if let Some(total) = totals.get_mut(value) {
-                    total.merge(state);
+                    total.merge(ranked);
+                } else if totals.len() == bound && bound < q.max_groups {
+                    self.refused = Some(QueryError {
+                        parameter: "groupBy".into(),
+                        problem: format!(
+                            "ranking the groups of {} by their quantiles would hold more than {} sketches \
+                             (history.max_sketches); filter by another dimension or shorten the range",
+                            q.dimensions[q.group_by.unwrap_or(0)],
+                            q.max_sketches
+                        ),
+                        refusal: Refusal::Sketches,
+                    });
+                    return ControlFlow::Break(());
                 } else if totals.len() == q.max_groups {
                     self.refused = Some(QueryError {
                         parameter: "groupBy".into(),
@@ -626,11 +688,11 @@ impl Fold {
                     });
                     return ControlFlow::Break(());
                 } else {
-                    totals.insert(value.to_owned(), state.clone());
+                    totals.insert(value.to_owned(), ranked.clone());
                 }
                 if let Some(series) = buckets {
                     let width = q.buckets();
-                    if !series.contains_key(value) && (series.len() + 1) * width > q.max_points {
+                    if !series.contains_key(value) && (series.len() + 1) * width > q.max_held() {
                         // From here on the second pass reads the buckets.
                         *buckets = None;
                     } else {
@@ -933,6 +995,113 @@ projections = []
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// A quantiles and a topk metric by endpoint, minutes, at most 100
+    /// sketches a query.
+    fn sketched() -> Config {
+        let metric = |name: &str, kind: &str, field: &str| {
+            format!(
+                "[[metric]]\nname = \"{name}\"\naggregate = \"{kind}\"\nfield = \"{field}\"\n\
+                 dimensions = [\"endpoint\"]\nwindows = [\"tumbling 1m\"]\nrollups = []\nprojections = []\n"
+            )
+        };
+        let text = format!(
+            "[history]\nmax_sketches = 100\n{}{}",
+            metric("latency", "quantiles", "values.ms"),
+            metric("paths", "topk", "dimensions.path")
+        );
+        Config::load(Some(&text), []).unwrap()
+    }
+
+    /// An event of `endpoint` with a latency and a path.
+    struct Request(String, f64);
+
+    impl crate::event::Fields for Request {
+        fn dimension(&self, name: &str) -> Option<&str> {
+            (name == "path").then_some(self.0.as_str())
+        }
+        fn value(&self, name: &str) -> Option<f64> {
+            (name == "ms").then_some(self.1)
+        }
+    }
+
+    #[test]
+    fn a_query_holds_at_most_max_sketches_of_quantiles_or_topk() {
+        let c = sketched();
+        let parse = |p: &[(&str, &str)]| Query::parse(&params(p), &c.metrics, &c.history, 0);
+        // A day at one minute: 1,440 sketches.
+        let refused =
+            parse(&[("metric", "latency"), ("start", "0"), ("end", "86400")]).unwrap_err();
+        assert_eq!(
+            (refused.parameter.as_str(), refused.refusal),
+            ("resolution", Refusal::Sketches)
+        );
+        assert!(
+            refused.problem.contains("history.max_sketches"),
+            "{refused}"
+        );
+        // An hour by endpoint, top 1: 60 sketches of points, but ranking
+        // 150 endpoints by their quantiles would hold 150 more.
+        let hour = [
+            ("start", "0"),
+            ("end", "3600"),
+            ("groupBy", "endpoint"),
+            ("top", "1"),
+        ];
+        let fold = |metric: &str| -> Result<Pass, QueryError> {
+            let mut p = vec![("metric", metric)];
+            p.extend(hour);
+            let q = parse(&p).unwrap();
+            let kind = q.aggregate;
+            let field = c
+                .metrics
+                .iter()
+                .find(|m| m.name == metric)
+                .unwrap()
+                .field
+                .clone();
+            let rows: Vec<(String, AggState)> = (0..150)
+                .map(|endpoint| {
+                    let mut state = AggState::default();
+                    let request = Request(format!("/p{}", endpoint % 7), endpoint as f64);
+                    for _ in 0..=endpoint {
+                        state.observe(kind, field.as_ref(), &request);
+                    }
+                    (format!("/e{endpoint}"), state)
+                })
+                .collect();
+            let mut fold = Fold::new(q);
+            loop {
+                for (name, state) in &rows {
+                    if fold.add(0, &[name.as_str()], state).is_break() {
+                        break;
+                    }
+                }
+                match fold.finish()? {
+                    Pass::Again(again) => fold = *again,
+                    done => return Ok(done),
+                }
+            }
+        };
+        let refused = fold("latency").unwrap_err();
+        assert_eq!(
+            (refused.parameter.as_str(), refused.refusal),
+            ("groupBy", Refusal::Sketches)
+        );
+        // A topk ranks by events, with no sketch: the busiest endpoint.
+        let Ok(Pass::Done(answer)) = fold("paths") else {
+            panic!("topk ranks 150 groups")
+        };
+        assert_eq!((answer.groups, answer.series.len()), (150, 1));
+        assert_eq!(
+            answer.series[0].group,
+            [("endpoint".to_string(), "/e149".to_string())]
+        );
+        let Some(Value::Items(items)) = &answer.series[0].points[0].1 else {
+            panic!("a list of items")
+        };
+        assert_eq!((items[0].item.as_str(), items[0].count), ("/p2", 150));
     }
 
     #[test]

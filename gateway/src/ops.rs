@@ -425,7 +425,7 @@ impl Ops {
             &registry,
             "tally_history_queries_refused_total",
             "History queries refused with a 400, by reason: invalid (a parameter is missing, \
-             unknown, repeated or malformed), max_points, max_groups.",
+             unknown, repeated or malformed), max_points, max_groups, max_sketches.",
         );
         let history_rows = labelled_by(
             &registry,
