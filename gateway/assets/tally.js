@@ -294,13 +294,15 @@ function resumeFrom(sub) {
 function isNew(seen, message) {
   const key = `${message.windowStart}\u0000${JSON.stringify(message.group ?? null)}`;
   const last = seen.get(key);
+  // Values compare as JSON: quantiles and top items are objects and lists.
+  const value = JSON.stringify(message.value);
   if (message.final) {
-    if (last?.final && (last.revision > message.revision || (last.revision === message.revision && last.value === message.value))) return false;
-  } else if (last?.final || (last && last.value === message.value)) {
+    if (last?.final && (last.revision > message.revision || (last.revision === message.revision && last.value === value))) return false;
+  } else if (last?.final || (last && last.value === value)) {
     return false;
   }
   seen.delete(key);
-  seen.set(key, { final: message.final, revision: message.revision, value: message.value, start: Date.parse(message.windowStart) });
+  seen.set(key, { final: message.final, revision: message.revision, value, start: Date.parse(message.windowStart) });
   if (seen.size > SEEN_KEEP) seen.delete(seen.keys().next().value);
   return true;
 }

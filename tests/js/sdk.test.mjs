@@ -124,6 +124,30 @@ test("a resume the server could not serve in full reaches onError, and a complet
   await tally.close();
 });
 
+test("quantiles and top lists repeated are seen once, and a changed one is news", async () => {
+  FakeSocket.all = [];
+  const tally = new Tally("http://tally.test", { WebSocket: FakeSocket, minBackoffMs: 10, maxBackoffMs: 40 });
+  const got = [];
+  tally.subscribe("metrics:ad_clicks", {}, (m) => got.push([named[m.windowStart], m.value, m.final]));
+  const first = await nextSocket(1);
+  first.open();
+  // Each arrives as a new object: equal values are the same value.
+  const p = (p50, p99) => ({ "0.5": p50, "0.9": p99, "0.99": p99 });
+  first.deliver(update("w1", p(20, 40), false, 0));
+  first.deliver(update("w1", p(20, 40), false, 0));
+  first.deliver(update("w1", p(30, 40), true, 0));
+  first.deliver(update("w1", p(30, 40), true, 0));
+  const items = [{ item: "cr_a", count: 2, lower: 2, upper: 2 }];
+  first.deliver(update("w2", items, false, 0));
+  first.deliver(update("w2", structuredClone(items), false, 0));
+  assert.deepEqual(got, [
+    ["w1", p(20, 40), false],
+    ["w1", p(30, 40), true],
+    ["w2", items, false],
+  ]);
+  await tally.close();
+});
+
 test("a refused subscription reaches its onError, and acknowledgements reach nobody", async () => {
   FakeSocket.all = [];
   const tally = new Tally("http://tally.test", { WebSocket: FakeSocket });
