@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes tally's parsers of untrusted input with cargo-fuzz (libFuzzer):
 # event bodies (JSON and NDJSON), history query strings, WebSocket
-# messages and their topics, and cluster.toml.
+# messages and their topics, cluster.toml, and stored sketches.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET…]   each target for SECONDS (default 60)
 #
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(events records query subscribe config)
+[ ${#targets[@]} -gt 0 ] || targets=(events records query subscribe config sketches)
 
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1

@@ -394,6 +394,11 @@ enum Hll {
     Read(HllSketch),
 }
 
+/// The most events a stored sketch may claim: 2^48, some thousand years
+/// of a million events a second, so that merging 65,536 of them cannot
+/// overflow a count.
+pub const MAX_EVENTS: u64 = 1 << 48;
+
 /// DataSketches' family ids, the third byte of every serialized sketch.
 const FAMILY_HLL: u8 = 7;
 const FAMILY_FREQUENCY: u8 = 10;
@@ -461,7 +466,10 @@ impl Sketch {
         }
     }
 
-    /// Reads a sketch written by [`Sketch::to_bytes`], of any family.
+    /// Reads a sketch written by [`Sketch::to_bytes`], of any family. A
+    /// sketch that claims more than [`MAX_EVENTS`] events is refused:
+    /// merging such sketches could overflow their count, which the library
+    /// answers with a panic.
     pub fn from_bytes(bytes: &[u8]) -> Result<Sketch, String> {
         let form = match bytes.get(2) {
             Some(&FAMILY_KLL) => KllSketch::deserialize(bytes).map(|s| Form::Kll(Box::new(s))),
@@ -472,7 +480,26 @@ impl Sketch {
                 HllSketch::deserialize(bytes).map(|s| Form::Hll(Hll::Read(s)))
             }
         };
-        form.map(Sketch).map_err(|e| e.to_string())
+        let form = form.map_err(|e| e.to_string())?;
+        let events = match &form {
+            Form::Kll(s) => s.n(),
+            Form::Frequent(s) => {
+                // The library checks that its items' counts add up to no
+                // more than its events, but not its error, which it adds
+                // to them: in a sound sketch, the error is less.
+                if s.maximum_error() > s.total_weight() {
+                    return Err("the sketch's error exceeds its events".into());
+                }
+                s.total_weight()
+            }
+            Form::Hll(_) => 0,
+        };
+        if events > MAX_EVENTS {
+            return Err(format!(
+                "the sketch claims {events} events, more than any window holds"
+            ));
+        }
+        Ok(Sketch(form))
     }
 
     /// A KLL sketch's count, minimum and maximum, which are exact.
@@ -839,5 +866,34 @@ mod tests {
         );
         assert_eq!(state.rank(kind, &ask), Some(20.0));
         assert_eq!(AggState::default().value(kind, &ask), None);
+    }
+
+    /// Found by the `sketches` fuzz target: a stored frequent-items sketch
+    /// whose error or events are past any window's made merging panic.
+    #[test]
+    fn a_damaged_frequent_items_sketch_is_refused_not_merged() {
+        let kind = AggregateKind::TopK { k: 10 };
+        let mut state = AggState::default();
+        for i in 0..50 {
+            state.observe(kind, Some(&user()), &event(&format!("u{}", i % 7), 0.0));
+        }
+        let bytes = state.sketch.unwrap().to_bytes();
+        assert!(Sketch::from_bytes(&bytes).is_ok());
+        // The preamble: 8 bytes, the items and 4 unused, then the events
+        // (16..24) and the error (24..32).
+        let patched = |at: usize, value: u64| {
+            let mut b = bytes.clone();
+            b[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            Sketch::from_bytes(&b)
+        };
+        assert!(
+            patched(24, u64::MAX - 1).is_err(),
+            "an error past the events"
+        );
+        assert!(
+            patched(16, MAX_EVENTS + 1).is_err(),
+            "more events than any window"
+        );
+        assert!(patched(24, 3).is_ok());
     }
 }
