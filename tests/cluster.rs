@@ -739,7 +739,7 @@ fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
     let (before, rest) = events.split_at(2000);
     post_all(gateway, before, 50);
 
-    services_script(&["stop", "clickhouse"]);
+    let clickhouse = Stopped::service("clickhouse");
     let stopped = Instant::now();
     // Load keeps arriving, and is accepted, while ClickHouse is down. Once
     // the writers have failed, the workers stop reading: the backlog waits
@@ -767,11 +767,113 @@ fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
             "worker {process} says it is retrying"
         );
     }
-    services_script(&["start", "clickhouse"]);
+    clickhouse.start();
 
     close_windows(gateway);
     // Every window is complete and exact.
     assert_clicks_per_minute(gateway, &events);
+}
+
+/// Redis down for a minute: ingest keeps answering `202`, history keeps
+/// storing and answering, and a live client connected before the outage
+/// gets updates again, without reconnecting, soon after Redis is back.
+#[test]
+fn a_redis_outage_leaves_ingest_and_history_alone_and_live_values_return() {
+    let services = Services::alone();
+    let cluster = Cluster::start(&services, 2, 1, 1);
+    let gateway = &cluster.gateways[0];
+    let mut socket = connect(gateway);
+    let subscribe =
+        json!({"action": "subscribe", "topic": "metrics:events", "window": "tumbling 10s"});
+    socket
+        .send(tungstenite::Message::Text(subscribe.to_string().into()))
+        .unwrap();
+    // Live values flow before the outage.
+    let events = clickstream(37, 3000);
+    let (before, during) = events.split_at(500);
+    post_all(gateway, before, 50);
+    wait_for(&mut socket, Duration::from_secs(30), |m| {
+        m["topic"] == "metrics:events" && m["value"].as_u64() > Some(0)
+    });
+
+    let redis = Stopped::service("redis");
+    let stopped = Instant::now();
+    // Ingest and history while Redis is down: every request is accepted,
+    // and every window is stored and answered.
+    post_all(gateway, during, 50);
+    close_windows(gateway);
+    assert_clicks_per_minute(gateway, &events);
+    let stored_within = stopped.elapsed();
+    // The client keeps reading, as a browser does, so it answers the
+    // server's pings.
+    while stopped.elapsed() < Duration::from_secs(60) {
+        match socket.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("the live connection failed during the outage: {e}"),
+        }
+    }
+    redis.start();
+    let back = Instant::now();
+    // Live values come back on the same connection: an event of now,
+    // posted after Redis returned, reaches the client.
+    let posted = now_ms();
+    let poster = {
+        let url = gateway.url.clone();
+        std::thread::spawn(move || {
+            for _ in 0..40 {
+                let event = json!({"eventType": "ping", "timestamp": now_ms() as f64 / 1000.0});
+                let _ = Tally::try_post_events(&url, &[event]);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+    };
+    wait_for(&mut socket, Duration::from_secs(30), |m| {
+        m["topic"] == "metrics:events"
+            && m["ingestedAt"]
+                .as_str()
+                .and_then(parse_rfc3339)
+                .is_some_and(|at| at >= posted)
+    });
+    let live_again = back.elapsed();
+    poster.join().unwrap();
+    eprintln!(
+        "redis outage: every window stored and answered {:.1} s into the outage; live updates again {:.1} s after Redis returned",
+        stored_within.as_secs_f64(),
+        live_again.as_secs_f64()
+    );
+    assert!(
+        stored_within < Duration::from_secs(60),
+        "history waited for Redis: {stored_within:?}"
+    );
+    assert!(
+        live_again <= Duration::from_secs(10),
+        "live updates came back {live_again:?} after Redis did"
+    );
+}
+
+/// A service the test stopped, started again when the test ends, even by
+/// failing, so that the tests after it have it.
+struct Stopped(&'static str);
+
+impl Stopped {
+    fn service(name: &'static str) -> Stopped {
+        services_script(&["stop", name]);
+        Stopped(name)
+    }
+
+    /// Starts it again now.
+    fn start(self) {}
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        services_script(&["start", self.0]);
+    }
 }
 
 /// Runs `scripts/services.sh` with `args`.

@@ -522,6 +522,7 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> Result<usize, rusqlite::Err
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tally_dataflow::aggregate::Value;
     use tally_dataflow::config::Config;
     use tally_dataflow::model::WindowUpdate;
     use tally_dataflow::ports::Sink;
@@ -615,7 +616,14 @@ projections = []
             Pass::Done(answer) => answer
                 .series
                 .iter()
-                .map(|s| (s.group.clone(), s.points[0].1))
+                .map(|s| {
+                    let value = match &s.points[0].1 {
+                        Some(Value::Number(n)) => Some(*n),
+                        None => None,
+                        Some(other) => panic!("{other:?} is not a count"),
+                    };
+                    (s.group.clone(), value)
+                })
                 .collect(),
             Pass::Again(_) => panic!("a small answer takes one scan"),
         }
