@@ -96,6 +96,15 @@ impl AggregateKind {
         }
     }
 
+    /// Whether a value of this aggregate is a large sketch (`quantiles`,
+    /// `topk`): what `history.max_sketches` bounds in a query.
+    pub fn holds_large_sketch(&self) -> bool {
+        matches!(
+            self,
+            AggregateKind::Quantiles { .. } | AggregateKind::TopK { .. }
+        )
+    }
+
     /// For `quantiles`, KLL's normalized rank error for its `k`: an
     /// answered quantile's true rank is within it of the rank asked, with
     /// 99% confidence, over one window or any merge of windows and groups.
@@ -315,13 +324,13 @@ impl AggState {
     /// The number groups are ranked by, largest first: the value, the
     /// highest quantile asked, or for `topk` the count of events.
     pub fn rank(&self, kind: AggregateKind, ask: &Ask) -> Option<f64> {
-        match (kind, self.value(kind, ask)) {
-            (AggregateKind::TopK { .. }, _) => Some(self.count as f64),
-            (_, Some(Value::Number(n))) => Some(n),
-            (_, Some(Value::Quantiles(q))) => {
-                q.iter().max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, v)| *v)
-            }
-            (_, Some(Value::Items(_)) | None) => None,
+        if let AggregateKind::TopK { .. } = kind {
+            return Some(self.count as f64);
+        }
+        match self.value(kind, ask)? {
+            Value::Number(n) => Some(n),
+            Value::Quantiles(q) => q.iter().max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, v)| *v),
+            Value::Items(_) => None,
         }
     }
 
@@ -400,7 +409,6 @@ enum Hll {
 pub const MAX_EVENTS: u64 = 1 << 48;
 
 /// DataSketches' family ids, the third byte of every serialized sketch.
-const FAMILY_HLL: u8 = 7;
 const FAMILY_FREQUENCY: u8 = 10;
 const FAMILY_KLL: u8 = 15;
 
@@ -476,9 +484,8 @@ impl Sketch {
             Some(&FAMILY_FREQUENCY) => {
                 FrequentItemsSketch::deserialize(bytes).map(|s| Form::Frequent(Box::new(s)))
             }
-            Some(&FAMILY_HLL) | None | Some(_) => {
-                HllSketch::deserialize(bytes).map(|s| Form::Hll(Hll::Read(s)))
-            }
+            // HyperLogLog, whose reader refuses bytes of any other family.
+            _ => HllSketch::deserialize(bytes).map(|s| Form::Hll(Hll::Read(s))),
         };
         let form = form.map_err(|e| e.to_string())?;
         let events = match &form {

@@ -339,11 +339,9 @@ impl Query {
                 refusal: Refusal::Points,
             });
         }
-        let sketched = matches!(
-            metric.aggregate,
-            AggregateKind::Quantiles { .. } | AggregateKind::TopK { .. }
-        );
-        if sketched && buckets.saturating_mul(series as i64) > limits.max_sketches as i64 {
+        if metric.aggregate.holds_large_sketch()
+            && buckets.saturating_mul(series as i64) > limits.max_sketches as i64
+        {
             return Err(QueryError {
                 parameter: if group_by.is_some() && get("top").is_some() {
                     "top"
@@ -471,11 +469,10 @@ impl Query {
     /// The buckets a first pass may hold for the groups it ranks: points,
     /// and for `quantiles` and `topk` sketches.
     fn max_held(&self) -> usize {
-        match self.aggregate {
-            AggregateKind::Quantiles { .. } | AggregateKind::TopK { .. } => {
-                self.max_points.min(self.max_sketches)
-            }
-            _ => self.max_points,
+        if self.aggregate.holds_large_sketch() {
+            self.max_points.min(self.max_sketches)
+        } else {
+            self.max_points
         }
     }
 
