@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tally_dataflow::aggregate::AggState;
 use tally_dataflow::checkpoint::Restore;
-use tally_dataflow::config::Config;
+use tally_dataflow::config::{Config, MetricSpec};
 use tally_dataflow::coordination::Coordination;
 use tally_dataflow::event::record;
 use tally_dataflow::event::Fields;
@@ -108,28 +108,7 @@ fn batches() -> Vec<SourceBatch> {
 /// event.
 fn hand_written(batches: &[SourceBatch], settings: &JobSettings) -> usize {
     let metrics = &rollup::expand(&settings.metrics);
-    let mut panes: HashMap<(u16, Group, Millis), AggState> = HashMap::new();
-    let mut event = EventRef::default();
-    for batch in batches {
-        for bytes in &batch.records {
-            record::read(bytes, &mut event).unwrap();
-            let timestamp = event.timestamp.unwrap();
-            for (m, metric) in metrics.iter().enumerate() {
-                if !metric.accepts(&event.event_type) {
-                    continue;
-                }
-                let group: Group = metric
-                    .dimensions
-                    .iter()
-                    .map(|d| event.dimension(d).unwrap_or_default().to_owned())
-                    .collect();
-                panes
-                    .entry((m as u16, group, align(timestamp, metric.pane)))
-                    .or_default()
-                    .observe(metric.aggregate, metric.field.as_ref(), &event);
-            }
-        }
-    }
+    let panes = panes(batches, metrics);
     let mut windows: HashMap<(u16, usize, Millis, &Group), AggState> = HashMap::new();
     for ((m, group, pane), state) in &panes {
         for (w, spec) in metrics[*m as usize].windows.iter().enumerate() {
@@ -142,6 +121,35 @@ fn hand_written(batches: &[SourceBatch], settings: &JobSettings) -> usize {
         }
     }
     windows.len()
+}
+
+/// Each record of `batches` decoded and folded into the state of its
+/// (metric, group, pane) for every metric that takes it.
+fn panes(
+    batches: &[SourceBatch],
+    metrics: &[MetricSpec],
+) -> HashMap<(u16, Group, Millis), AggState> {
+    let mut panes: HashMap<(u16, Group, Millis), AggState> = HashMap::new();
+    let mut event = EventRef::default();
+    for bytes in batches.iter().flat_map(|b| &b.records) {
+        record::read(bytes, &mut event).unwrap();
+        let timestamp = event.timestamp.unwrap();
+        for (m, metric) in metrics.iter().enumerate() {
+            if !metric.accepts(&event.event_type) {
+                continue;
+            }
+            let group: Group = metric
+                .dimensions
+                .iter()
+                .map(|d| event.dimension(d).unwrap_or_default().to_owned())
+                .collect();
+            panes
+                .entry((m as u16, group, align(timestamp, metric.pane)))
+                .or_default()
+                .observe(metric.aggregate, metric.field.as_ref(), &event);
+        }
+    }
+    panes
 }
 
 fn timely_job(batches: &[SourceBatch], settings: &JobSettings, workers: usize) -> usize {
@@ -289,24 +297,7 @@ fn kinds(batches: &[SourceBatch]) {
 /// The (group, pane) states of the one metric of `settings` over the
 /// batches, and their bincode's bytes in all.
 fn pane_bytes(batches: &[SourceBatch], settings: &JobSettings) -> (usize, u64) {
-    let metric = &settings.metrics[0];
-    let mut panes: HashMap<(Group, Millis), AggState> = HashMap::new();
-    let mut event = EventRef::default();
-    for bytes in batches.iter().flat_map(|b| &b.records) {
-        record::read(bytes, &mut event).unwrap();
-        if !metric.accepts(&event.event_type) {
-            continue;
-        }
-        let group: Group = metric
-            .dimensions
-            .iter()
-            .map(|d| event.dimension(d).unwrap_or_default().to_owned())
-            .collect();
-        panes
-            .entry((group, align(event.timestamp.unwrap(), metric.pane)))
-            .or_default()
-            .observe(metric.aggregate, metric.field.as_ref(), &event);
-    }
+    let panes = panes(batches, &settings.metrics);
     let bytes = panes
         .values()
         .map(|state| bincode::serialized_size(state).unwrap())

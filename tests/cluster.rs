@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tally_dataflow::time::{now_ms, parse_rfc3339};
 
 use crate::live::{connect, current_values, wait_for};
-use crate::sketches::within_rank_error;
+use crate::sketches::series_within_rank_error;
 use crate::util::{
     at, base_ms, clickstream, default_config, eventually, post_all, prometheus_value, values,
     Generated, Tally,
@@ -533,21 +533,12 @@ fn a_cluster_answers_as_tally_run_does() {
         at(0),
         at(5 * MINUTE)
     ));
-    let series = by_device["series"].as_array().unwrap();
-    assert_eq!(series.len(), 2, "{by_device}");
-    for s in series {
-        let device = s["group"]["deviceType"].as_str().unwrap();
-        let latencies: Vec<f64> = events
-            .iter()
-            .filter(|e| e.device == device)
-            .filter_map(|e| e.latency_ms)
-            .collect();
-        within_rank_error(
-            &s["dataPoints"][0]["value"],
-            &latencies,
-            &["0.5", "0.9", "0.99"],
-        );
-    }
+    assert_eq!(
+        by_device["series"].as_array().unwrap().len(),
+        2,
+        "{by_device}"
+    );
+    series_within_rank_error(&by_device, &events, |e| e.device, &["0.5", "0.9", "0.99"]);
     // A subscriber resuming from the first minute gets every minute's final
     // value, from ClickHouse where the gateway's hub forgot the window.
     let mut resumed = connect(&cluster.gateways[1]);

@@ -20,7 +20,7 @@ fn epsilon() -> f64 {
 /// Checks that every quantile of `value` (an object from quantile to
 /// value) answers within the stated rank error of `latencies`.
 #[track_caller]
-pub fn within_rank_error(value: &Value, latencies: &[f64], asked: &[&str]) {
+fn within_rank_error(value: &Value, latencies: &[f64], asked: &[&str]) {
     let mut sorted = latencies.to_vec();
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len() as f64;
@@ -39,6 +39,27 @@ pub fn within_rank_error(value: &Value, latencies: &[f64], asked: &[&str]) {
             "quantile {q} is {v}, of true ranks {below}..{at_or_below}, beyond {}",
             epsilon()
         );
+    }
+}
+
+/// Checks every series of a grouped `quantiles` answer against the
+/// latencies of the events of its group, `group_of` naming an event's.
+#[track_caller]
+pub fn series_within_rank_error<'e>(
+    answer: &Value,
+    events: impl IntoIterator<Item = &'e Generated> + Clone,
+    group_of: impl Fn(&Generated) -> &str,
+    asked: &[&str],
+) {
+    for s in answer["series"].as_array().unwrap() {
+        let group = s["group"].as_object().unwrap().values().next().unwrap();
+        let latencies: Vec<f64> = events
+            .clone()
+            .into_iter()
+            .filter(|e| group_of(e) == group)
+            .filter_map(|e| e.latency_ms)
+            .collect();
+        within_rank_error(&s["dataPoints"][0]["value"], &latencies, asked);
     }
 }
 
@@ -94,21 +115,17 @@ fn quantiles_and_top_items_are_answered_from_merged_sketches() {
         "metric=ad_latency&resolution=5m&groupBy=country&quantiles=0.1,0.5,0.999&{}",
         range()
     ));
-    let series = by_country["series"].as_array().unwrap();
-    assert_eq!(series.len(), 3, "{by_country}");
-    for s in series {
-        let country = s["group"]["country"].as_str().unwrap();
-        let latencies: Vec<f64> = clicks
-            .iter()
-            .filter(|e| e.country == country)
-            .filter_map(|e| e.latency_ms)
-            .collect();
-        within_rank_error(
-            &s["dataPoints"][0]["value"],
-            &latencies,
-            &["0.1", "0.5", "0.999"],
-        );
-    }
+    assert_eq!(
+        by_country["series"].as_array().unwrap().len(),
+        3,
+        "{by_country}"
+    );
+    series_within_rank_error(
+        &by_country,
+        clicks.iter().copied(),
+        |e| e.country,
+        &["0.1", "0.5", "0.999"],
+    );
     // The top creatives of the five minutes: 40 creatives fit the sketch
     // whole, so the counts are exact and the bounds closed on them.
     let top = tally.metrics(&format!("metric=top_creatives&resolution=5m&{}", range()));
