@@ -56,12 +56,12 @@ launch() {
 
 # The address a gateway printed on start-up, if it has yet.
 gateway_url() {
-    grep -m1 -o 'listening on http://[^[:space:]]*' "$run/gateway-$1.log" 2>/dev/null | cut -d' ' -f3
+    grep -m1 -o 'listening on http://[^[:space:]]*' "$run/gateway-$1.log" 2>/dev/null | cut -d' ' -f3 || true
 }
 
-# Where a worker serves its /metrics, once it has said.
+# Where a worker serves its /metrics, once it has said; nothing before.
 worker_url() {
-    grep -m1 -o 'metrics on http://[^[:space:]]*' "$run/worker-$1.log" 2>/dev/null | cut -d' ' -f3
+    grep -m1 -o 'metrics on http://[^[:space:]]*' "$run/worker-$1.log" 2>/dev/null | cut -d' ' -f3 || true
 }
 
 status() {
