@@ -32,7 +32,13 @@ const ROUNDS: usize = 3;
 const BATCH: usize = 1000;
 const PARTITIONS: u32 = 8;
 /// Event time covered: ten minutes, so windows open and close throughout.
+/// At 1,667 events a second of event time, most (group, pane)s hold a few
+/// events, and the per-window work weighs as much as the per-event work.
 const SPAN_MS: i64 = 600_000;
+/// Event time covered at the headline's density: the same events in one
+/// second, as a stream of a million events a second has them. Every window
+/// closes at the end of the run.
+const DENSE_SPAN_MS: i64 = 1_000;
 
 /// A bounded source over pre-built batches.
 struct Batches {
@@ -73,12 +79,14 @@ impl<T> Sink<T> for Count {
     }
 }
 
-fn batches() -> Vec<SourceBatch> {
+/// The bench's events over `span` ms of event time, a second of it out of
+/// order at most.
+fn batches(span: i64) -> Vec<SourceBatch> {
     let mut rng = fastrand::Rng::with_seed(2);
     let base = 1_780_826_400_000;
     let records: Vec<Vec<u8>> = (0..EVENTS)
         .map(|i| {
-            let t = base + (i as i64 * SPAN_MS) / EVENTS as i64 + rng.i64(0..1000);
+            let t = base + (i as i64 * span) / EVENTS as i64 + rng.i64(0..1000.min(span));
             // What the gateway writes to the log: the event's record.
             let json = serde_json::to_vec(&event(&mut rng, t)).unwrap();
             record::encode(&parse_event_ref(&json).unwrap(), t)
@@ -200,7 +208,7 @@ fn timely_job(batches: &[SourceBatch], settings: &JobSettings, workers: usize) -
 pub fn run() {
     let config = default_config();
     let settings = JobSettings::from_config(&config);
-    let batches = batches();
+    let batches = batches(SPAN_MS);
 
     // Alternate the contenders and keep each one's median, so a noisy
     // neighbour on the machine hurts both alike.
@@ -215,11 +223,6 @@ pub fn run() {
     kept.source.dedupe_horizon = 0;
     let (mut baseline, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new());
     let (mut without, mut repeats_kept) = (Vec::new(), Vec::new());
-    let rate = |f: &mut dyn FnMut() -> usize| {
-        let started = Instant::now();
-        let windows = f();
-        (EVENTS as f64 / started.elapsed().as_secs_f64(), windows)
-    };
     let mut windows = 0;
     for _ in 0..ROUNDS {
         let (r, w) = rate(&mut || hand_written(&batches, &settings));
@@ -246,7 +249,33 @@ pub fn run() {
     println!("    timely job, 2 workers:                        {:>10.0} events/s  ({:.2}x the baseline)", two, two / baseline);
     println!("    timely job, 1 worker, without rollups:        {:>10.0} events/s  (the rollups cost {:.0}%)", without, (1.0 - one / without) * 100.0);
     println!("    timely job, 1 worker, without deduplication:  {:>10.0} events/s  (deduplication costs {:.1}%)", repeats_kept, (1.0 - one / repeats_kept) * 100.0);
+    dense(&settings);
     kinds(&batches);
+}
+
+/// The same events and metrics at the headline's density (see
+/// [`DENSE_SPAN_MS`]).
+fn dense(settings: &JobSettings) {
+    let batches = batches(DENSE_SPAN_MS);
+    let (mut baseline, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new());
+    let mut windows = 0;
+    for _ in 0..ROUNDS {
+        let (r, w) = rate(&mut || hand_written(&batches, settings));
+        baseline.push(r);
+        windows = w;
+        let (r, finals) = rate(&mut || timely_job(&batches, settings, 1));
+        assert_eq!(
+            finals, windows,
+            "the job and the baseline must compute the same windows"
+        );
+        one.push(r);
+        two.push(rate(&mut || timely_job(&batches, settings, 2)).0);
+    }
+    let (baseline, one, two) = (median(baseline), median(one), median(two));
+    println!("    the same {EVENTS} events in {DENSE_SPAN_MS} ms of event time, as a million events a second have them ({windows} window results):");
+    println!("      baseline hand-written HashMap loop, 1 thread: {baseline:>10.0} events/s");
+    println!("      timely job, 1 worker:                         {one:>10.0} events/s  ({:.2}x the baseline)", one / baseline);
+    println!("      timely job, 2 workers:                        {two:>10.0} events/s  ({:.2}x the baseline)", two / baseline);
 }
 
 /// What each aggregate costs: one metric of each kind, alone, on the same
@@ -303,6 +332,13 @@ fn pane_bytes(batches: &[SourceBatch], settings: &JobSettings) -> (usize, u64) {
         .map(|state| bincode::serialized_size(state).unwrap())
         .sum();
     (panes.len(), bytes)
+}
+
+/// The events a second `f` takes the bench's events at, and what it returns.
+fn rate(f: &mut dyn FnMut() -> usize) -> (f64, usize) {
+    let started = Instant::now();
+    let windows = f();
+    (EVENTS as f64 / started.elapsed().as_secs_f64(), windows)
 }
 
 fn median(mut rates: Vec<f64>) -> f64 {

@@ -152,6 +152,11 @@ impl Schedule {
         }
     }
 
+    /// The distance between boundaries, in event time.
+    pub fn interval(&self) -> Millis {
+        self.interval
+    }
+
     /// The checkpoint boundaries in `(after, through]`, for a worker that
     /// has applied everything before `after` and nothing from `through` on.
     pub fn boundaries(&self, after: u64, through: u64) -> Vec<u64> {

@@ -115,11 +115,19 @@ where
     if settings.processes > 1 {
         gossip::share(scope, coordination.clone());
     }
+    let tick = crate::window::tick(
+        metrics.iter().map(|m| m.pane),
+        settings.windows.allowed_lateness,
+        checkpoints
+            .as_ref()
+            .map(|(schedule, _)| schedule.interval()),
+    );
     let records = log_source(
         scope,
         input,
         Rc::clone(&metrics),
         settings.source.clone(),
+        tick,
         Arc::clone(&stats),
         coordination.clone(),
         &restore,

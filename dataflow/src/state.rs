@@ -113,6 +113,29 @@ pub struct Staged {
     state: AggState,
 }
 
+/// The contributions that travelled at one time, waiting for the frontier
+/// to pass it: one per (group, pane), the later ones merged into it as they
+/// are staged, so what waits is bounded by the groups and panes, not by the
+/// batches.
+#[derive(Default)]
+pub struct Stash {
+    staged: Vec<Staged>,
+    /// Indices into `staged`, by (group, pane).
+    index: HashMap<(usize, Millis), usize>,
+}
+
+impl Stash {
+    /// The contributions waiting.
+    pub fn iter(&self) -> impl Iterator<Item = &Staged> {
+        self.staged.iter()
+    }
+
+    /// The contributions, for [`WindowState::apply`].
+    pub fn into_staged(self) -> Vec<Staged> {
+        self.staged
+    }
+}
+
 /// A group's panes by start, in a sorted vector: most groups have one or
 /// two, which a map's nodes would hold in ten times the memory.
 #[derive(Default)]
@@ -596,12 +619,24 @@ impl WindowState {
         }
     }
 
-    /// Interns a contribution's group as it arrives at `now`, and marks its
-    /// pane so that the group's next partials show it.
-    pub fn stage(&mut self, c: Contribution, now: Instant) -> Staged {
+    /// Interns a contribution's group as it arrives at `now`, merges it
+    /// into `stash`, and marks its pane so that the group's next partials
+    /// show it.
+    pub fn stage(&mut self, c: Contribution, now: Instant, stash: &mut Stash) {
         let group = self.intern(c.metric, &c.group, c.hash);
         let state = self.group_mut(group);
-        state.staged += 1;
+        match stash.index.entry((group, c.pane)) {
+            Entry::Occupied(at) => stash.staged[*at.get()].state.merge(&c.state),
+            Entry::Vacant(at) => {
+                at.insert(stash.staged.len());
+                stash.staged.push(Staged {
+                    group,
+                    pane: c.pane,
+                    state: c.state,
+                });
+                state.staged += 1;
+            }
+        }
         state.appended_at = state.appended_at.max(c.appended_at);
         let shown = state.shown;
         // Rollups are for history alone: they have no partials.
@@ -609,11 +644,6 @@ impl WindowState {
             self.dirty_panes.insert((group, c.pane));
             let at = may_show(self.epoch, self.live_interval, shown, now);
             self.due = Some(self.due.map_or(at, |due| due.min(at)));
-        }
-        Staged {
-            group,
-            pane: c.pane,
-            state: c.state,
         }
     }
 
@@ -848,14 +878,46 @@ mod tests {
         contributions: Vec<Contribution>,
     ) -> Vec<WindowUpdate> {
         let now = Instant::now();
-        let staged: Vec<Staged> = contributions
-            .into_iter()
-            .map(|c| state.stage(c, now))
-            .collect();
+        let mut stash = Stash::default();
+        for c in contributions {
+            state.stage(c, now, &mut stash);
+        }
         let mut out = Vec::new();
         state.close_until(time_s * 1000, &mut out);
-        state.apply(time_s * 1000, staged, &mut out);
+        state.apply(time_s * 1000, stash.into_staged(), &mut out);
         out
+    }
+
+    #[test]
+    fn what_travels_at_one_time_waits_merged_per_group_and_pane() {
+        let mut state = state();
+        let (now, mut stash) = (Instant::now(), Stash::default());
+        for c in [
+            contribution("US", 0, 2),
+            contribution("FR", 0, 1),
+            contribution("US", 0, 3),
+            contribution("US", 10, 1),
+        ] {
+            state.stage(c, now, &mut stash);
+        }
+        let waiting: Vec<(u64, Millis)> = stash.iter().map(|c| (c.state.count, c.pane)).collect();
+        assert_eq!(waiting, [(5, 0), (1, 0), (1, 10_000)]);
+        let mut out = Vec::new();
+        state.apply(0, stash.into_staged(), &mut out);
+        state.close_until(10_000, &mut out);
+        assert_eq!(
+            rows(&out),
+            [
+                row("US", 0, (0, 10), 5, 0),
+                row("US", 1, (-20, 10), 5, 0),
+                row("FR", 0, (0, 10), 1, 0),
+                row("FR", 1, (-20, 10), 1, 0)
+            ]
+        );
+        // Each group's staged count went back to nothing: expired, both are freed.
+        state.close_until(40_000, &mut out);
+        state.expire(70_000);
+        assert_eq!(state.groups(), 0);
     }
 
     #[test]
@@ -902,11 +964,11 @@ mod tests {
         let mut state = state();
         step(&mut state, 0, vec![contribution("US", 0, 2)]);
         // Staged, not yet applied: the partial includes it.
-        let now = Instant::now();
-        let waiting = state.stage(contribution("US", 0, 5), now);
+        let (now, mut waiting) = (Instant::now(), Stash::default());
+        state.stage(contribution("US", 0, 5), now, &mut waiting);
         assert!(state.next_partials().is_some_and(|due| due <= now));
         let mut out = Vec::new();
-        state.partials(now, [&waiting], &mut out);
+        state.partials(now, waiting.iter(), &mut out);
         assert_eq!(
             rows(&out),
             [
@@ -916,7 +978,7 @@ mod tests {
         );
         assert_eq!(state.next_partials(), None);
         out.clear();
-        state.partials(now + INTERVAL, [&waiting], &mut out);
+        state.partials(now + INTERVAL, waiting.iter(), &mut out);
         assert!(out.is_empty(), "nothing changed since the last partials");
     }
 
@@ -924,28 +986,27 @@ mod tests {
     fn a_change_after_a_quiet_tick_goes_at_once_and_a_busy_group_at_the_next() {
         let mut state = state();
         let t0 = Instant::now();
-        let mut out = Vec::new();
-        let us = state.stage(contribution("US", 0, 1), t0);
-        state.partials(t0, [&us], &mut out);
+        let (mut out, mut stash) = (Vec::new(), Stash::default());
+        state.stage(contribution("US", 0, 1), t0, &mut stash);
+        state.partials(t0, stash.iter(), &mut out);
         assert_eq!(out.len(), 2, "the first change goes at once");
         // US changes again within its interval: it waits for the next tick...
         let later = t0 + INTERVAL / 4;
-        let again = state.stage(contribution("US", 0, 1), later);
+        state.stage(contribution("US", 0, 1), later, &mut stash);
         let tick = state.next_partials().unwrap();
         assert!(tick > later && tick <= t0 + INTERVAL);
         out.clear();
-        state.partials(later, [&us, &again], &mut out);
+        state.partials(later, stash.iter(), &mut out);
         assert!(out.is_empty(), "{:?}", rows(&out));
         // ...and FR, quiet until now, does not wait for it.
-        let fr = state.stage(contribution("FR", 0, 1), later);
+        state.stage(contribution("FR", 0, 1), later, &mut stash);
         assert_eq!(state.next_partials(), Some(later));
-        let stash = [&us, &again, &fr];
-        state.partials(later, stash, &mut out);
+        state.partials(later, stash.iter(), &mut out);
         let shown: Vec<String> = out.iter().map(|u| u.group[0].clone()).collect();
         assert_eq!(shown, ["FR", "FR"]);
         assert_eq!(state.next_partials(), Some(tick));
         out.clear();
-        state.partials(tick, stash, &mut out);
+        state.partials(tick, stash.iter(), &mut out);
         assert_eq!(
             rows(&out),
             [
@@ -994,10 +1055,11 @@ mod tests {
         state.close_until(40_000, &mut out);
         // A contribution arrives for a pane that expires with the others,
         // but waits in the stash while the frontier moves on.
-        let waiting = state.stage(contribution("US", 60, 1), Instant::now());
+        let mut waiting = Stash::default();
+        state.stage(contribution("US", 60, 1), Instant::now(), &mut waiting);
         state.expire(60_000);
         assert_eq!(state.groups(), 1);
-        state.apply(60_000, vec![waiting], &mut out);
+        state.apply(60_000, waiting.into_staged(), &mut out);
         out.clear();
         state.close_until(70_000, &mut out);
         assert!(rows(&out).contains(&row("US", 0, (60, 70), 1, 0)));

@@ -124,6 +124,29 @@ pub fn pane_width(specs: &[WindowSpec]) -> Millis {
         .fold(0, gcd)
 }
 
+/// The step a job's event time moves in: the greatest common divisor of the
+/// tables' panes (window ends, pane expiries and rollup merges all fall on
+/// their multiples), the allowed lateness (which puts expiries off by that
+/// much) and the checkpoint interval (boundaries are its multiples), if any.
+///
+/// Nothing in the window state, the cap or the checkpoints happens strictly
+/// between two multiples of it. So two stamps with no multiple of it in
+/// between close, expire, cap and cut alike, and data stamped `s` may travel
+/// at `s` rounded down to a multiple of it, together with the other data
+/// rounded to the same multiple (see [`crate::operators::source`]).
+pub fn tick(
+    panes: impl IntoIterator<Item = Millis>,
+    allowed_lateness: Millis,
+    checkpoint_interval: Option<Millis>,
+) -> Millis {
+    panes
+        .into_iter()
+        .chain([allowed_lateness])
+        .chain(checkpoint_interval)
+        .fold(0, gcd)
+        .max(1)
+}
+
 fn gcd(a: Millis, b: Millis) -> Millis {
     if b == 0 {
         a
@@ -140,6 +163,17 @@ pub fn align(t: Millis, width: Millis) -> Millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tick_divides_every_pane_the_lateness_and_the_checkpoint_interval() {
+        assert_eq!(
+            tick([10_000, 60_000, 3_600_000], 30_000, Some(10_000)),
+            10_000
+        );
+        assert_eq!(tick([10_000], 25_000, Some(10_000)), 5_000);
+        assert_eq!(tick([10_000], 0, None), 10_000);
+        assert_eq!(tick([60_000], 30_000, Some(7_000)), 1_000);
+    }
 
     #[test]
     fn parses_and_prints_specs() {

@@ -7,13 +7,21 @@
 //! future (up to the gateway's `max_future`), but cannot drag the watermark
 //! past the wall clock and turn everyone else's events into dead letters.
 //! The log records when it took each batch, so this, too, is a function of
-//! the log. A batch is sent at its partition's watermark from
+//! the log. A batch is stamped with its partition's watermark from
 //! *before* the batch, so the order of events inside one batch never matters,
-//! and the time a batch travels at depends only on the partition's content.
-//! That is what makes results independent of the number of workers.
+//! and the stamp depends only on the partition's content. That is what
+//! makes results independent of the number of workers.
 //!
-//! The source holds a capability at the least watermark of its partitions;
-//! that is timely's frontier, and windows close when it passes their end.
+//! A batch travels at its stamp rounded down to a multiple of the job's
+//! tick ([`crate::window::tick`]): nothing downstream happens between two
+//! multiples of it, so this changes no result, and the batches of one poll
+//! that travel at the same time, whatever their partitions, are folded
+//! together. The busier the job, the more a poll reads, and the fewer
+//! contributions per event cross the exchange.
+//!
+//! The source holds a capability at the least watermark of its partitions,
+//! rounded down to a tick; that is timely's frontier, and windows close when
+//! it passes their end.
 //!
 //! A partition without new events for `idle_timeout` must not hold the
 //! frontier back, and once no partition of the job has had any for that
@@ -36,10 +44,11 @@
 //!
 //! An event whose `eventId` the partition's source remembers is a repeat,
 //! and is dropped (see [`crate::dedupe`]). An event earlier than its
-//! batch's watermark minus `allowed_lateness` can no longer reach window
+//! batch's stamp minus `allowed_lateness` can no longer reach window
 //! state that is kept; it leaves as a [`DeadLetter`]. Every other event is
-//! folded, per batch, into one [`Contribution`] per (metric, group, pane),
-//! which is what crosses the exchange.
+//! folded, with the others that travel at its time, into one
+//! [`Contribution`] per (metric, group, pane), which is what crosses the
+//! exchange.
 //!
 //! After a restore, a partition is read from the first offset that holds an
 //! id the source remembered at the cut; the batches before the cut are read
@@ -118,12 +127,15 @@ pub type SourceRecord = Result<Contribution, DeadLetter>;
 /// capability at the checkpoint's boundary (`input` must already be
 /// positioned at the restored offsets). It records in `progress` where
 /// each batch leaves its partition, so checkpoints can name their offsets.
+/// Batches travel at their stamps rounded down to a multiple of `tick`
+/// ([`crate::window::tick`]).
 #[allow(clippy::too_many_arguments)]
 pub fn log_source<'scope, S: BatchSource>(
     scope: Scope<'scope, u64>,
     mut input: S,
     metrics: Rc<Vec<MetricSpec>>,
     settings: SourceSettings,
+    tick: Millis,
     stats: Arc<JobStats>,
     coordination: Coordination,
     restore: &Restore,
@@ -137,6 +149,8 @@ pub fn log_source<'scope, S: BatchSource>(
         .collect();
     let worker = scope.index();
     let derived = Derived::new(&metrics);
+    let shapes = Shapes::new(&metrics);
+    let tick = tick.max(1) as u64;
     source(scope, "LogSource", move |capability, info| {
         let activator = scope.activator_for(Rc::clone(&info.address));
         let sync = scope.worker().sync_activator_for(info.address.to_vec());
@@ -201,6 +215,9 @@ pub fn log_source<'scope, S: BatchSource>(
             };
             let now = Instant::now();
             let (mut dead, mut repeats, mut read, mut passed) = (0, 0, 0, 0);
+            // The poll's batches, folded together by the time they travel
+            // at: while the watermarks stay within one tick, that is one.
+            let mut sending: Vec<(u64, Folding, Vec<DeadLetter>)> = Vec::new();
             for batch in batches {
                 let Some(clock) = clocks.iter_mut().find(|c| c.partition == batch.partition) else {
                     continue;
@@ -217,28 +234,33 @@ pub fn log_source<'scope, S: BatchSource>(
                 // Never below the capability: only a partition the restored
                 // checkpoint did not know can be.
                 let stamp = clock.watermark.unwrap_or(0).max(*cap.time());
+                let time = (stamp / tick * tick).max(*cap.time());
+                let at = match sending.iter().position(|(t, ..)| *t == time) {
+                    Some(at) => at,
+                    None => {
+                        sending.push((time, Folding::default(), Vec::new()));
+                        sending.len() - 1
+                    }
+                };
+                let (_, folding, dead_letters) = &mut sending[at];
                 let folded = fold_batch(
                     &batch,
                     &metrics,
-                    &derived,
+                    &shapes,
                     Judge {
                         watermark: stamp as Millis,
                         allowed_lateness: settings.allowed_lateness,
                         ids: clock.ids.as_mut().map(|ids| (ids, watermark)),
                     },
+                    folding,
+                    dead_letters,
                 );
-                dead += folded.records.iter().filter(|r| r.is_err()).count();
+                dead += folded.dead;
                 repeats += folded.repeats;
                 read += folded.events;
                 if folded.events > 0 {
                     clock.last_data = now;
                     busy_now(&coordination);
-                }
-                if !folded.records.is_empty() {
-                    let time = cap.delayed(&stamp);
-                    output
-                        .session(&time)
-                        .give_iterator(folded.records.into_iter());
                 }
                 let by_events = folded
                     .newest
@@ -252,13 +274,24 @@ pub fn log_source<'scope, S: BatchSource>(
                     .and_then(|ids| ids.from(clock.watermark.unwrap_or(0) as Millis));
                 progress.borrow_mut().record(
                     batch.partition,
-                    stamp,
+                    time,
                     Stood {
                         next_offset: batch.next_offset,
                         watermark: clock.watermark,
                         dedupe_from,
                     },
                 );
+            }
+            for (time, folding, dead_letters) in sending {
+                let contributions = folding.finish(&metrics, &derived);
+                if dead_letters.is_empty() && contributions.is_empty() {
+                    continue;
+                }
+                let records = dead_letters
+                    .into_iter()
+                    .map(Err)
+                    .chain(contributions.into_iter().map(Ok));
+                output.session(&cap.delayed(&time)).give_iterator(records);
             }
             for (counter, value) in [
                 (&stats.events_read, read as u64),
@@ -278,11 +311,13 @@ pub fn log_source<'scope, S: BatchSource>(
                 .iter()
                 .map(|c| c.watermark.unwrap_or(0))
                 .min()
-                .unwrap_or(0);
-            if target > *cap.time() {
-                cap.downgrade(&target);
+                .unwrap_or(0)
+                .max(*cap.time());
+            let to = target / tick * tick;
+            if to > *cap.time() {
+                cap.downgrade(&to);
             }
-            stats.set_watermark(worker, *cap.time());
+            stats.set_watermark(worker, target);
             activator.activate_after(heartbeat);
         }
     })
@@ -332,7 +367,7 @@ fn mark_idle<S: BatchSource>(
 }
 
 /// How a batch's events are judged.
-pub struct Judge<'a> {
+struct Judge<'a> {
     /// The batch's stamp: events before it less `allowed_lateness` are dead
     /// letters.
     pub watermark: Millis,
@@ -343,11 +378,10 @@ pub struct Judge<'a> {
     pub ids: Option<(&'a mut Remembered, Millis)>,
 }
 
-/// A batch, folded.
-pub struct Folded {
-    /// Its dead letters, then its contributions in the order their keys
-    /// first appear, and their projections'.
-    pub records: Vec<SourceRecord>,
+/// What folding a batch found besides its contributions.
+struct Folded {
+    /// Its dead letters.
+    pub dead: usize,
     /// The newest event time in it, no later than the time the log took it.
     pub newest: Option<Millis>,
     /// The events dropped as repeats of an id.
@@ -358,27 +392,25 @@ pub struct Folded {
     pub mark: Option<Millis>,
 }
 
-/// Splits a batch into repeats, dead letters and per-(metric, group,
-/// pane) contributions.
-///
-/// Output order is deterministic: contributions in the order their key first
-/// appears in the batch, then their projections', so the same batch always
-/// produces the same records.
-pub fn fold_batch(
+/// Splits a batch into repeats, dead letters (onto `dead_letters`) and
+/// contributions, which it folds into `folding` per (metric, group, pane).
+fn fold_batch(
     batch: &SourceBatch,
     metrics: &[MetricSpec],
-    derived: &Derived,
+    shapes: &Shapes,
     judge: Judge<'_>,
+    folding: &mut Folding,
+    dead_letters: &mut Vec<DeadLetter>,
 ) -> Folded {
     let Judge {
         watermark,
         allowed_lateness,
         mut ids,
     } = judge;
-    let mut out = Vec::new();
+    let dead_before = dead_letters.len();
     let (mut newest, mut newest_id, mut repeats) = (None, None, 0);
     let (mut mark, mut marks): (Option<Millis>, usize) = (None, 0);
-    let mut folding = Folding::default();
+    folding.appended_at = folding.appended_at.max(batch.appended_at);
     // Read into again for each record: no allocation per event.
     let mut event = EventRef::default();
     for (i, bytes) in batch.records.iter().enumerate() {
@@ -399,7 +431,7 @@ pub fn fold_batch(
                 continue;
             }
             Err(e) => {
-                out.push(Err(dead_letter(format!("unreadable record: {e}"))));
+                dead_letters.push(dead_letter(format!("unreadable record: {e}")));
                 continue;
             }
         };
@@ -412,35 +444,24 @@ pub fn fold_batch(
             }
         }
         if timestamp < watermark - allowed_lateness {
-            out.push(Err(dead_letter(format!(
+            dead_letters.push(dead_letter(format!(
                 "{} ms behind the watermark, past the allowed lateness of {} ms",
                 watermark - timestamp,
                 allowed_lateness
-            ))));
+            )));
             continue;
         }
-        folding.event(&event, timestamp, metrics);
+        folding.event(&event, timestamp, metrics, shapes);
     }
     if let (Some((ids, _)), Some(newest_id)) = (ids, newest_id) {
         ids.read(batch.offset, newest_id);
     }
-    derived.fold(metrics, &mut folding);
-    out.extend(folding.entries.into_iter().map(|e| {
-        Ok(Contribution {
-            metric: e.metric,
-            group: e.group,
-            hash: e.hash,
-            pane: e.pane,
-            state: e.state,
-            appended_at: batch.appended_at,
-        })
-    }));
     let newest = match (newest, batch.appended_at) {
         (Some(newest), Some(appended)) => Some(newest.min(appended)),
         (newest, _) => newest,
     };
     Folded {
-        records: out,
+        dead: dead_letters.len() - dead_before,
         newest,
         repeats,
         events: batch.records.len() - marks,
@@ -467,15 +488,71 @@ fn remember(batch: &SourceBatch, ids: &mut Remembered, watermark: Millis) {
     }
 }
 
-/// A batch's contributions while it is folded, one per (table, pane,
-/// group), in the order their keys first appear. An event finds its
-/// group's by a hash of the dimension values it borrows from the record:
-/// a group is built once per batch, not once per event.
+/// The contributions of the batches that travel at one time, while they
+/// are folded: one per (table, pane, group), in the order their keys first
+/// appear.
+///
+/// An event finds its group once per list of dimensions ([`Shapes`]),
+/// whatever the number of metrics grouped by it, by a hash of the values it
+/// borrows from the record; then each metric's entry among the group's few.
+/// A group is built once per time and poll, not once per event.
 #[derive(Default)]
 struct Folding {
     entries: Vec<Entry>,
-    /// Indices into `entries`, by [`Entry::key`].
+    /// The groups events have, by list of dimensions.
+    groups: Vec<Local>,
+    /// Indices into `groups`, by [`Local::hash`].
+    group_index: HashTable<usize>,
+    /// Indices into `entries` of the projections', by [`Entry::key`].
     index: HashTable<usize>,
+    /// When the log took the newest of the batches, if it says.
+    appended_at: Option<Millis>,
+    /// Per shape, the event's group while it is folded.
+    event_groups: Vec<Option<usize>>,
+}
+
+/// The dimension values of one [`Shapes`] list, and the entries of the
+/// metrics grouped by it.
+struct Local {
+    shape: usize,
+    /// [`group_hash_of`] the values, under the shape's index.
+    hash: u64,
+    values: Group,
+    /// (metric, pane, index into `entries`).
+    entries: Vec<(u16, Millis, usize)>,
+}
+
+/// The configured metrics by the dimensions they group by.
+struct Shapes {
+    /// Each distinct list of dimensions.
+    dimensions: Vec<Vec<String>>,
+    /// Per configured metric: its index and its list's.
+    metrics: Vec<(u16, usize)>,
+}
+
+impl Shapes {
+    /// The lists of dimensions of the configured metrics among `metrics`.
+    fn new(metrics: &[MetricSpec]) -> Shapes {
+        let mut dimensions: Vec<Vec<String>> = Vec::new();
+        let mut of = Vec::new();
+        for (index, metric) in metrics.iter().enumerate() {
+            if metric.rollup_of.is_some() {
+                continue;
+            }
+            let shape = match dimensions.iter().position(|d| *d == metric.dimensions) {
+                Some(shape) => shape,
+                None => {
+                    dimensions.push(metric.dimensions.clone());
+                    dimensions.len() - 1
+                }
+            };
+            of.push((index as u16, shape));
+        }
+        Shapes {
+            dimensions,
+            metrics: of,
+        }
+    }
 }
 
 struct Entry {
@@ -499,26 +576,117 @@ fn key(hash: u64, pane: Millis) -> u64 {
 }
 
 impl Folding {
+    /// The contributions, with their projections' after them: the same
+    /// batches folded in the same order always make the same ones.
+    fn finish(mut self, metrics: &[MetricSpec], derived: &Derived) -> Vec<Contribution> {
+        derived.fold(metrics, &mut self);
+        let appended_at = self.appended_at;
+        self.entries
+            .into_iter()
+            .map(|e| Contribution {
+                metric: e.metric,
+                group: e.group,
+                hash: e.hash,
+                pane: e.pane,
+                state: e.state,
+                appended_at,
+            })
+            .collect()
+    }
+
     /// Adds one event, at `timestamp`, to every metric it counts toward.
-    fn event(&mut self, event: &EventRef<'_>, timestamp: Millis, metrics: &[MetricSpec]) {
-        for (index, metric) in metrics.iter().enumerate() {
-            if metric.rollup_of.is_some() || !metric.accepts(&event.event_type) {
+    fn event(
+        &mut self,
+        event: &EventRef<'_>,
+        timestamp: Millis,
+        metrics: &[MetricSpec],
+        shapes: &Shapes,
+    ) {
+        self.event_groups.clear();
+        self.event_groups.resize(shapes.dimensions.len(), None);
+        for &(index, shape) in &shapes.metrics {
+            let metric = &metrics[index as usize];
+            if !metric.accepts(&event.event_type) {
                 continue;
             }
-            let values = metric
-                .dimensions
-                .iter()
-                .map(|d| event.dimension(d).unwrap_or_default());
+            let local = match self.event_groups[shape] {
+                Some(local) => local,
+                None => {
+                    let values = shapes.dimensions[shape]
+                        .iter()
+                        .map(|d| event.dimension(d).unwrap_or_default());
+                    let local = self.local(shape, values);
+                    self.event_groups[shape] = Some(local);
+                    local
+                }
+            };
             let pane = align(timestamp, metric.pane);
-            let e = self.find(index as u16, pane, values);
+            let e = self.entry(local, index, pane);
             self.entries[e]
                 .state
                 .observe(metric.aggregate, metric.field.as_ref(), event);
         }
     }
 
-    /// The entry of (`metric`, `pane`, the group of `values`), made empty
-    /// if the batch has none yet.
+    /// The group of `values` in list `shape`, made if the time has none yet.
+    fn local<'v>(
+        &mut self,
+        shape: usize,
+        values: impl ExactSizeIterator<Item = &'v str> + Clone,
+    ) -> usize {
+        let hash = group_hash_of(shape as u16, values.clone());
+        let groups = &self.groups;
+        let found = self.group_index.entry(
+            hash,
+            |&g| {
+                let local = &groups[g];
+                local.hash == hash
+                    && local.shape == shape
+                    && local.values.iter().map(String::as_str).eq(values.clone())
+            },
+            |&g| groups[g].hash,
+        );
+        match found {
+            hashbrown::hash_table::Entry::Occupied(g) => *g.get(),
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                let g = self.groups.len();
+                slot.insert(g);
+                self.groups.push(Local {
+                    shape,
+                    hash,
+                    values: values.map(str::to_owned).collect(),
+                    entries: Vec::new(),
+                });
+                g
+            }
+        }
+    }
+
+    /// The entry of (`metric`, `pane`) of group `local`, made empty if the
+    /// time has none yet.
+    fn entry(&mut self, local: usize, metric: u16, pane: Millis) -> usize {
+        let group = &mut self.groups[local];
+        if let Some(&(_, _, e)) = group
+            .entries
+            .iter()
+            .find(|&&(m, p, _)| m == metric && p == pane)
+        {
+            return e;
+        }
+        let e = self.entries.len();
+        group.entries.push((metric, pane, e));
+        self.entries.push(Entry {
+            metric,
+            pane,
+            hash: group_hash_of(metric, group.values.iter().map(String::as_str)),
+            group: group.values.clone(),
+            state: AggState::default(),
+        });
+        e
+    }
+
+    /// The entry of projection `metric`'s `pane` and group of `values`,
+    /// made empty if the time has none yet.
     fn find<'v>(
         &mut self,
         metric: u16,

@@ -1,9 +1,10 @@
 //! The `windows` operator: panes in, window results out.
 //!
-//! Contributions arrive exchanged by (metric, group), stamped with the
-//! watermark of the partition they came from. They are stashed by that time
-//! and applied in time order once the input frontier has passed it, in the
-//! manner of timely's `wordcount` example. Processing time by time is what
+//! Contributions arrive exchanged by (metric, group), at the time the
+//! source sent them (their partition's watermark, rounded down to the
+//! job's tick). They are stashed by that time, merged per (group, pane) as
+//! they come, and applied in time order once the input frontier has passed
+//! it, in the manner of timely's `wordcount` example. Processing time by time is what
 //! makes every emission deterministic:
 //!
 //! - before the data at time `t` is applied, every window with `end <= t` is
@@ -52,7 +53,7 @@ use crate::config::MetricSpec;
 use crate::model::{Contribution, WindowUpdate};
 use crate::ports::{Backpressure, CheckpointSink};
 use crate::routing;
-use crate::state::{Staged, WindowState};
+use crate::state::{Stash, WindowState};
 use crate::stats::JobStats;
 use crate::time::Millis;
 
@@ -115,7 +116,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
         self.unary_frontier(exchange, "Windows", move |capability, info| {
             let activator = scope.activator_for(Rc::clone(&info.address));
             let mut held: Option<Capability<u64>> = Some(capability);
-            let mut stash: BTreeMap<u64, Vec<Staged>> = BTreeMap::new();
+            let mut stash: BTreeMap<u64, Stash> = BTreeMap::new();
             let mut state =
                 WindowState::new(metrics, settings.allowed_lateness, settings.live_interval);
             let Checkpointing {
@@ -154,7 +155,9 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     let Some(&time) = cap.least() else { return };
                     let batch = stash.entry(time).or_default();
                     for container in data {
-                        batch.extend(container.drain(..).map(|c| state.stage(c, now)));
+                        for c in container.drain(..) {
+                            state.stage(c, now, batch);
+                        }
                     }
                 });
                 let frontier = frontier.frontier().iter().next().copied();
@@ -181,7 +184,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                         held_back = true;
                         break;
                     }
-                    let batch = stash.remove(&time).unwrap_or_default();
+                    let batch = stash.remove(&time).unwrap_or_default().into_staged();
                     state.expire(time as Millis);
                     let turned_away = overflowed.borrow_mut().remove(&time);
                     let batch = match turned_away {
@@ -212,7 +215,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                         _ => Duration::ZERO,
                     });
                 }
-                state.partials(now, stash.values().flatten(), &mut emitted);
+                state.partials(now, stash.values().flat_map(Stash::iter), &mut emitted);
                 if let Some(due) = state.next_partials() {
                     // The trailing edge of a busy group: an interval after
                     // its last partials, not after this change.
