@@ -125,11 +125,6 @@ pub struct Stash {
 }
 
 impl Stash {
-    /// The contributions waiting.
-    pub fn iter(&self) -> impl Iterator<Item = &Staged> {
-        self.staged.iter()
-    }
-
     /// The contributions, for [`WindowState::apply`].
     pub fn into_staged(self) -> Vec<Staged> {
         self.staged
@@ -184,13 +179,10 @@ impl Panes {
         self.0.iter()
     }
 
-    /// The panes that start in `start..end`.
-    fn range(&self, start: Millis, end: Millis) -> impl Iterator<Item = &Arc<AggState>> {
+    /// The panes that start in `start..end`, by start.
+    fn range(&self, start: Millis, end: Millis) -> impl Iterator<Item = &(Millis, Arc<AggState>)> {
         let from = self.find(start).unwrap_or_else(|i| i);
-        self.0[from..]
-            .iter()
-            .take_while(move |&&(s, _)| s < end)
-            .map(|(_, state)| state)
+        self.0[from..].iter().take_while(move |&&(s, _)| s < end)
     }
 }
 
@@ -205,13 +197,54 @@ struct GroupState {
     windows: u32,
     /// Contributions staged for this group and not applied yet.
     staged: u32,
+    /// Its panes with contributions staged, as live views show them, by
+    /// start: for a group with partials only.
+    live: Vec<LivePane>,
     /// When its partials last went out.
     shown: Option<Instant>,
     /// When the log took the newest batch staged for it.
     appended_at: Option<Millis>,
 }
 
+/// A pane with contributions staged for it, merged with them as they are
+/// staged: what a partial shows of the pane. Partials come at every live
+/// tick, and staged data waits up to a tick of event time; merging it
+/// into the pane again at every partial would cost a sketch merge per
+/// window and tick. The state of a staged contribution is merged once
+/// here, and dropped with the last of them when they are applied.
+struct LivePane {
+    start: Millis,
+    /// The pane's contributions staged and not applied yet.
+    staged: u32,
+    state: AggState,
+}
+
 impl GroupState {
+    /// The live pane starting at `start`, made from the pane if it has none.
+    fn live_pane(&mut self, start: Millis) -> &mut LivePane {
+        let i = match self.live.binary_search_by_key(&start, |l| l.start) {
+            Ok(i) => i,
+            Err(i) => {
+                let state = self.panes.get(start).map(|p| (**p).clone()).unwrap_or_default();
+                self.live.insert(i, LivePane { start, staged: 0, state });
+                i
+            }
+        };
+        &mut self.live[i]
+    }
+
+    /// Notes that one contribution staged for pane `start` left the stash,
+    /// and drops the live pane with the last.
+    fn unstage(&mut self, start: Millis) {
+        self.staged -= 1;
+        if let Ok(i) = self.live.binary_search_by_key(&start, |l| l.start) {
+            self.live[i].staged -= 1;
+            if self.live[i].staged == 0 {
+                self.live.remove(i);
+            }
+        }
+    }
+
     fn unused(&self) -> bool {
         self.panes.is_empty() && self.windows == 0 && self.staged == 0
     }
@@ -312,10 +345,9 @@ impl WindowState {
         let mut late = BTreeSet::new();
         for c in batch {
             let g = c.group;
-            let group = self.groups[g].as_mut().expect("a staged group is live");
-            group.staged -= 1;
-            let metric = group.metric as usize;
+            let metric = self.group(g).metric as usize;
             let new_pane = self.merge_pane(g, c.pane, &c.state, time, &mut late);
+            self.group_mut(g).unstage(c.pane);
             if self.rollups[metric].is_empty() {
                 continue;
             }
@@ -363,7 +395,7 @@ impl WindowState {
                 && overflowed.contains(&(group.metric, group.hash, group.group.clone()))
             {
                 let group = self.group_mut(c.group);
-                group.staged -= 1;
+                group.unstage(c.pane);
                 if group.unused() {
                     self.release(c.group);
                     freed = true;
@@ -547,15 +579,11 @@ impl WindowState {
     /// passed since (see the [module](self)); the others wait for
     /// [`Self::next_partials`].
     ///
-    /// Partials include the stashed data the frontier has not released yet,
-    /// so live views do not wait for the slowest partition. They are never
-    /// stored, so this does not touch the determinism of finals.
-    pub fn partials<'a>(
-        &mut self,
-        now: Instant,
-        stash: impl IntoIterator<Item = &'a Staged>,
-        out: &mut Vec<WindowUpdate>,
-    ) {
+    /// Partials include the staged data the frontier has not released yet
+    /// (see [`LivePane`]), so live views do not wait for the slowest
+    /// partition. They are never stored, so this does not touch the
+    /// determinism of finals.
+    pub fn partials(&mut self, now: Instant, out: &mut Vec<WindowUpdate>) {
         if self.due.is_none_or(|due| due > now) {
             return;
         }
@@ -582,12 +610,6 @@ impl WindowState {
         for &g in &shown {
             self.group_mut(g).shown = Some(now);
         }
-        // The staged contributions of the groups shown, merged straight
-        // into the windows they fall in, never into a copy of their pane.
-        let mut pending: HashMap<usize, Vec<&Staged>> = HashMap::default();
-        for c in stash.into_iter().filter(|c| shown.contains(&c.group)) {
-            pending.entry(c.group).or_default().push(c);
-        }
         let mut dirty = BTreeSet::new();
         for (g, pane) in showing {
             let metric = self.groups[g]
@@ -605,18 +627,7 @@ impl WindowState {
                 }
             }
         }
-        for key in dirty {
-            let mut update = self.update(key, 0, false);
-            if let Some(staged) = pending.get(&key.0) {
-                for c in staged
-                    .iter()
-                    .filter(|c| (update.span.start..update.span.end).contains(&c.pane))
-                {
-                    update.state.merge(&c.state);
-                }
-            }
-            out.push(update);
-        }
+        out.extend(dirty.into_iter().map(|key| self.update(key, 0, false)));
     }
 
     /// Interns a contribution's group as it arrives at `now`, merges it
@@ -624,7 +635,15 @@ impl WindowState {
     /// show it.
     pub fn stage(&mut self, c: Contribution, now: Instant, stash: &mut Stash) {
         let group = self.intern(c.metric, &c.group, c.hash);
+        // Rollups are for history alone: they have no partials.
+        let live = self.metrics[c.metric as usize].rollup_of.is_none();
         let state = self.group_mut(group);
+        let new = !stash.index.contains_key(&(group, c.pane));
+        if live {
+            let pane = state.live_pane(c.pane);
+            pane.state.merge(&c.state);
+            pane.staged += u32::from(new);
+        }
         match stash.index.entry((group, c.pane)) {
             Entry::Occupied(at) => stash.staged[*at.get()].state.merge(&c.state),
             Entry::Vacant(at) => {
@@ -639,8 +658,7 @@ impl WindowState {
         }
         state.appended_at = state.appended_at.max(c.appended_at);
         let shown = state.shown;
-        // Rollups are for history alone: they have no partials.
-        if self.metrics[c.metric as usize].rollup_of.is_none() {
+        if live {
             self.dirty_panes.insert((group, c.pane));
             let at = may_show(self.epoch, self.live_interval, shown, now);
             self.due = Some(self.due.map_or(at, |due| due.min(at)));
@@ -756,6 +774,7 @@ impl WindowState {
             panes: Panes::default(),
             windows: 0,
             staged: 0,
+            live: Vec::new(),
             shown: None,
             appended_at: None,
         };
@@ -773,7 +792,8 @@ impl WindowState {
         g
     }
 
-    /// The current value of a window.
+    /// The current value of a window: of the data applied if it is final,
+    /// and with the data staged if not.
     fn update(&self, (g, w, end): WindowKey, revision: u32, is_final: bool) -> WindowUpdate {
         let group = self.group(g);
         let spec = self.metrics[group.metric as usize].windows[w as usize];
@@ -782,8 +802,22 @@ impl WindowState {
             end,
         };
         let mut state = AggState::default();
-        for pane in group.panes.range(span.start, span.end) {
-            state.merge(pane);
+        let mut live = group
+            .live
+            .iter()
+            .filter(|l| !is_final && (span.start..span.end).contains(&l.start))
+            .peekable();
+        for (start, pane) in group.panes.range(span.start, span.end) {
+            while let Some(l) = live.next_if(|l| l.start < *start) {
+                state.merge(&l.state);
+            }
+            match live.next_if(|l| l.start == *start) {
+                Some(l) => state.merge(&l.state),
+                None => state.merge(pane),
+            }
+        }
+        for l in live {
+            state.merge(&l.state);
         }
         WindowUpdate {
             metric: group.metric,
@@ -900,10 +934,11 @@ mod tests {
         ] {
             state.stage(c, now, &mut stash);
         }
-        let waiting: Vec<(u64, Millis)> = stash.iter().map(|c| (c.state.count, c.pane)).collect();
+        let staged = stash.into_staged();
+        let waiting: Vec<(u64, Millis)> = staged.iter().map(|c| (c.state.count, c.pane)).collect();
         assert_eq!(waiting, [(5, 0), (1, 0), (1, 10_000)]);
         let mut out = Vec::new();
-        state.apply(0, stash.into_staged(), &mut out);
+        state.apply(0, staged, &mut out);
         state.close_until(10_000, &mut out);
         assert_eq!(
             rows(&out),
@@ -968,7 +1003,7 @@ mod tests {
         state.stage(contribution("US", 0, 5), now, &mut waiting);
         assert!(state.next_partials().is_some_and(|due| due <= now));
         let mut out = Vec::new();
-        state.partials(now, waiting.iter(), &mut out);
+        state.partials(now, &mut out);
         assert_eq!(
             rows(&out),
             [
@@ -978,8 +1013,30 @@ mod tests {
         );
         assert_eq!(state.next_partials(), None);
         out.clear();
-        state.partials(now + INTERVAL, waiting.iter(), &mut out);
+        state.partials(now + INTERVAL, &mut out);
         assert!(out.is_empty(), "nothing changed since the last partials");
+    }
+
+    #[test]
+    fn a_partial_shows_a_pane_with_what_is_staged_for_it_at_every_time() {
+        let mut state = state();
+        step(&mut state, 0, vec![contribution("US", 0, 2)]);
+        let (now, mut first, mut second) = (Instant::now(), Stash::default(), Stash::default());
+        state.stage(contribution("US", 0, 3), now, &mut first);
+        state.stage(contribution("US", 0, 4), now, &mut second);
+        let window = (0, 0, 10_000);
+        // (partial, final) of the window.
+        let values = |s: &WindowState| {
+            let value = |is_final| s.update(window, 0, is_final).state.count;
+            (value(false), value(true))
+        };
+        assert_eq!(values(&state), (9, 2));
+        let mut out = Vec::new();
+        state.apply(1_000, first.into_staged(), &mut out);
+        assert_eq!(values(&state), (9, 5));
+        state.apply(2_000, second.into_staged(), &mut out);
+        assert_eq!(values(&state), (9, 9));
+        assert!(state.group(0).live.is_empty(), "nothing is staged");
     }
 
     #[test]
@@ -988,7 +1045,7 @@ mod tests {
         let t0 = Instant::now();
         let (mut out, mut stash) = (Vec::new(), Stash::default());
         state.stage(contribution("US", 0, 1), t0, &mut stash);
-        state.partials(t0, stash.iter(), &mut out);
+        state.partials(t0, &mut out);
         assert_eq!(out.len(), 2, "the first change goes at once");
         // US changes again within its interval: it waits for the next tick...
         let later = t0 + INTERVAL / 4;
@@ -996,17 +1053,17 @@ mod tests {
         let tick = state.next_partials().unwrap();
         assert!(tick > later && tick <= t0 + INTERVAL);
         out.clear();
-        state.partials(later, stash.iter(), &mut out);
+        state.partials(later, &mut out);
         assert!(out.is_empty(), "{:?}", rows(&out));
         // ...and FR, quiet until now, does not wait for it.
         state.stage(contribution("FR", 0, 1), later, &mut stash);
         assert_eq!(state.next_partials(), Some(later));
-        state.partials(later, stash.iter(), &mut out);
+        state.partials(later, &mut out);
         let shown: Vec<String> = out.iter().map(|u| u.group[0].clone()).collect();
         assert_eq!(shown, ["FR", "FR"]);
         assert_eq!(state.next_partials(), Some(tick));
         out.clear();
-        state.partials(tick, stash.iter(), &mut out);
+        state.partials(tick, &mut out);
         assert_eq!(
             rows(&out),
             [
