@@ -206,42 +206,30 @@ struct GroupState {
     appended_at: Option<Millis>,
 }
 
-/// A pane with contributions staged for it, merged with them as they are
-/// staged: what a partial shows of the pane. Partials come at every live
-/// tick, and staged data waits up to a tick of event time; merging it
-/// into the pane again at every partial would cost a sketch merge per
-/// window and tick. The state of a staged contribution is merged once
-/// here, and dropped with the last of them when they are applied.
+/// A pane with contributions staged for it, merged with them: what a
+/// partial shows of the pane. Partials come at every live tick, and staged
+/// data waits up to a tick of event time; merging it into the pane again
+/// at every partial would cost a sketch merge per window and live tick. A
+/// live pane is made when a partial first shows the pane, takes each
+/// contribution staged after that as it comes, and goes when one of them
+/// is applied: the next partial makes it again from the pane and what is
+/// still staged.
 struct LivePane {
     start: Millis,
-    /// The pane's contributions staged and not applied yet.
-    staged: u32,
     state: AggState,
 }
 
 impl GroupState {
-    /// The live pane starting at `start`, made from the pane if it has none.
-    fn live_pane(&mut self, start: Millis) -> &mut LivePane {
-        let i = match self.live.binary_search_by_key(&start, |l| l.start) {
-            Ok(i) => i,
-            Err(i) => {
-                let state = self.panes.get(start).map(|p| (**p).clone()).unwrap_or_default();
-                self.live.insert(i, LivePane { start, staged: 0, state });
-                i
-            }
-        };
-        &mut self.live[i]
+    /// The position of the live pane starting at `start`, or where it goes.
+    fn live_at(&self, start: Millis) -> Result<usize, usize> {
+        self.live.binary_search_by_key(&start, |l| l.start)
     }
 
-    /// Notes that one contribution staged for pane `start` left the stash,
-    /// and drops the live pane with the last.
+    /// Notes that a contribution staged for pane `start` left the stash.
     fn unstage(&mut self, start: Millis) {
         self.staged -= 1;
-        if let Ok(i) = self.live.binary_search_by_key(&start, |l| l.start) {
-            self.live[i].staged -= 1;
-            if self.live[i].staged == 0 {
-                self.live.remove(i);
-            }
+        if let Ok(i) = self.live_at(start) {
+            self.live.remove(i);
         }
     }
 
@@ -583,7 +571,12 @@ impl WindowState {
     /// (see [`LivePane`]), so live views do not wait for the slowest
     /// partition. They are never stored, so this does not touch the
     /// determinism of finals.
-    pub fn partials(&mut self, now: Instant, out: &mut Vec<WindowUpdate>) {
+    pub fn partials<'a>(
+        &mut self,
+        now: Instant,
+        stashes: impl Iterator<Item = &'a Stash> + Clone,
+        out: &mut Vec<WindowUpdate>,
+    ) {
         if self.due.is_none_or(|due| due > now) {
             return;
         }
@@ -611,6 +604,9 @@ impl WindowState {
             self.group_mut(g).shown = Some(now);
         }
         let mut dirty = BTreeSet::new();
+        for &(g, pane) in &showing {
+            self.make_live(g, pane, stashes.clone());
+        }
         for (g, pane) in showing {
             let metric = self.groups[g]
                 .as_ref()
@@ -630,19 +626,43 @@ impl WindowState {
         out.extend(dirty.into_iter().map(|key| self.update(key, 0, false)));
     }
 
+    /// Makes the live pane of pane `start` of group `g`, if it has
+    /// contributions staged in `stashes` and no live pane yet.
+    fn make_live<'a>(&mut self, g: usize, start: Millis, stashes: impl Iterator<Item = &'a Stash>) {
+        let group = self.groups[g].as_mut().expect("dirty groups are live");
+        let Err(at) = group.live_at(start) else {
+            return;
+        };
+        let mut staged = stashes
+            .filter_map(|stash| {
+                stash
+                    .index
+                    .get(&(g, start))
+                    .map(|&i| &stash.staged[i].state)
+            })
+            .peekable();
+        if staged.peek().is_none() {
+            return;
+        }
+        let mut state = group
+            .panes
+            .get(start)
+            .map(|p| (**p).clone())
+            .unwrap_or_default();
+        for contribution in staged {
+            state.merge(contribution);
+        }
+        group.live.insert(at, LivePane { start, state });
+    }
+
     /// Interns a contribution's group as it arrives at `now`, merges it
     /// into `stash`, and marks its pane so that the group's next partials
     /// show it.
     pub fn stage(&mut self, c: Contribution, now: Instant, stash: &mut Stash) {
         let group = self.intern(c.metric, &c.group, c.hash);
-        // Rollups are for history alone: they have no partials.
-        let live = self.metrics[c.metric as usize].rollup_of.is_none();
         let state = self.group_mut(group);
-        let new = !stash.index.contains_key(&(group, c.pane));
-        if live {
-            let pane = state.live_pane(c.pane);
-            pane.state.merge(&c.state);
-            pane.staged += u32::from(new);
+        if let Ok(i) = state.live_at(c.pane) {
+            state.live[i].state.merge(&c.state);
         }
         match stash.index.entry((group, c.pane)) {
             Entry::Occupied(at) => stash.staged[*at.get()].state.merge(&c.state),
@@ -658,7 +678,8 @@ impl WindowState {
         }
         state.appended_at = state.appended_at.max(c.appended_at);
         let shown = state.shown;
-        if live {
+        // Rollups are for history alone: they have no partials.
+        if self.metrics[c.metric as usize].rollup_of.is_none() {
             self.dirty_panes.insert((group, c.pane));
             let at = may_show(self.epoch, self.live_interval, shown, now);
             self.due = Some(self.due.map_or(at, |due| due.min(at)));
@@ -1003,7 +1024,7 @@ mod tests {
         state.stage(contribution("US", 0, 5), now, &mut waiting);
         assert!(state.next_partials().is_some_and(|due| due <= now));
         let mut out = Vec::new();
-        state.partials(now, &mut out);
+        state.partials(now, [&waiting].into_iter(), &mut out);
         assert_eq!(
             rows(&out),
             [
@@ -1013,7 +1034,7 @@ mod tests {
         );
         assert_eq!(state.next_partials(), None);
         out.clear();
-        state.partials(now + INTERVAL, &mut out);
+        state.partials(now + INTERVAL, [&waiting].into_iter(), &mut out);
         assert!(out.is_empty(), "nothing changed since the last partials");
     }
 
@@ -1024,18 +1045,34 @@ mod tests {
         let (now, mut first, mut second) = (Instant::now(), Stash::default(), Stash::default());
         state.stage(contribution("US", 0, 3), now, &mut first);
         state.stage(contribution("US", 0, 4), now, &mut second);
-        let window = (0, 0, 10_000);
-        // (partial, final) of the window.
-        let values = |s: &WindowState| {
-            let value = |is_final| s.update(window, 0, is_final).state.count;
-            (value(false), value(true))
+        // The counts of the tumbling window's partials, and of its final.
+        let partials = |state: &mut WindowState, at: Instant, stashes: &[&Stash]| {
+            let mut out = Vec::new();
+            state.partials(at, stashes.iter().copied(), &mut out);
+            let counts: Vec<u64> = out
+                .iter()
+                .filter(|u| u.window == 0)
+                .map(|u| u.state.count)
+                .collect();
+            (counts, state.update((0, 0, 10_000), 0, true).state.count)
         };
-        assert_eq!(values(&state), (9, 2));
+        assert_eq!(partials(&mut state, now, &[&first, &second]), (vec![9], 2));
+        // Staged later, it joins the live pane.
+        state.stage(contribution("US", 0, 1), now, &mut second);
+        let tick = now + INTERVAL;
+        assert_eq!(
+            partials(&mut state, tick, &[&first, &second]),
+            (vec![10], 2)
+        );
         let mut out = Vec::new();
         state.apply(1_000, first.into_staged(), &mut out);
-        assert_eq!(values(&state), (9, 5));
+        state.stage(contribution("US", 0, 1), tick, &mut second);
+        assert_eq!(
+            partials(&mut state, tick + INTERVAL, &[&second]),
+            (vec![11], 5)
+        );
         state.apply(2_000, second.into_staged(), &mut out);
-        assert_eq!(values(&state), (9, 9));
+        assert_eq!(state.update((0, 0, 10_000), 0, true).state.count, 11);
         assert!(state.group(0).live.is_empty(), "nothing is staged");
     }
 
@@ -1045,7 +1082,7 @@ mod tests {
         let t0 = Instant::now();
         let (mut out, mut stash) = (Vec::new(), Stash::default());
         state.stage(contribution("US", 0, 1), t0, &mut stash);
-        state.partials(t0, &mut out);
+        state.partials(t0, [&stash].into_iter(), &mut out);
         assert_eq!(out.len(), 2, "the first change goes at once");
         // US changes again within its interval: it waits for the next tick...
         let later = t0 + INTERVAL / 4;
@@ -1053,17 +1090,17 @@ mod tests {
         let tick = state.next_partials().unwrap();
         assert!(tick > later && tick <= t0 + INTERVAL);
         out.clear();
-        state.partials(later, &mut out);
+        state.partials(later, [&stash].into_iter(), &mut out);
         assert!(out.is_empty(), "{:?}", rows(&out));
         // ...and FR, quiet until now, does not wait for it.
         state.stage(contribution("FR", 0, 1), later, &mut stash);
         assert_eq!(state.next_partials(), Some(later));
-        state.partials(later, &mut out);
+        state.partials(later, [&stash].into_iter(), &mut out);
         let shown: Vec<String> = out.iter().map(|u| u.group[0].clone()).collect();
         assert_eq!(shown, ["FR", "FR"]);
         assert_eq!(state.next_partials(), Some(tick));
         out.clear();
-        state.partials(tick, &mut out);
+        state.partials(tick, [&stash].into_iter(), &mut out);
         assert_eq!(
             rows(&out),
             [

@@ -124,10 +124,16 @@ pub fn pane_width(specs: &[WindowSpec]) -> Millis {
         .fold(0, gcd)
 }
 
-/// The step a job's event time moves in: the greatest common divisor of the
-/// tables' panes (window ends, pane expiries and rollup merges all fall on
-/// their multiples), the allowed lateness (which puts expiries off by that
-/// much) and the checkpoint interval (boundaries are its multiples), if any.
+/// The longest tick: data waits for the frontier to pass its tick before
+/// it is applied, so a late event's revision goes out up to this long after
+/// the watermark has passed the event's stamp.
+pub const MAX_TICK: Millis = 1_000;
+
+/// The step a job's event time moves in: the largest divisor, no longer
+/// than [`MAX_TICK`], of the greatest common divisor of the tables' panes
+/// (window ends, pane expiries and rollup merges all fall on their
+/// multiples), the allowed lateness (which puts expiries off by that much)
+/// and the checkpoint interval (boundaries are its multiples), if any.
 ///
 /// Nothing in the window state, the cap or the checkpoints happens strictly
 /// between two multiples of it. So two stamps with no multiple of it in
@@ -139,12 +145,17 @@ pub fn tick(
     allowed_lateness: Millis,
     checkpoint_interval: Option<Millis>,
 ) -> Millis {
-    panes
+    let common = panes
         .into_iter()
         .chain([allowed_lateness])
         .chain(checkpoint_interval)
         .fold(0, gcd)
-        .max(1)
+        .max(1);
+    // The fewest parts of `common` that are each no longer than MAX_TICK.
+    let parts = ((common + MAX_TICK - 1) / MAX_TICK..)
+        .find(|parts| common % parts == 0)
+        .expect("common divides into common parts");
+    common / parts
 }
 
 fn gcd(a: Millis, b: Millis) -> Millis {
@@ -166,13 +177,15 @@ mod tests {
 
     #[test]
     fn the_tick_divides_every_pane_the_lateness_and_the_checkpoint_interval() {
-        assert_eq!(
+        let ticks = [
             tick([10_000, 60_000, 3_600_000], 30_000, Some(10_000)),
-            10_000
-        );
-        assert_eq!(tick([10_000], 25_000, Some(10_000)), 5_000);
-        assert_eq!(tick([10_000], 0, None), 10_000);
-        assert_eq!(tick([60_000], 30_000, Some(7_000)), 1_000);
+            tick([300], 30_000, Some(10_000)),
+            tick([1_500], 0, None),
+            tick([7_000], 0, None),
+            tick([60_000], 30_000, Some(7)),
+            tick([1_009_000], 0, None),
+        ];
+        assert_eq!(ticks, [1_000, 100, 750, 1_000, 1, 1_000]);
     }
 
     #[test]

@@ -71,11 +71,12 @@ async function main() {
   const dataDir = mkdtempSync(join(tmpdir(), "tally-dashboard-"));
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
-  let tally = await startTally(port, dataDir);
+  // The browser first: if it cannot start, no server is left running.
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
   });
+  let tally = await startTally(port, dataDir);
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
     page.on("pageerror", (e) => {
@@ -134,7 +135,7 @@ async function main() {
     // passed its end and the 2 s out-of-orderness (an event moves the
     // watermark no further than the time it was received), which closes it.
     // A late event then revises it, once the next round carries the
-    // watermark past it.
+    // watermark a tick of the job (a second at most) past it.
     const advance = async () => {
       for (let i = 0; i < 8; i++) await post(url, [click(Date.now())]);
     };
@@ -143,7 +144,7 @@ async function main() {
     await advance();
     await bar(page, start, (b) => b.final && b.value === 25 + 14, 5000);
     await post(url, [click(now)]);
-    await sleep(200);
+    await sleep(1200);
     await advance();
     const revised = await bar(page, start, (b) => b.final && b.value === 26 + 14 && b.revision >= 1, 5000);
     if (!revised.revised) throw new Error("the revised bar is not marked as revised");
@@ -158,7 +159,7 @@ async function main() {
     step("the page reconnects after a restart", since);
     since = Date.now();
     await post(url, [click(now)]);
-    await sleep(200);
+    await sleep(1200);
     await advance();
     await bar(page, start, (b) => b.final && b.value === 27 + 14, 5000);
     step("and shows a correction made after the restart", since);

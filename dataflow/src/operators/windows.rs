@@ -215,7 +215,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                         _ => Duration::ZERO,
                     });
                 }
-                state.partials(now, &mut emitted);
+                state.partials(now, stash.values(), &mut emitted);
                 if let Some(due) = state.next_partials() {
                     // The trailing edge of a busy group: an interval after
                     // its last partials, not after this change.
