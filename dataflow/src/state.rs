@@ -211,9 +211,9 @@ struct GroupState {
 /// data waits up to a tick of event time; merging it into the pane again
 /// at every partial would cost a sketch merge per window and live tick. A
 /// live pane is made when a partial first shows the pane, takes each
-/// contribution staged after that as it comes, and goes when one of them
-/// is applied: the next partial makes it again from the pane and what is
-/// still staged.
+/// contribution staged after that as it comes, and stays what the pane
+/// and its staged data make while they are applied; it goes when nothing
+/// is staged for the pane any more.
 struct LivePane {
     start: Millis,
     state: AggState,
@@ -225,9 +225,13 @@ impl GroupState {
         self.live.binary_search_by_key(&start, |l| l.start)
     }
 
-    /// Notes that a contribution staged for pane `start` left the stash.
-    fn unstage(&mut self, start: Millis) {
+    /// Notes that a contribution staged for pane `start` left the stash,
+    /// and drops the pane's live pane unless more is `still_staged` for it.
+    fn unstage(&mut self, start: Millis, still_staged: bool) {
         self.staged -= 1;
+        if still_staged {
+            return;
+        }
         if let Ok(i) = self.live_at(start) {
             self.live.remove(i);
         }
@@ -320,12 +324,14 @@ impl WindowState {
         true
     }
 
-    /// Applies the contributions that travelled at `time`, and returns how
-    /// many closed windows they revised.
-    pub fn apply(
+    /// Applies the contributions that travelled at `time`, with the
+    /// others still `waiting`, and returns how many closed windows they
+    /// revised.
+    pub fn apply<'a>(
         &mut self,
         time: Millis,
         batch: Vec<Staged>,
+        waiting: impl Iterator<Item = &'a Stash> + Clone,
         out: &mut Vec<WindowUpdate>,
     ) -> usize {
         // Merges commute, and late windows are emitted in key order, so the
@@ -335,7 +341,10 @@ impl WindowState {
             let g = c.group;
             let metric = self.group(g).metric as usize;
             let new_pane = self.merge_pane(g, c.pane, &c.state, time, &mut late);
-            self.group_mut(g).unstage(c.pane);
+            let still_staged = waiting
+                .clone()
+                .any(|stash| stash.index.contains_key(&(g, c.pane)));
+            self.group_mut(g).unstage(c.pane, still_staged);
             if self.rollups[metric].is_empty() {
                 continue;
             }
@@ -383,7 +392,8 @@ impl WindowState {
                 && overflowed.contains(&(group.metric, group.hash, group.group.clone()))
             {
                 let group = self.group_mut(c.group);
-                group.unstage(c.pane);
+                // Its data is dropped: so is what its live pane showed.
+                group.unstage(c.pane, false);
                 if group.unused() {
                     self.release(c.group);
                     freed = true;
@@ -939,7 +949,12 @@ mod tests {
         }
         let mut out = Vec::new();
         state.close_until(time_s * 1000, &mut out);
-        state.apply(time_s * 1000, stash.into_staged(), &mut out);
+        state.apply(
+            time_s * 1000,
+            stash.into_staged(),
+            std::iter::empty(),
+            &mut out,
+        );
         out
     }
 
@@ -959,7 +974,7 @@ mod tests {
         let waiting: Vec<(u64, Millis)> = staged.iter().map(|c| (c.state.count, c.pane)).collect();
         assert_eq!(waiting, [(5, 0), (1, 0), (1, 10_000)]);
         let mut out = Vec::new();
-        state.apply(0, staged, &mut out);
+        state.apply(0, staged, std::iter::empty(), &mut out);
         state.close_until(10_000, &mut out);
         assert_eq!(
             rows(&out),
@@ -1045,34 +1060,42 @@ mod tests {
         let (now, mut first, mut second) = (Instant::now(), Stash::default(), Stash::default());
         state.stage(contribution("US", 0, 3), now, &mut first);
         state.stage(contribution("US", 0, 4), now, &mut second);
-        // The counts of the tumbling window's partials, and of its final.
-        let partials = |state: &mut WindowState, at: Instant, stashes: &[&Stash]| {
+        // The counts of the partials of window `w`, and the final of the
+        // tumbling window of pane 0.
+        let partials = |state: &mut WindowState, at: Instant, w: u8, stashes: &[&Stash]| {
             let mut out = Vec::new();
             state.partials(at, stashes.iter().copied(), &mut out);
             let counts: Vec<u64> = out
                 .iter()
-                .filter(|u| u.window == 0)
+                .filter(|u| u.window == w)
                 .map(|u| u.state.count)
                 .collect();
             (counts, state.update((0, 0, 10_000), 0, true).state.count)
         };
-        assert_eq!(partials(&mut state, now, &[&first, &second]), (vec![9], 2));
+        assert_eq!(
+            partials(&mut state, now, 0, &[&first, &second]),
+            (vec![9], 2)
+        );
         // Staged later, it joins the live pane.
         state.stage(contribution("US", 0, 1), now, &mut second);
         let tick = now + INTERVAL;
         assert_eq!(
-            partials(&mut state, tick, &[&first, &second]),
+            partials(&mut state, tick, 0, &[&first, &second]),
             (vec![10], 2)
         );
+        // Part of it applied, the pane is not shown again, but a sliding
+        // window over it and a changed pane still counts all of it.
         let mut out = Vec::new();
-        state.apply(1_000, first.into_staged(), &mut out);
-        state.stage(contribution("US", 0, 1), tick, &mut second);
+        state.apply(1_000, first.into_staged(), [&second].into_iter(), &mut out);
+        let mut third = Stash::default();
+        state.stage(contribution("US", 10, 1), tick, &mut third);
         assert_eq!(
-            partials(&mut state, tick + INTERVAL, &[&second]),
+            partials(&mut state, tick + INTERVAL, 1, &[&second, &third]),
             (vec![11], 5)
         );
-        state.apply(2_000, second.into_staged(), &mut out);
-        assert_eq!(state.update((0, 0, 10_000), 0, true).state.count, 11);
+        state.apply(2_000, second.into_staged(), [&third].into_iter(), &mut out);
+        state.apply(3_000, third.into_staged(), std::iter::empty(), &mut out);
+        assert_eq!(state.update((0, 0, 10_000), 0, true).state.count, 10);
         assert!(state.group(0).live.is_empty(), "nothing is staged");
     }
 
@@ -1153,7 +1176,7 @@ mod tests {
         state.stage(contribution("US", 60, 1), Instant::now(), &mut waiting);
         state.expire(60_000);
         assert_eq!(state.groups(), 1);
-        state.apply(60_000, waiting.into_staged(), &mut out);
+        state.apply(60_000, waiting.into_staged(), std::iter::empty(), &mut out);
         out.clear();
         state.close_until(70_000, &mut out);
         assert!(rows(&out).contains(&row("US", 0, (60, 70), 1, 0)));

@@ -191,7 +191,7 @@ impl<'scope> Windows<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                         Some(groups) => state.drop_overflowed(batch, &groups),
                         None => batch,
                     };
-                    let revised = state.apply(time as Millis, batch, &mut emitted);
+                    let revised = state.apply(time as Millis, batch, stash.values(), &mut emitted);
                     if revised > 0 {
                         stats
                             .late_updates
