@@ -148,8 +148,8 @@ pub fn log_source<'scope, S: BatchSource>(
         .map(|c| (c.partition, (c.watermark, c.next_offset)))
         .collect();
     let worker = scope.index();
-    let derived = Derived::new(&metrics);
-    let shapes = Shapes::new(&metrics);
+    let mut shapes = Shapes::new(&metrics);
+    let derived = Derived::new(&metrics, &mut shapes);
     let tick = tick.max(1) as u64;
     source(scope, "LogSource", move |capability, info| {
         let activator = scope.activator_for(Rc::clone(&info.address));
@@ -495,7 +495,8 @@ fn remember(batch: &SourceBatch, ids: &mut Remembered, watermark: Millis) {
 /// An event finds its group once per list of dimensions ([`Shapes`]),
 /// whatever the number of metrics grouped by it, by a hash of the values it
 /// borrows from the record; then each metric's entry among the group's few.
-/// A group is built once per time and poll, not once per event.
+/// A projection's entries are found the same way, from its metric's. A
+/// group is built once per time and poll, not once per event.
 #[derive(Default)]
 struct Folding {
     entries: Vec<Entry>,
@@ -503,8 +504,6 @@ struct Folding {
     groups: Vec<Local>,
     /// Indices into `groups`, by [`Local::hash`].
     group_index: HashTable<usize>,
-    /// Indices into `entries` of the projections', by [`Entry::key`].
-    index: HashTable<usize>,
     /// When the log took the newest of the batches, if it says.
     appended_at: Option<Millis>,
     /// Per shape, the event's group while it is folded.
@@ -522,7 +521,9 @@ struct Local {
     entries: Vec<(u16, Millis, usize)>,
 }
 
-/// The configured metrics by the dimensions they group by.
+/// The configured metrics and their projections by the dimensions they
+/// group by.
+#[derive(Default)]
 struct Shapes {
     /// Each distinct list of dimensions.
     dimensions: Vec<Vec<String>>,
@@ -533,24 +534,24 @@ struct Shapes {
 impl Shapes {
     /// The lists of dimensions of the configured metrics among `metrics`.
     fn new(metrics: &[MetricSpec]) -> Shapes {
-        let mut dimensions: Vec<Vec<String>> = Vec::new();
-        let mut of = Vec::new();
+        let mut shapes = Shapes::default();
         for (index, metric) in metrics.iter().enumerate() {
-            if metric.rollup_of.is_some() {
-                continue;
+            if metric.rollup_of.is_none() {
+                let shape = shapes.shape(&metric.dimensions);
+                shapes.metrics.push((index as u16, shape));
             }
-            let shape = match dimensions.iter().position(|d| *d == metric.dimensions) {
-                Some(shape) => shape,
-                None => {
-                    dimensions.push(metric.dimensions.clone());
-                    dimensions.len() - 1
-                }
-            };
-            of.push((index as u16, shape));
         }
-        Shapes {
-            dimensions,
-            metrics: of,
+        shapes
+    }
+
+    /// The index of the list `dimensions`, added if it is new.
+    fn shape(&mut self, dimensions: &[String]) -> usize {
+        match self.dimensions.iter().position(|d| d == dimensions) {
+            Some(shape) => shape,
+            None => {
+                self.dimensions.push(dimensions.to_vec());
+                self.dimensions.len() - 1
+            }
         }
     }
 }
@@ -562,17 +563,6 @@ struct Entry {
     /// The routing hash of (metric, group).
     hash: u64,
     state: AggState,
-}
-
-impl Entry {
-    fn key(&self) -> u64 {
-        key(self.hash, self.pane)
-    }
-}
-
-/// The index key of a group's routing hash and a pane.
-fn key(hash: u64, pane: Millis) -> u64 {
-    hash ^ (pane as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 impl Folding {
@@ -684,54 +674,17 @@ impl Folding {
         });
         e
     }
-
-    /// The entry of projection `metric`'s `pane` and group of `values`,
-    /// made empty if the time has none yet.
-    fn find<'v>(
-        &mut self,
-        metric: u16,
-        pane: Millis,
-        values: impl ExactSizeIterator<Item = &'v str> + Clone,
-    ) -> usize {
-        let hash = group_hash_of(metric, values.clone());
-        let entries = &self.entries;
-        let found = self.index.entry(
-            key(hash, pane),
-            |&e| {
-                let entry = &entries[e];
-                entry.hash == hash
-                    && entry.pane == pane
-                    && entry.metric == metric
-                    && entry.group.iter().map(String::as_str).eq(values.clone())
-            },
-            |&e| entries[e].key(),
-        );
-        match found {
-            hashbrown::hash_table::Entry::Occupied(e) => *e.get(),
-            hashbrown::hash_table::Entry::Vacant(slot) => {
-                let e = self.entries.len();
-                slot.insert(e);
-                self.entries.push(Entry {
-                    metric,
-                    pane,
-                    group: values.map(str::to_owned).collect(),
-                    hash,
-                    state: AggState::default(),
-                });
-                e
-            }
-        }
-    }
 }
 
 /// How each metric's projections ([`crate::rollup`]) are made of its
-/// batch: per metric, each projection's index and the places of its
-/// dimensions in the metric's group.
-pub struct Derived(Vec<Vec<(u16, Vec<usize>)>>);
+/// batch: per metric, each projection's index, its list of dimensions in
+/// [`Shapes`] and the places of its dimensions in the metric's group.
+struct Derived(Vec<Vec<(u16, usize, Vec<usize>)>>);
 
 impl Derived {
-    /// The projections among `metrics`, by the metric they are of.
-    pub fn new(metrics: &[MetricSpec]) -> Derived {
+    /// The projections among `metrics`, by the metric they are of, their
+    /// lists of dimensions added to `shapes`.
+    fn new(metrics: &[MetricSpec], shapes: &mut Shapes) -> Derived {
         let mut derived = vec![Vec::new(); metrics.len()];
         for (index, made) in made(metrics).into_iter().enumerate() {
             let Made::Batch(of) = made else { continue };
@@ -742,7 +695,7 @@ impl Derived {
                 .iter()
                 .filter_map(|d| metric.dimensions.iter().position(|m| m == d))
                 .collect();
-            derived[of as usize].push((index as u16, places));
+            derived[of as usize].push((index as u16, shapes.shape(&table.dimensions), places));
         }
         Derived(derived)
     }
@@ -756,15 +709,15 @@ impl Derived {
         }
         for e in 0..folding.entries.len() {
             let metric = folding.entries[e].metric as usize;
-            for (table, places) in &self.0[metric] {
+            for (table, shape, places) in &self.0[metric] {
                 let pane = align(folding.entries[e].pane, metrics[*table as usize].pane);
                 // The group is looked up by the values it lends: it is
-                // taken out meanwhile, and the lookup cannot meet it, as
-                // its metric is not the table's.
+                // taken out meanwhile.
                 let group = std::mem::take(&mut folding.entries[e].group);
-                let projected =
-                    folding.find(*table, pane, places.iter().map(|&p| group[p].as_str()));
+                let local = folding.local(*shape, places.iter().map(|&p| group[p].as_str()));
                 folding.entries[e].group = group;
+                // A projection's entries follow all its metrics'.
+                let projected = folding.entry(local, *table, pane);
                 let (metric, table) = folding.entries.split_at_mut(projected);
                 table[0].state.merge(&metric[e].state);
             }
