@@ -226,14 +226,14 @@ impl GroupState {
     }
 
     /// Notes that a contribution staged for pane `start` left the stash,
-    /// and drops the pane's live pane unless more is `still_staged` for it.
-    fn unstage(&mut self, start: Millis, still_staged: bool) {
+    /// and drops the pane's live pane, if it has one, unless more is
+    /// `still_staged` for it.
+    fn unstage(&mut self, start: Millis, still_staged: impl FnOnce() -> bool) {
         self.staged -= 1;
-        if still_staged {
-            return;
-        }
         if let Ok(i) = self.live_at(start) {
-            self.live.remove(i);
+            if !still_staged() {
+                self.live.remove(i);
+            }
         }
     }
 
@@ -341,9 +341,11 @@ impl WindowState {
             let g = c.group;
             let metric = self.group(g).metric as usize;
             let new_pane = self.merge_pane(g, c.pane, &c.state, time, &mut late);
-            let still_staged = waiting
-                .clone()
-                .any(|stash| stash.index.contains_key(&(g, c.pane)));
+            let still_staged = || {
+                waiting
+                    .clone()
+                    .any(|stash| stash.index.contains_key(&(g, c.pane)))
+            };
             self.group_mut(g).unstage(c.pane, still_staged);
             if self.rollups[metric].is_empty() {
                 continue;
@@ -393,7 +395,7 @@ impl WindowState {
             {
                 let group = self.group_mut(c.group);
                 // Its data is dropped: so is what its live pane showed.
-                group.unstage(c.pane, false);
+                group.unstage(c.pane, || false);
                 if group.unused() {
                     self.release(c.group);
                     freed = true;
