@@ -62,6 +62,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         let progress = Progress::new(&config.redis).context("configuring the Redis client")?;
         let producer =
             Arc::new(KafkaProducer::new(&config.kafka).context("configuring the Kafka producer")?);
+        tokio::spawn(Arc::clone(&producer).watch());
         let store = ClickHouseStore::new(&config.clickhouse);
         let gateway = Arc::new(Gateway {
             config: Arc::clone(&config),

@@ -847,6 +847,141 @@ fn a_redis_outage_leaves_ingest_and_history_alone_and_live_values_return() {
     );
 }
 
+/// The broker stopped for 20 s and started again: every request meanwhile
+/// gets a `503` with `Retry-After` at once, never a `202`, and the gateway
+/// says it is not ready; once the broker is back, the requests a client
+/// retries are accepted, the workers read on by themselves, and every
+/// window is exact.
+#[test]
+fn a_broker_restart_gets_503s_with_retry_after_and_loses_nothing() {
+    let services = Services::alone();
+    let cluster = Cluster::start(&services, 2, 1, 1);
+    let gateway = &cluster.gateways[0];
+    let generated = clickstream(43, 4000);
+    // With ids, so that a request whose answer was lost as the broker went
+    // away is counted once when it is sent again.
+    let events: Vec<Value> = generated
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut event = e.json();
+            event["eventId"] = json!(format!("restart-{i}"));
+            event
+        })
+        .collect();
+    let (before, rest) = events.split_at(1000);
+    for chunk in before.chunks(50) {
+        gateway.post_events(chunk);
+    }
+
+    let tansu = Stopped::service("tansu");
+    let stopped = Instant::now();
+    let mut chunks = rest.chunks(50);
+    let mut refused = Vec::new();
+    let mut slowest = Duration::ZERO;
+    while stopped.elapsed() < BROKER_AWAY {
+        let chunk = chunks.next().expect("enough events for the outage");
+        let answer = post_answer(&gateway.url, chunk);
+        assert_eq!(
+            answer.status, 503,
+            "a request was answered {} while the broker was away",
+            answer.status
+        );
+        assert_eq!(
+            answer.retry_after.as_deref(),
+            Some("1"),
+            "a 503 without Retry-After"
+        );
+        slowest = slowest.max(answer.took);
+        refused.push(chunk);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (ready, _) = gateway.get("/readyz");
+    assert_eq!(
+        ready, 503,
+        "the gateway said it was ready without its broker"
+    );
+    assert!(
+        slowest < Duration::from_secs(5),
+        "a request waited {slowest:?} for a broker that was away"
+    );
+    tansu.start();
+    let back = Instant::now();
+
+    // A client sends again what was refused, as Retry-After says, then the rest.
+    let mut accepted_again = None;
+    for chunk in refused.into_iter().chain(chunks) {
+        loop {
+            let answer = post_answer(&gateway.url, chunk);
+            if answer.status == 202 {
+                accepted_again.get_or_insert_with(|| back.elapsed());
+                break;
+            }
+            assert_eq!(answer.status, 503, "a retry was answered {}", answer.status);
+            assert!(
+                back.elapsed() < Duration::from_secs(60),
+                "no request was accepted in the minute after the broker returned; the broker's \
+                 log ends:\n{}",
+                services_log("tansu")
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    close_windows(gateway);
+    assert_clicks_per_minute(gateway, &generated);
+    eprintln!(
+        "broker restart: {BROKER_AWAY:?} away, every request answered within {slowest:?}; accepted again {:.1} s after it returned",
+        accepted_again.expect("requests after the outage").as_secs_f64()
+    );
+}
+
+/// How long the broker is away in [`a_broker_restart_gets_503s_with_retry_after_and_loses_nothing`].
+const BROKER_AWAY: Duration = Duration::from_secs(20);
+
+/// The answer to a POST of events.
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    took: Duration,
+}
+
+/// POSTs `events` to the tally at `url` and notes how it answered.
+fn post_answer(url: &str, events: &[Value]) -> Answer {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let started = Instant::now();
+    let response = agent
+        .post(format!("{url}/v1/events"))
+        .header("content-type", "application/json")
+        .send(&serde_json::to_vec(events).expect("serialise")[..])
+        .expect("an answer");
+    Answer {
+        status: response.status().as_u16(),
+        retry_after: response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        took: started.elapsed(),
+    }
+}
+
+/// The end of a service's log, as `scripts/services.sh` keeps it.
+fn services_log(name: &str) -> String {
+    let dir = std::env::var("TALLY_SERVICES_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/tally-services",
+            std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into())
+        )
+    });
+    let text = std::fs::read_to_string(format!("{dir}/{name}.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
 /// A service the test stopped, started again when the test ends, even by
 /// failing, so that the tests after it have it.
 struct Stopped(&'static str);

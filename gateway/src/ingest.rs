@@ -27,6 +27,7 @@ use serde_json::json;
 use tally_dataflow::event::{parse_batch, BatchError};
 use tally_dataflow::time::format_rfc3339;
 use tokio::time::{timeout_at, Instant};
+use warp::http::header::{HeaderValue, RETRY_AFTER};
 use warp::http::StatusCode;
 use warp::reply::{json, with_status};
 use warp::Reply;
@@ -149,15 +150,20 @@ where
 
 /// The answer to a failed append. Every failure is the log's, not the
 /// request's: the request was checked before it was appended, and the
-/// producer splits it to fit the brokers' limit. So each is a 503, even one
-/// that a retry will not cure, for which an operator must act.
+/// producer splits it to fit the brokers' limit. So each is a 503 with
+/// `Retry-After`, even one that a retry will not cure, for which an
+/// operator must act.
 fn unavailable(e: &AppendError) -> ApiError {
-    match e {
+    let mut error = match e {
         AppendError::Log(_) | AppendError::Kafka(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the event log is unavailable; retry",
         ),
-    }
+    };
+    error
+        .headers
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    error
 }
 
 /// How a body is framed, from its `Content-Type`.

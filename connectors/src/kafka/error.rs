@@ -81,7 +81,10 @@ impl From<ClientError> for KafkaError {
                 | Code::NotLeaderForPartition
                 | Code::PreferredLeaderNotAvailable
                 | Code::NotEnoughReplicas
-                | Code::NotEnoughReplicasAfterAppend,
+                | Code::NotEnoughReplicasAfterAppend
+                // Purged by the producer when its brokers were lost.
+                | Code::PurgeQueue
+                | Code::PurgeInflight,
             ) => KafkaError::Unavailable(error),
             _ => KafkaError::Client(error),
         }

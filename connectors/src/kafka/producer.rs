@@ -8,15 +8,30 @@
 //! An event with an `eventId` goes to the partition its id picks, so that
 //! its repeats meet in one partition ([`tally_dataflow::dedupe`]); the
 //! others of a request go together to one partition, in turn.
+//!
+//! **Brokers lost.** When librdkafka reports every broker down, the
+//! producer is taken out of service at once: what it still holds is purged,
+//! so the requests waiting on it get their `503` now rather than at the
+//! message timeout, and appends are refused, without waiting, until a
+//! metadata request to the brokers succeeds again ([`KafkaProducer::watch`]).
+//! Then a new producer takes over, with a producer id of its own. The old
+//! one is never used again: an idempotent producer whose messages were
+//! purged or timed out moves to a new epoch on its own, without telling the
+//! brokers, and its next message after their return can be refused as out
+//! of sequence, or, by some brokers, not answered at all.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError as ClientError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tally_dataflow::config::KafkaConfig;
 use tally_dataflow::event::{record, spread, Accepted};
+use tracing::{info, warn};
 
 use super::{client_config, KafkaError};
 
@@ -25,10 +40,21 @@ use super::{client_config, KafkaError};
 const MAX_MESSAGE_BYTES: usize = 900 * 1024;
 /// How long a message may wait for room in the producer's queue.
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often [`KafkaProducer::watch`] looks at the brokers.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// How long the metadata request that says the brokers are back may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after a producer is taken out of service a message a request
+/// gave it just before is purged too.
+const LAST_PURGE_AFTER: Duration = Duration::from_secs(1);
 
 /// An idempotent producer to one topic.
 pub struct KafkaProducer {
-    producer: FutureProducer,
+    config: ClientConfig,
+    /// The producer in service.
+    current: RwLock<Generation>,
+    /// Whether the brokers are reachable: appends are refused while not.
+    reachable: AtomicBool,
     topic: String,
     /// The events topic's partitions, once known; 0 before.
     partitions: AtomicU32,
@@ -36,18 +62,42 @@ pub struct KafkaProducer {
     next: AtomicU64,
 }
 
+/// A producer, and whether librdkafka has said that its brokers are lost.
+#[derive(Clone)]
+struct Generation {
+    producer: FutureProducer<Watch>,
+    lost: Arc<AtomicBool>,
+}
+
+/// A producer's context: notes librdkafka's word that every broker is down.
+struct Watch {
+    lost: Arc<AtomicBool>,
+}
+
+impl ClientContext for Watch {
+    fn error(&self, error: ClientError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.lost.store(true, Ordering::Relaxed);
+        }
+        warn!("librdkafka: {error}: {reason}");
+    }
+}
+
 impl KafkaProducer {
     /// A producer to the events topic of `config`.
     pub fn new(config: &KafkaConfig) -> Result<KafkaProducer, KafkaError> {
-        let producer = client_config(&config.brokers)
+        let mut client = client_config(&config.brokers);
+        client
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "lz4")
             .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000")
-            .create()?;
+            .set("message.timeout.ms", "30000");
+        let current = RwLock::new(create(&client)?);
         Ok(KafkaProducer {
-            producer,
+            config: client,
+            current,
+            reachable: AtomicBool::new(true),
             topic: config.topic.clone(),
             partitions: AtomicU32::new(0),
             next: AtomicU64::new(0),
@@ -57,6 +107,11 @@ impl KafkaProducer {
     /// Says how many partitions the events topic has; appends wait for it.
     pub fn set_partitions(&self, partitions: u32) {
         self.partitions.store(partitions, Ordering::Relaxed);
+    }
+
+    /// Whether appends are taken: the brokers are not known to be away.
+    pub fn is_available(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
     }
 
     /// Appends one request's events; resolves once the brokers have
@@ -70,12 +125,19 @@ impl KafkaProducer {
     ) -> impl std::future::Future<Output = Result<(), KafkaError>> + Send + 'static {
         let partitions = self.partitions.load(Ordering::Relaxed);
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        let available = self.is_available();
+        let producer = self.current().producer;
+        let topic = self.topic.clone();
         async move {
             if partitions == 0 {
                 // Not yet known: the gateway is not ready, and says so.
                 return Err(KafkaError::Unavailable(ClientError::MetadataFetch(
                     RDKafkaErrorCode::UnknownTopicOrPartition,
+                )));
+            }
+            if !available {
+                return Err(KafkaError::Unavailable(ClientError::MessageProduction(
+                    RDKafkaErrorCode::AllBrokersDown,
                 )));
             }
             let fallback = (turn % u64::from(partitions)) as u32;
@@ -99,6 +161,79 @@ impl KafkaProducer {
             Ok(())
         }
     }
+
+    /// Takes the producer out of service when its brokers are lost, and
+    /// puts a new one in once they answer again (see the module's
+    /// documentation). Runs for as long as the gateway does.
+    pub async fn watch(self: Arc<Self>) {
+        let mut lost = self.current().lost;
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            if self.is_available() {
+                if !lost.swap(false, Ordering::Relaxed) {
+                    continue;
+                }
+                warn!("every Kafka broker is down; refusing events until one answers");
+                self.reachable.store(false, Ordering::Relaxed);
+                match self.replace() {
+                    Ok(flag) => lost = flag,
+                    Err(e) => warn!(error = %e, "cannot make a new Kafka producer; retrying"),
+                }
+                continue;
+            }
+            let probe = Arc::clone(&self);
+            let answered = tokio::task::spawn_blocking(move || probe.probe())
+                .await
+                .unwrap_or(false);
+            if answered {
+                lost.store(false, Ordering::Relaxed);
+                self.reachable.store(true, Ordering::Relaxed);
+                info!("Kafka answers again; taking events");
+            }
+        }
+    }
+
+    /// Puts a new producer in service and purges the old one's messages,
+    /// so that the requests waiting on them are answered now. Returns the
+    /// new producer's lost flag.
+    fn replace(&self) -> Result<Arc<AtomicBool>, KafkaError> {
+        let fresh = create(&self.config)?;
+        let lost = Arc::clone(&fresh.lost);
+        let old = std::mem::replace(&mut *self.current.write().expect("not poisoned"), fresh);
+        let old = old.producer;
+        let purge = PurgeConfig::default().queue().inflight();
+        old.purge(purge);
+        // A request that took the old producer just before the swap may
+        // still give it a message: purge once more, then let it go.
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(LAST_PURGE_AFTER);
+            old.purge(purge);
+        });
+        Ok(lost)
+    }
+
+    /// The producer in service.
+    fn current(&self) -> Generation {
+        self.current.read().expect("not poisoned").clone()
+    }
+
+    /// Whether the brokers answer a metadata request for the topic.
+    fn probe(&self) -> bool {
+        self.current()
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), PROBE_TIMEOUT)
+            .is_ok()
+    }
+}
+
+/// A producer of `config`.
+fn create(config: &ClientConfig) -> Result<Generation, KafkaError> {
+    let lost = Arc::new(AtomicBool::new(false));
+    let producer = config.create_with_context(Watch {
+        lost: Arc::clone(&lost),
+    })?;
+    Ok(Generation { producer, lost })
 }
 
 /// Packs records into batches ([`record::push_to_batch`]) of at most
