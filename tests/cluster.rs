@@ -722,47 +722,125 @@ while len(done) < len(ends):
 
 #[test]
 fn a_clickhouse_outage_stalls_the_job_and_loses_nothing() {
+    clickhouse_away(ClickHouseAway::Stopped);
+}
+
+/// ClickHouse paused with SIGSTOP, as a server too slow to answer at all:
+/// its port still takes connections, and nothing comes back.
+#[test]
+fn a_paused_clickhouse_stalls_the_job_and_loses_nothing() {
+    clickhouse_away(ClickHouseAway::Paused);
+}
+
+/// How [`clickhouse_away`] takes ClickHouse away.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ClickHouseAway {
+    Stopped,
+    Paused,
+}
+
+/// How long ClickHouse is away in [`clickhouse_away`].
+const CLICKHOUSE_AWAY: Duration = Duration::from_secs(60);
+
+/// ClickHouse away for a minute while a load is posted: ingest keeps
+/// answering `202`, the workers stop reading once their writers cannot
+/// write, so the backlog waits in Kafka, not in memory; once ClickHouse is
+/// back they catch up, and every window is exact.
+fn clickhouse_away(how: ClickHouseAway) {
     let services = Services::alone();
     // Two processes: the one whose sinks fall behind first tells the other.
     let cluster = Cluster::start(&services, 2, 1, 1);
     let gateway = &cluster.gateways[0];
-    let events = clickstream(29, 6000);
+    let events = clickstream(29, 40_000);
     let (before, rest) = events.split_at(2000);
     post_all(gateway, before, 50);
 
-    let clickhouse = Stopped::service("clickhouse");
+    let away = match how {
+        ClickHouseAway::Stopped => (Some(Stopped::service("clickhouse")), None),
+        ClickHouseAway::Paused => (None, Some(Paused::service("clickhouse"))),
+    };
     let stopped = Instant::now();
-    // Load keeps arriving, and is accepted, while ClickHouse is down. Once
-    // the writers have failed, the workers stop reading: the backlog waits
-    // in Kafka, not in memory.
     let mut read_while_down = Vec::new();
-    for (i, chunk) in rest.chunks(50).enumerate() {
-        post_all(gateway, chunk, 50);
-        std::thread::sleep(Duration::from_millis(200));
-        if i % 10 == 0 && stopped.elapsed() > Duration::from_secs(5) {
+    // Reads stop within `clickhouse.insert_timeout` (10 s) of the first
+    // insert that finds ClickHouse away.
+    for (i, chunk) in rest.chunks(500).enumerate() {
+        post_all(gateway, chunk, 500);
+        std::thread::sleep(Duration::from_millis(400));
+        if i % 4 == 0 && stopped.elapsed() > Duration::from_secs(15) {
             read_while_down.push(cluster.events_read());
         }
     }
+    let posted_within = stopped.elapsed();
     let (first, last) = (read_while_down[0], *read_while_down.last().unwrap());
     assert!(
         read_while_down.len() >= 3 && last == first,
-        "the workers went on reading while ClickHouse was down: {read_while_down:?}"
+        "the workers went on reading while ClickHouse was away: {read_while_down:?}"
     );
-    let remaining = Duration::from_secs(30).saturating_sub(stopped.elapsed());
-    std::thread::sleep(remaining);
-    for process in 0..2 {
-        assert!(
-            cluster
-                .read_log("worker", process)
-                .contains("cannot insert results into ClickHouse"),
-            "worker {process} says it is retrying"
-        );
+    std::thread::sleep(CLICKHOUSE_AWAY.saturating_sub(stopped.elapsed()));
+    if how == ClickHouseAway::Stopped {
+        for process in 0..2 {
+            assert!(
+                cluster
+                    .read_log("worker", process)
+                    .contains("cannot insert results into ClickHouse"),
+                "worker {process} says it is retrying"
+            );
+        }
     }
-    clickhouse.start();
+    let backlog = events.len() as u64 - cluster.events_read();
+    drop(away);
+    let back = Instant::now();
+    eventually(Duration::from_secs(120), || {
+        let read = cluster.events_read();
+        if read >= events.len() as u64 {
+            Ok(())
+        } else {
+            Err(format!("{read} of {} events read", events.len()))
+        }
+    });
+    let caught_up = back.elapsed();
 
     close_windows(gateway);
     // Every window is complete and exact.
     assert_clicks_per_minute(gateway, &events);
+    eprintln!(
+        "clickhouse {how:?} for {CLICKHOUSE_AWAY:?}: {} events posted and accepted ({} within {:.1} s of the outage), backlog {backlog} events in Kafka; read again in {:.1} s once it was back ({:.0} events/s), every window exact {:.1} s after it was back",
+        events.len(),
+        rest.len(),
+        posted_within.as_secs_f64(),
+        caught_up.as_secs_f64(),
+        backlog as f64 / caught_up.as_secs_f64(),
+        back.elapsed().as_secs_f64()
+    );
+}
+
+/// A service paused with SIGSTOP, continued when the test ends, even by
+/// failing.
+struct Paused(u32);
+
+impl Paused {
+    fn service(name: &str) -> Paused {
+        let pid = std::fs::read_to_string(format!("{}/{name}.pid", services_dir()))
+            .unwrap_or_else(|e| panic!("the pid of {name}: {e}"));
+        let pid = pid.trim().parse().expect("a pid");
+        signal(pid, "-STOP");
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
+/// Sends `signal` to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid} failed");
 }
 
 /// Redis down for a minute: ingest keeps answering `202`, history keeps
@@ -910,6 +988,7 @@ fn a_broker_restart_gets_503s_with_retry_after_and_loses_nothing() {
 
     // A client sends again what was refused, as Retry-After says, then the rest.
     let mut accepted_again = None;
+    let refused_events: usize = refused.iter().map(|c| c.len()).sum();
     for chunk in refused.into_iter().chain(chunks) {
         loop {
             let answer = post_answer(&gateway.url, chunk);
@@ -930,7 +1009,8 @@ fn a_broker_restart_gets_503s_with_retry_after_and_loses_nothing() {
     close_windows(gateway);
     assert_clicks_per_minute(gateway, &generated);
     eprintln!(
-        "broker restart: {BROKER_AWAY:?} away, every request answered within {slowest:?}; accepted again {:.1} s after it returned",
+        "broker restart: {BROKER_AWAY:?} away, {} events posted, {refused_events} refused with 503 and sent again, every request answered within {slowest:?}; accepted again {:.1} s after it returned",
+        events.len(),
         accepted_again.expect("requests after the outage").as_secs_f64()
     );
 }
@@ -969,15 +1049,20 @@ fn post_answer(url: &str, events: &[Value]) -> Answer {
     }
 }
 
-/// The end of a service's log, as `scripts/services.sh` keeps it.
-fn services_log(name: &str) -> String {
-    let dir = std::env::var("TALLY_SERVICES_DIR").unwrap_or_else(|_| {
+/// Where `scripts/services.sh` keeps its services' state.
+fn services_dir() -> String {
+    std::env::var("TALLY_SERVICES_DIR").unwrap_or_else(|_| {
         format!(
             "{}/tally-services",
             std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into())
         )
-    });
-    let text = std::fs::read_to_string(format!("{dir}/{name}.log")).unwrap_or_default();
+    })
+}
+
+/// The end of a service's log, as `scripts/services.sh` keeps it.
+fn services_log(name: &str) -> String {
+    let text =
+        std::fs::read_to_string(format!("{}/{name}.log", services_dir())).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
 }

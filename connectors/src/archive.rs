@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use crate::kafka::consumer_config;
 use crate::kafka::producer::records;
 use crate::retry;
-use crate::store::clickhouse::{io_runtime, ClickHouseStore, Error};
+use crate::store::clickhouse::{insert_into, io_runtime, ClickHouseStore, Error};
 
 const DAY_MS: i64 = 86_400_000;
 /// How often old partitions are looked for.
@@ -159,7 +159,7 @@ fn archive_loop(
             || (!rows.is_empty() && since.elapsed() >= config.batch_interval)
         {
             runtime.block_on(retry::until_ok("archive raw events in ClickHouse", || {
-                insert(client, &rows)
+                insert(client, &rows, config.insert_timeout)
             }));
             rows.clear();
             since = Instant::now();
@@ -184,7 +184,7 @@ fn archive_loop(
     }
     if !rows.is_empty() {
         runtime.block_on(retry::until_ok("archive raw events in ClickHouse", || {
-            insert(client, &rows)
+            insert(client, &rows, config.insert_timeout)
         }));
     }
 }
@@ -211,8 +211,8 @@ fn raw_row(partition: u32, offset: u64, idx: u32, record: &[u8]) -> Option<RawRo
 }
 
 /// Inserts the rows, then records where their partitions go on.
-async fn insert(client: &Client, rows: &[RawRow]) -> Result<(), Error> {
-    let mut insert = client.insert::<RawRow>("raw_events").await?;
+async fn insert(client: &Client, rows: &[RawRow], timeout: Duration) -> Result<(), Error> {
+    let mut insert = insert_into::<RawRow>(client, "raw_events", timeout).await?;
     for row in rows {
         insert.write(row).await?;
     }
@@ -222,7 +222,7 @@ async fn insert(client: &Client, rows: &[RawRow]) -> Result<(), Error> {
         let n = next.entry(row.partition).or_default();
         *n = (*n).max(row.offset + 1);
     }
-    let mut record = client.insert::<Archived>("archived").await?;
+    let mut record = insert_into::<Archived>(client, "archived", timeout).await?;
     for (partition, next) in next {
         record.write(&Archived { partition, next }).await?;
     }

@@ -371,6 +371,10 @@ pub struct ClickHouseConfig {
     pub batch_rows: usize,
     /// …or once its oldest row has waited this long. Default `1s`.
     pub batch_interval: Duration,
+    /// An insert not answered within this long fails and is sent again, so
+    /// that a server that takes connections but answers nothing stalls the
+    /// job as one that is down does. Default `10s`.
+    pub insert_timeout: Duration,
     /// Raw events are kept this long, in daily partitions. Default `7d`.
     pub raw_retention: Duration,
 }
@@ -805,6 +809,11 @@ impl Reader {
                     &mut clickhouse,
                     "batch_interval",
                     Duration::from_secs(1),
+                ),
+                insert_timeout: self.duration(
+                    &mut clickhouse,
+                    "insert_timeout",
+                    Duration::from_secs(10),
                 ),
                 raw_retention: self.duration(
                     &mut clickhouse,

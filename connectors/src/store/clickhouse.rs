@@ -30,8 +30,12 @@
 //!
 //! Inserts are batched: a writer thread sends one insert per table once
 //! `batch_rows` rows are waiting or the oldest has waited `batch_interval`.
-//! A failed insert is retried with the same rows until it succeeds; in the
-//! meantime the writer's queue fills and the dataflow stalls behind it.
+//! A failed insert, or one the server has not answered within
+//! `insert_timeout`, is retried with the same rows until it succeeds; in
+//! the meantime the dataflow stalls behind the writer. A server that takes
+//! connections but answers nothing (overloaded, or paused) thus stalls the
+//! job as one that is down does, instead of letting the workers fill the
+//! writer's queue.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -483,7 +487,8 @@ impl ClickHouseStore {
             boundary,
             metrics: serde_json::to_string(metrics).expect("metric definitions serialize"),
         };
-        let mut insert = self.client.insert::<ActiveRow>("active").await?;
+        let mut insert =
+            insert_into::<ActiveRow>(&self.client, "active", self.config.insert_timeout).await?;
         insert.write(&row).await?;
         insert.end().await
     }
@@ -558,6 +563,19 @@ async fn label_type(admin: &Client) -> Result<&'static str, Error> {
     } else {
         "String"
     })
+}
+
+/// An insert into `table` that fails if a chunk cannot be sent, or the
+/// server does not answer its end, within `timeout`.
+pub(crate) async fn insert_into<R: Row>(
+    client: &Client,
+    table: &str,
+    timeout: Duration,
+) -> Result<clickhouse::insert::Insert<R>, Error> {
+    Ok(client
+        .insert::<R>(table)
+        .await?
+        .with_timeouts(Some(timeout), Some(timeout)))
 }
 
 /// A client for `config`'s server and database.
@@ -800,7 +818,7 @@ fn write_loop(
             let full = std::mem::take(&mut batch);
             runtime.block_on(retry::until_ok(
                 "insert results into ClickHouse",
-                || async { failing.note(insert(client, &full).await) },
+                || async { failing.note(insert(client, &full, config.insert_timeout).await) },
             ));
             Durable::committed(&full.frontiers);
         }
@@ -808,16 +826,16 @@ fn write_loop(
     info!("clickhouse writer stopped");
 }
 
-async fn insert(client: &Client, batch: &Batch) -> Result<(), Error> {
+async fn insert(client: &Client, batch: &Batch, timeout: Duration) -> Result<(), Error> {
     if !batch.windows.is_empty() {
-        let mut insert = client.insert::<WindowRow>("windows").await?;
+        let mut insert = insert_into::<WindowRow>(client, "windows", timeout).await?;
         for row in &batch.windows {
             insert.write(row).await?;
         }
         insert.end().await?;
     }
     if !batch.dead_letters.is_empty() {
-        let mut insert = client.insert::<DeadLetterRow>("dead_letters").await?;
+        let mut insert = insert_into::<DeadLetterRow>(client, "dead_letters", timeout).await?;
         for row in &batch.dead_letters {
             insert.write(row).await?;
         }
