@@ -17,11 +17,15 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tally_dataflow::time::{now_ms, parse_rfc3339};
 
+use crate::crash::{
+    body, differences, generate, reference, setting, Key, Kind, Value as CrashValue, RETRIED,
+    SKETCHED, STEP_MS, WINDOWS as CRASH_WINDOWS,
+};
 use crate::live::{connect, current_values, wait_for};
 use crate::sketches::series_within_rank_error;
 use crate::util::{
-    at, base_ms, clickstream, default_config, eventually, post_all, prometheus_value, values,
-    Generated, Tally,
+    at, base_ms, clickstream, default_config, eventually, post_all, prometheus_value,
+    sketch_summary, values, Generated, Tally,
 };
 
 const MINUTE: i64 = 60_000;
@@ -88,7 +92,12 @@ impl Services {
             .post(&self.clickhouse)
             .send(sql.as_bytes())
             .expect("ClickHouse answers");
-        let text = response.body_mut().read_to_string().unwrap_or_default();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .unwrap_or_default();
         assert_eq!(response.status().as_u16(), 200, "{sql}: {text}");
         text.trim().to_string()
     }
@@ -195,10 +204,7 @@ impl Cluster {
             cluster.gateways.push(gateway);
         }
         for gateway in &cluster.gateways {
-            eventually(Duration::from_secs(60), || match gateway.get("/readyz").0 {
-                200 => Ok(()),
-                status => Err(format!("gateway {} /readyz answered {status}", gateway.url)),
-            });
+            wait_ready(gateway);
         }
         cluster
     }
@@ -275,6 +281,50 @@ impl Cluster {
             .collect();
     }
 
+    /// Kills worker process `process` with SIGKILL, as a crash would, and
+    /// restarts the workers as a user would: the others, which cannot go on
+    /// without it, are given 10 s to exit by themselves and killed if they
+    /// have not, then every process starts again. Returns how many of the
+    /// others exited by themselves.
+    pub fn kill_worker(&mut self, process: usize) -> usize {
+        let (worker, _) = &mut self.workers[process];
+        worker.kill().expect("SIGKILL");
+        worker.wait().expect("reap");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut exited = 0;
+        for (i, (worker, _)) in self.workers.iter_mut().enumerate() {
+            if i == process {
+                continue;
+            }
+            loop {
+                if worker.try_wait().expect("wait").is_some() {
+                    exited += 1;
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    worker.kill().expect("SIGKILL");
+                    worker.wait().expect("reap");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.workers = (0..self.workers.len())
+            .map(|process| self.start_worker(process))
+            .collect();
+        exited
+    }
+
+    /// Kills gateway `index` with SIGKILL and starts another in its place,
+    /// on a new port.
+    pub fn kill_gateway(&mut self, index: usize) {
+        let mut command = self.command("gateway", index);
+        command.args(["--listen", "127.0.0.1:0"]);
+        let fresh = Tally::launch(command, self.dir.path());
+        std::mem::replace(&mut self.gateways[index], fresh).kill9();
+        wait_ready(&self.gateways[index]);
+    }
+
     /// Stops every worker process with SIGTERM, then starts them again
     /// with the configuration file `config`. The gateways go on.
     pub fn restart_workers_with(&mut self, config: &Path) {
@@ -326,6 +376,14 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Waits until `gateway` says it is ready.
+fn wait_ready(gateway: &Tally) {
+    eventually(Duration::from_secs(60), || match gateway.get("/readyz").0 {
+        200 => Ok(()),
+        status => Err(format!("gateway {} /readyz answered {status}", gateway.url)),
+    });
 }
 
 fn free_port() -> u16 {
@@ -1013,6 +1071,197 @@ fn a_broker_restart_gets_503s_with_retry_after_and_loses_nothing() {
         events.len(),
         accepted_again.expect("requests after the outage").as_secs_f64()
     );
+}
+
+/// The kill harness of [`crate::crash`] on the cluster: 2 worker processes
+/// of 2 threads and 2 gateways. A random worker process is killed with
+/// SIGKILL at random moments while a seeded stream (with late and too-late
+/// events, each with an id) is posted through both gateways, and the
+/// workers are restarted; one gateway is killed with a request in flight,
+/// which the client sends again to the other. Some answered requests are
+/// sent twice. Every window stored in ClickHouse must equal a batch
+/// aggregation of the events, each once; the dead letters must be the
+/// too-late events; the sketches must equal those of a run without
+/// failures. `TALLY_HARNESS_SEED`, `TALLY_CLUSTER_HARNESS_EVENTS` and
+/// `TALLY_CLUSTER_HARNESS_KILLS` change the trial.
+#[test]
+fn killed_worker_processes_and_a_killed_gateway_store_exactly_the_batch_results() {
+    let services = Services::from_env();
+    let seed = setting("TALLY_HARNESS_SEED", 1);
+    let count = setting("TALLY_CLUSTER_HARNESS_EVENTS", 20_000) as usize;
+    let kills = setting("TALLY_CLUSTER_HARNESS_KILLS", 5) as usize;
+    let requests = generate(seed, count);
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0xc105);
+    let mut kill_during: Vec<usize> = (0..kills).map(|_| rng.usize(1..requests.len())).collect();
+    kill_during.sort_unstable();
+    let gateway_killed_during = rng.usize(1..requests.len());
+    // Two partitions, as the embedded harness has, so that its event times
+    // stay within the allowed lateness of the watermark they meet.
+    let settings = [
+        ("TALLY__CHECKPOINT__INTERVAL", "2s"),
+        ("TALLY__KAFKA__PARTITIONS", "2"),
+    ];
+    let end_ms = base_ms() + count as i64 * STEP_MS + 600_000;
+    let closed_before = end_ms - 2_000;
+
+    let mut cluster = Cluster::start_with(&services, 2, 2, 2, &settings);
+    let started = Instant::now();
+    let (mut posted, mut too_late, mut retried) = (Vec::new(), 0, 0);
+    let (mut killed, mut exited_alone) = (0, 0);
+    for (i, request) in requests.iter().enumerate() {
+        let events = body(seed, i, request);
+        while kill_during.first() == Some(&i) {
+            kill_during.remove(0);
+            std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));
+            exited_alone += cluster.kill_worker(rng.usize(..2));
+            killed += 1;
+        }
+        let gateway = i % 2;
+        if i == gateway_killed_during {
+            // Its answer is lost with the gateway: the client sends it to
+            // the other one.
+            let (url, sent) = (cluster.gateways[gateway].url.clone(), events.clone());
+            let in_flight = std::thread::spawn(move || Tally::try_post_events(&url, &sent));
+            std::thread::sleep(Duration::from_micros(rng.u64(0..5_000)));
+            cluster.kill_gateway(gateway);
+            let _lost = in_flight.join().expect("the request thread");
+            cluster.gateways[1 - gateway].post_events(&events);
+        } else {
+            cluster.gateways[gateway].post_events(&events);
+        }
+        if rng.u32(..RETRIED) == 0 {
+            // Answered, but the client did not hear it: sent again, to
+            // the other gateway.
+            cluster.gateways[1 - gateway].post_events(&events);
+            retried += 1;
+        }
+        posted.extend(
+            request
+                .iter()
+                .filter(|(_, k)| *k != Kind::TooLate)
+                .map(|(e, _)| e.clone()),
+        );
+        too_late += request.iter().filter(|(_, k)| *k == Kind::TooLate).count();
+    }
+    cluster.gateways[0].flush(end_ms);
+    // Once more while the backlog drains.
+    std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));
+    exited_alone += cluster.kill_worker(rng.usize(..2));
+    killed += 1;
+    let expected = reference(&posted, closed_before);
+    assert!(expected.len() > 1000, "{} windows", expected.len());
+    let with_failures = settle_stored(&services, &cluster.name, &expected, closed_before);
+    let stored_after = started.elapsed();
+    eventually(Duration::from_secs(60), || {
+        let dead: usize = services
+            .clickhouse(&format!(
+                "SELECT count() FROM {}.dead_letters FINAL",
+                cluster.name
+            ))
+            .parse()
+            .unwrap();
+        if dead == too_late {
+            Ok(())
+        } else {
+            Err(format!("{dead} dead letters, {too_late} events too late"))
+        }
+    });
+    drop(cluster);
+
+    // The same events, posted the same way, without failures.
+    let clean = Cluster::start_with(&services, 2, 2, 2, &settings);
+    for (i, request) in requests.iter().enumerate() {
+        clean.gateways[i % 2].post_events(&body(seed, i, request));
+    }
+    clean.gateways[0].flush(end_ms);
+    let without = settle_stored(&services, &clean.name, &expected, closed_before);
+    let sketches = |rows: &BTreeMap<Key, (CrashValue, String)>| -> Vec<(Key, String)> {
+        rows.iter()
+            .filter(|(k, _)| SKETCHED.contains(&k.0.as_str()))
+            .map(|(k, v)| (k.clone(), v.1.clone()))
+            .collect()
+    };
+    let (a, b) = (sketches(&with_failures), sketches(&without));
+    for metric in SKETCHED {
+        assert!(a.iter().any(|(k, _)| k.0 == metric), "no {metric} windows");
+    }
+    let differing: Vec<_> = a.iter().zip(&b).filter(|(x, y)| x != y).take(5).collect();
+    assert!(
+        differing.is_empty(),
+        "sketches differ from the failure-free run: {differing:#?}"
+    );
+    eprintln!(
+        "cluster kill harness: seed {seed}, {count} events, {killed} worker kills ({exited_alone} of the other processes exited by themselves), 1 gateway killed with a request in flight, {retried} requests sent twice, {} windows exact {:.0} s after the first event, {too_late} dead letters",
+        expected.len(),
+        stored_after.as_secs_f64()
+    );
+}
+
+/// Waits until the windows stored in ClickHouse database `database` that end
+/// before `closed_before` equal `expected`, or fails with what differs;
+/// returns them, each with its sketch's summary.
+fn settle_stored(
+    services: &Services,
+    database: &str,
+    expected: &BTreeMap<Key, CrashValue>,
+    closed_before: i64,
+) -> BTreeMap<Key, (CrashValue, String)> {
+    let length = |window: &str| {
+        CRASH_WINDOWS
+            .iter()
+            .find(|(name, _)| *name == window)
+            .map_or(0, |w| w.1)
+    };
+    let sql = format!(
+        "SELECT metric, window, start, grp, count, sum, hex(sketch) FROM {database}.windows FINAL \
+         FORMAT TabSeparated"
+    );
+    let mut last = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline {
+        let text = services.clickhouse(&sql);
+        let mut got = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let f: Vec<&str> = line.split('\t').collect();
+            let key: Key = (f[0].into(), f[1].into(), f[2].parse().unwrap(), f[3].into());
+            if key.2 + length(&key.1) > closed_before {
+                continue;
+            }
+            let sum: f64 = f[5].parse().unwrap();
+            let value = CrashValue {
+                count: f[4].parse().unwrap(),
+                sum: (sum * 1e9).round() as i128,
+            };
+            let sketch = if f[6].is_empty() {
+                String::new()
+            } else {
+                sketch_summary(&hex_bytes(f[6]))
+            };
+            got.insert(key, (value, sketch));
+        }
+        let with_sketches = got
+            .iter()
+            .map(|(k, (v, s))| (k.clone(), (*v, Some(s.clone()))))
+            .collect();
+        last = differences(&with_sketches, expected);
+        if last.is_empty() {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!(
+        "{} stored windows differ from the reference; first: {:#?}",
+        last.len(),
+        &last[..last.len().min(5)]
+    );
+}
+
+/// The bytes of upper-case hex text.
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
 /// How long the broker is away in [`a_broker_restart_gets_503s_with_retry_after_and_loses_nothing`].

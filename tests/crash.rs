@@ -29,21 +29,21 @@ use serde_json::Value as Json;
 use crate::util::{base_ms, dead_letters, eventually, sketch_summary, Generated, Sketched, Tally};
 
 /// The metrics whose windows hold sketches.
-const SKETCHED: [&str; 3] = ["unique_users", "ad_latency", "top_creatives"];
+pub(crate) const SKETCHED: [&str; 3] = ["unique_users", "ad_latency", "top_creatives"];
 
 /// Events per request.
-const BATCH: usize = 500;
+pub(crate) const BATCH: usize = 500;
 /// Event-time step between consecutive events.
-const STEP_MS: i64 = 10;
+pub(crate) const STEP_MS: i64 = 10;
 /// Log partitions in the harness. Events go to the partition of their id,
 /// so each request lands behind the one before it, in both.
 const PARTITIONS: &str = "2";
 /// One request in this many is sent twice, as if its answer were lost.
-const RETRIED: u32 = 20;
+pub(crate) const RETRIED: u32 = 20;
 
 /// What the harness does with an event.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
+pub(crate) enum Kind {
     OnTime,
     /// Behind the watermark, within the allowed lateness: it revises.
     Late,
@@ -51,7 +51,7 @@ enum Kind {
     TooLate,
 }
 
-fn setting(name: &str, default: u64) -> u64 {
+pub(crate) fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -66,7 +66,7 @@ fn setting(name: &str, default: u64) -> u64 {
 /// watermark it is judged against lies in
 /// `[t - 17 s, t - 2 s]`. Late events sit 10-25 s back, within the 30 s
 /// lateness of any such watermark; too-late ones 60-200 s back, beyond it.
-fn generate(seed: u64, count: usize) -> Vec<Vec<(Generated, Kind)>> {
+pub(crate) fn generate(seed: u64, count: usize) -> Vec<Vec<(Generated, Kind)>> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut sketched = Sketched::new(seed);
     let events: Vec<(Generated, Kind)> = (0..count)
@@ -98,20 +98,20 @@ fn generate(seed: u64, count: usize) -> Vec<Vec<(Generated, Kind)>> {
 }
 
 /// A stored window's key: metric, window, start, group.
-type Key = (String, String, i64, String);
+pub(crate) type Key = (String, String, i64, String);
 
 /// What a window holds: event count, and sum in billionths.
 #[derive(Clone, Copy, Default, Debug, PartialEq)]
-struct Value {
-    count: i64,
-    sum: i128,
+pub(crate) struct Value {
+    pub count: i64,
+    pub sum: i128,
 }
 
 /// The plain batch aggregation of the default configuration's metrics and
 /// their rollups, of the windows that end before `closed_before`: by every
 /// dimension, by none and by each one alone, each over ten seconds, a
 /// minute, an hour and a day.
-fn reference(events: &[Generated], closed_before: i64) -> BTreeMap<Key, Value> {
+pub(crate) fn reference(events: &[Generated], closed_before: i64) -> BTreeMap<Key, Value> {
     let mut windows: BTreeMap<Key, Value> = BTreeMap::new();
     for e in events {
         let full = [e.campaign.as_str(), e.country, e.device].join("\u{1f}");
@@ -310,7 +310,7 @@ fn stored(dir: &Path) -> BTreeMap<Key, (Value, Option<String>)> {
 }
 
 /// Every key where `got` differs from `expected`, as a short report.
-fn differences(
+pub(crate) fn differences(
     got: &BTreeMap<Key, (Value, Option<String>)>,
     expected: &BTreeMap<Key, Value>,
 ) -> Vec<String> {
@@ -330,7 +330,7 @@ fn differences(
 
 /// A request's events as the client sends them: each with its id, the
 /// seed and its place in the event set, the same on every send.
-fn body(seed: u64, index: usize, request: &[(Generated, Kind)]) -> Vec<Json> {
+pub(crate) fn body(seed: u64, index: usize, request: &[(Generated, Kind)]) -> Vec<Json> {
     request
         .iter()
         .enumerate()
@@ -353,7 +353,7 @@ fn start(dir: &Path, workers: usize) -> Tally {
 }
 
 /// The windows of the reference, and their lengths.
-const WINDOWS: [(&str, i64); 4] = [
+pub(crate) const WINDOWS: [(&str, i64); 4] = [
     ("tumbling 10s", 10_000),
     ("tumbling 1m", 60_000),
     ("tumbling 1h", 3_600_000),
