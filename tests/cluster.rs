@@ -984,9 +984,9 @@ fn a_redis_outage_leaves_ingest_and_history_alone_and_live_values_return() {
 }
 
 /// The broker stopped for 20 s and started again: every request meanwhile
-/// gets a `503` with `Retry-After` at once, never a `202`, and the gateway
-/// says it is not ready; once the broker is back, the requests a client
-/// retries are accepted, the workers read on by themselves, and every
+/// gets a `503` with `Retry-After` at once, never a `202`, while the gateway
+/// stays ready for history and live values; once the broker is back, the
+/// requests a client retries are accepted, the workers read on by themselves, and every
 /// window is exact.
 #[test]
 fn a_broker_restart_gets_503s_with_retry_after_and_loses_nothing() {
@@ -1032,11 +1032,11 @@ fn a_broker_restart_gets_503s_with_retry_after_and_loses_nothing() {
         refused.push(chunk);
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Still ready: every gateway shares the brokers, and one that a load
+    // balancer took out could answer neither the 503 nor history nor live
+    // values.
     let (ready, _) = gateway.get("/readyz");
-    assert_eq!(
-        ready, 503,
-        "the gateway said it was ready without its broker"
-    );
+    assert_eq!(ready, 200, "the gateway said it was not ready");
     assert!(
         slowest < Duration::from_secs(5),
         "a request waited {slowest:?} for a broker that was away"

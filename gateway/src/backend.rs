@@ -27,10 +27,6 @@ pub trait EventSink: Send + Sync + 'static {
     /// id picks and the others together to one partition, one atomic batch
     /// per partition; resolves once they are all durable.
     fn append(&self, events: Vec<Accepted>) -> BoxFuture<Result<(), AppendError>>;
-
-    /// Whether appends are taken now: false while the sink knows its
-    /// brokers are away, when an append is refused without waiting.
-    fn is_available(&self) -> bool;
 }
 
 /// Why an append failed. After any of them some of the events may have been
@@ -145,11 +141,6 @@ impl EventSink for EmbeddedLog {
             Ok(())
         })
     }
-
-    /// The log is on this machine's disk: an append that fails says so.
-    fn is_available(&self) -> bool {
-        true
-    }
 }
 
 /// The embedded SQLite store as history. Queries run on tokio's blocking pool.
@@ -197,10 +188,6 @@ impl EventSink for KafkaEvents {
     fn append(&self, events: Vec<Accepted>) -> BoxFuture<Result<(), AppendError>> {
         let append = self.0.append(events);
         Box::pin(async move { Ok(append.await?) })
-    }
-
-    fn is_available(&self) -> bool {
-        self.0.is_available()
     }
 }
 
