@@ -3,18 +3,23 @@
 # form one timely computation, and M `tally gateway` processes in front of
 # them, against the services that scripts/services.sh starts.
 #
-#   scripts/cluster.sh start [--workers N] [--threads T] [--gateways M] [--config BASE.toml]
+#   scripts/cluster.sh start [--workers N] [--threads T] [--gateways M] [--config BASE.toml] [--lb]
 #       Defaults: 2 workers of 2 threads each, 2 gateways, ./cluster.toml.
 #       Starts the services (scripts/services.sh start) unless KAFKA_BROKERS,
 #       CLICKHOUSE_URL and REDIS_URL are all set already, writes BASE with a
 #       [cluster] section of free loopback ports to the run directory, starts
 #       the processes there and prints their status once every gateway is
-#       listening.
+#       listening. With --lb, HAProxy (installed from Debian's packages when
+#       missing) also runs in front of the gateways, as a TCP proxy for HTTP
+#       and WebSocket alike that sends new connections only to gateways whose
+#       /readyz answers 200; its configuration is haproxy.cfg in the run
+#       directory.
 #   scripts/cluster.sh status
-#       One line per process; exits non-zero if any has exited.
+#       One line per process (the load balancer's first); exits non-zero if
+#       any has exited.
 #   scripts/cluster.sh stop
-#       Stops the gateways, then the workers. The services keep running:
-#       scripts/services.sh stop stops them.
+#       Stops the load balancer, the gateways, then the workers. The services
+#       keep running: scripts/services.sh stop stops them.
 #
 # The binary is ${TALLY_BIN:-target/release/tally}, built when missing. The run
 # directory is ${TALLY_CLUSTER_DIR:-${TMPDIR:-/tmp}/tally-cluster}: tally.toml,
@@ -70,6 +75,11 @@ status() {
         log "no cluster is running in $run"
         return 1
     fi
+    if [ -f "$run/lb.pid" ]; then
+        pid=$(cat "$run/lb.pid")
+        line="lb http://127.0.0.1:$(cat "$run/lb.port") pid $pid"
+        if alive "$pid"; then echo "$line"; else echo "$line (exited)"; dead=1; fi
+    fi
     for file in $(pid_files gateway) $(pid_files worker); do
         name=$(basename "$file" .pid)
         pid=$(cat "$file")
@@ -105,13 +115,85 @@ stop_kind() {
 }
 
 stop() {
+    if [ -f "$run/lb.pid" ]; then
+        local pid
+        pid=$(cat "$run/lb.pid")
+        rm -f "$run/lb.pid" "$run/lb.port"
+        if alive "$pid"; then
+            log "stopping the load balancer"
+            terminate "$pid"
+        fi
+    fi
     stop_kind gateway
     stop_kind worker
 }
 
+# Starts HAProxy in front of the gateways, on a free loopback port. L4: it
+# passes each TCP connection through whole, so a WebSocket is one long
+# connection to one gateway. Health checks ask each gateway's /readyz every
+# second; two failures take it out, two successes put it back. When a
+# gateway dies, its connections close and its clients reconnect through the
+# proxy to the others.
+start_lb() {
+    local gateways=$1 port i url
+    if ! command -v haproxy >/dev/null; then
+        log "installing haproxy from Debian's packages"
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >&2
+    fi
+    port=$(free_ports 1)
+    {
+        echo "# Written by scripts/cluster.sh: HAProxy in front of the gateways."
+        echo "global"
+        echo "    # Two descriptors per connection (client and gateway), within the"
+        echo "    # open-file limit of $(ulimit -n), less some for listeners and checks."
+        echo "    maxconn $((($(ulimit -n) - 100) / 2))"
+        echo "defaults"
+        echo "    mode tcp"
+        echo "    timeout connect 5s"
+        echo "    # A connection refused by a gateway that has just died is tried"
+        echo "    # again on another, before the health checks have seen it go."
+        echo "    retries 2"
+        echo "    option redispatch"
+        echo "    # A WebSocket may stay quiet between the server's pings."
+        echo "    timeout client 1h"
+        echo "    timeout server 1h"
+        echo "frontend tally"
+        echo "    bind 127.0.0.1:$port"
+        echo "    default_backend gateways"
+        echo "backend gateways"
+        echo "    balance leastconn"
+        echo "    option httpchk GET /readyz"
+        echo "    http-check expect status 200"
+        for ((i = 0; i < gateways; i++)); do
+            url=$(gateway_url "$i")
+            echo "    server gateway-$i ${url#http://} check inter 1s fall 2 rise 2"
+        done
+    } >"$run/haproxy.cfg"
+    haproxy -c -q -f "$run/haproxy.cfg" || { log "haproxy refuses $run/haproxy.cfg"; stop; exit 1; }
+    (cd "$run" && exec setsid haproxy -db -f "$run/haproxy.cfg" </dev/null >"$run/lb.log" 2>&1) &
+    echo $! >"$run/lb.pid"
+    echo "$port" >"$run/lb.port"
+    local deadline=$((SECONDS + timeout))
+    until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do
+        if ! alive "$(cat "$run/lb.pid")" || [ "$SECONDS" -ge "$deadline" ]; then
+            log "the load balancer did not start; the end of $run/lb.log:"
+            tail -n 30 "$run/lb.log" >&2 || true
+            stop
+            exit 1
+        fi
+        sleep 0.2
+    done
+}
+
 start() {
-    local workers=2 threads=2 gateways=2 base=$root/cluster.toml file
+    local workers=2 threads=2 gateways=2 base=$root/cluster.toml file lb=
     while [ $# -gt 0 ]; do
+        if [ "$1" = --lb ]; then
+            lb=yes
+            shift
+            continue
+        fi
         [ $# -ge 2 ] || usage
         case $1 in
             --workers) workers=$2 ;;
@@ -122,18 +204,22 @@ start() {
         esac
         shift 2
     done
+    if [ -n "$lb" ] && [ "$gateways" -lt 1 ]; then
+        log "--lb needs a gateway"
+        exit 2
+    fi
     [[ $workers =~ ^[1-9][0-9]*$ && $threads =~ ^[0-9]+$ && $gateways =~ ^[0-9]+$ ]] || usage
     [ -f "$base" ] || { log "no configuration file $base"; exit 1; }
 
     mkdir -p "$run"
-    for file in $(pid_files gateway) $(pid_files worker); do
+    for file in $(pid_files gateway) $(pid_files worker) $(ls "$run/lb.pid" 2>/dev/null); do
         if alive "$(cat "$file")"; then
             log "a cluster is already running in $run; scripts/cluster.sh stop stops it"
             status || true
             exit 1
         fi
     done
-    rm -f "$run"/gateway-*.pid "$run"/worker-*.pid "$run"/gateway-*.log "$run"/worker-*.log
+    rm -f "$run"/gateway-*.pid "$run"/worker-*.pid "$run"/gateway-*.log "$run"/worker-*.log "$run"/lb.*
 
     bin=$(realpath -m "${TALLY_BIN:-$root/target/release/tally}")
     if [ ! -x "$bin" ]; then
@@ -215,6 +301,7 @@ start() {
             sleep 0.2
         done
     done
+    [ -z "$lb" ] || start_lb "$gateways"
     status
 }
 
