@@ -9,10 +9,10 @@
 //! its repeats meet in one partition ([`tally_dataflow::dedupe`]); the
 //! others of a request go together to one partition, in turn.
 //!
-//! **Brokers lost.** When librdkafka reports every broker down, the
-//! producer is taken out of service at once: what it still holds is purged,
-//! so the requests waiting on it get their `503` now rather than at the
-//! message timeout, and appends are refused, without waiting, until a
+//! **Brokers lost.** When librdkafka reports every broker down and a
+//! metadata request confirms it (within 2 s), the producer is taken out of
+//! service: what it still holds is purged, so the requests waiting on it
+//! get their `503` now rather than at the message timeout, and appends are refused, without waiting, until a
 //! metadata request to the brokers succeeds again ([`KafkaProducer::watch`]).
 //! Then a new producer takes over, with a producer id of its own. The old
 //! one is never used again: an idempotent producer whose messages were
@@ -170,7 +170,9 @@ impl KafkaProducer {
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
             if self.is_available() {
-                if !lost.swap(false, Ordering::Relaxed) {
+                // librdkafka says so too when a broker merely closed an idle
+                // connection: the brokers are asked before anything is done.
+                if !lost.swap(false, Ordering::Relaxed) || self.answers().await {
                     continue;
                 }
                 warn!("every Kafka broker is down; refusing events until one answers");
@@ -181,11 +183,7 @@ impl KafkaProducer {
                 }
                 continue;
             }
-            let probe = Arc::clone(&self);
-            let answered = tokio::task::spawn_blocking(move || probe.probe())
-                .await
-                .unwrap_or(false);
-            if answered {
+            if self.answers().await {
                 lost.store(false, Ordering::Relaxed);
                 self.reachable.store(true, Ordering::Relaxed);
                 info!("Kafka answers again; taking events");
@@ -215,6 +213,15 @@ impl KafkaProducer {
     /// The producer in service.
     fn current(&self) -> Generation {
         self.current.read().expect("not poisoned").clone()
+    }
+
+    /// Whether the brokers answer a metadata request for the topic, asked
+    /// on the blocking pool.
+    async fn answers(self: &Arc<Self>) -> bool {
+        let probe = Arc::clone(self);
+        tokio::task::spawn_blocking(move || probe.probe())
+            .await
+            .unwrap_or(false)
     }
 
     /// Whether the brokers answer a metadata request for the topic.
