@@ -152,9 +152,10 @@ start_lb() {
         echo "    mode tcp"
         echo "    timeout connect 5s"
         echo "    # A connection refused by a gateway that has just died is tried"
-        echo "    # again on another, before the health checks have seen it go."
+        echo "    # again at once on another (on the same one, HAProxy would wait"
+        echo "    # a second first), before the health checks have seen it go."
         echo "    retries 2"
-        echo "    option redispatch"
+        echo "    option redispatch 1"
         echo "    # A WebSocket may stay quiet between the server's pings."
         echo "    timeout client 1h"
         echo "    timeout server 1h"
@@ -165,9 +166,11 @@ start_lb() {
         echo "    balance leastconn"
         echo "    option httpchk GET /readyz"
         echo "    http-check expect status 200"
+        echo "    # A refused connection takes a gateway out at once; two passed"
+        echo "    # checks put it back."
         for ((i = 0; i < gateways; i++)); do
             url=$(gateway_url "$i")
-            echo "    server gateway-$i ${url#http://} check inter 1s fall 2 rise 2"
+            echo "    server gateway-$i ${url#http://} check inter 1s fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down"
         done
     } >"$run/haproxy.cfg"
     haproxy -c -q -f "$run/haproxy.cfg" || { log "haproxy refuses $run/haproxy.cfg"; stop; exit 1; }

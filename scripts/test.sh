@@ -61,9 +61,12 @@ echo
 scripts/cluster.sh status
 scripts/cluster.sh stop
 
-# The SDK (node) and the dashboard (headless Chromium, against target/debug/tally).
+# The SDK (node) and the dashboard (headless Chromium, against target/debug/tally),
+# and the SDK's clients across a gateway's death on the cluster.
 (cd tests/js && npm ci --no-audit --no-fund --silent)
 node --test tests/js/sdk.test.mjs
 TALLY_BIN=target/debug/tally node tests/js/retries.mjs
 TALLY_BIN=target/debug/tally node tests/js/resume.mjs
 TALLY_BIN=target/debug/tally node tests/js/dashboard.mjs
+# 8,000 SDK clients through HAProxy (scripts/cluster.sh --lb); a gateway killed.
+TALLY_BIN=target/debug/tally node tests/js/failover.mjs

@@ -29,8 +29,8 @@ export class Tally {
   /**
    * @param {string} [baseUrl] where tally listens; the page's origin by default
    * @param {object} [options]
-   * @param {number} [options.minBackoffMs=500] first reconnect delay
-   * @param {number} [options.maxBackoffMs=15000] longest reconnect delay
+   * @param {number} [options.minBackoffMs=1000] the first reconnect waits a random delay up to this
+   * @param {number} [options.maxBackoffMs=15000] the bound of that delay doubles with each failure, up to this
    * @param {number} [options.flushEveryMs=1000] how often tracked events are sent
    * @param {number} [options.maxBatch=500] events per request at most
    * @param {string} [options.token] the secret of a key, where the server needs one
@@ -44,7 +44,7 @@ export class Tally {
     if (!origin) throw new Error("tally: give the server's URL");
     this.baseUrl = origin.replace(/\/$/, "");
     this.options = {
-      minBackoffMs: 500,
+      minBackoffMs: 1000,
       maxBackoffMs: 15000,
       flushEveryMs: 1000,
       maxBatch: 500,
@@ -192,10 +192,15 @@ export class Tally {
     socket.onerror = () => socket.close();
   }
 
-  /** Full jitter: a random delay up to the exponential bound. */
+  /**
+   * Full jitter: a delay drawn evenly from zero to the exponential bound.
+   * When a gateway dies, all its clients lose their connections in the
+   * same instant; drawn this way, they come back to the others spread
+   * evenly over the first bound rather than together.
+   */
   backoff(attempt) {
     const bound = Math.min(this.options.maxBackoffMs, this.options.minBackoffMs * 2 ** attempt);
-    return this.options.minBackoffMs / 2 + this.options.random() * (bound - this.options.minBackoffMs / 2);
+    return this.options.random() * bound;
   }
 
   send(message) {

@@ -8,8 +8,17 @@
 //! connection reads them before it hands the subscription to the hub, at
 //! most `live.resume_reads` at once per gateway, so the hub, which never
 //! waits, gets them with the subscription.
+//!
+//! When a gateway dies, its clients come back to the others all within a
+//! second or two, and those that follow the same topic and saw the same
+//! windows ask to resume from the same window. A read still waiting for its
+//! turn is shared by every subscription that asks the same of the store
+//! meanwhile, so a crowd of resumes costs the store one query per distinct
+//! request instead of one per client. A read that has begun is not joined:
+//! it may have been answered before a newer window was stored.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tally_connectors::store::Recent;
@@ -18,7 +27,7 @@ use tally_dataflow::fingerprint;
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::time::Millis;
 use tally_dataflow::window::Span;
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 use super::topic::Topic;
 use crate::backend::History;
@@ -41,12 +50,21 @@ pub(super) struct Resume {
     pub(super) complete_from: Option<Millis>,
 }
 
+/// What one read of the store answered, shared by those who asked it.
+type Answer = Result<Arc<Vec<Arc<WindowUpdate>>>, String>;
+
+/// A read of the store: metric, window, first window start, and how many
+/// rows at most.
+type Request = (u16, u8, Millis, usize);
+
 /// Reads the stored windows of resuming subscriptions, within the bounds.
 #[derive(Clone)]
 pub(super) struct Resumes {
     history: Arc<dyn History>,
     reads: Arc<Semaphore>,
     max_rows: usize,
+    /// The reads waiting for their turn, which a like request joins.
+    waiting: Arc<Mutex<HashMap<Request, Arc<OnceCell<Answer>>>>>,
 }
 
 impl Resumes {
@@ -56,6 +74,7 @@ impl Resumes {
             history,
             reads: Arc::new(Semaphore::new(live.resume_reads)),
             max_rows: live.max_resume_rows,
+            waiting: Arc::default(),
         }
     }
 
@@ -78,7 +97,7 @@ impl Resumes {
             )
             .await;
         let mut stored = match read {
-            Ok(stored) => stored,
+            Ok(stored) => Vec::clone(&stored),
             Err(e) => {
                 tracing::warn!(error = %e, topic = topic.text(), "a resuming subscription could not read the store; it replays only what the hub holds");
                 return Resume {
@@ -123,7 +142,9 @@ impl Resumes {
                         return Ok(Vec::new());
                     };
                     let since = newest.span.start - lateness - window.size();
-                    self.window(spec, m, w, since, self.max_rows).await
+                    self.window(spec, m, w, since, self.max_rows)
+                        .await
+                        .map(|rows| Vec::clone(&rows))
                 };
                 match revisable.await {
                     Ok(rows) => stored.extend(rows),
@@ -138,7 +159,8 @@ impl Resumes {
 
     /// Every group's stored result of window `w` of metric `m` (`spec`),
     /// from `since` on, newest first, at most `limit`, as final updates;
-    /// in a turn of its own, within [`READ_LIMIT`].
+    /// in a turn of its own, or of a like read still waiting for its turn,
+    /// within [`READ_LIMIT`].
     async fn window(
         &self,
         spec: &MetricSpec,
@@ -146,7 +168,26 @@ impl Resumes {
         w: u8,
         since: Millis,
         limit: usize,
-    ) -> Result<Vec<Arc<WindowUpdate>>, String> {
+    ) -> Answer {
+        let request = (m, w, since, limit);
+        let read = Arc::clone(
+            self.waiting
+                .lock()
+                .expect("resume reads lock")
+                .entry(request)
+                .or_default(),
+        );
+        // The first to ask reads; the others wait for its answer. Should
+        // it give up (its client left), the next one reads instead.
+        read.get_or_init(|| self.read_window(spec, request))
+            .await
+            .clone()
+    }
+
+    /// [`Resumes::window`]'s read, which stops taking others once it has
+    /// its turn.
+    async fn read_window(&self, spec: &MetricSpec, request: Request) -> Answer {
+        let (m, w, since, limit) = request;
         let recent = Recent {
             metric: spec.name.clone(),
             version: fingerprint::metric(spec),
@@ -156,32 +197,169 @@ impl Resumes {
             limit,
         };
         // The wait for a turn counts against the limit too.
+        let leave = || {
+            self.waiting
+                .lock()
+                .expect("resume reads lock")
+                .remove(&request)
+        };
         let read = async {
             // The semaphore is never closed.
             let _turn = self.reads.acquire().await;
+            leave();
             self.history.recent(recent).await
         };
         let rows = tokio::time::timeout(READ_LIMIT, read)
             .await
-            .map_err(|_| format!("no answer within {READ_LIMIT:?}"))?
+            .map_err(|_| {
+                // Gave up waiting for a turn: not one to join any more.
+                leave();
+                format!("no answer within {READ_LIMIT:?}")
+            })?
             .map_err(|e| e.to_string())?;
-        Ok(rows
-            .into_iter()
-            .map(|row| {
-                Arc::new(WindowUpdate {
-                    metric: m,
-                    window: w,
-                    span: Span {
-                        start: row.start,
-                        end: row.end,
-                    },
-                    group: row.group,
-                    state: row.state,
-                    revision: row.revision,
-                    is_final: true,
-                    appended_at: None,
+        Ok(Arc::new(
+            rows.into_iter()
+                .map(|row| {
+                    Arc::new(WindowUpdate {
+                        metric: m,
+                        window: w,
+                        span: Span {
+                            start: row.start,
+                            end: row.end,
+                        },
+                        group: row.group,
+                        state: row.state,
+                        revision: row.revision,
+                        is_final: true,
+                        appended_at: None,
+                    })
                 })
+                .collect(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tally_connectors::store::StoredWindow;
+    use tally_dataflow::aggregate::AggState;
+    use tally_dataflow::config::Config;
+    use tally_dataflow::query::Fold;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::backend::{BoxFuture, HistoryError};
+
+    /// A store that answers `recent` with one row per read, once `gate`
+    /// lets each read through, and counts the reads it was asked for.
+    struct Gated {
+        gate: Arc<Semaphore>,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl History for Gated {
+        fn scan(&self, _: Fold) -> BoxFuture<Result<Fold, HistoryError>> {
+            unreachable!("a resume only reads recent windows")
+        }
+        fn since(
+            &self,
+            _: String,
+            _: Vec<String>,
+        ) -> BoxFuture<Result<Option<Millis>, HistoryError>> {
+            unreachable!("a resume only reads recent windows")
+        }
+        fn dead_letters(
+            &self,
+            _: usize,
+        ) -> BoxFuture<Result<Vec<tally_dataflow::model::DeadLetter>, HistoryError>> {
+            unreachable!("a resume only reads recent windows")
+        }
+        fn recent(&self, recent: Recent) -> BoxFuture<Result<Vec<StoredWindow>, HistoryError>> {
+            let read = self.reads.fetch_add(1, Ordering::SeqCst) as u64;
+            let gate = Arc::clone(&self.gate);
+            Box::pin(async move {
+                gate.acquire().await.unwrap().forget();
+                Ok(vec![StoredWindow {
+                    start: recent.since,
+                    end: recent.since + 10_000,
+                    group: vec!["US".into()],
+                    state: AggState {
+                        count: read,
+                        ..Default::default()
+                    },
+                    revision: 0,
+                }])
             })
-            .collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn resumes_asking_the_same_share_a_read_that_has_not_begun() {
+        let config = Config::load(
+            Some("[live]\nresume_reads = 1\n[[metric]]\nname = \"ad_clicks\"\ndimensions = [\"country\"]\nwindows = [\"tumbling 10s\"]\n"),
+            [],
+        )
+        .unwrap();
+        let metrics = Arc::new(config.metrics);
+        let topic = Topic::parse("metrics:ad_clicks", None, None, &metrics).unwrap();
+        let gate = Arc::new(Semaphore::new(0));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let history = Gated {
+            gate: Arc::clone(&gate),
+            reads: Arc::clone(&reads),
+        };
+        let resumes = Resumes::new(Arc::new(history), &config.live);
+        let resume = |since| {
+            let (resumes, topic, metrics) = (resumes.clone(), topic.clone(), Arc::clone(&metrics));
+            tokio::spawn(async move { resumes.read(&topic, &metrics, since).await })
+        };
+        let asked = || async {
+            // Let the spawned reads run up to their wait.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+
+        // The one turn goes to a read from 0, which the store holds.
+        let first = resume(0);
+        asked().await;
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        // Ten from 10 s wait for the turn, with one from 20 s, and one more
+        // from 0: the read from 0 has begun, so it is not joined.
+        let crowd: Vec<_> = (0..10).map(|_| resume(10_000)).collect();
+        let other = resume(20_000);
+        let again = resume(0);
+        asked().await;
+        gate.add_permits(100);
+        let first = first.await.unwrap();
+        let crowd: Vec<Resume> = futures_util::future::join_all(crowd)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let (other, again) = (other.await.unwrap(), again.await.unwrap());
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            4,
+            "0, 10 s once for all ten, 20 s, 0 again"
+        );
+        let read_as = |r: &Resume| (r.stored[0].span.start, r.stored[0].state.count);
+        assert_eq!(read_as(&first), (0, 0));
+        let shared = read_as(&crowd[0]);
+        assert_eq!(shared.0, 10_000);
+        assert!(crowd
+            .iter()
+            .all(|r| read_as(r) == shared && r.complete_from == Some(10_000)));
+        assert_eq!(read_as(&other).0, 20_000);
+        assert_eq!(read_as(&again).0, 0);
+        assert_ne!(read_as(&again), read_as(&first), "a read of its own");
+
+        // Once answered, a read is not kept: the next one asks the store.
+        gate.add_permits(1);
+        let later = resume(10_000).await.unwrap();
+        assert_eq!(reads.load(Ordering::SeqCst), 5);
+        assert_ne!(read_as(&later), shared);
     }
 }
