@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::SplitStream;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -240,7 +240,17 @@ pub(super) async fn serve(
             }
             sink.flush().await
         };
-        if !matches!(tokio::time::timeout(SEND_LIMIT, send).await, Ok(Ok(()))) {
+        // Nearly every write is taken at once: the limit's timer is armed
+        // only for one that has to wait, as it costs more than the write.
+        let mut send = std::pin::pin!(send);
+        let sent = match (&mut send).now_or_never() {
+            Some(sent) => sent,
+            None => match tokio::time::timeout(SEND_LIMIT, send).await {
+                Ok(sent) => sent,
+                Err(_) => break,
+            },
+        };
+        if sent.is_err() {
             break;
         }
     }
