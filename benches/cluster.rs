@@ -35,8 +35,8 @@ pub fn run() {
     let (embedded_ingest, embedded_e2e) = measure(&embedded.url, &bodies, events, now);
     drop(embedded);
 
-    let cluster = Cluster::start(&services, &dir.path().join("cluster"), &idle);
-    let gateway = &cluster.gateway;
+    let cluster = Cluster::start(&services, &dir.path().join("cluster"), &idle, 1);
+    let gateway = &cluster.gateways[0];
     let (cluster_ingest, cluster_e2e) = measure(&gateway.url, &bodies, events, now);
     drop(cluster);
 
@@ -75,17 +75,21 @@ impl Services {
 }
 
 /// One worker process of two threads, the two workers `tally run` has, and
-/// one gateway, on a topic, database and prefix of their own. Stopped on
-/// drop.
+/// gateways, on a topic, database and prefix of their own. Stopped on drop.
 pub struct Cluster {
-    pub gateway: Tally,
+    pub gateways: Vec<Tally>,
     _worker: Worker,
 }
 
 impl Cluster {
-    /// Starts the cluster with its data in `dir` and `TALLY__*` overrides
-    /// `env`, and waits until its gateway is ready.
-    pub fn start(services: &Services, dir: &Path, env: &[(&str, &str)]) -> Cluster {
+    /// Starts the cluster with `gateways` gateways, its data in `dir` and
+    /// `TALLY__*` overrides `env`, and waits until every gateway is ready.
+    pub fn start(
+        services: &Services,
+        dir: &Path,
+        env: &[(&str, &str)],
+        gateways: usize,
+    ) -> Cluster {
         let name = format!("bench{:08x}", fastrand::u32(..));
         let data_dir = format!("{dir:?}");
         let mut env = env.to_vec();
@@ -106,21 +110,27 @@ impl Cluster {
                 .spawn()
                 .expect("start tally worker"),
         );
-        let mut gateway = tally_command("gateway", &env);
-        gateway.args(["--listen", "127.0.0.1:0"]);
-        let gateway = Tally::launch(gateway);
+        let gateways: Vec<Tally> = (0..gateways)
+            .map(|_| {
+                let mut gateway = tally_command("gateway", &env);
+                gateway.args(["--listen", "127.0.0.1:0"]);
+                Tally::launch(gateway)
+            })
+            .collect();
         let client = agent();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while client
-            .get(format!("{}/readyz", gateway.url))
-            .call()
-            .map_or(true, |r| r.status() != 200)
-        {
-            assert!(Instant::now() < deadline, "the gateway did not get ready");
-            std::thread::sleep(Duration::from_millis(100));
+        for gateway in &gateways {
+            while client
+                .get(format!("{}/readyz", gateway.url))
+                .call()
+                .map_or(true, |r| r.status() != 200)
+            {
+                assert!(Instant::now() < deadline, "a gateway did not get ready");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         Cluster {
-            gateway,
+            gateways,
             _worker: worker,
         }
     }

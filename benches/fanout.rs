@@ -30,13 +30,13 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::support::{agent, now_ms, quantile, rss_kb, scrape, Tally};
 use tally_dataflow::time::parse_rfc3339;
 
-const COUNTRIES: [&str; 4] = ["US", "GB", "DE", "FR"];
+pub const COUNTRIES: [&str; 4] = ["US", "GB", "DE", "FR"];
 const MEASURE: Duration = Duration::from_secs(20);
 const STALLED: usize = 1000;
 /// Rounds without and with stalled clients.
 const PAIRS: usize = 3;
 /// About the size of a live message, header included.
-const FRAME: usize = 230;
+pub const FRAME: usize = 230;
 
 /// What the healthy clients saw in one measurement.
 struct Round {
@@ -252,10 +252,10 @@ impl Clients {
     }
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// A WebSocket to `/v1/live` from 127.0.0.(1 + i % 4).
-async fn open(url: &str, i: usize, receive_buffer: Option<u32>) -> Socket {
+pub async fn open(url: &str, i: usize, receive_buffer: Option<u32>) -> Socket {
     let address: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
     let socket = TcpSocket::new_v4().unwrap();
     if let Some(bytes) = receive_buffer {
@@ -301,7 +301,7 @@ async fn stall(url: &str, count: usize) -> Vec<Socket> {
 }
 
 /// The server's `timestamp` in a live message.
-fn server_time(text: &str) -> Option<i64> {
+pub fn server_time(text: &str) -> Option<i64> {
     let at = text.find("\"timestamp\":\"")? + 13;
     let end = at + text[at..].find('"')?;
     parse_rfc3339(&text[at..end])
@@ -333,7 +333,7 @@ fn wait_for_clients(url: &str, count: usize, limit: Duration) {
 /// Writes a `len`-byte frame to each of `n` loopback TCP connections in
 /// turn, for several rounds, and returns the median seconds per write. The
 /// receiving ends are drained between rounds, untimed.
-fn raw_writes(n: usize, len: usize) -> f64 {
+pub fn raw_writes(n: usize, len: usize) -> f64 {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
@@ -367,7 +367,7 @@ fn raw_writes(n: usize, len: usize) -> f64 {
 
 /// Raises this process's open-file limit to its hard limit; the server,
 /// started after, inherits it. Returns the limit.
-fn raise_open_files() -> u64 {
+pub fn raise_open_files() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -382,7 +382,7 @@ fn raise_open_files() -> u64 {
     limit.rlim_cur
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);

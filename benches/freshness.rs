@@ -74,8 +74,8 @@ pub fn run() {
     let tally = Tally::start(dir.path(), &[]);
     let embedded = measure(&tally, CLUSTER_RATE, SECONDS);
     drop(tally);
-    let cluster = Cluster::start(&services, &dir.path().join("cluster"), &[]);
-    let measured = measure(&cluster.gateway, CLUSTER_RATE, SECONDS);
+    let cluster = Cluster::start(&services, &dir.path().join("cluster"), &[], 1);
+    let measured = measure(&cluster.gateways[0], CLUSTER_RATE, SECONDS);
     drop(cluster);
     report("tally run", CLUSTER_RATE, embedded);
     report(

@@ -9,6 +9,7 @@
 //! cargo bench --bench tally -- history      # (d) GET /v1/metrics over a day vs SQLite's own sum
 //! cargo bench --bench tally -- recovery     # (e) checkpoint cost at 100k events/s; restart with 60 s of backlog
 //! cargo bench --bench tally -- fanout       # (f) WebSocket clients on one server: delay, memory, CPU, stalled clients
+//! cargo bench --bench tally -- gateways     # (f) 50,000 WebSocket clients on three cluster gateways fed by Redis (needs scripts/services.sh)
 //! cargo bench --bench tally -- cluster      # (g) cluster mode vs tally run: ingest and end to end (needs scripts/services.sh)
 //! cargo bench --bench tally -- memory       # (h) resident memory before, at the peak of and after a burst of 200k new groups
 //! cargo bench --bench tally -- backfill     # (i) a changed metric's backfill rate, and live freshness during it vs without
@@ -19,6 +20,7 @@ mod cluster;
 mod dataflow;
 mod fanout;
 mod freshness;
+mod gateways;
 mod history;
 mod ingest;
 mod memory;
@@ -30,6 +32,11 @@ mod support;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // The benchmark's own client and writer processes.
+    if let Ok(role) = std::env::var(gateways::SHARD) {
+        gateways::shard(&role);
+        return;
+    }
     let wanted: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -52,6 +59,9 @@ fn main() {
     }
     if run("fanout") {
         fanout::run();
+    }
+    if run("gateways") {
+        gateways::run();
     }
     if run("cluster") {
         cluster::run();
