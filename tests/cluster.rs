@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tally_dataflow::time::{now_ms, parse_rfc3339};
 
 use crate::crash::{
-    body, differences, generate, reference, setting, Key, Kind, Value as CrashValue, RETRIED,
+    body, differences, generate, reference, setting, Key, Kind, Sent, Value as CrashValue,
     SKETCHED, STEP_MS, WINDOWS as CRASH_WINDOWS,
 };
 use crate::live::{connect, current_values, wait_for};
@@ -1106,7 +1106,7 @@ fn killed_worker_processes_and_a_killed_gateway_store_exactly_the_batch_results(
 
     let mut cluster = Cluster::start_with(&services, 2, 2, 2, &settings);
     let started = Instant::now();
-    let (mut posted, mut too_late, mut retried) = (Vec::new(), 0, 0);
+    let mut sent = Sent::default();
     let (mut killed, mut exited_alone) = (0, 0);
     for (i, request) in requests.iter().enumerate() {
         let events = body(seed, i, request);
@@ -1129,20 +1129,17 @@ fn killed_worker_processes_and_a_killed_gateway_store_exactly_the_batch_results(
         } else {
             cluster.gateways[gateway].post_events(&events);
         }
-        if rng.u32(..RETRIED) == 0 {
+        if sent.accepted(request, &mut rng) {
             // Answered, but the client did not hear it: sent again, to
             // the other gateway.
             cluster.gateways[1 - gateway].post_events(&events);
-            retried += 1;
         }
-        posted.extend(
-            request
-                .iter()
-                .filter(|(_, k)| *k != Kind::TooLate)
-                .map(|(e, _)| e.clone()),
-        );
-        too_late += request.iter().filter(|(_, k)| *k == Kind::TooLate).count();
     }
+    let Sent {
+        posted,
+        too_late,
+        retried,
+    } = sent;
     cluster.gateways[0].flush(end_ms);
     // Once more while the backlog drains.
     std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));

@@ -41,6 +41,37 @@ const PARTITIONS: &str = "2";
 /// One request in this many is sent twice, as if its answer were lost.
 pub(crate) const RETRIED: u32 = 20;
 
+/// What a harness's client has had accepted: the events a batch
+/// aggregation counts, how many were too late (the dead letters), and how
+/// many answered requests it sent again.
+#[derive(Default)]
+pub(crate) struct Sent {
+    pub(crate) posted: Vec<Generated>,
+    pub(crate) too_late: usize,
+    pub(crate) retried: usize,
+}
+
+impl Sent {
+    /// Notes `request`, answered `202`. Returns whether the client did not
+    /// hear the answer (one request in [`RETRIED`]), and so sends it again.
+    pub(crate) fn accepted(
+        &mut self,
+        request: &[(Generated, Kind)],
+        rng: &mut fastrand::Rng,
+    ) -> bool {
+        self.posted.extend(
+            request
+                .iter()
+                .filter(|(_, k)| *k != Kind::TooLate)
+                .map(|(e, _)| e.clone()),
+        );
+        self.too_late += request.iter().filter(|(_, k)| *k == Kind::TooLate).count();
+        let again = rng.u32(..RETRIED) == 0;
+        self.retried += usize::from(again);
+        again
+    }
+}
+
 /// What the harness does with an event.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Kind {
@@ -422,9 +453,7 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
     let mut tally = start(dir.path(), layouts[0]);
     let mut killed = 0;
     let mut checkpoints_seen = 0;
-    let mut posted: Vec<Generated> = Vec::new();
-    let mut too_late = 0;
-    let mut retried = 0;
+    let mut sent = Sent::default();
     let mut kill = |tally: Tally, killed: &mut usize| -> Tally {
         checkpoints_seen = checkpoints_seen.max(committed_checkpoints(dir.path()));
         tally.kill9();
@@ -447,19 +476,16 @@ fn kill_9_at_random_moments_stores_exactly_the_failure_free_results() {
             let _lost = in_flight.join().expect("the request thread");
         }
         tally.post_events(&events);
-        if rng.u32(..RETRIED) == 0 {
+        if sent.accepted(request, &mut rng) {
             // Answered, but the client did not hear it: sent again.
             tally.post_events(&events);
-            retried += 1;
         }
-        posted.extend(
-            request
-                .iter()
-                .filter(|(_, k)| *k != Kind::TooLate)
-                .map(|(e, _)| e.clone()),
-        );
-        too_late += request.iter().filter(|(_, k)| *k == Kind::TooLate).count();
     }
+    let Sent {
+        posted,
+        too_late,
+        retried,
+    } = sent;
     tally.flush(end_ms);
     // Once more while the backlog drains.
     std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));
