@@ -170,16 +170,12 @@ impl Resumes {
         limit: usize,
     ) -> Answer {
         let request = (m, w, since, limit);
-        let read = Arc::clone(
-            self.waiting
-                .lock()
-                .expect("resume reads lock")
-                .entry(request)
-                .or_default(),
-        );
+        let asking = Asking::new(&self.waiting, request);
         // The first to ask reads; the others wait for its answer. Should
         // it give up (its client left), the next one reads instead.
-        read.get_or_init(|| self.read_window(spec, request))
+        asking
+            .read()
+            .get_or_init(|| self.read_window(spec, request))
             .await
             .clone()
     }
@@ -197,25 +193,19 @@ impl Resumes {
             limit,
         };
         // The wait for a turn counts against the limit too.
-        let leave = || {
-            self.waiting
-                .lock()
-                .expect("resume reads lock")
-                .remove(&request)
-        };
         let read = async {
             // The semaphore is never closed.
             let _turn = self.reads.acquire().await;
-            leave();
+            // Begun: not one to join any more.
+            self.waiting
+                .lock()
+                .expect("resume reads lock")
+                .remove(&request);
             self.history.recent(recent).await
         };
         let rows = tokio::time::timeout(READ_LIMIT, read)
             .await
-            .map_err(|_| {
-                // Gave up waiting for a turn: not one to join any more.
-                leave();
-                format!("no answer within {READ_LIMIT:?}")
-            })?
+            .map_err(|_| format!("no answer within {READ_LIMIT:?}"))?
             .map_err(|e| e.to_string())?;
         Ok(Arc::new(
             rows.into_iter()
@@ -236,6 +226,54 @@ impl Resumes {
                 })
                 .collect(),
         ))
+    }
+}
+
+/// A request's hold on a waiting read. On its way out it takes the read
+/// out of the waiting ones if nobody else waits for it (every asker left
+/// before its turn) or it was answered before its turn (it timed out
+/// waiting), so only reads still to begin stay there to be joined.
+struct Asking<'a> {
+    waiting: &'a Mutex<HashMap<Request, Arc<OnceCell<Answer>>>>,
+    request: Request,
+    read: Option<Arc<OnceCell<Answer>>>,
+}
+
+impl<'a> Asking<'a> {
+    /// Joins the waiting read of `request`, or starts one.
+    fn new(waiting: &'a Mutex<HashMap<Request, Arc<OnceCell<Answer>>>>, request: Request) -> Self {
+        let read = Arc::clone(
+            waiting
+                .lock()
+                .expect("resume reads lock")
+                .entry(request)
+                .or_default(),
+        );
+        Asking {
+            waiting,
+            request,
+            read: Some(read),
+        }
+    }
+
+    fn read(&self) -> &OnceCell<Answer> {
+        self.read.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.waiting.lock().expect("resume reads lock");
+        let read = self.read.take().expect("held until dropped");
+        let last = waiting.get(&self.request).is_some_and(|r| {
+            Arc::ptr_eq(r, &read) && (read.initialized() || Arc::strong_count(&read) == 2)
+        });
+        if last {
+            waiting.remove(&self.request);
+        }
+        // Let go under the lock, so that of two askers leaving at once the
+        // second sees the first gone.
+        drop(read);
     }
 }
 
@@ -332,7 +370,8 @@ mod tests {
         let other = resume(20_000);
         let again = resume(0);
         asked().await;
-        gate.add_permits(100);
+        // One pass each for the four reads.
+        gate.add_permits(4);
         let first = first.await.unwrap();
         let crowd: Vec<Resume> = futures_util::future::join_all(crowd)
             .await
@@ -361,5 +400,22 @@ mod tests {
         let later = resume(10_000).await.unwrap();
         assert_eq!(reads.load(Ordering::SeqCst), 5);
         assert_ne!(read_as(&later), shared);
+
+        // A read whose askers all leave before its turn is not kept either.
+        let holding = resume(0);
+        asked().await;
+        let left = resume(30_000);
+        asked().await;
+        assert_eq!(resumes.waiting.lock().unwrap().len(), 1);
+        left.abort();
+        asked().await;
+        assert!(resumes.waiting.lock().unwrap().is_empty());
+        gate.add_permits(1);
+        holding.await.unwrap();
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            6,
+            "the read left behind never asked"
+        );
     }
 }
