@@ -25,7 +25,7 @@ import { isMainThread, parentPort, Worker, workerData } from "node:worker_thread
 import WebSocket from "ws";
 
 import { Tally } from "../../gateway/assets/tally.js";
-import { eventually, prometheus, root } from "./server.mjs";
+import { eventually, prometheus, root, windowStart } from "./server.mjs";
 
 const WINDOW_MS = 2_000;
 const CAMPAIGNS = ["c1", "c2", "c3"];
@@ -38,7 +38,7 @@ const EVERY_MS = 500;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 /** The start of the window an event time falls in, as the server writes it. */
-const windowOf = (timestamp) => new Date(Math.floor(timestamp / WINDOW_MS) * WINDOW_MS).toISOString().replace(".000Z", "Z");
+const windowOf = (timestamp) => windowStart(timestamp, WINDOW_MS);
 
 /**
  * A thread of clients: `count` SDK clients through `url`, the i-th on topic

@@ -15,7 +15,7 @@ import { join } from "node:path";
 import WebSocket from "ws";
 
 import { Tally } from "../../gateway/assets/tally.js";
-import { eventually, freePort, post, prometheus, startTally, stopTally } from "./server.mjs";
+import { eventually, freePort, post, prometheus, startTally, stopTally, windowStart } from "./server.mjs";
 
 const WINDOW_MS = 2_000;
 const CUT_MS = 30_000;
@@ -73,7 +73,7 @@ function cuttableProxy(port) {
 }
 
 /** The start of the window an event time falls in, as the server writes it. */
-const windowOf = (timestamp) => new Date(Math.floor(timestamp / WINDOW_MS) * WINDOW_MS).toISOString().replace(".000Z", "Z");
+const windowOf = (timestamp) => windowStart(timestamp, WINDOW_MS);
 
 /** Keeps an update in `latest`, by window and campaign ("*" for the whole topic). */
 const keep = (latest) => (m) =>

@@ -71,3 +71,9 @@ export async function eventually(what, check, timeout = 60_000) {
     await new Promise((r) => setTimeout(r, 250));
   }
 }
+
+/**
+ * The start of the tumbling window of `size` ms that an event time falls
+ * in, as the server writes it.
+ */
+export const windowStart = (timestamp, size) => new Date(Math.floor(timestamp / size) * size).toISOString().replace(".000Z", "Z");
