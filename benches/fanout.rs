@@ -254,6 +254,13 @@ impl Clients {
 
 pub type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
+/// How the bench's clients read. Messages are small: the library's default
+/// 128 KiB read buffer, zeroed before every read, would make the clients
+/// the bottleneck.
+pub fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096)
+}
+
 /// A WebSocket to `/v1/live` from 127.0.0.(1 + i % 4).
 pub async fn open(url: &str, i: usize, receive_buffer: Option<u32>) -> Socket {
     let address: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
@@ -265,13 +272,10 @@ pub async fn open(url: &str, i: usize, receive_buffer: Option<u32>) -> Socket {
         .bind(format!("127.0.0.{}:0", 1 + i % 4).parse().unwrap())
         .unwrap();
     let stream = socket.connect(address).await.unwrap();
-    // Messages are small: the library's default 128 KiB read buffer, zeroed
-    // before every read, would make the clients the bottleneck.
-    let config = WebSocketConfig::default().read_buffer_size(4096);
     let (ws, _) = tokio_tungstenite::client_async_with_config(
         format!("ws://{address}/v1/live"),
         stream,
-        Some(config),
+        Some(client_config()),
     )
     .await
     .unwrap();

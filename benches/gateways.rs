@@ -9,12 +9,17 @@
 //! a message in the same burst, once a second. The delay of a message is the
 //! client's receive time minus the `timestamp` its gateway wrote into it.
 //!
-//! The floor, in the same run: three processes that each write a frame of
-//! the same size, with the time in it, to each of as many loopback TCP
-//! connections in turn, once a second, read by the same client processes:
-//! what a burst to that many sockets costs with no WebSocket library, task,
-//! queue or JSON. Both are measured for 20 s, with the CPU of the servers
+//! The floor, in the same run: three processes that each write one
+//! WebSocket text frame of the same size, with the time in it, to each of
+//! as many loopback TCP connections in turn, once a second, read by the
+//! same client code: what a burst to that many sockets costs with no
+//! server-side WebSocket library, task, queue or JSON. The clients share
+//! the two cores with the servers, so both sides' clients do the same work
+//! per message. Both are measured for 20 s, with the CPU of the servers
 //! (the gateways, or the three writers) and of the clients.
+//!
+//! The gateways run with `server.threads = 1`: three of them share two
+//! cores, as the README advises for gateways that share a machine.
 //!
 //! Needs the services of `scripts/services.sh`, named by `KAFKA_BROKERS`,
 //! `CLICKHOUSE_URL` and `REDIS_URL`.
@@ -27,11 +32,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncReadExt;
+use tally_dataflow::time::format_rfc3339;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::cluster::{Cluster, Services};
-use crate::fanout::{cpu_seconds, open, raise_open_files, server_time, COUNTRIES, FRAME};
+use crate::fanout::{
+    client_config, cpu_seconds, open, raise_open_files, server_time, COUNTRIES, FRAME,
+};
 use crate::support::{agent, now_ms, rss_kb, scrape};
 
 /// The variable that makes this benchmark's binary a client or writer
@@ -81,7 +90,10 @@ pub fn run() {
         dir.path(),
         // Room for every client: each gateway lowers it to fit its
         // descriptor limit, as it logs.
-        &[("TALLY__SERVER__MAX_CONNECTIONS", "1000000")],
+        &[
+            ("TALLY__SERVER__MAX_CONNECTIONS", "1000000"),
+            ("TALLY__SERVER__THREADS", "1"),
+        ],
         GATEWAYS,
     );
     let gateways: Vec<u32> = cluster.gateways.iter().map(|g| g.pid()).collect();
@@ -283,8 +295,9 @@ pub fn shard(role: &str) {
     }
 }
 
-/// Takes `count` connections, then writes a [`FRAME`]-byte frame that
-/// starts with the time to each of them in turn, on every whole second.
+/// Takes `count` connections, then writes a [`FRAME`]-byte WebSocket text
+/// frame with the time in it to each of them in turn, on every whole
+/// second.
 /// `report` answers with its CPU seconds since `measure`.
 fn raw_writer(count: usize) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -298,11 +311,20 @@ fn raw_writer(count: usize) {
         .collect();
     println!("ready");
     std::thread::spawn(move || {
-        let mut frame = vec![b' '; FRAME];
+        // A text frame from a server: unmasked, with a 16-bit length.
+        let payload = FRAME - 4;
+        let mut frame = vec![0x81, 126, (payload >> 8) as u8, payload as u8];
         loop {
             let now = now_ms();
             std::thread::sleep(Duration::from_millis((1000 - now.rem_euclid(1000)) as u64));
-            frame[..8].copy_from_slice(&now_ms().to_le_bytes());
+            frame.truncate(4);
+            let message = format!(
+                r#"{{"type":"update","timestamp":"{}""#,
+                format_rfc3339(now_ms())
+            );
+            frame.extend_from_slice(message.as_bytes());
+            frame.resize(FRAME - 1, b' ');
+            frame.push(b'}');
             for socket in &mut sockets {
                 let _ = socket.write_all(&frame);
             }
@@ -321,7 +343,7 @@ fn raw_writer(count: usize) {
 
 /// Opens `count` clients to `address`, numbered from `first` (which picks
 /// the topic and the source address): WebSockets that subscribe to a topic,
-/// or raw TCP connections to a writer. Each counts its messages by delay.
+/// or TCP connections to a writer, read as WebSockets already open. Each counts its messages by delay.
 /// `report` answers with the connections closed by the server, its CPU
 /// seconds and the delays (`MS:COUNT` …), all since `measure`.
 fn clients(address: &str, count: usize, first: usize, websocket: bool) {
@@ -342,39 +364,34 @@ fn clients(address: &str, count: usize, first: usize, websocket: bool) {
     runtime.block_on(async {
         for i in first..first + count {
             let (record, closed) = (record.clone(), Arc::clone(&closed));
-            if websocket {
+            let mut ws = if websocket {
                 let mut ws = open(address, i, None).await;
                 let topic = format!("metrics:events:country:{}", COUNTRIES[i % COUNTRIES.len()]);
                 let subscribe = serde_json::json!({"action": "subscribe", "topic": topic, "window": "tumbling 10s"});
                 ws.send(Message::text(subscribe.to_string())).await.unwrap();
-                tokio::spawn(async move {
-                    while let Some(frame) = ws.next().await {
-                        match frame {
-                            Ok(Message::Text(text)) => {
-                                if let Some(sent) = server_time(&text) {
-                                    record(sent);
-                                }
-                            }
-                            Ok(Message::Close(_)) | Err(_) => break,
-                            Ok(_) => {}
-                        }
-                    }
-                    closed.fetch_add(1, Ordering::Relaxed);
-                });
+                ws
             } else {
                 let socket = tokio::net::TcpSocket::new_v4().unwrap();
                 socket
                     .bind(format!("127.0.0.{}:0", 1 + i % 4).parse().unwrap())
                     .unwrap();
-                let mut stream = socket.connect(address.parse().unwrap()).await.unwrap();
-                tokio::spawn(async move {
-                    let mut frame = [0u8; FRAME];
-                    while stream.read_exact(&mut frame).await.is_ok() {
-                        record(i64::from_le_bytes(frame[..8].try_into().unwrap()));
+                let stream = socket.connect(address.parse().unwrap()).await.unwrap();
+                WebSocketStream::from_raw_socket(stream, Role::Client, Some(client_config())).await
+            };
+            tokio::spawn(async move {
+                while let Some(frame) = ws.next().await {
+                    match frame {
+                        Ok(Message::Text(text)) => {
+                            if let Some(sent) = server_time(&text) {
+                                record(sent);
+                            }
+                        }
+                        Ok(Message::Close(_)) | Err(_) => break,
+                        Ok(_) => {}
                     }
-                    closed.fetch_add(1, Ordering::Relaxed);
-                });
-            }
+                }
+                closed.fetch_add(1, Ordering::Relaxed);
+            });
         }
     });
     println!("ready");

@@ -25,7 +25,7 @@ use tally_gateway::ops::Ops;
 use tally_gateway::Gateway;
 use tracing::{info, warn};
 
-use crate::{load_config, shutdown_signal, toml_string, GatewayArgs};
+use crate::{load_config, server_runtime, shutdown_signal, toml_string, GatewayArgs};
 
 /// Runs until SIGTERM or Ctrl-C.
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
@@ -35,10 +35,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         .into_iter()
         .collect();
     let config = Arc::new(load_config(args.config.as_deref(), &overrides)?);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("gateway")
-        .build()?;
+    let runtime = server_runtime(&config)?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await

@@ -191,6 +191,16 @@ pub fn job_observer(
     })
 }
 
+/// The runtime that serves HTTP and WebSocket and drives the connectors,
+/// with `server.threads` threads (0: one per core).
+pub fn server_runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.server.threads > 0 {
+        builder.worker_threads(config.server.threads);
+    }
+    builder.enable_all().thread_name("gateway").build()
+}
+
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is
 /// called, not when the future is first polled: call it before saying that
 /// tally listens, so that a signal sent on that word stops it cleanly

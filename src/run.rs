@@ -22,7 +22,7 @@ use tracing::info;
 
 use crate::backfill::{Host, Start, Supervisor};
 use crate::job::{Counters, Job, Mode, Spec};
-use crate::{job_observer, load_config, shutdown_signal, toml_string, RunArgs};
+use crate::{job_observer, load_config, server_runtime, shutdown_signal, toml_string, RunArgs};
 
 /// Runs until SIGTERM or Ctrl-C.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -39,10 +39,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Arc::new(load_config(args.config.as_deref(), &overrides)?);
     // The address is taken first: a second tally on the same port must stop
     // at once, not start its workers and then wait on them forever.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("gateway")
-        .build()?;
+    let runtime = server_runtime(&config)?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.server.listen))
         .with_context(|| format!("binding {}", config.server.listen))?;

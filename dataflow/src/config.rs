@@ -91,6 +91,11 @@ pub struct ServerConfig {
     /// and open `/v1/live` from a browser, besides the server's own. Default
     /// none.
     pub allowed_origins: Vec<String>,
+    /// Threads of the runtime that serves HTTP and WebSocket and drives the
+    /// connectors; 0 is one per core. Gateways that share a machine do
+    /// better with a share of its cores each than with all of them: fewer
+    /// wakeups cross threads. Default 0.
+    pub threads: usize,
 }
 
 /// The default of `server.max_connections`: 10,000 connections, far more
@@ -737,6 +742,7 @@ impl Reader {
                 body_timeout: self.timeout(&mut server, "body_timeout", DEFAULT_BODY_TIMEOUT),
                 event_limits: self.event_limits(&mut server),
                 allowed_origins: self.origins(&mut server),
+                threads: self.integer(&mut server, "threads", 0, 0..=1024) as usize,
             },
             storage: StorageConfig {
                 data_dir: PathBuf::from(self.string(&mut storage, "data_dir", "./data")),
