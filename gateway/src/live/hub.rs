@@ -1,6 +1,6 @@
 //! The hub: one task that holds the recent windows of every metric and the
 //! subscriptions of every client, and fans each batch from the live bus out
-//! to the clients' bounded queues.
+//! to the clients, through their writers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
@@ -14,10 +14,13 @@ use tally_dataflow::model::Group;
 use tally_dataflow::model::WindowUpdate;
 use tally_dataflow::time::{format_rfc3339, Millis};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::resume::{Resume, Resumes};
 use super::topic::{Topic, TopicError};
+use super::writers::{Outbox, Reply, Writers};
 use crate::backend::{History, LiveInterest};
 use crate::catalog::Catalog;
 use crate::ops::Ops;
@@ -41,15 +44,17 @@ pub struct Hub {
     /// The metrics served, whose active list a client's topics are
     /// checked against.
     pub(super) catalog: Arc<Catalog>,
+    /// The tasks that write to the clients.
+    pub(super) writers: Writers,
 }
 
 /// What a connection tells the hub.
 pub(super) enum Command {
-    /// A client connected; `queue` is its bounded queue, and it may hold
+    /// A client connected, whose writer `queue` reaches; it may hold
     /// `max_subscriptions` subscriptions.
     Join {
         client: u64,
-        queue: mpsc::Sender<Batch>,
+        queue: Outbox,
         max_subscriptions: usize,
     },
     /// A client subscribed to `topic`, checked against `metrics`. The hub
@@ -103,6 +108,7 @@ impl Hub {
         interest: Option<Arc<dyn LiveInterest>>,
     ) -> Hub {
         let (commands, rx) = mpsc::channel(4096);
+        let writers = Writers::start(commands.clone(), Arc::clone(&ops));
         let mut state = HubState::new(catalog.active(), lateness, ops);
         state.interest = interest;
         tokio::spawn(state.run(rx, bus));
@@ -110,6 +116,7 @@ impl Hub {
             commands,
             next_client: Arc::new(AtomicU64::new(1)),
             catalog,
+            writers,
         }
     }
 }
@@ -162,10 +169,10 @@ impl Slot {
     }
 }
 
-/// A connected client: its queue, its subscriptions, and how many it may
-/// hold.
+/// A connected client: the way to its writer, its subscriptions, and how
+/// many it may hold.
 struct Client {
-    queue: mpsc::Sender<Batch>,
+    queue: Outbox,
     topics: HashSet<Topic>,
     max_subscriptions: usize,
 }
@@ -320,7 +327,12 @@ impl HubState {
         self.windows.clear();
         self.subs.clear();
         self.refs.clear();
-        self.clients.clear();
+        for (_, state) in self.clients.drain() {
+            state.queue.reply(Reply::Close(CloseFrame {
+                code: CloseCode::Restart,
+                reason: "the active metrics changed: subscribe again".into(),
+            }));
+        }
     }
 
     /// Sends `client` the error of a subscription to `topic`.
@@ -481,14 +493,11 @@ impl HubState {
         }
     }
 
+    /// Queues `batch` for `client`. Its writer drops it, and says so,
+    /// past its queue's bound.
     fn send_to(&mut self, client: u64, batch: Batch) {
-        let full = match self.clients.get(&client) {
-            Some(state) => state.queue.try_send(batch).is_err(),
-            None => false,
-        };
-        if full {
-            self.ops.ws_slow_dropped.inc();
-            self.drop_client(client);
+        if let Some(state) = self.clients.get(&client) {
+            state.queue.deliver(batch);
         }
     }
 
@@ -725,6 +734,8 @@ mod tests {
     use tally_dataflow::window::Span;
     use tokio::sync::mpsc::error::TryRecvError;
 
+    use crate::live::writers::Work;
+
     use super::*;
     use crate::live::resume::Resume;
 
@@ -739,6 +750,30 @@ mod tests {
             HubState::new(Arc::new(config.metrics), 32_000, Arc::clone(&ops)),
             ops,
         )
+    }
+
+    /// What the hub hands a client's writer: the client's entries.
+    struct Entries(mpsc::UnboundedReceiver<Work>);
+
+    impl Entries {
+        fn try_recv(&mut self) -> Result<Batch, TryRecvError> {
+            loop {
+                if let Work::Deliver(_, batch) = self.0.try_recv()? {
+                    return Ok(batch);
+                }
+            }
+        }
+    }
+
+    /// Joins `client`, which may hold `max_subscriptions` subscriptions.
+    fn connect(hub: &mut HubState, client: u64, max_subscriptions: usize) -> Entries {
+        let (queue, rx) = Outbox::detached(client);
+        hub.command(Command::Join {
+            client,
+            queue,
+            max_subscriptions,
+        });
+        Entries(rx)
     }
 
     fn update(count: u64, is_final: bool, revision: u32) -> Arc<WindowUpdate> {
@@ -760,23 +795,17 @@ mod tests {
         })
     }
 
-    /// Joins `client` with a queue of `queue` and subscribes it to
-    /// `metrics:ad_clicks`, grouped by `group_by` if given, resuming with
-    /// `resume` if given. Returns its queue, past the first answer, and
-    /// that answer: the acknowledgement, then the values that came with it.
+    /// Joins `client` and subscribes it to `metrics:ad_clicks`, grouped by
+    /// `group_by` if given, resuming with `resume` if given. Returns its
+    /// entries, past the first answer, and that answer: the
+    /// acknowledgement, then the values that came with it.
     fn join(
         hub: &mut HubState,
         client: u64,
-        queue: usize,
         group_by: Option<&str>,
         resume: Option<Resume>,
-    ) -> (mpsc::Receiver<Batch>, Vec<Value>) {
-        let (tx, mut rx) = mpsc::channel(queue);
-        hub.command(Command::Join {
-            client,
-            queue: tx,
-            max_subscriptions: 10,
-        });
+    ) -> (Entries, Vec<Value>) {
+        let mut rx = connect(hub, client, 10);
         let topic = Topic::parse("metrics:ad_clicks", None, group_by, &hub.metrics).unwrap();
         let metrics = Arc::clone(&hub.metrics);
         hub.command(Command::Subscribe {
@@ -799,27 +828,17 @@ mod tests {
         (rx, answer)
     }
 
-    /// [`join`] without a resume: the queue, and how many current values
+    /// [`join`] without a resume: the entries, and how many current values
     /// came with the acknowledgement.
-    fn subscribe(
-        hub: &mut HubState,
-        client: u64,
-        queue: usize,
-        group_by: Option<&str>,
-    ) -> (mpsc::Receiver<Batch>, usize) {
-        let (rx, answer) = join(hub, client, queue, group_by, None);
+    fn subscribe(hub: &mut HubState, client: u64, group_by: Option<&str>) -> (Entries, usize) {
+        let (rx, answer) = join(hub, client, group_by, None);
         (rx, answer.len() - 1)
     }
 
     #[test]
     fn subscriptions_past_a_clients_bound_are_refused_and_repeats_take_no_place() {
         let (mut hub, ops) = hub();
-        let (tx, mut rx) = mpsc::channel(50);
-        hub.command(Command::Join {
-            client: 1,
-            queue: tx,
-            max_subscriptions: 2,
-        });
+        let mut rx = connect(&mut hub, 1, 2);
         let metrics = Arc::clone(&hub.metrics);
         let topic = |country: &str| {
             let text = format!("metrics:ad_clicks:country:{country}");
@@ -876,31 +895,9 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_client_is_dropped_and_the_others_get_everything() {
-        let (mut hub, ops) = hub();
-        let (mut healthy, _) = subscribe(&mut hub, 1, 50, None);
-        let (mut stalled, _) = subscribe(&mut hub, 2, 50, None);
-        let mut received = 0;
-        for count in 1..=200 {
-            hub.updates(vec![update(count, false, 0)]);
-            while healthy.try_recv().is_ok() {
-                received += 1;
-            }
-        }
-        assert_eq!(received, 200);
-        let mut queued = 0;
-        while stalled.try_recv().is_ok() {
-            queued += 1;
-        }
-        assert_eq!(queued, 50);
-        assert_eq!(stalled.try_recv(), Err(TryRecvError::Disconnected));
-        assert_eq!(ops.ws_slow_dropped.get(), 1);
-    }
-
-    #[test]
     fn finals_are_revised_only_when_they_change() {
         let (mut hub, _) = hub();
-        let (mut rx, _) = subscribe(&mut hub, 1, 50, None);
+        let (mut rx, _) = subscribe(&mut hub, 1, None);
         hub.updates(vec![update(3, false, 0)]);
         hub.updates(vec![update(3, false, 0)]);
         hub.updates(vec![update(3, true, 0)]);
@@ -922,8 +919,8 @@ mod tests {
 
     #[test]
     fn a_grouped_topic_takes_one_place_in_the_queue_however_many_groups() {
-        let (mut hub, ops) = hub();
-        let (mut rx, current) = subscribe(&mut hub, 1, 50, Some("country"));
+        let (mut hub, _) = hub();
+        let (mut rx, current) = subscribe(&mut hub, 1, Some("country"));
         assert_eq!(current, 0);
         let countries = |count: u64| -> Vec<Arc<WindowUpdate>> {
             (0..120)
@@ -941,11 +938,10 @@ mod tests {
             batches.iter().map(|b| b.len()).collect::<Vec<_>>(),
             [120, 120]
         );
-        assert_eq!(ops.ws_slow_dropped.get(), 0);
 
         // A new subscriber gets every group's current value at once, with
         // its acknowledgement.
-        let (_, current) = subscribe(&mut hub, 2, 50, Some("country"));
+        let (_, current) = subscribe(&mut hub, 2, Some("country"));
         assert_eq!(current, 120);
     }
 
@@ -953,17 +949,13 @@ mod tests {
     fn windows_are_forgotten_once_the_watermark_passes_their_lateness() {
         let (mut hub, _) = hub();
         hub.updates(vec![update(3, true, 0)]);
-        let (_, current) = subscribe(&mut hub, 1, 50, None);
+        let (_, current) = subscribe(&mut hub, 1, None);
         assert_eq!(current, 1, "a final within its lateness is kept");
         // The window ends at 10 s and may be revised for 32 s after.
         hub.through(42_000);
-        assert_eq!(subscribe(&mut hub, 2, 50, None).1, 1);
+        assert_eq!(subscribe(&mut hub, 2, None).1, 1);
         hub.through(42_001);
-        assert_eq!(
-            subscribe(&mut hub, 3, 50, None).1,
-            0,
-            "no event can revise it"
-        );
+        assert_eq!(subscribe(&mut hub, 3, None).1, 0, "no event can revise it");
         assert!(hub.windows.is_empty());
     }
 
@@ -985,12 +977,8 @@ mod tests {
     }
 
     /// [`join`] resuming with `resume`.
-    fn resume(
-        hub: &mut HubState,
-        client: u64,
-        resume: Resume,
-    ) -> (mpsc::Receiver<Batch>, Vec<Value>) {
-        join(hub, client, 50, None, Some(resume))
+    fn resume(hub: &mut HubState, client: u64, resume: Resume) -> (Entries, Vec<Value>) {
+        join(hub, client, None, Some(resume))
     }
 
     /// (window start in seconds, value, revision, final) of messages.
@@ -1048,7 +1036,7 @@ mod tests {
         // After a restart the hub has seen only the group a late event
         // revised.
         hub.updates(vec![at(0, "US", 2, true, 1)]);
-        let (mut connected, _) = subscribe(&mut hub, 1, 50, None);
+        let (mut connected, _) = subscribe(&mut hub, 1, None);
         let stored = vec![at(0, "DE", 7, true, 0), at(0, "US", 2, true, 1)];
         let (_, answer) = resume(
             &mut hub,
@@ -1118,28 +1106,16 @@ mod tests {
     }
 
     #[test]
-    fn a_client_the_fill_drops_for_a_full_queue_leaves_no_subscription_behind() {
-        let (mut hub, ops) = hub();
-        hub.updates(vec![at(0, "US", 2, true, 0)]);
-        // A queue of one, full with the first answer.
-        let (_rx, _) = subscribe(&mut hub, 1, 1, None);
-        let topic = Topic::parse("metrics:ad_clicks", None, Some("country"), &hub.metrics).unwrap();
-        let metrics = Arc::clone(&hub.metrics);
-        hub.command(Command::Subscribe {
-            client: 1,
-            topic,
-            metrics,
-            resume: Some(Resume {
-                since: 0,
-                stored: vec![at(0, "DE", 7, true, 0)],
-                complete_from: Some(0),
-            }),
-        });
-        assert_eq!(ops.ws_slow_dropped.get(), 1);
+    fn a_client_its_writer_drops_leaves_no_subscription_behind() {
+        let (mut hub, _) = hub();
+        let (_rx, _) = subscribe(&mut hub, 1, None);
+        let (_rx, _) = subscribe(&mut hub, 2, Some("country"));
+        hub.command(Command::Leave { client: 1 });
+        hub.command(Command::Leave { client: 2 });
         assert!(hub.clients.is_empty());
         assert!(
             hub.subs.is_empty(),
-            "no subscription holds the dropped client"
+            "no subscription holds a dropped client"
         );
         assert!(hub.refs.is_empty());
     }
@@ -1148,7 +1124,7 @@ mod tests {
     fn a_seed_completes_the_windows_a_restart_left_in_part() {
         let (mut hub, _) = hub();
         hub.updates(vec![at(0, "US", 2, true, 1)]);
-        let (mut connected, _) = subscribe(&mut hub, 1, 50, None);
+        let (mut connected, _) = subscribe(&mut hub, 1, None);
         let metrics = Arc::clone(&hub.metrics);
         hub.command(Command::Seed {
             metrics,

@@ -48,9 +48,10 @@
 //! # Layout
 //!
 //! - `handshake`: the route, and the WebSocket opening handshake.
-//! - `connection`: one client's connection: its reader, its writer with
-//!   pings, and its bounded queue.
+//! - `connection`: one client's connection, and the task that reads it.
 //! - `hub`: the fan-out task and its state.
+//! - `writers`: the tasks that write to the clients, each to many, with
+//!   pings and each client's bounded queue.
 //! - `resume`: what a subscription that resumes reads of the store.
 //! - `topic`: a subscription's topic, parsed once when it arrives.
 
@@ -59,6 +60,7 @@ mod handshake;
 mod hub;
 mod resume;
 mod topic;
+mod writers;
 
 pub use handshake::{route, Handshake};
 
