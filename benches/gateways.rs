@@ -29,7 +29,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tally_dataflow::time::format_rfc3339;
@@ -41,7 +41,7 @@ use crate::cluster::{Cluster, Services};
 use crate::fanout::{
     client_config, cpu_seconds, open, raise_open_files, server_time, COUNTRIES, FRAME,
 };
-use crate::support::{agent, now_ms, rss_kb, scrape};
+use crate::support::{agent, now_ms, quantile, rss_kb, scrape};
 
 /// The variable that makes this benchmark's binary a client or writer
 /// process: `raw-writer COUNT`, `raw-clients ADDRESS COUNT FIRST` or
@@ -120,9 +120,24 @@ pub fn run() {
     std::thread::sleep(Duration::from_secs(3));
     let rss = (gateways.iter().map(|&p| rss_kb(p)).sum::<u64>() - rss_before) as f64 * 1024.0
         / clients as f64;
+    let probing = Arc::new(AtomicBool::new(false));
+    let prober = probe(
+        cluster.gateways.iter().map(|g| g.url.clone()).collect(),
+        Arc::clone(&probing),
+    );
     let tally = measure(&mut [], &mut shards, &gateways);
+    probing.store(true, Ordering::Relaxed);
+    let mut posts = prober.join().unwrap();
+    posts.sort_by(f64::total_cmp);
     let dropped = dropped() - dropped_before;
     report("tally: 3 gateways", &tally, Some(rss));
+    println!(
+        "    meanwhile, POST /v1/events of one event to each gateway in turn every 20 ms: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} posts)",
+        quantile(&posts, 0.5),
+        quantile(&posts, 0.99),
+        posts.last().copied().unwrap_or(f64::NAN),
+        posts.len()
+    );
     println!(
         "    p99 {:.2}x the floor's; server CPU per delivered message {:.1} µs, {:.1}x the floor's write; dropped for a full queue: {dropped}",
         tally.quantile(0.99) / floor.quantile(0.99),
@@ -232,6 +247,28 @@ fn feed(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
             let _ = agent.post(format!("{url}/v1/events")).send_json(&events);
             std::thread::sleep(Duration::from_secs(1));
         }
+    })
+}
+
+/// Posts one event to each of `urls` in turn, every 20 ms, until stopped:
+/// what the bursts cost ingest on the same gateways. Returns each post's
+/// time to its `202`, in ms. Its country is no client's.
+fn probe(urls: Vec<String>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<f64>> {
+    std::thread::spawn(move || {
+        let agent = agent();
+        let mut took = Vec::new();
+        for url in urls.iter().cycle() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let event = serde_json::json!([{"eventType": "ad_click", "timestamp": now_ms(), "dimensions": {"country": "probe", "campaignId": "camp_1"}}]);
+            let start = Instant::now();
+            let answer = agent.post(format!("{url}/v1/events")).send_json(&event);
+            assert_eq!(answer.map(|a| a.status().as_u16()).ok(), Some(202));
+            took.push(start.elapsed().as_secs_f64() * 1e3);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        took
     })
 }
 
