@@ -895,6 +895,24 @@ mod tests {
     }
 
     #[test]
+    fn a_change_of_metrics_closes_every_client_to_subscribe_again() {
+        let (mut hub, _) = hub();
+        let (mut first, _) = subscribe(&mut hub, 1, None);
+        let (mut second, _) = subscribe(&mut hub, 2, Some("country"));
+        let metrics = Arc::clone(&hub.metrics);
+        hub.switch(metrics);
+        for entries in [&mut first, &mut second] {
+            match entries.0.try_recv() {
+                Ok(Work::Reply(_, Reply::Close(close))) => {
+                    assert_eq!(close.code, CloseCode::Restart)
+                }
+                _ => panic!("a close, to subscribe again"),
+            }
+        }
+        assert!(hub.clients.is_empty() && hub.subs.is_empty());
+    }
+
+    #[test]
     fn finals_are_revised_only_when_they_change() {
         let (mut hub, _) = hub();
         let (mut rx, _) = subscribe(&mut hub, 1, None);
