@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::resume::{Resume, Resumes};
 use super::topic::{Topic, TopicError};
-use super::writers::{Outbox, Reply, Writers};
+use super::writers::{Mail, Outbox, Reply, Writers};
 use crate::backend::{History, LiveInterest};
 use crate::catalog::Catalog;
 use crate::ops::Ops;
@@ -191,6 +191,9 @@ struct HubState {
     interest: Option<Arc<dyn LiveInterest>>,
     /// The workers' lowest watermark, as the bus last said.
     watermark: Millis,
+    /// What the clients are sent, until it goes to their writers: at the
+    /// end of each command and of each batch from the bus.
+    mail: Mail,
 }
 
 impl HubState {
@@ -205,6 +208,7 @@ impl HubState {
             refs: HashMap::new(),
             interest: None,
             watermark: Millis::MIN,
+            mail: Mail::default(),
         }
     }
 
@@ -247,6 +251,11 @@ impl HubState {
     }
 
     fn command(&mut self, command: Command) {
+        self.obey(command);
+        self.mail.send();
+    }
+
+    fn obey(&mut self, command: Command) {
         match command {
             Command::Join {
                 client,
@@ -497,7 +506,7 @@ impl HubState {
     /// past its queue's bound.
     fn send_to(&mut self, client: u64, batch: Batch) {
         if let Some(state) = self.clients.get(&client) {
-            state.queue.deliver(batch);
+            self.mail.put(&state.queue, batch);
         }
     }
 
@@ -542,6 +551,7 @@ impl HubState {
             touched.extend(self.insert(u, false));
         }
         self.fan_out(touched);
+        self.mail.send();
     }
 
     /// Takes a group's value of a window, unless the hub holds a newer one,
@@ -730,6 +740,8 @@ impl Default for Merged {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
     use tally_dataflow::config::Config;
     use tally_dataflow::window::Span;
     use tokio::sync::mpsc::error::TryRecvError;
@@ -753,13 +765,16 @@ mod tests {
     }
 
     /// What the hub hands a client's writer: the client's entries.
-    struct Entries(mpsc::UnboundedReceiver<Work>);
+    struct Entries(mpsc::UnboundedReceiver<Work>, VecDeque<Batch>);
 
     impl Entries {
         fn try_recv(&mut self) -> Result<Batch, TryRecvError> {
             loop {
-                if let Work::Deliver(_, batch) = self.0.try_recv()? {
+                if let Some(batch) = self.1.pop_front() {
                     return Ok(batch);
+                }
+                if let Work::Deliver(entries) = self.0.try_recv()? {
+                    self.1.extend(entries.into_iter().map(|(_, batch)| batch));
                 }
             }
         }
@@ -773,7 +788,7 @@ mod tests {
             queue,
             max_subscriptions,
         });
-        Entries(rx)
+        Entries(rx, VecDeque::new())
     }
 
     fn update(count: u64, is_final: bool, revision: u32) -> Arc<WindowUpdate> {

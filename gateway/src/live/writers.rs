@@ -1,11 +1,11 @@
-//! The writers: a few tasks per runtime thread that write what the hub
-//! sends to the clients.
+//! The writers: tasks that each write what the hub sends to many clients.
 //!
 //! A task per client would be woken, and its queue taken from, once per
 //! client for every batch the hub fans out, which costs more than the
 //! write itself. A writer instead owns the writing half of many
-//! connections. The hub hands it each client's entries over one channel;
-//! it hands them to the client's socket at once, with writes that never
+//! connections. The hub gathers what a batch brings the clients by writer
+//! ([`Mail`]) and hands each writer its share in one send; the writer
+//! hands each entry to its client's socket at once, with writes that never
 //! wait. Only a client whose socket does not take everything waits, in a
 //! write of its own, while the entries that come for it meanwhile are
 //! kept. A client with more than its queue's bound (`live.queue`) of
@@ -47,10 +47,13 @@ const SEND_LIMIT: Duration = Duration::from_secs(10);
 /// disconnected.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Writers per runtime thread. More than one, so that a burst is cut into
-/// turns that other tasks (ingest, history) run between, and that an idle
-/// thread can steal; few, so that a burst wakes few tasks.
-const WRITERS_PER_THREAD: usize = 8;
+/// Writers per runtime thread: a writer takes its share of a burst in one
+/// turn, so many small shares, which the runtime's threads balance between
+/// them and run other tasks (ingest, history) between, rather than a few
+/// long ones. With 8, one process with two threads and 18,500 clients
+/// delivered the same bursts 12–17% later (BENCHMARKS.md (f)). Still, a
+/// burst to many thousands of clients wakes a few dozen tasks.
+const WRITERS_PER_THREAD: usize = 64;
 
 /// A connection's writing half.
 pub(super) type WsSink = Box<dyn Sink<Message, Error = WsError> + Send + Unpin>;
@@ -66,8 +69,9 @@ pub(super) enum Work {
         queue: usize,
         end: oneshot::Sender<()>,
     },
-    /// An entry for a client from the hub.
-    Deliver(u64, Batch),
+    /// Entries from the hub, each for one of the writer's clients, in the
+    /// order the hub sent them.
+    Deliver(Vec<(u64, Batch)>),
     /// What the client's reader has the writer send.
     Reply(u64, Reply),
     /// The client's connection has ended.
@@ -116,10 +120,11 @@ impl Writers {
 
     /// The way to `client`'s writer.
     pub(super) fn outbox(&self, client: u64) -> Outbox {
-        let shard = &self.shards[(client % self.shards.len() as u64) as usize];
+        let writer = (client % self.shards.len() as u64) as usize;
         Outbox {
             client,
-            shard: shard.clone(),
+            writer,
+            shard: self.shards[writer].clone(),
         }
     }
 }
@@ -128,6 +133,8 @@ impl Writers {
 #[derive(Clone)]
 pub(super) struct Outbox {
     client: u64,
+    /// Which writer: its place in [`Writers`].
+    writer: usize,
     shard: mpsc::UnboundedSender<Work>,
 }
 
@@ -136,7 +143,15 @@ impl Outbox {
     #[cfg(test)]
     pub(super) fn detached(client: u64) -> (Outbox, mpsc::UnboundedReceiver<Work>) {
         let (shard, rx) = mpsc::unbounded_channel();
-        (Outbox { client, shard }, rx)
+        let writer = client as usize;
+        (
+            Outbox {
+                client,
+                writer,
+                shard,
+            },
+            rx,
+        )
     }
 
     /// Hands the writer the client's connection; see [`Work::Join`].
@@ -151,17 +166,42 @@ impl Outbox {
         });
     }
 
-    /// Queues an entry for the client. A writer that is gone has no client.
-    pub(super) fn deliver(&self, batch: Batch) {
-        let _ = self.shard.send(Work::Deliver(self.client, batch));
-    }
-
     pub(super) fn reply(&self, reply: Reply) {
         let _ = self.shard.send(Work::Reply(self.client, reply));
     }
 
     pub(super) fn leave(&self) {
         let _ = self.shard.send(Work::Leave(self.client));
+    }
+}
+
+/// The hub's entries for many clients, gathered by writer until it sends
+/// them, so that a burst costs a send and a wake-up per writer, not per
+/// client, and a writer finds the whole burst waiting when it wakes.
+#[derive(Default)]
+pub(super) struct Mail {
+    /// By writer: the way to it, and its clients' entries.
+    bags: Vec<Option<(mpsc::UnboundedSender<Work>, Vec<(u64, Batch)>)>>,
+}
+
+impl Mail {
+    /// Puts an entry for `outbox`'s client in its writer's bag.
+    pub(super) fn put(&mut self, outbox: &Outbox, batch: Batch) {
+        if self.bags.len() <= outbox.writer {
+            self.bags.resize_with(outbox.writer + 1, || None);
+        }
+        let (_, entries) =
+            self.bags[outbox.writer].get_or_insert_with(|| (outbox.shard.clone(), Vec::new()));
+        entries.push((outbox.client, batch));
+    }
+
+    /// Hands every writer its bag. A writer that is gone has no clients.
+    pub(super) fn send(&mut self) {
+        for (shard, entries) in self.bags.iter_mut().flatten() {
+            if !entries.is_empty() {
+                let _ = shard.send(Work::Deliver(std::mem::take(entries)));
+            }
+        }
     }
 }
 
@@ -282,7 +322,11 @@ impl Writer {
                     },
                 );
             }
-            Work::Deliver(client, batch) => self.send(client, Entry::Live(batch)),
+            Work::Deliver(entries) => {
+                for (client, batch) in entries {
+                    self.send(client, Entry::Live(batch));
+                }
+            }
             Work::Reply(client, Reply::Text(text)) => {
                 self.send(client, Entry::Frame(Message::text(text)))
             }
@@ -539,15 +583,18 @@ mod tests {
                 .join(Box::new(socket.clone()), Heard::new(), 50, end);
             ended.push(on_end);
         }
+        let mut mail = Mail::default();
         for i in 0..200 {
             for client in [1, 3] {
-                writers.outbox(client).deliver(entry(i));
+                mail.put(&writers.outbox(client), entry(i));
             }
+            mail.send();
         }
         // A client whose socket is full for a while, within its bound.
         for i in 0..40 {
-            writers.outbox(2).deliver(entry(i));
+            mail.put(&writers.outbox(2), entry(i));
         }
+        mail.send();
         settle().await;
         assert_eq!(slow.taken(), messages(0..2), "two entries fit");
         slow.make_room(1000);
