@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use tally_dataflow::time::{now_ms, parse_rfc3339};
 
 use crate::crash::{
-    body, differences, generate, reference, setting, Key, Kind, Sent, Value as CrashValue,
-    SKETCHED, STEP_MS, WINDOWS as CRASH_WINDOWS,
+    body, differences, generate, reference, setting, Key, Sent, Value as CrashValue, SKETCHED,
+    STEP_MS, WINDOWS as CRASH_WINDOWS,
 };
 use crate::live::{connect, current_values, wait_for};
 use crate::sketches::series_within_rank_error;
