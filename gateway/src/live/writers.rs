@@ -29,6 +29,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::task::noop_waker_ref;
 use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -86,15 +87,15 @@ pub(super) enum Reply {
     Close(CloseFrame),
 }
 
-/// The writers, and the hub's commands, which a writer tells of the
-/// clients it drops.
+/// The way to each writer.
 #[derive(Clone)]
 pub(super) struct Writers {
     shards: Arc<[mpsc::UnboundedSender<Work>]>,
 }
 
 impl Writers {
-    /// Starts [`WRITERS_PER_THREAD`] writers per runtime thread.
+    /// Starts [`WRITERS_PER_THREAD`] writers per runtime thread, which tell
+    /// the hub, through `hub`, of the clients they drop.
     pub(super) fn start(hub: mpsc::Sender<Command>, ops: Arc<Ops>) -> Writers {
         let threads = tokio::runtime::Handle::current().metrics().num_workers();
         let shards = (0..(threads * WRITERS_PER_THREAD).max(1))
@@ -276,6 +277,10 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Work>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // A writer without clients is not woken every second: most of a
+        // large machine's writers have none. A tick missed meanwhile is
+        // not made up.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 work = inbox.recv() => {
@@ -294,7 +299,7 @@ impl Writer {
                 Some((client, sink)) = self.waiting.next(), if !self.waiting.is_empty() => {
                     self.written(client, sink);
                 }
-                _ = tick.tick() => self.tick(),
+                _ = tick.tick(), if !self.clients.is_empty() => self.tick(),
             }
         }
     }
