@@ -261,9 +261,13 @@ pub fn client_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(4096)
 }
 
-/// A WebSocket to `/v1/live` from 127.0.0.(1 + i % 4).
-pub async fn open(url: &str, i: usize, receive_buffer: Option<u32>) -> Socket {
-    let address: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+/// A TCP connection to `address` from 127.0.0.(1 + i % 4): four source
+/// addresses have four times the ephemeral ports of one.
+pub async fn connect_from(
+    address: std::net::SocketAddr,
+    i: usize,
+    receive_buffer: Option<u32>,
+) -> tokio::net::TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     if let Some(bytes) = receive_buffer {
         socket.set_recv_buffer_size(bytes).unwrap();
@@ -271,7 +275,13 @@ pub async fn open(url: &str, i: usize, receive_buffer: Option<u32>) -> Socket {
     socket
         .bind(format!("127.0.0.{}:0", 1 + i % 4).parse().unwrap())
         .unwrap();
-    let stream = socket.connect(address).await.unwrap();
+    socket.connect(address).await.unwrap()
+}
+
+/// A WebSocket to `/v1/live` from 127.0.0.(1 + i % 4).
+pub async fn open(url: &str, i: usize, receive_buffer: Option<u32>) -> Socket {
+    let address: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let stream = connect_from(address, i, receive_buffer).await;
     let (ws, _) = tokio_tungstenite::client_async_with_config(
         format!("ws://{address}/v1/live"),
         stream,

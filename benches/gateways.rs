@@ -42,7 +42,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::cluster::{Cluster, Services};
 use crate::fanout::{
-    client_config, cpu_seconds, open, raise_open_files, server_time, COUNTRIES, FRAME,
+    client_config, connect_from, cpu_seconds, open, raise_open_files, server_time, COUNTRIES, FRAME,
 };
 use crate::support::{agent, now_ms, quantile, rss_kb, scrape};
 
@@ -123,13 +123,13 @@ pub fn run() {
     std::thread::sleep(Duration::from_secs(3));
     let rss = (gateways.iter().map(|&p| rss_kb(p)).sum::<u64>() - rss_before) as f64 * 1024.0
         / clients as f64;
-    let probing = Arc::new(AtomicBool::new(false));
+    let stop_probing = Arc::new(AtomicBool::new(false));
     let prober = probe(
         cluster.gateways.iter().map(|g| g.url.clone()).collect(),
-        Arc::clone(&probing),
+        Arc::clone(&stop_probing),
     );
     let tally = measure(&mut [], &mut shards, &gateways);
-    probing.store(true, Ordering::Relaxed);
+    stop_probing.store(true, Ordering::Relaxed);
     let mut posts = prober.join().unwrap();
     posts.sort_by(f64::total_cmp);
     let dropped = dropped() - dropped_before;
@@ -383,7 +383,8 @@ fn raw_writer(count: usize) {
 
 /// Opens `count` clients to `address`, numbered from `first` (which picks
 /// the topic and the source address): WebSockets that subscribe to a topic,
-/// or TCP connections to a writer, read as WebSockets already open. Each counts its messages by delay.
+/// or TCP connections to a writer, read as WebSockets already open. Each
+/// counts its messages by delay.
 /// `report` answers with the connections closed by the server, its CPU
 /// seconds and the delays (`MS:COUNT` …), all since `measure`.
 fn clients(address: &str, count: usize, first: usize, websocket: bool) {
@@ -411,11 +412,7 @@ fn clients(address: &str, count: usize, first: usize, websocket: bool) {
                 ws.send(Message::text(subscribe.to_string())).await.unwrap();
                 ws
             } else {
-                let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                socket
-                    .bind(format!("127.0.0.{}:0", 1 + i % 4).parse().unwrap())
-                    .unwrap();
-                let stream = socket.connect(address.parse().unwrap()).await.unwrap();
+                let stream = connect_from(address.parse().unwrap(), i, None).await;
                 WebSocketStream::from_raw_socket(stream, Role::Client, Some(client_config())).await
             };
             tokio::spawn(async move {
