@@ -29,17 +29,19 @@
 //! groups and never holds more than `SHARDS × share(max_groups)`.
 //!
 //! A contribution of a held group goes on to the window state as it
-//! arrives, and so does one of a new group while its shard has room for
-//! every contribution of new groups waiting to be decided: live views show a new group at
-//! once. Should such a group overflow after all (an earlier time, decided
-//! first, took the room), the state drops its contributions when it applies
-//! their time ([`Overflowed`]). Once a shard is full, the contributions of
-//! new groups wait for their time to be decided, and go on only if it
-//! admits them: a flood of new groups reaches neither the window state nor
-//! the live views.
+//! arrives. So do those of a new group whose first contribution at a time
+//! found its shard with room for every new group waiting to be decided:
+//! live views show a new group at once. Should such a group overflow after
+//! all (another group, decided first, took the room), the state drops its
+//! contributions when it applies their time ([`Overflowed`]), and the cap,
+//! which kept their sum per pane, counts it in the overflow group. Once a
+//! shard is full, the contributions of new groups wait for their time to
+//! be decided, summed per pane, and go on only if it admits them: a flood
+//! of new groups reaches neither the window state nor the live views.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use hashbrown::HashTable;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::aggregate::AggState;
@@ -78,18 +80,42 @@ pub fn share(max_groups: usize) -> usize {
 /// when it applies that time.
 pub type Overflowed = BTreeMap<u64, HashSet<(u16, u64, Group)>>;
 
-/// A contribution seen by [`CapState::arrive`], waiting for its time to be
-/// decided.
-pub enum Pending {
-    /// Of a group held past its time: it only makes the hold longer.
-    Held { slot: usize, until: Millis },
-    /// Of a group not held: the contribution, or a copy if it was `sent`
-    /// on already.
-    New {
-        c: Contribution,
-        until: Millis,
-        sent: bool,
-    },
+/// The contributions of new groups that travel at one time, waiting for
+/// it to be decided: per group, what each pane of it adds up to. A group
+/// waits once per time, however many contributions it has, so a burst
+/// waits in the memory of its groups, not of its contributions.
+#[derive(Default)]
+pub struct Waiting {
+    groups: Vec<NewGroup>,
+    /// Indices into `groups`, by routing hash.
+    index: HashTable<usize>,
+}
+
+/// A group not held when its first contribution at a time arrived.
+struct NewGroup {
+    table: u16,
+    hash: u64,
+    group: Group,
+    /// The end of the hold its contributions ask for.
+    until: Millis,
+    /// Whether its contributions went on as they arrived. Should the time
+    /// not admit it, the window state drops them, and `panes` goes to the
+    /// overflow group instead.
+    sent: bool,
+    /// (pane, state, appended at) of its contributions, one per pane.
+    panes: Vec<(Millis, AggState, Option<Millis>)>,
+}
+
+impl NewGroup {
+    fn add(&mut self, pane: Millis, state: AggState, appended_at: Option<Millis>) {
+        match self.panes.iter_mut().find(|(p, ..)| *p == pane) {
+            Some((_, mine, at)) => {
+                mine.merge(&state);
+                *at = (*at).max(appended_at);
+            }
+            None => self.panes.push((pane, state, appended_at)),
+        }
+    }
 }
 
 struct Held {
@@ -111,8 +137,8 @@ pub struct CapState {
     /// Per table: the dimensions, and the groups a shard may hold.
     dimensions: Vec<usize>,
     shares: Vec<usize>,
-    /// Per table and shard: the groups held, and the contributions of new
-    /// groups waiting for their time to be decided.
+    /// Per table and shard: the groups held, and the new groups waiting
+    /// for their time to be decided (once per time they wait at).
     counts: Vec<Vec<usize>>,
     waiting: Vec<Vec<usize>>,
     /// Held groups by routing hash.
@@ -172,97 +198,129 @@ impl CapState {
     }
 
     /// Takes contribution `c`, which travels at `time`: pushes it to `send`
-    /// if it goes on now, and returns what to decide at that time, or
-    /// `None` for the overflow group.
+    /// if it goes on now, and otherwise, or also when its group is new,
+    /// adds it to what waits for `time` to be decided.
     pub fn arrive(
         &mut self,
         c: Contribution,
         time: Millis,
+        waiting: &mut Waiting,
         send: &mut Vec<Contribution>,
-    ) -> Option<Pending> {
+    ) {
         if is_overflow(&c.group) {
             send.push(c);
-            return None;
+            return;
         }
         let until = self.until(c.metric, c.pane);
-        // A hold that outlasts `time` is still there when `time` is decided:
-        // holds end in time order, and contributions only lengthen them.
+        // A hold that outlasts `time` is lengthened at once: no time still
+        // to be decided before `time` could have let it go, and those after
+        // it see the same hold either way.
         let held = self
             .find(c.metric, c.hash, &c.group)
             .filter(|&slot| self.slots[slot].as_ref().is_some_and(|h| h.until > time));
         if let Some(slot) = held {
+            self.hold(slot, until);
             send.push(c);
-            return Some(Pending::Held { slot, until });
+            return;
+        }
+        let groups = &waiting.groups;
+        let found = waiting.index.find(c.hash, |&g| {
+            let g = &groups[g];
+            g.table == c.metric && g.group == c.group
+        });
+        if let Some(&g) = found {
+            let group = &mut waiting.groups[g];
+            group.until = group.until.max(until);
+            if group.sent {
+                group.add(c.pane, c.state.clone(), c.appended_at);
+                send.push(c);
+            } else {
+                group.add(c.pane, c.state, c.appended_at);
+            }
+            return;
         }
         let (table, s) = (c.metric as usize, shard(c.hash));
         let room = self.counts[table][s] + self.waiting[table][s] < self.shares[table];
         self.waiting[table][s] += 1;
-        Some(if room {
-            send.push(c.clone());
-            Pending::New {
-                c,
-                until,
-                sent: true,
-            }
+        let mut group = NewGroup {
+            table: c.metric,
+            hash: c.hash,
+            group: Vec::new(),
+            until,
+            sent: room,
+            panes: Vec::new(),
+        };
+        if room {
+            group.group = c.group.clone();
+            group.add(c.pane, c.state.clone(), c.appended_at);
+            send.push(c);
         } else {
-            Pending::New {
-                c,
-                until,
-                sent: false,
-            }
-        })
+            group.group = c.group;
+            group.add(c.pane, c.state, c.appended_at);
+        }
+        let g = waiting.groups.len();
+        waiting.groups.push(group);
+        let groups = &waiting.groups;
+        waiting
+            .index
+            .insert_unique(groups[g].hash, g, |&g| groups[g].hash);
     }
 
     /// Decides `time`, the next time the frontier has passed, with the
-    /// contributions that travelled at it: lets the holds that ended go,
-    /// then admits new groups in order while their shard has room. Returns
-    /// what goes on now: the admitted contributions that waited, and the
+    /// new groups `waiting` at it: lets the holds that ended go, then
+    /// admits new groups in order while their shard has room. Returns what
+    /// goes on now: the admitted groups' contributions that waited, and the
     /// overflow groups' contributions, one per (table, pane). Adds the
     /// groups that overflowed after their contributions were sent on to
     /// `overflowed`.
     pub fn decide(
         &mut self,
         time: Millis,
-        pending: Vec<Pending>,
+        waiting: Waiting,
         overflowed: &mut HashSet<(u16, u64, Group)>,
     ) -> Vec<Contribution> {
         self.expire(time);
-        let mut new = Vec::new();
-        for p in pending {
-            match p {
-                Pending::Held { slot, until } => self.hold(slot, until),
-                Pending::New { c, until, sent } => new.push((c, until, sent)),
-            }
-        }
-        new.sort_unstable_by(|(a, ..), (b, ..)| {
-            (a.metric, a.hash, &a.group).cmp(&(b.metric, b.hash, &b.group))
-        });
+        let mut new = waiting.groups;
+        new.sort_unstable_by(|a, b| (a.table, a.hash, &a.group).cmp(&(b.table, b.hash, &b.group)));
         let mut send = Vec::new();
         let mut overflow: BTreeMap<(u16, Millis), (AggState, Option<Millis>)> = BTreeMap::new();
-        for (c, until, sent) in new {
-            let (table, s) = (c.metric as usize, shard(c.hash));
+        for g in new {
+            let (table, s) = (g.table as usize, shard(g.hash));
             self.waiting[table][s] -= 1;
-            let admitted = match self.find(c.metric, c.hash, &c.group) {
+            let admitted = match self.find(g.table, g.hash, &g.group) {
                 Some(slot) => {
-                    self.hold(slot, until);
+                    self.hold(slot, g.until);
                     true
                 }
                 None if self.counts[table][s] < self.shares[table] => {
-                    self.admit(c.metric, c.group.clone(), c.hash, until);
+                    self.admit(g.table, g.group.clone(), g.hash, g.until);
                     true
                 }
                 None => false,
             };
-            match (admitted, sent) {
+            match (admitted, g.sent) {
                 (true, true) => {}
-                (true, false) => send.push(c),
-                (false, _) => {
-                    self.overflowed[table] += c.state.count;
-                    let (state, appended_at) = overflow.entry((c.metric, c.pane)).or_default();
-                    state.merge(&c.state);
-                    *appended_at = (*appended_at).max(c.appended_at);
+                (true, false) => {
+                    send.extend(g.panes.into_iter().map(|(pane, state, appended_at)| {
+                        Contribution {
+                            metric: g.table,
+                            group: g.group.clone(),
+                            hash: g.hash,
+                            pane,
+                            state,
+                            appended_at,
+                        }
+                    }))
+                }
+                (false, sent) => {
+                    for (pane, state, at) in g.panes {
+                        self.overflowed[table] += state.count;
+                        let (mine, appended_at) = overflow.entry((g.table, pane)).or_default();
+                        mine.merge(&state);
+                        *appended_at = (*appended_at).max(at);
+                    }
                     if sent {
-                        overflowed.insert((c.metric, c.hash, c.group));
+                        overflowed.insert((g.table, g.hash, g.group));
                     }
                 }
             }
@@ -435,26 +493,25 @@ mod tests {
         time_s: i64,
         contributions: &[Contribution],
     ) -> (BTreeSet<String>, Vec<(i64, u64)>) {
-        let mut sent = Vec::new();
-        let pending = contributions
-            .iter()
-            .filter_map(|c| cap.arrive(c.clone(), time_s * 1000, &mut sent))
-            .collect();
-        decided(cap, time_s, contributions, pending, sent)
+        let (mut waiting, mut sent) = (Waiting::default(), Vec::new());
+        for c in contributions {
+            cap.arrive(c.clone(), time_s * 1000, &mut waiting, &mut sent);
+        }
+        decided(cap, time_s, contributions, waiting, sent)
     }
 
-    /// Decides `time_s` with the `pending` of `contributions`, where `sent`
+    /// Decides `time_s` with the `waiting` of `contributions`, where `sent`
     /// went on as they arrived: the groups that overflowed, and the
     /// overflow group's (pane s, count) contributions.
     fn decided(
         cap: &mut CapState,
         time_s: i64,
         contributions: &[Contribution],
-        pending: Vec<Pending>,
+        waiting: Waiting,
         sent: Vec<Contribution>,
     ) -> (BTreeSet<String>, Vec<(i64, u64)>) {
         let mut turned_away = HashSet::default();
-        let send = cap.decide(time_s * 1000, pending, &mut turned_away);
+        let send = cap.decide(time_s * 1000, waiting, &mut turned_away);
         let (overflow, admitted): (Vec<_>, Vec<_>) =
             send.into_iter().partition(|c| is_overflow(&c.group));
         let turned_away: BTreeSet<&str> =
@@ -548,21 +605,53 @@ mod tests {
         // Every contribution arrives before any time is decided, each batch
         // reversed, and the later times first.
         let mut two = CapState::new(&tables(1), LATENESS);
-        let mut arrived: Vec<(Vec<Pending>, Vec<Contribution>)> =
+        let mut arrived: Vec<(Waiting, Vec<Contribution>)> =
             times.iter().map(|_| Default::default()).collect();
         for (i, (t, batch)) in times.iter().enumerate().rev() {
-            let (pending, sent) = &mut arrived[i];
+            let (waiting, sent) = &mut arrived[i];
             for c in batch.iter().rev() {
-                pending.extend(two.arrive(c.clone(), t * 1000, sent));
+                two.arrive(c.clone(), t * 1000, waiting, sent);
             }
         }
         let b: Vec<_> = times
             .iter()
             .zip(arrived)
-            .map(|((t, batch), (pending, sent))| decided(&mut two, *t, batch, pending, sent))
+            .map(|((t, batch), (waiting, sent))| decided(&mut two, *t, batch, waiting, sent))
             .collect();
         assert_eq!(a, b);
         assert!(a.iter().all(|(overflowed, _)| !overflowed.is_empty()));
+    }
+
+    #[test]
+    fn a_group_sent_on_at_once_and_turned_away_after_counts_every_contribution_in_the_overflow_group(
+    ) {
+        let mut cap = CapState::new(&tables(1), LATENESS);
+        let mut names = in_shard(4, "s", 2);
+        names.sort_by_key(|c| group_hash(0, &vec![c.clone()]));
+        let [first, second] = <[String; 2]>::try_from(names).unwrap();
+        // The group that sorts second arrives first, finds room and goes
+        // on: three contributions over two panes. The other waits.
+        let batch = [
+            contribution(&second, 0, 2),
+            contribution(&second, 0, 3),
+            contribution(&second, 10, 4),
+            contribution(&first, 0, 1),
+        ];
+        let (mut waiting, mut sent) = (Waiting::default(), Vec::new());
+        for c in &batch {
+            cap.arrive(c.clone(), 0, &mut waiting, &mut sent);
+        }
+        assert_eq!(sent.len(), 3);
+        assert_eq!(
+            waiting.groups.len(),
+            2,
+            "a group waits once however many contributions it has"
+        );
+        let (overflowed, overflow) = decided(&mut cap, 0, &batch, waiting, sent);
+        assert_eq!(overflowed, BTreeSet::from([second]));
+        assert_eq!(overflow, [(0, 5), (10, 4)]);
+        assert_eq!(cap.take_overflowed(), [9]);
+        assert_eq!(cap.held(0), 1);
     }
 
     #[test]
@@ -579,11 +668,15 @@ mod tests {
         assert!(overflowed.is_empty());
         assert_eq!(cap.held(0), 1);
         // The overflow group itself is never capped, nor held.
-        let mut sent = Vec::new();
-        assert!(cap
-            .arrive(contribution(OVERFLOW, 40, 1), 40_000, &mut sent)
-            .is_none());
+        let (mut waiting, mut sent) = (Waiting::default(), Vec::new());
+        cap.arrive(
+            contribution(OVERFLOW, 40, 1),
+            40_000,
+            &mut waiting,
+            &mut sent,
+        );
         assert_eq!(sent.len(), 1);
+        assert!(waiting.groups.is_empty());
     }
 
     #[test]

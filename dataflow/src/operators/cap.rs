@@ -20,7 +20,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-use crate::cap::{CapState, Overflowed, Pending};
+use crate::cap::{CapState, Overflowed, Waiting};
 use crate::checkpoint::GroupSnapshot;
 use crate::config::MetricSpec;
 use crate::model::Contribution;
@@ -56,21 +56,19 @@ impl<'scope> Cap<'scope> for Stream<'scope, u64, Vec<Contribution>> {
         state.restore(restored);
         let worker = self.scope().index();
         self.unary_frontier(routing::exchange(), "Cap", move |_, _| {
-            let mut pending: BTreeMap<u64, (Capability<u64>, Vec<Pending>)> = BTreeMap::new();
+            let mut pending: BTreeMap<u64, (Capability<u64>, Waiting)> = BTreeMap::new();
             let mut published = false;
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
                     let Some(&time) = cap.least() else { return };
                     let (_, waiting) = pending
                         .entry(time)
-                        .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()));
+                        .or_insert_with(|| (cap.delayed(&time, 0), Waiting::default()));
                     let mut send = Vec::new();
                     for container in data {
-                        waiting.extend(
-                            container
-                                .drain(..)
-                                .filter_map(|c| state.arrive(c, time as Millis, &mut send)),
-                        );
+                        for c in container.drain(..) {
+                            state.arrive(c, time as Millis, waiting, &mut send);
+                        }
                     }
                     if !send.is_empty() {
                         output.session(&cap).give_container(&mut send);
