@@ -397,10 +397,15 @@ enum Form {
     Frequent(Box<FrequentItemsSketch<String>>),
 }
 
+/// A HyperLogLog is one sketch until another is merged into it. A
+/// contribution's sketch, made by its events, never becomes a union, so
+/// merging it reads its coupons in place: a union must first be copied out
+/// as a sketch.
 #[derive(Clone)]
 enum Hll {
     Union(HllUnion),
-    Read(HllSketch),
+    /// Read from storage (as HLL_4), or made by updates (as HLL_8).
+    One(HllSketch),
 }
 
 /// The most events a stored sketch may claim: 2^48, some thousand years
@@ -416,8 +421,8 @@ impl Sketch {
     /// An empty HyperLogLog sketch.
     pub fn new() -> Sketch {
         // LG_K is in the library's valid range [4, 21].
-        Sketch(Form::Hll(Hll::Union(
-            HllUnion::new(LG_K).expect("valid lg_k"),
+        Sketch(Form::Hll(Hll::One(
+            HllSketch::new(LG_K, HllType::Hll8).expect("valid lg_k"),
         )))
     }
 
@@ -455,7 +460,7 @@ impl Sketch {
     pub fn estimate(&self) -> Option<f64> {
         match &self.0 {
             Form::Hll(Hll::Union(union)) => Some(union.composite_estimate().round()),
-            Form::Hll(Hll::Read(sketch)) => Some(sketch.composite_estimate().round()),
+            Form::Hll(Hll::One(sketch)) => Some(sketch.composite_estimate().round()),
             Form::Kll(_) | Form::Frequent(_) => None,
         }
     }
@@ -468,7 +473,13 @@ impl Sketch {
     pub fn to_bytes(&self) -> Vec<u8> {
         match &self.0 {
             Form::Hll(Hll::Union(union)) => union.to_sketch(HllType::Hll4).serialize(),
-            Form::Hll(Hll::Read(sketch)) => sketch.serialize(),
+            Form::Hll(Hll::One(sketch)) if sketch.target_type() == HllType::Hll4 => {
+                sketch.serialize()
+            }
+            Form::Hll(hll @ Hll::One(_)) => {
+                let mut union = hll.clone();
+                union.union().to_sketch(HllType::Hll4).serialize()
+            }
             Form::Kll(sketch) => sketch.serialize(),
             Form::Frequent(sketch) => sketch.serialize(),
         }
@@ -485,7 +496,7 @@ impl Sketch {
                 FrequentItemsSketch::deserialize(bytes).map(|s| Form::Frequent(Box::new(s)))
             }
             // HyperLogLog, whose reader refuses bytes of any other family.
-            _ => HllSketch::deserialize(bytes).map(|s| Form::Hll(Hll::Read(s))),
+            _ => HllSketch::deserialize(bytes).map(|s| Form::Hll(Hll::One(s))),
         };
         let form = form.map_err(|e| e.to_string())?;
         let events = match &form {
@@ -544,27 +555,30 @@ impl Sketch {
 }
 
 impl Hll {
-    /// The union form, converting a sketch read from storage on first use.
+    /// The union form, converting one sketch on first use.
     fn union(&mut self) -> &mut HllUnion {
-        if let Hll::Read(sketch) = self {
+        if let Hll::One(sketch) = self {
             let mut union = HllUnion::new(LG_K).expect("valid lg_k");
             union.update(sketch);
             *self = Hll::Union(union);
         }
         match self {
             Hll::Union(union) => union,
-            Hll::Read(_) => unreachable!("converted above"),
+            Hll::One(_) => unreachable!("converted above"),
         }
     }
 
     /// Adds one value.
     fn update(&mut self, value: impl std::hash::Hash) {
-        self.union().update_value(value);
+        match self {
+            Hll::One(sketch) => sketch.update(value),
+            Hll::Union(union) => union.update_value(value),
+        }
     }
 
     fn merge(&mut self, other: &Hll) {
         match other {
-            Hll::Read(sketch) => self.union().update(sketch),
+            Hll::One(sketch) => self.union().update(sketch),
             Hll::Union(union) => {
                 let sketch = union.to_sketch(HllType::Hll8);
                 self.union().update(&sketch);
