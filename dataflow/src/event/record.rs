@@ -332,7 +332,19 @@ impl<'a> Reader<'a> {
         Ok(i64::from_le_bytes(self.take()?))
     }
 
+    /// A length: one byte for most, which is read inline.
+    #[inline]
     fn varint(&mut self) -> Result<usize, Unreadable> {
+        match self.0.split_first() {
+            Some((&b, rest)) if b < 0x80 => {
+                self.0 = rest;
+                Ok(usize::from(b))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    fn long_varint(&mut self) -> Result<usize, Unreadable> {
         let mut n = 0u64;
         for (i, &b) in self.0.iter().take(5).enumerate() {
             n |= u64::from(b & 0x7f) << (7 * i);

@@ -71,7 +71,7 @@ use crate::config::MetricSpec;
 use crate::coordination::Coordination;
 use crate::dedupe::{IdKey, Remembered, Seen};
 use crate::event::record::{self, Record};
-use crate::event::{EventRef, Fields};
+use crate::event::EventRef;
 use crate::model::{Contribution, DeadLetter, Group};
 use crate::ports::{BatchSource, Poll, SourceBatch};
 use crate::rollup::{made, Made};
@@ -508,6 +508,9 @@ struct Folding {
     appended_at: Option<Millis>,
     /// Per shape, the event's group while it is folded.
     event_groups: Vec<Option<usize>>,
+    /// Where the event's dimensions are ([`Shapes::find`]) while it is
+    /// folded.
+    found: Vec<usize>,
 }
 
 /// The dimension values of one [`Shapes`] list, and the entries of the
@@ -529,6 +532,11 @@ struct Shapes {
     dimensions: Vec<Vec<String>>,
     /// Per configured metric: its index and its list's.
     metrics: Vec<(u16, usize)>,
+    /// The dimensions the configured metrics group by, each once: an
+    /// event's are found once, whatever the number of lists they are in.
+    names: Vec<String>,
+    /// Per list of a configured metric, its dimensions' places in `names`.
+    places: Vec<Vec<usize>>,
 }
 
 impl Shapes {
@@ -541,6 +549,22 @@ impl Shapes {
                 shapes.metrics.push((index as u16, shape));
             }
         }
+        let names = &mut shapes.names;
+        shapes.places = shapes
+            .dimensions
+            .iter()
+            .map(|list| {
+                list.iter()
+                    .map(|d| match names.iter().position(|n| n == d) {
+                        Some(place) => place,
+                        None => {
+                            names.push(d.clone());
+                            names.len() - 1
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
         shapes
     }
 
@@ -554,7 +578,23 @@ impl Shapes {
             }
         }
     }
+
+    /// Where in `event`'s dimensions each of [`Self::names`] is, into
+    /// `found`: [`ABSENT`] for one it lacks. Later duplicates win, as they
+    /// would in a map.
+    fn find(&self, event: &EventRef<'_>, found: &mut Vec<usize>) {
+        found.clear();
+        found.resize(self.names.len(), ABSENT);
+        for (at, (name, _)) in event.dimensions.iter().enumerate() {
+            if let Some(place) = self.names.iter().position(|n| n == name) {
+                found[place] = at;
+            }
+        }
+    }
 }
+
+/// The place of a dimension an event lacks.
+const ABSENT: usize = usize::MAX;
 
 struct Entry {
     metric: u16,
@@ -594,6 +634,8 @@ impl Folding {
     ) {
         self.event_groups.clear();
         self.event_groups.resize(shapes.dimensions.len(), None);
+        let mut found = std::mem::take(&mut self.found);
+        shapes.find(event, &mut found);
         for &(index, shape) in &shapes.metrics {
             let metric = &metrics[index as usize];
             if !metric.accepts(&event.event_type) {
@@ -602,9 +644,12 @@ impl Folding {
             let local = match self.event_groups[shape] {
                 Some(local) => local,
                 None => {
-                    let values = shapes.dimensions[shape]
+                    let values = shapes.places[shape]
                         .iter()
-                        .map(|d| event.dimension(d).unwrap_or_default());
+                        .map(|&place| match found[place] {
+                            ABSENT => "",
+                            at => event.dimensions[at].1.as_ref(),
+                        });
                     let local = self.local(shape, values);
                     self.event_groups[shape] = Some(local);
                     local
@@ -616,6 +661,7 @@ impl Folding {
                 .state
                 .observe(metric.aggregate, metric.field.as_ref(), event);
         }
+        self.found = found;
     }
 
     /// The group of `values` in list `shape`, made if the time has none yet.
