@@ -42,7 +42,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use hashbrown::HashTable;
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashSet as HashSet;
 
 use crate::aggregate::AggState;
 use crate::checkpoint::GroupSnapshot;
@@ -141,8 +141,8 @@ pub struct CapState {
     /// for their time to be decided (once per time they wait at).
     counts: Vec<Vec<usize>>,
     waiting: Vec<Vec<usize>>,
-    /// Held groups by routing hash.
-    index: HashMap<u64, Vec<usize>>,
+    /// Held groups, as indices into `slots`, by routing hash.
+    index: HashTable<usize>,
     slots: Vec<Option<Held>>,
     free: Vec<usize>,
     /// Held groups by the end of their hold.
@@ -172,7 +172,7 @@ impl CapState {
             shares: tables.iter().map(|t| share(t.max_groups)).collect(),
             counts: vec![vec![0; SHARDS]; tables.len()],
             waiting: vec![vec![0; SHARDS]; tables.len()],
-            index: HashMap::default(),
+            index: HashTable::new(),
             slots: Vec::new(),
             free: Vec::new(),
             by_until: BTreeSet::new(),
@@ -190,11 +190,13 @@ impl CapState {
     }
 
     fn find(&self, table: u16, hash: u64, group: &Group) -> Option<usize> {
-        self.index.get(&hash)?.iter().copied().find(|&slot| {
-            self.slots[slot]
-                .as_ref()
-                .is_some_and(|h| h.table == table && h.group == *group)
-        })
+        self.index
+            .find(hash, |&slot| {
+                self.slots[slot]
+                    .as_ref()
+                    .is_some_and(|h| h.table == table && h.group == *group)
+            })
+            .copied()
     }
 
     /// Takes contribution `c`, which travels at `time`: pushes it to `send`
@@ -363,7 +365,8 @@ impl CapState {
                 self.slots.len() - 1
             }
         };
-        self.index.entry(hash).or_default().push(slot);
+        let slots = &self.slots;
+        self.index.insert_unique(hash, slot, |&s| hash_of(slots, s));
         self.by_until.insert((until, slot));
     }
 
@@ -378,11 +381,8 @@ impl CapState {
             self.by_until.pop_first();
             let held = self.slots[slot].take().expect("a held slot");
             self.counts[held.table as usize][shard(held.hash)] -= 1;
-            if let Some(slots) = self.index.get_mut(&held.hash) {
-                slots.retain(|&s| s != slot);
-                if slots.is_empty() {
-                    self.index.remove(&held.hash);
-                }
+            if let Ok(entry) = self.index.find_entry(held.hash, |&s| s == slot) {
+                entry.remove();
             }
             self.free.push(slot);
             released = true;
@@ -397,7 +397,8 @@ impl CapState {
             self.free.retain(|&s| s < len);
             self.slots.shrink_to_fit();
             self.free.shrink_to_fit();
-            self.index.shrink_to_fit();
+            let slots = &self.slots;
+            self.index.shrink_to_fit(|&s| hash_of(slots, s));
         }
         released
     }
@@ -438,6 +439,12 @@ impl CapState {
         let zero = vec![0; self.overflowed.len()];
         std::mem::replace(&mut self.overflowed, zero)
     }
+}
+
+/// The routing hash of the group held in `slot`, which the index is keyed
+/// by: a slot is taken out of the index when its hold ends.
+fn hash_of(slots: &[Option<Held>], slot: usize) -> u64 {
+    slots[slot].as_ref().expect("an indexed slot is held").hash
 }
 
 #[cfg(test)]

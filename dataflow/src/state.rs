@@ -42,6 +42,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hashbrown::HashTable;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::aggregate::AggState;
@@ -66,8 +67,9 @@ pub struct WindowState {
     /// Panes of groups with rollups not merged into them yet, by end:
     /// (end, group, pane start).
     unrolled: BTreeSet<(Millis, usize, Millis)>,
-    /// Interned (metric, group) keys, by their routing hash.
-    index: HashMap<u64, Vec<usize>>,
+    /// Interned (metric, group) keys, as indices into `groups`, by their
+    /// routing hash.
+    index: HashTable<usize>,
     /// Groups by index; `None` for a freed slot, which [`Self::free`] lists.
     groups: Vec<Option<GroupState>>,
     /// Freed slots of `groups`, reused before it grows.
@@ -264,7 +266,7 @@ impl WindowState {
             widest,
             rollups,
             unrolled: BTreeSet::new(),
-            index: HashMap::default(),
+            index: HashTable::new(),
             groups: Vec::new(),
             free: Vec::new(),
             open: BTreeSet::new(),
@@ -540,7 +542,8 @@ impl WindowState {
             capacity > 64 && len * 4 < capacity
         }
         if sparse(self.index.len(), self.index.capacity()) {
-            self.index.shrink_to_fit();
+            let groups = &self.groups;
+            self.index.shrink_to_fit(|&g| hash_of(groups, g));
         }
         if sparse(self.closed.len(), self.closed.capacity()) {
             self.closed.shrink_to_fit();
@@ -565,11 +568,8 @@ impl WindowState {
         let Some(group) = self.groups[g].take() else {
             return;
         };
-        if let Some(candidates) = self.index.get_mut(&group.hash) {
-            candidates.retain(|&c| c != g);
-            if candidates.is_empty() {
-                self.index.remove(&group.hash);
-            }
+        if let Ok(entry) = self.index.find_entry(group.hash, |&c| c == g) {
+            entry.remove();
         }
         self.free.push(g);
     }
@@ -776,14 +776,11 @@ impl WindowState {
     /// `of`, and its routing hash.
     fn intern_rollup(&mut self, table: u16, of: usize) -> usize {
         let from = self.group(of);
-        let found = self.index.get(&from.hash).and_then(|candidates| {
-            candidates.iter().copied().find(|&g| {
-                self.groups[g]
-                    .as_ref()
-                    .is_some_and(|s| s.metric == table && s.group == from.group)
-            })
-        });
-        if let Some(g) = found {
+        if let Some(&g) = self.index.find(from.hash, |&g| {
+            self.groups[g]
+                .as_ref()
+                .is_some_and(|s| s.metric == table && s.group == from.group)
+        }) {
             return g;
         }
         let (group, hash) = (from.group.clone(), from.hash);
@@ -792,8 +789,7 @@ impl WindowState {
 
     fn intern(&mut self, metric: u16, group: &Group, hash: u64) -> usize {
         let groups = &self.groups;
-        let candidates = self.index.entry(hash).or_default();
-        if let Some(&g) = candidates.iter().find(|&&g| {
+        if let Some(&g) = self.index.find(hash, |&g| {
             groups[g]
                 .as_ref()
                 .is_some_and(|s| s.metric == metric && s.group == *group)
@@ -821,7 +817,8 @@ impl WindowState {
                 self.groups.len() - 1
             }
         };
-        candidates.push(g);
+        let groups = &self.groups;
+        self.index.insert_unique(hash, g, |&g| hash_of(groups, g));
         g
     }
 
@@ -863,6 +860,12 @@ impl WindowState {
             appended_at: group.appended_at,
         }
     }
+}
+
+/// The routing hash of interned group `g`, which the index is keyed by:
+/// a group is taken out of the index before its slot is freed.
+fn hash_of(groups: &[Option<GroupState>], g: usize) -> u64 {
+    groups[g].as_ref().expect("an indexed group is live").hash
 }
 
 #[cfg(test)]
