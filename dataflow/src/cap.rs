@@ -204,7 +204,7 @@ impl CapState {
     /// adds it to what waits for `time` to be decided.
     pub fn arrive(
         &mut self,
-        c: Contribution,
+        mut c: Contribution,
         time: Millis,
         waiting: &mut Waiting,
         send: &mut Vec<Contribution>,
@@ -230,42 +230,41 @@ impl CapState {
             let g = &groups[g];
             g.table == c.metric && g.group == c.group
         });
-        if let Some(&g) = found {
-            let group = &mut waiting.groups[g];
-            group.until = group.until.max(until);
-            if group.sent {
-                group.add(c.pane, c.state.clone(), c.appended_at);
-                send.push(c);
-            } else {
-                group.add(c.pane, c.state, c.appended_at);
+        let g = match found {
+            Some(&g) => g,
+            None => {
+                // A new group goes on at once, for the whole time, if its
+                // first contribution finds room.
+                let (table, s) = (c.metric as usize, shard(c.hash));
+                let room = self.counts[table][s] + self.waiting[table][s] < self.shares[table];
+                self.waiting[table][s] += 1;
+                let group = if room {
+                    c.group.clone()
+                } else {
+                    std::mem::take(&mut c.group)
+                };
+                let g = waiting.groups.len();
+                waiting.groups.push(NewGroup {
+                    table: c.metric,
+                    hash: c.hash,
+                    group,
+                    until,
+                    sent: room,
+                    panes: Vec::new(),
+                });
+                let groups = &waiting.groups;
+                waiting.index.insert_unique(c.hash, g, |&g| groups[g].hash);
+                g
             }
-            return;
-        }
-        let (table, s) = (c.metric as usize, shard(c.hash));
-        let room = self.counts[table][s] + self.waiting[table][s] < self.shares[table];
-        self.waiting[table][s] += 1;
-        let mut group = NewGroup {
-            table: c.metric,
-            hash: c.hash,
-            group: Vec::new(),
-            until,
-            sent: room,
-            panes: Vec::new(),
         };
-        if room {
-            group.group = c.group.clone();
+        let group = &mut waiting.groups[g];
+        group.until = group.until.max(until);
+        if group.sent {
             group.add(c.pane, c.state.clone(), c.appended_at);
             send.push(c);
         } else {
-            group.group = c.group;
             group.add(c.pane, c.state, c.appended_at);
         }
-        let g = waiting.groups.len();
-        waiting.groups.push(group);
-        let groups = &waiting.groups;
-        waiting
-            .index
-            .insert_unique(groups[g].hash, g, |&g| groups[g].hash);
     }
 
     /// Decides `time`, the next time the frontier has passed, with the
