@@ -776,24 +776,26 @@ impl WindowState {
     /// `of`, and its routing hash.
     fn intern_rollup(&mut self, table: u16, of: usize) -> usize {
         let from = self.group(of);
-        if let Some(&g) = self.index.find(from.hash, |&g| {
-            self.groups[g]
-                .as_ref()
-                .is_some_and(|s| s.metric == table && s.group == from.group)
-        }) {
+        if let Some(g) = self.find(table, &from.group, from.hash) {
             return g;
         }
         let (group, hash) = (from.group.clone(), from.hash);
         self.intern(table, &group, hash)
     }
 
+    /// The interned (`metric`, `group`), whose routing hash is `hash`.
+    fn find(&self, metric: u16, group: &Group, hash: u64) -> Option<usize> {
+        self.index
+            .find(hash, |&g| {
+                self.groups[g]
+                    .as_ref()
+                    .is_some_and(|s| s.metric == metric && s.group == *group)
+            })
+            .copied()
+    }
+
     fn intern(&mut self, metric: u16, group: &Group, hash: u64) -> usize {
-        let groups = &self.groups;
-        if let Some(&g) = self.index.find(hash, |&g| {
-            groups[g]
-                .as_ref()
-                .is_some_and(|s| s.metric == metric && s.group == *group)
-        }) {
+        if let Some(g) = self.find(metric, group, hash) {
             return g;
         }
         let state = GroupState {
