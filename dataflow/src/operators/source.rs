@@ -553,30 +553,14 @@ impl Shapes {
         shapes.places = shapes
             .dimensions
             .iter()
-            .map(|list| {
-                list.iter()
-                    .map(|d| match names.iter().position(|n| n == d) {
-                        Some(place) => place,
-                        None => {
-                            names.push(d.clone());
-                            names.len() - 1
-                        }
-                    })
-                    .collect()
-            })
+            .map(|list| list.iter().map(|d| place_of(names, d)).collect())
             .collect();
         shapes
     }
 
     /// The index of the list `dimensions`, added if it is new.
     fn shape(&mut self, dimensions: &[String]) -> usize {
-        match self.dimensions.iter().position(|d| d == dimensions) {
-            Some(shape) => shape,
-            None => {
-                self.dimensions.push(dimensions.to_vec());
-                self.dimensions.len() - 1
-            }
-        }
+        place_of(&mut self.dimensions, dimensions)
     }
 
     /// Where in `event`'s dimensions each of [`Self::names`] is, into
@@ -595,6 +579,21 @@ impl Shapes {
 
 /// The place of a dimension an event lacks.
 const ABSENT: usize = usize::MAX;
+
+/// The place of `item` in `list`, added at the end if it is not there.
+fn place_of<T, Q>(list: &mut Vec<T>, item: &Q) -> usize
+where
+    T: PartialEq<Q>,
+    Q: ToOwned<Owned = T> + ?Sized,
+{
+    match list.iter().position(|known| known == item) {
+        Some(place) => place,
+        None => {
+            list.push(item.to_owned());
+            list.len() - 1
+        }
+    }
+}
 
 struct Entry {
     metric: u16,
