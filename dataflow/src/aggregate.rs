@@ -476,10 +476,7 @@ impl Sketch {
             Form::Hll(Hll::One(sketch)) if sketch.target_type() == HllType::Hll4 => {
                 sketch.serialize()
             }
-            Form::Hll(hll @ Hll::One(_)) => {
-                let mut union = hll.clone();
-                union.union().to_sketch(HllType::Hll4).serialize()
-            }
+            Form::Hll(Hll::One(sketch)) => union_of(sketch).to_sketch(HllType::Hll4).serialize(),
             Form::Kll(sketch) => sketch.serialize(),
             Form::Frequent(sketch) => sketch.serialize(),
         }
@@ -554,13 +551,18 @@ impl Sketch {
     }
 }
 
+/// A union of one sketch.
+fn union_of(sketch: &HllSketch) -> HllUnion {
+    let mut union = HllUnion::new(LG_K).expect("valid lg_k");
+    union.update(sketch);
+    union
+}
+
 impl Hll {
     /// The union form, converting one sketch on first use.
     fn union(&mut self) -> &mut HllUnion {
         if let Hll::One(sketch) = self {
-            let mut union = HllUnion::new(LG_K).expect("valid lg_k");
-            union.update(sketch);
-            *self = Hll::Union(union);
+            *self = Hll::Union(union_of(sketch));
         }
         match self {
             Hll::Union(union) => union,
