@@ -1,7 +1,8 @@
 //! (g) Cluster mode against `tally run`, in the same run and on the same
 //! events: HTTP ingest (POST until the brokers acknowledge, against POST
 //! until fsync'd) and end to end (from the first POST until every event is
-//! counted in a stored window).
+//! counted in a stored window), with the CPU each process spends per event:
+//! tally's gateway and worker against the broker, ClickHouse and Redis.
 //!
 //! Needs the services of `scripts/services.sh`, named by `KAFKA_BROKERS`,
 //! `CLICKHOUSE_URL` and `REDIS_URL`. The cluster is one worker process of two
@@ -12,12 +13,14 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
-use crate::support::{agent, bodies, now_ms, post_bodies, post_events, tally_command, Tally};
+use crate::support::{
+    agent, bodies, closing_body, cpu_seconds, listener_pid, now_ms, post_bodies, post_events,
+    stored_events, tally_command, Tally,
+};
 
 const BATCH: usize = 1000;
 const BATCHES: usize = 300;
+const EVENTS: usize = BATCH * BATCHES;
 const CONNECTIONS: usize = 4;
 
 pub fn run() {
@@ -25,34 +28,114 @@ pub fn run() {
         println!("(g) cluster mode: skipped; start the services with scripts/services.sh and export their addresses");
         return;
     };
-    let now = now_ms();
-    let bodies = bodies(7, BATCHES, BATCH, now);
-    let events = BATCH * BATCHES;
-    let idle = [("TALLY__DATAFLOW__IDLE_TIMEOUT", "1s")];
+    // Stamped two minutes back, so that the closing events move every
+    // watermark past their windows.
+    let past = now_ms() - 120_000;
+    let bodies = bodies(7, BATCHES, BATCH, past);
+    let span = (past / 10_000 * 10, (past + 20_000) / 1000);
+    let load = std::process::id();
 
     let dir = tempfile::tempdir().unwrap();
-    let embedded = Tally::start(dir.path(), &idle);
-    let (embedded_ingest, embedded_e2e) = measure(&embedded.url, &bodies, events, now);
+    let embedded = Tally::start(dir.path(), &[]);
+    let embedded_run = measure(&embedded.url, &bodies, span, &[embedded.pid(), load]);
     drop(embedded);
 
-    let cluster = Cluster::start(&services, &dir.path().join("cluster"), &idle, 1);
+    let cluster = Cluster::start(&services, &dir.path().join("cluster"), &[], 1);
     let gateway = &cluster.gateways[0];
-    let (cluster_ingest, cluster_e2e) = measure(&gateway.url, &bodies, events, now);
+    let brokers = [
+        ("broker (tansu)", &services.kafka),
+        ("ClickHouse", &services.clickhouse),
+        ("Redis", &services.redis),
+    ]
+    .map(|(name, address)| (name, port_of(address).and_then(listener_pid)));
+    let mut pids = vec![gateway.pid(), cluster.worker.0.id(), load];
+    pids.extend(brokers.iter().filter_map(|(_, pid)| *pid));
+    let cluster_run = measure(&gateway.url, &bodies, span, &pids);
     drop(cluster);
 
-    println!("(g) cluster mode vs tally run, {events} events in batches of {BATCH}, {CONNECTIONS} connections; 2 timely workers each");
+    println!("(g) cluster mode vs tally run, {EVENTS} events in batches of {BATCH}, {CONNECTIONS} connections; 2 timely workers each");
     println!(
-        "    HTTP ingest, tally run (fsync always):            {embedded_ingest:>10.0} events/s"
+        "    HTTP ingest, tally run (fsync always):            {:>10.0} events/s",
+        embedded_run.ingest
     );
     println!(
-        "    HTTP ingest, tally gateway (Kafka acks=all):      {cluster_ingest:>10.0} events/s  ({:.2}x tally run)",
-        cluster_ingest / embedded_ingest
+        "    HTTP ingest, tally gateway (Kafka acks=all):      {:>10.0} events/s  ({:.2}x tally run)",
+        cluster_run.ingest,
+        cluster_run.ingest / embedded_run.ingest
     );
-    println!("    end to end, tally run:                            {embedded_e2e:>10.0} events/s");
     println!(
-        "    end to end, gateway + worker + ClickHouse:        {cluster_e2e:>10.0} events/s  ({:.2}x tally run)",
-        cluster_e2e / embedded_e2e
+        "    end to end, tally run:                            {:>10.0} events/s",
+        embedded_run.end_to_end
     );
+    println!(
+        "    end to end, gateway + worker + ClickHouse:        {:>10.0} events/s  ({:.2}x tally run)",
+        cluster_run.end_to_end,
+        cluster_run.end_to_end / embedded_run.end_to_end
+    );
+    let per_event = |cpu: f64| cpu * 1e6 / EVENTS as f64;
+    println!(
+        "    CPU per event, from the first POST until every event is stored (user + system, µs):"
+    );
+    println!(
+        "      tally run:                                      {:>8.2}",
+        per_event(embedded_run.cpu[0])
+    );
+    let tally = cluster_run.cpu[0] + cluster_run.cpu[1];
+    println!(
+        "      cluster, tally gateway:                         {:>8.2}",
+        per_event(cluster_run.cpu[0])
+    );
+    println!(
+        "      cluster, tally worker:                          {:>8.2}",
+        per_event(cluster_run.cpu[1])
+    );
+    let mut services_cpu = 0.0;
+    let mut measured = cluster_run.cpu[3..].iter();
+    for (name, pid) in brokers {
+        match pid {
+            Some(_) => {
+                let cpu = *measured.next().unwrap();
+                services_cpu += cpu;
+                println!(
+                    "      {:<48}{:>8.2}",
+                    format!("cluster, {name}:"),
+                    per_event(cpu)
+                );
+            }
+            None => println!(
+                "      {:<48}not on this machine",
+                format!("cluster, {name}:")
+            ),
+        }
+    }
+    println!(
+        "      tally's part of the cluster's server CPU:       {:>7.0}%",
+        100.0 * tally / (tally + services_cpu)
+    );
+    println!(
+        "      the load generator, tally run / cluster:        {:>8.2} / {:.2}",
+        per_event(embedded_run.cpu[1]),
+        per_event(cluster_run.cpu[2])
+    );
+}
+
+/// The rates of one run of [`measure`], and the CPU each process spent.
+struct Measured {
+    ingest: f64,
+    end_to_end: f64,
+    /// Seconds, in the order of the process ids given.
+    cpu: Vec<f64>,
+}
+
+/// The port of an address such as `127.0.0.1:9092` or `http://host:8123/`;
+/// the first one of a list.
+fn port_of(address: &str) -> Option<u16> {
+    let first = address.split(',').next()?;
+    let after = first.rsplit_once(':')?.1;
+    let digits = after
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(after.len());
+    after[..digits].parse().ok()
 }
 
 /// The addresses of the services `scripts/services.sh` starts.
@@ -78,7 +161,7 @@ impl Services {
 /// gateways, on a topic, database and prefix of their own. Stopped on drop.
 pub struct Cluster {
     pub gateways: Vec<Tally>,
-    _worker: Worker,
+    worker: Worker,
 }
 
 impl Cluster {
@@ -129,10 +212,7 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        Cluster {
-            gateways,
-            _worker: worker,
-        }
+        Cluster { gateways, worker }
     }
 }
 
@@ -146,41 +226,33 @@ impl Drop for Worker {
     }
 }
 
-/// Posts every body over concurrent connections, then an event that closes
-/// the windows; returns the ingest rate and the end-to-end rate, both from
-/// the first POST.
-fn measure(url: &str, bodies: &Arc<Vec<Vec<u8>>>, events: usize, now: i64) -> (f64, f64) {
+/// Posts every body over concurrent connections, then one event now in
+/// every partition, which moves every watermark past the bodies' windows;
+/// returns the ingest rate and the end-to-end rate, both from the first POST,
+/// and the CPU processes `pids` spent meanwhile.
+fn measure(url: &str, bodies: &Arc<Vec<Vec<u8>>>, span: (i64, i64), pids: &[u32]) -> Measured {
+    let cpu = || pids.iter().map(|&pid| cpu_seconds(pid)).collect::<Vec<_>>();
+    let before = cpu();
     let started = Instant::now();
     post_bodies(url, bodies, CONNECTIONS);
-    let ingest = events as f64 / started.elapsed().as_secs_f64();
-    let client = agent();
-    let flush = json!([{"eventType": "flush", "timestamp": now + 240_000}]);
-    post_events(&client, url, flush.to_string().as_bytes());
-    let query = format!(
-        "{url}/v1/metrics?metric=events&resolution=1m&start={}&end={}",
-        (now - 60_000) / 1000,
-        (now + 180_000) / 1000
-    );
-    loop {
-        let counted: f64 = client
-            .get(&query)
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_json::<Value>().ok())
-            .and_then(|v| {
-                v["dataPoints"]
-                    .as_array()
-                    .map(|p| p.iter().filter_map(|d| d["value"].as_f64()).sum())
-            })
-            .unwrap_or(0.0);
-        if counted as usize >= events {
-            break;
-        }
+    let ingest = EVENTS as f64 / started.elapsed().as_secs_f64();
+    post_events(&agent(), url, &closing_body());
+    while stored_events(url, span) < EVENTS as u64 {
         assert!(
             started.elapsed() < Duration::from_secs(600),
             "not every event was counted"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    (ingest, events as f64 / started.elapsed().as_secs_f64())
+    let end_to_end = EVENTS as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu()
+        .iter()
+        .zip(before)
+        .map(|(after, before)| after - before)
+        .collect();
+    Measured {
+        ingest,
+        end_to_end,
+        cpu,
+    }
 }

@@ -42,9 +42,9 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::cluster::{Cluster, Services};
 use crate::fanout::{
-    client_config, connect_from, cpu_seconds, open, raise_open_files, server_time, COUNTRIES, FRAME,
+    client_config, connect_from, open, raise_open_files, server_time, COUNTRIES, FRAME,
 };
-use crate::support::{agent, now_ms, quantile, rss_kb, scrape};
+use crate::support::{agent, cpu_seconds, now_ms, quantile, rss_kb, scrape};
 
 /// The variable that makes this benchmark's binary a client or writer
 /// process: `raw-writer COUNT`, `raw-clients ADDRESS COUNT FIRST` or

@@ -8,15 +8,13 @@
 //! gateway's own validating parse of the same bytes on one thread, which
 //! also writes each event's log record.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use tally_dataflow::dedupe::IdKey;
 use tally_dataflow::event::{parse_batch, EventLimits};
 
 use crate::support::{
-    agent, bodies, default_config, event, now_ms, post_bodies, post_bodies_as, post_events,
-    repository_config, Tally,
+    agent, bodies, closing_body, now_ms, post_bodies, post_bodies_as, post_events,
+    repository_config, stored_events, Tally,
 };
 
 const BATCH: usize = 1000;
@@ -143,44 +141,6 @@ pub fn run() {
         checked,
         (checked / open - 1.0) * 100.0
     );
-}
-
-/// One event at the current time for each partition of the log: its id
-/// picks the partition.
-fn closing_body() -> Vec<u8> {
-    let partitions = default_config().log.partitions;
-    let mut rng = fastrand::Rng::with_seed(7);
-    let mut missing: BTreeSet<u32> = (0..partitions).collect();
-    let mut events = Vec::new();
-    for i in 0.. {
-        if missing.is_empty() {
-            break;
-        }
-        let id = format!("close_{i}");
-        if missing.remove(&IdKey::of(&id).partition(partitions)) {
-            let mut event = event(&mut rng, now_ms());
-            event["eventId"] = id.into();
-            events.push(event);
-        }
-    }
-    serde_json::to_vec(&events).unwrap()
-}
-
-/// The events the store holds in the 10 s windows of `(start, end)`, Unix
-/// seconds, by the `events` metric, which counts every event.
-fn stored_events(url: &str, (start, end): (i64, i64)) -> u64 {
-    let answer: serde_json::Value = agent()
-        .get(format!(
-            "{url}/v1/metrics?metric=events&resolution=10s&start={start}&end={end}"
-        ))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap();
-    answer["dataPoints"].as_array().map_or(0, |points| {
-        points.iter().filter_map(|p| p["value"].as_u64()).sum()
-    })
 }
 
 /// The secret of the benchmark's key.

@@ -1,7 +1,7 @@
 //! Helpers shared by the benchmarks: the default metrics, generated events,
 //! and a `tally run` process.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tally_dataflow::config::Config;
+use tally_dataflow::dedupe::IdKey;
 pub use tally_dataflow::time::now_ms;
 
 /// The repository's default configuration.
@@ -326,4 +327,88 @@ pub fn rss_kb(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The CPU time process `pid` has used, user and system, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The process on this machine listening on TCP `port` of 127.0.0.1 or of
+/// every address, if it can be seen: the socket's inode from
+/// `/proc/net/tcp`, then the process holding it among `/proc/*/fd`.
+pub fn listener_pid(port: u16) -> Option<u32> {
+    const LISTEN: &str = "0A";
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let inode = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (address, local_port) = fields.get(1)?.split_once(':')?;
+        let ours = matches!(address, "0100007F" | "00000000")
+            && u16::from_str_radix(local_port, 16).ok()? == port
+            && *fields.get(3)? == LISTEN;
+        let inode = fields.get(9)?;
+        ours.then(|| format!("socket:[{inode}]"))
+    })?;
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|process| {
+            let pid = process.file_name().to_str()?.parse::<u32>().ok()?;
+            let holds = std::fs::read_dir(process.path().join("fd"))
+                .ok()?
+                .flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == inode.as_str())
+                });
+            holds.then_some(pid)
+        })
+}
+
+/// One event at the current time for each partition of the log: its id
+/// picks the partition.
+pub fn closing_body() -> Vec<u8> {
+    let partitions = default_config().log.partitions;
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut missing: BTreeSet<u32> = (0..partitions).collect();
+    let mut events = Vec::new();
+    for i in 0.. {
+        if missing.is_empty() {
+            break;
+        }
+        let id = format!("close_{i}");
+        if missing.remove(&IdKey::of(&id).partition(partitions)) {
+            let mut event = event(&mut rng, now_ms());
+            event["eventId"] = id.into();
+            events.push(event);
+        }
+    }
+    serde_json::to_vec(&events).unwrap()
+}
+
+/// The events the store holds in the 10 s windows of `(start, end)`, Unix
+/// seconds, by the `events` metric, which counts every event.
+pub fn stored_events(url: &str, (start, end): (i64, i64)) -> u64 {
+    let answer: serde_json::Value = agent()
+        .get(format!(
+            "{url}/v1/metrics?metric=events&resolution=10s&start={start}&end={end}"
+        ))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    answer["dataPoints"].as_array().map_or(0, |points| {
+        points.iter().filter_map(|p| p["value"].as_u64()).sum()
+    })
 }
