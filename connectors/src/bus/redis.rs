@@ -110,6 +110,7 @@ impl RedisPublisher {
             process: (process, processes),
             written: HashMap::new(),
             dropped: Arc::clone(&dropped),
+            message: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("redis-publisher".into())
@@ -187,6 +188,8 @@ struct Publisher {
     /// sliding window closes long before the tumbling one beside it.
     written: HashMap<(u16, u8), BTreeMap<Millis, HashSet<String>>>,
     dropped: Arc<AtomicU64>,
+    /// The message being encoded, kept so that its memory is reused.
+    message: Vec<u8>,
 }
 
 impl Publisher {
@@ -283,13 +286,14 @@ impl Publisher {
         for (metric, updates) in by_metric {
             let name = &self.names[metric as usize];
             let key = latest_key(&self.prefix, name);
-            let payload = bincode::serialize(&updates).expect("window updates serialize");
-            pipe.publish(channel(&self.prefix, name), payload).ignore();
+            let ends = encode(&updates, &mut self.message);
+            pipe.publish(channel(&self.prefix, name), self.message.as_slice())
+                .ignore();
             let mut newest: BTreeMap<u8, Millis> = BTreeMap::new();
-            for u in &updates {
+            let starts = std::iter::once(MESSAGE_HEAD).chain(ends.iter().copied());
+            for ((u, start), end) in updates.iter().zip(starts).zip(ends.iter().copied()) {
                 let field = format!("{}:{}:{}", u.window, u.span.start, u.group.join("\u{1f}"));
-                let value = bincode::serialize(u).expect("a window update serializes");
-                pipe.hset(&key, &field, value).ignore();
+                pipe.hset(&key, &field, &self.message[start..end]).ignore();
                 self.written
                     .entry((metric, u.window))
                     .or_default()
@@ -313,6 +317,25 @@ impl Publisher {
         }
         pipe
     }
+}
+
+/// Where a message's first update starts: after its length.
+const MESSAGE_HEAD: usize = 8;
+
+/// Encodes `updates` into `message` as the bincode of a `Vec` of them, the
+/// message their channel carries, each update once: bincode writes a
+/// sequence as its length, a `u64`, then its items. Returns where each
+/// update's own encoding ends, which the latest-value hash stores.
+fn encode(updates: &[&WindowUpdate], message: &mut Vec<u8>) -> Vec<usize> {
+    message.clear();
+    bincode::serialize_into(&mut *message, &(updates.len() as u64)).expect("a length serializes");
+    updates
+        .iter()
+        .map(|u| {
+            bincode::serialize_into(&mut *message, u).expect("a window update serializes");
+            message.len()
+        })
+        .collect()
 }
 
 /// Takes out the hash fields of the windows that ended before `end`.
@@ -611,5 +634,52 @@ impl Progress {
             tracing::debug!(error = %e, "cannot read the backfill's progress from Redis");
             vec![None; processes]
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_dataflow::aggregate::{AggState, Sketch};
+    use tally_dataflow::window::Span;
+
+    use super::*;
+
+    #[test]
+    fn updates_are_encoded_once_as_their_message_and_each_on_its_own() {
+        let update = |count: u64, sketch: Option<Sketch>| WindowUpdate {
+            metric: 1,
+            window: 2,
+            span: Span {
+                start: 10_000,
+                end: 20_000,
+            },
+            group: vec!["c1".into(), format!("country{count}")],
+            state: AggState::from_parts(count, 1.5 * count as f64, sketch),
+            revision: 3,
+            is_final: count % 2 == 0,
+            appended_at: Some(123),
+        };
+        let updates = [update(4, Some(Sketch::new())), update(7, None)];
+        let borrowed: Vec<&WindowUpdate> = updates.iter().collect();
+        let mut message = b"left from before".to_vec();
+        let ends = encode(&borrowed, &mut message);
+        assert_eq!(message, bincode::serialize(&borrowed).unwrap());
+        let read: Vec<WindowUpdate> = bincode::deserialize(&message).unwrap();
+        assert_eq!(read.len(), 2);
+        assert_eq!(read[1].state.count, 7);
+        assert_eq!(
+            message[MESSAGE_HEAD..ends[0]],
+            bincode::serialize(&updates[0]).unwrap()
+        );
+        assert_eq!(
+            message[ends[0]..ends[1]],
+            bincode::serialize(&updates[1]).unwrap()
+        );
+        assert_eq!(ends[1], message.len());
+        assert!(encode(&[], &mut message).is_empty());
+        assert_eq!(
+            message,
+            bincode::serialize(&Vec::<WindowUpdate>::new()).unwrap()
+        );
     }
 }
