@@ -8,6 +8,7 @@
 //! `CLICKHOUSE_URL` and `REDIS_URL`. The cluster is one worker process of two
 //! threads and one gateway, the same two workers `tally run` has.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     agent, bodies, closing_body, cpu_seconds, listener_pid, now_ms, post_bodies, post_events,
-    stored_events, tally_command, Tally,
+    stored_events, tally_command, thread_cpu_seconds, Tally,
 };
 
 const BATCH: usize = 1000;
@@ -48,9 +49,12 @@ pub fn run() {
         ("Redis", &services.redis),
     ]
     .map(|(name, address)| (name, port_of(address).and_then(listener_pid)));
-    let mut pids = vec![gateway.pid(), cluster.worker.0.id(), load];
+    let worker = cluster.worker.0.id();
+    let mut pids = vec![gateway.pid(), worker, load];
     pids.extend(brokers.iter().filter_map(|(_, pid)| *pid));
+    let threads_before = thread_cpu_seconds(worker);
     let cluster_run = measure(&gateway.url, &bodies, span, &pids);
+    let worker_roles = by_role(&threads_before, &thread_cpu_seconds(worker));
     drop(cluster);
 
     println!("(g) cluster mode vs tally run, {EVENTS} events in batches of {BATCH}, {CONNECTIONS} connections; 2 timely workers each");
@@ -89,6 +93,9 @@ pub fn run() {
         "      cluster, tally worker:                          {:>8.2}",
         per_event(cluster_run.cpu[1])
     );
+    for (role, cpu) in worker_roles {
+        println!("        {:<46}{:>8.2}", format!("{role}:"), per_event(cpu));
+    }
     let mut services_cpu = 0.0;
     let mut measured = cluster_run.cpu[3..].iter();
     for (name, pid) in brokers {
@@ -125,6 +132,33 @@ struct Measured {
     end_to_end: f64,
     /// Seconds, in the order of the process ids given.
     cpu: Vec<f64>,
+}
+
+/// What a thread of the worker process does, by its name.
+fn role(thread: &str) -> &'static str {
+    match thread {
+        t if t.starts_with("timely:work") => "the dataflow (timely workers)",
+        "redis-publisher" => "live updates to Redis",
+        "archive" => "the raw-event archive to ClickHouse",
+        t if t.starts_with("rdk:") => "Kafka clients (librdkafka)",
+        _ => "its other threads",
+    }
+}
+
+/// The CPU the threads of a process spent between two readings of
+/// [`thread_cpu_seconds`], in seconds, summed by [`role`], most first.
+fn by_role(
+    before: &HashMap<u32, (String, f64)>,
+    after: &HashMap<u32, (String, f64)>,
+) -> Vec<(&'static str, f64)> {
+    let mut roles: HashMap<&'static str, f64> = HashMap::new();
+    for (tid, (name, cpu)) in after {
+        let earlier = before.get(tid).map_or(0.0, |(_, cpu)| *cpu);
+        *roles.entry(role(name)).or_default() += cpu - earlier;
+    }
+    let mut roles: Vec<_> = roles.into_iter().collect();
+    roles.sort_by(|a, b| b.1.total_cmp(&a.1));
+    roles
 }
 
 /// The port of an address such as `127.0.0.1:9092` or `http://host:8123/`;

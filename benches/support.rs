@@ -331,7 +331,29 @@ pub fn rss_kb(pid: u32) -> u64 {
 
 /// The CPU time process `pid` has used, user and system, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// The CPU time each thread of process `pid` has used, in seconds, by
+/// thread id, with the thread's name.
+pub fn thread_cpu_seconds(pid: u32) -> HashMap<u32, (String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return HashMap::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            let cpu = stat_cpu_seconds(task.path().join("stat").to_str()?);
+            Some((tid, (name.trim_end().to_string(), cpu)))
+        })
+        .collect()
+}
+
+/// The user and system time of a `/proc` stat file, in seconds.
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name, which is in parentheses.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
