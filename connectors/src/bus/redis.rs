@@ -290,10 +290,12 @@ impl Publisher {
             pipe.publish(channel(&self.prefix, name), self.message.as_slice())
                 .ignore();
             let mut newest: BTreeMap<u8, Millis> = BTreeMap::new();
+            // One HSET of every field: Redis's cost is mostly per command.
+            pipe.cmd("HSET").arg(&key);
             let starts = std::iter::once(MESSAGE_HEAD).chain(ends.iter().copied());
             for ((u, start), end) in updates.iter().zip(starts).zip(ends.iter().copied()) {
                 let field = format!("{}:{}:{}", u.window, u.span.start, u.group.join("\u{1f}"));
-                pipe.hset(&key, &field, &self.message[start..end]).ignore();
+                pipe.arg(&field).arg(&self.message[start..end]);
                 self.written
                     .entry((metric, u.window))
                     .or_default()
@@ -305,6 +307,7 @@ impl Publisher {
                 let start = newest.entry(u.window).or_insert(u.span.start);
                 *start = (*start).max(u.span.start);
             }
+            pipe.ignore();
             let mut expired: Vec<String> = Vec::new();
             for (window, newest) in newest {
                 let written = self.written.entry((metric, window)).or_default();
