@@ -290,7 +290,8 @@ impl Publisher {
             pipe.publish(channel(&self.prefix, name), self.message.as_slice())
                 .ignore();
             let mut newest: BTreeMap<u8, Millis> = BTreeMap::new();
-            // One HSET of every field: Redis's cost is mostly per command.
+            // One HSET of every field: the redis crate allocates and encodes
+            // each command on its own.
             pipe.cmd("HSET").arg(&key);
             let starts = std::iter::once(MESSAGE_HEAD).chain(ends.iter().copied());
             for ((u, start), end) in updates.iter().zip(starts).zip(ends.iter().copied()) {
