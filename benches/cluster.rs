@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    agent, bodies, closing_body, cpu_seconds, listener_pid, now_ms, post_bodies, post_events,
-    stored_events, tally_command, thread_cpu_seconds, Tally,
+    agent, cpu_seconds, listener_pid, past_load, post_bodies, tally_command, thread_cpu_seconds,
+    until_stored, Tally,
 };
 
 const BATCH: usize = 1000;
@@ -29,11 +29,7 @@ pub fn run() {
         println!("(g) cluster mode: skipped; start the services with scripts/services.sh and export their addresses");
         return;
     };
-    // Stamped two minutes back, so that the closing events move every
-    // watermark past their windows.
-    let past = now_ms() - 120_000;
-    let bodies = bodies(7, BATCHES, BATCH, past);
-    let span = (past / 10_000 * 10, (past + 20_000) / 1000);
+    let (bodies, span) = past_load(7, BATCHES, BATCH);
     let load = std::process::id();
 
     let dir = tempfile::tempdir().unwrap();
@@ -43,7 +39,7 @@ pub fn run() {
 
     let cluster = Cluster::start(&services, &dir.path().join("cluster"), &[], 1);
     let gateway = &cluster.gateways[0];
-    let brokers = [
+    let others = [
         ("broker (tansu)", &services.kafka),
         ("ClickHouse", &services.clickhouse),
         ("Redis", &services.redis),
@@ -51,7 +47,7 @@ pub fn run() {
     .map(|(name, address)| (name, port_of(address).and_then(listener_pid)));
     let worker = cluster.worker.0.id();
     let mut pids = vec![gateway.pid(), worker, load];
-    pids.extend(brokers.iter().filter_map(|(_, pid)| *pid));
+    pids.extend(others.iter().filter_map(|(_, pid)| *pid));
     let threads_before = thread_cpu_seconds(worker);
     let cluster_run = measure(&gateway.url, &bodies, span, &pids);
     let worker_roles = by_role(&threads_before, &thread_cpu_seconds(worker));
@@ -98,7 +94,7 @@ pub fn run() {
     }
     let mut services_cpu = 0.0;
     let mut measured = cluster_run.cpu[3..].iter();
-    for (name, pid) in brokers {
+    for (name, pid) in others {
         match pid {
             Some(_) => {
                 let cpu = *measured.next().unwrap();
@@ -270,14 +266,7 @@ fn measure(url: &str, bodies: &Arc<Vec<Vec<u8>>>, span: (i64, i64), pids: &[u32]
     let started = Instant::now();
     post_bodies(url, bodies, CONNECTIONS);
     let ingest = EVENTS as f64 / started.elapsed().as_secs_f64();
-    post_events(&agent(), url, &closing_body());
-    while stored_events(url, span) < EVENTS as u64 {
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "not every event was counted"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until_stored(url, span, EVENTS);
     let end_to_end = EVENTS as f64 / started.elapsed().as_secs_f64();
     let cpu = cpu()
         .iter()

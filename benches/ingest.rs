@@ -8,13 +8,12 @@
 //! gateway's own validating parse of the same bytes on one thread, which
 //! also writes each event's log record.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tally_dataflow::event::{parse_batch, EventLimits};
 
 use crate::support::{
-    agent, bodies, closing_body, now_ms, post_bodies, post_bodies_as, post_events,
-    repository_config, stored_events, Tally,
+    bodies, now_ms, past_load, post_bodies, post_bodies_as, repository_config, until_stored, Tally,
 };
 
 const BATCH: usize = 1000;
@@ -66,17 +65,12 @@ pub fn run() {
     // End to end: the same load stamped two minutes back, then one event
     // now in every partition, which moves every partition's watermark past
     // the load's windows; until the store holds all of the load's events.
-    let past = now_ms() - 120_000;
-    let load = crate::support::bodies(1, BATCHES, BATCH, past);
+    let (load, span) = past_load(1, BATCHES, BATCH);
     let data = tempfile::tempdir().unwrap();
     let tally = Tally::start(data.path(), &[]);
     let started = Instant::now();
     post_bodies(&tally.url, &load, CONNECTIONS);
-    post_events(&agent(), &tally.url, &closing_body());
-    let span = (past / 10_000 * 10, (past + 20_000) / 1000);
-    while stored_events(&tally.url, span) < events as u64 {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until_stored(&tally.url, span, events);
     let stored_rate = events as f64 / started.elapsed().as_secs_f64();
     drop(tally);
 

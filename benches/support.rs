@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tally_dataflow::config::Config;
@@ -397,9 +398,33 @@ pub fn listener_pid(port: u16) -> Option<u32> {
         })
 }
 
+/// A load of [`bodies`] stamped two minutes back, so that [`until_stored`]
+/// can close its windows, and the span of its 10 s windows, in Unix
+/// seconds: a load of up to 10 s of event time.
+pub fn past_load(seed: u64, batches: usize, batch: usize) -> (Arc<Vec<Vec<u8>>>, (i64, i64)) {
+    let past = now_ms() - 120_000;
+    let span = (past / 10_000 * 10, (past + 20_000) / 1000);
+    (bodies(seed, batches, batch, past), span)
+}
+
+/// Posts one event now in every partition, which moves every watermark
+/// past a [`past_load`]'s windows, then waits until the store holds
+/// `events` in its `span`.
+pub fn until_stored(url: &str, span: (i64, i64), events: usize) {
+    let started = Instant::now();
+    post_events(&agent(), url, &closing_body());
+    while stored_events(url, span) < events as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "not every event was stored"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One event at the current time for each partition of the log: its id
 /// picks the partition.
-pub fn closing_body() -> Vec<u8> {
+fn closing_body() -> Vec<u8> {
     let partitions = default_config().log.partitions;
     let mut rng = fastrand::Rng::with_seed(7);
     let mut missing: BTreeSet<u32> = (0..partitions).collect();
@@ -420,7 +445,7 @@ pub fn closing_body() -> Vec<u8> {
 
 /// The events the store holds in the 10 s windows of `(start, end)`, Unix
 /// seconds, by the `events` metric, which counts every event.
-pub fn stored_events(url: &str, (start, end): (i64, i64)) -> u64 {
+fn stored_events(url: &str, (start, end): (i64, i64)) -> u64 {
     let answer: serde_json::Value = agent()
         .get(format!(
             "{url}/v1/metrics?metric=events&resolution=10s&start={start}&end={end}"
