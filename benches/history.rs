@@ -59,8 +59,13 @@ pub fn run() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("results.db");
-    let (store, writer) =
-        SqliteStore::open(&path, config.metrics.clone(), config.backfill.keep_old).unwrap();
+    let (store, writer) = SqliteStore::open(
+        &path,
+        config.metrics.clone(),
+        config.backfill.keep_old,
+        config.dataflow.store_queue,
+    )
+    .unwrap();
     let updates_len = updates.len();
     write(&config, writer, updates.clone());
     let queries = queries(last_day);
@@ -183,8 +188,13 @@ fn kinds(last_day: i64, now: i64) {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("results.db");
-    let (store, writer) =
-        SqliteStore::open(&path, config.metrics.clone(), config.backfill.keep_old).unwrap();
+    let (store, writer) = SqliteStore::open(
+        &path,
+        config.metrics.clone(),
+        config.backfill.keep_old,
+        config.dataflow.store_queue,
+    )
+    .unwrap();
     write(&config, writer, updates);
     let conn = Connection::open(&path).unwrap();
     println!(
@@ -448,7 +458,11 @@ fn clickhouse(
     let store = ClickHouseStore::new(&settings);
     runtime.block_on(store.prepare(&config.metrics, config.backfill.keep_old));
     let writer = store
-        .writer(config.metrics.clone(), config.backfill.keep_old)
+        .writer(
+            config.metrics.clone(),
+            config.backfill.keep_old,
+            config.dataflow.store_queue,
+        )
         .unwrap();
     write(config, writer, updates);
     println!("  ClickHouse ({url}, database {})", settings.database);

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tally_connectors::bus::redis;
 use tally_connectors::bus::redis::{Progress, RedisFeed};
-use tally_connectors::bus::{self, redis};
 use tally_connectors::kafka::{self, producer::KafkaProducer};
 use tally_connectors::store::clickhouse::ClickHouseStore;
 use tally_dataflow::fingerprint;
@@ -45,7 +45,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         let ops = Arc::new(Ops::new(None));
         let metrics = Arc::new(config.metrics.clone());
         let (feed, bus) =
-            redis::subscribe(&config.redis, Arc::clone(&metrics), bus::BATCHES_IN_FLIGHT)
+            redis::subscribe(&config.redis, Arc::clone(&metrics), config.live.bus_queue)
                 .context("configuring the Redis subscriber")?;
         let lateness = config.dataflow.revision_horizon();
         let catalog = Arc::new(Catalog::new(config.metrics.clone()));

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use tally_connectors::store::StallCounter;
 use tally_dataflow::config::Config;
 use tally_gateway::ops::{Observe, Observed};
 use tracing::info;
@@ -164,9 +165,11 @@ pub fn toml_string(s: &str) -> String {
 }
 
 /// What a process's job `/metrics` reads at scrape time: the job's counters,
-/// its checkpoints, and two values its log and live bus know.
+/// its checkpoints, its store writer's stalls, and two values its log and
+/// live bus know.
 pub fn job_observer(
     counters: &job::Counters,
+    store_stalls: StallCounter,
     log_bytes: Box<dyn Fn() -> u64 + Send + Sync>,
     live_dropped: Box<dyn Fn() -> u64 + Send + Sync>,
 ) -> Observe {
@@ -188,6 +191,7 @@ pub fn job_observer(
         live_dropped: live_dropped(),
         backfill: None,
         groups: stats.groups(),
+        store_stalls: store_stalls.read(),
     })
 }
 

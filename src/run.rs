@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tally_connectors::bus;
 use tally_connectors::bus::inprocess::{self, LivePublisher};
 use tally_connectors::checkpoint::{Checkpoint, Members};
 use tally_connectors::log::{EventLog, LogSource};
@@ -53,11 +52,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         &data_dir.join("results.db"),
         start.in_use(),
         config.backfill.keep_old,
+        config.dataflow.store_queue,
     )
     .context("opening the result store")?;
     let writer = Arc::new(writer);
     let workers = config.workers();
-    let (live, bus) = inprocess::channel(bus::BATCHES_IN_FLIGHT);
+    let (live, bus) = inprocess::channel(config.live.bus_queue);
     let catalog = Arc::new(Catalog::new(start.live.metrics.clone()));
     let counters = Counters::new(workers);
     let supervisor = Supervisor::start(
@@ -78,6 +78,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let (events, live) = (Arc::clone(&events), live.clone());
         let job = job_observer(
             &counters,
+            writer.stalls(),
             Box::new(move || events.log_bytes()),
             Box::new(move || live.dropped()),
         );

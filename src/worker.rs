@@ -106,7 +106,11 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     }
     let writer = Arc::new(
         store
-            .writer(start.in_use(), config.backfill.keep_old)
+            .writer(
+                start.in_use(),
+                config.backfill.keep_old,
+                config.dataflow.store_queue,
+            )
             .context("starting the ClickHouse writer")?,
     );
     let lateness = config.dataflow.revision_horizon();
@@ -115,6 +119,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         &start.live.metrics,
         lateness,
         (process, cluster.processes),
+        config.live.bus_queue,
     )
     .context("configuring the Redis publisher")?;
     let owned = process_partitions(partitions, process, threads, workers);
@@ -129,6 +134,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             let live = live.clone();
             let job = job_observer(
                 &counters,
+                writer.stalls(),
                 // The brokers hold the log; their own metrics give its size.
                 Box::new(|| 0),
                 Box::new(move || live.dropped()),

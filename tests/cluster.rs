@@ -251,6 +251,11 @@ impl Cluster {
     /// Records the workers have read from the topic since they started, from
     /// their `/metrics`.
     pub fn events_read(&self) -> u64 {
+        self.workers_sum("tally_events_read_total")
+    }
+
+    /// The sum of one counter over the workers' `/metrics`.
+    pub fn workers_sum(&self, name: &str) -> u64 {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .build()
@@ -265,7 +270,7 @@ impl Cluster {
                     .body_mut()
                     .read_to_string()
                     .unwrap();
-                prometheus_value(&text, "tally_events_read_total").expect("tally_events_read_total")
+                prometheus_value(&text, name).unwrap_or_else(|| panic!("no {name}"))
             })
             .sum()
     }
@@ -845,6 +850,12 @@ fn clickhouse_away(how: ClickHouseAway) {
             );
         }
     }
+    // The stalls are counted, by why: the writers' inserts failed.
+    assert!(cluster.workers_sum("tally_store_stalls_total{reason=\"failing\"}") >= 1);
+    assert_eq!(
+        cluster.workers_sum("tally_store_stalls_total{reason=\"full\"}"),
+        0
+    );
     let backlog = events.len() as u64 - cluster.events_read();
     drop(away);
     let back = Instant::now();

@@ -194,7 +194,17 @@ pub struct DataflowConfig {
     /// The groups a metric holds unless it says otherwise. Default
     /// [`DEFAULT_MAX_GROUPS`].
     pub max_groups: usize,
+    /// Results (window values and dead letters) the result store's writer
+    /// may hold, queued or being written; past it the workers stop reading
+    /// the log until it catches up. Default [`DEFAULT_STORE_QUEUE`].
+    pub store_queue: usize,
 }
+
+/// The default of `dataflow.store_queue`: a million results, some hundreds
+/// of megabytes at most, which a writer commits in a few seconds. A store
+/// that falls further behind stalls the job, and its backlog stays in the
+/// log.
+pub const DEFAULT_STORE_QUEUE: usize = 1_000_000;
 
 impl DataflowConfig {
     /// How long after a window's end it may still be revised, as live views
@@ -242,7 +252,17 @@ pub struct LiveConfig {
     /// Resuming subscriptions whose rows a gateway reads at once; the others
     /// wait their turn. Default [`DEFAULT_RESUME_READS`].
     pub resume_reads: usize,
+    /// Batches of live updates in flight from the workers to the fan-out:
+    /// on the in-process bus, to the hub; in the cluster, to a worker's
+    /// publisher to Redis, and from Redis to a gateway's hub. Past it a
+    /// worker drops the next batch, and counts its updates. Default
+    /// [`DEFAULT_BUS_QUEUE`].
+    pub bus_queue: usize,
 }
+
+/// The default of `live.bus_queue`: 1,024 batches, each what one worker's
+/// activation changed, so about a second of a busy job's live updates.
+pub const DEFAULT_BUS_QUEUE: usize = 1024;
 
 /// The default of `live.max_resume_rows`: 20,000. An ungrouped topic of a
 /// metric with 50 groups and 10-second windows replays more than an hour
@@ -759,6 +779,12 @@ impl Reader {
                 idle_timeout: self.duration(&mut dataflow, "idle_timeout", Duration::from_secs(5)),
                 allowed_lateness: self.millis(&mut dataflow, "allowed_lateness", 30_000),
                 max_groups,
+                store_queue: self.integer(
+                    &mut dataflow,
+                    "store_queue",
+                    DEFAULT_STORE_QUEUE as i64,
+                    1..=1_000_000_000,
+                ) as usize,
             },
             dedupe: DedupeConfig {
                 horizon: self.millis(&mut dedupe, "horizon", DEFAULT_DEDUPE_HORIZON),
@@ -783,6 +809,12 @@ impl Reader {
                     "resume_reads",
                     DEFAULT_RESUME_READS as i64,
                     1..=1024,
+                ) as usize,
+                bus_queue: self.integer(
+                    &mut live,
+                    "bus_queue",
+                    DEFAULT_BUS_QUEUE as i64,
+                    1..=10_000_000,
                 ) as usize,
             },
             history: self.history(&mut history),
@@ -1581,6 +1613,7 @@ windows = ["sliding 5m every 7s"]
         assert_eq!(config.server.body_timeout, DEFAULT_BODY_TIMEOUT);
         assert_eq!(config.server.event_limits, EventLimits::default());
         assert_eq!(config.live.max_subscriptions, DEFAULT_MAX_SUBSCRIPTIONS);
+        assert_eq!(config.live.bus_queue, DEFAULT_BUS_QUEUE);
         let file = Config::load(Some(include_str!("../../cluster.toml")), []).unwrap();
         // FILE listens elsewhere; every bound is the default in both.
         assert_eq!(
@@ -1597,6 +1630,8 @@ windows = ["sliding 5m every 7s"]
         assert_eq!(file.dedupe, config.dedupe);
         assert_eq!(config.dataflow.max_groups, DEFAULT_MAX_GROUPS);
         assert_eq!(file.dataflow.max_groups, DEFAULT_MAX_GROUPS);
+        assert_eq!(config.dataflow.store_queue, DEFAULT_STORE_QUEUE);
+        assert_eq!(file.dataflow.store_queue, DEFAULT_STORE_QUEUE);
         assert!(file
             .metrics
             .iter()

@@ -14,6 +14,7 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
+use tally_connectors::store::Stalls;
 
 /// The bounds of the live freshness histogram, in seconds: fine around
 /// the 100 ms that a live value should take at most.
@@ -57,6 +58,8 @@ pub struct Observed {
     /// Per metric name: the groups it holds, and the events counted in its
     /// overflow group.
     pub groups: BTreeMap<String, (u64, u64)>,
+    /// How often the workers' results waited for the result store.
+    pub store_stalls: Stalls,
 }
 
 /// Reads the values owned outside the gateway.
@@ -168,6 +171,7 @@ pub struct JobMetrics {
     backfill_rate: Gauge,
     groups: IntGaugeVec,
     overflowed: IntCounterVec,
+    store_stalls: IntCounterVec,
     observe: Observe,
 }
 
@@ -254,9 +258,17 @@ impl JobMetrics {
             "Events counted in the metric's __overflow__ group because it held max_groups groups.",
             "metric",
         );
+        let store_stalls = labelled(
+            &registry,
+            "tally_store_stalls_total",
+            "Times a worker's results waited for the result store, which stops the job's reading \
+             of the log until it catches up, by reason: full (its writer held dataflow.store_queue \
+             results), failing (its last write had failed).",
+        );
         JobMetrics {
             groups,
             overflowed,
+            store_stalls,
             backfill_running: gauge(
                 &registry,
                 "tally_backfill_running",
@@ -369,6 +381,13 @@ impl JobMetrics {
             self.groups.with_label_values(&[metric]).set(*held as i64);
             let counter = self.overflowed.with_label_values(&[metric]);
             counter.inc_by(overflowed.saturating_sub(counter.get()));
+        }
+        for (reason, value) in [
+            ("full", o.store_stalls.full),
+            ("failing", o.store_stalls.failing),
+        ] {
+            let counter = self.store_stalls.with_label_values(&[reason]);
+            counter.inc_by(value.saturating_sub(counter.get()));
         }
         let backfill = o.backfill.unwrap_or_default();
         self.backfill_running

@@ -96,9 +96,5 @@ impl Watermarks {
 /// A bus channel had no room.
 struct Full;
 
-/// Batches of live updates in flight between the workers and a gateway's
-/// fan-out, on either bus, before a worker drops the next one.
-pub const BATCHES_IN_FLIGHT: usize = 1024;
-
 pub mod inprocess;
 pub mod redis;

@@ -45,8 +45,6 @@ use tracing::{info, warn};
 use super::{Full, Live, Lowest, Watermarks};
 use crate::retry::{self, Backoff};
 
-/// Batches waiting for the publisher thread.
-const QUEUE: usize = 1024;
 /// The latest-value hash expires this long after its last write, so a
 /// metric that stops flowing leaves nothing behind.
 const LATEST_TTL_SECS: i64 = 3600;
@@ -90,17 +88,19 @@ pub struct RedisPublisher {
 
 impl RedisPublisher {
     /// Starts the publisher thread of worker process `process` of
-    /// `processes`. Windows are kept in the latest-value hash while a late
-    /// event can still revise them: `lateness` is the allowed lateness plus
-    /// the out-of-orderness.
+    /// `processes`, taking at most `queue` batches of updates ahead of it.
+    /// Windows are kept in the latest-value hash while a late event can
+    /// still revise them: `lateness` is the allowed lateness plus the
+    /// out-of-orderness.
     pub fn start(
         config: &RedisConfig,
         metrics: &[MetricSpec],
         lateness: Millis,
         (process, processes): (usize, usize),
+        queue: usize,
     ) -> Result<(RedisPublisher, JoinHandle<()>), redis::RedisError> {
         let client = redis::Client::open(config.url.as_str())?;
-        let (tx, rx) = bounded(QUEUE);
+        let (tx, rx) = bounded(queue);
         let dropped = Arc::new(AtomicU64::new(0));
         let publisher = Publisher {
             client,

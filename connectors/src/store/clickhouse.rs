@@ -51,7 +51,7 @@ use tally_dataflow::query::{Fold, Scan};
 use tracing::{info, warn};
 
 use super::{
-    expired, join_group, metric_versions, split_group, unused_since, versions, Durable, Failing,
+    expired, join_group, metric_versions, split_group, unused_since, versions, Backlog, Durable,
     InUse, Recent, StoreWriter, StoredWindow, Write, RETENTION_EVERY, SEP, VERSIONS_EVERY,
 };
 use crate::retry;
@@ -302,19 +302,24 @@ impl ClickHouseStore {
         &self.config
     }
 
-    /// Starts the writer thread the workers' sinks feed.
-    /// Starts the writer thread the workers' sinks feed. Every hour it also
-    /// dates the configured versions and deletes those unused for longer
-    /// than `keep_old`.
+    /// Starts the writer thread the workers' sinks feed, holding at most
+    /// `queue` results. Every hour it also dates the configured versions
+    /// and deletes those unused for longer than `keep_old`.
     pub fn writer(
         &self,
         metrics: Vec<MetricSpec>,
         keep_old: Duration,
+        queue: usize,
     ) -> std::io::Result<StoreWriter> {
         let (client, config) = (self.client.clone(), self.config.clone());
-        StoreWriter::start("clickhouse-writer", metrics, move |rx, in_use, failing| {
-            write_loop(&client, &config, &in_use, keep_old, rx, &failing);
-        })
+        StoreWriter::start(
+            "clickhouse-writer",
+            metrics,
+            queue,
+            move |rx, in_use, backlog| {
+                write_loop(&client, &config, &in_use, keep_old, rx, &backlog);
+            },
+        )
     }
 
     /// Folds the stored windows a history query needs into `fold`, as
@@ -760,7 +765,7 @@ fn write_loop(
     in_use: &InUse,
     keep_old: Duration,
     rx: Receiver<Write>,
-    failing: &Failing,
+    backlog: &Backlog,
 ) {
     // The HTTP client's connections are driven by the runtime's own thread,
     // so they stay serviced while this thread waits for rows.
@@ -818,9 +823,10 @@ fn write_loop(
             let full = std::mem::take(&mut batch);
             runtime.block_on(retry::until_ok(
                 "insert results into ClickHouse",
-                || async { failing.note(insert(client, &full, config.insert_timeout).await) },
+                || async { backlog.note(insert(client, &full, config.insert_timeout).await) },
             ));
             Durable::committed(&full.frontiers);
+            backlog.written(full.rows());
         }
     }
     info!("clickhouse writer stopped");

@@ -31,21 +31,23 @@
 //! grp)`, into a [`tally_dataflow::query::Fold`]: sketches merge in that
 //! order, so both stores give the same estimates for the same rows.
 //!
-//! **Backpressure.** Workers hand results to a writer thread over a bounded
-//! channel ([`StoreWriter`]). When the channel is full, or while the writer's
-//! last write failed, the worker's sink keeps the results and the dataflow
-//! stops reading the log until the writer catches up. A writer that cannot
-//! reach its database retries the same rows until it can, so a store outage
-//! stalls the job at once, leaves the backlog in the log, and loses nothing.
+//! **Backpressure.** Workers hand results to a writer thread ([`StoreWriter`]),
+//! which holds at most `dataflow.store_queue` of them, queued or being
+//! written. When it holds that many, or while its last write failed, the
+//! worker's sink keeps the results and the dataflow stops reading the log
+//! until the writer catches up; each such stall is counted ([`Stalls`]).
+//! A writer that cannot reach its database retries the same rows until it
+//! can, so a store outage stalls the job at once, leaves the backlog in the
+//! log, and loses nothing.
 
 pub mod clickhouse;
 pub mod sqlite;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{unbounded, Receiver, Sender};
 use tally_dataflow::config::MetricSpec;
 use tally_dataflow::fingerprint;
 use tally_dataflow::model::DeadLetter;
@@ -55,10 +57,8 @@ use tally_dataflow::rollup;
 use tally_dataflow::time::now_ms;
 use tracing::error;
 
-/// Batches a writer may have queued before sinks must wait…
-const QUEUE: usize = 256;
-/// …of at most this many rows each: what the queue holds is bounded in
-/// rows, however many results an activation of a worker closes.
+/// The most results a sink hands a writer at once, so that the writer can
+/// take them a few at a time, however many an activation of a worker closes.
 const CHUNK: usize = 4096;
 
 /// Separates dimension values in the stored group key. It cannot appear in a
@@ -73,6 +73,17 @@ enum Write {
     DeadLetters(Vec<DeadLetter>),
     /// Sink `.1` of the job `.0` is for has sent everything before time `.2`.
     Frontier(Durable, usize, u64),
+}
+
+impl Write {
+    /// The results it holds.
+    fn rows(&self) -> usize {
+        match self {
+            Write::Windows(_, rows) => rows.len(),
+            Write::DeadLetters(rows) => rows.len(),
+            Write::Frontier(..) => 0,
+        }
+    }
 }
 
 /// Each metric's stored name, its version and its windows' stored specs,
@@ -123,28 +134,86 @@ impl Durable {
     }
 }
 
-/// Whether the writer's last attempt to write failed; set by the writer,
-/// read by the sinks, which take nothing while it is.
-#[derive(Clone, Default)]
-struct Failing(Arc<AtomicBool>);
+/// What a writer holds for the sinks, shared with them: how many results
+/// it was handed and has not yet written, whether its last attempt to
+/// write failed, and how often a sink found it unable to take more.
+struct Backlog {
+    /// `dataflow.store_queue`: the results it may hold.
+    limit: usize,
+    held: AtomicUsize,
+    failing: AtomicBool,
+    /// Stalls because it held `limit` results, and because it was failing.
+    full: AtomicU64,
+    stalled_failing: AtomicU64,
+}
 
-impl Failing {
+impl Backlog {
+    fn new(limit: usize) -> Backlog {
+        Backlog {
+            limit,
+            held: AtomicUsize::new(0),
+            failing: AtomicBool::new(false),
+            full: AtomicU64::new(0),
+            stalled_failing: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes room for `rows` more results, if it has it. An empty writer
+    /// takes any number, so that a limit below [`CHUNK`] still lets every
+    /// result through.
+    fn reserve(&self, rows: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held == 0 || held + rows <= self.limit).then_some(held + rows)
+            })
+            .is_ok()
+    }
+
+    /// Gives back the room of `rows` results, once the store has them.
+    fn written(&self, rows: usize) {
+        self.held.fetch_sub(rows, Ordering::Relaxed);
+    }
+
     /// Records the outcome of a write, and passes it on.
     fn note<T, E>(&self, result: Result<T, E>) -> Result<T, E> {
-        self.0.store(result.is_err(), Ordering::Relaxed);
+        self.failing.store(result.is_err(), Ordering::Relaxed);
         result
     }
 
-    fn is_set(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+    fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
+}
+
+/// Reads a writer's [`Stalls`].
+#[derive(Clone)]
+pub struct StallCounter(Arc<Backlog>);
+
+impl StallCounter {
+    /// The stalls so far.
+    pub fn read(&self) -> Stalls {
+        Stalls {
+            full: self.0.full.load(Ordering::Relaxed),
+            failing: self.0.stalled_failing.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How often a sink found a writer unable to take more results, which
+/// stopped its worker's reading of the log until the writer caught up.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stalls {
+    /// The writer held `dataflow.store_queue` results.
+    pub full: u64,
+    /// Its last attempt to write had failed.
+    pub failing: u64,
 }
 
 /// A store's writer thread, and the sinks that feed it.
 pub struct StoreWriter {
     tx: Sender<Write>,
     thread: JoinHandle<()>,
-    failing: Failing,
+    backlog: Arc<Backlog>,
     in_use: InUse,
 }
 
@@ -161,24 +230,32 @@ pub struct JobSinks {
 
 impl StoreWriter {
     /// Starts a writer thread running `write_loop` until every sink is
-    /// gone, with `metrics` in use.
+    /// gone, with `metrics` in use, holding at most `queue` results.
     fn start(
         name: &str,
         metrics: Vec<MetricSpec>,
-        write_loop: impl FnOnce(Receiver<Write>, InUse, Failing) + Send + 'static,
+        queue: usize,
+        write_loop: impl FnOnce(Receiver<Write>, InUse, Arc<Backlog>) + Send + 'static,
     ) -> std::io::Result<StoreWriter> {
-        let (tx, rx) = bounded(QUEUE);
-        let (in_use, failing) = (Arc::new(Mutex::new(metrics)), Failing::default());
-        let (dated, outcome) = (Arc::clone(&in_use), failing.clone());
+        // The backlog bounds what the channel holds, in results.
+        let (tx, rx) = unbounded();
+        let (in_use, backlog) = (Arc::new(Mutex::new(metrics)), Arc::new(Backlog::new(queue)));
+        let (dated, held) = (Arc::clone(&in_use), Arc::clone(&backlog));
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || write_loop(rx, dated, outcome))?;
+            .spawn(move || write_loop(rx, dated, held))?;
         Ok(StoreWriter {
             tx,
             thread,
-            failing,
+            backlog,
             in_use,
         })
+    }
+
+    /// How often the sinks have stalled on this writer, to be read while
+    /// it runs, and after.
+    pub fn stalls(&self) -> StallCounter {
+        StallCounter(Arc::clone(&self.backlog))
     }
 
     /// The sinks of a job of `workers` workers computing `metrics`: the
@@ -191,7 +268,8 @@ impl StoreWriter {
             tx: self.tx.clone(),
             durable: durable.clone(),
             sink: durable.register(),
-            failing: self.failing.clone(),
+            backlog: Arc::clone(&self.backlog),
+            stalled: false,
         };
         JobSinks {
             windows: (0..workers)
@@ -228,44 +306,56 @@ struct Feed {
     /// The job's frontiers, and the sink's index there.
     durable: Durable,
     sink: usize,
-    failing: Failing,
+    backlog: Arc<Backlog>,
+    /// Whether its last offer left results behind: a stall is counted
+    /// once, when it begins.
+    stalled: bool,
 }
 
 impl Feed {
     /// Queues `items`, in chunks, while the writer is writing and has
     /// room, and leaves the rest for a later offer.
     fn offer<T>(
-        &self,
+        &mut self,
         items: &mut Vec<T>,
         wrap: impl Fn(Vec<T>) -> Write,
         unwrap: fn(Write) -> Vec<T>,
     ) {
-        if self.failing.is_set() {
-            return;
-        }
+        let failing = self.backlog.is_failing();
         let mut rest = std::mem::take(items).into_iter();
-        loop {
-            let chunk: Vec<T> = rest.by_ref().take(CHUNK).collect();
-            if chunk.is_empty() {
-                return;
+        while !failing && rest.len() > 0 {
+            let rows = rest.len().min(CHUNK);
+            if !self.backlog.reserve(rows) {
+                break;
             }
-            match self.tx.try_send(wrap(chunk)) {
-                Ok(()) => {}
-                // Disconnected only at shutdown; the log still holds these
-                // events.
-                Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
-                    *items = unwrap(back);
-                    items.extend(rest);
-                    return;
-                }
+            let chunk: Vec<T> = rest.by_ref().take(rows).collect();
+            if let Err(back) = self.tx.send(wrap(chunk)) {
+                // Only at shutdown; the log still holds these events.
+                *items = unwrap(back.into_inner());
+                break;
             }
         }
+        items.extend(rest);
+        let stalled = !items.is_empty();
+        if stalled && !self.stalled {
+            let count = if failing {
+                &self.backlog.stalled_failing
+            } else {
+                &self.backlog.full
+            };
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stalled = stalled;
     }
 
+    /// Reports the sink's frontier, unless the writer is failing: then
+    /// the frontier waits, as the results do.
     fn advance(&self, frontier: u64) -> bool {
-        self.tx
-            .try_send(Write::Frontier(self.durable.clone(), self.sink, frontier))
-            .is_ok()
+        !self.backlog.is_failing()
+            && self
+                .tx
+                .send(Write::Frontier(self.durable.clone(), self.sink, frontier))
+                .is_ok()
     }
 }
 
@@ -441,4 +531,106 @@ fn join_group(group: &[String]) -> String {
         key.push_str(value);
     }
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(offset: u64) -> DeadLetter {
+        DeadLetter {
+            partition: 0,
+            offset,
+            index: 0,
+            reason: "late".into(),
+            watermark: 0,
+            record: b"{}".to_vec(),
+        }
+    }
+
+    /// A writer of `queue` results that writes nothing until `go` says so,
+    /// then fails once if told, then writes everything.
+    fn gated(queue: usize) -> (StoreWriter, crossbeam_channel::Sender<bool>) {
+        let (go, gate) = crossbeam_channel::unbounded::<bool>();
+        let writer = StoreWriter::start("test-writer", Vec::new(), queue, move |rx, _, backlog| {
+            for write in rx {
+                if gate.recv() == Ok(false) {
+                    let _ = backlog.note(Err::<(), ()>(()));
+                    let _ = gate.recv();
+                    let _ = backlog.note(Ok::<(), ()>(()));
+                }
+                backlog.written(write.rows());
+            }
+        })
+        .unwrap();
+        (writer, go)
+    }
+
+    fn wait_until(done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_full_or_failing_writer_stalls_its_sinks_and_each_stall_counts_once() {
+        let (writer, go) = gated(3);
+        let stalls = writer.stalls();
+        let mut sinks = writer.sinks(&[], 2, true).dead_letters;
+        let held = || writer.backlog.held.load(Ordering::Relaxed);
+        // An empty writer takes more than its queue at once.
+        let mut letters: Vec<_> = (0..5).map(letter).collect();
+        sinks[0].offer(&mut letters);
+        assert!(letters.is_empty());
+        // Full: what is offered stays with the sink, however often.
+        for offset in 5..8 {
+            letters.push(letter(offset));
+            sinks[0].offer(&mut letters);
+        }
+        assert_eq!(letters.len(), 3);
+        assert_eq!(
+            stalls.read(),
+            Stalls {
+                full: 1,
+                failing: 0
+            }
+        );
+        // Written: the sink goes on, until the writer is full again.
+        go.send(true).unwrap();
+        wait_until(|| held() == 0);
+        sinks[0].offer(&mut letters);
+        assert!(letters.is_empty());
+        letters.push(letter(8));
+        sinks[0].offer(&mut letters);
+        assert_eq!(
+            stalls.read(),
+            Stalls {
+                full: 2,
+                failing: 0
+            }
+        );
+        // A failing writer stalls every sink, and takes no frontier.
+        go.send(false).unwrap();
+        wait_until(|| writer.backlog.is_failing());
+        let mut other = vec![letter(9)];
+        sinks[1].offer(&mut other);
+        assert_eq!(other.len(), 1);
+        assert!(!sinks[1].advance(1));
+        assert_eq!(
+            stalls.read(),
+            Stalls {
+                full: 2,
+                failing: 1
+            }
+        );
+        go.send(true).unwrap();
+        wait_until(|| held() == 0 && !writer.backlog.is_failing());
+        sinks[1].offer(&mut other);
+        assert!(other.is_empty());
+        assert!(sinks[1].advance(1));
+        drop((sinks, go));
+        writer.close();
+    }
 }

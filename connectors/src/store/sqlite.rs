@@ -13,8 +13,8 @@ use tally_dataflow::query::Fold;
 use tracing::{info, warn};
 
 use super::{
-    expired, join_group, metric_versions, now_ms, split_group, unused_since, versions, Durable,
-    Failing, InUse, Recent, StoreWriter, StoredWindow, Write, RETENTION_EVERY, SEP, VERSIONS_EVERY,
+    expired, join_group, metric_versions, now_ms, split_group, unused_since, versions, Backlog,
+    Durable, InUse, Recent, StoreWriter, StoredWindow, Write, RETENTION_EVERY, SEP, VERSIONS_EVERY,
 };
 use crate::retry;
 
@@ -98,11 +98,12 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (or creates) the store at `path`, deletes the results of
     /// versions unused for longer than `keep_old`, and starts its writer
-    /// thread.
+    /// thread, which holds at most `queue` results.
     pub fn open(
         path: &Path,
         metrics: Vec<MetricSpec>,
         keep_old: Duration,
+        queue: usize,
     ) -> Result<(SqliteStore, StoreWriter), StoreError> {
         let mut conn = Connection::open(path)?;
         conn.execute_batch(PRAGMAS)?;
@@ -110,9 +111,12 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         add_estimates(&conn)?;
         retire_versions(&mut conn, &metrics, keep_old)?;
-        let writer = StoreWriter::start("store-writer", metrics, move |rx, in_use, failing| {
-            write_loop(conn, rx, &in_use, keep_old, &failing)
-        })
+        let writer = StoreWriter::start(
+            "store-writer",
+            metrics,
+            queue,
+            move |rx, in_use, backlog| write_loop(conn, rx, &in_use, keep_old, &backlog),
+        )
         .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let store = SqliteStore {
             path: path.to_owned(),
@@ -419,7 +423,7 @@ fn write_loop(
     rx: Receiver<Write>,
     in_use: &InUse,
     keep_old: Duration,
-    failing: &Failing,
+    backlog: &Backlog,
 ) {
     let mut versions_due = Instant::now() + VERSIONS_EVERY;
     let mut retention_due = Instant::now();
@@ -430,10 +434,11 @@ fn write_loop(
                 let mut batch = vec![first];
                 batch.extend(rx.try_iter());
                 let rows = retry::blocking("write results to SQLite", || {
-                    failing.note(commit(&mut conn, &batch))
+                    backlog.note(commit(&mut conn, &batch))
                 });
                 tracing::trace!(rows, "committed results");
                 Durable::committed(&batch);
+                backlog.written(batch.iter().map(Write::rows).sum());
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
@@ -523,7 +528,7 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> Result<usize, rusqlite::Err
 mod tests {
     use super::*;
     use tally_dataflow::aggregate::Value;
-    use tally_dataflow::config::Config;
+    use tally_dataflow::config::{Config, DEFAULT_STORE_QUEUE};
     use tally_dataflow::model::WindowUpdate;
     use tally_dataflow::ports::Sink;
     use tally_dataflow::query::{Pass, Query};
@@ -572,9 +577,13 @@ projections = []
     fn upserts_keep_the_highest_revision() {
         let dir = tempfile::tempdir().unwrap();
         let config = config();
-        let (store, writer) =
-            SqliteStore::open(&dir.path().join("results.db"), config.metrics.clone(), WEEK)
-                .unwrap();
+        let (store, writer) = SqliteStore::open(
+            &dir.path().join("results.db"),
+            config.metrics.clone(),
+            WEEK,
+            DEFAULT_STORE_QUEUE,
+        )
+        .unwrap();
         let mut sink = writer.sinks(&config.metrics, 1, false).windows.remove(0);
         let mut batch = vec![
             update(0, "US", 2, 0),
@@ -650,7 +659,8 @@ projections = []
                 .unwrap();
         }
         let config = config();
-        let (store, writer) = SqliteStore::open(&path, config.metrics.clone(), WEEK).unwrap();
+        let (store, writer) =
+            SqliteStore::open(&path, config.metrics.clone(), WEEK, DEFAULT_STORE_QUEUE).unwrap();
         writer.close();
         assert_eq!(counts(&store, &config, &[]), [(vec![], Some(4.0))]);
         // Another definition of the metric does not read them.
@@ -662,7 +672,8 @@ projections = []
         assert_eq!(counts(&store, &changed, &[]), [(vec![], Some(0.0))]);
         // Opening again finds versions and leaves them.
         drop(store);
-        let (store, writer) = SqliteStore::open(&path, changed.metrics.clone(), WEEK).unwrap();
+        let (store, writer) =
+            SqliteStore::open(&path, changed.metrics.clone(), WEEK, DEFAULT_STORE_QUEUE).unwrap();
         writer.close();
         assert_eq!(counts(&store, &config, &[]), [(vec![], Some(4.0))]);
     }
@@ -672,7 +683,8 @@ projections = []
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("results.db");
         let config = config();
-        let (store, writer) = SqliteStore::open(&path, config.metrics.clone(), WEEK).unwrap();
+        let (store, writer) =
+            SqliteStore::open(&path, config.metrics.clone(), WEEK, DEFAULT_STORE_QUEUE).unwrap();
         let mut sink = writer.sinks(&config.metrics, 1, false).windows.remove(0);
         sink.offer(&mut vec![Arc::new(update(0, "US", 2, 0))]);
         drop(sink);
@@ -684,13 +696,19 @@ projections = []
             [],
         )
         .unwrap();
-        let (_, writer) = SqliteStore::open(&path, changed.metrics.clone(), WEEK).unwrap();
+        let (_, writer) =
+            SqliteStore::open(&path, changed.metrics.clone(), WEEK, DEFAULT_STORE_QUEUE).unwrap();
         writer.close();
         assert_eq!(counts(&store, &config, &[]), [(vec![], Some(2.0))]);
         // With nothing to keep, it goes; the configured one is dated anew.
         std::thread::sleep(Duration::from_millis(5));
-        let (_, writer) =
-            SqliteStore::open(&path, changed.metrics.clone(), Duration::ZERO).unwrap();
+        let (_, writer) = SqliteStore::open(
+            &path,
+            changed.metrics.clone(),
+            Duration::ZERO,
+            DEFAULT_STORE_QUEUE,
+        )
+        .unwrap();
         writer.close();
         assert_eq!(counts(&store, &config, &[]), [(vec![], Some(0.0))]);
     }
@@ -711,7 +729,8 @@ projections = []
             .map(|i| Arc::new(update(now - 2 * day + i * 10_000, "US", 1, 0)))
             .collect();
         batch.push(Arc::new(update(now - 3_600_000, "US", 1, 0)));
-        let (_, writer) = SqliteStore::open(&path, config.metrics.clone(), WEEK).unwrap();
+        let (_, writer) =
+            SqliteStore::open(&path, config.metrics.clone(), WEEK, DEFAULT_STORE_QUEUE).unwrap();
         let mut sink = writer.sinks(&config.metrics, 1, false).windows.remove(0);
         sink.offer(&mut batch);
         assert!(batch.is_empty(), "the writer took the batch");
@@ -726,7 +745,8 @@ projections = []
         assert!(rows() > 1, "the rows were written");
         // A writer deletes at start, and goes on a chunk at a time between
         // commits.
-        let (_, writer) = SqliteStore::open(&path, config.metrics.clone(), WEEK).unwrap();
+        let (_, writer) =
+            SqliteStore::open(&path, config.metrics.clone(), WEEK, DEFAULT_STORE_QUEUE).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while rows() != 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
