@@ -193,10 +193,14 @@ fn archive_loop(
 /// unreadable. A watermark mark is the job's note, not an event: it has none.
 fn raw_row(partition: u32, offset: u64, idx: u32, record: &[u8]) -> Option<RawRow> {
     let mut event = EventRef::default();
-    let (time, event_type) = match record::read(record, &mut event) {
+    let (time, event_type, json) = match record::read(record, &mut event) {
         Ok(Record::Mark(_)) => return None,
-        Ok(Record::Event) => (event.timestamp.unwrap_or(0), event.event_type.into_owned()),
-        Err(_) => (0, String::new()),
+        Ok(Record::Event) => (
+            event.timestamp.unwrap_or(0),
+            event.event_type.to_string(),
+            record::event_json(record, &event).into_owned(),
+        ),
+        Err(_) => (0, String::new(), record.to_vec()),
     };
     let time = time.max(0);
     Some(RawRow {
@@ -206,7 +210,7 @@ fn raw_row(partition: u32, offset: u64, idx: u32, record: &[u8]) -> Option<RawRo
         offset,
         idx,
         event_type,
-        event: record::to_json(record).into_owned(),
+        event: json,
     })
 }
 

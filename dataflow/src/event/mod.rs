@@ -111,6 +111,21 @@ pub struct EventRef<'a> {
 }
 
 impl EventRef<'_> {
+    /// The JSON of [`Self::to_owned`], written without copying the event:
+    /// its dimensions and values by name, the last of a name given twice,
+    /// as the owned event's maps hold them.
+    pub fn to_json(&self, received_at: Millis) -> Vec<u8> {
+        let canonical = Canonical {
+            event_id: self.event_id.as_deref(),
+            event_type: &self.event_type,
+            timestamp: self.timestamp.unwrap_or(received_at),
+            dimensions: ByName::of(&self.dimensions),
+            values: ByName::of(&self.values),
+        };
+        // Strings, integers and finite floats cannot fail to serialise.
+        serde_json::to_vec(&canonical).expect("an event always serialises")
+    }
+
     /// An owned copy, with `received_at` for a missing timestamp.
     pub fn to_owned(&self, received_at: Millis) -> Event {
         Event {
@@ -128,6 +143,51 @@ impl EventRef<'_> {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
         }
+    }
+}
+
+/// A borrowed event as [`Event`] serialises: the same fields, in the same
+/// order.
+#[derive(Serialize)]
+struct Canonical<'e> {
+    #[serde(rename = "eventId", skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'e str>,
+    #[serde(rename = "eventType")]
+    event_type: &'e str,
+    timestamp: Millis,
+    #[serde(skip_serializing_if = "ByName::is_empty")]
+    dimensions: ByName<'e, Cow<'e, str>, Cow<'e, str>>,
+    #[serde(skip_serializing_if = "ByName::is_empty")]
+    values: ByName<'e, Cow<'e, str>, f64>,
+}
+
+/// Named fields as a `BTreeMap` of them serialises: by name, and of a name
+/// given more than once, the last.
+struct ByName<'e, K, V>(Vec<&'e (K, V)>);
+
+impl<'e, K: Ord, V> ByName<'e, K, V> {
+    fn of(fields: &'e [(K, V)]) -> Self {
+        let mut sorted: Vec<&(K, V)> = fields.iter().collect();
+        // Stable: the fields of one name stay in the order given.
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut kept: Vec<&(K, V)> = Vec::with_capacity(sorted.len());
+        for field in sorted {
+            match kept.last_mut() {
+                Some(last) if last.0 == field.0 => *last = field,
+                _ => kept.push(field),
+            }
+        }
+        ByName(kept)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<K: Serialize, V: Serialize> Serialize for ByName<'_, K, V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
     }
 }
 
@@ -500,6 +560,29 @@ mod tests {
         let mut e = parse_event(SEED.as_bytes(), 0).unwrap();
         e.values.insert("amount".into(), 12.5);
         assert_eq!(parse_event(&e.to_json(), 0).unwrap(), e);
+    }
+
+    #[test]
+    fn a_borrowed_event_writes_the_json_of_its_owned_copy() {
+        for json in [
+            SEED,
+            r#"{"eventType":"x","timestamp":5}"#,
+            r#"{"eventType":"x"}"#,
+            // Out of order, a name given twice, escapes, and odd numbers.
+            r#"{"eventId":"i\"d","eventType":"t\u00e9","timestamp":3,
+                "dimensions":{"b":"1","a":"x\\y","b":"2","c":"","a":"last"},
+                "values":{"z":1e17,"y":-0.0,"z":0.1,"x":3}}"#,
+        ] {
+            let event = parse_event_ref(json.as_bytes()).unwrap();
+            if json.contains("last") {
+                assert_eq!(event.dimensions.len(), 5, "the names given twice are kept");
+            }
+            assert_eq!(
+                String::from_utf8(event.to_json(9)).unwrap(),
+                String::from_utf8(event.to_owned(9).to_json()).unwrap(),
+                "{json}"
+            );
+        }
     }
 
     #[test]

@@ -270,9 +270,19 @@ pub fn to_json(bytes: &[u8]) -> Cow<'_, [u8]> {
     }
     let mut event = EventRef::default();
     match read(bytes, &mut event) {
-        Ok(Record::Event) => Cow::Owned(event.to_owned(0).to_json()),
+        Ok(Record::Event) => Cow::Owned(event.to_json(0)),
         Ok(Record::Mark(to)) => Cow::Owned(format!("{{\"tally.watermark\":{to}}}").into_bytes()),
         Err(_) => Cow::Borrowed(bytes),
+    }
+}
+
+/// The canonical JSON of the event record `bytes`, which [`read`] has read
+/// into `event`, as [`to_json`] gives it without reading the record again.
+pub fn event_json<'b>(bytes: &'b [u8], event: &EventRef) -> Cow<'b, [u8]> {
+    if bytes.first() == Some(&MAGIC) {
+        Cow::Owned(event.to_json(0))
+    } else {
+        Cow::Borrowed(bytes)
     }
 }
 
