@@ -111,6 +111,7 @@ impl RedisPublisher {
             written: HashMap::new(),
             dropped: Arc::clone(&dropped),
             message: Vec::new(),
+            round: Round::default(),
         };
         let thread = std::thread::Builder::new()
             .name("redis-publisher".into())
@@ -190,6 +191,54 @@ struct Publisher {
     dropped: Arc<AtomicU64>,
     /// The message being encoded, kept so that its memory is reused.
     message: Vec<u8>,
+    /// The commands of the round under way, kept likewise.
+    round: Round,
+}
+
+/// One round trip's commands, kept from round to round with their buffers.
+/// A busy round's commands run to megabytes, and fresh memory of that size
+/// is zeroed by the kernel each time it is taken: `redis::Pipeline` makes
+/// its commands, and the bytes it sends, anew for every query.
+#[derive(Default)]
+struct Round {
+    commands: Vec<redis::Cmd>,
+    /// The commands of this round: the first `used`.
+    used: usize,
+    packed: Vec<u8>,
+}
+
+impl Round {
+    /// The round's next command, empty.
+    fn command(&mut self) -> &mut redis::Cmd {
+        if self.used == self.commands.len() {
+            self.commands.push(redis::Cmd::new());
+        }
+        let command = &mut self.commands[self.used];
+        command.clear();
+        self.used += 1;
+        command
+    }
+
+    /// Sends the round's commands at once, and reads every answer: a
+    /// command Redis refused fails the round.
+    fn send(&mut self, conn: &mut redis::Connection) -> redis::RedisResult<()> {
+        let sent = std::mem::take(&mut self.used);
+        if sent == 0 {
+            return Ok(());
+        }
+        self.packed.clear();
+        for command in &self.commands[..sent] {
+            command.write_packed_command(&mut self.packed);
+        }
+        conn.send_packed_command(&self.packed)?;
+        let mut refused = Ok(());
+        for _ in 0..sent {
+            if let Err(e) = conn.recv_response()?.extract_error() {
+                refused = refused.and(Err(e));
+            }
+        }
+        refused
+    }
 }
 
 impl Publisher {
@@ -228,11 +277,11 @@ impl Publisher {
                 }
             }
             let conn = connection.as_mut().expect("connected above");
-            let mut pipe = self.pipeline(&updates);
+            self.updates(&updates);
             if let Some(t) = through {
-                self.through(&mut pipe, t);
+                self.through(t);
             }
-            match pipe.query::<()>(conn) {
+            match self.round.send(conn) {
                 Ok(()) => backoff.succeeded(),
                 Err(e) => {
                     self.drop_batch(&updates);
@@ -253,21 +302,24 @@ impl Publisher {
 
     /// Deletes the windows that ended more than the lateness before the
     /// process's watermark, and tells the gateways how far it has got.
-    fn through(&mut self, pipe: &mut redis::Pipeline, watermark: u64) {
+    fn through(&mut self, watermark: u64) {
         let watermark = Millis::try_from(watermark).unwrap_or(Millis::MAX);
         for (&(metric, _), written) in self.written.iter_mut() {
             let expired = ended_before(written, watermark.saturating_sub(self.lateness));
             if !expired.is_empty() {
                 let key = latest_key(&self.prefix, &self.names[metric as usize]);
-                pipe.hdel(key, expired).ignore();
+                self.round.command().arg("HDEL").arg(key).arg(expired);
             }
         }
         self.written.retain(|_, written| !written.is_empty());
         let (process, processes) = self.process;
         let message = bincode::serialize(&(process as u32, processes as u32, watermark))
             .expect("a watermark serializes");
-        pipe.publish(through_channel(&self.prefix), message)
-            .ignore();
+        self.round
+            .command()
+            .arg("PUBLISH")
+            .arg(through_channel(&self.prefix))
+            .arg(message);
     }
 
     fn drop_batch(&self, updates: &[Arc<WindowUpdate>]) {
@@ -275,28 +327,31 @@ impl Publisher {
             .fetch_add(updates.len() as u64, Ordering::Relaxed);
     }
 
-    /// One round trip: per metric, a message on its channel, the new
-    /// latest values, and the deletion of windows past the lateness.
-    fn pipeline(&mut self, updates: &[Arc<WindowUpdate>]) -> redis::Pipeline {
+    /// The round's commands for `updates`: per metric, a message on its
+    /// channel, the new latest values, and the deletion of windows past
+    /// the lateness.
+    fn updates(&mut self, updates: &[Arc<WindowUpdate>]) {
         let mut by_metric: BTreeMap<u16, Vec<&WindowUpdate>> = BTreeMap::new();
         for u in updates {
             by_metric.entry(u.metric).or_default().push(u);
         }
-        let mut pipe = redis::pipe();
         for (metric, updates) in by_metric {
             let name = &self.names[metric as usize];
             let key = latest_key(&self.prefix, name);
             let ends = encode(&updates, &mut self.message);
-            pipe.publish(channel(&self.prefix, name), self.message.as_slice())
-                .ignore();
+            self.round
+                .command()
+                .arg("PUBLISH")
+                .arg(channel(&self.prefix, name))
+                .arg(self.message.as_slice());
             let mut newest: BTreeMap<u8, Millis> = BTreeMap::new();
-            // One HSET of every field: the redis crate allocates and encodes
-            // each command on its own.
-            pipe.cmd("HSET").arg(&key);
+            // One HSET of every field: the redis crate encodes each command
+            // on its own.
+            let hset = self.round.command().arg("HSET").arg(&key);
             let starts = std::iter::once(MESSAGE_HEAD).chain(ends.iter().copied());
             for ((u, start), end) in updates.iter().zip(starts).zip(ends.iter().copied()) {
                 let field = format!("{}:{}:{}", u.window, u.span.start, u.group.join("\u{1f}"));
-                pipe.arg(&field).arg(&self.message[start..end]);
+                hset.arg(&field).arg(&self.message[start..end]);
                 self.written
                     .entry((metric, u.window))
                     .or_default()
@@ -308,18 +363,20 @@ impl Publisher {
                 let start = newest.entry(u.window).or_insert(u.span.start);
                 *start = (*start).max(u.span.start);
             }
-            pipe.ignore();
             let mut expired: Vec<String> = Vec::new();
             for (window, newest) in newest {
                 let written = self.written.entry((metric, window)).or_default();
                 expired.extend(ended_before(written, newest - self.lateness));
             }
             if !expired.is_empty() {
-                pipe.hdel(&key, expired).ignore();
+                self.round.command().arg("HDEL").arg(&key).arg(expired);
             }
-            pipe.expire(&key, LATEST_TTL_SECS).ignore();
+            self.round
+                .command()
+                .arg("EXPIRE")
+                .arg(&key)
+                .arg(LATEST_TTL_SECS);
         }
-        pipe
     }
 }
 
