@@ -14,7 +14,8 @@
 # installed from Debian's packages when missing, and playwright-core from npm.
 #
 # The fuzz targets run briefly through scripts/fuzz.sh, which installs
-# cargo-fuzz with cargo when missing.
+# cargo-fuzz with cargo when missing. Formatting and clippy's lints are
+# checked first (rustup adds the components when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,12 @@ if [ ${#packages[@]} -gt 0 ]; then
 fi
 
 cargo build --locked --workspace --all-targets
+
+# The code as the project keeps it: formatted, and without clippy's warnings.
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 # Kafka (tansu), ClickHouse and Redis for the cluster tests; their addresses
 # reach the tests as KAFKA_BROKERS, CLICKHOUSE_URL and REDIS_URL.

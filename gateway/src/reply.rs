@@ -20,8 +20,9 @@ pub struct ApiError {
     /// Whether the connection closes after this answer (`Connection:
     /// close`), as it must when the rest of the request cannot be read.
     pub close: bool,
-    /// Headers the answer carries, such as `Retry-After`.
-    pub headers: HeaderMap,
+    /// Headers the answer carries, such as `Retry-After`; boxed, so that
+    /// an error stays small beside the values it is returned instead of.
+    pub headers: Box<HeaderMap>,
 }
 
 impl ApiError {
@@ -32,7 +33,7 @@ impl ApiError {
             message: message.into(),
             details: None,
             close: false,
-            headers: HeaderMap::new(),
+            headers: Box::default(),
         }
     }
 
@@ -59,7 +60,7 @@ impl Reply for ApiError {
             self.status,
         )
         .into_response();
-        response.headers_mut().extend(self.headers);
+        response.headers_mut().extend(*self.headers);
         if self.close {
             response
                 .headers_mut()

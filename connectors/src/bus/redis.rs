@@ -717,7 +717,7 @@ mod tests {
             group: vec!["c1".into(), format!("country{count}")],
             state: AggState::from_parts(count, 1.5 * count as f64, sketch),
             revision: 3,
-            is_final: count % 2 == 0,
+            is_final: count.is_multiple_of(2),
             appended_at: Some(123),
         };
         let updates = [update(4, Some(Sketch::new())), update(7, None)];

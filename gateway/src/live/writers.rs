@@ -181,9 +181,12 @@ impl Outbox {
 /// client, and a writer finds the whole burst waiting when it wakes.
 #[derive(Default)]
 pub(super) struct Mail {
-    /// By writer: the way to it, and its clients' entries.
-    bags: Vec<Option<(mpsc::UnboundedSender<Work>, Vec<(u64, Batch)>)>>,
+    /// By writer.
+    bags: Vec<Option<Bag>>,
 }
+
+/// A writer's share of the mail: the way to it, and its clients' entries.
+type Bag = (mpsc::UnboundedSender<Work>, Vec<(u64, Batch)>);
 
 impl Mail {
     /// Puts an entry for `outbox`'s client in its writer's bag.
