@@ -10,7 +10,7 @@
 //! Parquet.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,17 +57,8 @@ pub fn run() {
         updates.len()
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("results.db");
-    let (store, writer) = SqliteStore::open(
-        &path,
-        config.metrics.clone(),
-        config.backfill.keep_old,
-        config.dataflow.store_queue,
-    )
-    .unwrap();
     let updates_len = updates.len();
-    write(&config, writer, updates.clone());
+    let (dir, path, store) = sqlite(&config, updates.clone());
     let queries = queries(last_day);
     let conn = Connection::open(&path).unwrap();
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -186,16 +177,7 @@ fn kinds(last_day: i64, now: i64) {
             }));
         }
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("results.db");
-    let (store, writer) = SqliteStore::open(
-        &path,
-        config.metrics.clone(),
-        config.backfill.keep_old,
-        config.dataflow.store_queue,
-    )
-    .unwrap();
-    write(&config, writer, updates);
+    let (_dir, path, store) = sqlite(&config, updates);
     let conn = Connection::open(&path).unwrap();
     println!(
         "  each aggregate, a day of 1 m windows of one group ({CLICKS_PER_MINUTE} ad clicks a minute), SQLite; p50 of {RUNS}:"
@@ -345,6 +327,25 @@ fn updates(
         }
     }
     out
+}
+
+/// A SQLite store in a new temporary directory, which lives as long as the
+/// directory returned, holding `updates`; and the store's path.
+fn sqlite(
+    config: &Config,
+    updates: Vec<Arc<WindowUpdate>>,
+) -> (tempfile::TempDir, PathBuf, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("results.db");
+    let (store, writer) = SqliteStore::open(
+        &path,
+        config.metrics.clone(),
+        config.backfill.keep_old,
+        config.dataflow.store_queue,
+    )
+    .unwrap();
+    write(config, writer, updates);
+    (dir, path, store)
 }
 
 fn write(config: &Config, writer: StoreWriter, updates: Vec<Arc<WindowUpdate>>) {
