@@ -270,7 +270,7 @@ pub fn to_json(bytes: &[u8]) -> Cow<'_, [u8]> {
     }
     let mut event = EventRef::default();
     match read(bytes, &mut event) {
-        Ok(Record::Event) => Cow::Owned(event.to_json(0)),
+        Ok(Record::Event) => event_json(bytes, &event),
         Ok(Record::Mark(to)) => Cow::Owned(format!("{{\"tally.watermark\":{to}}}").into_bytes()),
         Err(_) => Cow::Borrowed(bytes),
     }
