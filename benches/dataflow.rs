@@ -59,10 +59,17 @@ impl BatchSource for Batches {
             return Poll::Finished;
         }
         let take = self.batches.len().min(16);
+        let batches = self.batches.drain(..take).collect();
+        // Woken to say the input has finished, or for the rest, which
+        // waits as a backlog in the log does.
         if let Some(wake) = &self.waker {
             wake();
         }
-        Poll::Ready(self.batches.drain(..take).collect())
+        if self.batches.is_empty() {
+            Poll::Ready(batches)
+        } else {
+            Poll::Behind(batches)
+        }
     }
     /// The batches are the whole log, read before any partition idles.
     fn mark(&mut self, _partition: u32, _watermark: Millis) {}

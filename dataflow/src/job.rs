@@ -199,6 +199,26 @@ mod tests {
     struct VecSource {
         batches: VecDeque<SourceBatch>,
         waker: Option<Waker>,
+        /// Says it is behind while it has batches left, as a log with a
+        /// backlog does.
+        behind: bool,
+    }
+
+    impl VecSource {
+        fn new(batches: VecDeque<SourceBatch>) -> VecSource {
+            VecSource {
+                batches,
+                waker: None,
+                behind: false,
+            }
+        }
+
+        fn behind(batches: VecDeque<SourceBatch>) -> VecSource {
+            VecSource {
+                behind: true,
+                ..VecSource::new(batches)
+            }
+        }
     }
 
     impl BatchSource for VecSource {
@@ -218,7 +238,11 @@ mod tests {
                     if let Some(wake) = &self.waker {
                         wake();
                     }
-                    Poll::Ready(vec![batch])
+                    if self.behind && !self.batches.is_empty() {
+                        Poll::Behind(vec![batch])
+                    } else {
+                        Poll::Ready(vec![batch])
+                    }
                 }
             }
         }
@@ -349,7 +373,7 @@ mod tests {
 
     /// Runs the job from `restore` over `input`, taking a checkpoint at
     /// every 10 s boundary into `parts`.
-    fn run_from(input: VecDeque<SourceBatch>, restore: Restore, parts: Parts) -> (Timed, Vec<u64>) {
+    fn run_from(input: VecSource, restore: Restore, parts: Parts) -> (Timed, Vec<u64>) {
         let (finals, dead) = run_with(settings(), input, restore, parts);
         let timed = finals
             .into_iter()
@@ -369,15 +393,11 @@ mod tests {
     /// emitted at, and the offsets of the dead letters.
     fn run_with(
         settings: JobSettings,
-        input: VecDeque<SourceBatch>,
+        source: VecSource,
         restore: Restore,
         parts: Parts,
     ) -> (Vec<(u64, Emitted)>, Vec<u64>) {
         let (updates, dead) = timely::example(move |scope| {
-            let source = VecSource {
-                batches: input,
-                waker: None,
-            };
             let schedule = Arc::new(Schedule::new(
                 Duration::from_secs(10),
                 Duration::ZERO,
@@ -430,7 +450,7 @@ mod tests {
     }
 
     fn run(input: VecDeque<SourceBatch>) -> (Finals, Vec<u64>) {
-        let (timed, dead) = run_from(input, Restore::default(), Parts::default());
+        let (timed, dead) = run_from(VecSource::new(input), Restore::default(), Parts::default());
         let mut finals: Finals = timed.into_iter().map(|(_, f)| f).collect();
         finals.sort_by_key(|&(w, start, _, _, rev)| (w, start, rev));
         (finals, dead)
@@ -458,10 +478,9 @@ mod tests {
         table
     }
 
-    #[test]
-    fn restoring_any_checkpoint_stores_what_a_run_without_failure_stores() {
-        // Two minutes of events, out of order within a batch, with late ones
-        // (within the lateness) and too-late ones mixed in.
+    /// Two minutes of events, out of order within a batch, with late ones
+    /// (within the lateness) and too-late ones mixed in.
+    fn two_minutes() -> VecDeque<SourceBatch> {
         let times: Vec<Vec<i64>> = (0..40)
             .map(|i| {
                 let t = i * 3;
@@ -476,26 +495,21 @@ mod tests {
             })
             .collect();
         let refs: Vec<&[i64]> = times.iter().map(Vec::as_slice).collect();
-        let input = batches(&refs);
-        let parts = Parts::default();
-        let (full, full_dead) = run_from(input.clone(), Restore::default(), parts.clone());
-        let parts = parts.0.lock().unwrap().clone();
-        assert!(parts.len() >= 8, "{} checkpoints", parts.len());
+        batches(&refs)
+    }
+
+    /// Asserts that restoring each checkpoint in `parts` and reading
+    /// `input` on from its cut stores what the run without failure stored
+    /// (`full`, `full_dead`), and returns what that is.
+    fn assert_restores(
+        input: &VecDeque<SourceBatch>,
+        (full, full_dead): &(Timed, Vec<u64>),
+        parts: Vec<WorkerPart>,
+    ) -> BTreeMap<((u16, u8), i64), (u32, u64)> {
         let expected = store(full.iter().map(|&(_, f)| f));
-        assert!(
-            expected.values().any(|&(revision, _)| revision > 1),
-            "the input revises windows more than once"
-        );
-        assert!(!full_dead.is_empty(), "the input has too-late events");
-        assert!(
-            expected
-                .iter()
-                .any(|(((table, _), _), &(revision, _))| *table == 3 && revision > 0),
-            "the minute's rollup of the total takes late data"
-        );
         for part in parts {
             let resume_at = part.cuts[0].next_offset;
-            let rest = from_offset(&input, resume_at);
+            let rest = from_offset(input, resume_at);
             assert!(
                 input.iter().any(|b| b.offset == resume_at) || rest.is_empty(),
                 "cuts fall between batches"
@@ -505,7 +519,7 @@ mod tests {
                 cuts: part.cuts,
                 groups: part.groups,
             };
-            let (after, dead_after) = run_from(rest, restore, Parts::default());
+            let (after, dead_after) = run_from(VecSource::new(rest), restore, Parts::default());
             // What the sinks held at the checkpoint, then what the restored
             // run emits on top of it.
             let before = full
@@ -522,11 +536,112 @@ mod tests {
                 .collect();
             dead.sort_unstable();
             assert_eq!(
-                dead, full_dead,
+                &dead, full_dead,
                 "dead letters restored at boundary {}",
                 part.boundary
             );
         }
+        expected
+    }
+
+    #[test]
+    fn restoring_any_checkpoint_stores_what_a_run_without_failure_stores() {
+        let input = two_minutes();
+        let parts = Parts::default();
+        let full = run_from(
+            VecSource::new(input.clone()),
+            Restore::default(),
+            parts.clone(),
+        );
+        let parts = parts.0.lock().unwrap().clone();
+        assert!(parts.len() >= 8, "{} checkpoints", parts.len());
+        assert!(!full.1.is_empty(), "the input has too-late events");
+        let expected = assert_restores(&input, &full, parts);
+        assert!(
+            expected.values().any(|&(revision, _)| revision > 1),
+            "the input revises windows more than once"
+        );
+        assert!(
+            expected
+                .iter()
+                .any(|(((table, _), _), &(revision, _))| *table == 3 && revision > 0),
+            "the minute's rollup of the total takes late data"
+        );
+    }
+
+    /// The contributions the source makes of `source`'s batches: per
+    /// (time, table, pane), how many and their events.
+    fn contributions(source: VecSource) -> BTreeMap<(u64, u16, Millis), (usize, u64)> {
+        let captured = timely::example(move |scope| {
+            let settings = settings();
+            let metrics = rollup::expand(&settings.metrics);
+            let tick = crate::window::tick(metrics.iter().map(|m| m.pane), 30_000, None);
+            let stream = crate::operators::source::log_source(
+                scope,
+                source,
+                Rc::new(metrics),
+                settings.source.clone(),
+                tick,
+                Arc::new(JobStats::new(1)),
+                Coordination::default(),
+                &Restore::default(),
+                Rc::new(RefCell::new(Progress::new(&[]))),
+            );
+            stream
+                .map(|r| r.ok().map(|c| (c.metric, c.pane, c.state.count)))
+                .capture()
+        });
+        let mut made = BTreeMap::new();
+        for (time, records) in captured.extract() {
+            for (metric, pane, count) in records.into_iter().flatten() {
+                let entry = made.entry((time, metric, pane)).or_insert((0, 0));
+                *entry = (entry.0 + 1, entry.1 + count);
+            }
+        }
+        made
+    }
+
+    #[test]
+    fn a_source_behind_folds_its_polls_together_and_stores_the_same() {
+        let input = two_minutes();
+        // Folded a poll at a time, and while behind, a few polls at once:
+        // the same events at the same times, in fewer contributions.
+        let each = contributions(VecSource::new(input.clone()));
+        let together = contributions(VecSource::behind(input.clone()));
+        let events = |made: &BTreeMap<_, (usize, u64)>| {
+            made.iter()
+                .map(|(k, &(_, events))| (*k, events))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(events(&together), events(&each));
+        let count =
+            |made: &BTreeMap<_, (usize, u64)>| made.values().map(|&(n, _)| n).sum::<usize>();
+        assert!(
+            count(&together) < count(&each),
+            "{} contributions behind, {} a poll at a time",
+            count(&together),
+            count(&each)
+        );
+
+        let (ready, mut ready_dead) = run_from(
+            VecSource::new(input.clone()),
+            Restore::default(),
+            Parts::default(),
+        );
+        let parts = Parts::default();
+        let behind = run_from(
+            VecSource::behind(input.clone()),
+            Restore::default(),
+            parts.clone(),
+        );
+        ready_dead.sort_unstable();
+        let mut behind_dead = behind.1.clone();
+        behind_dead.sort_unstable();
+        assert_eq!(behind_dead, ready_dead);
+        let parts = parts.0.lock().unwrap().clone();
+        assert!(!parts.is_empty(), "the run behind takes checkpoints");
+        let expected = assert_restores(&input, &behind, parts);
+        assert_eq!(expected, store(ready.into_iter().map(|(_, f)| f)));
     }
 
     #[test]
@@ -549,7 +664,7 @@ mod tests {
         let parts = Parts::default();
         let (full, dead) = run_with(
             settings.clone(),
-            input.clone(),
+            VecSource::new(input.clone()),
             Restore::default(),
             parts.clone(),
         );
@@ -589,7 +704,12 @@ mod tests {
                 cuts: part.cuts,
                 groups: part.groups,
             };
-            let (after, _) = run_with(settings.clone(), rest, restore, Parts::default());
+            let (after, _) = run_with(
+                settings.clone(),
+                VecSource::new(rest),
+                restore,
+                Parts::default(),
+            );
             let before = full.iter().filter(|(time, _)| *time < boundary);
             let stored = stored_groups(before.chain(&after).map(|(_, f)| f));
             assert_eq!(stored, expected, "restored at boundary {boundary}");
@@ -631,13 +751,13 @@ mod tests {
         let (input, parts) = (with_repeats(true), Parts::default());
         let (full, dead) = run_with(
             settings.clone(),
-            input.clone(),
+            VecSource::new(input.clone()),
             Restore::default(),
             parts.clone(),
         );
         let (clean, clean_dead) = run_with(
             settings.clone(),
-            with_repeats(false),
+            VecSource::new(with_repeats(false)),
             Restore::default(),
             Parts::default(),
         );
@@ -668,7 +788,12 @@ mod tests {
                 cuts: part.cuts,
                 groups: part.groups,
             };
-            let (after, _) = run_with(settings.clone(), rest, restore, Parts::default());
+            let (after, _) = run_with(
+                settings.clone(),
+                VecSource::new(rest),
+                restore,
+                Parts::default(),
+            );
             let before = full.iter().filter(|(time, _)| *time < boundary).cloned();
             let stored = store(&before.chain(after).collect::<Vec<_>>());
             assert_eq!(stored, expected, "restored at boundary {boundary}");

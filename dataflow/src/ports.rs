@@ -50,6 +50,10 @@ impl SourceBatch {
 pub enum Poll {
     /// Batches, in log order per partition.
     Ready(Vec<SourceBatch>),
+    /// Batches, as `Ready`, and more are waiting: the poll took its fill
+    /// ([`POLL_RECORDS`]) and the source has called its waker. The source
+    /// operator goes on folding the next poll's batches with these.
+    Behind(Vec<SourceBatch>),
     /// Nothing yet; the source will call its waker when there is.
     Pending,
     /// The input has ended: only bounded inputs, as in tests, say this.
@@ -69,7 +73,8 @@ pub const POLL_RECORDS: usize = 16_384;
 ///
 /// Implementations never block in `poll` or `mark`: I/O happens elsewhere,
 /// behind a bounded buffer, and `poll` takes what is there, up to
-/// [`POLL_RECORDS`]; if it leaves some, it calls the waker.
+/// [`POLL_RECORDS`]; if it leaves some, it calls the waker and says so
+/// ([`Poll::Behind`]).
 pub trait BatchSource: 'static {
     /// The partitions this source reads.
     fn partitions(&self) -> Vec<u32>;

@@ -150,6 +150,7 @@ impl BatchSource for KafkaSource {
             if let Some(waker) = &self.waker {
                 waker();
             }
+            return Poll::Behind(batches);
         }
         Poll::Ready(batches)
     }

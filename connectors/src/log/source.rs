@@ -110,17 +110,17 @@ impl BatchSource for LogSource {
                 Err(TryRecvError::Disconnected) => break,
             }
         }
+        if batches.is_empty() {
+            return Poll::Pending;
+        }
         if records >= POLL_RECORDS && !rx.is_empty() {
             // The reader wakes the source only when it hands a batch over.
             if let Some(waker) = &self.waker {
                 waker();
             }
+            return Poll::Behind(batches);
         }
-        if batches.is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(batches)
-        }
+        Poll::Ready(batches)
     }
 
     fn mark(&mut self, partition: u32, watermark: Millis) {

@@ -17,7 +17,12 @@
 //! multiples of it, so this changes no result, and the batches of one poll
 //! that travel at the same time, whatever their partitions, are folded
 //! together. The busier the job, the more a poll reads, and the fewer
-//! contributions per event cross the exchange.
+//! contributions per event cross the exchange. While the input is behind
+//! (a poll took its fill and more is waiting), the source goes on folding
+//! the next polls' batches into the same contributions, holding its
+//! capability, up to [`FOLD_RECORDS`] records or [`FOLD_WAIT`]: a backlog
+//! is caught up with a quarter of the contributions, and a job that keeps
+//! up sends each poll's at once.
 //!
 //! The source holds a capability at the least watermark of its partitions,
 //! rounded down to a tick; that is timely's frontier, and windows close when
@@ -62,7 +67,10 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
 use rustc_hash::FxHashMap as HashMap;
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::operators::generic::OutputBuilderSession;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, Stream};
 
 use crate::aggregate::AggState;
@@ -73,7 +81,7 @@ use crate::dedupe::{IdKey, Remembered, Seen};
 use crate::event::record::{self, Record};
 use crate::event::EventRef;
 use crate::model::{Contribution, DeadLetter, Group};
-use crate::ports::{BatchSource, Poll, SourceBatch};
+use crate::ports::{BatchSource, Poll, SourceBatch, POLL_RECORDS};
 use crate::rollup::{made, Made};
 use crate::routing::group_hash_of;
 use crate::stats::JobStats;
@@ -190,11 +198,13 @@ pub fn log_source<'scope, S: BatchSource>(
             // A worker without partitions never produces data.
             capability = None;
         }
+        let mut held = Held::default();
         move |output| {
             let Some(cap) = capability.as_mut() else {
                 return;
             };
             if coordination.backpressure.stalled() {
+                held.send(cap, output, &metrics, &derived);
                 // Time spent waiting on a sink is not idleness: the backlog
                 // is in the log, and must not be stamped as late when it moves.
                 let now = Instant::now();
@@ -205,19 +215,19 @@ pub fn log_source<'scope, S: BatchSource>(
                 activator.activate_after(Duration::from_millis(10));
                 return;
             }
-            let batches = match input.poll() {
+            let (batches, behind) = match input.poll() {
                 Poll::Finished => {
+                    held.send(cap, output, &metrics, &derived);
                     capability = None;
                     return;
                 }
-                Poll::Pending => Vec::new(),
-                Poll::Ready(batches) => batches,
+                Poll::Pending => (Vec::new(), false),
+                Poll::Ready(batches) => (batches, false),
+                Poll::Behind(batches) => (batches, true),
             };
             let now = Instant::now();
             let (mut dead, mut repeats, mut read, mut passed) = (0, 0, 0, 0);
-            // The poll's batches, folded together by the time they travel
-            // at: while the watermarks stay within one tick, that is one.
-            let mut sending: Vec<(u64, Folding, Vec<DeadLetter>)> = Vec::new();
+            held.since.get_or_insert(now);
             for batch in batches {
                 let Some(clock) = clocks.iter_mut().find(|c| c.partition == batch.partition) else {
                     continue;
@@ -231,18 +241,12 @@ pub fn log_source<'scope, S: BatchSource>(
                     continue;
                 }
                 passed += batch.next_offset - batch.offset;
+                held.records += batch.records.len();
                 // Never below the capability: only a partition the restored
                 // checkpoint did not know can be.
                 let stamp = clock.watermark.unwrap_or(0).max(*cap.time());
                 let time = (stamp / tick * tick).max(*cap.time());
-                let at = match sending.iter().position(|(t, ..)| *t == time) {
-                    Some(at) => at,
-                    None => {
-                        sending.push((time, Folding::default(), Vec::new()));
-                        sending.len() - 1
-                    }
-                };
-                let (_, folding, dead_letters) = &mut sending[at];
+                let (folding, dead_letters) = held.at(time);
                 let folded = fold_batch(
                     &batch,
                     &metrics,
@@ -282,16 +286,9 @@ pub fn log_source<'scope, S: BatchSource>(
                     },
                 );
             }
-            for (time, folding, dead_letters) in sending {
-                let contributions = folding.finish(&metrics, &derived);
-                if dead_letters.is_empty() && contributions.is_empty() {
-                    continue;
-                }
-                let records = dead_letters
-                    .into_iter()
-                    .map(Err)
-                    .chain(contributions.into_iter().map(Ok));
-                output.session(&cap.delayed(&time)).give_iterator(records);
+            // A backlog is folded a few polls at a time (see `Held`).
+            if !behind || held.full(now) {
+                held.send(cap, output, &metrics, &derived);
             }
             for (counter, value) in [
                 (&stats.events_read, read as u64),
@@ -314,13 +311,85 @@ pub fn log_source<'scope, S: BatchSource>(
                 .unwrap_or(0)
                 .max(*cap.time());
             let to = target / tick * tick;
-            if to > *cap.time() {
+            // Held folds travel at times the capability must still hold.
+            if to > *cap.time() && held.folds.is_empty() {
                 cap.downgrade(&to);
             }
             stats.set_watermark(worker, target);
             activator.activate_after(heartbeat);
         }
     })
+}
+
+/// The most records the source folds together while its input is behind
+/// ([`Poll::Behind`]): four polls' worth. The larger a fold, the fewer
+/// contributions per event cross the exchange (a busy group is met once per
+/// fold, not once per poll), but the window operator sees nothing of a fold
+/// until it is sent.
+const FOLD_RECORDS: usize = 4 * POLL_RECORDS;
+
+/// The longest the source holds a fold while its input is behind, so that
+/// a slow job still shows a backlog's progress: at most half of the
+/// default live interval.
+const FOLD_WAIT: Duration = Duration::from_millis(50);
+
+/// The batches folded and not sent yet, by the time they travel at: one
+/// poll's, or while the input is behind, several polls' (see
+/// [`FOLD_RECORDS`]). While the watermarks stay within one tick, that is
+/// one fold.
+#[derive(Default)]
+struct Held {
+    folds: Vec<(u64, Folding, Vec<DeadLetter>)>,
+    /// The records of the batches held.
+    records: usize,
+    /// When the first of them was polled.
+    since: Option<Instant>,
+}
+
+impl Held {
+    /// The fold of `time`, made if there is none.
+    fn at(&mut self, time: u64) -> (&mut Folding, &mut Vec<DeadLetter>) {
+        let at = match self.folds.iter().position(|(t, ..)| *t == time) {
+            Some(at) => at,
+            None => {
+                self.folds.push((time, Folding::default(), Vec::new()));
+                self.folds.len() - 1
+            }
+        };
+        let (_, folding, dead_letters) = &mut self.folds[at];
+        (folding, dead_letters)
+    }
+
+    /// Whether the folds are as large, or as old, as a fold may be.
+    fn full(&self, now: Instant) -> bool {
+        self.records >= FOLD_RECORDS
+            || self
+                .since
+                .is_some_and(|since| now.duration_since(since) >= FOLD_WAIT)
+    }
+
+    /// Sends every fold, at its time.
+    fn send(
+        &mut self,
+        cap: &Capability<u64>,
+        output: &mut OutputBuilderSession<'_, u64, CapacityContainerBuilder<Vec<SourceRecord>>>,
+        metrics: &[MetricSpec],
+        derived: &Derived,
+    ) {
+        for (time, folding, dead_letters) in self.folds.drain(..) {
+            let contributions = folding.finish(metrics, derived);
+            if dead_letters.is_empty() && contributions.is_empty() {
+                continue;
+            }
+            let records = dead_letters
+                .into_iter()
+                .map(Err)
+                .chain(contributions.into_iter().map(Ok));
+            output.session(&cap.delayed(&time)).give_iterator(records);
+        }
+        self.records = 0;
+        self.since = None;
+    }
 }
 
 /// Notes that the job read events, or had to wait for a sink, now: it is
