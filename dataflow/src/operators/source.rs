@@ -564,8 +564,10 @@ fn remember(batch: &SourceBatch, ids: &mut Remembered, watermark: Millis) {
 /// An event finds its group once per list of dimensions ([`Shapes`]),
 /// whatever the number of metrics grouped by it, by a hash of the values it
 /// borrows from the record; then each metric's entry among the group's few.
-/// A projection's entries are found the same way, from its metric's. A
-/// group is built once per time and poll, not once per event.
+/// A list within a wider one takes its group from the wider list's (a group
+/// remembers the groups it was narrowed to), and a projection's entries are
+/// found the same way, from their metric's group. A group is built once per
+/// time and fold, not once per event.
 #[derive(Default)]
 struct Folding {
     entries: Vec<Entry>,
@@ -591,6 +593,8 @@ struct Local {
     values: Group,
     /// (metric, pane, index into `entries`).
     entries: Vec<(u16, Millis, usize)>,
+    /// The groups its values were narrowed to: (shape, index into `groups`).
+    narrowed: Vec<(usize, usize)>,
 }
 
 /// The configured metrics and their projections by the dimensions they
@@ -606,6 +610,10 @@ struct Shapes {
     names: Vec<String>,
     /// Per list of a configured metric, its dimensions' places in `names`.
     places: Vec<Vec<usize>>,
+    /// Per list of a configured metric, the widest other such list that
+    /// holds all its dimensions, if any, and their places in it: its groups
+    /// are narrowed from that list's.
+    within: Vec<Option<(usize, Vec<usize>)>>,
 }
 
 impl Shapes {
@@ -623,6 +631,20 @@ impl Shapes {
             .dimensions
             .iter()
             .map(|list| list.iter().map(|d| place_of(names, d)).collect())
+            .collect();
+        let lists = &shapes.dimensions;
+        shapes.within = (0..lists.len())
+            .map(|shape| {
+                let wider = (0..lists.len())
+                    .filter(|&w| w != shape && lists[w].len() > lists[shape].len())
+                    .filter(|&w| lists[shape].iter().all(|d| lists[w].contains(d)))
+                    .max_by_key(|&w| (lists[w].len(), std::cmp::Reverse(w)))?;
+                let places = lists[shape]
+                    .iter()
+                    .map(|d| lists[wider].iter().position(|w| w == d).expect("within"))
+                    .collect();
+                Some((wider, places))
+            })
             .collect();
         shapes
     }
@@ -667,7 +689,8 @@ where
 struct Entry {
     metric: u16,
     pane: Millis,
-    group: Group,
+    /// Its group, an index into [`Folding::groups`].
+    local: usize,
     /// The routing hash of (metric, group).
     hash: u64,
     state: AggState,
@@ -679,11 +702,12 @@ impl Folding {
     fn finish(mut self, metrics: &[MetricSpec], derived: &Derived) -> Vec<Contribution> {
         derived.fold(metrics, &mut self);
         let appended_at = self.appended_at;
+        let groups = self.groups;
         self.entries
             .into_iter()
             .map(|e| Contribution {
                 metric: e.metric,
-                group: e.group,
+                group: groups[e.local].values.clone(),
                 hash: e.hash,
                 pane: e.pane,
                 state: e.state,
@@ -709,20 +733,7 @@ impl Folding {
             if !metric.accepts(&event.event_type) {
                 continue;
             }
-            let local = match self.event_groups[shape] {
-                Some(local) => local,
-                None => {
-                    let values = shapes.places[shape]
-                        .iter()
-                        .map(|&place| match found[place] {
-                            ABSENT => "",
-                            at => event.dimensions[at].1.as_ref(),
-                        });
-                    let local = self.local(shape, values);
-                    self.event_groups[shape] = Some(local);
-                    local
-                }
-            };
+            let local = self.group_of(shape, event, &found, shapes);
             let pane = align(timestamp, metric.pane);
             let e = self.entry(local, index, pane);
             self.entries[e]
@@ -730,6 +741,53 @@ impl Folding {
                 .observe(metric.aggregate, metric.field.as_ref(), event);
         }
         self.found = found;
+    }
+
+    /// The event's group in list `shape`: looked up by its values, or
+    /// narrowed from its group in a wider list.
+    fn group_of(
+        &mut self,
+        shape: usize,
+        event: &EventRef<'_>,
+        found: &[usize],
+        shapes: &Shapes,
+    ) -> usize {
+        if let Some(local) = self.event_groups[shape] {
+            return local;
+        }
+        let local = match &shapes.within[shape] {
+            Some((wider, places)) => {
+                let wider = self.group_of(*wider, event, found, shapes);
+                self.narrow(wider, shape, places)
+            }
+            None => {
+                let values = shapes.places[shape]
+                    .iter()
+                    .map(|&place| match found[place] {
+                        ABSENT => "",
+                        at => event.dimensions[at].1.as_ref(),
+                    });
+                self.local(shape, values)
+            }
+        };
+        self.event_groups[shape] = Some(local);
+        local
+    }
+
+    /// The group of list `shape` that group `from` narrows to, its values
+    /// at `places` of `from`'s.
+    fn narrow(&mut self, from: usize, shape: usize, places: &[usize]) -> usize {
+        if let Some(&(_, local)) = self.groups[from].narrowed.iter().find(|(s, _)| *s == shape) {
+            return local;
+        }
+        // The group is looked up by the values it lends: it is taken out
+        // meanwhile.
+        let values = std::mem::take(&mut self.groups[from].values);
+        let local = self.local(shape, places.iter().map(|&p| values[p].as_str()));
+        let group = &mut self.groups[from];
+        group.values = values;
+        group.narrowed.push((shape, local));
+        local
     }
 
     /// The group of `values` in list `shape`, made if the time has none yet.
@@ -760,6 +818,7 @@ impl Folding {
                     hash,
                     values: values.map(str::to_owned).collect(),
                     entries: Vec::new(),
+                    narrowed: Vec::new(),
                 });
                 g
             }
@@ -783,7 +842,7 @@ impl Folding {
             metric,
             pane,
             hash: group_hash_of(metric, group.values.iter().map(String::as_str)),
-            group: group.values.clone(),
+            local,
             state: AggState::default(),
         });
         e
@@ -825,16 +884,124 @@ impl Derived {
             let metric = folding.entries[e].metric as usize;
             for (table, shape, places) in &self.0[metric] {
                 let pane = align(folding.entries[e].pane, metrics[*table as usize].pane);
-                // The group is looked up by the values it lends: it is
-                // taken out meanwhile.
-                let group = std::mem::take(&mut folding.entries[e].group);
-                let local = folding.local(*shape, places.iter().map(|&p| group[p].as_str()));
-                folding.entries[e].group = group;
+                let local = folding.narrow(folding.entries[e].local, *shape, places);
                 // A projection's entries follow all its metrics'.
                 let projected = folding.entry(local, *table, pane);
                 let (metric, table) = folding.entries.split_at_mut(projected);
                 table[0].state.merge(&metric[e].state);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::event::parse_event_ref;
+    use crate::job::JobSettings;
+    use crate::rollup;
+
+    /// Metrics by nested lists of dimensions, one list beside them, and
+    /// their projections, over events that lack some dimensions and repeat
+    /// one: every table counts each event under the group of its values,
+    /// whether an event's group was looked up or narrowed from a wider one.
+    #[test]
+    fn every_list_and_projection_counts_each_event_in_its_group() {
+        let text = r#"
+            [[metric]]
+            name = "wide"
+            aggregate = "count"
+            dimensions = ["a", "b", "c"]
+            windows = ["tumbling 10s"]
+            rollups = []
+            projections = [[], ["c"], ["b", "a"]]
+            [[metric]]
+            name = "within"
+            aggregate = "count"
+            dimensions = ["c", "b"]
+            windows = ["tumbling 10s"]
+            rollups = []
+            projections = []
+            [[metric]]
+            name = "narrowest"
+            event_type = "click"
+            aggregate = "count"
+            dimensions = ["b"]
+            windows = ["tumbling 10s"]
+            rollups = []
+            projections = [[]]
+            [[metric]]
+            name = "beside"
+            aggregate = "count"
+            dimensions = ["b", "d"]
+            windows = ["tumbling 10s"]
+            rollups = []
+            projections = []
+        "#;
+        let settings = JobSettings::from_config(&Config::load(Some(text), []).unwrap());
+        let metrics = rollup::expand(&settings.metrics);
+        let mut shapes = Shapes::new(&metrics);
+        let derived = Derived::new(&metrics, &mut shapes);
+        let mut expected: BTreeMap<(u16, Vec<String>), u64> = BTreeMap::new();
+        let mut folding = Folding::default();
+        // Each of a, b, c and d absent or one of three values, in every
+        // combination, twice: as clicks and as views.
+        for i in 0..2 * 4usize.pow(4) {
+            let mut dimensions = BTreeMap::new();
+            let mut json = Vec::from(&b"{\"dimensions\": {"[..]);
+            for (k, name) in ["a", "b", "c", "d"].into_iter().enumerate() {
+                match (i / 4usize.pow(k as u32)) % 4 {
+                    0 => {}
+                    v => {
+                        let value = ["x", "y", "z"][v - 1];
+                        json.extend(format!("\"{name}\": \"{value}\", ").bytes());
+                        dimensions.insert(name, value);
+                    }
+                }
+            }
+            if i % 3 == 0 {
+                // A name given twice: the last one counts.
+                json.extend(br#""b": "again", "#);
+                dimensions.insert("b", "again");
+            }
+            let event_type = if i < 4usize.pow(4) { "click" } else { "view" };
+            json.extend(
+                format!("\"e\": 0}}, \"eventType\": \"{event_type}\", \"timestamp\": 1000}}")
+                    .bytes(),
+            );
+            let event = parse_event_ref(&json).unwrap();
+            folding.event(&event, 1_000, &metrics, &shapes);
+            for (index, metric) in metrics.iter().enumerate() {
+                if !metric.accepts(event_type) || metric.windows.is_empty() {
+                    continue;
+                }
+                let group = metric
+                    .dimensions
+                    .iter()
+                    .map(|d| {
+                        dimensions
+                            .get(d.as_str())
+                            .copied()
+                            .unwrap_or_default()
+                            .to_owned()
+                    })
+                    .collect();
+                *expected.entry((index as u16, group)).or_default() += 1;
+            }
+        }
+        let mut made: BTreeMap<(u16, Vec<String>), u64> = BTreeMap::new();
+        for c in folding.finish(&metrics, &derived) {
+            assert_eq!(
+                c.hash,
+                group_hash_of(c.metric, c.group.iter().map(String::as_str))
+            );
+            *made.entry((c.metric, c.group)).or_default() += c.state.count;
+        }
+        let tables: std::collections::BTreeSet<u16> = made.keys().map(|(m, _)| *m).collect();
+        assert_eq!(tables.len(), 8, "four metrics and four projections");
+        assert_eq!(made, expected);
     }
 }
