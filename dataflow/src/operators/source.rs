@@ -582,6 +582,11 @@ struct Folding {
     /// Where the event's dimensions are ([`Shapes::find`]) while it is
     /// folded.
     found: Vec<usize>,
+    /// Per [`Shapes::types`], whether the event is of it, while it is
+    /// folded.
+    event_types: Vec<bool>,
+    /// Per [`Shapes::widths`], the event's pane, while it is folded.
+    panes: Vec<Millis>,
 }
 
 /// The dimension values of one [`Shapes`] list, and the entries of the
@@ -603,8 +608,15 @@ struct Local {
 struct Shapes {
     /// Each distinct list of dimensions.
     dimensions: Vec<Vec<String>>,
-    /// Per configured metric: its index and its list's.
-    metrics: Vec<(u16, usize)>,
+    /// Per configured metric: its index, its list's, and the index of
+    /// its event type in `types` and of its pane width in `widths`.
+    metrics: Vec<ShapedMetric>,
+    /// The event types the configured metrics take, each once: an event's
+    /// is compared with each once.
+    types: Vec<String>,
+    /// The pane widths of the configured metrics, each once: an event's
+    /// time is aligned to each once.
+    widths: Vec<Millis>,
     /// The dimensions the configured metrics group by, each once: an
     /// event's are found once, whatever the number of lists they are in.
     names: Vec<String>,
@@ -616,14 +628,31 @@ struct Shapes {
     within: Vec<Option<(usize, Vec<usize>)>>,
 }
 
+/// A configured metric, as [`Shapes`] sees it.
+struct ShapedMetric {
+    index: u16,
+    shape: usize,
+    /// `None` for a metric of every event type.
+    event_type: Option<usize>,
+    width: usize,
+}
+
 impl Shapes {
     /// The lists of dimensions of the configured metrics among `metrics`.
     fn new(metrics: &[MetricSpec]) -> Shapes {
         let mut shapes = Shapes::default();
         for (index, metric) in metrics.iter().enumerate() {
             if metric.rollup_of.is_none() {
-                let shape = shapes.shape(&metric.dimensions);
-                shapes.metrics.push((index as u16, shape));
+                let shaped = ShapedMetric {
+                    index: index as u16,
+                    shape: shapes.shape(&metric.dimensions),
+                    event_type: metric
+                        .event_type
+                        .as_deref()
+                        .map(|t| place_of(&mut shapes.types, t)),
+                    width: place_of(&mut shapes.widths, &metric.pane),
+                };
+                shapes.metrics.push(shaped);
             }
         }
         let names = &mut shapes.names;
@@ -728,14 +757,20 @@ impl Folding {
         self.event_groups.resize(shapes.dimensions.len(), None);
         let mut found = std::mem::take(&mut self.found);
         shapes.find(event, &mut found);
-        for &(index, shape) in &shapes.metrics {
-            let metric = &metrics[index as usize];
-            if !metric.accepts(&event.event_type) {
+        self.event_types.clear();
+        let event_type = event.event_type.as_ref();
+        self.event_types
+            .extend(shapes.types.iter().map(|t| t == event_type));
+        self.panes.clear();
+        self.panes
+            .extend(shapes.widths.iter().map(|&width| align(timestamp, width)));
+        for shaped in &shapes.metrics {
+            if shaped.event_type.is_some_and(|t| !self.event_types[t]) {
                 continue;
             }
-            let local = self.group_of(shape, event, &found, shapes);
-            let pane = align(timestamp, metric.pane);
-            let e = self.entry(local, index, pane);
+            let local = self.group_of(shaped.shape, event, &found, shapes);
+            let e = self.entry(local, shaped.index, self.panes[shaped.width]);
+            let metric = &metrics[shaped.index as usize];
             self.entries[e]
                 .state
                 .observe(metric.aggregate, metric.field.as_ref(), event);
