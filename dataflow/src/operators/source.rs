@@ -623,8 +623,9 @@ struct Shapes {
     /// Per list of a configured metric, its dimensions' places in `names`.
     places: Vec<Vec<usize>>,
     /// Per list of a configured metric, the widest other such list that
-    /// holds all its dimensions, if any, and their places in it: its groups
-    /// are narrowed from that list's.
+    /// holds all its dimensions and whose metrics take every event type
+    /// its own do, if any, and their places in it: its groups are narrowed
+    /// from that list's.
     within: Vec<Option<(usize, Vec<usize>)>>,
 }
 
@@ -662,11 +663,25 @@ impl Shapes {
             .map(|list| list.iter().map(|d| place_of(names, d)).collect())
             .collect();
         let lists = &shapes.dimensions;
+        let types = |shape: usize| {
+            shapes
+                .metrics
+                .iter()
+                .filter(move |m| m.shape == shape)
+                .map(|m| m.event_type)
+        };
+        // A wider list serves a narrower one only if it is needed for every
+        // event the narrower one is: else an event would make a group it
+        // has no use for, of a list that may hold far more of them.
+        let serves = |wider: usize, shape: usize| {
+            types(shape).all(|t| types(wider).any(|w| w.is_none() || w == t))
+        };
         shapes.within = (0..lists.len())
             .map(|shape| {
                 let wider = (0..lists.len())
                     .filter(|&w| w != shape && lists[w].len() > lists[shape].len())
                     .filter(|&w| lists[shape].iter().all(|d| lists[w].contains(d)))
+                    .filter(|&w| serves(w, shape))
                     .max_by_key(|&w| (lists[w].len(), std::cmp::Reverse(w)))?;
                 let places = lists[shape]
                     .iter()
@@ -975,11 +990,32 @@ mod tests {
             windows = ["tumbling 10s"]
             rollups = []
             projections = []
+            [[metric]]
+            name = "widest"
+            event_type = "click"
+            aggregate = "count"
+            dimensions = ["d", "c", "b", "a"]
+            windows = ["tumbling 10s"]
+            rollups = []
+            projections = []
         "#;
         let settings = JobSettings::from_config(&Config::load(Some(text), []).unwrap());
         let metrics = rollup::expand(&settings.metrics);
         let mut shapes = Shapes::new(&metrics);
         let derived = Derived::new(&metrics, &mut shapes);
+        // Only a list whose metrics take every event the narrower one's do
+        // serves it: the widest, of clicks alone, serves only "narrowest".
+        let within = |name: &str| {
+            let list = &metrics.iter().find(|m| m.name == name).unwrap().dimensions;
+            let shape = shapes.dimensions.iter().position(|l| l == list).unwrap();
+            shapes.within[shape]
+                .as_ref()
+                .map(|(wider, _)| shapes.dimensions[*wider].join(","))
+        };
+        assert_eq!(within("wide"), None);
+        assert_eq!(within("within").as_deref(), Some("a,b,c"));
+        assert_eq!(within("narrowest").as_deref(), Some("d,c,b,a"));
+        assert_eq!(within("beside"), None);
         let mut expected: BTreeMap<(u16, Vec<String>), u64> = BTreeMap::new();
         let mut folding = Folding::default();
         // Each of a, b, c and d absent or one of three values, in every
@@ -1036,7 +1072,7 @@ mod tests {
             *made.entry((c.metric, c.group)).or_default() += c.state.count;
         }
         let tables: std::collections::BTreeSet<u16> = made.keys().map(|(m, _)| *m).collect();
-        assert_eq!(tables.len(), 8, "four metrics and four projections");
+        assert_eq!(tables.len(), 9, "five metrics and four projections");
         assert_eq!(made, expected);
     }
 }
