@@ -191,6 +191,7 @@ mod tests {
     use crate::aggregate::AggregateKind;
     use crate::checkpoint::WorkerPart;
     use crate::event::record;
+    use crate::operators::source::FOLD_RECORDS;
     use crate::ports::{Poll, SourceBatch, Waker};
     use crate::time::Millis;
     use crate::window::WindowSpec;
@@ -199,8 +200,9 @@ mod tests {
     struct VecSource {
         batches: VecDeque<SourceBatch>,
         waker: Option<Waker>,
-        /// Says it is behind while it has batches left, as a log with a
-        /// backlog does.
+        /// Says it is behind after every batch, as a source that took its
+        /// fill does, even when no more comes: the source operator must
+        /// send what it holds when the input ends.
         behind: bool,
     }
 
@@ -238,7 +240,7 @@ mod tests {
                     if let Some(wake) = &self.waker {
                         wake();
                     }
-                    if self.behind && !self.batches.is_empty() {
+                    if self.behind {
                         Poll::Behind(vec![batch])
                     } else {
                         Poll::Ready(vec![batch])
@@ -642,6 +644,23 @@ mod tests {
         assert!(!parts.is_empty(), "the run behind takes checkpoints");
         let expected = assert_restores(&input, &behind, parts);
         assert_eq!(expected, store(ready.into_iter().map(|(_, f)| f)));
+    }
+
+    #[test]
+    fn a_backlog_is_sent_a_fold_at_a_time() {
+        // More than a fold's records, all of one time after the first
+        // batch, and read as a backlog: held, but not to the end.
+        let batches = FOLD_RECORDS / 1000 + 2;
+        let input = log((0..batches).map(|_| (0..1000).map(|_| event(10)).collect()));
+        let made = contributions(VecSource::behind(input));
+        let events: u64 = made
+            .iter()
+            .filter(|((_, table, _), _)| *table == 0)
+            .map(|(_, &(_, events))| events)
+            .sum();
+        assert_eq!(events, batches as u64 * 1000);
+        let busiest = made.values().map(|&(n, _)| n).max().unwrap();
+        assert!(busiest >= 2, "{made:?}");
     }
 
     #[test]

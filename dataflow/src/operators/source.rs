@@ -326,7 +326,7 @@ pub fn log_source<'scope, S: BatchSource>(
 /// contributions per event cross the exchange (a busy group is met once per
 /// fold, not once per poll), but the window operator sees nothing of a fold
 /// until it is sent.
-const FOLD_RECORDS: usize = 4 * POLL_RECORDS;
+pub(crate) const FOLD_RECORDS: usize = 4 * POLL_RECORDS;
 
 /// The longest the source holds a fold while its input is behind, so that
 /// a slow job still shows a backlog's progress: at most half of the
