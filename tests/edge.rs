@@ -424,6 +424,20 @@ fn every_subscription_is_answered_and_a_binary_frame_closes_with_1003() {
         }
     };
     assert_eq!(close.map(|f| u16::from(f.code)), Some(1003));
+    // Answer the close, as a client does: reading on sends the answer
+    // tungstenite queued, and the server then ends the connection at once
+    // rather than after its grace for a client that does not answer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(Instant::now() < deadline, "the connection did not end");
+        match socket.read() {
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => break,
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("expected the connection to end: {e}"),
+            Ok(_) => {}
+        }
+    }
     eventually(Duration::from_secs(5), || {
         match counted(&tally, "tally_ws_clients") {
             0 => Ok(()),
