@@ -577,7 +577,11 @@ mod tests {
         let captured = timely::example(move |scope| {
             let settings = settings();
             let metrics = rollup::expand(&settings.metrics);
-            let tick = crate::window::tick(metrics.iter().map(|m| m.pane), 30_000, None);
+            let tick = crate::window::tick(
+                metrics.iter().map(|m| m.pane),
+                settings.windows.allowed_lateness,
+                None,
+            );
             let stream = crate::operators::source::log_source(
                 scope,
                 source,

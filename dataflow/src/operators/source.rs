@@ -1046,7 +1046,7 @@ mod tests {
             let event = parse_event_ref(&json).unwrap();
             folding.event(&event, 1_000, &metrics, &shapes);
             for (index, metric) in metrics.iter().enumerate() {
-                if !metric.accepts(event_type) || metric.windows.is_empty() {
+                if !metric.accepts(event_type) {
                     continue;
                 }
                 let group = metric
