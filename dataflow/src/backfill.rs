@@ -150,6 +150,7 @@ fn same_cuts(a: &[PartitionCut], b: &[PartitionCut]) -> bool {
 mod tests {
     use super::*;
     use crate::aggregate::AggregateKind;
+    use crate::model::Group;
     use crate::window::{pane_width, WindowSpec};
 
     fn metric(name: &str, dimensions: &[&str]) -> MetricSpec {
@@ -171,7 +172,7 @@ mod tests {
     }
 
     fn group(metric: u16, value: &str) -> GroupSnapshot {
-        let group = vec![value.to_string()];
+        let group: Group = vec![value.to_string()].into();
         GroupSnapshot {
             metric,
             hash: group_hash(metric, &group),

@@ -58,7 +58,7 @@ pub const OVERFLOW: &str = "__overflow__";
 
 /// The overflow group of a table with `dimensions` dimensions.
 pub fn overflow_group(dimensions: usize) -> Group {
-    vec![OVERFLOW.to_owned(); dimensions]
+    vec![OVERFLOW.to_owned(); dimensions].into()
 }
 
 /// Whether `group` is an overflow group. It is never capped: an event whose

@@ -2,6 +2,8 @@
 //! source folds a batch into, what the window operator emits, and what
 //! cannot be counted.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::AggState;
@@ -9,8 +11,11 @@ use crate::time::Millis;
 use crate::window::Span;
 
 /// A group: the values of a metric's dimensions, in declaration order. A
-/// dimension an event lacks has the empty string.
-pub type Group = Vec<String>;
+/// dimension an event lacks has the empty string. It is shared, not
+/// copied, by the contributions, window state and window updates of the
+/// group: a partial of every open window goes out at each live tick, and
+/// each carries its group.
+pub type Group = Arc<[String]>;
 
 /// One batch's worth of one (metric, group, pane).
 #[derive(Clone, Debug, Serialize, Deserialize)]

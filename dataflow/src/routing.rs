@@ -25,7 +25,7 @@ use crate::time::Millis;
 /// The routing hash of a (metric, group): the same on every worker and
 /// process (FxHash has no random seed), so each group's state lives in
 /// exactly one place.
-pub fn group_hash(metric: u16, group: &Group) -> u64 {
+pub fn group_hash(metric: u16, group: &[String]) -> u64 {
     group_hash_of(metric, group.iter().map(String::as_str))
 }
 
@@ -46,11 +46,12 @@ impl Contribution {
     /// `metric`, with the routing hash of (metric, group).
     pub fn new(
         metric: u16,
-        group: Group,
+        group: impl Into<Group>,
         pane: Millis,
         state: AggState,
         appended_at: Option<Millis>,
     ) -> Contribution {
+        let group = group.into();
         Contribution {
             metric,
             hash: group_hash(metric, &group),
@@ -116,7 +117,7 @@ mod tests {
     /// worker, and the checkpoint format version must change with it.
     #[test]
     fn the_group_hash_is_pinned() {
-        let group: Group = vec!["camp_5541".into(), "US".into(), "MOBILE".into()];
+        let group: Group = vec!["camp_5541".into(), "US".into(), "MOBILE".into()].into();
         let hashes = [
             group_hash(0, &group),
             group_hash(3, &vec![String::new()]),

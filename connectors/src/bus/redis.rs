@@ -714,7 +714,7 @@ mod tests {
                 start: 10_000,
                 end: 20_000,
             },
-            group: vec!["c1".into(), format!("country{count}")],
+            group: vec!["c1".into(), format!("country{count}")].into(),
             state: AggState::from_parts(count, 1.5 * count as f64, sketch),
             revision: 3,
             is_final: count.is_multiple_of(2),

@@ -81,7 +81,7 @@ fn sample_part(boundary: u64, worker: usize) -> WorkerPart {
         }],
         groups: vec![GroupSnapshot {
             metric: 0,
-            group: vec![format!("w{worker}")],
+            group: vec![format!("w{worker}")].into(),
             hash: worker as u64,
             panes: vec![(
                 boundary as i64,

@@ -562,7 +562,7 @@ projections = []
                 start,
                 end: start + 10_000,
             },
-            group: vec!["c1".into(), country.into()],
+            group: vec!["c1".into(), country.into()].into(),
             state: AggState {
                 count,
                 ..Default::default()

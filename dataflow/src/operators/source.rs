@@ -1016,7 +1016,7 @@ mod tests {
         assert_eq!(within("within").as_deref(), Some("a,b,c"));
         assert_eq!(within("narrowest").as_deref(), Some("d,c,b,a"));
         assert_eq!(within("beside"), None);
-        let mut expected: BTreeMap<(u16, Vec<String>), u64> = BTreeMap::new();
+        let mut expected: BTreeMap<(u16, Group), u64> = BTreeMap::new();
         let mut folding = Folding::default();
         // Each of a, b, c and d absent or one of three values, in every
         // combination, twice: as clicks and as views.
@@ -1063,7 +1063,7 @@ mod tests {
                 *expected.entry((index as u16, group)).or_default() += 1;
             }
         }
-        let mut made: BTreeMap<(u16, Vec<String>), u64> = BTreeMap::new();
+        let mut made: BTreeMap<(u16, Group), u64> = BTreeMap::new();
         for c in folding.finish(&metrics, &derived) {
             assert_eq!(
                 c.hash,

@@ -799,7 +799,7 @@ mod tests {
                 start: 0,
                 end: 10_000,
             },
-            group: vec!["US".into()],
+            group: vec!["US".into()].into(),
             state: AggState {
                 count,
                 ..Default::default()
@@ -959,7 +959,7 @@ mod tests {
             (0..120)
                 .map(|c| {
                     let mut u = (*update(count, false, 0)).clone();
-                    u.group = vec![format!("C{c}")];
+                    u.group = vec![format!("C{c}")].into();
                     Arc::new(u)
                 })
                 .collect()
@@ -1005,7 +1005,7 @@ mod tests {
             start: start * 1000,
             end: (start + 10) * 1000,
         };
-        u.group = vec![country.into()];
+        u.group = vec![country.into()].into();
         Arc::new(u)
     }
 

@@ -217,7 +217,7 @@ impl Resumes {
                             start: row.start,
                             end: row.end,
                         },
-                        group: row.group,
+                        group: row.group.into(),
                         state: row.state,
                         revision: row.revision,
                         is_final: true,
