@@ -64,7 +64,7 @@ impl<'scope> Cap<'scope> for Stream<'scope, u64, Vec<Contribution>> {
                     let (_, waiting) = pending
                         .entry(time)
                         .or_insert_with(|| (cap.delayed(&time, 0), Waiting::default()));
-                    let mut send = Vec::new();
+                    let mut send = Vec::with_capacity(data.as_slice().iter().map(Vec::len).sum());
                     for container in data {
                         for c in container.drain(..) {
                             state.arrive(c, time as Millis, waiting, &mut send);
