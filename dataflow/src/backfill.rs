@@ -231,8 +231,8 @@ mod tests {
         assert_eq!(
             keys,
             [
-                (1, "x", group_hash(1, &vec!["x".into()])),
-                (0, "z", group_hash(0, &vec!["z".into()]))
+                (1, "x", group_hash(1, &["x".into()])),
+                (0, "z", group_hash(0, &["z".into()]))
             ]
         );
     }

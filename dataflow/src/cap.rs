@@ -487,7 +487,7 @@ mod tests {
     fn in_shard(s: usize, prefix: &str, n: usize) -> Vec<String> {
         (0..)
             .map(|i| format!("{prefix}{i}"))
-            .filter(|c| shard(group_hash(0, &vec![c.clone()])) == s)
+            .filter(|c| shard(group_hash(0, std::slice::from_ref(c))) == s)
             .take(n)
             .collect()
     }
@@ -633,7 +633,7 @@ mod tests {
     ) {
         let mut cap = CapState::new(&tables(1), LATENESS);
         let mut names = in_shard(4, "s", 2);
-        names.sort_by_key(|c| group_hash(0, &vec![c.clone()]));
+        names.sort_by_key(|c| group_hash(0, std::slice::from_ref(c)));
         let [first, second] = <[String; 2]>::try_from(names).unwrap();
         // The group that sorts second arrives first, finds room and goes
         // on: three contributions over two panes. The other waits.

@@ -120,7 +120,7 @@ mod tests {
         let group: Group = vec!["camp_5541".into(), "US".into(), "MOBILE".into()].into();
         let hashes = [
             group_hash(0, &group),
-            group_hash(3, &vec![String::new()]),
+            group_hash(3, &[String::new()]),
             group_hash(1, &Vec::new()),
         ];
         assert_eq!(

@@ -1218,7 +1218,7 @@ mod tests {
         assert_eq!(of_minute(&late), [row("US", 0, (0, 60), 7, 1)]);
         // The rollup's group is routed with its table's.
         let hashes: Vec<u64> = state.snapshot(70_000).iter().map(|g| g.hash).collect();
-        assert_eq!(hashes, [group_hash(0, &vec!["US".into()]); 2]);
+        assert_eq!(hashes, [group_hash(0, &["US".into()]); 2]);
     }
 
     #[test]
