@@ -830,13 +830,10 @@ impl Folding {
         if let Some(&(_, local)) = self.groups[from].narrowed.iter().find(|(s, _)| *s == shape) {
             return local;
         }
-        // The group is looked up by the values it lends: it is taken out
-        // meanwhile.
-        let values = std::mem::take(&mut self.groups[from].values);
+        // The group is looked up by the values it shares.
+        let values = Arc::clone(&self.groups[from].values);
         let local = self.local(shape, places.iter().map(|&p| values[p].as_str()));
-        let group = &mut self.groups[from];
-        group.values = values;
-        group.narrowed.push((shape, local));
+        self.groups[from].narrowed.push((shape, local));
         local
     }
 
