@@ -830,7 +830,8 @@ impl Folding {
         if let Some(&(_, local)) = self.groups[from].narrowed.iter().find(|(s, _)| *s == shape) {
             return local;
         }
-        // The group is looked up by the values it shares.
+        // `local` borrows the folding mutably, so `from`'s values are read
+        // through a second handle on their shared allocation.
         let values = Arc::clone(&self.groups[from].values);
         let local = self.local(shape, places.iter().map(|&p| values[p].as_str()));
         self.groups[from].narrowed.push((shape, local));
